@@ -1,0 +1,72 @@
+# finetune-operator — every command a developer or CI needs.
+#   make demo   the main job: a real fine-tune on a local control plane (no cluster needed)
+#   make test   lint, types, import layers, CRD drift, and the whole test suite
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The venv is rebuilt when any of these change; pip's cache keeps re-installs cheap.
+VENV_INPUTS := operator/pyproject.toml trainer/pyproject.toml requirements-dev.txt constraints.txt
+VENV_STAMP := $(VENV)/.installed-$(shell cat $(VENV_INPUTS) 2>/dev/null | sha256sum | cut -c1-16)
+PYTEST_ARGS ?=
+
+.PHONY: help
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(VENV_STAMP):
+	@echo ">> installing the Python environment into $(VENV) (first run downloads torch: a few GB, cached by pip)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -r requirements-dev.txt \
+		-e "./trainer[train]" -e ./operator
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+.PHONY: venv
+venv: $(VENV_STAMP) ## create/refresh the Python environment
+
+.PHONY: lint
+lint: venv ## ruff, mypy --strict, import-linter contracts, CRD drift
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy operator/src trainer/src
+	$(VENV)/bin/lint-imports
+	$(PY) -m finetune_operator.crd --check
+
+.PHONY: crds
+crds: venv ## regenerate crds/ from the API models
+	$(PY) -m finetune_operator.crd
+
+.PHONY: test
+test: lint ## everything CI runs: lint + unit + integration (real control plane) + end-to-end
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+.PHONY: unit
+unit: venv ## only the fast tests (no control plane, no real weights)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+.PHONY: controlplane
+controlplane: venv ## build (or reuse the cached) control-plane binaries
+	$(PY) -m finetune_localcluster build
+
+.PHONY: cluster-up
+cluster-up: venv ## start the local control plane + node; kubeconfig path is printed
+	$(PY) -m finetune_localcluster up
+
+.PHONY: cluster-down
+cluster-down: venv ## stop the local control plane
+	$(PY) -m finetune_localcluster down
+
+.PHONY: demo
+demo: venv ## the main job: fine-tune MiniLM-L6 end to end on the local control plane
+	@echo "make demo lands with issue #6 (the end-to-end job). Until then:"
+	@echo "  make cluster-up        # a real local Kubernetes control plane"
+	@echo "  finetune-trainer --config examples/...  # the trainer standalone"
+	@exit 1
+
+.PHONY: clean
+clean: ## remove the venv and caches inside the checkout (not ~/.cache/finetune-operator)
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

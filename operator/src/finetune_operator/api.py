@@ -1,0 +1,322 @@
+"""The FineTuneJob API (finetune.dev/v1alpha1): spec and status as typed models.
+
+The training part of the spec is the trainer's ``TrainingSpec``; this module adds what
+only Kubernetes cares about (resources, scheduling, suspend, retries) and the status.
+The CRD in ``crds/`` is generated from these classes by ``finetune_operator.crd``.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic.alias_generators import to_camel
+
+from finetune_trainer.spec import (
+    TRAINING_RULES,
+    Name,
+    Rule,
+    ShortText,
+    SpecModel,
+    TrainingSpec,
+)
+
+GROUP = "finetune.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAMES = ("ftj",)
+CATEGORIES = ("finetune",)
+
+DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/finetune-trainer:0.1.0"
+QUANTITY_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+LabelValue = Annotated[str, StringConstraints(max_length=63)]
+Quantity = Annotated[int | str, Field(description="A Kubernetes quantity such as 4, 500m or 16Gi.")]
+
+
+def _is_quantity(value: int | str | None) -> bool:
+    if isinstance(value, str):
+        return QUANTITY_PATTERN.fullmatch(value) is not None
+    return value is None or value >= 0
+
+
+def _quantity_rule(field: str) -> Rule:
+    return Rule(
+        field,
+        "must be a Kubernetes quantity such as 4, 500m or 16Gi",
+        f"!has(self.{field}) || (type(self.{field}) == int ? self.{field} >= 0 : isQuantity(self.{field}))",
+        lambda r: _is_quantity(getattr(r, field)),
+    )
+
+
+class Toleration(SpecModel):
+    """A core/v1 Toleration, so GPU nodes with taints can run the workload."""
+
+    key: ShortText | None = Field(None, description="Taint key; empty with operator Exists matches every taint.")
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal.")
+    value: LabelValue | None = Field(None, description="Taint value for operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to match; empty matches all."
+    )
+    toleration_seconds: int | None = Field(
+        None,
+        description="For NoExecute: how long the pod stays bound after the taint appears.",
+    )
+
+
+class Resources(SpecModel):
+    """Compute for the training workload and where it may run."""
+
+    rules = (_quantity_rule("cpu"), _quantity_rule("memory"))
+
+    gpus_per_node: int = Field(
+        1,
+        ge=0,
+        le=64,
+        description="GPUs requested by each training pod (0 runs on CPU).",
+    )
+    nodes: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Training pods (one per node). More than 1 runs an Indexed Job with torchrun rendezvous.",
+    )
+    cpu: Quantity | None = Field(None, description="CPU request and limit per pod, e.g. 8 or 7500m.")
+    memory: Quantity | None = Field(None, description="Memory request and limit per pod, e.g. 64Gi.")
+    gpu_resource_name: Annotated[str, StringConstraints(max_length=253, pattern=r"^[a-z0-9.-]+/[a-z0-9._-]+$")] = Field(
+        "nvidia.com/gpu",
+        description="Extended resource name of the accelerator (e.g. amd.com/gpu).",
+    )
+    node_selector: dict[str, LabelValue] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Node labels the training pods require.",
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Tolerations of the training pods.",
+    )
+    affinity: dict[str, Any] | None = Field(
+        None,
+        description="A core/v1 Affinity for the training pods, passed through unchanged.",
+    )
+    priority_class_name: Name | None = Field(None, description="PriorityClass of the training pods.")
+    image: Annotated[str, StringConstraints(min_length=1, max_length=512)] | None = Field(
+        None,
+        description=f"Trainer image override (default {DEFAULT_TRAINER_IMAGE}).",
+    )
+    service_account_name: Name | None = Field(
+        None,
+        description="Run as this ServiceAccount instead of the per-job one the operator creates "
+        "(it is still granted access to its job's status).",
+    )
+
+
+def _immutable(field: str, optional: bool) -> Rule:
+    """A transition rule: a training field may change only while the job is (or was) suspended."""
+    if optional:
+        same = f"has(self.{field}) == has(oldSelf.{field}) && (!has(self.{field}) || self.{field} == oldSelf.{field})"
+    else:
+        same = f"self.{field} == oldSelf.{field}"
+    return Rule(
+        field,
+        f"spec.{field} is immutable while the job is not suspended; set spec.suspend: true first",
+        f"oldSelf.suspend || ({same})",
+        reason="FieldValueForbidden",
+    )
+
+
+IMMUTABLE_TRAINING_RULES: tuple[Rule, ...] = tuple(
+    _immutable(to_camel(name), optional=not field.is_required() and field.default is None)
+    for name, field in TrainingSpec.model_fields.items()
+)
+
+
+class FineTuneJobSpec(TrainingSpec):
+    """Desired state of a FineTuneJob: the training spec plus how and where to run it."""
+
+    rules = (*TRAINING_RULES, *IMMUTABLE_TRAINING_RULES)
+
+    resources: Resources = Field(
+        default_factory=Resources,
+        description="Compute and scheduling of the training pods.",
+    )
+    suspend: bool = Field(
+        False,
+        description="Suspend the workload (its Job is suspended; Kueue-compatible). Resuming continues from the last "
+        "checkpoint. Training fields may be edited only while suspended.",
+    )
+    backoff_limit: int = Field(
+        3,
+        ge=0,
+        le=100,
+        description="Retries of a crashed trainer (each resumes from its last checkpoint).",
+    )
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="Fail the job when it has run longer than this."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None,
+        ge=0,
+        description="Delete the finished Job (not the FineTuneJob or its results) this long after it ends.",
+    )
+    stall_timeout_seconds: int = Field(
+        900,
+        ge=30,
+        le=604800,
+        description="Mark the job Stalled when a running trainer sends no progress for this long.",
+    )
+    stop_grace_period_seconds: int = Field(
+        120,
+        ge=0,
+        le=86400,
+        description="After asking the trainer to stop, wait this long before stopping the workload.",
+    )
+
+
+ConditionType = Literal["Running", "Complete", "Failed", "Suspended", "Stalled"]
+Phase = Literal["Pending", "Running", "Suspended", "Stalled", "Succeeded", "EarlyStopped", "Failed"]
+
+
+class StatusModel(BaseModel):
+    """Base of status models: camelCase; unknown fields ignored (written by several writers)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class Condition(StatusModel):
+    """A Kubernetes-convention condition (metav1.Condition shape)."""
+
+    type: ConditionType = Field(description="Running, Complete, Failed, Suspended or Stalled.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: Annotated[str, StringConstraints(max_length=1024)] = Field(description="CamelCase machine-readable reason.")
+    message: Annotated[str, StringConstraints(max_length=32768)] = Field("", description="Human-readable detail.")
+    last_transition_time: datetime = Field(description="When status last changed.")
+    observed_generation: int | None = Field(None, description="metadata.generation this condition was computed from.")
+
+
+class Progress(StatusModel):
+    """Live training progress reported by the trainer."""
+
+    step: int = Field(0, description="Optimizer steps done.")
+    total_steps: int | None = Field(None, description="Optimizer steps planned.")
+    epoch: float = Field(0.0, description="Fractional epoch reached.")
+    total_epochs: float | None = Field(None, description="Epochs planned.")
+    percent: float = Field(0.0, description="step / totalSteps in percent.")
+    eta_seconds: int | None = Field(None, description="Estimated seconds to the end of training.")
+    samples_per_second: float | None = Field(None, description="Training throughput.")
+    train_loss: float | None = Field(None, description="Recent training loss.")
+    learning_rate: float | None = Field(None, description="Current learning rate.")
+    last_heartbeat_time: datetime | None = Field(None, description="When the trainer last reported.")
+
+
+class EvaluationRecord(StatusModel):
+    """One evaluation's results."""
+
+    step: int = Field(description="Step at which the evaluation ran.")
+    epoch: float | None = Field(None, description="Epoch at which the evaluation ran.")
+    metrics: dict[str, float] = Field(description="Metric name to value (loss, accuracy, f1, perplexity).")
+    time: datetime | None = Field(None, description="When the evaluation finished.")
+
+
+class BestResult(StatusModel):
+    """The best evaluation so far and where its weights are."""
+
+    metric: str = Field(description="Monitored metric.")
+    value: float = Field(description="Best value.")
+    step: int = Field(description="Step of the best evaluation.")
+    epoch: float | None = Field(None, description="Epoch of the best evaluation.")
+    checkpoint: str | None = Field(None, description="URI of the checkpoint holding the best weights.")
+
+
+class EarlyStoppingStatus(StatusModel):
+    """The operator's evaluation of the early-stopping rule."""
+
+    metric: str = Field(description="Monitored metric.")
+    mode: Literal["min", "max"] = Field(description="min or max.")
+    patience: int = Field(description="Evaluations without improvement allowed.")
+    best_value: float | None = Field(None, description="Best value seen.")
+    best_step: int | None = Field(None, description="Step of the best value.")
+    evaluations_without_improvement: int = Field(0, description="Evaluations since the best one.")
+    last_step: int | None = Field(None, description="Step of the last evaluation applied.")
+    triggered: bool = Field(False, description="True once patience is exhausted.")
+    reason: str | None = Field(None, description="Why training stopped early.")
+
+
+class StopRequest(StatusModel):
+    """A request to the trainer to save and stop; set by the operator, read by the trainer."""
+
+    reason: str = Field(description="EarlyStopped or UserRequested.")
+    message: str = Field("", description="Detail.")
+    requested_time: datetime = Field(description="When the stop was requested.")
+
+
+class WorkloadRefs(StatusModel):
+    """Names of the children the operator created."""
+
+    job: str | None = Field(None, description="batch/v1 Job.")
+    service: str | None = Field(None, description="Headless Service (multi-node).")
+    config_map: str | None = Field(None, description="ConfigMap with the rendered trainer config.")
+    service_account: str | None = Field(None, description="ServiceAccount the trainer runs as.")
+
+
+class FineTuneJobStatus(StatusModel):
+    """Observed state of a FineTuneJob."""
+
+    observed_generation: int | None = Field(None, description="metadata.generation the status reflects.")
+    phase: Phase | None = Field(
+        None,
+        description="Summary for humans and printer columns; automation should read conditions.",
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Running, Complete, Failed, Suspended, Stalled.",
+    )
+    start_time: datetime | None = Field(None, description="When the workload first ran.")
+    completion_time: datetime | None = Field(None, description="When the job finished.")
+    progress: Progress | None = Field(None, description="Live training progress.")
+    evaluations: list[EvaluationRecord] = Field(
+        default_factory=list,
+        max_length=200,
+        description="Most recent evaluations (bounded; oldest dropped first).",
+    )
+    best: BestResult | None = Field(None, description="Best evaluation and its checkpoint.")
+    early_stopping: EarlyStoppingStatus | None = Field(None, description="Early-stopping rule state.")
+    stop_request: StopRequest | None = Field(None, description="Set when the trainer has been asked to stop.")
+    workload: WorkloadRefs | None = Field(None, description="Children created for this job.")
+    restarts: int = Field(0, description="Trainer pods that failed and were retried.")
+    message: str | None = Field(None, description="Latest human-readable summary.")
+
+
+class ObjectMeta(BaseModel):
+    """The subset of metadata the operator reads."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", alias_generator=to_camel)
+
+    name: str
+    namespace: str = "default"
+    uid: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class FineTuneJob(BaseModel):
+    """A whole FineTuneJob object."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", alias_generator=to_camel)
+
+    api_version: Literal["finetune.dev/v1alpha1"] = "finetune.dev/v1alpha1"
+    kind: Literal["FineTuneJob"] = "FineTuneJob"
+    metadata: ObjectMeta
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus = Field(default_factory=FineTuneJobStatus)

@@ -1,0 +1,290 @@
+"""Generate the FineTuneJob CustomResourceDefinition from the pydantic models.
+
+pydantic emits JSON Schema 2020-12 with ``$ref``s and ``anyOf: [X, null]``; Kubernetes wants a
+*structural* OpenAPI v3 schema: everything inlined, every level typed, ``nullable`` for optional
+fields, int-or-string marked, no ``title``s. This module does that translation and nothing else.
+
+    python -m finetune_operator.crd            # rewrite crds/ in this checkout
+    python -m finetune_operator.crd --check    # exit 1 when crds/ differs from the models
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune_operator.api import (
+    CATEGORIES,
+    GROUP,
+    KIND,
+    PLURAL,
+    SHORT_NAMES,
+    SINGULAR,
+    VERSION,
+    FineTuneJobSpec,
+    FineTuneJobStatus,
+)
+
+Schema = dict[str, Any]
+
+CRD_FILE = f"{GROUP}_{PLURAL}.yaml"
+_COPIED_KEYWORDS = (
+    "description",
+    "enum",
+    "format",
+    "pattern",
+    "minimum",
+    "maximum",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+    "minProperties",
+    "maxProperties",
+    "x-kubernetes-validations",
+)
+
+PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {
+        "name": "Phase",
+        "type": "string",
+        "jsonPath": ".status.phase",
+        "description": "Summary phase.",
+    },
+    {
+        "name": "Progress",
+        "type": "number",
+        "jsonPath": ".status.progress.percent",
+        "description": "Percent of planned steps done.",
+    },
+    {
+        "name": "Metric",
+        "type": "string",
+        "jsonPath": ".status.best.metric",
+        "description": "Monitored evaluation metric.",
+    },
+    {
+        "name": "Best",
+        "type": "number",
+        "jsonPath": ".status.best.value",
+        "description": "Best evaluation value so far.",
+    },
+    {
+        "name": "Reason",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Complete")].reason',
+        "description": "Why the job completed: Succeeded or EarlyStopped.",
+    },
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {
+        "name": "Message",
+        "type": "string",
+        "priority": 1,
+        "jsonPath": ".status.message",
+        "description": "Latest human-readable summary.",
+    },
+]
+
+
+class _Structural:
+    """Rewrites one pydantic JSON schema (with its ``$defs``) into structural form."""
+
+    def __init__(self, root: Schema) -> None:
+        self._defs: dict[str, Schema] = root.get("$defs", {})
+
+    def convert(self, node: Schema) -> Schema:
+        if "$ref" in node:
+            target = self._defs[node["$ref"].rsplit("/", 1)[-1]]
+            merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+            return self.convert(merged)
+
+        variants = node.get("anyOf") or node.get("oneOf")
+        if variants:
+            return self._convert_union(node, variants)
+
+        out: Schema = {}
+        kind = node.get("type")
+        if "const" in node:
+            out["enum"] = [node["const"]]
+        if kind == "object" or "properties" in node:
+            out.update(self._convert_object(node))
+        elif kind == "array":
+            out["type"] = "array"
+            out["items"] = self.convert(node.get("items", {}))
+        elif kind is not None:
+            out["type"] = kind
+        else:
+            raise ValueError(f"untyped schema node cannot be structural: {node}")
+        self._copy_keywords(node, out)
+        return out
+
+    def _convert_union(self, node: Schema, variants: list[Schema]) -> Schema:
+        non_null = [v for v in variants if v.get("type") != "null"]
+        nullable = len(non_null) < len(variants)
+        types = sorted(v.get("type", "") for v in non_null)
+        if types == ["integer", "string"]:
+            out: Schema = {"x-kubernetes-int-or-string": True}
+            for variant in non_null:
+                self._copy_keywords(variant, out)
+        elif len(non_null) == 1:
+            out = self.convert(non_null[0])
+        else:
+            raise ValueError(f"unions other than optional and int-or-string are not structural: {variants}")
+        self._copy_keywords(node, out)
+        if nullable:
+            out["nullable"] = True
+        return out
+
+    def _convert_object(self, node: Schema) -> Schema:
+        out: Schema = {"type": "object"}
+        properties = node.get("properties")
+        extra = node.get("additionalProperties")
+        if properties:
+            out["properties"] = {
+                name: self._property(sub, name in node.get("required", [])) for name, sub in properties.items()
+            }
+            if node.get("required"):
+                out["required"] = list(node["required"])
+        elif isinstance(extra, dict) and extra:
+            out["additionalProperties"] = self.convert(extra)
+        else:
+            # Free-form objects (e.g. a pass-through core/v1 Affinity) keep what they are given.
+            out["x-kubernetes-preserve-unknown-fields"] = True
+        return out
+
+    def _property(self, node: Schema, required: bool) -> Schema:
+        out = self.convert(node)
+        if "default" in node and node["default"] is not None:
+            out["default"] = node["default"]
+        elif not required and not out.get("nullable") and out.get("type") in ("object", "array"):
+            # Fields whose Python default comes from a factory: let the API server create the
+            # empty object/list so its own nested defaults apply and CEL rules can read it.
+            out["default"] = {} if out["type"] == "object" else []
+        return out
+
+    @staticmethod
+    def _copy_keywords(node: Schema, out: Schema) -> None:
+        for key in _COPIED_KEYWORDS:
+            if key in node:
+                if key == "x-kubernetes-validations":
+                    out[key] = [*out.get(key, []), *node[key]]
+                else:
+                    out[key] = node[key]
+        for bound in ("exclusiveMinimum", "exclusiveMaximum"):
+            if bound in node:
+                out["minimum" if bound == "exclusiveMinimum" else "maximum"] = node[bound]
+                out[bound] = True
+
+
+def structural_schema(model: type[Any]) -> Schema:
+    """The structural OpenAPI v3 schema of a pydantic model (camelCase field names)."""
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    return _Structural(raw).convert(raw)
+
+
+def build_crd() -> dict[str, Any]:
+    """The FineTuneJob CRD as a plain dict."""
+    spec_schema = structural_schema(FineTuneJobSpec)
+    status_schema = structural_schema(FineTuneJobStatus)
+    status_schema["properties"]["conditions"].update(
+        {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
+    )
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{PLURAL}.{GROUP}",
+            "labels": {
+                "app.kubernetes.io/name": "finetune-operator",
+                "app.kubernetes.io/part-of": "finetune-operator",
+            },
+        },
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "shortNames": list(SHORT_NAMES),
+                "categories": list(CATEGORIES),
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "A FineTuneJob fine-tunes a pretrained model: what to train (model, data, "
+                            "freeze policy, hyperparameters, evaluation, early stopping) and how to run it.",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {
+                                    "type": "string",
+                                    "description": "finetune.dev/v1alpha1",
+                                },
+                                "kind": {
+                                    "type": "string",
+                                    "description": "FineTuneJob",
+                                },
+                                "metadata": {"type": "object"},
+                                "spec": {
+                                    **spec_schema,
+                                    "description": FineTuneJobSpec.__doc__,
+                                },
+                                "status": {
+                                    **status_schema,
+                                    "description": FineTuneJobStatus.__doc__,
+                                },
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def render_crd() -> str:
+    header = "# Generated by `python -m finetune_operator.crd` from finetune_operator.api. Do not edit.\n"
+    return header + yaml.safe_dump(build_crd(), sort_keys=False, width=120, allow_unicode=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=Path("crds"),
+        help="output directory (default: ./crds)",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="fail when the files differ instead of writing them",
+    )
+    args = parser.parse_args(argv)
+    target = args.dir / CRD_FILE
+    rendered = render_crd()
+    if args.check:
+        if not target.exists() or target.read_text() != rendered:
+            print(f"{target} is out of date: run `make crds`", file=sys.stderr)
+            return 1
+        return 0
+    args.dir.mkdir(parents=True, exist_ok=True)
+    target.write_text(rendered)
+    print(f"wrote {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Shared FineTuneJob manifests for tests: one valid baseline and a table of invalid edits.
+
+The same invalid cases run against the pydantic models (unit) and the real API server with
+the generated CRD (integration), so the two validators are held to the same answers.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+Manifest = dict[str, Any]
+
+
+def baseline(name: str = "valid") -> Manifest:
+    """A small valid text-classification FineTuneJob."""
+    return {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"source": "file:///models/minilm", "task": "sequence-classification", "numLabels": 2},
+            "dataset": {"source": "file:///data/rt", "validation": "validation.jsonl"},
+            "freeze": {"strategy": "bottom-layers", "layers": 2},
+            "hyperparameters": {"learningRate": 3e-5},
+            "evaluation": {"metrics": ["loss", "accuracy"]},
+            "earlyStopping": {"metric": "accuracy", "patience": 2},
+            "output": {"location": "file:///out/valid"},
+        },
+    }
+
+
+def example(path: Path) -> Manifest:
+    loaded: Manifest = yaml.safe_load(path.read_text())
+    return loaded
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """An edit that makes the baseline invalid, and what the error must name."""
+
+    id: str
+    edit: Callable[[Manifest], None]
+    field: str
+    """Dotted field path (camelCase) that every validator's message must name."""
+
+
+def _set(path: str, value: Any) -> Callable[[Manifest], None]:
+    def edit(manifest: Manifest) -> None:
+        node = manifest["spec"]
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+
+    return edit
+
+
+def _delete(path: str) -> Callable[[Manifest], None]:
+    def edit(manifest: Manifest) -> None:
+        node = manifest["spec"]
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node[key]
+        del node[leaf]
+
+    return edit
+
+
+INVALID: list[Invalid] = [
+    Invalid("negative-learning-rate", _set("hyperparameters.learningRate", -1e-4), "learningRate"),
+    Invalid("zero-learning-rate", _set("hyperparameters.learningRate", 0), "learningRate"),
+    Invalid("learning-rate-wrong-type", _set("hyperparameters.learningRate", "fast"), "learningRate"),
+    Invalid("batch-size-wrong-type", _set("hyperparameters.batchSize", "big"), "batchSize"),
+    Invalid("patience-zero", _set("earlyStopping.patience", 0), "patience"),
+    Invalid("unknown-strategy", _set("freeze.strategy", "half"), "strategy"),
+    Invalid("layers-missing", _delete("freeze.layers"), "layers"),
+    Invalid("lora-without-lora-strategy", _set("freeze.lora", {"r": 8}), "lora"),
+    Invalid("augmentation-on-text", _set("augmentation", {"horizontalFlip": 0.5}), "augmentation"),
+    Invalid("bad-model-source", _set("model.source", "s3://bucket/model"), "source"),
+    Invalid("unknown-task", _set("model.task", "translation"), "task"),
+    Invalid("warmup-both", _set("hyperparameters.warmupRatio", 0.1), "warmupRatio"),
+    Invalid("validation-both", _set("dataset.validationFraction", 0.1), "validationFraction"),
+    Invalid("steps-without-interval", _set("evaluation.strategy", "steps"), "interval"),
+    Invalid("early-stop-metric-not-evaluated", _set("earlyStopping.metric", "f1"), "earlyStopping.metric"),
+    Invalid("perplexity-on-classifier", _set("evaluation.metrics", ["loss", "perplexity"]), "evaluation.metrics"),
+    Invalid("missing-labels", _delete("model.numLabels"), "numLabels"),
+    Invalid("bad-cpu-quantity", _set("resources.cpu", "lots"), "cpu"),
+    Invalid("nodes-zero", _set("resources.nodes", 0), "nodes"),
+]
+"""Each edit is applied to a fresh ``baseline()``; ``warmup-both`` relies on a warmupSteps it adds."""
+
+
+def invalid_manifest(case: Invalid, name: str | None = None) -> Manifest:
+    manifest = baseline(name or case.id)
+    if case.id == "warmup-both":
+        manifest["spec"]["hyperparameters"]["warmupSteps"] = 10
+    case.edit(manifest)
+    return copy.deepcopy(manifest)

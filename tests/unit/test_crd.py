@@ -1,0 +1,111 @@
+"""The generated CRD: in sync with the models, structural, self-describing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune_operator.crd import CRD_FILE, build_crd, render_crd
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _schema() -> dict[str, Any]:
+    schema: dict[str, Any] = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def _nodes(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    yield path, node
+    for name, child in node.get("properties", {}).items():
+        yield from _nodes(child, f"{path}.{name}")
+    if "items" in node:
+        yield from _nodes(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _nodes(node["additionalProperties"], f"{path}{{}}")
+
+
+def test_checked_in_crd_matches_the_models() -> None:
+    checked_in = (ROOT / "crds" / CRD_FILE).read_text()
+    assert checked_in == render_crd(), "crds/ is stale: run `make crds`"
+
+
+def test_chart_uses_the_generated_crd() -> None:
+    chart_crd = ROOT / "charts" / "finetune-operator" / "crds" / CRD_FILE
+    assert chart_crd.is_symlink() or chart_crd.read_text() == render_crd()
+    assert chart_crd.resolve().read_text() == render_crd()
+
+
+def test_schema_is_structural() -> None:
+    for path, node in _nodes(_schema()):
+        for forbidden in ("$ref", "anyOf", "oneOf", "allOf", "title", "$defs"):
+            assert forbidden not in node, f"{path} has {forbidden}"
+        typed = "type" in node or node.get("x-kubernetes-int-or-string")
+        assert typed, f"{path} has no type"
+
+
+def test_every_spec_field_is_described_for_kubectl_explain() -> None:
+    spec = _schema()["properties"]["spec"]
+    fields = [(path, node) for path, node in _nodes(spec, "spec") if path != "spec" and path[-2:] not in ("[]", "{}")]
+    missing = [path for path, node in fields if not node.get("description")]
+    assert not missing, f"fields without description: {missing}"
+
+
+def test_optional_fields_are_nullable_and_required_ones_listed() -> None:
+    spec = _schema()["properties"]["spec"]
+    assert spec["required"] == ["model", "dataset", "output"]
+    freeze = spec["properties"]["freeze"]
+    assert freeze["properties"]["layers"]["nullable"] is True
+    assert freeze["properties"]["lora"]["nullable"] is True
+    assert freeze["default"] == {}
+
+
+def test_numbers_keep_their_bounds() -> None:
+    hp = _schema()["properties"]["spec"]["properties"]["hyperparameters"]["properties"]
+    assert hp["learningRate"]["minimum"] == 0
+    assert hp["learningRate"]["exclusiveMinimum"] is True
+    assert hp["batchSize"]["type"] == "integer"
+    early = _schema()["properties"]["spec"]["properties"]["earlyStopping"]["properties"]
+    assert early["patience"]["minimum"] == 1
+    assert early["patience"]["default"] == 3
+
+
+def test_cel_rules_are_bounded_and_name_a_field() -> None:
+    rules = [(path, rule) for path, node in _nodes(_schema()) for rule in node.get("x-kubernetes-validations", [])]
+    assert len(rules) >= 20
+    for path, rule in rules:
+        assert rule["message"], path
+        if "oldSelf" not in rule["rule"] and "isQuantity" not in rule["rule"]:
+            assert rule.get("fieldPath"), f"{path}: {rule}"
+    immutable = [r for _, r in rules if "oldSelf" in r["rule"]]
+    assert {r["fieldPath"] for r in immutable} >= {".model", ".dataset", ".freeze", ".hyperparameters", ".output"}
+    for path, node in _nodes(_schema()["properties"]["spec"], "spec"):
+        if node.get("type") == "string" and "enum" not in node:
+            assert "maxLength" in node, f"{path}: unbounded string makes CEL cost estimates fail"
+        if node.get("type") == "array":
+            assert "maxItems" in node, f"{path}: unbounded list"
+
+
+def test_names_status_and_printer_columns() -> None:
+    crd = build_crd()
+    names = crd["spec"]["names"]
+    assert names["shortNames"] == ["ftj"]
+    assert names["categories"] == ["finetune"]
+    version = crd["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
+    assert {"Phase", "Progress", "Best", "Age", "Message"} <= set(columns)
+    assert columns["Message"]["priority"] == 1
+    for column in columns.values():
+        assert "[-1:]" not in column["jsonPath"], "columns filter conditions by type"
+    conditions = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"]
+    assert conditions["x-kubernetes-list-map-keys"] == ["type"]
+
+
+def test_render_is_valid_yaml_with_header() -> None:
+    text = render_crd()
+    assert text.startswith("# Generated")
+    assert yaml.safe_load(text)["kind"] == "CustomResourceDefinition"

@@ -1,0 +1,602 @@
+"""The training spec: what a fine-tuning run *is*.
+
+Pure pydantic, no torch, so the operator can import it and the CRD can be generated
+from it. Field names are camelCase on the wire (Kubernetes convention) and snake_case in
+Python. Each cross-field rule is one ``Rule``: its CEL form goes into the CRD for the API
+server and its Python form is checked by pydantic, side by side so they cannot drift apart
+unnoticed (``tests/manifests.py`` runs the same invalid cases against both).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic.alias_generators import to_camel
+
+# Bounded scalar types. Every string and list carries a maximum so that the API server
+# can estimate the cost of the CEL rules that read them.
+Name = Annotated[str, StringConstraints(min_length=1, max_length=253)]
+ShortText = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+Regex = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+Location = Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+
+MODEL_SOURCE_PATTERN = r"^(hf://[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|file:///.*|/.*)$"
+DATASET_SOURCE_PATTERN = r"^(hf://datasets/[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|file:///.*|/.*)$"
+OUTPUT_LOCATION_PATTERN = r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|file:///.*|/.*)$"
+
+Task = Literal["sequence-classification", "causal-lm", "image-classification"]
+CLASSIFICATION_TASKS: frozenset[str] = frozenset({"sequence-classification", "image-classification"})
+Metric = Literal["loss", "accuracy", "f1", "perplexity"]
+LOWER_IS_BETTER: frozenset[str] = frozenset({"loss", "perplexity"})
+LAYER_STRATEGIES: frozenset[str] = frozenset({"bottom-layers", "top-layers"})
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A cross-field rule, stated once for both validators.
+
+    ``cel`` goes into the CRD (``x-kubernetes-validations``, checked by the API server);
+    ``holds`` is the same rule in Python (checked by pydantic in the operator and trainer).
+    ``field`` is the camelCase path, relative to the model, that a violation is reported on.
+    Transition rules (reading ``oldSelf``) have no Python side.
+    """
+
+    field: str
+    message: str
+    cel: str
+    holds: Callable[[Any], bool] | None = None
+    reason: str | None = None
+
+    def schema(self) -> dict[str, str]:
+        entry = {"rule": self.cel, "message": self.message, "fieldPath": f".{self.field}"}
+        if self.reason:
+            entry["reason"] = self.reason
+        return entry
+
+
+def _rules_into_schema(schema: dict[str, Any], cls: type[Any]) -> None:
+    rules: tuple[Rule, ...] = getattr(cls, "rules", ())
+    if rules:
+        schema["x-kubernetes-validations"] = [rule.schema() for rule in rules]
+
+
+class SpecModel(BaseModel):
+    """Base of every API model: camelCase aliases, unknown fields are errors."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+        json_schema_extra=_rules_into_schema,
+    )
+    rules: ClassVar[tuple[Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _apply_rules(self) -> Self:
+        for rule in self.rules:
+            if rule.holds is not None and not rule.holds(self):
+                raise ValueError(f"{rule.field}: {rule.message}")
+        return self
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON shape Kubernetes stores: camelCase, unset optionals left out."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class SecretKeyRef(SpecModel):
+    """A key in a Secret of the job's namespace."""
+
+    name: Name = Field(description="Name of the Secret in the FineTuneJob's namespace.")
+    key: ShortText = Field("token", description="Key inside the Secret.")
+
+
+class ModelSpec(SpecModel):
+    """The pretrained model to start from and the head to put on it."""
+
+    rules = (
+        Rule(
+            "revision",
+            "revision is only meaningful for hf:// sources",
+            "!has(self.revision) || self.source.startsWith('hf://')",
+            lambda m: m.revision is None or m.source.startswith("hf://"),
+        ),
+        Rule(
+            "tokenSecretRef",
+            "tokenSecretRef is only meaningful for hf:// sources",
+            "!has(self.tokenSecretRef) || self.source.startsWith('hf://')",
+            lambda m: m.token_secret_ref is None or m.source.startswith("hf://"),
+        ),
+        Rule(
+            "labelNames",
+            "labelNames must have exactly numLabels entries",
+            "!has(self.labelNames) || !has(self.numLabels) || size(self.labelNames) == self.numLabels",
+            lambda m: m.label_names is None or m.num_labels is None or len(m.label_names) == m.num_labels,
+        ),
+    )
+
+    source: Location = Field(
+        pattern=MODEL_SOURCE_PATTERN,
+        description=(
+            "Where the pretrained weights are: hf://org/name (Hugging Face hub id), "
+            "pvc://claim/path (a directory on a PersistentVolumeClaim) or file:///path "
+            "(a directory inside the trainer container)."
+        ),
+    )
+    revision: ShortText | None = Field(None, description="Hub revision (branch, tag or commit) for hf:// sources.")
+    token_secret_ref: SecretKeyRef | None = Field(
+        None,
+        description="Secret holding a hub access token for private hf:// models; never copied into status or logs.",
+    )
+    task: Task = Field(
+        description="The head to put on the model: sequence-classification, causal-lm or image-classification."
+    )
+    num_labels: int | None = Field(None, ge=2, le=100000, description="Number of classes for classification tasks.")
+    label_names: list[ShortText] | None = Field(
+        None,
+        min_length=2,
+        max_length=1000,
+        description="Class names, index i naming label i (sets numLabels when that is unset).",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run Python code shipped with the model. Off by default: it executes untrusted code.",
+    )
+
+    @property
+    def effective_num_labels(self) -> int | None:
+        if self.num_labels is not None:
+            return self.num_labels
+        return len(self.label_names) if self.label_names is not None else None
+
+
+class DatasetFields(SpecModel):
+    """Which columns of the dataset hold what."""
+
+    text: ShortText = Field("text", description="Column with the input text (text tasks).")
+    text_pair: ShortText | None = Field(
+        None,
+        description="Optional second text column for sentence-pair classification.",
+    )
+    label: ShortText = Field(
+        "label",
+        description="Column with the class label: an integer index or one of labelNames.",
+    )
+    image: ShortText = Field(
+        "image",
+        description="Column with the image path, relative to the dataset source (image tasks).",
+    )
+    messages: ShortText | None = Field(
+        None,
+        description="Column with chat messages ([{role, content}]), rendered with the tokenizer's chat template "
+        "(causal-lm).",
+    )
+
+
+class DatasetSpec(SpecModel):
+    """Training and validation data."""
+
+    rules = (
+        Rule(
+            "validationFraction",
+            "set either validation or validationFraction, not both",
+            "!(has(self.validation) && has(self.validationFraction))",
+            lambda d: d.validation is None or d.validation_fraction is None,
+        ),
+    )
+
+    source: Location = Field(
+        pattern=DATASET_SOURCE_PATTERN,
+        description="Base location: pvc://claim/dir, file:///dir, or hf://datasets/org/name.",
+    )
+    format: Literal["jsonl", "csv", "parquet"] | None = Field(
+        None,
+        description="File format; inferred from the file extension when unset. Ignored for hf://datasets sources.",
+    )
+    train: ShortText = Field(
+        "train.jsonl",
+        description="Training file (or glob) relative to source; the split name for hf://datasets sources.",
+    )
+    validation: ShortText | None = Field(
+        None,
+        description="Validation file (or glob) relative to source, or split name for hf://datasets sources.",
+    )
+    validation_fraction: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Hold out this fraction of the training data for validation (seeded, stratified by label).",
+    )
+    fields: DatasetFields = Field(default_factory=DatasetFields, description="Column names.")
+    max_seq_length: int = Field(512, ge=8, le=131072, description="Longer token sequences are truncated.")
+    packing: bool = Field(
+        False,
+        description="Pack several short examples into each sequence (causal-lm only).",
+    )
+    max_train_samples: int | None = Field(
+        None,
+        ge=1,
+        description="Use at most this many training examples (after shuffling).",
+    )
+    max_eval_samples: int | None = Field(None, ge=1, description="Use at most this many validation examples.")
+
+
+class LoraSpec(SpecModel):
+    """LoRA adapters (peft) trained instead of the base weights."""
+
+    r: int = Field(8, ge=1, le=1024, description="Rank of the adapter matrices.")
+    alpha: int = Field(
+        16,
+        ge=1,
+        le=4096,
+        description="Scaling numerator: updates are scaled by alpha / r.",
+    )
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[Regex] | None = Field(
+        None,
+        max_length=64,
+        description="Module names (or regexes) to adapt; unset picks the attention projections of the architecture.",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train alongside the adapters.")
+
+
+class GradualUnfreezing(SpecModel):
+    """ULMFiT-style schedule: frozen layers thaw from the top down as epochs pass."""
+
+    start_epoch: int = Field(
+        1,
+        ge=1,
+        le=10000,
+        description="First epoch (1-based) at which layers start to thaw.",
+    )
+    layers_per_epoch: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="How many more layers thaw at the start of each epoch.",
+    )
+
+
+class FreezeSpec(SpecModel):
+    """Which parameters train. Strategies pick a base set; module patterns then override it."""
+
+    rules = (
+        Rule(
+            "layers",
+            "layers is required for the bottom-layers and top-layers strategies",
+            "!(self.strategy in ['bottom-layers', 'top-layers']) || has(self.layers)",
+            lambda f: f.strategy not in LAYER_STRATEGIES or f.layers is not None,
+        ),
+        Rule(
+            "layers",
+            "layers is only used by the bottom-layers and top-layers strategies",
+            "self.strategy in ['bottom-layers', 'top-layers'] || !has(self.layers)",
+            lambda f: f.strategy in LAYER_STRATEGIES or f.layers is None,
+        ),
+        Rule(
+            "lora",
+            "lora settings are only allowed with strategy lora",
+            "self.strategy == 'lora' || !has(self.lora)",
+            lambda f: f.strategy == "lora" or f.lora is None,
+        ),
+        Rule(
+            "frozenModules",
+            "strategy modules needs at least one pattern in frozenModules or trainableModules",
+            "self.strategy != 'modules' || size(self.frozenModules) + size(self.trainableModules) > 0",
+            lambda f: f.strategy != "modules" or bool(f.frozen_modules or f.trainable_modules),
+        ),
+        Rule(
+            "gradualUnfreezing",
+            "gradualUnfreezing needs strategy head-only or bottom-layers (it thaws frozen layers)",
+            "!has(self.gradualUnfreezing) || self.strategy in ['head-only', 'bottom-layers']",
+            lambda f: f.gradual_unfreezing is None or f.strategy in ("head-only", "bottom-layers"),
+        ),
+    )
+
+    strategy: Literal["none", "head-only", "bottom-layers", "top-layers", "modules", "lora"] = Field(
+        "none",
+        description=(
+            "none: everything trains. head-only: only the task head trains. bottom-layers: the lowest "
+            "`layers` transformer blocks (and embeddings) are frozen. top-layers: only the top `layers` "
+            "blocks and the head train. modules: only the patterns decide. lora: base weights are frozen "
+            "and LoRA adapters train."
+        ),
+    )
+    layers: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="Number of transformer blocks for bottom-layers / top-layers.",
+    )
+    embeddings: bool = Field(
+        False,
+        description="Also freeze the input embeddings (output embeddings tied to them freeze with them).",
+    )
+    frozen_modules: list[Regex] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Regexes over parameter names; matches are frozen (applied after the strategy).",
+    )
+    trainable_modules: list[Regex] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Regexes over parameter names; matches train even if the strategy froze them (applied last).",
+    )
+    lora: LoraSpec | None = Field(
+        None,
+        description="LoRA settings; only with strategy lora (defaults apply when unset).",
+    )
+    gradual_unfreezing: GradualUnfreezing | None = Field(
+        None,
+        description="Thaw frozen layers top-down over epochs (head-only and bottom-layers only).",
+    )
+
+
+class Hyperparameters(SpecModel):
+    """Optimisation settings. Defaults follow common AdamW fine-tuning practice."""
+
+    rules = (
+        Rule(
+            "warmupRatio",
+            "set either warmupSteps or warmupRatio, not both",
+            "!(has(self.warmupSteps) && has(self.warmupRatio))",
+            lambda h: h.warmup_steps is None or h.warmup_ratio is None,
+        ),
+    )
+
+    learning_rate: float = Field(5e-5, gt=0, le=10, description="Peak learning rate (AdamW). Must be > 0.")
+    scheduler: Literal[
+        "linear",
+        "cosine",
+        "cosine-with-restarts",
+        "polynomial",
+        "constant",
+        "constant-with-warmup",
+    ] = Field("linear", description="Learning-rate schedule after warmup.")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warmup over this many optimizer steps.")
+    warmup_ratio: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="Linear warmup over this fraction of all optimizer steps.",
+    )
+    layerwise_lr_decay: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Layer-wise LR decay: block i from the top gets learningRate * decay^i (1 = off).",
+    )
+    batch_size: int = Field(16, ge=1, le=65536, description="Per-device training batch size.")
+    eval_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=65536,
+        description="Per-device evaluation batch size (default: batchSize).",
+    )
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=4096, description="Micro-batches accumulated per optimizer step."
+    )
+    epochs: float = Field(
+        3.0,
+        gt=0,
+        le=10000,
+        description="Training epochs (maxSteps, when set, takes precedence).",
+    )
+    max_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Stop after this many optimizer steps, overriding epochs.",
+    )
+    weight_decay: float = Field(
+        0.01,
+        ge=0,
+        le=10,
+        description="Decoupled L2 weight decay; not applied to biases and norms.",
+    )
+    l1_penalty: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description="Coefficient of the L1 norm of trainable weights added to the loss.",
+    )
+    dropout: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="Override the probability of every dropout module of the model.",
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing for the cross-entropy loss.")
+    max_grad_norm: float | None = Field(
+        1.0,
+        gt=0,
+        description="Clip the global gradient norm to this value (unset: no clipping).",
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Training precision (bf16/fp16 use autocast on GPU)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory by recomputing activations.")
+    seed: int = Field(
+        42,
+        ge=0,
+        le=2**31 - 1,
+        description="Seed for data order, initialisation of new heads and dropout.",
+    )
+
+
+class RandomResizedCrop(SpecModel):
+    """Crop a random area and aspect ratio, then resize (torchvision RandomResizedCrop)."""
+
+    rules = (
+        Rule(
+            "scaleMin",
+            "scaleMin must not exceed scaleMax",
+            "self.scaleMin <= self.scaleMax",
+            lambda c: c.scale_min <= c.scale_max,
+        ),
+    )
+
+    size: int = Field(224, ge=8, le=4096, description="Output side length in pixels.")
+    scale_min: float = Field(0.08, gt=0, le=1, description="Smallest fraction of the image area kept.")
+    scale_max: float = Field(1.0, gt=0, le=1, description="Largest fraction of the image area kept.")
+
+
+class ColorJitter(SpecModel):
+    """Random changes of brightness, contrast, saturation and hue (torchvision ColorJitter)."""
+
+    brightness: float = Field(0.0, ge=0, le=10, description="Brightness factor drawn from [1-b, 1+b].")
+    contrast: float = Field(0.0, ge=0, le=10, description="Contrast factor drawn from [1-c, 1+c].")
+    saturation: float = Field(0.0, ge=0, le=10, description="Saturation factor drawn from [1-s, 1+s].")
+    hue: float = Field(0.0, ge=0, le=0.5, description="Hue shift drawn from [-h, h].")
+
+
+class Augmentation(SpecModel):
+    """Training-time image augmentation (image-classification only); validation images are only resized."""
+
+    random_resized_crop: RandomResizedCrop | None = Field(None, description="Random resized crop.")
+    rotation_degrees: float | None = Field(None, gt=0, le=180, description="Rotate by a random angle in [-d, d].")
+    horizontal_flip: float | None = Field(None, gt=0, le=1, description="Probability of a horizontal flip.")
+    color_jitter: ColorJitter | None = Field(None, description="Colour jitter.")
+
+
+class Evaluation(SpecModel):
+    """When to evaluate on the validation data and what to compute."""
+
+    rules = (
+        Rule(
+            "interval",
+            "interval is required when strategy is steps",
+            "self.strategy != 'steps' || has(self.interval)",
+            lambda e: e.strategy != "steps" or e.interval is not None,
+        ),
+    )
+
+    strategy: Literal["epoch", "steps", "no"] = Field(
+        "epoch",
+        description="Evaluate at the end of each epoch, every `interval` steps, or never.",
+    )
+    interval: int | None = Field(None, ge=1, description="Optimizer steps between evaluations (strategy steps).")
+    metrics: list[Metric] = Field(
+        default=["loss"],
+        min_length=1,
+        max_length=4,
+        description="Metrics to compute: loss, accuracy, f1 (macro; classification), perplexity (causal-lm).",
+    )
+
+
+class EarlyStopping(SpecModel):
+    """Stop when the monitored evaluation metric stops improving. Absent means never stop early."""
+
+    metric: Metric = Field(
+        "loss",
+        description="Evaluation metric to monitor; must be listed in evaluation.metrics.",
+    )
+    mode: Literal["min", "max"] | None = Field(
+        None,
+        description="min: lower is better; max: higher is better. Unset: min for loss and perplexity, max otherwise.",
+    )
+    patience: int = Field(
+        3,
+        ge=1,
+        le=10000,
+        description="Evaluations without improvement before stopping (>= 1).",
+    )
+    min_delta: float = Field(
+        0.0,
+        ge=0,
+        description="An evaluation improves only if it beats the best by more than this.",
+    )
+    restore_best: bool = Field(
+        True,
+        description="At the end, keep the weights of the best evaluation instead of the last.",
+    )
+
+    @property
+    def effective_mode(self) -> Literal["min", "max"]:
+        if self.mode is not None:
+            return self.mode
+        return "min" if self.metric in LOWER_IS_BETTER else "max"
+
+
+class Output(SpecModel):
+    """Where checkpoints and the final model go."""
+
+    location: Location = Field(
+        pattern=OUTPUT_LOCATION_PATTERN,
+        description="pvc://claim/path or file:///path. Checkpoints go to checkpoints/, the final model to model/.",
+    )
+    keep_checkpoints: int = Field(
+        2,
+        ge=1,
+        le=1000,
+        description="Most recent checkpoints kept (the best one is always kept too).",
+    )
+    checkpoint_interval_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Also checkpoint every this many steps (for resume); by default at each evaluation.",
+    )
+    save_final_model: bool = Field(
+        True,
+        description="Save the final (or best, with restoreBest) model and tokenizer to model/.",
+    )
+
+
+TRAINING_RULES: tuple[Rule, ...] = (
+    Rule(
+        "augmentation",
+        "augmentation is only allowed for image-classification",
+        "!has(self.augmentation) || self.model.task == 'image-classification'",
+        lambda t: t.augmentation is None or t.model.task == "image-classification",
+    ),
+    Rule(
+        "model.numLabels",
+        "classification tasks need model.numLabels or model.labelNames",
+        "!(self.model.task in ['sequence-classification', 'image-classification']) "
+        "|| has(self.model.numLabels) || has(self.model.labelNames)",
+        lambda t: t.model.task not in CLASSIFICATION_TASKS or t.model.effective_num_labels is not None,
+    ),
+    Rule(
+        "evaluation.metrics",
+        "accuracy and f1 need a classification task",
+        "self.model.task in ['sequence-classification', 'image-classification'] "
+        "|| !self.evaluation.metrics.exists(m, m in ['accuracy', 'f1'])",
+        lambda t: t.model.task in CLASSIFICATION_TASKS or not {"accuracy", "f1"} & set(t.evaluation.metrics),
+    ),
+    Rule(
+        "evaluation.metrics",
+        "perplexity needs the causal-lm task",
+        "self.model.task == 'causal-lm' || !('perplexity' in self.evaluation.metrics)",
+        lambda t: t.model.task == "causal-lm" or "perplexity" not in t.evaluation.metrics,
+    ),
+    Rule(
+        "earlyStopping.metric",
+        "earlyStopping.metric must be one of evaluation.metrics",
+        "!has(self.earlyStopping) || self.earlyStopping.metric in self.evaluation.metrics",
+        lambda t: t.early_stopping is None or t.early_stopping.metric in t.evaluation.metrics,
+    ),
+    Rule(
+        "earlyStopping",
+        "earlyStopping needs evaluation (evaluation.strategy must not be no)",
+        "!has(self.earlyStopping) || self.evaluation.strategy != 'no'",
+        lambda t: t.early_stopping is None or t.evaluation.strategy != "no",
+    ),
+)
+"""Cross-field CEL rules of TrainingSpec (also applied by the subclass that extends it)."""
+
+
+class TrainingSpec(SpecModel):
+    """Everything a training run needs: the part of a FineTuneJob the trainer reads."""
+
+    rules = TRAINING_RULES
+
+    model: ModelSpec = Field(description="The pretrained model and task.")
+    dataset: DatasetSpec = Field(description="Training and validation data.")
+    freeze: FreezeSpec = Field(default_factory=FreezeSpec, description="Which parameters train.")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Optimisation settings.")
+    augmentation: Augmentation | None = Field(None, description="Image augmentation (image-classification only).")
+    evaluation: Evaluation = Field(default_factory=Evaluation, description="When and what to evaluate.")
+    early_stopping: EarlyStopping | None = Field(None, description="Early stopping; absent means train to the end.")
+    output: Output = Field(description="Where checkpoints and the final model go.")
