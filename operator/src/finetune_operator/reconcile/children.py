@@ -1,0 +1,385 @@
+"""Desired children of a FineTuneJob: pure functions from the spec to Kubernetes manifests.
+
+No I/O. Names are deterministic, so creating a child twice is a 409 (which the shell treats
+as success), and every child is owned by the FineTuneJob, so deleting it cascades.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from finetune_operator.api import API_VERSION, DEFAULT_TRAINER_IMAGE, KIND, PLURAL, FineTuneJob
+from finetune_trainer.spec import TrainingSpec
+
+Manifest = dict[str, Any]
+
+MANAGED_BY = "finetune-operator"
+JOB_LABEL = "finetune.dev/job"
+SPEC_HASH_ANNOTATION = "finetune.dev/spec-hash"
+TRAINER_CONTAINER = "trainer"
+CONFIG_FILE = "config.yaml"
+
+# Trainer exit codes (finetune_trainer's contract): configuration, data and model errors are
+# permanent, so the Job must not retry them; 75 means "terminated after saving" (preemption).
+EXIT_INVALID_CONFIG = 2
+EXIT_DATA_ERROR = 3
+EXIT_MODEL_ERROR = 4
+EXIT_TERMINATED = 75
+PERMANENT_EXIT_CODES: dict[int, str] = {
+    EXIT_INVALID_CONFIG: "InvalidConfig",
+    EXIT_DATA_ERROR: "DataError",
+    EXIT_MODEL_ERROR: "ModelError",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Operator-wide settings that shape the children (flags of `finetune-operator run`)."""
+
+    trainer_image: str = DEFAULT_TRAINER_IMAGE
+    trainer_metrics_port: int = 9400
+    rendezvous_port: int = 29500
+    config_dir: str = "/etc/finetune"
+    pvc_root: str = "/mnt/pvc"
+    run_as_user: int = 65532
+    report_interval_seconds: int = 5
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Names:
+    """Deterministic child names; Job names stay within the 63 characters pod labels allow."""
+
+    job: str
+    config_map: str
+    service_account: str
+    role: str
+    service: str
+
+    @classmethod
+    def of(cls, ftj_name: str) -> Names:
+        base = _bounded(ftj_name, 63 - len("-trainer"))
+        return cls(
+            job=f"{base}-trainer",
+            config_map=f"{base}-config",
+            service_account=f"{base}-trainer",
+            role=f"{base}-trainer",
+            service=f"{base}-workers",
+        )
+
+
+def _bounded(name: str, limit: int) -> str:
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: limit - 9].rstrip('-')}-{digest}"
+
+
+def labels(job: FineTuneJob) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "finetune-trainer",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        "app.kubernetes.io/instance": job.metadata.name,
+        JOB_LABEL: job.metadata.name,
+    }
+
+
+def owner_reference(job: FineTuneJob) -> Manifest:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": job.metadata.name,
+        "uid": job.metadata.uid or "",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(job: FineTuneJob, name: str) -> Manifest:
+    return {
+        "name": name,
+        "namespace": job.metadata.namespace,
+        "labels": labels(job),
+        "ownerReferences": [owner_reference(job)],
+    }
+
+
+def spec_hash(manifest: Manifest) -> str:
+    """Hash of what we generate, stamped on each child so drift (or an upgrade) is detectable."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _stamped(manifest: Manifest) -> Manifest:
+    manifest["metadata"].setdefault("annotations", {})[SPEC_HASH_ANNOTATION] = spec_hash(manifest)
+    return manifest
+
+
+def training_config(job: FineTuneJob) -> str:
+    """The trainer's config file: exactly the training part of the spec, camelCase."""
+    training = TrainingSpec.model_validate(job.spec.model_dump(include=set(TrainingSpec.model_fields)))
+    return yaml.safe_dump(training.to_wire(), sort_keys=False)
+
+
+def config_map(job: FineTuneJob) -> Manifest:
+    names = Names.of(job.metadata.name)
+    return _stamped(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": _metadata(job, names.config_map),
+            "data": {CONFIG_FILE: training_config(job)},
+        }
+    )
+
+
+def service_account(job: FineTuneJob) -> Manifest:
+    names = Names.of(job.metadata.name)
+    return _stamped({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(job, names.service_account)})
+
+
+def role(job: FineTuneJob) -> Manifest:
+    """Least privilege for the trainer: read its own FineTuneJob, patch its own status."""
+    names = Names.of(job.metadata.name)
+    own = [job.metadata.name]
+    return _stamped(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": _metadata(job, names.role),
+            "rules": [
+                {"apiGroups": ["finetune.dev"], "resources": [PLURAL], "resourceNames": own, "verbs": ["get"]},
+                {
+                    "apiGroups": ["finetune.dev"],
+                    "resources": [f"{PLURAL}/status"],
+                    "resourceNames": own,
+                    "verbs": ["get", "patch"],
+                },
+            ],
+        }
+    )
+
+
+def role_binding(job: FineTuneJob) -> Manifest:
+    names = Names.of(job.metadata.name)
+    account = job.spec.resources.service_account_name or names.service_account
+    return _stamped(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _metadata(job, names.role),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": names.role},
+            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": job.metadata.namespace}],
+        }
+    )
+
+
+def headless_service(job: FineTuneJob, settings: Settings) -> Manifest:
+    """Stable DNS names (<job>-<index>.<service>) for the torchrun rendezvous of multi-node jobs."""
+    names = Names.of(job.metadata.name)
+    return _stamped(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _metadata(job, names.service),
+            "spec": {
+                "clusterIP": "None",
+                "publishNotReadyAddresses": True,
+                "selector": {JOB_LABEL: job.metadata.name},
+                "ports": [
+                    {"name": "rendezvous", "port": settings.rendezvous_port, "targetPort": settings.rendezvous_port}
+                ],
+            },
+        }
+    )
+
+
+def _claims(job: FineTuneJob) -> list[str]:
+    """PersistentVolumeClaims the spec reads or writes, in a stable order."""
+    sources = [job.spec.model.source, job.spec.dataset.source, job.spec.output.location]
+    claims = [s.removeprefix("pvc://").split("/", 1)[0] for s in sources if s.startswith("pvc://")]
+    return sorted(set(claims))
+
+
+def _env(job: FineTuneJob, settings: Settings, names: Names) -> list[Manifest]:
+    env: list[Manifest] = [
+        {"name": "FINETUNE_JOB_NAME", "value": job.metadata.name},
+        {"name": "FINETUNE_JOB_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "FINETUNE_METRICS_PORT", "value": str(settings.trainer_metrics_port)},
+        {"name": "FINETUNE_REPORT_INTERVAL_SECONDS", "value": str(settings.report_interval_seconds)},
+        {"name": "FINETUNE_PVC_ROOT", "value": settings.pvc_root},
+        {"name": "HF_HOME", "value": "/tmp/hf-home"},
+        {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
+    ]
+    secret = job.spec.model.token_secret_ref
+    if secret is not None:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})
+    if job.spec.resources.nodes > 1:
+        env += [
+            {"name": "MASTER_ADDR", "value": f"{names.job}-0.{names.service}"},
+            {"name": "MASTER_PORT", "value": str(settings.rendezvous_port)},
+            {"name": "NNODES", "value": str(job.spec.resources.nodes)},
+            {"name": "NPROC_PER_NODE", "value": str(max(job.spec.resources.gpus_per_node, 1))},
+            {
+                "name": "NODE_RANK",
+                "valueFrom": {
+                    "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+                },
+            },
+        ]
+    env += [{"name": k, "value": v} for k, v in sorted(settings.extra_env.items())]
+    return env
+
+
+def _command(job: FineTuneJob, settings: Settings) -> list[str]:
+    config = f"{settings.config_dir}/{CONFIG_FILE}"
+    resources = job.spec.resources
+    if resources.nodes == 1 and resources.gpus_per_node <= 1:
+        return ["finetune-trainer", "--config", config]
+    return [
+        "torchrun",
+        "--nnodes=$(NNODES)" if resources.nodes > 1 else "--nnodes=1",
+        f"--nproc-per-node={max(resources.gpus_per_node, 1)}",
+        *(
+            ["--node-rank=$(NODE_RANK)", "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)"]
+            if resources.nodes > 1
+            else []
+        ),
+        "-m",
+        "finetune_trainer.cli",
+        "--config",
+        config,
+    ]
+
+
+def _resources(job: FineTuneJob) -> Manifest:
+    spec = job.spec.resources
+    requests: dict[str, Any] = {}
+    if spec.cpu is not None:
+        requests["cpu"] = str(spec.cpu)
+    if spec.memory is not None:
+        requests["memory"] = str(spec.memory)
+    limits = dict(requests)
+    if spec.gpus_per_node:
+        limits[spec.gpu_resource_name] = str(spec.gpus_per_node)
+        requests[spec.gpu_resource_name] = str(spec.gpus_per_node)
+    return {k: v for k, v in {"requests": requests, "limits": limits}.items() if v}
+
+
+def pod_template(job: FineTuneJob, settings: Settings) -> Manifest:
+    """A pod that passes the `restricted` Pod Security Standard and runs the trainer."""
+    names = Names.of(job.metadata.name)
+    spec = job.spec.resources
+    mounts = [
+        {"name": "config", "mountPath": settings.config_dir, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    volumes: list[Manifest] = [
+        {"name": "config", "configMap": {"name": names.config_map}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    for index, claim in enumerate(_claims(job)):
+        mounts.append({"name": f"pvc-{index}", "mountPath": f"{settings.pvc_root}/{claim}"})
+        volumes.append({"name": f"pvc-{index}", "persistentVolumeClaim": {"claimName": claim}})
+    if spec.gpus_per_node > 1 or spec.nodes > 1:
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+    container: Manifest = {
+        "name": TRAINER_CONTAINER,
+        "image": spec.image or settings.trainer_image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": _command(job, settings),
+        "env": _env(job, settings, names),
+        "ports": [{"name": "metrics", "containerPort": settings.trainer_metrics_port}],
+        "volumeMounts": mounts,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    resources = _resources(job)
+    if resources:
+        container["resources"] = resources
+    pod: Manifest = {
+        "restartPolicy": "Never",
+        "serviceAccountName": spec.service_account_name or names.service_account,
+        "automountServiceAccountToken": True,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": settings.run_as_user,
+            "runAsGroup": settings.run_as_user,
+            "fsGroup": settings.run_as_user,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationGracePeriodSeconds": 120,
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if spec.node_selector:
+        pod["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod["tolerations"] = [t.to_wire() for t in spec.tolerations]
+    if spec.affinity:
+        pod["affinity"] = spec.affinity
+    if spec.priority_class_name:
+        pod["priorityClassName"] = spec.priority_class_name
+    if spec.nodes > 1:
+        pod["subdomain"] = names.service
+    return {"metadata": {"labels": labels(job)}, "spec": pod}
+
+
+def batch_job(job: FineTuneJob, settings: Settings, *, suspend: bool | None = None) -> Manifest:
+    """The batch/v1 Job: retries, deadlines, suspend and podFailurePolicy come from the Job controller."""
+    names = Names.of(job.metadata.name)
+    nodes = job.spec.resources.nodes
+    spec: Manifest = {
+        "suspend": job.spec.suspend if suspend is None else suspend,
+        "backoffLimit": job.spec.backoff_limit,
+        "completions": nodes,
+        "parallelism": nodes,
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": TRAINER_CONTAINER,
+                        "operator": "In",
+                        "values": sorted(PERMANENT_EXIT_CODES),
+                    },
+                },
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]
+        },
+        "template": pod_template(job, settings),
+    }
+    if nodes > 1:
+        spec["completionMode"] = "Indexed"
+    if job.spec.active_deadline_seconds is not None:
+        spec["activeDeadlineSeconds"] = job.spec.active_deadline_seconds
+    if job.spec.ttl_seconds_after_finished is not None:
+        spec["ttlSecondsAfterFinished"] = job.spec.ttl_seconds_after_finished
+    manifest = {"apiVersion": "batch/v1", "kind": "Job", "metadata": _metadata(job, names.job), "spec": spec}
+    # The hash ignores `suspend`: toggling it is an update of the Job, not a new Job.
+    stamped = _stamped({**manifest, "spec": {**spec, "suspend": False}})
+    stamped["spec"]["suspend"] = spec["suspend"]
+    return stamped
+
+
+def desired_children(job: FineTuneJob, settings: Settings) -> list[Manifest]:
+    """Everything a FineTuneJob owns, in creation order (config and RBAC before the Job)."""
+    children = [config_map(job)]
+    if job.spec.resources.service_account_name is None:
+        children.append(service_account(job))
+    children += [role(job), role_binding(job)]
+    if job.spec.resources.nodes > 1:
+        children.append(headless_service(job, settings))
+    children.append(batch_job(job, settings))
+    return children

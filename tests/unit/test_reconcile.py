@@ -1,0 +1,239 @@
+"""The pure reconcile core: children from a spec, status from what is observed."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import yaml
+
+from finetune_operator.api import EvaluationRecord, FineTuneJob, Progress
+from finetune_operator.reconcile import Observed, ObservedJob, ObservedPod, Settings, decide, desired_children
+from finetune_operator.reconcile.children import Names, batch_job, config_map, role
+from finetune_trainer.spec import TrainingSpec
+from tests.manifests import baseline
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+SETTINGS = Settings()
+
+
+def job(**spec: Any) -> FineTuneJob:
+    manifest = baseline("sentiment")
+    manifest["metadata"].update({"namespace": "ml", "uid": "uid-1", "generation": 1})
+    manifest["spec"].update(spec)
+    return FineTuneJob.model_validate(manifest)
+
+
+def kinds(children: list[dict[str, Any]]) -> list[str]:
+    return [c["kind"] for c in children]
+
+
+def test_children_are_owned_deterministic_and_ordered() -> None:
+    first = desired_children(job(), SETTINGS)
+    assert kinds(first) == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Job"]
+    assert first == desired_children(job(), SETTINGS)
+    for child in first:
+        owner = child["metadata"]["ownerReferences"][0]
+        assert owner["kind"] == "FineTuneJob"
+        assert owner["uid"] == "uid-1"
+        assert owner["controller"] is True
+        assert child["metadata"]["namespace"] == "ml"
+
+
+def test_config_map_holds_exactly_the_training_spec() -> None:
+    data = yaml.safe_load(config_map(job())["data"]["config.yaml"])
+    assert TrainingSpec.model_validate(data).freeze.layers == 2
+    assert "resources" not in data
+    assert "suspend" not in data
+
+
+def test_role_names_only_its_own_job() -> None:
+    rules = role(job())["rules"]
+    assert all(rule["resourceNames"] == ["sentiment"] for rule in rules)
+    verbs = {verb for rule in rules for verb in rule["verbs"]}
+    assert verbs == {"get", "patch"}
+    assert {r for rule in rules for r in rule["resources"]} == {"finetunejobs", "finetunejobs/status"}
+
+
+def test_pod_meets_the_restricted_pod_security_standard() -> None:
+    pod = batch_job(job(), SETTINGS)["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    container = pod["containers"][0]
+    security = container["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["readOnlyRootFilesystem"] is True
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    allowed = {"configMap", "emptyDir", "persistentVolumeClaim", "secret", "projected", "downwardAPI"}
+    assert all(set(volume) - {"name"} <= allowed for volume in pod["volumes"])
+
+
+def test_job_does_not_retry_configuration_errors() -> None:
+    spec = batch_job(job(backoffLimit=5), SETTINGS)["spec"]
+    assert spec["backoffLimit"] == 5
+    fail_rule = spec["podFailurePolicy"]["rules"][0]
+    assert fail_rule["action"] == "FailJob"
+    assert fail_rule["onExitCodes"]["values"] == [2, 3, 4]
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"
+
+
+def test_pvc_sources_are_mounted_and_token_comes_from_the_secret() -> None:
+    manifest = baseline("hub")
+    manifest["spec"]["model"] = {
+        "source": "hf://org/model",
+        "task": "sequence-classification",
+        "numLabels": 2,
+        "tokenSecretRef": {"name": "hf"},
+    }
+    manifest["spec"]["dataset"]["source"] = "pvc://data/rt"
+    manifest["spec"]["output"]["location"] = "pvc://models/out"
+    pod = batch_job(FineTuneJob.model_validate(manifest), SETTINGS)["spec"]["template"]["spec"]
+    claims = sorted(v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v)
+    assert claims == ["data", "models"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
+    assert "value" not in env["HF_TOKEN"]
+
+
+def test_multi_node_is_an_indexed_job_with_a_headless_service() -> None:
+    multi = job(resources={"nodes": 3, "gpusPerNode": 8})
+    children = desired_children(multi, SETTINGS)
+    assert "Service" in kinds(children)
+    spec = batch_job(multi, SETTINGS)["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == 3
+    container = spec["template"]["spec"]["containers"][0]
+    assert container["command"][0] == "torchrun"
+    assert spec["template"]["spec"]["subdomain"] == Names.of("sentiment").service
+
+
+def test_long_names_stay_valid() -> None:
+    names = Names.of("x" * 120)
+    assert len(names.job) <= 63
+    assert names.job != Names.of("x" * 119).job
+
+
+def test_suspend_toggles_the_job_without_changing_its_hash() -> None:
+    running = batch_job(job(), SETTINGS)
+    suspended = batch_job(job(suspend=True), SETTINGS)
+    assert suspended["spec"]["suspend"] is True
+    assert running["metadata"]["annotations"] == suspended["metadata"]["annotations"]
+
+
+def _with_evals(ftj: FineTuneJob, values: list[float]) -> FineTuneJob:
+    ftj.status.evaluations = [
+        EvaluationRecord(step=10 * i, metrics={"loss": 1.0, "accuracy": v}, time=NOW) for i, v in enumerate(values, 1)
+    ]
+    return ftj
+
+
+def conditions(decision_status: Any) -> dict[str, tuple[str, str]]:
+    return {c.type: (c.status, c.reason) for c in decision_status.conditions}
+
+
+def test_pending_then_running_with_progress() -> None:
+    ftj = job()
+    pending = decide(ftj, Observed(job=ObservedJob()), NOW)
+    assert pending.status.phase == "Pending"
+    ftj.status = pending.status
+    ftj.status.progress = Progress(step=5, total_steps=50, epoch=0.5, train_loss=0.7, last_heartbeat_time=NOW)
+    running = decide(ftj, Observed(job=ObservedJob(active=1, start_time=NOW)), NOW)
+    assert running.status.phase == "Running"
+    assert conditions(running.status)["Running"] == ("True", "TrainerRunning")
+    assert [e.reason for e in running.events] == ["TrainerRunning"]
+    assert "step 5/50" in (running.status.message or "")
+    assert running.status.observed_generation == 1
+
+
+def test_stalled_when_heartbeats_stop() -> None:
+    ftj = job(stallTimeoutSeconds=60)
+    ftj.status.progress = Progress(step=5, last_heartbeat_time=NOW - timedelta(seconds=61))
+    decision = decide(ftj, Observed(job=ObservedJob(active=1)), NOW)
+    assert decision.status.phase == "Stalled"
+    assert conditions(decision.status)["Stalled"] == ("True", "NoProgress")
+
+
+def test_early_stopping_requests_stop_then_enforces_after_grace() -> None:
+    ftj = _with_evals(job(stopGracePeriodSeconds=30), [0.6, 0.7, 0.65, 0.66])
+    first = decide(ftj, Observed(job=ObservedJob(active=1)), NOW)
+    assert first.status.early_stopping is not None
+    assert first.status.early_stopping.triggered
+    assert first.status.early_stopping.best_step == 20
+    assert first.status.stop_request is not None
+    assert first.status.stop_request.reason == "EarlyStopped"
+    assert not first.halt_workload
+    assert "EarlyStopped" in [e.reason for e in first.events]
+
+    ftj.status = first.status
+    later = decide(ftj, Observed(job=ObservedJob(active=1)), NOW + timedelta(seconds=31))
+    assert later.halt_workload
+    assert "StopEnforced" in [e.reason for e in later.events]
+
+    ftj.status = later.status
+    halted = decide(ftj, Observed(job=ObservedJob(suspended=True, active=0)), NOW + timedelta(seconds=40))
+    assert halted.status.phase == "EarlyStopped"
+    assert conditions(halted.status)["Complete"] == ("True", "EarlyStopped")
+    assert not halted.workload_wanted
+
+
+def test_trainer_that_stops_itself_completes_as_early_stopped() -> None:
+    ftj = _with_evals(job(), [0.6, 0.7, 0.65, 0.66])
+    decision = decide(ftj, Observed(job=ObservedJob(complete=True, succeeded=1)), NOW)
+    assert conditions(decision.status)["Complete"] == ("True", "EarlyStopped")
+    assert "best 0.7 at step 20" in (decision.status.message or "")
+
+
+def test_success_and_terminal_states_are_sticky() -> None:
+    ftj = job()
+    done = decide(ftj, Observed(job=ObservedJob(complete=True, succeeded=1)), NOW)
+    assert conditions(done.status)["Complete"] == ("True", "Succeeded")
+    ftj.status = done.status
+    replay = decide(ftj, Observed(job=None), NOW + timedelta(hours=1))
+    assert replay.status.phase == "Succeeded"
+    assert not replay.workload_wanted
+    assert replay.events == []
+
+
+def test_permanent_exit_code_is_the_failure_reason() -> None:
+    pods = (
+        ObservedPod(
+            "p1", "Failed", exit_code=3, reason="Error", message="dataset.train: no such file", finished_at=NOW
+        ),
+    )
+    failed = ObservedJob(failed=1, failed_condition=True, failed_reason="PodFailurePolicy")
+    decision = decide(job(), Observed(job=failed, pods=pods), NOW)
+    assert conditions(decision.status)["Failed"] == ("True", "DataError")
+    assert "no such file" in (decision.status.message or "")
+    assert decision.events[0].type == "Warning"
+
+
+def test_backoff_limit_reports_the_last_exit() -> None:
+    pods = tuple(
+        ObservedPod(
+            f"p{i}", "Failed", exit_code=1, reason="Error", message=f"crash {i}", finished_at=NOW + timedelta(seconds=i)
+        )
+        for i in range(3)
+    )
+    failed = ObservedJob(failed=3, failed_condition=True, failed_reason="BackoffLimitExceeded")
+    decision = decide(job(), Observed(job=failed, pods=pods), NOW)
+    assert conditions(decision.status)["Failed"] == ("True", "BackoffLimitExceeded")
+    assert "crash 2" in (decision.status.message or "")
+    assert decision.status.restarts == 3
+
+
+def test_suspended() -> None:
+    decision = decide(job(suspend=True), Observed(job=ObservedJob(suspended=True)), NOW)
+    assert decision.status.phase == "Suspended"
+    assert conditions(decision.status)["Suspended"] == ("True", "Suspended")
+
+
+def test_user_stop_annotation() -> None:
+    ftj = job()
+    ftj.metadata.annotations["finetune.dev/stop-requested"] = "true"
+    decision = decide(ftj, Observed(job=ObservedJob(active=1)), NOW)
+    assert decision.status.stop_request is not None
+    assert decision.status.stop_request.reason == "UserRequested"
+    ftj.status = decision.status
+    done = decide(ftj, Observed(job=ObservedJob(complete=True)), NOW)
+    assert conditions(done.status)["Complete"] == ("True", "Stopped")
