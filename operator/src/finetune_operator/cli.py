@@ -1,0 +1,91 @@
+"""`finetune-operator`: run the controller, or print the CRD it serves.
+
+finetune-operator run [--namespace NS ...] [--metrics-port 8080] [--health-port 8081] [--log-format json]
+finetune-operator crd
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+import kopf
+
+from finetune_operator.api import DEFAULT_TRAINER_IMAGE
+from finetune_operator.clients import Kube
+from finetune_operator.crd import render_crd
+from finetune_operator.handlers import Reconciler, register
+from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.reconcile import Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune-operator", description=__doc__.split("\n", 1)[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the controller (kopf)")
+    scope = run.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (default)")
+    run.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port (0: off)")
+    run.add_argument("--health-port", type=int, default=8081, help="liveness/readiness /healthz port (0: off)")
+    run.add_argument("--bind-address", default="0.0.0.0", help="address for the metrics and health servers")
+    run.add_argument("--log-format", choices=["plain", "json"], default="plain", help="json for clusters")
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    run.add_argument("--trainer-image", default=DEFAULT_TRAINER_IMAGE, help="image of the training pods")
+    run.add_argument("--trainer-metrics-port", type=int, default=9400, help="port the trainer serves /metrics on")
+    run.add_argument("--resync-seconds", type=float, default=30.0, help="how often each job is re-checked")
+    run.add_argument("--report-interval-seconds", type=int, default=5, help="trainer progress report interval")
+    commands.add_parser("crd", help="print the FineTuneJob CRD")
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    kopf.configure(
+        verbose=args.verbose,
+        log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN,
+    )
+    logging.getLogger("finetune_operator").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    settings = Settings(
+        trainer_image=args.trainer_image,
+        trainer_metrics_port=args.trainer_metrics_port,
+        report_interval_seconds=args.report_interval_seconds,
+    )
+    metrics = OperatorMetrics()
+    if args.metrics_port:
+        metrics.serve(args.metrics_port, args.bind_address)
+    registry = kopf.OperatorRegistry()
+    reconciler = Reconciler(Kube.from_environment(), settings, metrics)
+    register(registry, reconciler, args.resync_seconds)
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_: object) -> None:
+        settings.posting.enabled = False  # our own Events say what happened; kopf's would be noise
+        settings.watching.server_timeout = 300
+        settings.networking.request_timeout = 60
+        settings.batching.worker_limit = 200
+
+    liveness = f"http://{args.bind_address}:{args.health_port}/healthz" if args.health_port else None
+    asyncio.run(
+        kopf.operator(
+            registry=registry,
+            standalone=True,
+            clusterwide=not args.namespace,
+            namespaces=args.namespace,
+            liveness_endpoint=liveness,
+        )
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "crd":
+        sys.stdout.write(render_crd())
+        return 0
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Kubernetes I/O for the operator: the only module that talks to the API server (besides kopf).
+
+Plain dicts in and out (camelCase, as the API serves them); every call runs in a worker
+thread so the kopf event loop never blocks. 409 on create means "already there" and 404 on
+delete means "already gone": both are success, which makes every reconcile idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime
+from typing import Any, cast
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from finetune_operator.api import GROUP, PLURAL, VERSION
+
+Manifest = dict[str, Any]
+
+
+class Kube:
+    """Typed-API calls for the kinds a FineTuneJob owns."""
+
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self._api = api_client
+        self.core = client.CoreV1Api(api_client)
+        self.batch = client.BatchV1Api(api_client)
+        self.rbac = client.RbacAuthorizationV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+
+    @classmethod
+    def from_environment(cls, pool_size: int = 32) -> Kube:
+        """In-cluster credentials when running in a pod, else KUBECONFIG / ~/.kube/config."""
+        configuration = client.Configuration()
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+        except config.ConfigException:
+            config.load_kube_config(client_configuration=configuration)
+        configuration.connection_pool_maxsize = pool_size
+        return cls(client.ApiClient(configuration))
+
+    async def create(self, manifest: Manifest) -> bool:
+        """Create a child; False when it already existed."""
+        try:
+            await asyncio.to_thread(self._create, manifest)
+        except ApiException as error:
+            if error.status == 409:
+                return False
+            raise
+        return True
+
+    def _create(self, manifest: Manifest) -> None:
+        namespace = manifest["metadata"]["namespace"]
+        kind = manifest["kind"]
+        creators = {
+            "ConfigMap": self.core.create_namespaced_config_map,
+            "ServiceAccount": self.core.create_namespaced_service_account,
+            "Service": self.core.create_namespaced_service,
+            "Role": self.rbac.create_namespaced_role,
+            "RoleBinding": self.rbac.create_namespaced_role_binding,
+            "Job": self.batch.create_namespaced_job,
+        }
+        creators[kind](namespace, manifest, _preload_content=False)
+
+    async def read_job(self, namespace: str, name: str) -> Manifest | None:
+        return await self._read(lambda: self.batch.read_namespaced_job(name, namespace, _preload_content=False))
+
+    async def list_pods(self, namespace: str, selector: str) -> list[Manifest]:
+        response = await asyncio.to_thread(
+            self.core.list_namespaced_pod, namespace, label_selector=selector, _preload_content=False
+        )
+        return cast(list[Manifest], json.loads(response.data)["items"])
+
+    async def patch_job(self, namespace: str, name: str, patch: Manifest) -> None:
+        await asyncio.to_thread(self.batch.patch_namespaced_job, name, namespace, patch, _preload_content=False)
+
+    async def delete_job(self, namespace: str, name: str) -> None:
+        try:
+            await asyncio.to_thread(
+                self.batch.delete_namespaced_job,
+                name,
+                namespace,
+                propagation_policy="Background",
+                _preload_content=False,
+            )
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+    async def patch_status(self, namespace: str, name: str, status: Manifest) -> None:
+        """JSON merge patch of the FineTuneJob status; only the keys given are touched."""
+        await asyncio.to_thread(
+            self.custom.api_client.call_api,
+            f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status",
+            "PATCH",
+            header_params={"Content-Type": "application/merge-patch+json", "Accept": "application/json"},
+            body={"status": status},
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+        )
+
+    async def post_event(self, involved: Manifest, type_: str, reason: str, message: str, now: datetime) -> None:
+        """A core/v1 Event on the FineTuneJob, so `kubectl describe ftj` tells its story."""
+        metadata = involved["metadata"]
+        stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{metadata['name']}.", "namespace": metadata["namespace"]},
+            "involvedObject": {
+                "apiVersion": involved.get("apiVersion", f"{GROUP}/{VERSION}"),
+                "kind": involved.get("kind", "FineTuneJob"),
+                "name": metadata["name"],
+                "namespace": metadata["namespace"],
+                "uid": metadata.get("uid"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+            "source": {"component": "finetune-operator"},
+            "reportingComponent": "finetune.dev/operator",
+            "reportingInstance": "finetune-operator",
+        }
+        await asyncio.to_thread(self.core.create_namespaced_event, metadata["namespace"], event, _preload_content=False)
+
+    async def read_finetunejob(self, namespace: str, name: str) -> Manifest | None:
+        return await self._read(
+            lambda: self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, _preload_content=False
+            )
+        )
+
+    async def _read(self, call: Any) -> Manifest | None:
+        try:
+            response = await asyncio.to_thread(call)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return cast(Manifest, json.loads(response.data))

@@ -1,0 +1,123 @@
+"""Prometheus metrics served by the operator (prometheus-client).
+
+Fleet series (jobs by phase, reconcile latency, time to Running, duration, early stops,
+failures by reason) and per-job training gauges whose series are removed when the job goes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from finetune_operator.api import FineTuneJobStatus
+
+PHASES = ("Pending", "Running", "Suspended", "Stalled", "Succeeded", "EarlyStopped", "Failed")
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
+
+
+class OperatorMetrics:
+    """All series in one registry so tests and the HTTP server see the same values."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.jobs = Gauge("finetune_jobs", "FineTuneJobs by phase.", ["phase"], registry=r)
+        self.reconcile_seconds = Histogram(
+            "finetune_reconcile_duration_seconds", "Time spent in one reconcile.", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.reconcile_errors = Counter("finetune_reconcile_errors", "Reconciles that raised (retried).", registry=r)
+        self.time_to_running = Histogram(
+            "finetune_time_to_running_seconds",
+            "From FineTuneJob creation to its trainer running.",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "finetune_job_duration_seconds",
+            "From start to completion of finished FineTuneJobs.",
+            ["reason"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.early_stops = Counter("finetune_early_stops", "FineTuneJobs that completed by early stopping.", registry=r)
+        self.failures = Counter("finetune_job_failures", "FineTuneJobs that failed, by reason.", ["reason"], registry=r)
+        per_job = ["namespace", "name"]
+        self.progress = Gauge("finetune_job_progress_ratio", "Fraction of planned steps done.", per_job, registry=r)
+        self.train_loss = Gauge("finetune_job_train_loss", "Latest training loss.", per_job, registry=r)
+        self.samples_per_second = Gauge("finetune_job_samples_per_second", "Training throughput.", per_job, registry=r)
+        self.eval_metric = Gauge(
+            "finetune_job_eval_metric", "Latest evaluation metric value.", [*per_job, "metric"], registry=r
+        )
+        self.best_metric = Gauge(
+            "finetune_job_best_metric", "Best value of the monitored metric.", [*per_job, "metric"], registry=r
+        )
+        self._phases: dict[tuple[str, str], str] = {}
+        self._metric_names: dict[tuple[str, str], set[str]] = {}
+        for phase in PHASES:
+            self.jobs.labels(phase).set(0)
+
+    def serve(self, port: int, address: str = "0.0.0.0") -> None:
+        start_http_server(port, addr=address, registry=self.registry)
+
+    def observe_job(self, namespace: str, name: str, status: FineTuneJobStatus) -> None:
+        """Refresh the per-job gauges and the phase count from a job's status."""
+        key = (namespace, name)
+        if status.phase is not None:
+            self._phases[key] = status.phase
+            self._recount()
+        progress = status.progress
+        if progress is not None:
+            self.progress.labels(namespace, name).set(progress.percent / 100)
+            if progress.train_loss is not None:
+                self.train_loss.labels(namespace, name).set(progress.train_loss)
+            if progress.samples_per_second is not None:
+                self.samples_per_second.labels(namespace, name).set(progress.samples_per_second)
+        if status.evaluations:
+            latest = max(status.evaluations, key=lambda e: e.step)
+            for metric, value in latest.metrics.items():
+                self.eval_metric.labels(namespace, name, metric).set(value)
+                self._metric_names.setdefault(key, set()).add(metric)
+        if status.best is not None:
+            self.best_metric.labels(namespace, name, status.best.metric).set(status.best.value)
+            self._metric_names.setdefault(key, set()).add(status.best.metric)
+
+    def forget_job(self, namespace: str, name: str) -> None:
+        """Drop every series of a deleted job, so dashboards do not show ghosts."""
+        key = (namespace, name)
+        self._phases.pop(key, None)
+        self._recount()
+        for gauge in (self.progress, self.train_loss, self.samples_per_second):
+            _remove(gauge, (namespace, name))
+        for metric in self._metric_names.pop(key, set()):
+            _remove(self.eval_metric, (namespace, name, metric))
+            _remove(self.best_metric, (namespace, name, metric))
+
+    def record_transitions(self, reasons: Iterable[str], status: FineTuneJobStatus, created_seconds_ago: float) -> None:
+        """Count what just happened (each transition is reported once: conditions persist)."""
+        for reason in set(reasons):
+            if reason == "TrainerRunning":
+                self.time_to_running.observe(max(created_seconds_ago, 0.0))
+            elif reason in ("Succeeded", "EarlyStopped", "Stopped"):
+                if reason == "EarlyStopped" and status.phase == "EarlyStopped":
+                    self.early_stops.inc()
+                if status.start_time and status.completion_time:
+                    self.duration.labels(reason).observe((status.completion_time - status.start_time).total_seconds())
+        if status.phase == "Failed":
+            failed = next((c for c in status.conditions if c.type == "Failed" and c.status == "True"), None)
+            if failed is not None and failed.reason in reasons:
+                self.failures.labels(failed.reason).inc()
+
+    def _recount(self) -> None:
+        counts = dict.fromkeys(PHASES, 0)
+        for phase in self._phases.values():
+            counts[phase] = counts.get(phase, 0) + 1
+        for phase, count in counts.items():
+            self.jobs.labels(phase).set(count)
+
+
+def _remove(gauge: Gauge, labels: tuple[str, ...]) -> None:
+    with contextlib.suppress(KeyError):
+        gauge.remove(*labels)

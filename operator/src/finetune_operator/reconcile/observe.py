@@ -1,0 +1,87 @@
+"""Kubernetes objects (as dicts) -> the ``Observed`` snapshot ``decide`` works on. Pure."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from finetune_operator.api import FineTuneJobStatus
+from finetune_operator.reconcile.children import SPEC_HASH_ANNOTATION, TRAINER_CONTAINER
+from finetune_operator.reconcile.status import ObservedJob, ObservedPod
+
+Manifest = dict[str, Any]
+
+OPERATOR_STATUS_KEYS = (
+    "observedGeneration",
+    "phase",
+    "conditions",
+    "startTime",
+    "completionTime",
+    "earlyStopping",
+    "stopRequest",
+    "workload",
+    "restarts",
+    "message",
+    "best",
+)
+"""Status keys the operator writes. progress and evaluations belong to the trainer; ``best`` is
+shared: the operator fills it only until the trainer reports one with its checkpoint."""
+
+
+def _time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+
+def observe_job(job: Manifest) -> ObservedJob:
+    status = job.get("status") or {}
+    conditions = {c["type"]: c for c in status.get("conditions", []) if c.get("status") == "True"}
+    failed = conditions.get("Failed") or conditions.get("FailureTarget") or {}
+    return ObservedJob(
+        suspended=bool(job.get("spec", {}).get("suspend")),
+        active=int(status.get("active", 0)),
+        ready=int(status.get("ready", 0)),
+        succeeded=int(status.get("succeeded", 0)),
+        failed=int(status.get("failed", 0)),
+        complete="Complete" in conditions or "SuccessCriteriaMet" in conditions,
+        failed_condition=bool(failed),
+        failed_reason=str(failed.get("reason", "")),
+        failed_message=str(failed.get("message", "")),
+        start_time=_time(status.get("startTime")),
+        completion_time=_time(status.get("completionTime")),
+    )
+
+
+def observe_pod(pod: Manifest) -> ObservedPod:
+    status = pod.get("status") or {}
+    exit_code: int | None = None
+    reason = message = ""
+    finished: datetime | None = None
+    for container in status.get("containerStatuses", []):
+        if container.get("name") != TRAINER_CONTAINER:
+            continue
+        terminated = (container.get("state") or {}).get("terminated") or (container.get("lastState") or {}).get(
+            "terminated"
+        )
+        if terminated:
+            exit_code = int(terminated.get("exitCode", 0))
+            reason = str(terminated.get("reason", ""))
+            message = str(terminated.get("message", "")).strip()[-2000:]
+            finished = _time(terminated.get("finishedAt"))
+    return ObservedPod(
+        name=pod["metadata"]["name"],
+        phase=str(status.get("phase", "Unknown")),
+        exit_code=exit_code,
+        reason=reason,
+        message=message,
+        finished_at=finished,
+    )
+
+
+def spec_hash_of(manifest: Manifest) -> str | None:
+    return ((manifest.get("metadata") or {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
+
+
+def status_patch(before: FineTuneJobStatus, after: FineTuneJobStatus) -> Manifest:
+    """The merge patch that takes the operator-owned status keys from ``before`` to ``after``."""
+    old, new = before.to_wire(), after.to_wire()
+    return {key: new.get(key) for key in OPERATOR_STATUS_KEYS if old.get(key) != new.get(key)}
