@@ -49,7 +49,7 @@ class Invalid:
     id: str
     edit: Callable[[Manifest], None]
     field: str
-    """Dotted field path (camelCase) that every validator's message must name."""
+    """Dotted camelCase path below ``spec`` that the API server's message must name (pydantic's names its leaf)."""
 
 
 def _set(path: str, value: Any) -> Callable[[Manifest], None]:
@@ -75,25 +75,25 @@ def _delete(path: str) -> Callable[[Manifest], None]:
 
 
 INVALID: list[Invalid] = [
-    Invalid("negative-learning-rate", _set("hyperparameters.learningRate", -1e-4), "learningRate"),
-    Invalid("zero-learning-rate", _set("hyperparameters.learningRate", 0), "learningRate"),
-    Invalid("learning-rate-wrong-type", _set("hyperparameters.learningRate", "fast"), "learningRate"),
-    Invalid("batch-size-wrong-type", _set("hyperparameters.batchSize", "big"), "batchSize"),
-    Invalid("patience-zero", _set("earlyStopping.patience", 0), "patience"),
-    Invalid("unknown-strategy", _set("freeze.strategy", "half"), "strategy"),
-    Invalid("layers-missing", _delete("freeze.layers"), "layers"),
-    Invalid("lora-without-lora-strategy", _set("freeze.lora", {"r": 8}), "lora"),
+    Invalid("negative-learning-rate", _set("hyperparameters.learningRate", -1e-4), "hyperparameters.learningRate"),
+    Invalid("zero-learning-rate", _set("hyperparameters.learningRate", 0), "hyperparameters.learningRate"),
+    Invalid("learning-rate-wrong-type", _set("hyperparameters.learningRate", "fast"), "hyperparameters.learningRate"),
+    Invalid("batch-size-wrong-type", _set("hyperparameters.batchSize", "big"), "hyperparameters.batchSize"),
+    Invalid("patience-zero", _set("earlyStopping.patience", 0), "earlyStopping.patience"),
+    Invalid("unknown-strategy", _set("freeze.strategy", "half"), "freeze.strategy"),
+    Invalid("layers-missing", _delete("freeze.layers"), "freeze.layers"),
+    Invalid("lora-without-lora-strategy", _set("freeze.lora", {"r": 8}), "freeze.lora"),
     Invalid("augmentation-on-text", _set("augmentation", {"horizontalFlip": 0.5}), "augmentation"),
-    Invalid("bad-model-source", _set("model.source", "s3://bucket/model"), "source"),
-    Invalid("unknown-task", _set("model.task", "translation"), "task"),
-    Invalid("warmup-both", _set("hyperparameters.warmupRatio", 0.1), "warmupRatio"),
-    Invalid("validation-both", _set("dataset.validationFraction", 0.1), "validationFraction"),
-    Invalid("steps-without-interval", _set("evaluation.strategy", "steps"), "interval"),
+    Invalid("bad-model-source", _set("model.source", "s3://bucket/model"), "model.source"),
+    Invalid("unknown-task", _set("model.task", "translation"), "model.task"),
+    Invalid("warmup-both", _set("hyperparameters.warmupRatio", 0.1), "hyperparameters.warmupRatio"),
+    Invalid("validation-both", _set("dataset.validationFraction", 0.1), "dataset.validationFraction"),
+    Invalid("steps-without-interval", _set("evaluation.strategy", "steps"), "evaluation.interval"),
     Invalid("early-stop-metric-not-evaluated", _set("earlyStopping.metric", "f1"), "earlyStopping.metric"),
     Invalid("perplexity-on-classifier", _set("evaluation.metrics", ["loss", "perplexity"]), "evaluation.metrics"),
-    Invalid("missing-labels", _delete("model.numLabels"), "numLabels"),
-    Invalid("bad-cpu-quantity", _set("resources.cpu", "lots"), "cpu"),
-    Invalid("nodes-zero", _set("resources.nodes", 0), "nodes"),
+    Invalid("missing-labels", _delete("model.numLabels"), "model.numLabels"),
+    Invalid("bad-cpu-quantity", _set("resources.cpu", "lots"), "resources.cpu"),
+    Invalid("nodes-zero", _set("resources.nodes", 0), "resources.nodes"),
 ]
 """Each edit is applied to a fresh ``baseline()``; ``warmup-both`` relies on a warmupSteps it adds."""
 

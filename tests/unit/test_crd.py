@@ -60,7 +60,7 @@ def test_optional_fields_are_nullable_and_required_ones_listed() -> None:
     freeze = spec["properties"]["freeze"]
     assert freeze["properties"]["layers"]["nullable"] is True
     assert freeze["properties"]["lora"]["nullable"] is True
-    assert freeze["default"] == {}
+    assert freeze["default"] == {"strategy": "none", "embeddings": False, "frozenModules": [], "trainableModules": []}
 
 
 def test_numbers_keep_their_bounds() -> None:

@@ -75,6 +75,9 @@ def test_job_does_not_retry_configuration_errors() -> None:
     fail_rule = spec["podFailurePolicy"]["rules"][0]
     assert fail_rule["action"] == "FailJob"
     assert fail_rule["onExitCodes"]["values"] == [2, 3, 4]
+    container = spec["template"]["spec"]["containers"][0]
+    assert "command" not in container, "single-process pods run the image's entrypoint"
+    assert container["args"] == ["--config", "/etc/finetune/config.yaml"]
     assert spec["template"]["spec"]["restartPolicy"] == "Never"
 
 
@@ -104,7 +107,8 @@ def test_multi_node_is_an_indexed_job_with_a_headless_service() -> None:
     assert spec["completionMode"] == "Indexed"
     assert spec["completions"] == spec["parallelism"] == 3
     container = spec["template"]["spec"]["containers"][0]
-    assert container["command"][0] == "torchrun"
+    assert container["command"] == ["torchrun"]
+    assert "--node-rank=$(NODE_RANK)" in container["args"]
     assert spec["template"]["spec"]["subdomain"] == Names.of("sentiment").service
 
 

@@ -161,9 +161,9 @@ class _Structural:
         if "default" in node and node["default"] is not None:
             out["default"] = node["default"]
         elif not required and not out.get("nullable") and out.get("type") in ("object", "array"):
-            # Fields whose Python default comes from a factory: let the API server create the
-            # empty object/list so its own nested defaults apply and CEL rules can read it.
-            out["default"] = {} if out["type"] == "object" else []
+            # Fields whose Python default comes from a factory: the API server creates them with
+            # their nested defaults filled in (it checks CEL rules against the default itself).
+            out["default"] = _defaults_of(out) if out["type"] == "object" else []
         return out
 
     @staticmethod
@@ -178,6 +178,11 @@ class _Structural:
             if bound in node:
                 out["minimum" if bound == "exclusiveMinimum" else "maximum"] = node[bound]
                 out[bound] = True
+
+
+def _defaults_of(schema: Schema) -> dict[str, Any]:
+    """The object an empty ``{}`` becomes after the API server's defaulting."""
+    return {name: sub["default"] for name, sub in schema.get("properties", {}).items() if "default" in sub}
 
 
 def structural_schema(model: type[Any]) -> Schema:

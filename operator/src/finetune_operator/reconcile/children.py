@@ -235,24 +235,29 @@ def _env(job: FineTuneJob, settings: Settings, names: Names) -> list[Manifest]:
     return env
 
 
-def _command(job: FineTuneJob, settings: Settings) -> list[str]:
-    config = f"{settings.config_dir}/{CONFIG_FILE}"
+def _entrypoint(job: FineTuneJob, settings: Settings) -> tuple[list[str] | None, list[str]]:
+    """(command, args). One process per pod runs the image's own entrypoint (finetune-trainer), so
+    a custom trainer image works unchanged; several GPUs or nodes go through torchrun."""
+    args = ["--config", f"{settings.config_dir}/{CONFIG_FILE}"]
     resources = job.spec.resources
     if resources.nodes == 1 and resources.gpus_per_node <= 1:
-        return ["finetune-trainer", "--config", config]
-    return [
-        "torchrun",
-        "--nnodes=$(NNODES)" if resources.nodes > 1 else "--nnodes=1",
+        return None, args
+    rendezvous = (
+        [
+            "--nnodes=$(NNODES)",
+            "--node-rank=$(NODE_RANK)",
+            "--master-addr=$(MASTER_ADDR)",
+            "--master-port=$(MASTER_PORT)",
+        ]
+        if resources.nodes > 1
+        else ["--nnodes=1", "--standalone"]
+    )
+    return ["torchrun"], [
+        *rendezvous,
         f"--nproc-per-node={max(resources.gpus_per_node, 1)}",
-        *(
-            ["--node-rank=$(NODE_RANK)", "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)"]
-            if resources.nodes > 1
-            else []
-        ),
         "-m",
         "finetune_trainer.cli",
-        "--config",
-        config,
+        *args,
     ]
 
 
@@ -288,11 +293,12 @@ def pod_template(job: FineTuneJob, settings: Settings) -> Manifest:
     if spec.gpus_per_node > 1 or spec.nodes > 1:
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+    command, args = _entrypoint(job, settings)
     container: Manifest = {
         "name": TRAINER_CONTAINER,
         "image": spec.image or settings.trainer_image,
         "imagePullPolicy": "IfNotPresent",
-        "command": _command(job, settings),
+        "args": args,
         "env": _env(job, settings, names),
         "ports": [{"name": "metrics", "containerPort": settings.trainer_metrics_port}],
         "volumeMounts": mounts,
@@ -305,6 +311,8 @@ def pod_template(job: FineTuneJob, settings: Settings) -> Manifest:
         },
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    if command is not None:
+        container["command"] = command
     resources = _resources(job)
     if resources:
         container["resources"] = resources
