@@ -10,6 +10,8 @@ import argparse
 import asyncio
 import logging
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import kopf
 
@@ -36,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--trainer-image", default=DEFAULT_TRAINER_IMAGE, help="image of the training pods")
     run.add_argument("--trainer-metrics-port", type=int, default=9400, help="port the trainer serves /metrics on")
     run.add_argument("--resync-seconds", type=float, default=30.0, help="how often each job is re-checked")
+    run.add_argument("--api-concurrency", type=int, default=32, help="API calls in flight at once")
     run.add_argument("--report-interval-seconds", type=int, default=5, help="trainer progress report interval")
     commands.add_parser("crd", help="print the FineTuneJob CRD")
     return parser
@@ -47,6 +50,8 @@ def run(args: argparse.Namespace) -> None:
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN,
     )
     logging.getLogger("finetune_operator").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose:  # kopf logs every handler run at INFO: thousands of lines an hour per job
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     settings = Settings(
         trainer_image=args.trainer_image,
         trainer_metrics_port=args.trainer_metrics_port,
@@ -56,11 +61,18 @@ def run(args: argparse.Namespace) -> None:
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.bind_address)
     registry = kopf.OperatorRegistry()
-    reconciler = Reconciler(Kube.from_environment(), settings, metrics)
+    reconciler = Reconciler(Kube.from_environment(pool_size=args.api_concurrency), settings, metrics)
     register(registry, reconciler, args.resync_seconds)
 
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        """In-cluster service account first, else KUBECONFIG (kopf's own loaders, no client library)."""
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
     @kopf.on.startup(registry=registry)
-    def configure(settings: kopf.OperatorSettings, **_: object) -> None:
+    async def configure(settings: kopf.OperatorSettings, **_: object) -> None:
+        # Every API call runs in a thread; the default pool (cores + 4) would cap concurrency at 6.
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=args.api_concurrency))
         settings.posting.enabled = False  # our own Events say what happened; kopf's would be noise
         settings.watching.server_timeout = 300
         settings.networking.request_timeout = 60

@@ -41,17 +41,17 @@ class Kube:
         configuration.connection_pool_maxsize = pool_size
         return cls(client.ApiClient(configuration))
 
-    async def create(self, manifest: Manifest) -> bool:
-        """Create a child; False when it already existed."""
+    async def create(self, manifest: Manifest) -> Manifest | None:
+        """Create a child and return it as stored; None when it already existed."""
         try:
-            await asyncio.to_thread(self._create, manifest)
+            response = await asyncio.to_thread(self._create, manifest)
         except ApiException as error:
             if error.status == 409:
-                return False
+                return None
             raise
-        return True
+        return cast(Manifest, json.loads(response.data))
 
-    def _create(self, manifest: Manifest) -> None:
+    def _create(self, manifest: Manifest) -> Any:
         namespace = manifest["metadata"]["namespace"]
         kind = manifest["kind"]
         creators = {
@@ -62,7 +62,7 @@ class Kube:
             "RoleBinding": self.rbac.create_namespaced_role_binding,
             "Job": self.batch.create_namespaced_job,
         }
-        creators[kind](namespace, manifest, _preload_content=False)
+        return creators[kind](namespace, manifest, _preload_content=False)
 
     async def read_job(self, namespace: str, name: str) -> Manifest | None:
         return await self._read(lambda: self.batch.read_namespaced_job(name, namespace, _preload_content=False))
@@ -92,12 +92,14 @@ class Kube:
     async def patch_status(self, namespace: str, name: str, status: Manifest) -> None:
         """JSON merge patch of the FineTuneJob status; only the keys given are touched."""
         await asyncio.to_thread(
-            self.custom.api_client.call_api,
-            f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status",
-            "PATCH",
-            header_params={"Content-Type": "application/merge-patch+json", "Accept": "application/json"},
-            body={"status": status},
-            auth_settings=["BearerToken"],
+            self.custom.patch_namespaced_custom_object_status,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+            {"status": status},
+            _content_type="application/merge-patch+json",
             _preload_content=False,
         )
 

@@ -97,9 +97,11 @@ class Reconciler:
         workload = await self.kube.read_job(namespace, names.job)
         if not is_finished(current) and (ensure_children or workload is None or current.workload is None):
             for child in desired_children(job, self.settings):
-                if await self.kube.create(child):
+                created = await self.kube.create(child)
+                if created is not None:
                     log.info("created %s %s/%s", child["kind"], namespace, child["metadata"]["name"])
-            workload = workload or await self.kube.read_job(namespace, names.job)
+                    if child["kind"] == "Job":
+                        workload = created
 
         observed_job = observe_job(workload) if workload is not None else None
         pods: tuple[Any, ...] = ()

@@ -9,18 +9,30 @@ unnoticed (``tests/manifests.py`` runs the same invalid cases against both).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic.alias_generators import to_camel
 
 # Bounded scalar types. Every string and list carries a maximum so that the API server
 # can estimate the cost of the CEL rules that read them.
 Name = Annotated[str, StringConstraints(min_length=1, max_length=253)]
 ShortText = Annotated[str, StringConstraints(min_length=1, max_length=256)]
-Regex = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+def _compiles(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"not a valid regular expression: {error}") from None
+    return pattern
+
+
+# CEL cannot check that a regex compiles; pydantic can, so such a spec fails as InvalidSpec.
+Regex = Annotated[str, StringConstraints(min_length=1, max_length=256), AfterValidator(_compiles)]
 Location = Annotated[str, StringConstraints(min_length=1, max_length=2048)]
 
 MODEL_SOURCE_PATTERN = r"^(hf://[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|file:///.*|/.*)$"

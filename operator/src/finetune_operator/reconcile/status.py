@@ -232,7 +232,8 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
     if stop is not None and status.stop_request is None and stop.reason == USER_REQUESTED:
         events.append(Event("Normal", "StopRequested", "stop requested by the user; the trainer will save and stop"))
     status.stop_request = stop
-    if status.best is None and status.early_stopping is not None and status.early_stopping.best_step is not None:
+    trainer_reported_best = status.best is not None and status.best.checkpoint is not None
+    if not trainer_reported_best and status.early_stopping is not None and status.early_stopping.best_step is not None:
         status.best = BestResult(
             metric=status.early_stopping.metric,
             value=status.early_stopping.best_value or 0.0,
