@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from finetune_operator.crd import CRD_FILE, build_crd, render_crd
+from finetune_operator.crd import CHART_RULES_FILE, CRD_FILE, build_crd, render_crd, render_rules
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,6 +31,10 @@ def _nodes(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str
 def test_checked_in_crd_matches_the_models() -> None:
     checked_in = (ROOT / "crds" / CRD_FILE).read_text()
     assert checked_in == render_crd(), "crds/ is stale: run `make crds`"
+
+
+def test_chart_rbac_rules_match_the_operator_rules() -> None:
+    assert (ROOT / CHART_RULES_FILE).read_text() == render_rules(), "chart RBAC is stale: run `make crds`"
 
 
 def test_chart_uses_the_generated_crd() -> None:

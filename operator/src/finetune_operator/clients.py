@@ -89,19 +89,25 @@ class Kube:
             if error.status != 404:
                 raise
 
-    async def patch_status(self, namespace: str, name: str, status: Manifest) -> None:
-        """JSON merge patch of the FineTuneJob status; only the keys given are touched."""
-        await asyncio.to_thread(
-            self.custom.patch_namespaced_custom_object_status,
-            GROUP,
-            VERSION,
-            namespace,
-            PLURAL,
-            name,
-            {"status": status},
-            _content_type="application/merge-patch+json",
-            _preload_content=False,
-        )
+    async def patch_status(self, namespace: str, name: str, status: Manifest) -> bool:
+        """JSON merge patch of the FineTuneJob status; only the keys given are touched. False if it is gone."""
+        try:
+            await asyncio.to_thread(
+                self.custom.patch_namespaced_custom_object_status,
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                {"status": status},
+                _content_type="application/merge-patch+json",
+                _preload_content=False,
+            )
+        except ApiException as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
 
     async def post_event(self, involved: Manifest, type_: str, reason: str, message: str, now: datetime) -> None:
         """A core/v1 Event on the FineTuneJob, so `kubectl describe ftj` tells its story."""

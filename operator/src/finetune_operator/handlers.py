@@ -55,6 +55,8 @@ class Reconciler:
         self.settings = settings
         self.metrics = metrics
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.known: set[tuple[str, str]] = set()
+        self.resync_task: asyncio.Task[None] | None = None
 
     @asynccontextmanager
     async def _locked(self, namespace: str, name: str) -> AsyncIterator[None]:
@@ -63,8 +65,24 @@ class Reconciler:
             yield
 
     def forget(self, namespace: str, name: str) -> None:
+        self.known.discard((namespace, name))
         self._locks.pop((namespace, name), None)
         self.metrics.forget_job(namespace, name)
+
+    async def resync_forever(self, interval: float, concurrency: int = 16) -> None:
+        """Stall detection, stop enforcement after the grace period, and drift repair for every job."""
+        limit = asyncio.Semaphore(concurrency)
+
+        async def one(namespace: str, name: str) -> None:
+            async with limit:
+                try:
+                    await self.reconcile(namespace, name)
+                except Exception:
+                    log.exception("resync of %s/%s failed; retrying next round", namespace, name)
+
+        while True:
+            await asyncio.sleep(interval)
+            await asyncio.gather(*(one(ns, name) for ns, name in sorted(self.known)))
 
     async def reconcile(self, namespace: str, name: str, *, ensure_children: bool = False) -> None:
         """Bring one FineTuneJob and its children in line with the world as it is now."""
@@ -73,8 +91,10 @@ class Reconciler:
             try:
                 # Read under the lock: an event's body may predate a status we just wrote.
                 body = await self.kube.read_finetunejob(namespace, name)
-                if body is not None:
-                    await self._reconcile(body, ensure_children)
+                if body is None or body["metadata"].get("deletionTimestamp"):
+                    self.forget(namespace, name)
+                    return
+                await self._reconcile(body, ensure_children)
             except Exception:
                 self.metrics.reconcile_errors.inc()
                 raise
@@ -132,8 +152,9 @@ class Reconciler:
         metadata = body["metadata"]
         namespace, name = metadata["namespace"], metadata["name"]
         patch = status_patch(current, decision.status)
-        if patch:
-            await self.kube.patch_status(namespace, name, patch)
+        if patch and not await self.kube.patch_status(namespace, name, patch):
+            self.forget(namespace, name)  # deleted meanwhile: nothing to record
+            return
         for event in decision.events:
             log.info("%s/%s %s: %s", namespace, name, event.reason, event.message)
             try:
@@ -152,15 +173,23 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync_sec
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def finetunejob_event(type: str, body: kopf.Body, **_: Any) -> None:
-        if type == "DELETED":
-            reconciler.forget(body["metadata"]["namespace"], body["metadata"]["name"])
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        if type == "DELETED" or body["metadata"].get("deletionTimestamp"):
+            reconciler.forget(namespace, name)
             return
-        await reconciler.reconcile(body["metadata"]["namespace"], body["metadata"]["name"])
+        reconciler.known.add((namespace, name))
+        await reconciler.reconcile(namespace, name)
 
-    @kopf.timer(GROUP, VERSION, PLURAL, interval=resync_seconds, initial_delay=resync_seconds, registry=registry)
-    async def resync(body: kopf.Body, **_: Any) -> None:
-        """Stall detection, stop enforcement after the grace period, and drift repair."""
-        await reconciler.reconcile(body["metadata"]["namespace"], body["metadata"]["name"])
+    @kopf.on.startup(registry=registry)
+    async def start_resync(**_: Any) -> None:
+        # One loop for all jobs instead of a kopf timer per job: timers need a finalizer on
+        # every FineTuneJob, and ownerReferences already make deletion clean without one.
+        reconciler.resync_task = asyncio.create_task(reconciler.resync_forever(resync_seconds))
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop_resync(**_: Any) -> None:
+        if reconciler.resync_task is not None:
+            reconciler.resync_task.cancel()
 
     owned: dict[str, Any] = {"app.kubernetes.io/managed-by": MANAGED_BY, JOB_LABEL: kopf.PRESENT}
 

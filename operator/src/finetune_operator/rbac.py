@@ -1,0 +1,36 @@
+"""The operator's own permissions: the least it needs, in one place.
+
+The Helm chart's ClusterRole is generated from these rules (``make crds`` writes it next to
+the CRD), and the end-to-end tests run the operator with a token bound to exactly them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune_operator.api import GROUP, PLURAL
+
+READ = ["get", "list", "watch"]
+
+OPERATOR_RULES: list[dict[str, Any]] = [
+    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": READ},
+    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": [*READ, "create", "patch", "delete"]},
+    {"apiGroups": [""], "resources": ["configmaps", "serviceaccounts", "services"], "verbs": [*READ, "create"]},
+    {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": [*READ, "create"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+    # kopf discovers resources and namespaces at start-up.
+    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
+    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
+]
+"""Creating the per-job Role needs no extra grant: it holds only permissions listed here."""
+
+
+def cluster_role(name: str = "finetune-operator") -> dict[str, Any]:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "finetune-operator"}},
+        "rules": OPERATOR_RULES,
+    }
