@@ -89,10 +89,12 @@ class Kube:
             if error.status != 404:
                 raise
 
-    async def patch_status(self, namespace: str, name: str, status: Manifest) -> bool:
-        """JSON merge patch of the FineTuneJob status; only the keys given are touched. False if it is gone."""
+    async def patch_status(self, namespace: str, name: str, status: Manifest) -> str | None:
+        """JSON merge patch of the FineTuneJob status; only the keys given are touched.
+
+        Returns the new resourceVersion, or None when the object is gone."""
         try:
-            await asyncio.to_thread(
+            response = await asyncio.to_thread(
                 self.custom.patch_namespaced_custom_object_status,
                 GROUP,
                 VERSION,
@@ -105,9 +107,9 @@ class Kube:
             )
         except ApiException as error:
             if error.status == 404:
-                return False
+                return None
             raise
-        return True
+        return cast(str, json.loads(response.data)["metadata"]["resourceVersion"])
 
     async def post_event(self, involved: Manifest, type_: str, reason: str, message: str, now: datetime) -> None:
         """A core/v1 Event on the FineTuneJob, so `kubectl describe ftj` tells its story."""

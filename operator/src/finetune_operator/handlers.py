@@ -56,6 +56,8 @@ class Reconciler:
         self.metrics = metrics
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.known: set[tuple[str, str]] = set()
+        self._written: dict[tuple[str, str], str] = {}
+        """resourceVersion of our own last status write, per job: its watch event needs no reconcile."""
         self.resync_task: asyncio.Task[None] | None = None
 
     @asynccontextmanager
@@ -64,8 +66,12 @@ class Reconciler:
         async with lock:
             yield
 
+    def is_own_write(self, namespace: str, name: str, resource_version: str | None) -> bool:
+        return resource_version is not None and self._written.get((namespace, name)) == resource_version
+
     def forget(self, namespace: str, name: str) -> None:
         self.known.discard((namespace, name))
+        self._written.pop((namespace, name), None)
         self._locks.pop((namespace, name), None)
         self.metrics.forget_job(namespace, name)
 
@@ -152,9 +158,12 @@ class Reconciler:
         metadata = body["metadata"]
         namespace, name = metadata["namespace"], metadata["name"]
         patch = status_patch(current, decision.status)
-        if patch and not await self.kube.patch_status(namespace, name, patch):
-            self.forget(namespace, name)  # deleted meanwhile: nothing to record
-            return
+        if patch:
+            version = await self.kube.patch_status(namespace, name, patch)
+            if version is None:
+                self.forget(namespace, name)  # deleted meanwhile: nothing to record
+                return
+            self._written[(namespace, name)] = version
         for event in decision.events:
             log.info("%s/%s %s: %s", namespace, name, event.reason, event.message)
             try:
@@ -178,6 +187,8 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync_sec
             reconciler.forget(namespace, name)
             return
         reconciler.known.add((namespace, name))
+        if reconciler.is_own_write(namespace, name, body["metadata"].get("resourceVersion")):
+            return  # the echo of our own status patch: nothing new to look at
         await reconciler.reconcile(namespace, name)
 
     @kopf.on.startup(registry=registry)
