@@ -1,0 +1,19 @@
+"""A real local Kubernetes control plane for tests and for running without a cluster.
+
+Public surface: :class:`Cluster` (start/stop/status), :func:`default_state_dir`,
+:func:`ensure_binaries`, and the pytest fixture in :mod:`finetune_localcluster.pytest_plugin`.
+"""
+
+from .build import Binaries
+from .build import ensure as ensure_binaries
+from .cluster import AlreadyRunningError, Cluster, ClusterError, ComponentFailedError, default_state_dir
+
+__all__ = [
+    "AlreadyRunningError",
+    "Binaries",
+    "Cluster",
+    "ClusterError",
+    "ComponentFailedError",
+    "default_state_dir",
+    "ensure_binaries",
+]

@@ -1,0 +1,5 @@
+"""``python -m finetune_localcluster`` runs the CLI."""
+
+from .cli import main
+
+main()

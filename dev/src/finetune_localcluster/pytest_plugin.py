@@ -1,0 +1,111 @@
+"""Session-scoped ``local_cluster`` fixture: one real control plane per test session.
+
+Opt in with ``pytest_plugins = ["finetune_localcluster.pytest_plugin"]``.
+
+By default the fixture starts a fresh cluster in a temporary state dir and stops it at
+the end of the session. With ``FINETUNE_TEST_CLUSTER=reuse`` it uses (or starts, and then
+leaves running) the cluster in the default state dir (``$FINETUNE_CLUSTER_DIR`` or
+``~/.cache/finetune-operator/cluster``) -- handy while iterating.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from . import build, kubeconfig
+from .cluster import Cluster, default_state_dir
+
+
+class KubectlError(subprocess.CalledProcessError):
+    """kubectl failed; unlike its base class, the message includes kubectl's stderr."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\n{self.stderr}"
+
+
+@dataclass
+class LocalCluster:
+    """What tests get: paths plus small helpers."""
+
+    cluster: Cluster
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.cluster.kubeconfig
+
+    @property
+    def state_dir(self) -> Path:
+        return self.cluster.state_dir
+
+    @property
+    def server(self) -> str:
+        return str(self.cluster.info()["server"])
+
+    def api_client(self) -> client.ApiClient:
+        """A new admin ApiClient (the caller may close it)."""
+        return kubeconfig.api_client(self.kubeconfig)
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run the bundled kubectl against this cluster.
+
+        Each call gets an empty discovery cache: a cache shared across calls would hide
+        CRDs created after the first call (``kubectl explain`` does not refresh it).
+        """
+        kubectl = build.ensure(log=False).path("kubectl")
+        with tempfile.TemporaryDirectory(prefix="kubectl-cache-") as cache:
+            res = subprocess.run(
+                [str(kubectl), f"--kubeconfig={self.kubeconfig}", f"--cache-dir={cache}", *args],
+                input=input,
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=120,
+            )
+        if check and res.returncode != 0:
+            raise KubectlError(res.returncode, res.args, res.stdout, res.stderr)
+        return res
+
+    def create_namespace(self, prefix: str = "t", labels: dict[str, str] | None = None) -> str:
+        """Create a uniquely named namespace and wait for its default ServiceAccount
+        and kube-root-ca.crt (pods are rejected or stuck until the controllers add them)."""
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        with self.api_client() as api:
+            v1 = client.CoreV1Api(api)
+            v1.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels=labels or {})))
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    v1.read_namespaced_service_account("default", name)
+                    v1.read_namespaced_config_map("kube-root-ca.crt", name)
+                    return name
+                except client.ApiException as e:
+                    if e.status != 404 or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A running local control plane with a Ready node (shared by the whole session)."""
+    if os.environ.get("FINETUNE_TEST_CLUSTER") == "reuse":
+        c = Cluster(default_state_dir())
+        c.start(reuse=True)
+        yield LocalCluster(c)
+        return
+    # Unix sockets and log paths stay short: use a short base dir.
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    c.start(reuse=False)
+    try:
+        yield LocalCluster(c)
+    finally:
+        c.stop()
