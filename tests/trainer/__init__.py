@@ -1,0 +1,1 @@
+"""Tests of the training runtime: tiny models really trained on CPU."""

@@ -1,0 +1,110 @@
+"""Each bad input fails fast with one clear stderr line, an ``error`` JSON line and its exit code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from finetune_trainer.cli import main
+from tests.trainer import tiny
+
+
+def write(path: Path, wire: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(wire))
+    return path
+
+
+def run_cli(config: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str], dict[str, Any]]:
+    code = main(["--config", str(config)])
+    captured = capsys.readouterr()
+    errors = [json.loads(line) for line in captured.out.splitlines() if '"event": "error"' in line]
+    assert len(errors) == 1
+    return code, captured.err.strip().splitlines(), errors[0]
+
+
+def jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("train.jsonl", "validation.jsonl"):
+        (path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+CASES: dict[str, tuple[int, str, str]] = {
+    # name: (exit code, reason, stderr line (after the prefix))
+    "spec": (2, "InvalidConfig", "hyperparameters.learningRate: Input should be greater than 0"),
+    "field": (2, "InvalidConfig", "dataset.fields.text: column 'txt' not in train.jsonl (columns: text, label)"),
+    "pattern": (2, "InvalidConfig", "freeze.frozenModules[0]: pattern 'encoder\\.nope' matches no parameter"),
+    "label": (2, "InvalidConfig", "dataset: label 5 in row 0 of train.jsonl is outside numLabels 2 (expected 0..1)"),
+    "label-name": (
+        2,
+        "InvalidConfig",
+        "dataset: label 'meh' in row 0 of train.jsonl is not a class (labelNames: neg, pos)",
+    ),
+    "no-data": (3, "DataNotFound", "dataset.source: {data} not found"),
+    "no-file": (3, "DataNotFound", "dataset.train: no file matches 'missing.jsonl' in {data}"),
+    "empty": (3, "DataNotFound", "dataset.train: train.jsonl has no rows"),
+    "no-model": (4, "ModelLoadFailed", "model.source: {model} not found"),
+    "bad-model": (4, "ModelLoadFailed", "model.source: cannot load"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input(case: str, assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data, model, out = assets["sentiment"], assets["bert"], tmp_path / "out"
+    wire = tiny.spec(model, data, out)
+    if case == "spec":
+        wire["hyperparameters"]["learningRate"] = 0
+    elif case == "field":
+        wire["dataset"]["fields"] = {"text": "txt"}
+    elif case == "pattern":
+        wire["freeze"] = {"strategy": "modules", "frozenModules": [r"encoder\.nope"]}
+    elif case == "label":
+        data = jsonl(tmp_path / "d", [{"text": "good", "label": 5}])
+    elif case == "label-name":
+        data = jsonl(tmp_path / "d", [{"text": "good", "label": "meh"}])
+        wire["model"]["labelNames"] = ["neg", "pos"]
+    elif case == "no-data":
+        data = tmp_path / "nowhere"
+    elif case == "no-file":
+        wire["dataset"]["train"] = "missing.jsonl"
+    elif case == "empty":
+        data = tmp_path / "d"
+        data.mkdir()
+        (data / "train.jsonl").write_text("")
+        (data / "validation.jsonl").write_text("")
+    elif case == "no-model":
+        model = tmp_path / "no-model"
+    elif case == "bad-model":
+        model = tmp_path / "bad-model"
+        model.mkdir()
+        (model / "config.json").write_text("{not json")
+    wire["dataset"]["source"], wire["model"]["source"] = str(data), str(model)
+    code, stderr, error = run_cli(write(tmp_path / "spec.json", wire), capsys)
+    expected_code, reason, message = CASES[case]
+    message = message.format(data=data, model=model)
+    assert code == expected_code and error["reason"] == reason and error["exitCode"] == expected_code
+    assert len(stderr) == 1 and stderr[0].startswith(f"finetune-trainer: error: {message}"), stderr
+    assert error["message"] == stderr[0].removeprefix("finetune-trainer: error: ")
+
+
+def test_unreadable_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, stderr, _ = run_cli(tmp_path / "missing.yaml", capsys)
+    assert code == 2 and stderr[0].startswith("finetune-trainer: error: config: cannot read")
+
+
+def test_console_script_exit_code(assets: dict[str, Path], tmp_path: Path) -> None:
+    """The installed entry point, as the pod runs it: nothing but the one line on stderr."""
+    wire = tiny.spec(assets["bert"], assets["sentiment"], tmp_path / "out", dataset={"fields": {"text": "txt"}})
+    script = Path(sys.executable).parent / "finetune-trainer"
+    proc = subprocess.run(
+        [str(script), "--config", str(write(tmp_path / "s.json", wire))], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "finetune-trainer: error: dataset.fields.text: column 'txt' not in train.jsonl (columns: text, label)"
+    ]

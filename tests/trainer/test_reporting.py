@@ -1,0 +1,170 @@
+"""Status patches (only our keys, throttled, retried, never fatal), stop requests and /metrics."""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from finetune_trainer import run as run_mod
+from finetune_trainer.reporting import JsonLines, PrometheusMetrics, StatusReporter, stop_request_of
+from tests.trainer import tiny
+from tests.trainer.helpers import of, result_json, train
+
+RFC3339_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+class FakeApi:
+    """The two CustomObjectsApi calls the trainer makes, recorded; failures scripted."""
+
+    def __init__(self, obj: dict[str, Any] | None = None, failures: list[int] | None = None) -> None:
+        self.obj = obj or {"metadata": {"name": "job"}, "status": {}}
+        self.failures = list(failures or [])
+        self.patches: list[dict[str, Any]] = []
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def patch_namespaced_custom_object_status(
+        self, group: str, version: str, namespace: str, plural: str, name: str, body: dict[str, Any], **kwargs: Any
+    ) -> dict[str, Any]:
+        assert (group, version, plural, namespace, name) == ("finetune.dev", "v1alpha1", "finetunejobs", "ns", "job")
+        assert kwargs["_content_type"] == "application/merge-patch+json"
+        with self.lock:
+            self.calls += 1
+            if self.failures:
+                raise ApiError(self.failures.pop(0))
+            self.patches.append(body)
+        return body
+
+    def get_namespaced_custom_object(
+        self, group: str, version: str, namespace: str, plural: str, name: str, **kwargs: Any
+    ) -> dict[str, Any]:
+        return self.obj
+
+
+def reporter(api: FakeApi, interval: float) -> StatusReporter:
+    return StatusReporter(api, "job", "ns", interval, JsonLines(enabled=False), backoff=0.01)
+
+
+def test_throttle_urgent_and_close() -> None:
+    api = FakeApi()
+    r = reporter(api, interval=30)
+    r.update({"progress": {"step": 1}})
+    time.sleep(0.3)
+    r.update({"progress": {"step": 2}})
+    r.update({"progress": {"step": 3, "trainLoss": 0.5}})
+    time.sleep(0.3)
+    assert [p["status"]["progress"]["step"] for p in api.patches] == [1]  # throttled
+    r.update({"evaluations": [{"step": 3}]}, urgent=True)
+    time.sleep(0.3)
+    assert api.patches[-1] == {"status": {"progress": {"step": 3, "trainLoss": 0.5}, "evaluations": [{"step": 3}]}}
+    r.update({"progress": {"step": 4}})
+    r.close()
+    assert api.patches[-1]["status"]["progress"]["step"] == 4  # flushed at the end
+
+
+def test_retries_transient_errors_and_gives_up_quietly() -> None:
+    api = FakeApi(failures=[409, 503, 429])
+    r = reporter(api, interval=0)
+    r.update({"progress": {"step": 1}}, urgent=True)
+    r.close()
+    assert api.calls == 4 and len(api.patches) == 1
+    api = FakeApi(failures=[403])
+    r = reporter(api, interval=0)
+    r.update({"progress": {"step": 1}}, urgent=True)
+    r.close()
+    assert api.calls == 1 and api.patches == []  # not retried, and nothing raised
+
+
+def test_stop_request_sources() -> None:
+    assert stop_request_of({"status": {"stopRequest": {"reason": "EarlyStopped", "message": "m"}}}) == {
+        "reason": "EarlyStopped",
+        "message": "m",
+    }
+    assert (
+        stop_request_of({"metadata": {"annotations": {"finetune.dev/stop-requested": "true"}}})["reason"] == "Stopped"
+    )
+    assert stop_request_of({"metadata": {"annotations": {"finetune.dev/stop-requested": "false"}}}) is None
+
+
+@pytest.mark.parametrize("reason", ["Stopped", "EarlyStopped"])
+def test_in_pod_run_reports_and_honours_a_stop_request(
+    reason: str, assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = FakeApi(failures=[409])
+    monkeypatch.setattr(run_mod, "load_kube_api", lambda: api)
+    out = tmp_path / "out"
+    wire = tiny.spec(
+        assets["bert"],
+        assets["sentiment"],
+        out,
+        hyperparameters={"maxSteps": 100000, "batchSize": 8},
+        evaluation={"strategy": "steps", "interval": 2, "metrics": ["loss", "accuracy"]},
+    )
+
+    def request_stop() -> None:
+        time.sleep(1.0)
+        api.obj = {"metadata": {"name": "job"}, "status": {"stopRequest": {"reason": reason, "message": "enough"}}}
+
+    threading.Thread(target=request_stop, daemon=True).start()
+    result, events = train(wire, job_name="job", job_namespace="ns", report_interval_seconds=0.2)
+    body = result_json(out)
+    assert result.exit_code == 0 and body["reason"] == reason and body["message"] == "enough"
+    assert of(events, "stopping")[0]["reason"] == reason
+    assert (out / "checkpoints" / f"checkpoint-{body['finalStep']}").is_dir()
+    assert body["finalStep"] < 1000
+    for patch in api.patches:
+        assert set(patch) == {"status"} and set(patch["status"]) <= {"progress", "evaluations", "best"}
+    last = api.patches[-1]["status"]
+    assert last["progress"]["step"] == body["finalStep"] and RFC3339_Z.match(last["progress"]["lastHeartbeatTime"])
+    assert set(last["progress"]) == {
+        "step",
+        "totalSteps",
+        "epoch",
+        "totalEpochs",
+        "percent",
+        "etaSeconds",
+        "samplesPerSecond",
+        "trainLoss",
+        "learningRate",
+        "lastHeartbeatTime",
+    }
+    assert 0 < len(last["evaluations"]) <= 50 and set(last["evaluations"][-1]["metrics"]) == {"loss", "accuracy"}
+    assert last["best"]["checkpoint"].endswith(f"checkpoint-{last['best']['step']}")
+
+
+def test_prometheus_metrics_endpoint_and_busy_port() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    metrics = PrometheusMetrics(port, JsonLines(enabled=False))
+    metrics.update_progress(
+        {"step": 7, "epoch": 0.5, "percent": 50.0, "samplesPerSecond": 12.0, "trainLoss": 0.3, "learningRate": 1e-4}
+    )
+    metrics.update_evaluation({"accuracy": 0.9})
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert "finetune_trainer_step 7.0" in text and 'finetune_trainer_eval_metric{metric="accuracy"} 0.9' in text
+    assert "finetune_trainer_progress_ratio 0.5" in text
+    lines: list[str] = []
+
+    class Sink:
+        def write(self, s: str) -> None:
+            lines.append(s)
+
+        def flush(self) -> None:
+            pass
+
+    busy = PrometheusMetrics(port, JsonLines(Sink()))  # type: ignore[arg-type]
+    assert busy.port is None and '"event": "warning"' in lines[0]

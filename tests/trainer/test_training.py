@@ -1,0 +1,279 @@
+"""Real (tiny) training runs on CPU: layout, determinism, L1, dropout, early stopping, restore-best,
+gradual unfreezing, causal LM, images with augmentation, LoRA."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune_trainer.callbacks import COMPLETE_MARKER
+from finetune_trainer.early_stopping import EarlyStoppingState, Evaluated, observe
+from finetune_trainer.models import ModelSource, load_model
+from finetune_trainer.spec import EarlyStopping, ModelSpec
+from tests.trainer import tiny
+from tests.trainer.helpers import of, result_json, train
+
+
+def test_run_layout_checkpoints_and_result(assets: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    wire = tiny.spec(
+        assets["bert"],
+        assets["sentiment"],
+        out,
+        hyperparameters={"learningRate": 5e-3, "batchSize": 8, "epochs": 6, "seed": 0},
+        earlyStopping={"metric": "accuracy", "patience": 10},
+        output={"location": f"file://{out}", "keepCheckpoints": 1},
+    )
+    result, events = train(wire)
+    body = result_json(out)
+    assert body["reason"] == "Succeeded" and result.exit_code == 0
+    assert body["finalStep"] == 72 and len(of(events, "evaluation")) == 6
+    best = body["best"]
+    assert best["metric"] == "accuracy" and best["checkpoint"] == f"file://{out}/checkpoints/checkpoint-{best['step']}"
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == sorted({"checkpoint-72", f"checkpoint-{best['step']}"})  # newest + best
+    assert all((out / "checkpoints" / k / COMPLETE_MARKER).is_file() for k in kept)
+    assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "tokenizer.json").is_file()
+    assert of(events, "freeze")[0]["trainable"] == of(events, "freeze")[0]["total"]
+    assert body["metrics"]["accuracy"] > 0.8  # the sentiment word is learnable by a 2-layer model
+
+
+def _losses(events: list[dict[str, object]]) -> list[float]:
+    return [float(e["loss"]) for e in of(events, "log")]  # type: ignore[arg-type]
+
+
+def test_same_seed_same_losses(assets: dict[str, Path], tmp_path: Path) -> None:
+    def losses(seed: int, name: str) -> list[float]:
+        wire = tiny.spec(
+            assets["bert"],
+            assets["sentiment"],
+            tmp_path / name,
+            hyperparameters={"maxSteps": 6, "seed": seed, "batchSize": 8, "dropout": 0.2},
+            evaluation={"strategy": "no", "metrics": ["loss"]},
+        )
+        return _losses(train(wire)[1])
+
+    first, again, other = losses(7, "a"), losses(7, "b"), losses(8, "c")
+    assert len(first) == 6 and first == again
+    assert first != other
+
+
+def test_l1_penalty_is_added_to_the_loss(assets: dict[str, Path], tmp_path: Path) -> None:
+    l1 = 1e-3
+
+    def first_loss(penalty: float, name: str) -> float:
+        wire = tiny.spec(
+            assets["bert"],
+            assets["sentiment"],
+            tmp_path / name,
+            hyperparameters={"maxSteps": 1, "l1Penalty": penalty, "seed": 3},
+            evaluation={"strategy": "no", "metrics": ["loss"]},
+            freeze={"strategy": "head-only"},
+        )
+        return _losses(train(wire)[1])[0]
+
+    model = load_model(
+        ModelSpec(source=str(assets["bert"]), task="sequence-classification", numLabels=2),
+        ModelSource(str(assets["bert"])),
+    )
+    norm = float(model.classifier.weight.detach().abs().sum())  # head-only: the only trainable weight (bias excluded)
+    difference = first_loss(l1, "l1") - first_loss(0.0, "plain")
+    assert difference == pytest.approx(l1 * norm, rel=1e-3)
+
+
+def test_dropout_override_sets_every_probability(assets: dict[str, Path]) -> None:
+    for kind, task in (("bert", "sequence-classification"), ("llama", "causal-lm")):
+        spec = ModelSpec(source=str(assets[kind]), task=task, numLabels=2 if task != "causal-lm" else None)
+        model = load_model(spec, ModelSource(str(assets[kind])), dropout=0.37)
+        dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+        floats = [v for m in model.modules() for k, v in vars(m).items() if "dropout" in k and isinstance(v, float)]
+        assert dropouts or floats
+        assert all(m.p == 0.37 for m in dropouts) and all(v == 0.37 for v in floats)
+        config = model.config.to_dict()
+        assert all(v == 0.37 for k, v in config.items() if "dropout" in k and isinstance(v, float))
+    spec = ModelSpec(source=str(assets["bert"]), task="sequence-classification", numLabels=2)
+    ids = torch.randint(5, len(tiny.VOCAB), (2, 10))
+    for p, same in ((0.0, True), (0.5, False)):
+        model = load_model(spec, ModelSource(str(assets["bert"])), dropout=p).train()
+        assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits) is same
+
+
+def test_early_stopping_fires_at_the_right_evaluation_and_restores_best(
+    assets: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    rule = {"metric": "loss", "patience": 2, "minDelta": 0.001, "restoreBest": True}
+    wire = tiny.spec(
+        assets["bert"],
+        assets["noisy"],
+        out,  # 16 random-label examples: memorised, validation loss rises
+        hyperparameters={"learningRate": 1e-2, "batchSize": 4, "epochs": 40, "seed": 0, "warmupSteps": 0},
+        earlyStopping=rule,
+        output={"location": str(out), "keepCheckpoints": 1},
+    )
+    _result, events = train(wire)
+    evaluations = of(events, "evaluation")
+    state = EarlyStoppingState()
+    fired_at = None
+    for e in evaluations:
+        state = observe(
+            EarlyStopping.model_validate(rule), state, Evaluated(step=e["step"], value=e["metrics"]["loss"])
+        )
+        if state.triggered and fired_at is None:
+            fired_at = e["step"]
+    body = result_json(out)
+    assert fired_at is not None and body["reason"] == "EarlyStopped"
+    assert evaluations[-1]["step"] == fired_at == body["finalStep"] < 160  # stopped at once, long before the end
+    assert body["best"]["step"] == state.best_step and body["best"]["value"] == state.best_value
+    # restore-best: the saved model scores the best evaluation's loss on the validation data
+    assert body["restoredBest"] is True and body["metrics"]["loss"] == pytest.approx(state.best_value)
+    assert _validation_loss(out / "model", assets["noisy"]) == pytest.approx(state.best_value, rel=1e-4)
+    assert (out / "checkpoints" / f"checkpoint-{state.best_step}").is_dir()
+    # a restart after early stopping fired (say the pod died while saving) finishes without training again
+    (out / "result.json").unlink()
+    again, events = train(wire)
+    assert again.reason == "EarlyStopped" and again.final_step == fired_at and not of(events, "log")
+    assert result_json(out)["best"] == body["best"]
+
+
+def _validation_loss(model_dir: Path, data_dir: Path) -> float:
+    import json
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
+    rows = [json.loads(line) for line in (data_dir / "validation.jsonl").read_text().splitlines()]
+    enc = tok([r["text"] for r in rows], padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        return float(model(**enc, labels=torch.tensor([r["label"] for r in rows])).loss)
+
+
+def test_gradual_unfreezing_thaws_top_down(assets: dict[str, Path], tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    wire = tiny.spec(
+        assets["bert"],
+        assets["sentiment"],
+        out,
+        hyperparameters={"epochs": 3, "batchSize": 16, "learningRate": 1e-2, "weightDecay": 0.01},
+        freeze={"strategy": "head-only", "gradualUnfreezing": {"startEpoch": 2, "layersPerEpoch": 1}},
+        evaluation={"strategy": "no", "metrics": ["loss"]},
+    )
+    _, events = train(wire)
+    thawed = of(events, "unfreeze")
+    assert [e["epoch"] for e in thawed] == [2, 3] and [e["units"] for e in thawed] == [1, 2]
+    before, after = (
+        load_file(str(assets["bert"] / "model.safetensors")),
+        load_file(str(out / "model" / "model.safetensors")),
+    )
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "classifier.weight" in changed and "bert.pooler.dense.weight" in changed  # head, then the neck (epoch 2)
+    assert "bert.encoder.layer.1.output.dense.weight" in changed  # top block (epoch 3)
+    assert not {k for k in changed if k.startswith(("bert.embeddings.", "bert.encoder.layer.0."))}
+
+
+@pytest.mark.parametrize(
+    "kind,data,extra",
+    [
+        ("gpt2", "text", {"packing": True}),
+        ("llama", "chat", {"fields": {"messages": "messages"}}),
+    ],
+)
+def test_causal_lm_with_perplexity(
+    assets: dict[str, Path], tmp_path: Path, kind: str, data: str, extra: dict[str, object]
+) -> None:
+    out = tmp_path / "out"
+    wire = tiny.spec(
+        assets[kind],
+        assets[data],
+        out,
+        task="causal-lm",
+        dataset={"source": str(assets[data]), "validation": "validation.jsonl", "maxSeqLength": 16, **extra},
+        hyperparameters={"epochs": 1, "batchSize": 8, "learningRate": 3e-3, "scheduler": "cosine", "warmupRatio": 0.2},
+        evaluation={"strategy": "epoch", "metrics": ["loss", "perplexity"]},
+        earlyStopping={"metric": "perplexity", "patience": 1},
+    )
+    result, _ = train(wire)
+    metrics = result_json(out)["metrics"]
+    assert result.reason == "Succeeded"
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
+    assert metrics["perplexity"] < len(tiny.VOCAB)  # better than uniform after one epoch
+
+
+def test_image_classification_with_augmentation(assets: dict[str, Path], tmp_path: Path) -> None:
+    from finetune_trainer.data import image_transforms
+    from finetune_trainer.spec import Augmentation
+
+    augmentation = {
+        "randomResizedCrop": {"size": 16, "scaleMin": 0.5, "scaleMax": 1.0},
+        "rotationDegrees": 10,
+        "horizontalFlip": 0.5,
+        "colorJitter": {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.05},
+    }
+    out = tmp_path / "out"
+    wire = tiny.spec(
+        assets["vit"],
+        assets["images"],
+        out,
+        task="image-classification",
+        hyperparameters={"epochs": 2, "batchSize": 4, "learningRate": 3e-3, "labelSmoothing": 0.1},
+        augmentation=augmentation,
+        evaluation={"strategy": "epoch", "metrics": ["loss", "accuracy", "f1"]},
+    )
+    result, _ = train(wire)
+    assert result.reason == "Succeeded" and set(result.metrics) == {"loss", "accuracy", "f1"}
+    names = [
+        type(t).__name__ for t in image_transforms(None, 16, Augmentation.model_validate(augmentation), True).transforms
+    ]
+    assert names[:-2] == ["RandomResizedCrop", "Resize", "RandomRotation", "RandomHorizontalFlip", "ColorJitter"]
+    assert [type(t).__name__ for t in image_transforms(None, 16, None, False).transforms] == [
+        "Resize",
+        "ToTensor",
+        "Normalize",
+    ]
+
+
+def test_lora_run_saves_a_merged_model(assets: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "out"
+    wire = tiny.spec(
+        assets["bert"],
+        assets["sentiment"],
+        out,
+        hyperparameters={"maxSteps": 4, "learningRate": 1e-2, "layerwiseLrDecay": 0.8, "gradientAccumulationSteps": 2},
+        freeze={"strategy": "lora", "lora": {"r": 4, "alpha": 8}},
+        evaluation={"strategy": "no", "metrics": ["loss"]},
+    )
+    result, events = train(wire)
+    freeze = of(events, "freeze")[0]
+    assert result.reason == "Succeeded" and freeze["trainable"] < freeze["total"] / 5
+    model = AutoModelForSequenceClassification.from_pretrained(str(out / "model"))
+    assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+def test_pvc_locations_resolve_under_the_mount_root_and_are_reported_as_pvc_uris(
+    assets: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    root = tmp_path / "pvc"
+    shutil.copytree(assets["bert"], root / "models" / "bert")
+    shutil.copytree(assets["sentiment"], root / "data" / "sst")
+    wire = tiny.spec(
+        "pvc://models/bert",
+        "pvc://data/sst",
+        "pvc://runs/job-1",
+        hyperparameters={"maxSteps": 2, "batchSize": 8},
+        evaluation={"strategy": "steps", "interval": 2, "metrics": ["loss"]},
+    )
+    _, events = train(wire, pvc_root=root)
+    body = result_json(root / "runs" / "job-1")
+    assert body["best"]["checkpoint"] == "pvc://runs/job-1/checkpoints/checkpoint-2"
+    assert body["model"] == "pvc://runs/job-1/model"
+    assert of(events, "checkpoint")[0]["checkpoint"] == "pvc://runs/job-1/checkpoints/checkpoint-2"

@@ -1,0 +1,358 @@
+"""Trainer callbacks: early stopping (persisted), checkpoints (complete marker, rotation), stop requests,
+SIGTERM, gradual unfreezing and progress reporting."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from finetune_trainer.config import location_uri
+from finetune_trainer.early_stopping import EarlyStoppingState, Evaluated, explain, improves, observe
+from finetune_trainer.freeze import count_parameters
+from finetune_trainer.reporting import JsonLines, PrometheusMetrics, StatusReporter, utc_now
+from finetune_trainer.spec import EarlyStopping, TrainingSpec
+
+COMPLETE_MARKER = "finetune-complete"
+"""Written last into a checkpoint directory: directories without it are partial and never resumed from."""
+EARLY_STOPPING_FILE = "early_stopping.json"
+RUN_STATE_FILE = "run_state.json"
+MAX_EVALUATIONS = 50
+
+
+class Wire(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class Best(Wire):
+    metric: str
+    value: float
+    step: int
+    epoch: float
+    checkpoint: str | None = None
+
+
+class EvaluationRecord(Wire):
+    step: int
+    epoch: float
+    metrics: dict[str, float]
+    time: str
+
+
+class RunState(Wire):
+    """What a checkpoint must carry beyond the Trainer's own state for an exact resume."""
+
+    early_stopping: EarlyStoppingState | None = None
+    best: Best | None = None
+    evaluations: list[EvaluationRecord] = []
+    thawed_units: int = 0
+
+
+@dataclass
+class RunContext:
+    """Shared by the callbacks: the spec, where things go, and what happened so far."""
+
+    spec: TrainingSpec
+    output_dir: Path
+    checkpoints_dir: Path
+    pvc_root: Path
+    log: JsonLines
+    is_main: bool = True
+    state: RunState = field(default_factory=RunState)
+    reporter: StatusReporter | None = None
+    metrics: PrometheusMetrics | None = None
+    terminating: bool = False
+    """SIGTERM received (set by the signal handler)."""
+    stopped_by: str | None = None
+    """Why training stopped early: Terminated, Stopped, EarlyStopped (stop request) or None."""
+    stop_message: str = ""
+    best_rule: EarlyStopping = field(init=False)
+
+    def __post_init__(self) -> None:
+        rule = self.spec.early_stopping
+        self.best_rule = rule if rule is not None else EarlyStopping(metric=self.spec.evaluation.metrics[0])
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.checkpoints_dir / f"checkpoint-{step}"
+
+    def checkpoint_uri(self, step: int) -> str:
+        return location_uri(self.checkpoint_dir(step), self.spec.output.location, self.pvc_root)
+
+
+def complete_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of checkpoints with the completion marker, oldest first."""
+    found = []
+    for path in checkpoints_dir.glob("checkpoint-*"):
+        suffix = path.name.removeprefix("checkpoint-")
+        if suffix.isdigit() and (path / COMPLETE_MARKER).is_file():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def partial_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    return [p for p in checkpoints_dir.glob("checkpoint-*") if p.is_dir() and not (p / COMPLETE_MARKER).is_file()]
+
+
+def load_run_state(checkpoint: Path) -> RunState:
+    path = checkpoint / RUN_STATE_FILE
+    state = RunState.model_validate_json(path.read_text()) if path.is_file() else RunState()
+    es_path = checkpoint / EARLY_STOPPING_FILE
+    if es_path.is_file():
+        state.early_stopping = EarlyStoppingState.model_validate_json(es_path.read_text())
+    return state
+
+
+class EarlyStoppingCallback(TrainerCallback):
+    """Applies the shared pure rule on each evaluation; the state rides along in every checkpoint."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        raw = kwargs.get("metrics") or {}
+        wanted = set(self.ctx.spec.evaluation.metrics) | {"loss"}
+        metrics = {
+            k.removeprefix("eval_"): float(v)
+            for k, v in raw.items()
+            if k.removeprefix("eval_") in wanted and isinstance(v, int | float) and math.isfinite(float(v))
+        }
+        step, epoch = state.global_step, float(state.epoch or 0.0)
+        run = self.ctx.state
+        run.evaluations = [e for e in run.evaluations if e.step != step][-(MAX_EVALUATIONS - 1) :]
+        run.evaluations.append(EvaluationRecord(step=step, epoch=epoch, metrics=metrics, time=utc_now()))
+        control.should_save = True  # every evaluation is a checkpoint: the best one must exist on disk
+        rule = self.ctx.best_rule
+        value = metrics.get(rule.metric)
+        if value is None:
+            return
+        if self.ctx.spec.early_stopping is not None:
+            previous = run.early_stopping or EarlyStoppingState()
+            run.early_stopping = observe(rule, previous, Evaluated(step=step, value=value))
+            improved = run.early_stopping.best_step == step and previous.best_step != step
+            if run.early_stopping.triggered and not previous.triggered:
+                control.should_training_stop = True
+        else:
+            improved = improves(rule, value, run.best.value if run.best else None)
+        if improved:
+            run.best = Best(
+                metric=rule.metric, value=value, step=step, epoch=epoch, checkpoint=self.ctx.checkpoint_uri(step)
+            )
+
+
+class CheckpointCallback(TrainerCallback):
+    """Saves at evaluations (set by early stopping), every ``checkpointIntervalSteps``, and each epoch when
+    nothing is evaluated; writes our state and the completion marker last; keeps N newest plus the best."""
+
+    def __init__(self, ctx: RunContext, trainer: Any) -> None:
+        self.ctx = ctx
+        self.trainer = trainer
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        interval = self.ctx.spec.output.checkpoint_interval_steps
+        if interval and state.global_step % interval == 0:
+            control.should_save = True
+
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.ctx.spec.evaluation.strategy == "no" and not self.ctx.spec.output.checkpoint_interval_steps:
+            control.should_save = True
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if not self.ctx.is_main:
+            return
+        step = state.global_step
+        directory = self.ctx.checkpoint_dir(step)
+        run = self.ctx.state
+        run.thawed_units = getattr(self.trainer, "thawed", 0)
+        if run.early_stopping is not None:
+            (directory / EARLY_STOPPING_FILE).write_text(
+                json.dumps(run.early_stopping.model_dump(mode="json", by_alias=True))
+            )
+        (directory / RUN_STATE_FILE).write_text(json.dumps(run.to_wire()))
+        (directory / COMPLETE_MARKER).write_text(f"{step}\n")
+        self.ctx.log.emit("checkpoint", step=step, epoch=state.epoch, checkpoint=self.ctx.checkpoint_uri(step))
+        self.rotate()
+
+    def rotate(self) -> None:
+        keep = self.ctx.spec.output.keep_checkpoints
+        complete = complete_checkpoints(self.ctx.checkpoints_dir)
+        best_step = self.ctx.state.best.step if self.ctx.state.best else None
+        for step, path in complete[:-keep]:
+            if step != best_step:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+class StopCallback(TrainerCallback):
+    """SIGTERM or an operator stop request: checkpoint at the end of this step and leave the loop.
+
+    Under DDP every rank must stop at the same step: the flag is max-reduced across ranks each step.
+    """
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+
+    def _local_reason(self) -> str | None:
+        if self.ctx.terminating:
+            return "Terminated"
+        reporter = self.ctx.reporter
+        if reporter is not None and reporter.stop_request is not None:
+            self.ctx.stop_message = reporter.stop_request.get("message", "")
+            return "EarlyStopped" if reporter.stop_request.get("reason") == "EarlyStopped" else "Stopped"
+        return None
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.ctx.stopped_by is not None:
+            return
+        reason = self._local_reason()
+        codes = {None: 0, "Stopped": 1, "EarlyStopped": 2, "Terminated": 3}
+        if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([codes[reason]], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            reason = {v: k for k, v in codes.items()}[int(flag.item())]
+        if reason is None:
+            return
+        self.ctx.stopped_by = reason
+        control.should_save = True
+        control.should_training_stop = True
+        self.ctx.log.emit("stopping", reason=reason, step=state.global_step, message=self.ctx.stop_message)
+
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.ctx.stopped_by is not None:
+            control.should_evaluate = False  # no evaluation inside the grace period
+
+
+class GradualUnfreezingCallback(TrainerCallback):
+    """Thaws blocks top-down at the start of each scheduled epoch (the count is a pure function of the epoch)."""
+
+    def __init__(self, ctx: RunContext, trainer: Any) -> None:
+        self.ctx = ctx
+        self.trainer = trainer
+
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        epoch = math.floor(float(state.epoch or 0.0) + 1e-9) + 1
+        names = self.trainer.thaw_for_epoch(epoch)
+        if names:
+            trainable, total = count_parameters(self.trainer.model)
+            self.ctx.log.emit(
+                "unfreeze",
+                epoch=epoch,
+                parameters=len(names),
+                trainable=trainable,
+                total=total,
+                units=self.trainer.thawed,
+            )
+
+
+class ProgressCallback(TrainerCallback):
+    """JSON lines always; status patches (throttled, urgent on evaluation and at the end) and gauges when enabled."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.start_time = time.monotonic()
+        self.start_step = 0
+        self.train_loss: float | None = None
+        self.learning_rate: float | None = None
+        self.batch = 1
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.start_time = time.monotonic()
+        self.start_step = state.global_step
+        self.batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
+
+    def progress(self, state: TrainerState) -> dict[str, Any]:
+        step, total = state.global_step, max(state.max_steps, 1)
+        elapsed = max(time.monotonic() - self.start_time, 1e-9)
+        done = step - self.start_step
+        steps_per_second = done / elapsed if done > 0 else None
+        eta = (total - step) / steps_per_second if steps_per_second else None
+        return {
+            "step": step,
+            "totalSteps": state.max_steps,
+            "epoch": round(float(state.epoch or 0.0), 4),
+            "totalEpochs": float(state.num_train_epochs),
+            "percent": round(100.0 * step / total, 2),
+            "etaSeconds": round(eta, 1) if eta is not None else None,
+            "samplesPerSecond": round(steps_per_second * self.batch, 3) if steps_per_second else None,
+            "trainLoss": self.train_loss,
+            "learningRate": self.learning_rate,
+            "lastHeartbeatTime": utc_now(),
+        }
+
+    def _publish(self, state: TrainerState, urgent: bool, with_evaluations: bool = False) -> dict[str, Any]:
+        progress = self.progress(state)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.update_progress(progress)
+        if self.ctx.reporter is not None:
+            status: dict[str, Any] = {"progress": progress}
+            if with_evaluations:
+                status["evaluations"] = [e.to_wire() for e in self.ctx.state.evaluations[-MAX_EVALUATIONS:]]
+                if self.ctx.state.best is not None:
+                    status["best"] = self.ctx.state.best.to_wire()
+            self.ctx.reporter.update(status, urgent=urgent)
+        return progress
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        logs = kwargs.get("logs") or {}
+        if not self.ctx.is_main or "loss" not in logs:
+            return
+        self.train_loss = float(logs["loss"])
+        if "learning_rate" in logs:
+            self.learning_rate = float(logs["learning_rate"])
+        progress = self._publish(state, urgent=False)
+        self.ctx.log.emit(
+            "log",
+            step=state.global_step,
+            epoch=progress["epoch"],
+            loss=self.train_loss,
+            learningRate=self.learning_rate,
+            gradNorm=logs.get("grad_norm"),
+            samplesPerSecond=progress["samplesPerSecond"],
+            percent=progress["percent"],
+        )
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if not self.ctx.is_main or not self.ctx.state.evaluations:
+            return
+        last = self.ctx.state.evaluations[-1]
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.update_evaluation(last.metrics)
+        self._publish(state, urgent=True, with_evaluations=True)
+        es = self.ctx.state.early_stopping
+        self.ctx.log.emit(
+            "evaluation",
+            step=last.step,
+            epoch=last.epoch,
+            metrics=last.metrics,
+            best=self.ctx.state.best.to_wire() if self.ctx.state.best else None,
+            earlyStopping=es.model_dump(mode="json", by_alias=True) if es else None,
+        )
+        if es is not None and es.triggered and state.global_step == es.last_step:
+            assert self.ctx.spec.early_stopping is not None
+            self.ctx.log.emit(
+                "early_stopping", step=state.global_step, message=explain(self.ctx.spec.early_stopping, es)
+            )
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.ctx.is_main:
+            self._publish(state, urgent=True, with_evaluations=bool(self.ctx.state.evaluations))

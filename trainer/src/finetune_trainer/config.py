@@ -1,0 +1,130 @@
+"""Load a training spec (bare or inside a FineTuneJob manifest) and the runtime environment."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from finetune_trainer.errors import ConfigError
+from finetune_trainer.spec import TrainingSpec
+
+KUBERNETES_ONLY_FIELDS = frozenset(
+    {
+        "resources",
+        "suspend",
+        "backoffLimit",
+        "activeDeadlineSeconds",
+        "ttlSecondsAfterFinished",
+        "stallTimeoutSeconds",
+        "stopGracePeriodSeconds",
+    }
+)
+"""FineTuneJob spec fields that belong to the operator; the trainer ignores them."""
+
+DEFAULT_PVC_ROOT = "/mnt/pvc"
+
+
+@dataclass(frozen=True)
+class RuntimeEnv:
+    """What the operator (or a user) tells the trainer through the environment."""
+
+    job_name: str | None = None
+    job_namespace: str | None = None
+    report_interval_seconds: float = 5.0
+    metrics_port: int = 9400
+    pvc_root: Path = Path(DEFAULT_PVC_ROOT)
+    hf_token: str | None = field(default=None, repr=False)
+    log_every_steps: int = 10
+
+    @property
+    def in_cluster_reporting(self) -> bool:
+        return bool(self.job_name and self.job_namespace)
+
+    @classmethod
+    def from_environ(cls, environ: dict[str, str] | None = None) -> RuntimeEnv:
+        env = dict(os.environ if environ is None else environ)
+        try:
+            interval = float(env.get("FINETUNE_REPORT_INTERVAL_SECONDS", "5"))
+            port = int(env.get("FINETUNE_METRICS_PORT", "9400"))
+            log_every = int(env.get("FINETUNE_LOG_EVERY_STEPS", "10"))
+        except ValueError as exc:
+            raise ConfigError(f"environment: {exc}") from exc
+        return cls(
+            job_name=env.get("FINETUNE_JOB_NAME") or None,
+            job_namespace=env.get("FINETUNE_JOB_NAMESPACE") or None,
+            report_interval_seconds=max(interval, 0.0),
+            metrics_port=port,
+            pvc_root=Path(env.get("FINETUNE_PVC_ROOT") or DEFAULT_PVC_ROOT),
+            hf_token=env.get("HF_TOKEN") or None,
+            log_every_steps=max(log_every, 1),
+        )
+
+
+def _validation_message(exc: ValidationError) -> str:
+    """First error as ``a.b.c: message`` (camelCase, like the manifest the user wrote)."""
+    err = exc.errors()[0]
+    where = ".".join(str(part) for part in err["loc"]) or "spec"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {err['msg']}{more}"
+
+
+def spec_from_document(document: Any) -> TrainingSpec:
+    """A bare TrainingSpec mapping, or a FineTuneJob manifest whose ``spec`` is taken."""
+    if not isinstance(document, dict):
+        raise ConfigError("config: expected a mapping (a TrainingSpec or a FineTuneJob manifest)")
+    if "kind" in document or "apiVersion" in document:
+        document = document.get("spec")
+        if not isinstance(document, dict):
+            raise ConfigError("config: the FineTuneJob manifest has no spec mapping")
+    wire = {key: value for key, value in document.items() if key not in KUBERNETES_ONLY_FIELDS}
+    try:
+        return TrainingSpec.model_validate(wire)
+    except ValidationError as exc:
+        raise ConfigError(_validation_message(exc)) from exc
+
+
+def load_spec(path: str | Path, output_override: str | None = None) -> TrainingSpec:
+    """Read YAML or JSON from ``path``; ``output_override`` replaces ``output.location``."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        document = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config: {path} is not valid YAML/JSON: {exc}") from exc
+    spec = spec_from_document(document)
+    if output_override is not None:
+        wire = spec.to_wire()
+        wire["output"]["location"] = output_override
+        try:
+            spec = TrainingSpec.model_validate(wire)
+        except ValidationError as exc:
+            raise ConfigError(f"--output: {_validation_message(exc)}") from exc
+    return spec
+
+
+def local_path(location: str, pvc_root: Path) -> Path:
+    """``file:///x`` and ``/x`` are local; ``pvc://claim/sub`` is ``<pvc_root>/claim/sub``."""
+    if location.startswith("file://"):
+        return Path(location[len("file://") :])
+    if location.startswith("pvc://"):
+        return pvc_root / location[len("pvc://") :].strip("/")
+    if location.startswith("/"):
+        return Path(location)
+    raise ConfigError(f"location {location!r} is not a local, file:// or pvc:// location")
+
+
+def location_uri(path: Path, base_location: str, pvc_root: Path) -> str:
+    """Name ``path`` (inside ``base_location``) in the scheme the user wrote ``base_location`` in."""
+    base = local_path(base_location, pvc_root)
+    relative = path.relative_to(base).as_posix()
+    if relative == ".":
+        return base_location
+    return f"{base_location.rstrip('/')}/{relative}"

@@ -1,0 +1,343 @@
+"""Read the dataset named by the spec, check it against the spec, and turn it into model inputs."""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow  # type: ignore[import-untyped]
+import pyarrow.csv  # type: ignore[import-untyped]
+import pyarrow.json  # type: ignore[import-untyped]
+import pyarrow.parquet  # type: ignore[import-untyped]
+import torch
+from datasets import ClassLabel, Dataset, load_dataset
+from PIL import Image
+from torchvision import transforms
+from transformers import DataCollatorWithPadding
+
+from finetune_trainer.config import RuntimeEnv, local_path
+from finetune_trainer.errors import ConfigError, DataError
+from finetune_trainer.spec import Augmentation, TrainingSpec
+
+FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class PreparedData:
+    """Model-ready splits plus the collator that batches them."""
+
+    train: Dataset
+    validation: Dataset | None
+    collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
+
+
+@dataclass
+class RawSplit:
+    """Rows as read, and a short name for messages (a file name or an hf split)."""
+
+    rows: Dataset
+    name: str
+    base: Path | None
+
+
+def _read_file(path: Path, fmt: str) -> Any:
+    """A pyarrow table, read in memory (no datasets cache: the pod's root filesystem is read-only)."""
+    try:
+        if fmt == "jsonl":
+            return pyarrow.json.read_json(str(path))
+        if fmt == "csv":
+            return pyarrow.csv.read_csv(str(path))
+        return pyarrow.parquet.read_table(str(path))
+    except Exception as exc:  # pyarrow raises several unrelated types
+        raise DataError(f"dataset: cannot read {path.name} as {fmt}: {str(exc).splitlines()[0]}") from exc
+
+
+def _blank(path: Path) -> bool:
+    """Empty or whitespace-only (pyarrow refuses to read those; they simply have no rows)."""
+    size = path.stat().st_size
+    return size == 0 or (size < 4096 and not path.read_bytes().strip())
+
+
+def _read_local(spec: TrainingSpec, env: RuntimeEnv, pattern: str, where: str) -> RawSplit:
+    base = local_path(spec.dataset.source, env.pvc_root)
+    if not base.is_dir():
+        raise DataError(f"dataset.source: {spec.dataset.source} not found ({base} is not a directory)")
+    files = sorted(Path(p) for p in glob.glob(str(base / pattern), recursive=True) if Path(p).is_file())
+    if not files:
+        raise DataError(f"{where}: no file matches {pattern!r} in {spec.dataset.source}")
+    tables = []
+    name = files[0].name if len(files) == 1 else f"{pattern} ({len(files)} files)"
+    for path in files:
+        fmt = spec.dataset.format or FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            raise ConfigError(f"dataset.format: cannot infer the format of {path.name}; set jsonl, csv or parquet")
+        if not _blank(path):
+            tables.append(_read_file(path, fmt))
+    if not tables:
+        raise DataError(f"{where}: {name} has no rows")
+    try:
+        table = pyarrow.concat_tables(tables, promote_options="default")
+    except pyarrow.ArrowInvalid as exc:
+        raise ConfigError(f"{where}: files matching {pattern!r} have different columns: {exc}") from exc
+    return RawSplit(Dataset(table), name, base)
+
+
+def _read_hub(spec: TrainingSpec, env: RuntimeEnv, split: str, where: str) -> RawSplit:
+    repo = spec.dataset.source[len("hf://datasets/") :]
+    try:
+        rows = load_dataset(repo, split=split, token=env.hf_token)
+    except Exception as exc:  # hub, network and format errors all mean "cannot get this data"
+        raise DataError(
+            f"{where}: cannot load split {split!r} of {spec.dataset.source}: {str(exc).splitlines()[0]}"
+        ) from exc
+    return RawSplit(rows, f"{split} split", None)
+
+
+def read_split(spec: TrainingSpec, env: RuntimeEnv, pattern: str, where: str) -> RawSplit:
+    if spec.dataset.source.startswith("hf://"):
+        split = _read_hub(spec, env, pattern, where)
+    else:
+        split = _read_local(spec, env, pattern, where)
+    if len(split.rows) == 0:
+        raise DataError(f"{where}: {split.name} has no rows")
+    return split
+
+
+def required_columns(spec: TrainingSpec) -> dict[str, str]:
+    """Spec field name → column name the task reads."""
+    fields = spec.dataset.fields
+    task = spec.model.task
+    if task == "causal-lm":
+        return {"messages": fields.messages} if fields.messages else {"text": fields.text}
+    needed = {"image": fields.image} if task == "image-classification" else {"text": fields.text}
+    if task == "sequence-classification" and fields.text_pair:
+        needed["textPair"] = fields.text_pair
+    needed["label"] = fields.label
+    return needed
+
+
+def check_columns(spec: TrainingSpec, split: RawSplit) -> None:
+    columns = list(split.rows.column_names)
+    for key, column in required_columns(spec).items():
+        if column not in columns:
+            raise ConfigError(
+                f"dataset.fields.{key}: column {column!r} not in {split.name} (columns: {', '.join(columns)})"
+            )
+
+
+def label_ids(spec: TrainingSpec, split: RawSplit) -> list[int]:
+    """Labels as class indices: integers in [0, numLabels) or names from labelNames."""
+    num_labels = spec.model.effective_num_labels or 0
+    names = {name: i for i, name in enumerate(spec.model.label_names or [])}
+    out = []
+    for row, value in enumerate(split.rows[spec.dataset.fields.label]):
+        if isinstance(value, bool) or value is None:
+            index = -1
+        elif isinstance(value, int):
+            index = value
+        elif isinstance(value, float) and value.is_integer():
+            index = int(value)
+        elif isinstance(value, str) and value in names:
+            index = names[value]
+        elif isinstance(value, str) and value.strip().lstrip("-").isdigit() and not names:
+            index = int(value)
+        else:
+            known = f" (labelNames: {', '.join(names)})" if names else ""
+            raise ConfigError(f"dataset: label {value!r} in row {row} of {split.name} is not a class{known}")
+        if not 0 <= index < num_labels:
+            raise ConfigError(
+                f"dataset: label {value!r} in row {row} of {split.name} is outside numLabels {num_labels} "
+                f"(expected 0..{num_labels - 1})"
+            )
+        out.append(index)
+    return out
+
+
+def _with_labels(spec: TrainingSpec, split: RawSplit) -> Dataset:
+    ids = label_ids(spec, split)
+    rows = (
+        split.rows.remove_columns([spec.dataset.fields.label]) if spec.dataset.fields.label != "labels" else split.rows
+    )
+    if "labels" in rows.column_names:
+        rows = rows.remove_columns(["labels"])
+    names = spec.model.label_names or [str(i) for i in range(spec.model.effective_num_labels or 0)]
+    return rows.add_column("labels", ids).cast_column("labels", ClassLabel(names=names))
+
+
+def _render_chat(processor: Any, column: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def render(batch: dict[str, Any]) -> dict[str, Any]:
+        texts = [processor.apply_chat_template(messages, tokenize=False) for messages in batch[column]]
+        return {"__text": texts}
+
+    return render
+
+
+def tokenize_text(spec: TrainingSpec, rows: Dataset, processor: Any) -> Dataset:
+    fields = spec.dataset.fields
+    max_len = spec.dataset.max_seq_length
+    if spec.model.task == "sequence-classification":
+
+        def encode(batch: dict[str, Any]) -> Any:
+            pair = batch[fields.text_pair] if fields.text_pair else None
+            return processor(batch[fields.text], pair, truncation=True, max_length=max_len)
+
+        keep = {"labels"}
+        return rows.map(encode, batched=True, remove_columns=[c for c in rows.column_names if c not in keep])
+    column = fields.text
+    if fields.messages:
+        if not getattr(processor, "chat_template", None):
+            raise ConfigError("dataset.fields.messages: the tokenizer has no chat template to render messages with")
+        rows = rows.map(_render_chat(processor, fields.messages), batched=True)
+        column = "__text"
+    eos = processor.eos_token_id
+    packing = spec.dataset.packing
+
+    def encode_lm(batch: dict[str, Any]) -> Any:
+        texts = [str(t) for t in batch[column]]
+        if not packing:
+            return processor(texts, truncation=True, max_length=max_len)
+        ids: list[int] = []
+        for encoded in processor(texts, add_special_tokens=True)["input_ids"]:
+            ids.extend(encoded)
+            if eos is not None and (not encoded or encoded[-1] != eos):
+                ids.append(eos)
+        blocks = [ids[i : i + max_len] for i in range(0, len(ids) - max_len + 1, max_len)] or [ids]
+        return {"input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks]}
+
+    return rows.map(encode_lm, batched=True, batch_size=1000, remove_columns=rows.column_names)
+
+
+class CausalLMCollator:
+    """Pad to the longest sequence; labels copy input ids with padding ignored (-100)."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        width = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(features), width), dtype=torch.long)
+        for row, feature in enumerate(features):
+            n = len(feature["input_ids"])
+            ids[row, :n] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
+            mask[row, :n] = torch.as_tensor(feature["attention_mask"], dtype=torch.long)
+        labels = ids.masked_fill(mask == 0, -100)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def image_transforms(processor: Any, model_size: int, augmentation: Augmentation | None, train: bool) -> Any:
+    """torchvision pipelines: augmentation for training, resize only for validation; processor's normalisation."""
+    mean = getattr(processor, "image_mean", None) or [0.5, 0.5, 0.5]
+    std = getattr(processor, "image_std", None) or [0.5, 0.5, 0.5]
+    steps: list[Any] = []
+    aug = augmentation if train else None
+    if aug is not None and aug.random_resized_crop is not None:
+        crop = aug.random_resized_crop
+        steps.append(transforms.RandomResizedCrop(crop.size, scale=(crop.scale_min, crop.scale_max)))
+    steps.append(transforms.Resize((model_size, model_size)))
+    if aug is not None:
+        if aug.rotation_degrees is not None:
+            steps.append(transforms.RandomRotation(aug.rotation_degrees))
+        if aug.horizontal_flip is not None:
+            steps.append(transforms.RandomHorizontalFlip(aug.horizontal_flip))
+        if aug.color_jitter is not None:
+            j = aug.color_jitter
+            steps.append(transforms.ColorJitter(j.brightness, j.contrast, j.saturation, j.hue))
+    steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    return transforms.Compose(steps)
+
+
+def image_size(processor: Any, model_config: Any) -> int:
+    size = getattr(processor, "size", None)
+    if isinstance(size, dict):
+        value = size.get("height") or size.get("shortest_edge")
+        if value:
+            return int(value)
+    return int(getattr(model_config, "image_size", 224))
+
+
+def attach_images(spec: TrainingSpec, rows: Dataset, base: Path | None, transform: Any) -> Dataset:
+    """Images load lazily (``set_transform``); every path must exist up front so a typo fails fast."""
+    column = spec.dataset.fields.image
+    root = base or Path()
+    paths = [root / str(p) for p in rows[column]]
+    missing = next((p for p in paths if not p.is_file()), None)
+    if missing is not None:
+        raise DataError(f"dataset.fields.image: {missing} not found (image paths are relative to dataset.source)")
+    rows = rows.select_columns([column, "labels"])
+
+    def load(batch: dict[str, Any]) -> dict[str, Any]:
+        pixels = []
+        for path in batch[column]:
+            with Image.open(root / str(path)) as image:
+                pixels.append(transform(image.convert("RGB")))
+        return {"pixel_values": pixels, "labels": batch["labels"]}
+
+    rows.set_transform(load)
+    return rows
+
+
+def image_collator(features: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "pixel_values": torch.stack([f["pixel_values"] for f in features]),
+        "labels": torch.as_tensor([f["labels"] for f in features], dtype=torch.long),
+    }
+
+
+def _limit(rows: Dataset, limit: int | None, seed: int, shuffle: bool) -> Dataset:
+    if shuffle and limit is not None and limit < len(rows):
+        return rows.shuffle(seed=seed).select(range(limit))
+    if limit is not None and limit < len(rows):
+        return rows.select(range(limit))
+    return rows
+
+
+def _split_validation(rows: Dataset, fraction: float, seed: int, stratify: bool) -> tuple[Dataset, Dataset]:
+    if len(rows) < 2:
+        raise DataError("dataset.validationFraction: need at least two rows to hold some out")
+    if stratify:
+        try:
+            parts = rows.train_test_split(test_size=fraction, seed=seed, stratify_by_column="labels")
+            return parts["train"], parts["test"]
+        except ValueError:
+            pass  # a class too small to stratify: fall back to a plain seeded split
+    parts = rows.train_test_split(test_size=fraction, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def prepare(spec: TrainingSpec, env: RuntimeEnv, processor: Any, model_config: Any) -> PreparedData:
+    """Read, check, split, limit and encode the data."""
+    ds = spec.dataset
+    task = spec.model.task
+    train_raw = read_split(spec, env, ds.train, "dataset.train")
+    check_columns(spec, train_raw)
+    val_raw = read_split(spec, env, ds.validation, "dataset.validation") if ds.validation else None
+    if val_raw is not None:
+        check_columns(spec, val_raw)
+    classify = task != "causal-lm"
+    train = _with_labels(spec, train_raw) if classify else train_raw.rows
+    validation = None
+    if val_raw is not None:
+        validation = _with_labels(spec, val_raw) if classify else val_raw.rows
+    elif ds.validation_fraction is not None:
+        train, validation = _split_validation(train, ds.validation_fraction, spec.hyperparameters.seed, classify)
+    train = _limit(train, ds.max_train_samples, spec.hyperparameters.seed, shuffle=True)
+    if validation is not None:
+        validation = _limit(validation, ds.max_eval_samples, spec.hyperparameters.seed, shuffle=False)
+    if task == "image-classification":
+        size = image_size(processor, model_config)
+        train = attach_images(spec, train, train_raw.base, image_transforms(processor, size, spec.augmentation, True))
+        if validation is not None:
+            base = val_raw.base if val_raw is not None else train_raw.base
+            validation = attach_images(spec, validation, base, image_transforms(processor, size, None, False))
+        return PreparedData(train, validation, image_collator)
+    train = tokenize_text(spec, train, processor)
+    validation = tokenize_text(spec, validation, processor) if validation is not None else None
+    if len(train) == 0:
+        raise DataError("dataset.train: no training examples left after encoding")
+    if task == "causal-lm":
+        return PreparedData(train, validation, CausalLMCollator(int(processor.pad_token_id)))
+    return PreparedData(train, validation, DataCollatorWithPadding(processor))

@@ -1,0 +1,243 @@
+"""Where progress goes: JSON lines on stdout (always), the FineTuneJob status (in a pod), Prometheus /metrics."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
+STOP_ANNOTATION = "finetune.dev/stop-requested"
+RETRYABLE_STATUS = frozenset({409, 429, 500, 502, 503, 504})
+
+
+def utc_now() -> str:
+    """RFC 3339, UTC, with a Z."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class JsonLines:
+    """One JSON object per line with an ``event`` key: the contract for log collectors and tests."""
+
+    def __init__(self, stream: TextIO | None = None, enabled: bool = True) -> None:
+        self.stream = stream
+        self.enabled = enabled
+        self._lock = threading.RLock()
+
+    def emit(self, event: str, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps({"event": event, "time": utc_now(), **fields}, default=str, allow_nan=False)
+        with self._lock:
+            stream = self.stream or sys.stdout
+            stream.write(line + "\n")
+            stream.flush()
+
+
+class PrometheusMetrics:
+    """The trainer pod's own gauges, served on ``port`` (0 disables; a busy port only warns)."""
+
+    def __init__(self, port: int, log: JsonLines) -> None:
+        self.registry = CollectorRegistry()
+        self.step = Gauge("finetune_trainer_step", "Optimizer steps done.", registry=self.registry)
+        self.epoch = Gauge("finetune_trainer_epoch", "Epochs done (fractional).", registry=self.registry)
+        self.train_loss = Gauge(
+            "finetune_trainer_train_loss", "Training loss of the last logging window.", registry=self.registry
+        )
+        self.learning_rate = Gauge("finetune_trainer_learning_rate", "Current learning rate.", registry=self.registry)
+        self.samples_per_second = Gauge(
+            "finetune_trainer_samples_per_second", "Training throughput since start.", registry=self.registry
+        )
+        self.progress = Gauge("finetune_trainer_progress_ratio", "step / totalSteps.", registry=self.registry)
+        self.eval_metric = Gauge(
+            "finetune_trainer_eval_metric", "Last evaluation metrics.", ["metric"], registry=self.registry
+        )
+        self.port: int | None = None
+        if port > 0:
+            try:
+                start_http_server(port, registry=self.registry)
+                self.port = port
+            except OSError as exc:
+                log.emit("warning", message=f"metrics port {port} unavailable ({exc.strerror}); /metrics disabled")
+
+    def update_progress(self, progress: dict[str, Any]) -> None:
+        self.step.set(progress["step"])
+        self.epoch.set(progress["epoch"])
+        self.progress.set(progress["percent"] / 100.0)
+        if progress.get("samplesPerSecond") is not None:
+            self.samples_per_second.set(progress["samplesPerSecond"])
+        if progress.get("trainLoss") is not None:
+            self.train_loss.set(progress["trainLoss"])
+        if progress.get("learningRate") is not None:
+            self.learning_rate.set(progress["learningRate"])
+
+    def update_evaluation(self, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self.eval_metric.labels(metric=name).set(value)
+
+
+def load_kube_api() -> Any:
+    """In-cluster config first, then KUBECONFIG (laptop runs)."""
+    from kubernetes import client, config  # noqa: PLC0415 - only runs that report to a cluster pay for this import
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.CustomObjectsApi()
+
+
+def _retryable(exc: Exception) -> bool:
+    status = getattr(exc, "status", None)
+    if isinstance(status, int) and status != 0:
+        return status in RETRYABLE_STATUS
+    return True  # no HTTP status: connection refused, timeout, DNS
+
+
+def merge(into: dict[str, Any], patch: dict[str, Any]) -> None:
+    """JSON-merge ``patch`` into ``into`` (nested dicts merged, anything else replaced)."""
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge(into[key], value)
+        else:
+            into[key] = value
+
+
+class StatusReporter:
+    """Sends status merge patches from a background thread: throttled, retried, never raising into training.
+
+    It also polls the object for a stop request at the same interval.
+    """
+
+    def __init__(
+        self,
+        api: Any,
+        name: str,
+        namespace: str,
+        interval: float,
+        log: JsonLines,
+        *,
+        retries: int = 4,
+        backoff: float = 0.5,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.api, self.name, self.namespace = api, name, namespace
+        self.interval = interval
+        self.log = log
+        self.retries, self.backoff, self.sleep = retries, backoff, sleep
+        self.stop_request: dict[str, str] | None = None
+        self.patches_sent = 0
+        self._pending: dict[str, Any] = {}
+        self._urgent = False
+        self._closing = False
+        self._last_sent = 0.0
+        self._last_poll = 0.0
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name="status-reporter", daemon=True)
+        self._thread.start()
+
+    def update(self, status: dict[str, Any], urgent: bool = False) -> None:
+        """Queue keys of ``status`` (merged with anything not yet sent); ``urgent`` skips the throttle."""
+        with self._cond:
+            merge(self._pending, json.loads(json.dumps(status)))
+            self._urgent = self._urgent or urgent
+            self._cond.notify_all()
+
+    def close(self, timeout: float = 15.0) -> None:
+        """Send what is pending now, then stop the thread."""
+        with self._cond:
+            self._urgent = True
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def _due(self, now: float) -> bool:
+        return bool(self._pending) and (self._urgent or self._closing or now - self._last_sent >= self.interval)
+
+    def _loop(self) -> None:
+        poll_interval = max(self.interval, 1.0)
+        while True:
+            with self._cond:
+                while True:
+                    now = time.monotonic()
+                    if self._closing or self._due(now) or now - self._last_poll >= poll_interval:
+                        break
+                    deadline = self._last_poll + poll_interval
+                    if self._pending:
+                        deadline = min(deadline, self._last_sent + self.interval)
+                    self._cond.wait(timeout=max(0.01, deadline - now))
+                batch: dict[str, Any] = {}
+                if self._due(now):
+                    batch, self._pending, self._urgent, self._last_sent = self._pending, {}, False, now
+                closing = self._closing
+                poll = not closing and now - self._last_poll >= poll_interval
+                if poll:
+                    self._last_poll = now
+            if batch:
+                self._send(batch)
+            if poll:
+                self._poll_stop_request()
+            if closing:
+                with self._cond:
+                    if not self._pending:
+                        return
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except Exception as exc:
+                if not _retryable(exc) or attempt == self.retries:
+                    status = getattr(exc, "status", None)
+                    self.log.emit("warning", message=f"{what} failed (status {status}): {type(exc).__name__}")
+                    return None
+                self.sleep(self.backoff * 2**attempt)
+        return None
+
+    def _send(self, status: dict[str, Any]) -> None:
+        body = {"status": status}
+        result = self._call(
+            "status patch",
+            lambda: self.api.patch_namespaced_custom_object_status(
+                GROUP,
+                VERSION,
+                self.namespace,
+                PLURAL,
+                self.name,
+                body,
+                field_manager="finetune-trainer",
+                _content_type="application/merge-patch+json",
+                _request_timeout=10,
+            ),
+        )
+        if result is not None:
+            self.patches_sent += 1
+
+    def _poll_stop_request(self) -> None:
+        obj = self._call(
+            "reading the FineTuneJob",
+            lambda: self.api.get_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, self.name, _request_timeout=10
+            ),
+        )
+        if isinstance(obj, dict):
+            request = stop_request_of(obj)
+            if request is not None and self.stop_request is None:
+                self.stop_request = request
+
+
+def stop_request_of(obj: dict[str, Any]) -> dict[str, str] | None:
+    """``status.stopRequest`` or the ``finetune.dev/stop-requested: "true"`` annotation, as {reason, message}."""
+    request = (obj.get("status") or {}).get("stopRequest")
+    if isinstance(request, dict) and request:
+        return {"reason": str(request.get("reason") or "Stopped"), "message": str(request.get("message") or "")}
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    if str(annotations.get(STOP_ANNOTATION, "")).lower() == "true":
+        return {"reason": "Stopped", "message": f"annotation {STOP_ANNOTATION} is set"}
+    return None

@@ -1,0 +1,334 @@
+"""One training run: load, freeze, train (resuming if possible), restore the best, save, report."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from transformers import PreTrainedModel, TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback
+from transformers.utils import logging as hf_logging
+
+from finetune_trainer import data as data_mod
+from finetune_trainer.callbacks import (
+    CheckpointCallback,
+    EarlyStoppingCallback,
+    GradualUnfreezingCallback,
+    ProgressCallback,
+    RunContext,
+    StopCallback,
+    complete_checkpoints,
+    load_run_state,
+    partial_checkpoints,
+)
+from finetune_trainer.config import RuntimeEnv, local_path, location_uri
+from finetune_trainer.errors import EXIT_OK, EXIT_TERMINATED, ConfigError
+from finetune_trainer.freeze import apply_freeze, layer_map
+from finetune_trainer.models import align_pad_token, load_config, load_model, load_processor, resolve_source
+from finetune_trainer.reporting import JsonLines, PrometheusMetrics, StatusReporter, load_kube_api
+from finetune_trainer.spec import TrainingSpec
+from finetune_trainer.trainer import FineTuneTrainer
+
+SCHEDULERS = {
+    "linear": "linear",
+    "cosine": "cosine",
+    "cosine-with-restarts": "cosine_with_restarts",
+    "polynomial": "polynomial",
+    "constant": "constant",
+    "constant-with-warmup": "constant_with_warmup",
+}
+
+
+@dataclass
+class RunResult:
+    """What ``result.json`` says, plus the process exit code."""
+
+    exit_code: int
+    reason: str
+    final_step: int
+    best: dict[str, Any] | None
+    metrics: dict[str, float]
+
+
+def classification_metrics(eval_pred: Any) -> dict[str, float]:
+    """Accuracy and macro F1 from argmax predictions (computed by ``argmax_logits`` during evaluation)."""
+    predictions = np.asarray(eval_pred.predictions).reshape(-1)
+    labels = np.asarray(eval_pred.label_ids).reshape(-1)
+    accuracy = float((predictions == labels).mean()) if labels.size else 0.0
+    f1s = []
+    for cls in np.unique(np.concatenate([labels, predictions])):
+        tp = float(((predictions == cls) & (labels == cls)).sum())
+        fp = float(((predictions == cls) & (labels != cls)).sum())
+        fn = float(((predictions != cls) & (labels == cls)).sum())
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return {"accuracy": accuracy, "f1": float(np.mean(f1s)) if f1s else 0.0}
+
+
+def argmax_logits(logits: Any, labels: Any) -> torch.Tensor:
+    """Keep only class indices so evaluation does not hold every logit in memory."""
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return torch.as_tensor(logits).argmax(dim=-1)
+
+
+def training_arguments(spec: TrainingSpec, checkpoints_dir: Path, log_every: int, log: JsonLines) -> TrainingArguments:
+    """The spec's hyperparameters, evaluation and precision as TrainingArguments (saving is ours: see callbacks)."""
+    hp = spec.hyperparameters
+    cuda = torch.cuda.is_available()
+    bf16 = hp.precision == "bf16"
+    fp16 = hp.precision == "fp16" and cuda
+    if hp.precision == "fp16" and not cuda:
+        log.emit("warning", message="precision fp16 needs a GPU; training in fp32 on CPU")
+    warmup: float = hp.warmup_steps if hp.warmup_steps is not None else (hp.warmup_ratio or 0)
+    evaluation = spec.evaluation
+    classify = bool({"accuracy", "f1"} & set(evaluation.metrics))
+    return TrainingArguments(
+        output_dir=str(checkpoints_dir),
+        learning_rate=hp.learning_rate,
+        lr_scheduler_type=SCHEDULERS[hp.scheduler],
+        warmup_steps=warmup,
+        per_device_train_batch_size=hp.batch_size,
+        per_device_eval_batch_size=hp.eval_batch_size or hp.batch_size,
+        gradient_accumulation_steps=hp.gradient_accumulation_steps,
+        num_train_epochs=hp.epochs,
+        max_steps=hp.max_steps or -1,
+        weight_decay=hp.weight_decay,
+        label_smoothing_factor=hp.label_smoothing,
+        max_grad_norm=hp.max_grad_norm or 0.0,
+        bf16=bf16,
+        fp16=fp16,
+        use_cpu=not cuda,
+        activation_checkpointing=hp.gradient_checkpointing,
+        seed=hp.seed,
+        data_seed=hp.seed,
+        eval_strategy=evaluation.strategy,
+        eval_steps=evaluation.interval,
+        save_strategy="no",
+        logging_strategy="steps",
+        logging_steps=log_every,
+        logging_first_step=True,
+        prediction_loss_only=not classify,
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+
+
+def _install_sigterm(ctx: RunContext) -> Any:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        ctx.terminating = True  # only a flag: logging here could deadlock on a lock the interrupted code holds
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (embedded use): the caller handles signals
+        return None
+
+
+def _final_metrics(ctx: RunContext, trainer: FineTuneTrainer, restored: bool, has_eval: bool) -> dict[str, float]:
+    run = ctx.state
+    if restored and run.best is not None:
+        match = [e for e in run.evaluations if e.step == run.best.step]
+        if match:
+            return match[-1].metrics
+    if run.evaluations and run.evaluations[-1].step == trainer.state.global_step:
+        return run.evaluations[-1].metrics
+    if has_eval and ctx.spec.evaluation.strategy != "no":
+        trainer.evaluate()
+        if run.evaluations:
+            return run.evaluations[-1].metrics
+    return {}
+
+
+def _save_final(ctx: RunContext, trainer: FineTuneTrainer, processor: Any) -> str:
+    target = ctx.output_dir / "model"
+    model: Any = trainer.model
+    if hasattr(model, "merge_and_unload"):  # LoRA: ship a plain model with the adapters merged in
+        model = model.merge_and_unload()
+    if ctx.is_main:
+        if target.exists():
+            shutil.rmtree(target)
+        model.save_pretrained(str(target))
+        processor.save_pretrained(str(target))
+    return location_uri(target, ctx.spec.output.location, ctx.pvc_root)
+
+
+def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> RunResult:
+    """Train per ``spec``; raises TrainerError subclasses for bad input (the CLI maps them to exit codes)."""
+    log = log or JsonLines()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    datasets.disable_progress_bars()
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    hp = spec.hyperparameters
+    output_dir = local_path(spec.output.location, env.pvc_root)
+    checkpoints_dir = output_dir / "checkpoints"
+    rank = int(os.environ.get("RANK", "0"))
+    is_main = rank == 0
+    try:
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"output.location: cannot create {checkpoints_dir}: {exc.strerror}") from exc
+
+    set_seed(hp.seed)
+    source = resolve_source(spec.model, env)
+    processor = load_processor(spec.model, source)
+    # Data is read and checked before the weights load: a typo in a field name fails in seconds, not minutes.
+    prepared = data_mod.prepare(spec, env, processor, load_config(spec.model, source, hp.dropout))
+    model: PreTrainedModel = load_model(spec.model, source, hp.dropout)
+    align_pad_token(model, processor)
+    has_eval = prepared.validation is not None
+    if not has_eval and spec.evaluation.strategy != "no":
+        if spec.early_stopping is not None:
+            raise ConfigError(
+                "dataset.validation: earlyStopping needs validation data (validation or validationFraction)"
+            )
+        log.emit("warning", message="no validation data: evaluation disabled")
+        spec = spec.model_copy(
+            update={"evaluation": spec.evaluation.model_copy(update={"strategy": "no", "interval": None})}
+        )
+
+    wrapped, plan = apply_freeze(model, spec.freeze, spec.model.task)
+    if hp.gradient_checkpointing and plan.trainable < plan.total and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()  # type: ignore[no-untyped-call]  # frozen embeddings would otherwise cut the checkpointed graph
+    layers = layer_map(wrapped) if hp.layerwise_lr_decay is not None else None
+    log.emit(
+        "freeze",
+        strategy=spec.freeze.strategy,
+        trainable=plan.trainable,
+        total=plan.total,
+        percent=round(plan.percent, 3),
+        thawUnits=len(plan.thaw_units),
+    )
+
+    ctx = RunContext(spec, output_dir, checkpoints_dir, env.pvc_root, log, is_main=is_main)
+    if is_main and env.in_cluster_reporting:
+        try:
+            ctx.reporter = StatusReporter(
+                load_kube_api(), str(env.job_name), str(env.job_namespace), env.report_interval_seconds, log
+            )
+        except Exception as exc:  # reporting is best effort: train anyway
+            log.emit("warning", message=f"status reporting disabled: {type(exc).__name__}: {exc}")
+    if is_main:
+        ctx.metrics = PrometheusMetrics(env.metrics_port, log)
+
+    resume: Path | None = None
+    complete = complete_checkpoints(checkpoints_dir)
+    if is_main:
+        for partial in partial_checkpoints(checkpoints_dir):
+            shutil.rmtree(partial, ignore_errors=True)
+            log.emit("warning", message=f"removed partial checkpoint {partial.name}")
+    if complete:
+        resume = complete[-1][1]
+        ctx.state = load_run_state(resume)
+
+    classify = bool({"accuracy", "f1"} & set(spec.evaluation.metrics))
+    trainer = FineTuneTrainer(
+        model=wrapped,
+        args=training_arguments(spec, checkpoints_dir, env.log_every_steps, log),
+        data_collator=prepared.collator,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.validation,
+        processing_class=processor,
+        compute_metrics=classification_metrics if classify else None,
+        preprocess_logits_for_metrics=argmax_logits if classify else None,
+        spec=spec,
+        layers=layers,
+        plan=plan,
+    )
+    trainer.thaw_on_create = ctx.state.thawed_units
+    trainer.remove_callback(PrinterCallback)  # our JSON lines replace its prints
+    for callback in (
+        EarlyStoppingCallback(ctx),
+        CheckpointCallback(ctx, trainer),
+        StopCallback(ctx),
+        GradualUnfreezingCallback(ctx, trainer),
+        ProgressCallback(ctx),
+    ):
+        trainer.add_callback(callback)
+    if resume is not None:
+        es = ctx.state.early_stopping
+        log.emit(
+            "resume",
+            checkpoint=location_uri(resume, spec.output.location, env.pvc_root),
+            step=int(resume.name.removeprefix("checkpoint-")),
+            earlyStopping=es.model_dump(mode="json", by_alias=True) if es else None,
+            thawedUnits=ctx.state.thawed_units,
+        )
+
+    previous_handler = _install_sigterm(ctx)
+    train_loss: float | None = None
+    try:
+        if resume is not None and ctx.state.early_stopping is not None and ctx.state.early_stopping.triggered:
+            # Early stopping had already fired (e.g. the pod died while saving the final model): finish only.
+            trainer._load_from_checkpoint(str(resume))
+            trainer.state.global_step = int(resume.name.removeprefix("checkpoint-"))
+        else:
+            log.emit("train_begin", trainSamples=len(prepared.train), validationSamples=len(prepared.validation or []))
+            train_loss = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None).training_loss
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+    final_step = trainer.state.global_step
+    if ctx.stopped_by == "Terminated":
+        _close(ctx)
+        log.emit("terminated", step=final_step, checkpoint=ctx.checkpoint_uri(final_step), exitCode=EXIT_TERMINATED)
+        return RunResult(EXIT_TERMINATED, "Terminated", final_step, _best(ctx), {})
+
+    es_state = ctx.state.early_stopping
+    if ctx.stopped_by is not None:
+        reason = ctx.stopped_by
+    elif es_state is not None and es_state.triggered:
+        reason = "EarlyStopped"
+    else:
+        reason = "Succeeded"
+
+    restored = False
+    rule = spec.early_stopping
+    best = ctx.state.best
+    if rule is not None and rule.restore_best and best is not None and best.step != final_step:
+        best_dir = ctx.checkpoint_dir(best.step)
+        if best_dir.is_dir():
+            trainer._load_from_checkpoint(str(best_dir))
+            restored = True
+            log.emit("restore_best", step=best.step, metric=best.metric, value=best.value, checkpoint=best.checkpoint)
+    metrics = _final_metrics(ctx, trainer, restored, has_eval)
+    metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
+    model_uri = _save_final(ctx, trainer, processor) if spec.output.save_final_model else None
+
+    result = RunResult(EXIT_OK, reason, final_step, _best(ctx), metrics)
+    if is_main:
+        body = {
+            "reason": reason,
+            "best": result.best,
+            "finalStep": final_step,
+            "metrics": metrics,
+            "trainLoss": train_loss,
+            "model": model_uri,
+            "restoredBest": restored,
+            "message": ctx.stop_message or None,
+        }
+        (output_dir / "result.json").write_text(json.dumps(body, indent=2) + "\n")
+        log.emit("result", **body)
+    _close(ctx)
+    return result
+
+
+def _best(ctx: RunContext) -> dict[str, Any] | None:
+    return ctx.state.best.to_wire() if ctx.state.best is not None else None
+
+
+def _close(ctx: RunContext) -> None:
+    if ctx.reporter is not None:
+        ctx.reporter.close()
