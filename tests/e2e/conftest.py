@@ -1,0 +1,270 @@
+"""The operator as a real process (kopf) against the local control plane, plus helpers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+from finetune_localcluster.pytest_plugin import LocalCluster
+from finetune_operator.api import GROUP, PLURAL, VERSION
+from finetune_operator.rbac import cluster_role
+
+FAKE_TRAINER = Path(__file__).with_name("fake_trainer.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Map the fake trainer images to local commands before the node agent starts."""
+    image_map = Path(config.rootpath) / ".pytest_cache" / "finetune-image-map.yaml"
+    image_map.parent.mkdir(parents=True, exist_ok=True)
+    image_map.write_text(
+        yaml.safe_dump(
+            [
+                {"match": rf"finetune-test/{mode}(:|$)", "entrypoint": [sys.executable, str(FAKE_TRAINER), mode]}
+                for mode in ("stubborn", "crash-once", "steady")
+            ]
+            + [
+                {
+                    "match": rf"finetune-test/exit-{code}(:|$)",
+                    "entrypoint": [sys.executable, str(FAKE_TRAINER), "exit", str(code)],
+                }
+                for code in (1, 2, 3, 4)
+            ]
+        )
+    )
+    os.environ["FINETUNE_IMAGE_MAP"] = str(image_map)
+
+
+@dataclass
+class Operator:
+    """A `finetune-operator run` process; restartable, killable."""
+
+    kubeconfig: Path
+    log: Path
+    metrics_port: int
+    health_port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "finetune_operator.cli",
+            "run",
+            "--metrics-port",
+            str(self.metrics_port),
+            "--health-port",
+            str(self.health_port),
+            "--bind-address",
+            "127.0.0.1",
+            "--resync-seconds",
+            "2",
+            "--report-interval-seconds",
+            "1",
+        ]
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"operator exited with {self.process.returncode}:\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError(f"operator never became healthy:\n{self.tail()}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+            self.process.wait(timeout=30)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            text: str = response.read().decode()
+            return text
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+
+
+def least_privilege_kubeconfig(local_cluster: LocalCluster, directory: Path) -> Path:
+    """A kubeconfig for a ServiceAccount bound to exactly the chart's ClusterRole (finetune_operator.rbac)."""
+    namespace, name = "finetune-system", "finetune-operator"
+    with local_cluster.api_client() as api:
+        core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+        for create, body in (
+            (core.create_namespace, {"metadata": {"name": namespace}}),
+            (lambda b: core.create_namespaced_service_account(namespace, b), {"metadata": {"name": name}}),
+            (rbac.create_cluster_role, cluster_role(name)),
+            (
+                rbac.create_cluster_role_binding,
+                {
+                    "metadata": {"name": name},
+                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+                    "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+                },
+            ),
+        ):
+            try:
+                create(body)
+            except client.ApiException as error:
+                if error.status != 409:
+                    raise
+        token = core.create_namespaced_service_account_token(
+            name, namespace, {"spec": {"expirationSeconds": 86400}}
+        ).status.token
+    admin = yaml.safe_load(local_cluster.kubeconfig.read_text())
+    cluster = admin["clusters"][0]
+    restricted = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [cluster],
+        "users": [{"name": name, "user": {"token": token}}],
+        "contexts": [{"name": name, "context": {"cluster": cluster["name"], "user": name}}],
+        "current-context": name,
+    }
+    path = directory / "operator-kubeconfig.yaml"
+    path.write_text(yaml.safe_dump(restricted))
+    return path
+
+
+@pytest.fixture(scope="session")
+def operator(local_cluster: LocalCluster, crd: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    """The operator, running with only the permissions the Helm chart grants it."""
+    directory = tmp_path_factory.mktemp("operator")
+    running = Operator(
+        kubeconfig=least_privilege_kubeconfig(local_cluster, directory),
+        log=directory / "operator.log",
+        metrics_port=_free_port(),
+        health_port=_free_port(),
+    )
+    running.start()
+    try:
+        yield running
+    finally:
+        running.kill(signal.SIGTERM)
+
+
+@dataclass
+class Jobs:
+    """FineTuneJob helpers for one namespace."""
+
+    api: client.ApiClient
+    namespace: str
+    operator: Operator
+
+    @property
+    def custom(self) -> client.CustomObjectsApi:
+        return client.CustomObjectsApi(self.api)
+
+    def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        manifest = {**manifest, "metadata": {**manifest["metadata"], "namespace": self.namespace}}
+        created: dict[str, Any] = self.custom.create_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, manifest
+        )
+        return created
+
+    def get(self, name: str) -> dict[str, Any]:
+        found: dict[str, Any] = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+        return found
+
+    def patch(self, name: str, patch: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, patch)
+
+    def delete(self, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+
+    def wait(
+        self, name: str, what: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 120
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        current: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            current = self.get(name)
+            if predicate(current):
+                return current
+            time.sleep(0.5)
+        raise AssertionError(
+            f"{name}: timed out waiting for {what}\nstatus: {yaml.safe_dump(current.get('status'))}\n"
+            f"operator log:\n{self.operator.tail()}"
+        )
+
+    def wait_condition(self, name: str, type_: str, reason: str | None = None, timeout: float = 120) -> dict[str, Any]:
+        def holds(body: dict[str, Any]) -> bool:
+            for condition in (body.get("status") or {}).get("conditions", []):
+                if condition["type"] == type_ and condition["status"] == "True":
+                    return reason is None or condition["reason"] == reason
+            return False
+
+        return self.wait(name, f"condition {type_}={reason or 'True'}", holds, timeout)
+
+    def events(self, name: str) -> list[str]:
+        listed = client.CoreV1Api(self.api).list_namespaced_event(
+            self.namespace, field_selector=f"involvedObject.name={name}"
+        )
+        return [event.reason for event in listed.items]
+
+    def children(self, name: str) -> dict[str, int]:
+        selector = f"finetune.dev/job={name}"
+        core, batch, rbac = (
+            client.CoreV1Api(self.api),
+            client.BatchV1Api(self.api),
+            client.RbacAuthorizationV1Api(self.api),
+        )
+        return {
+            "Job": len(batch.list_namespaced_job(self.namespace, label_selector=selector).items),
+            "ConfigMap": len(core.list_namespaced_config_map(self.namespace, label_selector=selector).items),
+            "ServiceAccount": len(core.list_namespaced_service_account(self.namespace, label_selector=selector).items),
+            "Role": len(rbac.list_namespaced_role(self.namespace, label_selector=selector).items),
+            "RoleBinding": len(rbac.list_namespaced_role_binding(self.namespace, label_selector=selector).items),
+            "Pod": len(core.list_namespaced_pod(self.namespace, label_selector=selector).items),
+        }
+
+
+@pytest.fixture
+def jobs(local_cluster: LocalCluster, operator: Operator, namespace: str) -> Iterator[Jobs]:
+    with local_cluster.api_client() as api:
+        yield Jobs(api, namespace, operator)
+
+
+def fake_job(name: str, image: str, tmp: Path, **spec: Any) -> dict[str, Any]:
+    """A FineTuneJob whose trainer is one of the fake images (see fake_trainer.py)."""
+    body: dict[str, Any] = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"source": f"file://{tmp}/model", "task": "sequence-classification", "numLabels": 2},
+            "dataset": {"source": f"file://{tmp}/data"},
+            "evaluation": {"metrics": ["loss", "accuracy"]},
+            "output": {"location": f"file://{tmp}/{name}"},
+            "resources": {"image": image, "gpusPerNode": 1},
+            "stopGracePeriodSeconds": 3,
+        },
+    }
+    body["spec"].update(spec)
+    return body

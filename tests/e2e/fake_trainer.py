@@ -1,0 +1,138 @@
+"""Stand-in trainer images for operator tests: a foreign trainer that speaks only the status
+contract (progress, evaluations), with scripted misbehaviour. It shares no code with
+finetune_trainer, like a third-party image: it talks to the API server with its pod's
+service-account token.
+
+    fake_trainer.py stubborn   reports worsening evaluations and ignores stop requests
+    fake_trainer.py crash-once fails on its first run after a checkpoint, then resumes and finishes
+    fake_trainer.py exit N     exits with code N at once (2/3/4: the trainer's permanent errors)
+    fake_trainer.py steady     reports progress slowly until asked to stop or done
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import ssl
+import sys
+import time
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SA = Path(os.environ.get("FINETUNE_SA_DIR") or "/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+def _request(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    host, port = os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"]
+    context = ssl.create_default_context(cafile=str(SA / "ca.crt"))
+    request = urllib.request.Request(
+        f"https://{host}:{port}{path}",
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={
+            "Authorization": f"Bearer {(SA / 'token').read_text().strip()}",
+            "Content-Type": "application/merge-patch+json",
+        },
+    )
+    with urllib.request.urlopen(request, context=context, timeout=10) as response:
+        result: dict[str, Any] = json.loads(response.read())
+        return result
+
+
+def _job_path() -> str:
+    namespace, name = os.environ["FINETUNE_JOB_NAMESPACE"], os.environ["FINETUNE_JOB_NAME"]
+    return f"/apis/finetune.dev/v1alpha1/namespaces/{namespace}/finetunejobs/{name}"
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def report(step: int, total: int, evaluations: list[dict[str, Any]]) -> None:
+    progress = {
+        "step": step,
+        "totalSteps": total,
+        "epoch": step / 10,
+        "percent": round(100 * step / total, 1),
+        "trainLoss": 1.0 / (1 + step),
+        "samplesPerSecond": 12.5,
+        "lastHeartbeatTime": _now(),
+    }
+    _request("PATCH", _job_path() + "/status", {"status": {"progress": progress, "evaluations": evaluations[-50:]}})
+
+
+def stop_requested() -> bool:
+    return bool((_request("GET", _job_path()).get("status") or {}).get("stopRequest"))
+
+
+def evaluation(step: int, accuracy: float) -> dict[str, Any]:
+    return {"step": step, "epoch": step / 10, "metrics": {"loss": 1 - accuracy, "accuracy": accuracy}, "time": _now()}
+
+
+def stubborn() -> int:
+    """Accuracy peaks at step 20, then stalls; never honours the stop request."""
+    values = [0.5, 0.6, 0.55, 0.56, 0.57, 0.58, 0.59, 0.58]
+    evaluations: list[dict[str, Any]] = []
+    for index, value in enumerate(values):
+        step = 10 * (index + 1)
+        evaluations.append(evaluation(step, value))
+        report(step, 1000, evaluations)
+        time.sleep(0.5)
+    while True:  # keeps "training" until killed
+        report(step, 1000, evaluations)
+        time.sleep(1)
+
+
+def crash_once(output: Path) -> int:
+    output.mkdir(parents=True, exist_ok=True)
+    checkpoint = output / "checkpoint.json"
+    if not checkpoint.exists():
+        report(5, 10, [])
+        checkpoint.write_text(json.dumps({"step": 5}))
+        print("simulated crash after checkpoint at step 5", file=sys.stderr)
+        return 1
+    start = json.loads(checkpoint.read_text())["step"]
+    print(f"resuming from step {start}", flush=True)
+    evaluations = [evaluation(10, 0.8)]
+    for step in range(start + 1, 11):
+        report(step, 10, evaluations if step == 10 else [])
+    (output / "resumed-from").write_text(str(start))
+    return 0
+
+
+def steady(total: int = 600) -> int:
+    for step in range(1, total + 1):
+        report(step, total, [])
+        if stop_requested():
+            print("stop requested: saving and exiting", flush=True)
+            return 0
+        time.sleep(1)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    mode = argv[1]
+    config = argv[argv.index("--config") + 1] if "--config" in argv else ""
+    print(json.dumps({"event": "start", "mode": mode, "config": config}), flush=True)
+    if mode == "stubborn":
+        return stubborn()
+    if mode == "crash-once":
+        location = yaml.safe_load(Path(config).read_text())["output"]["location"]
+        return crash_once(Path(location.removeprefix("file://")))
+    if mode == "exit":
+        code = int(argv[2])
+        print(f"finetune-trainer: error: scripted failure with exit code {code}", file=sys.stderr)
+        return code
+    if mode == "steady":
+        return steady()
+    raise SystemExit(f"unknown mode {mode}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
