@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # The venv is rebuilt when any of these change; pip's cache keeps re-installs cheap.
-VENV_INPUTS := operator/pyproject.toml trainer/pyproject.toml requirements-dev.txt constraints.txt
+VENV_INPUTS := operator/pyproject.toml trainer/pyproject.toml dev/pyproject.toml cli/pyproject.toml requirements-dev.txt constraints.txt
 VENV_STAMP := $(VENV)/.installed-$(shell cat $(VENV_INPUTS) 2>/dev/null | sha256sum | cut -c1-16)
 PYTEST_ARGS ?=
 
@@ -21,7 +21,7 @@ $(VENV_STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -r requirements-dev.txt \
-		-e "./trainer[train]" -e ./operator
+		-e "./trainer[train]" -e ./operator -e ./dev -e ./cli
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -32,7 +32,7 @@ venv: $(VENV_STAMP) ## create/refresh the Python environment
 lint: venv ## ruff, mypy --strict, import-linter contracts, CRD drift
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy operator/src trainer/src
+	$(VENV)/bin/mypy operator/src trainer/src dev/src cli/src
 	$(VENV)/bin/lint-imports
 	$(PY) -m finetune_operator.crd --check
 
@@ -41,7 +41,7 @@ crds: venv ## regenerate crds/ from the API models
 	$(PY) -m finetune_operator.crd
 
 .PHONY: test
-test: lint ## everything CI runs: lint + unit + integration (real control plane) + end-to-end
+test: lint controlplane ## everything CI runs: lint + unit + integration (real control plane) + end-to-end
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: unit

@@ -1,0 +1,271 @@
+"""``kubectl finetune``: the commands. Thin: read through ``kube``, render through ``render``/``plot``.
+
+Exit codes: 0 success; 1 error (and, for ``watch``, a Failed job); 2 no such FineTuneJob
+(argparse also uses 2 for usage errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+from kubernetes.client.rest import ApiException
+from kubernetes.config import ConfigException
+from urllib3.exceptions import HTTPError
+
+from finetune_cli import kube as k
+from finetune_cli.render import describe, final_line, list_table, outcome, parse_job, progress_line
+from finetune_operator.reconcile.status import STOP_ANNOTATION
+
+EXIT_FAILED = 1
+EXIT_NOT_FOUND = 2
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def cmd_list(kube: k.Kube, args: argparse.Namespace) -> int:
+    namespace = None if args.all_namespaces else _namespace(kube, args)
+    items = kube.list_jobs(namespace)
+    if args.output in ("json", "yaml"):
+        _dump({"apiVersion": "v1", "kind": "List", "items": items, "metadata": {"resourceVersion": ""}}, args.output)
+        return 0
+    if not items:
+        where = "" if namespace is None else f" in {namespace} namespace"
+        print(f"No resources found{where}.", file=sys.stderr)
+        return 0
+    jobs = [parse_job(o) for o in items]
+    if args.output == "name":
+        print("\n".join(f"finetunejob.finetune.dev/{j.name}" for j in jobs))
+    else:
+        print(list_table(jobs, _now(), all_namespaces=namespace is None))
+    return 0
+
+
+def cmd_describe(kube: k.Kube, args: argparse.Namespace) -> int:
+    obj = kube.get_job(args.name, _namespace(kube, args))
+    if args.output in ("json", "yaml"):
+        _dump(obj, args.output)
+    else:
+        sys.stdout.write(describe(parse_job(obj), _now()))
+    return 0
+
+
+def cmd_watch(kube: k.Kube, args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Poll the job and redraw one progress line until a Complete or Failed condition appears."""
+    out = out or sys.stdout
+    tty = out.isatty()
+    namespace = _namespace(kube, args)
+    last = None
+    while True:
+        try:
+            job = parse_job(kube.get_job(args.name, namespace))
+        except k.JobNotFoundError:
+            if tty and last is not None:
+                out.write("\n")
+            raise
+        except (ApiException, HTTPError) as error:  # a flaky API server must not end a long watch
+            print(f"warning: {_describe_error(error)}; retrying", file=sys.stderr)
+            time.sleep(args.interval)
+            continue
+        line = progress_line(job)
+        if tty:
+            width = shutil.get_terminal_size().columns - 1
+            out.write("\r" + line[:width] + "\x1b[K")
+        elif line != last:
+            out.write(line + "\n")
+        out.flush()
+        last = line
+        done = outcome(job.status)
+        if done is not None:
+            out.write(("\n" if tty else "") + final_line(job) + "\n")
+            out.flush()
+            return 0 if done.type == "Complete" else EXIT_FAILED
+        time.sleep(args.interval)
+
+
+def cmd_plot(kube: k.Kube, args: argparse.Namespace) -> int:
+    # matplotlib takes about a second to import: only this command pays for it.
+    from finetune_cli.plot import NothingToPlotError, curves_figure, save_png  # noqa: PLC0415
+
+    job = parse_job(kube.get_job(args.name, _namespace(kube, args)))
+    try:
+        fig = curves_figure(job)
+    except NothingToPlotError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    path = Path(args.output or f"{job.name}-curves.png")
+    save_png(fig, path)
+    print(f"wrote {path} ({len(job.status.evaluations)} evaluations)")
+    return 0
+
+
+def cmd_logs(kube: k.Kube, args: argparse.Namespace) -> int:
+    """Trainer logs through the API server; on the local dev cluster, from its log files if need be."""
+    namespace = _namespace(kube, args)
+    pods = kube.trainer_pods(args.name, namespace)
+    if args.pod:
+        pods = [p for p in pods if p["metadata"]["name"] == args.pod]
+    if not pods:
+        job = parse_job(kube.get_job(args.name, namespace))  # JobNotFoundError when the job itself is missing
+        print(
+            f"error: finetunejob {job.name} has no trainer pod (phase {job.status.phase or 'Pending'})", file=sys.stderr
+        )
+        return EXIT_FAILED
+    pod = _pick_pod(pods)
+    out = sys.stdout.buffer
+    written = False
+    try:
+        for chunk in kube.stream_log(pod, namespace, args.container, args.follow):
+            out.write(chunk)
+            out.flush()
+            written = True
+        return 0
+    except (ApiException, HTTPError) as error:
+        path = k.local_log_file(k.local_state_dirs(kube.kubeconfig), namespace, pod, args.container)
+        if path is None or written:  # after a partial stream, the file would repeat what was printed
+            raise
+        print(f"(the API server could not serve the log: {_describe_error(error)}; reading {path})", file=sys.stderr)
+    k.copy_file(path, out, args.follow, lambda: kube.pod_active(pod, namespace))
+    return 0
+
+
+def _pick_pod(pods: list[k.Manifest]) -> str:
+    """The newest trainer pod; among a multi-node job's pods of the same age, rank 0 (its logs lead)."""
+
+    def key(pod: k.Manifest) -> tuple[str, bool]:
+        meta = pod["metadata"]
+        rank = meta.get("labels", {}).get("batch.kubernetes.io/job-completion-index", "0")
+        return meta.get("creationTimestamp", ""), rank == "0"
+
+    return str(max(pods, key=key)["metadata"]["name"])
+
+
+def cmd_stop(kube: k.Kube, args: argparse.Namespace) -> int:
+    namespace = _namespace(kube, args)
+    job = parse_job(kube.get_job(args.name, namespace))
+    done = outcome(job.status)
+    if done is not None:
+        print(f"finetunejob {job.name} already finished: {done}; nothing to stop")
+        return 0
+    if job.annotations.get(STOP_ANNOTATION, "").lower() == "true":
+        print(f"finetunejob {job.name}: a stop was already requested; waiting for the trainer to exit")
+        return 0
+    kube.annotate(job.name, namespace, {STOP_ANNOTATION: "true"})
+    grace = job.spec.stop_grace_period_seconds if job.spec is not None else None
+    restore = job.spec is not None and job.spec.early_stopping is not None and job.spec.early_stopping.restore_best
+    print(f"finetunejob.finetune.dev/{job.name} stop requested ({STOP_ANNOTATION}=true).")
+    print(
+        "The operator asks the trainer to save a checkpoint and exit"
+        + (f"; after {grace}s it stops the workload itself" if grace is not None else "")
+        + ". The job then ends Complete with reason Stopped"
+        + (", keeping the best evaluation's weights." if restore else ".")
+    )
+    print(f"Follow it with: kubectl finetune watch {job.name} -n {namespace}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[k.Kube, argparse.Namespace], int]] = {
+    "list": cmd_list,
+    "describe": cmd_describe,
+    "watch": cmd_watch,
+    "plot": cmd_plot,
+    "logs": cmd_logs,
+    "stop": cmd_stop,
+}
+
+
+def _namespace(kube: k.Kube, args: argparse.Namespace) -> str:
+    return getattr(args, "namespace", None) or kube.namespace
+
+
+def _dump(obj: Any, fmt: str) -> None:
+    if fmt == "json":
+        print(json.dumps(obj, indent=4))
+    else:
+        sys.stdout.write(yaml.safe_dump(obj, sort_keys=False))
+
+
+def _describe_error(error: Exception) -> str:
+    if isinstance(error, ApiException):
+        try:
+            message = json.loads(error.body or "{}").get("message")
+        except (ValueError, AttributeError):
+            message = None
+        return f"{error.status} {error.reason}" + (f": {message}" if message else "")
+    return f"{type(error).__name__}: {error}"
+
+
+def _connection_flags(parser: argparse.ArgumentParser) -> None:
+    """kubectl's flags, accepted before or after the subcommand (SUPPRESS keeps either from erasing the other)."""
+    parser.add_argument("-n", "--namespace", default=argparse.SUPPRESS, help="namespace (default: the context's)")
+    parser.add_argument("--context", default=argparse.SUPPRESS, help="kubeconfig context to use")
+    parser.add_argument("--kubeconfig", default=argparse.SUPPRESS, help="kubeconfig file (default: $KUBECONFIG)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubectl finetune",
+        description="Follow and inspect FineTuneJobs (finetune.dev/v1alpha1).",
+        epilog="Exit codes: 0 ok, 1 error or (watch) Failed, 2 FineTuneJob not found.",
+    )
+    _connection_flags(parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, named: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        _connection_flags(p)
+        if named:
+            p.add_argument("name", help="FineTuneJob name")
+        return p
+
+    p = command("list", "table of FineTuneJobs with phase, progress and best metric", named=False)
+    p.add_argument("-A", "--all-namespaces", action="store_true", help="list across all namespaces")
+    p.add_argument("-o", "--output", choices=("json", "yaml", "name"), help="output format")
+    p = command("watch", "live progress until the job completes (exit 0) or fails (exit 1)")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between polls (default 2)")
+    p = command("describe", "spec summary, status, conditions, evaluations and why it stopped")
+    p.add_argument("-o", "--output", choices=("json", "yaml"), help="print the object instead")
+    p = command("plot", "PNG of the evaluation curves with the best point marked")
+    p.add_argument("-o", "--output", metavar="FILE", help="PNG to write (default NAME-curves.png)")
+    p = command("logs", "trainer logs (newest trainer pod)")
+    p.add_argument("-f", "--follow", action="store_true", help="stream until the pod ends")
+    p.add_argument("-c", "--container", default=k.TRAINER_CONTAINER, help="container (default trainer)")
+    p.add_argument("--pod", help="a specific trainer pod (default: the newest)")
+    command("stop", "ask the trainer to save and stop (sets the stop annotation)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        kube = k.Kube.connect(getattr(args, "kubeconfig", None), getattr(args, "context", None))
+    except (ConfigException, OSError) as error:
+        print(f"error: cannot load kubeconfig: {error}", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
+    try:
+        code = COMMANDS[args.command](kube, args)
+    except k.JobNotFoundError as error:
+        print(f"Error from server (NotFound): {error}", file=sys.stderr)
+        code = EXIT_NOT_FOUND
+    except (ApiException, HTTPError) as error:
+        print(f"error: {_describe_error(error)}", file=sys.stderr)
+        code = EXIT_FAILED
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        kube.close()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
