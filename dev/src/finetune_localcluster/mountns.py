@@ -1,7 +1,7 @@
 """Give a container process its volumes at their real mount paths, in a private mount namespace.
 
-Path rewriting (see :mod:`podspec`) covers paths that appear in command, args and env; programs
-that use fixed paths of their own — the Kubernetes client reading
+Path rewriting (see :mod:`podspec`, the fallback) covers only paths that appear in command, args
+and env; programs that use fixed paths of their own — the Kubernetes client reading
 ``/var/run/secrets/kubernetes.io/serviceaccount``, a trainer resolving ``pvc://claim/x`` under
 ``/mnt/pvc`` — also need the directories to *be* there. When the agent may create mount
 namespaces (root, util-linux ``unshare``), each container runs as
@@ -12,7 +12,8 @@ which bind-mounts every ``hostDir`` onto its ``mountPath`` (read-only where aske
 execs ARGV (same PID, so signals and exit codes are the container's). The mounts vanish with
 the process; the empty mount-point directories stay on the host. A mount path that would hide
 something the process needs (an ancestor of the state dir, the Python environment, or a host
-directory being mounted) is left to path rewriting alone.
+directory being mounted) is not mounted: the process sees the host's directory there (a pod's
+``/tmp`` is the host's ``/tmp`` when the cluster state lives under it).
 """
 
 from __future__ import annotations
@@ -46,26 +47,35 @@ def plan(mounts: list[tuple[str, str, bool]], keep: list[Path]) -> list[tuple[st
     return chosen
 
 
-def wrap(argv: list[str], binds: list[tuple[str, str, bool]]) -> list[str]:
-    """The command line that runs ``argv`` with ``binds`` in a fresh mount namespace."""
+def wrap(argv: list[str], binds: list[tuple[str, str, bool]], workdir: str | None = None) -> list[str]:
+    """The command line that runs ``argv`` with ``binds`` in a fresh mount namespace, in ``workdir``
+    (entered after mounting, so a working directory inside a volume is the volume's)."""
     if not binds:
         return argv
-    spec = json.dumps([list(b) for b in binds])
+    spec = json.dumps({"binds": [list(b) for b in binds], "workdir": workdir})
     unshare = ["unshare", "--mount", "--propagation", "private", "--"]
     return [*unshare, sys.executable, "-m", "finetune_localcluster.mountns", spec, "--", *argv]
 
 
+def under_binds(path: str, binds: list[tuple[str, str, bool]]) -> bool:
+    return any(Path(path) == Path(target) or Path(target) in Path(path).parents for _, target, _ in binds)
+
+
 def main(args: list[str]) -> None:
-    spec, separator, *argv = args
+    spec_text, separator, *argv = args
     if separator != "--" or not argv:
         raise SystemExit("usage: python -m finetune_localcluster.mountns SPEC -- ARGV...")
-    for host, target, read_only in json.loads(spec):
+    spec = json.loads(spec_text)
+    for host, target, read_only in spec["binds"]:
         Path(target).mkdir(parents=True, exist_ok=True)
         if Path(host).is_file():
             raise SystemExit(f"mountns: {host} is a file; only directories are bind-mounted")
         subprocess.run(["mount", "--bind", host, target], check=True)
         if read_only:
             subprocess.run(["mount", "-o", "remount,bind,ro", target], check=True)
+    if spec.get("workdir"):
+        Path(spec["workdir"]).mkdir(parents=True, exist_ok=True)
+        os.chdir(spec["workdir"])
     os.execvp(argv[0], argv)
 
 

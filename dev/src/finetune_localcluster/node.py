@@ -52,9 +52,10 @@ from .rest import ApiError, Obj, Rest, q
 
 PASSTHROUGH_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH")
 RESYNC_SECONDS = 300
-# Volumes also appear at their real mount paths (private mount namespace per container), so
-# programs with fixed paths (in-cluster clients, /mnt/pvc) work; FINETUNE_NODE_MOUNT_NAMESPACES=0 turns it off.
-MOUNT_NAMESPACES = os.environ.get("FINETUNE_NODE_MOUNT_NAMESPACES", "1") != "0"
+# Volumes appear at their real mount paths (a private mount namespace per container), so programs
+# with fixed paths (in-cluster clients, /mnt/pvc) work. Without the privilege for it, or with
+# FINETUNE_NODE_MOUNT_NAMESPACES=0, mount paths in command/args/env are rewritten instead.
+USE_MOUNT_NAMESPACES = os.environ.get("FINETUNE_NODE_MOUNT_NAMESPACES", "1") != "0" and mountns.available()
 STORAGE_CLASS = "local"
 PROVISIONER = "finetune.dev/local-node"
 
@@ -340,7 +341,10 @@ class PodWorker(threading.Thread):
                     host.mkdir(parents=True, exist_ok=True)
                 mounts.append((str(m["mountPath"]), str(host)))
                 binds.append((str(host), str(m["mountPath"]), bool(m.get("readOnly"))))
-            self.mounts[c.name] = mounts
+            # With mount namespaces the volumes are at their real paths, so nothing is rewritten
+            # (rewriting would also mangle host paths that merely lie under a mount path, such as
+            # a checkout in /tmp when a pod mounts /tmp).
+            self.mounts[c.name] = [] if USE_MOUNT_NAMESPACES else mounts
             self.binds[c.name] = binds
 
     def refresh_tokens(self) -> None:
@@ -451,9 +455,12 @@ class PodWorker(threading.Thread):
             env = self.build_env(c)
             argv = self.argv(c, env)
             cwd = self.workdir(c)
-            if MOUNT_NAMESPACES and mountns.available():
-                keep = [self.agent.state_dir.resolve(), Path(cwd).resolve()]
-                argv = mountns.wrap(argv, mountns.plan(self.binds.get(c.name, []), keep))
+            if USE_MOUNT_NAMESPACES:
+                binds = mountns.plan(self.binds.get(c.name, []), [self.agent.state_dir.resolve()])
+                wd = c.spec.get("workingDir")
+                inside = bool(wd) and mountns.under_binds(str(wd), binds)
+                argv = mountns.wrap(argv, binds, workdir=str(wd) if inside else None)
+                cwd = self.dir if inside else cwd
         except NotReadyError as e:
             c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(e)}}
             c.next_start = time.monotonic() + 1.0

@@ -46,8 +46,8 @@ class Kube:
         try:
             response = await asyncio.to_thread(self._create, manifest)
         except ApiException as error:
-            if error.status == 409:
-                return None
+            if error.status == 409 or (error.status == 403 and "being terminated" in str(error.body)):
+                return None  # exists already / its namespace is going away with everything in it
             raise
         return cast(Manifest, json.loads(response.data))
 

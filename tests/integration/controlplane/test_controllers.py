@@ -146,4 +146,4 @@ def test_in_cluster_client_is_bound_by_rbac(kube: Kube) -> None:
     assert p["status"]["phase"] == "Succeeded", out
     assert "configmaps: kube-root-ca.crt" in out
     assert "secrets: 403" in out
-    assert "token-file: eyJ" in out  # a JWT, read through the rewritten mount path
+    assert "token-file: eyJ" in out  # a JWT, read through the mount path (mounted or rewritten)

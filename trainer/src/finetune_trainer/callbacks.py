@@ -290,7 +290,7 @@ class ProgressCallback(TrainerCallback):
             "epoch": round(float(state.epoch or 0.0), 4),
             "totalEpochs": float(state.num_train_epochs),
             "percent": round(100.0 * step / total, 2),
-            "etaSeconds": round(eta, 1) if eta is not None else None,
+            "etaSeconds": round(eta) if eta is not None else None,
             "samplesPerSecond": round(steps_per_second * self.batch, 3) if steps_per_second else None,
             "trainLoss": self.train_loss,
             "learningRate": self.learning_rate,

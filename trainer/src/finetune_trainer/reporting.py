@@ -100,6 +100,14 @@ def _retryable(exc: Exception) -> bool:
     return True  # no HTTP status: connection refused, timeout, DNS
 
 
+def _api_message(exc: Exception) -> str:
+    """The API server's own explanation (e.g. which status field failed validation), else the type."""
+    try:
+        return str(json.loads(getattr(exc, "body", "") or "{}")["message"])[:500]
+    except (ValueError, KeyError, TypeError):
+        return type(exc).__name__
+
+
 def merge(into: dict[str, Any], patch: dict[str, Any]) -> None:
     """JSON-merge ``patch`` into ``into`` (nested dicts merged, anything else replaced)."""
     for key, value in patch.items():
@@ -195,7 +203,7 @@ class StatusReporter:
             except Exception as exc:
                 if not _retryable(exc) or attempt == self.retries:
                     status = getattr(exc, "status", None)
-                    self.log.emit("warning", message=f"{what} failed (status {status}): {type(exc).__name__}")
+                    self.log.emit("warning", message=f"{what} failed (status {status}): {_api_message(exc)}")
                     return None
                 self.sleep(self.backoff * 2**attempt)
         return None
