@@ -40,8 +40,12 @@ lint: venv ## ruff, mypy --strict, import-linter contracts, CRD drift
 crds: venv ## regenerate crds/ from the API models
 	$(PY) -m finetune_operator.crd
 
+.PHONY: system-deps
+system-deps: ## Debian packages (Prometheus for the demo and its test)
+	@dev/install-system-deps.sh
+
 .PHONY: test
-test: lint controlplane ## everything CI runs: lint + unit + integration (real control plane) + end-to-end
+test: lint controlplane system-deps ## everything CI runs: lint + unit + integration (real control plane) + end-to-end
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: unit
@@ -61,11 +65,14 @@ cluster-down: venv ## stop the local control plane
 	$(PY) -m finetune_localcluster down
 
 .PHONY: demo
-demo: venv ## the main job: fine-tune MiniLM-L6 end to end on the local control plane
-	@echo "make demo lands with issue #6 (the end-to-end job). Until then:"
-	@echo "  make cluster-up        # a real local Kubernetes control plane"
-	@echo "  finetune-trainer --config examples/...  # the trainer standalone"
-	@exit 1
+demo: venv controlplane system-deps ## the main job: fine-tune MiniLM-L6 end to end on the local control plane (~5 min)
+	@echo ">> make demo: local control plane + operator + Prometheus, then a real fine-tune of MiniLM-L6"
+	@echo "   (first run: builds the control plane, ~10-20 min; later runs: a few minutes)"
+	$(PY) -m finetune_demo
+
+.PHONY: demo-down
+demo-down: venv ## stop what `make demo` left running (operator, Prometheus, local cluster)
+	$(PY) -m finetune_demo --down
 
 .PHONY: clean
 clean: ## remove the venv and caches inside the checkout (not ~/.cache/finetune-operator)

