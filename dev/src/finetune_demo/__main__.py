@@ -35,7 +35,7 @@ from finetune_localcluster import procs
 from finetune_localcluster.cluster import Cluster, default_state_dir
 from finetune_localcluster.kubeconfig import api_client
 from finetune_operator.api import GROUP, PLURAL, VERSION
-from finetune_operator.crd import build_crd
+from finetune_operator.clients import install_crd
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE = ROOT / "examples" / "minilm-rotten-tomatoes.yaml"
@@ -89,25 +89,6 @@ class Background:
             procs.kill_group(pid, grace=10)
             print(f"stopped {self.name}")
         self.pidfile.unlink(missing_ok=True)
-
-
-def install_crd(api: client.ApiClient) -> None:
-    extensions = client.ApiextensionsV1Api(api)
-    manifest = build_crd()
-    try:
-        extensions.create_custom_resource_definition(manifest)
-    except client.ApiException as error:
-        if error.status != 409:
-            raise
-        current = extensions.read_custom_resource_definition(manifest["metadata"]["name"])
-        manifest["metadata"]["resourceVersion"] = current.metadata.resource_version
-        extensions.replace_custom_resource_definition(manifest["metadata"]["name"], manifest)
-    for _ in range(100):
-        conditions = extensions.read_custom_resource_definition(manifest["metadata"]["name"]).status.conditions or []
-        if any(c.type == "Established" and c.status == "True" for c in conditions):
-            return
-        time.sleep(0.1)
-    raise SystemExit("the FineTuneJob CRD did not become Established")
 
 
 def start_prometheus(state: Path, port: int, targets: list[str]) -> Background | None:

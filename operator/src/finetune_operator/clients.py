@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from datetime import datetime
 from typing import Any, cast
 
@@ -16,6 +17,7 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from finetune_operator.api import GROUP, PLURAL, VERSION
+from finetune_operator.crd import build_crd
 
 Manifest = dict[str, Any]
 
@@ -153,3 +155,26 @@ class Kube:
                 return None
             raise
         return cast(Manifest, json.loads(response.data))
+
+
+def install_crd(api_client: client.ApiClient, timeout: float = 30.0) -> None:
+    """Create or update the FineTuneJob CRD and wait until it is Established (demo, tests, dev)."""
+    extensions = client.ApiextensionsV1Api(api_client)
+    manifest = build_crd()
+    name = manifest["metadata"]["name"]
+    try:
+        extensions.create_custom_resource_definition(manifest)
+    except ApiException as error:
+        if error.status != 409:
+            raise
+        manifest["metadata"]["resourceVersion"] = extensions.read_custom_resource_definition(
+            name
+        ).metadata.resource_version
+        extensions.replace_custom_resource_definition(name, manifest)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        conditions = extensions.read_custom_resource_definition(name).status.conditions or []
+        if any(c.type == "Established" and c.status == "True" for c in conditions):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"CRD {name} not Established after {timeout:.0f}s")
