@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,17 +28,10 @@ from typing import Any
 
 from kubernetes import client, watch
 
-from finetune_localcluster.cluster import Cluster
+from finetune_localcluster.cluster import Cluster, free_port
 from finetune_localcluster.kubeconfig import api_client
 from finetune_operator.api import GROUP, PLURAL, VERSION
 from finetune_operator.crd import build_crd
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _manifest(name: str) -> dict[str, Any]:
@@ -126,9 +118,9 @@ def main() -> int:
                     "finetune_operator.cli",
                     "run",
                     "--metrics-port",
-                    str(_free_port()),
+                    str(free_port()),
                     "--health-port",
-                    str(_free_port()),
+                    str(free_port()),
                     "--bind-address",
                     "127.0.0.1",
                     "--resync-seconds",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,18 +17,12 @@ import pytest
 import yaml
 from kubernetes import client
 
+from finetune_localcluster.cluster import free_port
 from finetune_localcluster.pytest_plugin import LocalCluster
 from finetune_operator.api import GROUP, PLURAL, VERSION
 from finetune_operator.rbac import cluster_role
 
 FAKE_TRAINER = Path(__file__).with_name("fake_trainer.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -159,8 +152,8 @@ def operator(local_cluster: LocalCluster, crd: Any, tmp_path_factory: pytest.Tem
     running = Operator(
         kubeconfig=least_privilege_kubeconfig(local_cluster, directory),
         log=directory / "operator.log",
-        metrics_port=_free_port(),
-        health_port=_free_port(),
+        metrics_port=free_port(),
+        health_port=free_port(),
     )
     running.start()
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import urllib.parse
@@ -14,24 +13,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune_localcluster.cluster import Cluster
+from finetune_localcluster.cluster import Cluster, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def test_demo_fine_tunes_minilm_and_reports_everywhere(tmp_path: Path) -> None:
     state, output = tmp_path / "cluster", tmp_path / "out"
     ports = {
-        "--operator-metrics-port": _free_port(),
-        "--prometheus-port": _free_port(),
-        "--trainer-metrics-port": _free_port(),
+        "--operator-metrics-port": free_port(),
+        "--prometheus-port": free_port(),
+        "--trainer-metrics-port": free_port(),
     }
     flags = [str(x) for pair in ports.items() for x in pair]
     env = {**os.environ, "FINETUNE_CLUSTER_DIR": str(state)}

@@ -88,7 +88,7 @@ def default_state_dir() -> Path:
     return Path.home() / ".cache" / "finetune-operator" / "cluster"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -254,7 +254,7 @@ class Cluster:
         for f in (self.state_dir / "run").glob("*.pid"):
             f.unlink()
         certs = pki.ensure(self.state_dir / "pki")
-        ports = {k: _free_port() for k in ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler")}
+        ports = {k: free_port() for k in ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler")}
         info: dict[str, Any] = {
             "state_dir": str(self.state_dir),
             "kubeconfig": str(self.kubeconfig),
