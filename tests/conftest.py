@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from kubernetes import client
 
-from finetune_operator.clients import install_crd
+from finetune_localcluster.kubeconfig import install_crd
 from finetune_operator.crd import build_crd
 
 pytest_plugins = ["finetune_localcluster.pytest_plugin"]
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 def crd(local_cluster: LocalCluster) -> dict[str, Any]:
     """The generated CRD applied to the API server and Established."""
     with local_cluster.api_client() as api:
-        install_crd(api)
+        install_crd(api, build_crd())
     return build_crd()
 
 

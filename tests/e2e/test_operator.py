@@ -168,6 +168,7 @@ def test_metrics_follow_the_jobs(jobs: Jobs, operator: Operator, tmp_path: Path)
     assert (_sample(text, "finetune_jobs", phase="Running") or 0) >= 1
     assert re.search(r"^finetune_reconcile_duration_seconds_count \d+", text, re.M)
     assert _sample(text, "finetune_time_to_running_seconds_count") is not None
+    assert (_sample(text, "finetune_operator_api_requests_total", verb="POST", kind="Job", code="201") or 0) >= 1
     jobs.delete("metered")
     deadline = time.monotonic() + 30
     while (

@@ -33,9 +33,9 @@ from kubernetes import client
 from finetune_assets import minilm_dir, rotten_tomatoes
 from finetune_localcluster import procs
 from finetune_localcluster.cluster import Cluster, default_state_dir
-from finetune_localcluster.kubeconfig import api_client
+from finetune_localcluster.kubeconfig import api_client, install_crd
 from finetune_operator.api import GROUP, PLURAL, VERSION
-from finetune_operator.clients import install_crd
+from finetune_operator.crd import build_crd
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE = ROOT / "examples" / "minilm-rotten-tomatoes.yaml"
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     with api_client(cluster.kubeconfig) as api:
         say("FineTuneJob CRD")
-        install_crd(api)
+        install_crd(api, build_crd())
         say("operator (kopf)")
         operator = Background(state, "operator")
         operator.stop()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 from kubernetes import client, config
+from kubernetes.client.rest import ApiException
 
 CONTEXT = "finetune-local"
 
@@ -34,3 +37,26 @@ def api_client(kubeconfig: Path, pool: int = 16) -> client.ApiClient:
     config.load_kube_config(config_file=str(kubeconfig), client_configuration=cfg)  # type: ignore[no-untyped-call,unused-ignore]
     cfg.connection_pool_maxsize = pool
     return client.ApiClient(cfg)
+
+
+def install_crd(api: client.ApiClient, manifest: dict[str, Any], timeout: float = 30.0) -> None:
+    """Create or update a CustomResourceDefinition and wait until it is Established."""
+    extensions = client.ApiextensionsV1Api(api)
+    name = manifest["metadata"]["name"]
+    try:
+        extensions.create_custom_resource_definition(manifest)
+    except ApiException as error:
+        if error.status != 409:
+            raise
+        current = extensions.read_custom_resource_definition(name)
+        extensions.replace_custom_resource_definition(
+            name,
+            {**manifest, "metadata": {**manifest["metadata"], "resourceVersion": current.metadata.resource_version}},
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        conditions = extensions.read_custom_resource_definition(name).status.conditions or []
+        if any(c.type == "Established" and c.status == "True" for c in conditions):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"CRD {name} not Established after {timeout:.0f}s")

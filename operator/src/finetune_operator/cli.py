@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import logging
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -38,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--trainer-image", default=DEFAULT_TRAINER_IMAGE, help="image of the training pods")
     run.add_argument("--trainer-metrics-port", type=int, default=9400, help="port the trainer serves /metrics on")
     run.add_argument("--resync-seconds", type=float, default=30.0, help="how often each job is re-checked")
-    run.add_argument("--api-concurrency", type=int, default=32, help="API calls in flight at once")
+    run.add_argument(
+        "--api-concurrency", type=int, default=32, help="connections to the API server (calls in flight at once)"
+    )
     run.add_argument("--report-interval-seconds", type=int, default=5, help="trainer progress report interval")
     commands.add_parser("crd", help="print the FineTuneJob CRD")
     return parser
@@ -60,8 +61,14 @@ def run(args: argparse.Namespace) -> None:
     metrics = OperatorMetrics()
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.bind_address)
+    asyncio.run(_operate(args, settings, metrics))
+
+
+async def _operate(args: argparse.Namespace, settings: Settings, metrics: OperatorMetrics) -> None:
+    """kopf plus our API client, both on this event loop (the client's session binds to it)."""
+    kube = await Kube.from_environment(pool_size=args.api_concurrency, on_response=metrics.count_request)
     registry = kopf.OperatorRegistry()
-    reconciler = Reconciler(Kube.from_environment(pool_size=args.api_concurrency), settings, metrics)
+    reconciler = Reconciler(kube, settings, metrics)
     register(registry, reconciler, args.resync_seconds)
 
     @kopf.on.login(registry=registry)
@@ -71,23 +78,22 @@ def run(args: argparse.Namespace) -> None:
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, **_: object) -> None:
-        # Every API call runs in a thread; the default pool (cores + 4) would cap concurrency at 6.
-        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=args.api_concurrency))
         settings.posting.enabled = False  # our own Events say what happened; kopf's would be noise
         settings.watching.server_timeout = 300
         settings.networking.request_timeout = 60
         settings.batching.worker_limit = 200
 
     liveness = f"http://{args.bind_address}:{args.health_port}/healthz" if args.health_port else None
-    asyncio.run(
-        kopf.operator(
+    try:
+        await kopf.operator(
             registry=registry,
             standalone=True,
             clusterwide=not args.namespace,
             namespaces=args.namespace,
             liveness_endpoint=liveness,
         )
-    )
+    finally:
+        await kube.close()
 
 
 def main(argv: list[str] | None = None) -> int:

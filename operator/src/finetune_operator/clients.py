@@ -1,117 +1,182 @@
 """Kubernetes I/O for the operator: the only module that talks to the API server (besides kopf).
 
-Plain dicts in and out (camelCase, as the API serves them); every call runs in a worker
-thread so the kopf event loop never blocks. 409 on create means "already there" and 404 on
-delete means "already gone": both are success, which makes every reconcile idempotent.
+Plain dicts in and out (camelCase, as the API serves them), over one aiohttp session on kopf's
+event loop: kept-alive connections, no thread and no TLS handshake per call. Credentials come
+from kubernetes_asyncio's loaders (in-cluster token with rotation, kubeconfig with exec plugins
+and refresh). Its generated API classes are not used: for the nine calls a reconcile makes they
+cost more CPU than the requests themselves (model round-trips, per-request netrc and proxy
+lookups), and CPU is what bounds how many jobs one operator keeps up with.
+
+409 on create means "already there" and 404 on delete means "already gone": both are success,
+which makes every reconcile idempotent.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
+import ssl
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, cast
+from urllib.parse import quote
 
-from kubernetes import client, config
-from kubernetes.client.rest import ApiException
+import aiohttp
+from kubernetes_asyncio import client, config
 
-from finetune_operator.api import GROUP, PLURAL, VERSION
-from finetune_operator.crd import build_crd
+from finetune_operator.api import GROUP, KIND, PLURAL, VERSION
 
 Manifest = dict[str, Any]
 
+_COLLECTIONS = {
+    "ConfigMap": "/api/v1/namespaces/{}/configmaps",
+    "Event": "/api/v1/namespaces/{}/events",
+    "Pod": "/api/v1/namespaces/{}/pods",
+    "Service": "/api/v1/namespaces/{}/services",
+    "ServiceAccount": "/api/v1/namespaces/{}/serviceaccounts",
+    "Role": "/apis/rbac.authorization.k8s.io/v1/namespaces/{}/roles",
+    "RoleBinding": "/apis/rbac.authorization.k8s.io/v1/namespaces/{}/rolebindings",
+    "Job": "/apis/batch/v1/namespaces/{}/jobs",
+    KIND: f"/apis/{GROUP}/{VERSION}/namespaces/{{}}/{PLURAL}",
+}
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class ApiError(Exception):
+    """The API server answered with an error status."""
+
+    def __init__(self, status: int, reason: str, body: str) -> None:
+        super().__init__(f"{status} {reason}: {body[:500]}")
+        self.status, self.reason, self.body = status, reason, body
+
+
+class ConflictError(ApiError):
+    """The object changed since it was read: read it again and decide again."""
+
 
 class Kube:
-    """Typed-API calls for the kinds a FineTuneJob owns."""
+    """The calls a reconcile makes, for the kinds a FineTuneJob owns."""
 
-    def __init__(self, api_client: client.ApiClient) -> None:
-        self._api = api_client
-        self.core = client.CoreV1Api(api_client)
-        self.batch = client.BatchV1Api(api_client)
-        self.rbac = client.RbacAuthorizationV1Api(api_client)
-        self.custom = client.CustomObjectsApi(api_client)
+    def __init__(
+        self,
+        configuration: client.Configuration,
+        pool_size: int = 32,
+        timeout: float = 60.0,
+        on_response: Callable[[str, str, int], None] | None = None,
+    ) -> None:
+        """``on_response(verb, kind, status code)`` is told of every answer (request metrics)."""
+        context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
+        if configuration.cert_file:
+            context.load_cert_chain(configuration.cert_file, keyfile=configuration.key_file)
+        if not configuration.verify_ssl:
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        self._configuration = configuration
+        self._on_response = on_response
+        self._host = str(configuration.host).rstrip("/")
+        self._server_hostname = configuration.tls_server_name
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=pool_size, ssl=context), trust_env=False
+        )
 
     @classmethod
-    def from_environment(cls, pool_size: int = 32) -> Kube:
-        """In-cluster credentials when running in a pod, else KUBECONFIG / ~/.kube/config."""
+    async def from_environment(
+        cls, pool_size: int = 32, on_response: Callable[[str, str, int], None] | None = None
+    ) -> Kube:
+        """In-cluster credentials when running in a pod, else KUBECONFIG / ~/.kube/config.
+
+        Must run on the event loop that will use it (the aiohttp session binds to it)."""
         configuration = client.Configuration()
         try:
-            config.load_incluster_config(client_configuration=configuration)
+            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
         except config.ConfigException:
-            config.load_kube_config(client_configuration=configuration)
-        configuration.connection_pool_maxsize = pool_size
-        return cls(client.ApiClient(configuration))
+            await config.load_kube_config(client_configuration=configuration)
+        return cls(configuration, pool_size, on_response=on_response)
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def _request(
+        self,
+        method: str,
+        kind: str,
+        namespace: str,
+        name: str = "",
+        *,
+        subresource: str = "",
+        body: Manifest | None = None,
+        params: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> Manifest:
+        path = _COLLECTIONS[kind].format(quote(namespace, safe=""))
+        path += "".join(f"/{quote(part, safe='')}" for part in (name, subresource) if part)
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        for setting in (await self._configuration.auth_settings()).values():  # refreshes expiring tokens
+            if setting["in"] == "header":
+                headers[setting["key"]] = setting["value"]
+        async with self._session.request(
+            method,
+            self._host + path,
+            data=None if body is None else json.dumps(body),
+            params=params,
+            headers=headers,
+            timeout=self._timeout,
+            server_hostname=self._server_hostname,
+        ) as response:
+            data = await response.read()
+        if self._on_response is not None:
+            self._on_response(method, kind, response.status)
+        if response.status >= 400:
+            error = ConflictError if response.status == 409 else ApiError
+            raise error(response.status, response.reason or "", data.decode("utf-8", "replace"))
+        return cast(Manifest, json.loads(data))
+
+    async def _unless_gone(self, method: str, kind: str, namespace: str, name: str, **kwargs: Any) -> Manifest | None:
+        try:
+            return await self._request(method, kind, namespace, name, **kwargs)
+        except ApiError as error:
+            if error.status == 404:
+                return None
+            raise
 
     async def create(self, manifest: Manifest) -> Manifest | None:
         """Create a child and return it as stored; None when it already existed."""
         try:
-            response = await asyncio.to_thread(self._create, manifest)
-        except ApiException as error:
-            if error.status == 409 or (error.status == 403 and "being terminated" in str(error.body)):
+            return await self._request("POST", manifest["kind"], manifest["metadata"]["namespace"], body=manifest)
+        except ApiError as error:
+            if error.status == 409 or (error.status == 403 and "being terminated" in error.body):
                 return None  # exists already / its namespace is going away with everything in it
             raise
-        return cast(Manifest, json.loads(response.data))
-
-    def _create(self, manifest: Manifest) -> Any:
-        namespace = manifest["metadata"]["namespace"]
-        kind = manifest["kind"]
-        creators = {
-            "ConfigMap": self.core.create_namespaced_config_map,
-            "ServiceAccount": self.core.create_namespaced_service_account,
-            "Service": self.core.create_namespaced_service,
-            "Role": self.rbac.create_namespaced_role,
-            "RoleBinding": self.rbac.create_namespaced_role_binding,
-            "Job": self.batch.create_namespaced_job,
-        }
-        return creators[kind](namespace, manifest, _preload_content=False)
 
     async def read_job(self, namespace: str, name: str) -> Manifest | None:
-        return await self._read(lambda: self.batch.read_namespaced_job(name, namespace, _preload_content=False))
+        return await self._unless_gone("GET", "Job", namespace, name)
 
     async def list_pods(self, namespace: str, selector: str) -> list[Manifest]:
-        response = await asyncio.to_thread(
-            self.core.list_namespaced_pod, namespace, label_selector=selector, _preload_content=False
-        )
-        return cast(list[Manifest], json.loads(response.data)["items"])
+        listed = await self._request("GET", "Pod", namespace, params={"labelSelector": selector})
+        return cast(list[Manifest], listed["items"])
 
     async def patch_job(self, namespace: str, name: str, patch: Manifest) -> None:
-        await asyncio.to_thread(self.batch.patch_namespaced_job, name, namespace, patch, _preload_content=False)
+        await self._request("PATCH", "Job", namespace, name, body=patch, content_type=MERGE_PATCH)
 
     async def delete_job(self, namespace: str, name: str) -> None:
-        try:
-            await asyncio.to_thread(
-                self.batch.delete_namespaced_job,
-                name,
-                namespace,
-                propagation_policy="Background",
-                _preload_content=False,
-            )
-        except ApiException as error:
-            if error.status != 404:
-                raise
+        await self._unless_gone("DELETE", "Job", namespace, name, params={"propagationPolicy": "Background"})
 
-    async def patch_status(self, namespace: str, name: str, status: Manifest) -> str | None:
+    async def read_finetunejob(self, namespace: str, name: str) -> Manifest | None:
+        return await self._unless_gone("GET", KIND, namespace, name)
+
+    async def patch_status(
+        self, namespace: str, name: str, status: Manifest, resource_version: str | None = None
+    ) -> Manifest | None:
         """JSON merge patch of the FineTuneJob status; only the keys given are touched.
 
-        Returns the new resourceVersion, or None when the object is gone."""
-        try:
-            response = await asyncio.to_thread(
-                self.custom.patch_namespaced_custom_object_status,
-                GROUP,
-                VERSION,
-                namespace,
-                PLURAL,
-                name,
-                {"status": status},
-                _content_type="application/merge-patch+json",
-                _preload_content=False,
-            )
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-        return cast(str, json.loads(response.data)["metadata"]["resourceVersion"])
+        With ``resource_version`` the patch applies only to that version of the object (else
+        ``ConflictError``), so a decision made on a stale read is never written. Returns the
+        object as stored, or None when it is gone."""
+        patch: Manifest = {"status": status}
+        if resource_version is not None:
+            patch["metadata"] = {"resourceVersion": resource_version}
+        return await self._unless_gone(
+            "PATCH", KIND, namespace, name, subresource="status", body=patch, content_type=MERGE_PATCH
+        )
 
     async def post_event(self, involved: Manifest, type_: str, reason: str, message: str, now: datetime) -> None:
         """A core/v1 Event on the FineTuneJob, so `kubectl describe ftj` tells its story."""
@@ -123,7 +188,7 @@ class Kube:
             "metadata": {"generateName": f"{metadata['name']}.", "namespace": metadata["namespace"]},
             "involvedObject": {
                 "apiVersion": involved.get("apiVersion", f"{GROUP}/{VERSION}"),
-                "kind": involved.get("kind", "FineTuneJob"),
+                "kind": involved.get("kind", KIND),
                 "name": metadata["name"],
                 "namespace": metadata["namespace"],
                 "uid": metadata.get("uid"),
@@ -138,43 +203,4 @@ class Kube:
             "reportingComponent": "finetune.dev/operator",
             "reportingInstance": "finetune-operator",
         }
-        await asyncio.to_thread(self.core.create_namespaced_event, metadata["namespace"], event, _preload_content=False)
-
-    async def read_finetunejob(self, namespace: str, name: str) -> Manifest | None:
-        return await self._read(
-            lambda: self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name, _preload_content=False
-            )
-        )
-
-    async def _read(self, call: Any) -> Manifest | None:
-        try:
-            response = await asyncio.to_thread(call)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-        return cast(Manifest, json.loads(response.data))
-
-
-def install_crd(api_client: client.ApiClient, timeout: float = 30.0) -> None:
-    """Create or update the FineTuneJob CRD and wait until it is Established (demo, tests, dev)."""
-    extensions = client.ApiextensionsV1Api(api_client)
-    manifest = build_crd()
-    name = manifest["metadata"]["name"]
-    try:
-        extensions.create_custom_resource_definition(manifest)
-    except ApiException as error:
-        if error.status != 409:
-            raise
-        manifest["metadata"]["resourceVersion"] = extensions.read_custom_resource_definition(
-            name
-        ).metadata.resource_version
-        extensions.replace_custom_resource_definition(name, manifest)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        conditions = extensions.read_custom_resource_definition(name).status.conditions or []
-        if any(c.type == "Established" and c.status == "True" for c in conditions):
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"CRD {name} not Established after {timeout:.0f}s")
+        await self._request("POST", "Event", metadata["namespace"], body=event)

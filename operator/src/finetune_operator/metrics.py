@@ -54,6 +54,12 @@ class OperatorMetrics:
         self.best_metric = Gauge(
             "finetune_job_best_metric", "Best value of the monitored metric.", [*per_job, "metric"], registry=r
         )
+        self.api_requests = Counter(
+            "finetune_operator_api_requests",
+            "Requests the operator made to the Kubernetes API (besides kopf's watches), by verb, kind and status code.",
+            ["verb", "kind", "code"],
+            registry=r,
+        )
         self._phases: dict[tuple[str, str], str] = {}
         self._metric_names: dict[tuple[str, str], set[str]] = {}
         for phase in PHASES:
@@ -65,9 +71,9 @@ class OperatorMetrics:
     def observe_job(self, namespace: str, name: str, status: FineTuneJobStatus) -> None:
         """Refresh the per-job gauges and the phase count from a job's status."""
         key = (namespace, name)
-        if status.phase is not None:
+        if status.phase is not None and self._phases.get(key) != status.phase:
+            self._count(self._phases.get(key), status.phase)
             self._phases[key] = status.phase
-            self._recount()
         progress = status.progress
         if progress is not None:
             self.progress.labels(namespace, name).set(progress.percent / 100)
@@ -87,8 +93,7 @@ class OperatorMetrics:
     def forget_job(self, namespace: str, name: str) -> None:
         """Drop every series of a deleted job, so dashboards do not show ghosts."""
         key = (namespace, name)
-        self._phases.pop(key, None)
-        self._recount()
+        self._count(self._phases.pop(key, None), None)
         for gauge in (self.progress, self.train_loss, self.samples_per_second):
             _remove(gauge, (namespace, name))
         for metric in self._metric_names.pop(key, set()):
@@ -110,12 +115,15 @@ class OperatorMetrics:
             if failed is not None and failed.reason in reasons:
                 self.failures.labels(failed.reason).inc()
 
-    def _recount(self) -> None:
-        counts = dict.fromkeys(PHASES, 0)
-        for phase in self._phases.values():
-            counts[phase] = counts.get(phase, 0) + 1
-        for phase, count in counts.items():
-            self.jobs.labels(phase).set(count)
+    def _count(self, old: str | None, new: str | None) -> None:
+        """Move one job between phases (O(1): reconciles at a thousand jobs must not rescan them)."""
+        if old is not None:
+            self.jobs.labels(old).dec()
+        if new is not None:
+            self.jobs.labels(new).inc()
+
+    def count_request(self, verb: str, kind: str, code: int) -> None:
+        self.api_requests.labels(verb, kind, str(code)).inc()
 
 
 def _remove(gauge: Gauge, labels: tuple[str, ...]) -> None:

@@ -23,6 +23,8 @@ JOB_LABEL = "finetune.dev/job"
 SPEC_HASH_ANNOTATION = "finetune.dev/spec-hash"
 TRAINER_CONTAINER = "trainer"
 CONFIG_FILE = "config.yaml"
+_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+"""libyaml's dumper when PyYAML has it: the same YAML, an order of magnitude less CPU per job."""
 
 # Trainer exit codes (finetune_trainer's contract): configuration, data and model errors are
 # permanent, so the Job must not retry them; 75 means "terminated after saving" (preemption).
@@ -122,7 +124,7 @@ def _stamped(manifest: Manifest) -> Manifest:
 def training_config(job: FineTuneJob) -> str:
     """The trainer's config file: exactly the training part of the spec, camelCase."""
     training = TrainingSpec.model_validate(job.spec.model_dump(include=set(TrainingSpec.model_fields)))
-    return yaml.safe_dump(training.to_wire(), sort_keys=False)
+    return yaml.dump(training.to_wire(), Dumper=_YAML_DUMPER, sort_keys=False)
 
 
 def config_map(job: FineTuneJob) -> Manifest:
