@@ -34,6 +34,7 @@ class FakeApi:
         self.failures = list(failures or [])
         self.patches: list[dict[str, Any]] = []
         self.calls = 0
+        self.reads = 0
         self.lock = threading.Lock()
 
     def patch_namespaced_custom_object_status(
@@ -46,11 +47,13 @@ class FakeApi:
             if self.failures:
                 raise ApiError(self.failures.pop(0))
             self.patches.append(body)
-        return body
+        return self.obj  # the API server answers a patch with the whole object
 
     def get_namespaced_custom_object(
         self, group: str, version: str, namespace: str, plural: str, name: str, **kwargs: Any
     ) -> dict[str, Any]:
+        with self.lock:
+            self.reads += 1
         return self.obj
 
 
@@ -86,6 +89,31 @@ def test_retries_transient_errors_and_gives_up_quietly() -> None:
     r.update({"progress": {"step": 1}}, urgent=True)
     r.close()
     assert api.calls == 1 and api.patches == []  # not retried, and nothing raised
+
+
+def test_a_reporting_trainer_sees_stop_requests_in_patch_answers_without_extra_reads() -> None:
+    api = FakeApi()
+    r = reporter(api, interval=0.1)
+    for step in range(8):
+        r.update({"progress": {"step": step}})
+        time.sleep(0.06)
+    assert r.stop_request is None and len(api.patches) >= 3
+    api.obj = {"metadata": {"name": "job"}, "status": {"stopRequest": {"reason": "EarlyStopped", "message": "m"}}}
+    r.update({"progress": {"step": 9}})
+    time.sleep(0.3)
+    assert r.stop_request == {"reason": "EarlyStopped", "message": "m"}
+    r.close()
+    assert api.reads <= 1  # the first round at most: after that every answer to a patch served
+
+
+def test_an_idle_trainer_polls_for_stop_requests() -> None:
+    api = FakeApi(obj={"metadata": {"annotations": {"finetune.dev/stop-requested": "true"}}})
+    r = reporter(api, interval=0.05)
+    deadline = time.monotonic() + 5
+    while r.stop_request is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    r.close()
+    assert r.stop_request is not None and api.reads >= 1 and api.patches == []
 
 
 def test_stop_request_sources() -> None:

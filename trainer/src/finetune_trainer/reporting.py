@@ -120,7 +120,9 @@ def merge(into: dict[str, Any], patch: dict[str, Any]) -> None:
 class StatusReporter:
     """Sends status merge patches from a background thread: throttled, retried, never raising into training.
 
-    It also polls the object for a stop request at the same interval.
+    It also watches for a stop request: in the object each patch returns, and by reading the
+    object when no patch went out for an interval (one request per interval, not two: at
+    hundreds of jobs the trainers' requests are most of the API server's load).
     """
 
     def __init__(
@@ -187,8 +189,10 @@ class StatusReporter:
                 poll = not closing and now - self._last_poll >= poll_interval
                 if poll:
                     self._last_poll = now
-            if batch:
-                self._send(batch)
+            if batch and self._send(batch):
+                poll = False  # the patch's answer was the object: as good as a read
+                with self._cond:
+                    self._last_poll = now
             if poll:
                 self._poll_stop_request()
             if closing:
@@ -208,7 +212,8 @@ class StatusReporter:
                 self.sleep(self.backoff * 2**attempt)
         return None
 
-    def _send(self, status: dict[str, Any]) -> None:
+    def _send(self, status: dict[str, Any]) -> bool:
+        """Patch the status; True when the object came back (its stop request is then noted)."""
         body = {"status": status}
         result = self._call(
             "status patch",
@@ -224,20 +229,28 @@ class StatusReporter:
                 _request_timeout=10,
             ),
         )
-        if result is not None:
-            self.patches_sent += 1
+        if result is None:
+            return False
+        self.patches_sent += 1
+        return self._note_stop_request(result)
 
     def _poll_stop_request(self) -> None:
-        obj = self._call(
-            "reading the FineTuneJob",
-            lambda: self.api.get_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, PLURAL, self.name, _request_timeout=10
-            ),
+        self._note_stop_request(
+            self._call(
+                "reading the FineTuneJob",
+                lambda: self.api.get_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, PLURAL, self.name, _request_timeout=10
+                ),
+            )
         )
-        if isinstance(obj, dict):
-            request = stop_request_of(obj)
-            if request is not None and self.stop_request is None:
-                self.stop_request = request
+
+    def _note_stop_request(self, obj: Any) -> bool:
+        if not isinstance(obj, dict):
+            return False
+        request = stop_request_of(obj)
+        if request is not None and self.stop_request is None:
+            self.stop_request = request
+        return True
 
 
 def stop_request_of(obj: dict[str, Any]) -> dict[str, str] | None:
