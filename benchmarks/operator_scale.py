@@ -2,18 +2,23 @@
 
     .venv/bin/python benchmarks/operator_scale.py [--jobs 1000] [--in-flight 500] [--sequential 20]
 
-Measures, with the operator (kopf) and the control plane sharing this machine:
-- create -> Job created latency (p50/p99), one job at a time;
-- the same latency while `--in-flight` FineTuneJobs are created at once;
-- the time until `--jobs` FineTuneJobs all have their Job;
-- the operator's resident memory (RSS) with that many jobs.
+With the operator (kopf), the control plane and this load generator sharing the machine:
+1. create -> Job created latency (p50/p99), one FineTuneJob at a time;
+2. a burst: ``--jobs`` FineTuneJobs created as fast as the client can; the time until all have
+   their Job, and the create -> Job latency across the burst (a queue forms: the worst case);
+3. in flight: ``--in-flight`` of those jobs report progress every ``--report-interval`` seconds,
+   as trainers do, while new jobs arrive at ``--arrival-rate`` per second; their create -> Job
+   latency (p50/p99) is the operator's latency under that load;
+4. the operator's resident memory (RSS), and the API requests it made per job.
 Jobs are created suspended so that no trainer pods start (the node would run 1000 processes);
-the operator's work — ConfigMap, ServiceAccount, Role, RoleBinding, Job, status — is the same.
+the operator's work for them (ConfigMap, ServiceAccount, Role, RoleBinding, Job, status,
+events) is the same as for a running job.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import statistics
@@ -22,15 +27,21 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from kubernetes import client, watch
+from kubernetes_asyncio import client as aioclient
+from kubernetes_asyncio import config as aioconfig
+from prometheus_client.parser import text_string_to_metric_families
 
 from finetune_localcluster.cluster import Cluster, free_port
-from finetune_localcluster.kubeconfig import api_client
+from finetune_localcluster.kubeconfig import api_client, install_crd
 from finetune_operator.api import GROUP, PLURAL, VERSION
+from finetune_operator.clients import Kube
 from finetune_operator.crd import build_crd
 
 
@@ -85,6 +96,13 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def _latency(label: str, values: list[float]) -> None:
+    print(
+        f"{label}: p50 {statistics.median(values) * 1000:.0f} ms, p99 {_percentile(values, 0.99) * 1000:.0f} ms"
+        f" (n={len(values)})"
+    )
+
+
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -92,11 +110,72 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
+class TrainerFleet:
+    """Progress reports from ``names``, each every ``interval`` seconds, as running trainers send
+    them (a status merge patch with a fresh heartbeat); on its own event loop and connections."""
+
+    def __init__(self, kubeconfig: Path, namespace: str, names: list[str], interval: float) -> None:
+        self.sent = 0
+        self._args = (kubeconfig, namespace, names, interval)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+        self._thread.start()
+
+    async def _run(self) -> None:
+        kubeconfig, namespace, names, interval = self._args
+        configuration = aioclient.Configuration()
+        await aioconfig.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+        kube = Kube(configuration, pool_size=16)
+        limit = asyncio.Semaphore(16)
+
+        async def report(name: str, step: int) -> None:
+            progress: dict[str, Any] = {"step": step, "totalSteps": 10_000, "percent": step / 100}
+            progress["lastHeartbeatTime"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            async with limit:
+                await kube.patch_status(namespace, name, {"progress": progress})
+            self.sent += 1
+
+        step, pending = 0, set()
+        while not self._stop.is_set():
+            step += 1
+            for name in names:  # spread each round over the interval
+                due = time.monotonic() + interval / len(names)
+                pending.add(asyncio.create_task(report(name, step)))
+                pending = {t for t in pending if not t.done()}
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                if self._stop.is_set():
+                    break
+        await asyncio.gather(*pending, return_exceptions=True)
+        await kube.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+def _api_requests(metrics_port: int) -> dict[tuple[str, str], float]:
+    """The operator's own count of its API requests, by (verb, kind)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    counts: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "finetune_operator_api_requests":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    key = (sample.labels["verb"], sample.labels["kind"])
+                    counts[key] = counts.get(key, 0.0) + sample.value
+    return counts
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", type=int, default=1000)
-    parser.add_argument("--in-flight", type=int, default=500)
-    parser.add_argument("--sequential", type=int, default=20)
+    parser.add_argument("--jobs", type=int, default=1000, help="FineTuneJobs in the burst")
+    parser.add_argument("--in-flight", type=int, default=500, help="jobs reporting progress in step 3")
+    parser.add_argument(
+        "--report-interval", type=float, default=5.0, help="seconds between a trainer's reports (0: none)"
+    )
+    parser.add_argument("--arrival-rate", type=float, default=2.0, help="new jobs per second in step 3")
+    parser.add_argument("--arrivals", type=int, default=100, help="new jobs created in step 3")
+    parser.add_argument("--sequential", type=int, default=20, help="jobs created one at a time in step 1")
     args = parser.parse_args()
 
     state = Path(tempfile.mkdtemp(prefix="ftj-bench-"))
@@ -105,12 +184,12 @@ def main() -> int:
     operator: subprocess.Popen[bytes] | None = None
     try:
         with api_client(cluster.kubeconfig) as api:
-            client.ApiextensionsV1Api(api).create_custom_resource_definition(build_crd())
-            time.sleep(2)
+            install_crd(api, build_crd())
             core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
             namespace = "bench"
             core.create_namespace({"metadata": {"name": namespace}})
             log = (state / "operator.log").open("wb")
+            metrics_port = free_port()
             operator = subprocess.Popen(
                 [
                     sys.executable,
@@ -118,7 +197,7 @@ def main() -> int:
                     "finetune_operator.cli",
                     "run",
                     "--metrics-port",
-                    str(free_port()),
+                    str(metrics_port),
                     "--health-port",
                     str(free_port()),
                     "--bind-address",
@@ -145,10 +224,7 @@ def main() -> int:
                 started = create(name)
                 watcher.wait([name], 60)
                 sequential.append(watcher.seen[name] - started)
-            print(
-                f"create -> Job, one at a time ({args.sequential} jobs): "
-                f"p50 {statistics.median(sequential) * 1000:.0f} ms, p99 {_percentile(sequential, 0.99) * 1000:.0f} ms"
-            )
+            _latency("1. create -> Job, one at a time", sequential)
 
             names = [f"burst-{i}" for i in range(args.jobs)]
             begin = time.monotonic()
@@ -157,17 +233,42 @@ def main() -> int:
             created_in = time.monotonic() - begin
             complete = watcher.wait(names, 600)
             all_done = max(watcher.seen.get(n, float("nan")) for n in names) - begin
-            burst = [watcher.seen[n] - starts[n] for n in names[: args.in_flight] if n in watcher.seen]
             print(
-                f"create -> Job with {args.in_flight} in flight: p50 {statistics.median(burst) * 1000:.0f} ms, "
-                f"p99 {_percentile(burst, 0.99) * 1000:.0f} ms"
-            )
-            print(
-                f"{args.jobs} FineTuneJobs created in {created_in:.1f} s; all have their Job after {all_done:.1f} s"
+                f"2. {args.jobs} FineTuneJobs created in {created_in:.1f} s; all have their Job after {all_done:.1f} s"
                 + ("" if complete else " (INCOMPLETE)")
             )
-            time.sleep(5)
-            print(f"operator RSS with {args.jobs + args.sequential} jobs: {_rss_mb(operator.pid):.0f} MB")
+            _latency(
+                f"   create -> Job across the burst ({args.jobs / created_in:.0f} creates/s)",
+                [watcher.seen[n] - starts[n] for n in names if n in watcher.seen],
+            )
+
+            fleet = None
+            if args.report_interval > 0:
+                fleet = TrainerFleet(cluster.kubeconfig, namespace, names[: args.in_flight], args.report_interval)
+                time.sleep(2 * args.report_interval)  # the reports reach a steady rate
+            sent_before, fleet_begin = fleet.sent if fleet else 0, time.monotonic()
+            arrivals, arrival_starts = [f"arrival-{i}" for i in range(args.arrivals)], {}
+            for name in arrivals:
+                due = time.monotonic() + 1 / args.arrival_rate
+                arrival_starts[name] = create(name)
+                time.sleep(max(0.0, due - time.monotonic()))
+            watcher.wait(arrivals, 120)
+            report_rate = 0.0
+            if fleet is not None:
+                report_rate = (fleet.sent - sent_before) / (time.monotonic() - fleet_begin)
+                fleet.stop()
+            _latency(
+                f"3. create -> Job with {args.in_flight} jobs in flight ({report_rate:.0f} progress reports/s, "
+                f"{args.arrival_rate:g} new jobs/s)",
+                [watcher.seen[n] - arrival_starts[n] for n in arrivals if n in watcher.seen],
+            )
+            time.sleep(3)
+            total = args.sequential + args.jobs + args.arrivals
+            print(f"4. operator RSS with {total} jobs: {_rss_mb(operator.pid):.0f} MB")
+            requests = _api_requests(metrics_port)
+            print(f"   operator API requests per job: {sum(requests.values()) / total:.1f}")
+            for (verb, kind), value in sorted(requests.items()):
+                print(f"     {verb:6} {kind:15} {value:8.0f}")
             watcher.stop()
     finally:
         if operator is not None:
