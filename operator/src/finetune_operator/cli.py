@@ -81,7 +81,9 @@ async def _operate(args: argparse.Namespace, settings: Settings, metrics: Operat
         settings.posting.enabled = False  # our own Events say what happened; kopf's would be noise
         settings.watching.server_timeout = 300
         settings.networking.request_timeout = 60
-        settings.batching.worker_limit = 200
+        # No cap on kopf's per-object workers: with a cap, the workers of jobs whose trainers
+        # report every few seconds never idle out, and new jobs queue behind them for seconds.
+        settings.queueing.worker_limit = None
 
     liveness = f"http://{args.bind_address}:{args.health_port}/healthz" if args.health_port else None
     try:
