@@ -7,6 +7,7 @@ service-account token.
     fake_trainer.py crash-once fails on its first run after a checkpoint, then resumes and finishes
     fake_trainer.py exit N     exits with code N at once (2/3/4: the trainer's permanent errors)
     fake_trainer.py steady     reports progress slowly until asked to stop or done
+    fake_trainer.py silent     reports twice, then hangs without a word (a stuck data loader)
 """
 
 from __future__ import annotations
@@ -115,6 +116,13 @@ def steady(total: int = 600) -> int:
     return 0
 
 
+def silent() -> int:
+    report(1, 100, [])
+    report(2, 100, [])
+    while True:
+        time.sleep(60)
+
+
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     mode = argv[1]
@@ -131,6 +139,8 @@ def main(argv: list[str]) -> int:
         return code
     if mode == "steady":
         return steady()
+    if mode == "silent":
+        return silent()
     raise SystemExit(f"unknown mode {mode}")
 
 
