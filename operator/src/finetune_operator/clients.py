@@ -3,9 +3,9 @@
 Plain dicts in and out (camelCase, as the API serves them), over one aiohttp session on kopf's
 event loop: kept-alive connections, no thread and no TLS handshake per call. Credentials come
 from kubernetes_asyncio's loaders (in-cluster token with rotation, kubeconfig with exec plugins
-and refresh). Its generated API classes are not used: for the nine calls a reconcile makes they
-cost more CPU than the requests themselves (model round-trips, per-request netrc and proxy
-lookups), and CPU is what bounds how many jobs one operator keeps up with.
+and refresh). Its generated API classes are not used: in a profile at 1000 jobs they and
+aiohttp's per-request netrc and proxy lookups were about a quarter of the operator's CPU, for
+the handful of calls a reconcile makes.
 
 409 on create means "already there" and 404 on delete means "already gone": both are success,
 which makes every reconcile idempotent.

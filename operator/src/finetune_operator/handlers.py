@@ -177,12 +177,12 @@ class Reconciler:
         children = desired_children(job, self.settings)
         supporting = [c for c in children if c["kind"] != "Job"]
         (trainer_job,) = [c for c in children if c["kind"] == "Job"]
-        stored = [*await asyncio.gather(*(self.kube.create(c) for c in supporting))]
-        stored.append(await self.kube.create(trainer_job))
-        for child, result in zip([*supporting, trainer_job], stored, strict=True):
+        stored = await asyncio.gather(*(self.kube.create(c) for c in supporting))
+        created_job = await self.kube.create(trainer_job)
+        for child, result in zip([*supporting, trainer_job], [*stored, created_job], strict=True):
             if result is not None:
                 log.info("created %s %s/%s", child["kind"], child["metadata"]["namespace"], child["metadata"]["name"])
-        return stored[-1]
+        return created_job
 
     async def _steer_workload(self, job: FineTuneJob, workload: Manifest, suspended: bool, decision: Decision) -> None:
         """Keep the Job's suspend flag and template in line with the spec (and a stop being enforced)."""
@@ -212,8 +212,6 @@ class Reconciler:
                 return
             self._bodies[(namespace, name)] = stored
             self._written[(namespace, name)] = stored["metadata"]["resourceVersion"]
-        for event in decision.events:
-            log.info("%s/%s %s: %s", namespace, name, event.reason, event.message)
         await asyncio.gather(*(self._post(body, event, now) for event in decision.events))
         created = datetime.fromisoformat(metadata.get("creationTimestamp", now.isoformat()).replace("Z", "+00:00"))
         self.metrics.record_transitions(
@@ -222,13 +220,12 @@ class Reconciler:
         self.metrics.observe_job(namespace, name, decision.status)
 
     async def _post(self, body: Manifest, event: Event, now: datetime) -> None:
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        log.info("%s/%s %s: %s", namespace, name, event.reason, event.message)
         try:
             await self.kube.post_event(body, event.type, event.reason, event.message, now)
         except ApiError as error:  # an event is best effort; the status already says it
-            meta = body["metadata"]
-            log.warning(
-                "could not post event %s on %s/%s: %s", event.reason, meta["namespace"], meta["name"], error.reason
-            )
+            log.warning("could not post event %s on %s/%s: %s", event.reason, namespace, name, error.reason)
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -259,8 +256,11 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync_sec
             await reconciler.reconcile(namespace, name)
 
     @kopf.on.startup(registry=registry)
-    async def start_resync(settings: kopf.OperatorSettings, **_: Any) -> None:
+    async def skip_diff_base(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.persistence.diffbase_storage = NoDiffBase()
+
+    @kopf.on.startup(registry=registry)
+    async def start_resync(**_: Any) -> None:
         # One loop for all jobs instead of a kopf timer per job: timers need a finalizer on
         # every FineTuneJob, and ownerReferences already make deletion clean without one.
         reconciler.resync_task = asyncio.create_task(reconciler.resync_forever(resync_seconds))
