@@ -34,14 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes import client, watch
-from kubernetes_asyncio import client as aioclient
-from kubernetes_asyncio import config as aioconfig
 from prometheus_client.parser import text_string_to_metric_families
 
 from finetune_localcluster.cluster import Cluster, free_port
 from finetune_localcluster.kubeconfig import api_client, install_crd
 from finetune_operator.api import GROUP, PLURAL, VERSION
-from finetune_operator.clients import Kube
+from finetune_operator.clients import Kube, login
 from finetune_operator.crd import build_crd
 
 
@@ -123,9 +121,8 @@ class TrainerFleet:
 
     async def _run(self) -> None:
         kubeconfig, namespace, names, interval = self._args
-        configuration = aioclient.Configuration()
-        await aioconfig.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
-        kube = Kube(configuration, pool_size=16)
+        os.environ["KUBECONFIG"] = str(kubeconfig)
+        kube = Kube(login, pool_size=16)
         limit = asyncio.Semaphore(16)
 
         async def report(name: str, step: int) -> None:

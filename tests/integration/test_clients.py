@@ -4,14 +4,16 @@ conditional status writes, and a request count for every answer."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+import kopf
 import pytest
-from kubernetes_asyncio import client, config
+from kubernetes import client
 
 from finetune_operator.api import API_VERSION, KIND
-from finetune_operator.clients import ApiError, ConflictError, Kube
+from finetune_operator.clients import ApiError, ConflictError, Kube, login
 
 if TYPE_CHECKING:
     from finetune_localcluster.pytest_plugin import LocalCluster
@@ -34,9 +36,7 @@ def _finetunejob(name: str, namespace: str) -> dict[str, Any]:
 
 async def _exercise(local_cluster: LocalCluster, namespace: str) -> Counter[tuple[str, str, int]]:
     answers: Counter[tuple[str, str, int]] = Counter()
-    configuration = client.Configuration()
-    await config.load_kube_config(config_file=str(local_cluster.kubeconfig), client_configuration=configuration)
-    kube = Kube(configuration, on_response=lambda verb, kind, code: answers.update([(verb, kind, code)]))
+    kube = Kube(login, on_response=lambda verb, kind, code: answers.update([(verb, kind, code)]))
     try:
         stored = await kube.create(_finetunejob("cond", namespace))
         assert stored is not None and stored["metadata"]["uid"]
@@ -63,8 +63,62 @@ async def _exercise(local_cluster: LocalCluster, namespace: str) -> Counter[tupl
     return answers
 
 
-def test_creates_are_idempotent_and_status_writes_conditional(local_cluster: LocalCluster, namespace: str) -> None:
+def test_creates_are_idempotent_and_status_writes_conditional(
+    local_cluster: LocalCluster, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(local_cluster.kubeconfig))
     answers = asyncio.run(_exercise(local_cluster, namespace))
     assert answers[("POST", KIND, 201)] == 1 and answers[("POST", KIND, 409)] == 1
     assert answers[("PATCH", KIND, 200)] == 2 and answers[("PATCH", KIND, 409)] == 1
     assert answers[("DELETE", "Job", 404)] == 1 and answers[("PATCH", "Job", 404)] == 1
+
+
+def test_a_rejected_token_is_read_again(
+    local_cluster: LocalCluster, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 401 (the service account token was rotated) makes the client ask for credentials again
+    and repeat the request once, as kopf's own watches do."""
+    api = local_cluster.api_client()
+    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    core.create_namespaced_service_account(namespace, {"metadata": {"name": "reader"}})
+    rbac.create_namespaced_role(
+        namespace,
+        {
+            "metadata": {"name": "reader"},
+            "rules": [{"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get"]}],
+        },
+    )
+    rbac.create_namespaced_role_binding(
+        namespace,
+        {
+            "metadata": {"name": "reader"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "reader"},
+            "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": namespace}],
+        },
+    )
+    token = core.create_namespaced_service_account_token("reader", namespace, {"spec": {}}).status.token
+    monkeypatch.setenv("KUBECONFIG", str(local_cluster.kubeconfig))
+    admin = login()
+    tokens = iter(["expired-token", token])
+
+    def service_account() -> kopf.ConnectionInfo:  # the token file as the kubelet rotates it
+        return dataclasses.replace(
+            admin,
+            certificate_path=None,
+            certificate_data=None,
+            private_key_path=None,
+            private_key_data=None,
+            token=next(tokens),
+        )
+
+    async def read() -> tuple[dict[str, Any] | None, Counter[int]]:
+        codes: Counter[int] = Counter()
+        kube = Kube(service_account, on_response=lambda verb, kind, code: codes.update([code]))
+        try:
+            return await kube.read_job(namespace, "absent"), codes
+        finally:
+            await kube.close()
+
+    job, codes = asyncio.run(read())
+    assert job is None  # 404 with the fresh token: authenticated and authorised
+    assert codes == Counter({401: 1, 404: 1})

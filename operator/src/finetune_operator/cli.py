@@ -15,7 +15,7 @@ from typing import Any
 import kopf
 
 from finetune_operator.api import DEFAULT_TRAINER_IMAGE
-from finetune_operator.clients import Kube
+from finetune_operator.clients import Kube, login
 from finetune_operator.crd import render_crd
 from finetune_operator.handlers import Reconciler, register
 from finetune_operator.metrics import OperatorMetrics
@@ -66,15 +66,15 @@ def run(args: argparse.Namespace) -> None:
 
 async def _operate(args: argparse.Namespace, settings: Settings, metrics: OperatorMetrics) -> None:
     """kopf plus our API client, both on this event loop (the client's session binds to it)."""
-    kube = await Kube.from_environment(pool_size=args.api_concurrency, on_response=metrics.count_request)
+    kube = Kube(pool_size=args.api_concurrency, on_response=metrics.count_request)
     registry = kopf.OperatorRegistry()
     reconciler = Reconciler(kube, settings, metrics)
     register(registry, reconciler, args.resync_seconds)
 
     @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        """In-cluster service account first, else KUBECONFIG (kopf's own loaders, no client library)."""
-        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    def kopf_login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
+        """The watches log in exactly as our client does."""
+        return login(settings)
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, **_: object) -> None:
