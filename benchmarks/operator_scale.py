@@ -208,6 +208,7 @@ def main() -> int:
                 start_new_session=True,
             )
             time.sleep(3)
+            idle_rss = _rss_mb(operator.pid)
             watcher = JobWatcher(api, namespace)
 
             def create(name: str) -> float:
@@ -261,7 +262,7 @@ def main() -> int:
             )
             time.sleep(3)
             total = args.sequential + args.jobs + args.arrivals
-            print(f"4. operator RSS with {total} jobs: {_rss_mb(operator.pid):.0f} MB")
+            print(f"4. operator RSS with {total} jobs: {_rss_mb(operator.pid):.0f} MB ({idle_rss:.0f} MB with none)")
             requests = _api_requests(metrics_port)
             print(f"   operator API requests per job: {sum(requests.values()) / total:.1f}")
             for (verb, kind), value in sorted(requests.items()):

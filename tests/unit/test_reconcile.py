@@ -10,6 +10,13 @@ import yaml
 from finetune_operator.api import EvaluationRecord, FineTuneJob, Progress
 from finetune_operator.reconcile import Observed, ObservedJob, ObservedPod, Settings, decide, desired_children
 from finetune_operator.reconcile.children import Names, batch_job, config_map, role
+from finetune_operator.reconcile.observe import (
+    LAST_APPLIED_ANNOTATION,
+    finetunejob_essentials,
+    observe_job,
+    spec_hash_of,
+    workload_essentials,
+)
 from finetune_trainer.spec import TrainingSpec
 from tests.manifests import baseline
 
@@ -148,6 +155,23 @@ def test_pending_then_running_with_progress() -> None:
     assert [e.reason for e in running.events] == ["TrainerRunning"]
     assert "step 5/50" in (running.status.message or "")
     assert running.status.observed_generation == 1
+
+
+def test_cached_essentials_observe_the_same() -> None:
+    """The caches keep only what a reconcile reads; a reconcile must not tell the difference."""
+    ftj = job()
+    wire = ftj.model_dump(mode="json", by_alias=True, exclude_none=True)
+    wire["metadata"]["managedFields"] = [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}]
+    wire["metadata"]["annotations"] = {LAST_APPLIED_ANNOTATION: "{}", "finetune.dev/stop-requested": "true"}
+    slim = finetunejob_essentials(wire)
+    assert "managedFields" not in slim["metadata"] and "managedFields" in wire["metadata"]
+    assert FineTuneJob.model_validate(slim).metadata.annotations == {"finetune.dev/stop-requested": "true"}
+    assert FineTuneJob.model_validate(slim).spec == ftj.spec
+
+    trainer = batch_job(ftj, SETTINGS, suspend=True)
+    trainer["status"] = {"active": 1, "startTime": "2026-11-23T12:00:00Z", "conditions": []}
+    assert observe_job(workload_essentials(trainer)) == observe_job(trainer)
+    assert spec_hash_of(workload_essentials(trainer)) == spec_hash_of(trainer) is not None
 
 
 def test_stalled_when_heartbeats_stop() -> None:

@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--api-concurrency", type=int, default=32, help="connections to the API server (calls in flight at once)"
     )
+    run.add_argument(
+        "--max-concurrent-reconciles", type=int, default=64, help="jobs reconciled at once (the rest wait in order)"
+    )
     run.add_argument("--report-interval-seconds", type=int, default=5, help="trainer progress report interval")
     commands.add_parser("crd", help="print the FineTuneJob CRD")
     return parser
@@ -68,7 +71,7 @@ async def _operate(args: argparse.Namespace, settings: Settings, metrics: Operat
     """kopf plus our API client, both on this event loop (the client's session binds to it)."""
     kube = Kube(pool_size=args.api_concurrency, on_response=metrics.count_request)
     registry = kopf.OperatorRegistry()
-    reconciler = Reconciler(kube, settings, metrics)
+    reconciler = Reconciler(kube, settings, metrics, args.max_concurrent_reconciles)
     register(registry, reconciler, args.resync_seconds)
 
     @kopf.on.login(registry=registry)

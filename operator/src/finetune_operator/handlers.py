@@ -22,8 +22,15 @@ from finetune_operator.api import GROUP, PLURAL, VERSION, FineTuneJob, FineTuneJ
 from finetune_operator.clients import ApiError, ConflictError, Kube
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.reconcile import Observed, Settings, decide, desired_children, invalid_spec
-from finetune_operator.reconcile.children import JOB_LABEL, MANAGED_BY, Names, batch_job
-from finetune_operator.reconcile.observe import observe_job, observe_pod, spec_hash_of, status_patch
+from finetune_operator.reconcile.children import JOB_LABEL, MANAGED_BY, MANAGED_BY_LABEL, Names, batch_job
+from finetune_operator.reconcile.observe import (
+    finetunejob_essentials,
+    observe_job,
+    observe_pod,
+    spec_hash_of,
+    status_patch,
+    workload_essentials,
+)
 from finetune_operator.reconcile.status import Decision, Event, is_finished
 
 log = logging.getLogger("finetune_operator")
@@ -31,6 +38,7 @@ Manifest = dict[str, Any]
 Key = tuple[str, str]
 """(namespace, name) of a FineTuneJob."""
 CONFLICT_RETRIES = 5
+OWNED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY},{JOB_LABEL}"
 CHILD_KINDS = (
     ("", "v1", "configmaps"),
     ("", "v1", "serviceaccounts"),
@@ -53,17 +61,25 @@ class Reconciler:
     """Owns the per-job locks, the caches, the API client, the metrics and the settings.
 
     The caches hold the newest FineTuneJob and trainer Job the watches (and our own writes)
-    delivered, so a reconcile costs no reads. A cache may lag the API server for a moment; that
-    is safe because every status write is conditional on the resourceVersion it was decided on:
-    a stale decision is refused (``ConflictError``), and the job is read afresh and decided again.
+    delivered, so a reconcile costs no reads; they keep only the parts a reconcile reads. A cache
+    may lag the API server for a moment; that is safe because every status write is conditional
+    on the resourceVersion it was decided on: a stale decision is refused (``ConflictError``),
+    and the job is read afresh and decided again.
     """
 
-    def __init__(self, kube: Kube, settings: Settings, metrics: OperatorMetrics) -> None:
+    def __init__(
+        self, kube: Kube, settings: Settings, metrics: OperatorMetrics, max_concurrent_reconciles: int = 64
+    ) -> None:
+        """Reconciles beyond ``max_concurrent_reconciles`` wait, in arrival order, before building
+        anything: a burst of a thousand new jobs would otherwise hold a thousand sets of child
+        manifests and API answers at once (the process's memory never shrinks back from such a
+        peak), while the API connections are the bottleneck anyway."""
         self.kube = kube
         self.settings = settings
         self.metrics = metrics
         self.known: set[Key] = set()
         self._locks: dict[Key, asyncio.Lock] = {}
+        self._slots = asyncio.Semaphore(max_concurrent_reconciles)
         self._bodies: dict[Key, Manifest] = {}
         self._workloads: dict[Key, Manifest] = {}
         self._written: dict[Key, str] = {}
@@ -81,7 +97,7 @@ class Reconciler:
         metadata = body["metadata"]
         key = (metadata["namespace"], metadata["name"])
         self.known.add(key)
-        self._bodies[key] = body
+        self._bodies[key] = finetunejob_essentials(body)
         version = metadata.get("resourceVersion")
         return version is None or self._written.get(key) != version
 
@@ -90,7 +106,7 @@ class Reconciler:
         if body is None:
             self._workloads.pop(key, None)
         else:
-            self._workloads[key] = body
+            self._workloads[key] = workload_essentials(body)
 
     def forget(self, namespace: str, name: str) -> None:
         key = (namespace, name)
@@ -117,11 +133,14 @@ class Reconciler:
     async def reconcile(self, namespace: str, name: str, *, ensure_children: bool = False) -> None:
         """Bring one FineTuneJob and its children in line with the world as it is now."""
         key = (namespace, name)
-        async with self._locked(key):
+        async with self._locked(key), self._slots:
             started = time.perf_counter()
             try:
                 for attempt in range(CONFLICT_RETRIES):
-                    body = self._bodies.get(key) or await self.kube.read_finetunejob(namespace, name)
+                    body = self._bodies.get(key)
+                    if body is None:
+                        read = await self.kube.read_finetunejob(namespace, name)
+                        body = None if read is None else finetunejob_essentials(read)
                     if body is None or body["metadata"].get("deletionTimestamp"):
                         self.forget(namespace, name)
                         return
@@ -210,7 +229,7 @@ class Reconciler:
             if stored is None:
                 self.forget(namespace, name)  # deleted meanwhile: nothing to record
                 return
-            self._bodies[(namespace, name)] = stored
+            self._bodies[(namespace, name)] = finetunejob_essentials(stored)
             self._written[(namespace, name)] = stored["metadata"]["resourceVersion"]
         await asyncio.gather(*(self._post(body, event, now) for event in decision.events))
         created = datetime.fromisoformat(metadata.get("creationTimestamp", now.isoformat()).replace("Z", "+00:00"))
@@ -260,6 +279,14 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync_sec
         settings.persistence.diffbase_storage = NoDiffBase()
 
     @kopf.on.startup(registry=registry)
+    async def watch_only_our_children(settings: kopf.OperatorSettings, **_: Any) -> None:
+        # Server-side: the label filters on the handlers below are applied by kopf after the
+        # fact, so without this every ConfigMap, ServiceAccount, Role ... in the cluster would
+        # be sent to the operator and remembered by kopf.
+        for group, _version, plural in (("batch", "v1", "jobs"), *CHILD_KINDS):
+            settings.watching.label_selectors[group, plural] = OWNED_SELECTOR
+
+    @kopf.on.startup(registry=registry)
     async def start_resync(**_: Any) -> None:
         # One loop for all jobs instead of a kopf timer per job: timers need a finalizer on
         # every FineTuneJob, and ownerReferences already make deletion clean without one.
@@ -270,7 +297,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync_sec
         if reconciler.resync_task is not None:
             reconciler.resync_task.cancel()
 
-    owned: dict[str, Any] = {"app.kubernetes.io/managed-by": MANAGED_BY, JOB_LABEL: kopf.PRESENT}
+    owned: dict[str, Any] = {MANAGED_BY_LABEL: MANAGED_BY, JOB_LABEL: kopf.PRESENT}
 
     @kopf.on.event("batch", "v1", "jobs", labels=owned, registry=registry)
     async def job_event(type: str, body: kopf.Body, **_: Any) -> None:

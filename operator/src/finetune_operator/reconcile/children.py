@@ -19,6 +19,7 @@ from finetune_trainer.spec import TrainingSpec
 Manifest = dict[str, Any]
 
 MANAGED_BY = "finetune-operator"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 JOB_LABEL = "finetune.dev/job"
 SPEC_HASH_ANNOTATION = "finetune.dev/spec-hash"
 TRAINER_CONTAINER = "trainer"
@@ -85,7 +86,7 @@ def _bounded(name: str, limit: int) -> str:
 def labels(job: FineTuneJob) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "finetune-trainer",
-        "app.kubernetes.io/managed-by": MANAGED_BY,
+        MANAGED_BY_LABEL: MANAGED_BY,
         "app.kubernetes.io/instance": job.metadata.name,
         JOB_LABEL: job.metadata.name,
     }

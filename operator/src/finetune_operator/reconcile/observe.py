@@ -77,6 +77,36 @@ def observe_pod(pod: Manifest) -> ObservedPod:
     )
 
 
+LAST_APPLIED_ANNOTATION = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def finetunejob_essentials(body: Manifest) -> Manifest:
+    """A FineTuneJob without what a reconcile never reads: ``managedFields`` and kubectl's copy of
+    the last applied manifest, together often larger than the rest. The operator caches one
+    FineTuneJob per job, so this is most of its memory at a thousand jobs."""
+    metadata = {key: value for key, value in body["metadata"].items() if key != "managedFields"}
+    annotations = metadata.get("annotations")
+    if annotations and LAST_APPLIED_ANNOTATION in annotations:
+        metadata["annotations"] = {k: v for k, v in annotations.items() if k != LAST_APPLIED_ANNOTATION}
+    return {**body, "metadata": metadata}
+
+
+def workload_essentials(job: Manifest) -> Manifest:
+    """What ``observe_job`` and ``spec_hash_of`` read of a trainer Job (its pod template, the bulk
+    of it, is not: the spec hash stands for it)."""
+    metadata = job["metadata"]
+    spec_hash = spec_hash_of(job)
+    return {
+        "metadata": {
+            "name": metadata["name"],
+            "namespace": metadata["namespace"],
+            "annotations": {SPEC_HASH_ANNOTATION: spec_hash} if spec_hash is not None else {},
+        },
+        "spec": {"suspend": bool((job.get("spec") or {}).get("suspend"))},
+        "status": job.get("status") or {},
+    }
+
+
 def spec_hash_of(manifest: Manifest) -> str | None:
     return ((manifest.get("metadata") or {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
 
