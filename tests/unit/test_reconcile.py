@@ -15,6 +15,7 @@ from finetune_operator.reconcile.observe import (
     finetunejob_essentials,
     observe_job,
     spec_hash_of,
+    status_patch,
     workload_essentials,
 )
 from finetune_trainer.spec import TrainingSpec
@@ -153,8 +154,25 @@ def test_pending_then_running_with_progress() -> None:
     assert running.status.phase == "Running"
     assert conditions(running.status)["Running"] == ("True", "TrainerRunning")
     assert [e.reason for e in running.events] == ["TrainerRunning"]
-    assert "step 5/50" in (running.status.message or "")
+    assert running.status.message == "training; no evaluation yet"
     assert running.status.observed_generation == 1
+
+
+def test_progress_reports_alone_cause_no_status_write() -> None:
+    """Every trainer report is a watch event; only a new best result changes what the operator owns."""
+    ftj = job()
+    ftj.status.progress = Progress(step=5, total_steps=50, train_loss=0.7, last_heartbeat_time=NOW)
+    ftj.status = decide(ftj, Observed(job=ObservedJob(active=1, start_time=NOW)), NOW).status
+    later = NOW + timedelta(seconds=5)
+    ftj.status.progress = Progress(step=6, total_steps=50, train_loss=0.6, last_heartbeat_time=later)
+    assert (
+        status_patch(ftj.status, decide(ftj, Observed(job=ObservedJob(active=1, start_time=NOW)), later).status) == {}
+    )
+
+    _with_evals(ftj, [0.7])
+    improved = decide(ftj, Observed(job=ObservedJob(active=1, start_time=NOW)), later).status
+    assert improved.message == "training; best accuracy 0.7 at step 10"
+    assert set(status_patch(ftj.status, improved)) == {"earlyStopping", "best", "message", "conditions"}
 
 
 def test_cached_essentials_observe_the_same() -> None:

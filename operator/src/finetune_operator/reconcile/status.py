@@ -194,18 +194,13 @@ def _stalled(job: FineTuneJob, status: FineTuneJobStatus, now: datetime) -> bool
 
 
 def _summary(status: FineTuneJobStatus) -> str:
-    progress = status.progress
-    if progress is None:
-        return "waiting for the trainer to report"
-    text = f"step {progress.step}"
-    if progress.total_steps:
-        text += f"/{progress.total_steps}"
-    text += f", epoch {progress.epoch:.2f}"
-    if progress.train_loss is not None:
-        text += f", loss {progress.train_loss:.4g}"
+    """The running job's message: changes with a new best result, not with every progress report.
+
+    Step, loss and throughput live in ``status.progress`` (the trainer's); echoing them here would
+    cost the API server a second status write for every report of every running job."""
     if status.best is not None:
-        text += f", best {status.best.metric} {status.best.value:.4g} at step {status.best.step}"
-    return text
+        return f"training; best {status.best.metric} {status.best.value:.4g} at step {status.best.step}"
+    return "training; no evaluation yet" if status.progress is not None else "waiting for the trainer to report"
 
 
 def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
