@@ -181,6 +181,8 @@ def test_metrics_follow_the_jobs(jobs: Jobs, operator: Operator, tmp_path: Path)
     assert re.search(r"^finetune_reconcile_duration_seconds_count \d+", text, re.M)
     assert _sample(text, "finetune_time_to_running_seconds_count") is not None
     assert (_sample(text, "finetune_operator_api_requests_total", verb="POST", kind="Job", code="201") or 0) >= 1
+    # With only the chart's permissions, a RoleBinding sent before its Role exists is refused.
+    assert _sample(text, "finetune_operator_api_requests_total", verb="POST", kind="RoleBinding", code="404") is None
     jobs.delete("metered")
     deadline = time.monotonic() + 30
     while (

@@ -38,6 +38,8 @@ Manifest = dict[str, Any]
 Key = tuple[str, str]
 """(namespace, name) of a FineTuneJob."""
 CONFLICT_RETRIES = 5
+CREATION_WAVE = {"RoleBinding": 1, "Job": 2}
+"""Children are created in waves, all of one wave at once; kinds not named here are in wave 0."""
 OWNED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY},{JOB_LABEL}"
 CHILD_KINDS = (
     ("", "v1", "configmaps"),
@@ -191,17 +193,21 @@ class Reconciler:
         await self._write(body, current, decision, now)
 
     async def _create_children(self, job: FineTuneJob) -> Manifest | None:
-        """Create whatever children are missing, the trainer Job last (its pods need the
-        ServiceAccount, Role and config to exist). Returns the Job when this call created it."""
+        """Create whatever children are missing, in waves. The RoleBinding waits for its Role: the
+        API server checks that a binder without ``bind`` holds what the Role grants, and cannot
+        while the Role does not exist. The trainer Job is last: its pods need the rest.
+        Returns the Job when this call created it."""
         children = desired_children(job, self.settings)
-        supporting = [c for c in children if c["kind"] != "Job"]
-        (trainer_job,) = [c for c in children if c["kind"] == "Job"]
-        stored = await asyncio.gather(*(self.kube.create(c) for c in supporting))
-        created_job = await self.kube.create(trainer_job)
-        for child, result in zip([*supporting, trainer_job], [*stored, created_job], strict=True):
-            if result is not None:
-                log.info("created %s %s/%s", child["kind"], child["metadata"]["namespace"], child["metadata"]["name"])
-        return created_job
+        created: Manifest | None = None
+        for wave in range(max(CREATION_WAVE.values()) + 1):
+            batch = [c for c in children if CREATION_WAVE.get(c["kind"], 0) == wave]
+            for child, stored in zip(batch, await asyncio.gather(*(self.kube.create(c) for c in batch)), strict=True):
+                if stored is not None:
+                    log.info(
+                        "created %s %s/%s", child["kind"], child["metadata"]["namespace"], child["metadata"]["name"]
+                    )
+                    created = stored if child["kind"] == "Job" else created
+        return created
 
     async def _steer_workload(self, job: FineTuneJob, workload: Manifest, suspended: bool, decision: Decision) -> None:
         """Keep the Job's suspend flag and template in line with the spec (and a stop being enforced)."""
