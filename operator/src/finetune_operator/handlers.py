@@ -85,6 +85,9 @@ class Reconciler:
         self._bodies: dict[Key, Manifest] = {}
         self._workloads: dict[Key, Manifest] = {}
         self._written: dict[Key, str] = {}
+        self._desired_hashes: dict[Key, tuple[tuple[str | None, int | None], str | None]] = {}
+        """((uid, generation), spec hash) of the Job a job's spec asks for: the spec changes only with
+        the generation, and rendering the Job to hash it was a third of a reconcile's CPU."""
         """resourceVersion of our own last status write, per job: its watch event needs no reconcile."""
         self.resync_task: asyncio.Task[None] | None = None
 
@@ -113,7 +116,7 @@ class Reconciler:
     def forget(self, namespace: str, name: str) -> None:
         key = (namespace, name)
         self.known.discard(key)
-        for cache in (self._bodies, self._workloads, self._written, self._locks):
+        for cache in (self._bodies, self._workloads, self._written, self._locks, self._desired_hashes):
             cache.pop(key, None)
         self.metrics.forget_job(namespace, name)
 
@@ -166,7 +169,8 @@ class Reconciler:
         namespace, name = metadata["namespace"], metadata["name"]
         current = FineTuneJobStatus.model_validate(body.get("status") or {})
         try:
-            job = FineTuneJob.model_validate(body)
+            job = FineTuneJob.model_validate({**body, "status": {}})  # the status is parsed once, above
+            job.status = current  # decide() works on a copy
         except ValidationError as error:
             decision = invalid_spec(current, _describe_validation(error), metadata.get("generation"), now)
             await self._write(body, current, decision, now)
@@ -213,11 +217,7 @@ class Reconciler:
         """Keep the Job's suspend flag and template in line with the spec (and a stop being enforced)."""
         namespace, name = job.metadata.namespace, Names.of(job.metadata.name).job
         want_suspended = decision.halt_workload or (job.spec.suspend and decision.status.stop_request is None)
-        if (
-            suspended
-            and not decision.halt_workload
-            and spec_hash_of(workload) != spec_hash_of(batch_job(job, self.settings, suspend=want_suspended))
-        ):
+        if suspended and not decision.halt_workload and spec_hash_of(workload) != self._desired_hash(job):
             # Edited while suspended (the only time the CRD allows it): replace the Job; it resumes
             # from the last checkpoint. The Job's DELETED event brings us back to recreate it.
             log.info("spec changed while suspended: replacing Job %s/%s", namespace, name)
@@ -225,6 +225,15 @@ class Reconciler:
             return
         if suspended != want_suspended:
             await self.kube.patch_job(namespace, name, {"spec": {"suspend": want_suspended}})
+
+    def _desired_hash(self, job: FineTuneJob) -> str | None:
+        key, version = (job.metadata.namespace, job.metadata.name), (job.metadata.uid, job.metadata.generation)
+        cached = self._desired_hashes.get(key)
+        if cached is not None and cached[0] == version and job.metadata.generation is not None:
+            return cached[1]
+        spec_hash = spec_hash_of(batch_job(job, self.settings))  # suspend is not part of the hash
+        self._desired_hashes[key] = (version, spec_hash)
+        return spec_hash
 
     async def _write(self, body: Manifest, current: FineTuneJobStatus, decision: Decision, now: datetime) -> None:
         metadata = body["metadata"]
