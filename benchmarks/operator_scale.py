@@ -10,6 +10,9 @@ With the operator (kopf), the control plane and this load generator sharing the 
    as trainers do, while new jobs arrive at ``--arrival-rate`` per second; their create -> Job
    latency (p50/p99) is the operator's latency under that load;
 4. the operator's resident memory (RSS), and the API requests it made per job.
+As deployed, the operator runs with the Helm chart's ClusterRole and a ServiceAccount token, and
+each simulated trainer with its job's own ServiceAccount token (the API server's fairness and
+authorisation then treat them as in a cluster, not as one administrator).
 Jobs are created suspended so that no trainer pods start (the node would run 1000 processes);
 the operator's work for them (ConfigMap, ServiceAccount, Role, RoleBinding, Job, status,
 events) is the same as for a running job.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import signal
 import statistics
@@ -33,14 +37,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import kopf
+import yaml
 from kubernetes import client, watch
 from prometheus_client.parser import text_string_to_metric_families
 
 from finetune_localcluster.cluster import Cluster, free_port
-from finetune_localcluster.kubeconfig import api_client, install_crd
+from finetune_localcluster.kubeconfig import api_client, install_crd, service_account_kubeconfig
 from finetune_operator.api import GROUP, PLURAL, VERSION
-from finetune_operator.clients import Kube, login
+from finetune_operator.clients import ApiError, Kube
 from finetune_operator.crd import build_crd
+from finetune_operator.rbac import cluster_role
+from finetune_operator.reconcile.children import Names
 
 
 def _manifest(name: str) -> dict[str, Any]:
@@ -108,42 +116,67 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def _trainer_credentials(kubeconfig: Path, namespace: str, names: list[str]) -> dict[str, kopf.ConnectionInfo]:
+    """What each job's trainer pod authenticates with: a token of the job's own ServiceAccount,
+    whose Role allows only reading its FineTuneJob and patching its status."""
+    cluster = yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]
+    with api_client(kubeconfig) as api, ThreadPoolExecutor(max_workers=16) as pool:
+        core = client.CoreV1Api(api)
+
+        def token(name: str) -> str:
+            account = Names.of(name).service_account
+            return str(core.create_namespaced_service_account_token(account, namespace, {"spec": {}}).status.token)
+
+        tokens = pool.map(token, names)
+        return {
+            name: kopf.ConnectionInfo(server=cluster["server"], ca_path=cluster["certificate-authority"], token=t)
+            for name, t in zip(names, tokens, strict=True)
+        }
+
+
+def _same(info: kopf.ConnectionInfo) -> kopf.ConnectionInfo:
+    return info
+
+
 class TrainerFleet:
     """Progress reports from ``names``, each every ``interval`` seconds, as running trainers send
-    them (a status merge patch with a fresh heartbeat); on its own event loop and connections."""
+    them: a status merge patch with a fresh heartbeat, on the trainer's own connection and with
+    its own ServiceAccount token. All on one event loop in a thread of this process."""
 
     def __init__(self, kubeconfig: Path, namespace: str, names: list[str], interval: float) -> None:
-        self.sent = 0
-        self._args = (kubeconfig, namespace, names, interval)
+        self.sent = self.failed = 0
+        self._args = (_trainer_credentials(kubeconfig, namespace, names), namespace, interval)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
         self._thread.start()
 
     async def _run(self) -> None:
-        kubeconfig, namespace, names, interval = self._args
-        os.environ["KUBECONFIG"] = str(kubeconfig)
-        kube = Kube(login, pool_size=16)
+        credentials, namespace, interval = self._args
+        trainers = {name: Kube(functools.partial(_same, info), pool_size=1) for name, info in credentials.items()}
         limit = asyncio.Semaphore(16)
 
         async def report(name: str, step: int) -> None:
             progress: dict[str, Any] = {"step": step, "totalSteps": 10_000, "percent": step / 100}
             progress["lastHeartbeatTime"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             async with limit:
-                await kube.patch_status(namespace, name, {"progress": progress})
-            self.sent += 1
+                try:
+                    await trainers[name].patch_status(namespace, name, {"progress": progress})
+                    self.sent += 1
+                except ApiError:
+                    self.failed += 1
 
         step, pending = 0, set()
         while not self._stop.is_set():
             step += 1
-            for name in names:  # spread each round over the interval
-                due = time.monotonic() + interval / len(names)
+            for name in trainers:  # spread each round over the interval
+                due = time.monotonic() + interval / len(trainers)
                 pending.add(asyncio.create_task(report(name, step)))
                 pending = {t for t in pending if not t.done()}
                 await asyncio.sleep(max(0.0, due - time.monotonic()))
                 if self._stop.is_set():
                     break
         await asyncio.gather(*pending, return_exceptions=True)
-        await kube.close()
+        await asyncio.gather(*(kube.close() for kube in trainers.values()))
 
     def stop(self) -> None:
         self._stop.set()
@@ -186,6 +219,10 @@ def main() -> int:
             namespace = "bench"
             core.create_namespace({"metadata": {"name": namespace}})
             log = (state / "operator.log").open("wb")
+            # As deployed: the chart's ClusterRole, a ServiceAccount token (not admin certificates).
+            operator_kubeconfig = service_account_kubeconfig(
+                cluster.kubeconfig, cluster_role(), "finetune-system", state / "operator-kubeconfig.yaml"
+            )
             metrics_port = free_port()
             operator = subprocess.Popen(
                 [
@@ -202,7 +239,7 @@ def main() -> int:
                     "--resync-seconds",
                     "600",
                 ],
-                env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)},
+                env={**os.environ, "KUBECONFIG": str(operator_kubeconfig)},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -254,6 +291,8 @@ def main() -> int:
             report_rate = 0.0
             if fleet is not None:
                 report_rate = (fleet.sent - sent_before) / (time.monotonic() - fleet_begin)
+                if fleet.failed:
+                    print(f"   ({fleet.failed} progress reports were refused)")
                 fleet.stop()
             _latency(
                 f"3. create -> Job with {args.in_flight} jobs in flight ({report_rate:.0f} progress reports/s, "

@@ -18,6 +18,7 @@ import yaml
 from kubernetes import client
 
 from finetune_localcluster.cluster import free_port
+from finetune_localcluster.kubeconfig import service_account_kubeconfig
 from finetune_localcluster.pytest_plugin import LocalCluster
 from finetune_operator.api import GROUP, PLURAL, VERSION
 from finetune_operator.rbac import cluster_role
@@ -104,53 +105,14 @@ class Operator:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
 
 
-def least_privilege_kubeconfig(local_cluster: LocalCluster, directory: Path) -> Path:
-    """A kubeconfig for a ServiceAccount bound to exactly the chart's ClusterRole (finetune_operator.rbac)."""
-    namespace, name = "finetune-system", "finetune-operator"
-    with local_cluster.api_client() as api:
-        core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
-        for create, body in (
-            (core.create_namespace, {"metadata": {"name": namespace}}),
-            (lambda b: core.create_namespaced_service_account(namespace, b), {"metadata": {"name": name}}),
-            (rbac.create_cluster_role, cluster_role(name)),
-            (
-                rbac.create_cluster_role_binding,
-                {
-                    "metadata": {"name": name},
-                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
-                    "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
-                },
-            ),
-        ):
-            try:
-                create(body)
-            except client.ApiException as error:
-                if error.status != 409:
-                    raise
-        token = core.create_namespaced_service_account_token(
-            name, namespace, {"spec": {"expirationSeconds": 86400}}
-        ).status.token
-    admin = yaml.safe_load(local_cluster.kubeconfig.read_text())
-    cluster = admin["clusters"][0]
-    restricted = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [cluster],
-        "users": [{"name": name, "user": {"token": token}}],
-        "contexts": [{"name": name, "context": {"cluster": cluster["name"], "user": name}}],
-        "current-context": name,
-    }
-    path = directory / "operator-kubeconfig.yaml"
-    path.write_text(yaml.safe_dump(restricted))
-    return path
-
-
 @pytest.fixture(scope="session")
 def operator(local_cluster: LocalCluster, crd: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
     """The operator, running with only the permissions the Helm chart grants it."""
     directory = tmp_path_factory.mktemp("operator")
     running = Operator(
-        kubeconfig=least_privilege_kubeconfig(local_cluster, directory),
+        kubeconfig=service_account_kubeconfig(
+            local_cluster.kubeconfig, cluster_role(), "finetune-system", directory / "operator-kubeconfig.yaml"
+        ),
         log=directory / "operator.log",
         metrics_port=free_port(),
         health_port=free_port(),

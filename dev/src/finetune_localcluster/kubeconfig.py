@@ -31,6 +31,47 @@ def write(path: Path, server: str, ca: Path, *, cert: Path, key: Path, user: str
     return path
 
 
+def service_account_kubeconfig(
+    admin: Path, cluster_role: dict[str, Any], namespace: str, path: Path, expiration_seconds: int = 86400
+) -> Path:
+    """A kubeconfig for a ServiceAccount bound to exactly ``cluster_role`` (named after both),
+    as a pod running under that account would be; created with the ``admin`` kubeconfig."""
+    name = cluster_role["metadata"]["name"]
+    with api_client(admin) as api:
+        core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+        binding = {
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+        }
+        for create, body in (
+            (core.create_namespace, {"metadata": {"name": namespace}}),
+            (lambda b: core.create_namespaced_service_account(namespace, b), {"metadata": {"name": name}}),
+            (rbac.create_cluster_role, cluster_role),
+            (rbac.create_cluster_role_binding, binding),
+        ):
+            try:
+                create(body)
+            except ApiException as error:
+                if error.status != 409:
+                    raise
+        token = core.create_namespaced_service_account_token(
+            name, namespace, {"spec": {"expirationSeconds": expiration_seconds}}
+        ).status.token
+    cluster = yaml.safe_load(admin.read_text())["clusters"][0]
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [cluster],
+        "users": [{"name": name, "user": {"token": token}}],
+        "contexts": [{"name": name, "context": {"cluster": cluster["name"], "user": name}}],
+        "current-context": name,
+    }
+    path.write_text(yaml.safe_dump(doc))
+    path.chmod(0o600)
+    return path
+
+
 def api_client(kubeconfig: Path, pool: int = 16) -> client.ApiClient:
     """A fresh ApiClient for ``kubeconfig`` (never touches the global default config)."""
     cfg = client.Configuration()
