@@ -48,7 +48,7 @@ from finetune_operator.api import GROUP, PLURAL, VERSION
 from finetune_operator.clients import ApiError, Kube
 from finetune_operator.crd import build_crd
 from finetune_operator.rbac import cluster_role
-from finetune_operator.reconcile.children import Names
+from finetune_operator.reconcile.children import Names, Settings
 
 
 def _manifest(name: str) -> dict[str, Any]:
@@ -201,7 +201,10 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=1000, help="FineTuneJobs in the burst")
     parser.add_argument("--in-flight", type=int, default=500, help="jobs reporting progress in step 3")
     parser.add_argument(
-        "--report-interval", type=float, default=5.0, help="seconds between a trainer's reports (0: none)"
+        "--report-interval",
+        type=float,
+        default=Settings().report_interval_seconds,
+        help="seconds between a trainer's reports (default: the operator's; 0: none)",
     )
     parser.add_argument("--arrival-rate", type=float, default=2.0, help="new jobs per second in step 3")
     parser.add_argument("--arrivals", type=int, default=100, help="new jobs created in step 3")

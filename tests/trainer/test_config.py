@@ -60,7 +60,7 @@ def test_locations() -> None:
 
 def test_env_defaults_and_token_never_in_repr() -> None:
     env = RuntimeEnv.from_environ({"HF_TOKEN": "hf_secret", "FINETUNE_PVC_ROOT": "/p"})
-    assert env.metrics_port == 9400 and env.report_interval_seconds == 5.0 and env.pvc_root == Path("/p")
+    assert env.metrics_port == 9400 and env.report_interval_seconds == 10.0 and env.pvc_root == Path("/p")
     assert not env.in_cluster_reporting and "hf_secret" not in repr(env)
     with pytest.raises(ConfigError):
         RuntimeEnv.from_environ({"FINETUNE_METRICS_PORT": "x"})

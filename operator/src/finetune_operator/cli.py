@@ -43,7 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--max-concurrent-reconciles", type=int, default=64, help="jobs reconciled at once (the rest wait in order)"
     )
-    run.add_argument("--report-interval-seconds", type=int, default=5, help="trainer progress report interval")
+    run.add_argument(
+        "--report-interval-seconds",
+        type=int,
+        default=10,
+        help="trainer progress heartbeat interval (evaluations are reported at once)",
+    )
     commands.add_parser("crd", help="print the FineTuneJob CRD")
     return parser
 

@@ -36,7 +36,7 @@ class RuntimeEnv:
 
     job_name: str | None = None
     job_namespace: str | None = None
-    report_interval_seconds: float = 5.0
+    report_interval_seconds: float = 10.0
     metrics_port: int = 9400
     pvc_root: Path = Path(DEFAULT_PVC_ROOT)
     hf_token: str | None = field(default=None, repr=False)
@@ -50,7 +50,7 @@ class RuntimeEnv:
     def from_environ(cls, environ: dict[str, str] | None = None) -> RuntimeEnv:
         env = dict(os.environ if environ is None else environ)
         try:
-            interval = float(env.get("FINETUNE_REPORT_INTERVAL_SECONDS", "5"))
+            interval = float(env.get("FINETUNE_REPORT_INTERVAL_SECONDS", "10"))
             port = int(env.get("FINETUNE_METRICS_PORT", "9400"))
             log_every = int(env.get("FINETUNE_LOG_EVERY_STEPS", "10"))
         except ValueError as exc:
