@@ -85,10 +85,10 @@ class Reconciler:
         self._bodies: dict[Key, Manifest] = {}
         self._workloads: dict[Key, Manifest] = {}
         self._written: dict[Key, str] = {}
+        """resourceVersion of our own last status write, per job: its watch event needs no reconcile."""
         self._desired_hashes: dict[Key, tuple[tuple[str | None, int | None], str | None]] = {}
         """((uid, generation), spec hash) of the Job a job's spec asks for: the spec changes only with
         the generation, and rendering the Job to hash it was a third of a reconcile's CPU."""
-        """resourceVersion of our own last status write, per job: its watch event needs no reconcile."""
         self.resync_task: asyncio.Task[None] | None = None
 
     @asynccontextmanager
