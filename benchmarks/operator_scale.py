@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import os
 import signal
 import statistics
@@ -32,6 +31,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -134,8 +134,8 @@ def _trainer_credentials(kubeconfig: Path, namespace: str, names: list[str]) -> 
         }
 
 
-def _same(info: kopf.ConnectionInfo) -> kopf.ConnectionInfo:
-    return info
+def _constant(info: kopf.ConnectionInfo) -> Callable[[], kopf.ConnectionInfo]:
+    return lambda: info
 
 
 class TrainerFleet:
@@ -152,7 +152,7 @@ class TrainerFleet:
 
     async def _run(self) -> None:
         credentials, namespace, interval = self._args
-        trainers = {name: Kube(functools.partial(_same, info), pool_size=1) for name, info in credentials.items()}
+        trainers = {name: Kube(_constant(info), pool_size=1) for name, info in credentials.items()}
         limit = asyncio.Semaphore(16)
 
         async def report(name: str, step: int) -> None:

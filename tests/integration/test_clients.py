@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections import Counter
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import kopf
 import pytest
-from kubernetes import client
 
+from finetune_localcluster.kubeconfig import service_account_kubeconfig
 from finetune_operator.api import API_VERSION, KIND
 from finetune_operator.clients import ApiError, ConflictError, Kube, login
 
@@ -74,42 +75,23 @@ def test_creates_are_idempotent_and_status_writes_conditional(
 
 
 def test_a_rejected_token_is_read_again(
-    local_cluster: LocalCluster, namespace: str, monkeypatch: pytest.MonkeyPatch
+    local_cluster: LocalCluster, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A 401 (the service account token was rotated) makes the client ask for credentials again
     and repeat the request once, as kopf's own watches do."""
-    api = local_cluster.api_client()
-    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
-    core.create_namespaced_service_account(namespace, {"metadata": {"name": "reader"}})
-    rbac.create_namespaced_role(
-        namespace,
-        {
-            "metadata": {"name": "reader"},
-            "rules": [{"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get"]}],
-        },
-    )
-    rbac.create_namespaced_role_binding(
-        namespace,
-        {
-            "metadata": {"name": "reader"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "reader"},
-            "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": namespace}],
-        },
-    )
-    token = core.create_namespaced_service_account_token("reader", namespace, {"spec": {}}).status.token
-    monkeypatch.setenv("KUBECONFIG", str(local_cluster.kubeconfig))
-    admin = login()
-    tokens = iter(["expired-token", token])
+    reader = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": "finetune-test-job-reader"},
+        "rules": [{"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get"]}],
+    }
+    kubeconfig = service_account_kubeconfig(local_cluster.kubeconfig, reader, namespace, tmp_path / "reader.yaml")
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    fresh = login()
+    rotation = iter([dataclasses.replace(fresh, token="expired-token"), fresh])  # as the kubelet rotates it
 
-    def service_account() -> kopf.ConnectionInfo:  # the token file as the kubelet rotates it
-        return dataclasses.replace(
-            admin,
-            certificate_path=None,
-            certificate_data=None,
-            private_key_path=None,
-            private_key_data=None,
-            token=next(tokens),
-        )
+    def service_account() -> kopf.ConnectionInfo:
+        return next(rotation)
 
     async def read() -> tuple[dict[str, Any] | None, Counter[int]]:
         codes: Counter[int] = Counter()
