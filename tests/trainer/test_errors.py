@@ -45,11 +45,11 @@ CASES: dict[str, tuple[int, str, str]] = {
         "InvalidConfig",
         "dataset: label 'meh' in row 0 of train.jsonl is not a class (labelNames: neg, pos)",
     ),
-    "no-data": (3, "DataNotFound", "dataset.source: {data} not found"),
-    "no-file": (3, "DataNotFound", "dataset.train: no file matches 'missing.jsonl' in {data}"),
-    "empty": (3, "DataNotFound", "dataset.train: train.jsonl has no rows"),
-    "no-model": (4, "ModelLoadFailed", "model.source: {model} not found"),
-    "bad-model": (4, "ModelLoadFailed", "model.source: cannot load"),
+    "no-data": (3, "DataError", "dataset.source: {data} not found"),
+    "no-file": (3, "DataError", "dataset.train: no file matches 'missing.jsonl' in {data}"),
+    "empty": (3, "DataError", "dataset.train: train.jsonl has no rows"),
+    "no-model": (4, "ModelError", "model.source: {model} not found"),
+    "bad-model": (4, "ModelError", "model.source: cannot load"),
 }
 
 

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from finetune_trainer import exitcodes
 from finetune_trainer.callbacks import COMPLETE_MARKER, EARLY_STOPPING_FILE
-from finetune_trainer.errors import EXIT_TERMINATED
 from tests.trainer import tiny
 
 
@@ -77,7 +77,7 @@ def test_killed_run_resumes_with_its_patience_state(assets: dict[str, Path], tmp
     )
 
     code, first = run_until(config, signal.SIGTERM, after_step=40)
-    assert code == EXIT_TERMINATED
+    assert code == exitcodes.TERMINATED.code
     stopped = of(first, "terminated")[0]["step"]
     checkpoint = out / "checkpoints" / f"checkpoint-{stopped}"
     assert (checkpoint / COMPLETE_MARKER).is_file()

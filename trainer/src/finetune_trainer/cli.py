@@ -7,6 +7,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from finetune_trainer import exitcodes
 from finetune_trainer.config import RuntimeEnv, load_spec
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.reporting import JsonLines
@@ -44,9 +45,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a crash: retried by the operator
-        log.emit("error", reason="Crashed", message=f"{type(exc).__name__}: {exc}", exitCode=1)
+        log.emit(
+            "error",
+            reason=exitcodes.CRASHED.reason,
+            message=f"{type(exc).__name__}: {exc}",
+            exitCode=exitcodes.CRASHED.code,
+        )
         traceback.print_exc()
-        return 1
+        return exitcodes.CRASHED.code
 
 
 if __name__ == "__main__":

@@ -1,38 +1,50 @@
-"""Exit codes the operator maps to reasons. Config errors (2) are not retried."""
+"""Errors that end a run with a specific exit code from the one table in `exitcodes`."""
 
 from __future__ import annotations
 
-EXIT_OK = 0
-EXIT_INVALID_CONFIG = 2
-EXIT_DATA_NOT_FOUND = 3
-EXIT_MODEL_NOT_FOUND = 4
-EXIT_TERMINATED = 75
-"""SIGTERM received and a checkpoint saved: the run can resume (distinct from 143, a kill without saving)."""
+from finetune_trainer import exitcodes
+from finetune_trainer.exitcodes import ExitCode
 
 
 class TrainerError(Exception):
     """A bad input the run cannot recover from: one clear message and a distinct exit code."""
 
-    exit_code = 1
-    reason = "Crashed"
+    code: ExitCode = exitcodes.CRASHED
+
+    @property
+    def exit_code(self) -> int:
+        return self.code.code
+
+    @property
+    def reason(self) -> str:
+        return self.code.reason
 
 
 class ConfigError(TrainerError):
-    """The spec or the data does not fit the spec (unknown field, label out of range, pattern matching nothing)."""
+    """The spec cannot work with this model (unknown field, pattern matching nothing, nothing trainable)."""
 
-    exit_code = EXIT_INVALID_CONFIG
-    reason = "InvalidConfig"
+    code = exitcodes.INVALID_CONFIG
 
 
 class DataError(TrainerError):
-    """Dataset files missing or empty."""
+    """Dataset files missing or empty, a column missing, a bad row, label or image (file and row named)."""
 
-    exit_code = EXIT_DATA_NOT_FOUND
-    reason = "DataNotFound"
+    code = exitcodes.DATA_ERROR
 
 
 class ModelError(TrainerError):
     """Pretrained model missing or not loadable."""
 
-    exit_code = EXIT_MODEL_NOT_FOUND
-    reason = "ModelLoadFailed"
+    code = exitcodes.MODEL_ERROR
+
+
+class NoAcceleratorError(TrainerError):
+    """The pod was given GPUs, but CUDA sees none."""
+
+    code = exitcodes.NO_ACCELERATOR
+
+
+class DivergedError(TrainerError):
+    """The training loss became NaN, infinite or exploded."""
+
+    code = exitcodes.DIVERGED

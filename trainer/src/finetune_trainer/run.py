@@ -20,6 +20,7 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
 
 from finetune_trainer import data as data_mod
+from finetune_trainer import exitcodes
 from finetune_trainer.callbacks import (
     CheckpointCallback,
     EarlyStoppingCallback,
@@ -32,7 +33,7 @@ from finetune_trainer.callbacks import (
     partial_checkpoints,
 )
 from finetune_trainer.config import RuntimeEnv, local_path, location_uri
-from finetune_trainer.errors import EXIT_OK, EXIT_TERMINATED, ConfigError
+from finetune_trainer.errors import ConfigError
 from finetune_trainer.freeze import apply_freeze, layer_map
 from finetune_trainer.models import align_pad_token, load_config, load_model, load_processor, resolve_source
 from finetune_trainer.reporting import JsonLines, PrometheusMetrics, StatusReporter, load_kube_api
@@ -283,8 +284,10 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
     final_step = trainer.state.global_step
     if ctx.stopped_by == "Terminated":
         _close(ctx)
-        log.emit("terminated", step=final_step, checkpoint=ctx.checkpoint_uri(final_step), exitCode=EXIT_TERMINATED)
-        return RunResult(EXIT_TERMINATED, "Terminated", final_step, _best(ctx), {})
+        log.emit(
+            "terminated", step=final_step, checkpoint=ctx.checkpoint_uri(final_step), exitCode=exitcodes.TERMINATED.code
+        )
+        return RunResult(exitcodes.TERMINATED.code, exitcodes.TERMINATED.reason, final_step, _best(ctx), {})
 
     es_state = ctx.state.early_stopping
     if ctx.stopped_by is not None:
@@ -307,7 +310,7 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
     metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
     model_uri = _save_final(ctx, trainer, processor) if spec.output.save_final_model else None
 
-    result = RunResult(EXIT_OK, reason, final_step, _best(ctx), metrics)
+    result = RunResult(exitcodes.OK.code, reason, final_step, _best(ctx), metrics)
     if is_main:
         body = {
             "reason": reason,

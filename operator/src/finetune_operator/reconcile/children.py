@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from finetune_operator.api import API_VERSION, DEFAULT_TRAINER_IMAGE, KIND, PLURAL, FineTuneJob
+from finetune_trainer import exitcodes
 from finetune_trainer.spec import TrainingSpec
 
 Manifest = dict[str, Any]
@@ -26,18 +27,6 @@ TRAINER_CONTAINER = "trainer"
 CONFIG_FILE = "config.yaml"
 _YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 """libyaml's dumper when PyYAML has it: the same YAML, an order of magnitude less CPU per job."""
-
-# Trainer exit codes (finetune_trainer's contract): configuration, data and model errors are
-# permanent, so the Job must not retry them; 75 means "terminated after saving" (preemption).
-EXIT_INVALID_CONFIG = 2
-EXIT_DATA_ERROR = 3
-EXIT_MODEL_ERROR = 4
-EXIT_TERMINATED = 75
-PERMANENT_EXIT_CODES: dict[int, str] = {
-    EXIT_INVALID_CONFIG: "InvalidConfig",
-    EXIT_DATA_ERROR: "DataError",
-    EXIT_MODEL_ERROR: "ModelError",
-}
 
 
 @dataclass(frozen=True)
@@ -365,7 +354,7 @@ def batch_job(job: FineTuneJob, settings: Settings, *, suspend: bool | None = No
                     "onExitCodes": {
                         "containerName": TRAINER_CONTAINER,
                         "operator": "In",
-                        "values": sorted(PERMANENT_EXIT_CODES),
+                        "values": sorted(exitcodes.PERMANENT),
                     },
                 },
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},

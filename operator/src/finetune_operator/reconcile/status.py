@@ -23,7 +23,8 @@ from finetune_operator.api import (
     StopRequest,
     WorkloadRefs,
 )
-from finetune_operator.reconcile.children import PERMANENT_EXIT_CODES, Names
+from finetune_operator.reconcile.children import Names
+from finetune_trainer import exitcodes
 from finetune_trainer.early_stopping import EarlyStoppingState, Evaluated, explain, observe_all
 
 STOP_ANNOTATION = "finetune.dev/stop-requested"
@@ -178,8 +179,8 @@ def _failure(observed: ObservedJob, pods: tuple[ObservedPod, ...]) -> tuple[str,
     finished = sorted((p for p in pods if p.exit_code not in (None, 0)), key=lambda p: p.finished_at or datetime.min)
     last = finished[-1] if finished else None
     detail = f"; last trainer exit code {last.exit_code} ({last.reason or 'Error'}): {last.message}" if last else ""
-    if last is not None and last.exit_code in PERMANENT_EXIT_CODES:
-        return PERMANENT_EXIT_CODES[last.exit_code], (last.message or f"trainer exited with {last.exit_code}").strip()
+    if last is not None and last.exit_code in exitcodes.PERMANENT:
+        return exitcodes.PERMANENT[last.exit_code], (last.message or f"trainer exited with {last.exit_code}").strip()
     if observed.failed_reason == "DeadlineExceeded":
         return "DeadlineExceeded", "activeDeadlineSeconds exceeded" + detail
     if observed.failed_reason == "BackoffLimitExceeded":
