@@ -1,149 +1,348 @@
-"""Each freeze policy on tiny BERT / GPT-2 / Llama / ViT: after two optimizer steps exactly the intended
-parameters changed and every other one is bit-identical (frozen parameters get no optimizer state)."""
+"""Freeze policies on tiny BERT, GPT-2, Llama, ViT, Swin, ResNet and ConvNeXt.
+
+The matrix runs every strategy on every family through the trainer's CLI entry point in-process: the run exits 0,
+exactly the intended parameters changed (by name pattern, written by hand, independent of the discovery code),
+every other parameter is bit-identical, and frozen BatchNorm kept its running statistics. LoRA on the CNNs has no
+default target modules: exit 2 naming ``freeze.lora.targetModules``, and success once they are given."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from finetune_trainer.cli import main
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.freeze import apply_freeze, layer_map
+from finetune_trainer.models import AUTO_CLASSES
 from finetune_trainer.optim import param_groups
 from finetune_trainer.spec import FreezeSpec
 from tests.trainer import tiny
 
-# Hand-written name prefixes per architecture (independent of the discovery code under test).
+
+def _prefixes(*names: str) -> tuple[str, ...]:
+    return tuple(f"{name}." for name in names)
+
+
+# Per architecture: task, dataset asset, embeddings, blocks bottom first (a block may span several prefixes:
+# a stage's downsampling joins its adjacent block), neck, head, and the LoRA targets' weight names.
 ARCH: dict[str, dict[str, Any]] = {
     "bert": {
         "task": "sequence-classification",
-        "emb": ("bert.embeddings.",),
-        "block": "bert.encoder.layer.{}.",
-        "neck": ("bert.pooler.",),
-        "head": ("classifier.",),
+        "data": "sentiment",
+        "emb": _prefixes("bert.embeddings"),
+        "blocks": [_prefixes(f"bert.encoder.layer.{i}") for i in range(3)],
+        "neck": _prefixes("bert.pooler"),
+        "head": _prefixes("classifier"),
+        "lora": r"\.(query|value)\.weight$",
     },
-    "gpt2": {  # lm_head is tied to wte: the head *is* the input embedding matrix
+    "gpt2": {  # tied lm_head: untied whenever the policy freezes wte but trains the head
         "task": "causal-lm",
-        "emb": ("transformer.wte.", "transformer.wpe."),
-        "block": "transformer.h.{}.",
-        "neck": ("transformer.ln_f.",),
-        "head": ("transformer.wte.",),
+        "data": "text",
+        "emb": _prefixes("transformer.wte", "transformer.wpe"),
+        "blocks": [_prefixes(f"transformer.h.{i}") for i in range(3)],
+        "neck": _prefixes("transformer.ln_f"),
+        "head": _prefixes("lm_head"),
+        "lora": r"\.c_attn\.weight$",
     },
     "llama": {
         "task": "causal-lm",
-        "emb": ("model.embed_tokens.",),
-        "block": "model.layers.{}.",
-        "neck": ("model.norm.",),
-        "head": ("lm_head.",),
+        "data": "text",
+        "emb": _prefixes("model.embed_tokens"),
+        "blocks": [_prefixes(f"model.layers.{i}") for i in range(3)],
+        "neck": _prefixes("model.norm"),
+        "head": _prefixes("lm_head"),
+        "lora": r"\.(q_proj|v_proj)\.weight$",
     },
     "vit": {
         "task": "image-classification",
-        "emb": ("vit.embeddings.",),
-        "block": "vit.layers.{}.",  # transformers v5 naming (v4: vit.encoder.layer)
-        "neck": ("vit.layernorm.",),
-        "head": ("classifier.",),
+        "data": "textured",
+        "emb": _prefixes("vit.embeddings"),
+        "blocks": [_prefixes(f"vit.layers.{i}") for i in range(3)],  # transformers v5 naming
+        "neck": _prefixes("vit.layernorm"),
+        "head": _prefixes("classifier"),
+        "lora": r"\.(q_proj|v_proj)\.weight$",
+    },
+    "swin": {
+        "task": "image-classification",
+        "data": "textured",
+        "emb": _prefixes("swin.embeddings"),
+        "blocks": [
+            _prefixes("swin.encoder.layers.0.blocks.0"),
+            _prefixes("swin.encoder.layers.0.blocks.1", "swin.encoder.layers.0.downsample"),
+            _prefixes("swin.encoder.layers.1.blocks.0"),
+            _prefixes("swin.encoder.layers.1.blocks.1"),
+        ],
+        "neck": _prefixes("swin.layernorm"),
+        "head": _prefixes("classifier"),
+        "lora": r"\.(q_proj|v_proj)\.weight$",
+    },
+    "resnet": {
+        "task": "image-classification",
+        "data": "textured",
+        "emb": _prefixes("resnet.embedder"),
+        "blocks": [
+            _prefixes("resnet.encoder.stages.0.layers.0"),
+            _prefixes("resnet.encoder.stages.0.layers.1"),
+            _prefixes("resnet.encoder.stages.1.layers.0"),
+        ],
+        "neck": (),
+        "head": _prefixes("classifier"),
+        "lora_targets": ["convolution"],
+        "lora": r"\.convolution\.weight$",
+    },
+    "convnext": {
+        "task": "image-classification",
+        "data": "textured",
+        "emb": _prefixes("convnext.embeddings"),
+        "blocks": [
+            _prefixes("convnext.encoder.stages.0.layers.0"),
+            _prefixes("convnext.encoder.stages.0.layers.1"),
+            _prefixes("convnext.encoder.stages.1.downsampling_layer", "convnext.encoder.stages.1.layers.0"),
+        ],
+        "neck": _prefixes("convnext.layernorm"),
+        "head": _prefixes("classifier"),
+        "lora_targets": ["pwconv1", "pwconv2"],
+        "lora": r"\.(pwconv1|pwconv2)\.weight$",
     },
 }
-LAYERS = 2
+NORM = r"(?i:norm|ln_\d)"
+
+Predicate = Callable[[str], bool]
 
 
 def _in(name: str, prefixes: tuple[str, ...]) -> bool:
     return name.startswith(prefixes)
 
 
-def expected(arch: str, strategy: str) -> Callable[[str], bool]:
+def freeze_spec(arch: str, strategy: str) -> dict[str, Any]:
+    first = re.escape(ARCH[arch]["blocks"][0][0])
+    return {
+        "none": {"strategy": "none"},
+        "head-only": {"strategy": "head-only"},
+        "bottom-layers": {"strategy": "bottom-layers", "layers": 2},
+        "top-layers": {"strategy": "top-layers", "layers": 1},
+        "embeddings": {"strategy": "none", "embeddings": True},
+        "modules": {"strategy": "modules", "frozenModules": [f"^{first}"], "trainableModules": [f"^{first}.*{NORM}"]},
+        "lora": {"strategy": "lora", "lora": {"r": 2, "alpha": 4}},
+    }[strategy]
+
+
+def trains(arch: str, strategy: str) -> Predicate:
+    """Which parameter names the policy trains, from the hand-written table."""
     a = ARCH[arch]
-    block = lambda i: (a["block"].format(i),)  # noqa: E731
-    emb, neck, head = a["emb"], a["neck"], a["head"]
-    if strategy == "none":
-        return lambda n: True
-    if strategy == "head-only":
-        return lambda n: _in(n, head)
-    if strategy == "bottom-layers":
-        return lambda n: not _in(n, emb) and not _in(n, block(0))
-    if strategy == "top-layers":
-        return lambda n: _in(n, block(1)) or _in(n, neck) or _in(n, head)
-    if strategy == "embeddings":
-        return lambda n: not _in(n, emb)
-    if strategy == "modules":
-        return lambda n: not _in(n, block(0)) or bool(re.search(r"(?i)norm|ln_\d", n))
-    if strategy == "lora":
-        return lambda n: "lora_" in n or "modules_to_save" in n
+    emb, blocks, neck, head = a["emb"], a["blocks"], a["neck"], a["head"]
+    match strategy:
+        case "none":
+            return lambda n: True
+        case "head-only":
+            return lambda n: _in(n, head)
+        case "bottom-layers":
+            return lambda n: not _in(n, emb + blocks[0] + blocks[1])
+        case "top-layers":
+            return lambda n: _in(n, blocks[-1] + neck + head)
+        case "embeddings":
+            return lambda n: not _in(n, emb)
+        case "modules":
+            return lambda n: not _in(n, blocks[0]) or bool(re.search(NORM, n.removeprefix(blocks[0][0])))
+        case "lora":
+            task_head = head if a["task"] != "causal-lm" else ()
+            return lambda n: bool(re.search(a["lora"], n)) or _in(n, task_head)
     raise AssertionError(strategy)
 
 
-SPECS = {
-    "none": FreezeSpec(strategy="none"),
-    "head-only": FreezeSpec(strategy="head-only"),
-    "bottom-layers": FreezeSpec(strategy="bottom-layers", layers=1),
-    "top-layers": FreezeSpec(strategy="top-layers", layers=1),
-    "embeddings": FreezeSpec(strategy="none", embeddings=True),
-    "modules": FreezeSpec(
-        strategy="modules",
-        frozenModules=[r"(layer|h|layers)\.0\."],
-        trainableModules=[r"(?i)(layer|h|layers)\.0\..*(norm|ln_\d)"],
-    ),
-    "lora": FreezeSpec(strategy="lora"),
-}
+STRATEGIES = ["none", "head-only", "bottom-layers", "top-layers", "embeddings", "modules", "lora"]
 
 
-def batch(arch: str) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    if arch == "vit":
-        return {"pixel_values": torch.randn(4, 3, 16, 16, generator=gen), "labels": torch.tensor([0, 1, 0, 1])}
-    ids = torch.randint(5, len(tiny.VOCAB), (4, 12), generator=gen)
-    if ARCH[arch]["task"] == "causal-lm":
-        return {"input_ids": ids, "labels": ids}
-    return {"input_ids": ids, "labels": torch.tensor([0, 1, 0, 1])}
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("matrix")
+    saved = {arch: tiny.save_model(root / arch, arch, ARCH[arch]["task"], layers=3) for arch in ARCH}
+    return {**saved, "textured": tiny.write_images(root / "textured", n=8, noise=60)}
 
 
-def train_two_steps(model: torch.nn.Module, arch: str) -> None:
-    decay = {n for n, _ in model.named_parameters() if "bias" not in n and "norm" not in n.lower()}
-    groups = param_groups(
-        model.named_parameters(), decay, learning_rate=1e-2, weight_decay=0.01, layers=None, lr_decay=None
-    )
-    optimizer = torch.optim.AdamW(groups)
-    state_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    assert state_params == {id(p) for p in model.parameters() if p.requires_grad}
-    model.train()
-    for _ in range(2):
-        loss = model(**batch(arch)).loss
-        loss.backward()
-        for p in model.parameters():
-            assert p.requires_grad or p.grad is None, "a frozen parameter received a gradient"
-        optimizer.step()
-        optimizer.zero_grad()
+def _weights(directory: Path, task: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(parameters by every name, tied ones under both; BatchNorm running statistics)."""
+    model = AUTO_CLASSES[task].from_pretrained(str(directory))
+    params = {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
+    stats = {
+        f"{name}.{buffer}": getattr(module, buffer).clone()
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+        for buffer in ("running_mean", "running_var", "num_batches_tracked")
+    }
+    return params, stats
 
 
-@pytest.mark.parametrize("strategy", list(SPECS))
-@pytest.mark.parametrize("arch", list(ARCH))
-def test_freeze_changes_exactly_the_intended_parameters(arch: str, strategy: str) -> None:
+def run_cli(tmp_path: Path, wire: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, list[Any]]:
+    config = tmp_path / "spec.json"
+    config.write_text(json.dumps(wire))
+    code = main(["--config", str(config)])
+    captured = capsys.readouterr()
+    return code, captured.err, [json.loads(line) for line in captured.out.splitlines() if line.startswith("{")]
+
+
+def matrix_spec(arch: str, freeze: dict[str, Any], models: dict[str, Path], assets: dict[str, Path], out: Path) -> Any:
     task = ARCH[arch]["task"]
-    model = tiny.build(arch, task, layers=LAYERS, hidden_dropout_prob=0.0)
-    model, plan = apply_freeze(model, SPECS[strategy], task)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train_two_steps(model, arch)
-    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
-    want = expected(arch, strategy)
-    intended = {n for n in before if want(n)}
-    assert changed == intended, (sorted(changed ^ intended))[:8]
-    assert plan.trainable == sum(p.numel() for n, p in model.named_parameters() if n in intended)
-    assert plan.total == sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return tiny.spec(
+        models[arch],
+        {**assets, **models}[ARCH[arch]["data"]],
+        out,
+        task=task,
+        freeze=freeze,
+        hyperparameters={"learningRate": 1e-2, "batchSize": 4, "maxSteps": 2, "seed": 0, "weightDecay": 0.0},
+        evaluation={"strategy": "no", "metrics": ["loss"]},
+    )
+
+
+def check_run(arch: str, strategy: str, model_dir: Path, out: Path) -> None:
+    task = ARCH[arch]["task"]
+    before, stats_before = _weights(model_dir, task)
+    after, stats_after = _weights(out / "model", task)
+    assert set(after) == set(before)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    want = trains(arch, strategy)
+    intended = {n for n in before if want(n)}  # a tied matrix appears under both names
+    assert changed == intended, sorted(changed ^ intended)[:8]
+    for name in stats_before:
+        module = name.rsplit(".", 1)[0]
+        frozen = not want(f"{module}.weight")
+        same = torch.equal(stats_before[name], stats_after[name])
+        assert same == frozen, f"{name}: frozen={frozen} but statistics {'kept' if same else 'changed'}"
+
+
+CASES = [(arch, strategy) for arch in ARCH for strategy in STRATEGIES]
+
+
+@pytest.mark.parametrize(("arch", "strategy"), CASES, ids=[f"{a}-{s}" for a, s in CASES])
+def test_every_strategy_on_every_family(
+    arch: str,
+    strategy: str,
+    models: dict[str, Path],
+    assets: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    freeze = freeze_spec(arch, strategy)
+    targets = ARCH[arch].get("lora_targets")
+    if strategy == "lora" and targets is not None:
+        code, err, events = run_cli(tmp_path, matrix_spec(arch, freeze, models, assets, tmp_path / "out0"), capsys)
+        assert code == 2, err
+        assert err.startswith("finetune-trainer: error: freeze.lora.targetModules: the model has none of the")
+        assert [e["reason"] for e in events if e["event"] == "error"] == ["InvalidConfig"]
+        freeze["lora"]["targetModules"] = targets
+    out = tmp_path / "out"
+    code, err, events = run_cli(tmp_path, matrix_spec(arch, freeze, models, assets, out), capsys)
+    assert code == 0, err
+    assert [e["reason"] for e in events if e["event"] == "result"] == ["Succeeded"]
+    check_run(arch, strategy, models[arch], out)
+
+
+# Units: layer discovery, eval mode, errors. Models built in memory, no training.
+
+
+def _names(model: torch.nn.Module, prefixes: tuple[str, ...]) -> set[str]:
+    return {n for n, _ in model.named_parameters() if _in(n, prefixes)}
 
 
 @pytest.mark.parametrize("arch", list(ARCH))
 def test_layer_discovery(arch: str) -> None:
-    model = tiny.build(arch, ARCH[arch]["task"], layers=3)
+    a = ARCH[arch]
+    model = tiny.build(arch, a["task"], layers=3)
     layers = layer_map(model)
-    assert layers.blocks_prefix == ARCH[arch]["block"].format("")[:-2]
-    assert layers.num_blocks == 3
-    assert all(n.startswith(ARCH[arch]["emb"]) for n in layers.embeddings)
-    assert layers.depth(layers.blocks[2][0]) == 0
-    assert layers.depth(layers.blocks[0][0]) == 2
-    assert layers.depth(layers.embeddings[0]) == 3
+    assert [set(block) for block in layers.blocks] == [_names(model, block) for block in a["blocks"]]
+    assert set(layers.embeddings) == _names(model, a["emb"])
+    assert set(layers.neck) == _names(model, a["neck"])
+    assert set(layers.head) - set(layers.embeddings) == _names(model, a["head"])  # GPT-2's head is wte, tied
+    top, bottom, n = layers.blocks[-1][0], layers.blocks[0][0], len(a["blocks"])
+    assert (layers.depth(top), layers.depth(bottom), layers.depth(layers.embeddings[0])) == (0, n - 1, n)
+
+
+def test_a_stack_of_mixed_block_types_is_found() -> None:
+    """Jamba interleaves Mamba and attention decoder layers (two classes) in one ModuleList."""
+    import transformers as tf
+
+    config = tf.JambaConfig(
+        vocab_size=len(tiny.VOCAB),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_experts=1,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        mamba_d_state=4,
+        mamba_expand=1,
+        use_mamba_kernels=False,
+    )
+    model = tf.AutoModelForCausalLM.from_config(config)
+    assert len({type(layer) for layer in model.model.layers}) == 2
+    layers = layer_map(model)
+    assert layers.blocks_prefix == "model.layers" and layers.num_blocks == 4
+    assert all(all(n.startswith(f"model.layers.{i}.") for n in block) for i, block in enumerate(layers.blocks))
+
+
+def test_the_block_stack_is_only_looked_for_when_a_strategy_needs_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import finetune_trainer.freeze as freeze_mod
+
+    def no_stack(model: torch.nn.Module) -> Any:
+        raise ConfigError("freeze: found no stack")
+
+    monkeypatch.setattr(freeze_mod, "find_block_stack", no_stack)
+    for spec in (
+        FreezeSpec(strategy="none"),
+        FreezeSpec(strategy="modules", frozenModules=["embedder"]),
+        FreezeSpec(strategy="lora", lora={"targetModules": ["convolution"]}),
+    ):
+        apply_freeze(tiny.build("resnet", "image-classification"), spec, "image-classification")
+    with pytest.raises(ConfigError, match="no stack"):
+        apply_freeze(
+            tiny.build("resnet", "image-classification"), FreezeSpec(strategy="head-only"), "image-classification"
+        )
+
+
+def test_frozen_modules_stay_in_eval_mode_after_train_and_thawed_ones_train() -> None:
+    model = tiny.build("resnet", "image-classification")
+    spec = FreezeSpec(strategy="head-only", gradualUnfreezing={"startEpoch": 1, "layersPerEpoch": 1})
+    model, plan = apply_freeze(model, spec, "image-classification")
+    model.train()
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert norms and not any(m.training for m in norms.values())
+    assert model.training and model.classifier.training
+    named = dict(model.named_parameters())
+    for name in plan.thaw_units[0]:  # gradual unfreezing thaws the top block: it trains from the next train()
+        named[name].requires_grad_(True)
+    model.eval()
+    model.train()
+    thawed = {n for n, m in norms.items() if m.training}
+    assert thawed == {n for n in norms if n.startswith("resnet.encoder.stages.1.layers.0.")}
+
+
+def test_frozen_dropout_is_off_and_trainable_dropout_on() -> None:
+    model = tiny.build("bert", "sequence-classification", layers=2)
+    model, _ = apply_freeze(model, FreezeSpec(strategy="bottom-layers", layers=1), "sequence-classification")
+    model.train()
+    dropouts = {n: m.training for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    assert not any(on for n, on in dropouts.items() if n.startswith(("bert.embeddings.", "bert.encoder.layer.0.")))
+    assert all(on for n, on in dropouts.items() if n.startswith(("bert.encoder.layer.1.", "dropout")))
+
+
+def test_head_only_on_tied_embeddings_trains_an_untied_head() -> None:
+    """GPT-2 ties lm_head to wte: head-only must not train the input embeddings through it."""
+    model = tiny.build("gpt2", "causal-lm", layers=2)
+    model, plan = apply_freeze(model, FreezeSpec(strategy="head-only"), "causal-lm")
+    assert plan.untied == "lm_head.weight"
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    assert torch.equal(model.lm_head.weight, model.transformer.wte.weight)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["lm_head.weight"]
+    assert plan.trainable == model.lm_head.weight.numel()
+    assert model.config.tie_word_embeddings is False
 
 
 def test_layer_wise_lr_decay_groups() -> None:
@@ -169,7 +368,7 @@ def test_pattern_matching_nothing_is_a_config_error() -> None:
 
 def test_too_many_layers_is_a_config_error() -> None:
     model = tiny.build("bert", "sequence-classification")
-    with pytest.raises(ConfigError, match=r"freeze\.layers: 5 exceeds the 2 blocks"):
+    with pytest.raises(ConfigError, match=r"freeze\.layers: 5 exceeds the 2 layers"):
         apply_freeze(model, FreezeSpec(strategy="bottom-layers", layers=5), "sequence-classification")
 
 

@@ -12,6 +12,7 @@ NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "weak"]
 FILLER = ["the", "a", "movie", "film", "plot", "actor", "scene", "was", "is", "quite", "very", "story", "and", "it"]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 VOCAB = SPECIALS + POSITIVE + NEGATIVE + FILLER
+IMAGE_KINDS = ("vit", "swin", "resnet", "convnext")
 
 
 def save_tokenizer(directory: Path) -> Any:
@@ -76,6 +77,23 @@ def config(kind: str, layers: int = 2, **overrides: Any) -> Any:
             num_attention_heads=2,
             intermediate_size=64,
         )
+    elif kind == "swin":  # two stages of two blocks; stage 1 ends in patch merging
+        cfg = tf.SwinConfig(
+            image_size=16,
+            patch_size=2,
+            num_channels=3,
+            embed_dim=8,
+            depths=[2, 2],
+            num_heads=[1, 2],
+            window_size=4,
+            mlp_ratio=2.0,
+        )
+    elif kind == "resnet":  # bottleneck blocks with BatchNorm; stage 1 starts with a strided shortcut
+        cfg = tf.ResNetConfig(
+            num_channels=3, embedding_size=8, hidden_sizes=[16, 32], depths=[2, 1], layer_type="bottleneck"
+        )
+    elif kind == "convnext":  # stage 1 starts with a downsampling layer
+        cfg = tf.ConvNextConfig(num_channels=3, patch_size=2, hidden_sizes=[8, 16], depths=[2, 1], num_stages=2)
     else:
         raise ValueError(kind)
     for key, value in overrides.items():
@@ -92,7 +110,7 @@ def build(kind: str, task: str, layers: int = 2, num_labels: int = 2, seed: int 
     if task == "causal-lm":
         return tf.AutoModelForCausalLM.from_config(cfg)
     cfg.num_labels = num_labels
-    if kind == "vit":
+    if kind in IMAGE_KINDS:
         return tf.AutoModelForImageClassification.from_config(cfg)
     cfg.pad_token_id = 0
     return tf.AutoModelForSequenceClassification.from_config(cfg)
@@ -102,7 +120,11 @@ def save_model(directory: Path, kind: str = "bert", task: str = "sequence-classi
     """A saved tiny pretrained model (weights + tokenizer or image processor)."""
     model = build(kind, task, layers)
     model.save_pretrained(str(directory))
-    if kind == "vit":
+    if kind in ("resnet", "convnext"):  # shortest edge 16/0.875 = 18, then a 16x16 center crop
+        from transformers import ConvNextImageProcessor
+
+        ConvNextImageProcessor(size={"shortest_edge": 16}, crop_pct=0.875).save_pretrained(str(directory))
+    elif kind in IMAGE_KINDS:
         from transformers import ViTImageProcessor
 
         ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(str(directory))
@@ -146,8 +168,12 @@ def write_text(directory: Path, n: int = 48, seed: int = 0, chat: bool = False) 
     return directory
 
 
-def write_images(directory: Path, n: int = 16, seed: int = 0) -> Path:
-    """Red vs blue 20x20 PNGs (label 0 / 1) with a jsonl of relative paths."""
+def write_images(directory: Path, n: int = 16, seed: int = 0, noise: int = 0) -> Path:
+    """Red vs blue 20x20 PNGs (label 0 / 1) with a jsonl of relative paths.
+
+    ``noise`` adds per-pixel noise up to that amplitude: on a flat image every patch is the same token, so
+    attention keys get exactly zero gradient.
+    """
     from PIL import Image
 
     rng = random.Random(seed)
@@ -160,7 +186,10 @@ def write_images(directory: Path, n: int = 16, seed: int = 0) -> Path:
             if label:
                 colour = colour[::-1]
             path = f"img/{split}-{i}.png"
-            Image.new("RGB", (20, 20), colour).save(directory / path)
+            image = Image.new("RGB", (20, 20), colour)
+            if noise:
+                image.putdata([tuple(min(255, c + rng.randint(0, noise)) for c in colour) for _ in range(400)])
+            image.save(directory / path)
             rows.append({"image": path, "label": label})
         (directory / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return directory

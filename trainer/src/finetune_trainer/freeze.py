@@ -1,17 +1,24 @@
 """Freeze policies: which parameters train. Applied before the optimizer is built.
 
-Transformer stacks are found generically: the block stack is the ModuleList of identical
-modules holding the most parameters (``bert.encoder.layer``, ``transformer.h``,
-``model.layers``, ``vit.encoder.layer``...). Parameters registered before the first block
-are the embeddings, those after the last block but inside the base model are the "neck"
-(final norm, pooler), and those outside the base model (plus the output embeddings) the head.
+What a "layer" is, for every family: one residual block — a transformer layer (BERT, GPT-2,
+Llama, ViT), a Swin block, a ResNet bottleneck/basic block, a ConvNeXt block. The block stack is
+found generically: the largest ModuleList/Sequential of composite modules (their types may differ:
+hybrid stacks mix attention and recurrent blocks). When its members are stages (a direct child
+list of composite blocks holds most of a stage's weights: ResNet, ConvNeXt, Swin), the stages'
+blocks are laid end to end, and a stage's own downsampling/patch-merging weights belong to the
+adjacent block of that stage. Parameters registered before the first block are the embeddings
+(a CNN's stem), those after the last block but inside the base model are the "neck" (final norm,
+pooler), and those outside the base model (plus the output embeddings) the head.
+
+Frozen modules run in eval mode, also after the Trainer's ``model.train()``: frozen BatchNorm keeps
+its running statistics and frozen dropout is off, so a frozen part computes a fixed function.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from peft import LoraConfig, TaskType, get_peft_model
 from torch import nn
@@ -44,17 +51,55 @@ class LayerMap:
         return 0
 
 
-def find_block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of same-typed modules with the most parameters."""
-    best: tuple[int, str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1:
-            size = sum(p.numel() for p in module.parameters())
-            if size > 0 and (best is None or size > best[0]):
-                best = (size, name, module)
-    if best is None:
-        raise ConfigError("freeze: found no stack of transformer blocks in the model")
-    return best[1], best[2]
+def _size(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _block_container(module: nn.Module) -> TypeGuard[nn.ModuleList | nn.Sequential]:
+    """A ModuleList/Sequential of composite modules with weights (blocks, not single ops like an MLP's Linear)."""
+    return (
+        isinstance(module, nn.ModuleList | nn.Sequential)
+        and len(module) > 0
+        and all(any(True for _ in m.children()) for m in module)
+        and _size(module) > 0
+    )
+
+
+def _stage_blocks(stage: nn.Module) -> list[nn.Module] | None:
+    """The direct child list of blocks that holds most of a stage's weights; None for a plain block."""
+    lists = [list(child) for child in stage.children() if _block_container(child)]
+    best = max(lists, key=lambda blocks: sum(map(_size, blocks)), default=None)
+    return best if best is not None and 2 * sum(map(_size, best)) >= _size(stage) else None
+
+
+def find_block_stack(model: nn.Module) -> tuple[str, list[list[nn.Parameter]]]:
+    """The stack's name and its blocks' parameters, bottom first (stages expanded into their blocks)."""
+    candidates = [(name, module) for name, module in model.named_modules() if _block_container(module)]
+    if not candidates:
+        raise ConfigError("freeze: found no stack of layers (transformer or residual blocks) in the model")
+    stack_name, stack = max(candidates, key=lambda item: _size(item[1]))  # max keeps the first of equals
+    blocks: list[list[nn.Parameter]] = []
+    for member in stack:
+        inner = _stage_blocks(member)
+        if inner is None:
+            blocks.append(list(member.parameters()))
+            continue
+        first = len(blocks)
+        owner = {id(p): first + i for i, block in enumerate(inner) for p in block.parameters()}
+        blocks.extend([] for _ in inner)
+        current: int | None = None
+        pending: list[nn.Parameter] = []  # stage weights before its first block (e.g. ConvNeXt downsampling)
+        for param in member.parameters():
+            if id(param) in owner:
+                current = owner[id(param)]
+                blocks[current].extend(pending)
+                pending = []
+                blocks[current].append(param)
+            elif current is None:
+                pending.append(param)
+            else:  # after a block (e.g. Swin patch merging): joins the block before it
+                blocks[current].append(param)
+    return stack_name, [block for block in blocks if block]
 
 
 def _base_prefix(model: nn.Module) -> str | None:
@@ -64,29 +109,46 @@ def _base_prefix(model: nn.Module) -> str | None:
     return None
 
 
+def _embedding_ids(model: nn.Module, getter: str) -> set[int]:
+    """Parameter ids of the input or output embeddings; none for models without them (CNNs raise)."""
+    try:
+        module = getattr(model, getter, lambda: None)()
+    except (NotImplementedError, AttributeError):
+        return set()
+    return {id(p) for p in module.parameters()} if isinstance(module, nn.Module) else set()
+
+
+def head_names(model: nn.Module) -> list[str]:
+    """Parameters outside the base model, plus the output embeddings: the task head."""
+    base = _base_prefix(model)
+    output_ids = _embedding_ids(model, "get_output_embeddings")
+    return [
+        name
+        for name, param in model.named_parameters()
+        if id(param) in output_ids or (base is not None and not name.startswith(base))
+    ]
+
+
 def layer_map(model: nn.Module) -> LayerMap:
     """Split parameter names by position in registration order (embeddings, blocks, neck, head)."""
     stack_name, stack = find_block_stack(model)
     named = list(model.named_parameters())
-    block_of = {id(p): i for i, block in enumerate(stack) for p in block.parameters()}
+    block_of = {id(p): i for i, block in enumerate(stack) for p in block}
     blocks: list[list[str]] = [[] for _ in stack]
     positions = [i for i, (_, p) in enumerate(named) if id(p) in block_of]
     first, last = positions[0], positions[-1]
-    base = _base_prefix(model)
-    output = getattr(model, "get_output_embeddings", lambda: None)()
-    output_ids = {id(p) for p in output.parameters()} if isinstance(output, nn.Module) else set()
-    inputs = getattr(model, "get_input_embeddings", lambda: None)()
-    input_ids = {id(p) for p in inputs.parameters()} if isinstance(inputs, nn.Module) else set()
+    head_set = set(head_names(model))
+    input_ids = _embedding_ids(model, "get_input_embeddings")
     embeddings, neck, head = [], [], []
     for i, (name, param) in enumerate(named):
         if id(param) in block_of:
             blocks[block_of[id(param)]].append(name)
             continue
-        if id(param) in output_ids or (base is not None and not name.startswith(base)):
+        if name in head_set:
             head.append(name)
             if id(param) not in input_ids:
                 continue
-        # Tied input/output embeddings are in both sets: the head trains them, freezing embeddings freezes them.
+        # Tied input/output embeddings are in both sets (apply_freeze unties them when the two disagree).
         if i < first or id(param) in input_ids or i <= last:
             embeddings.append(name)
         else:
@@ -101,6 +163,8 @@ class FreezePlan:
     trainable: int
     total: int
     thaw_units: list[list[str]] = field(default_factory=list)
+    untied: str | None = None
+    """The output embedding's parameter name when it was untied from the frozen input embeddings."""
 
     @property
     def percent(self) -> float:
@@ -167,12 +231,32 @@ def default_lora_targets(model: nn.Module) -> list[str] | None:
     return None
 
 
-def _lora(model: nn.Module, task: Task, spec: LoraSpec | None, head: tuple[str, ...]) -> nn.Module:
+def _lora_target_hint(model: nn.Module, head: list[str]) -> str:
+    """A few leaf Linear/Conv module names to suggest when no default LoRA target exists."""
+    head_modules = {name.rsplit(".", 1)[0] for name in head}
+    names = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear | nn.Conv2d) and name not in head_modules
+        }
+    )
+    return ", ".join(names[:6]) or "none found"
+
+
+def _lora(model: nn.Module, task: Task, spec: LoraSpec | None, head: list[str]) -> nn.Module:
     lora = spec or LoraSpec()
     target: str | list[str] | None = default_lora_targets(model)
     if lora.target_modules:
         _compile(lora.target_modules, "freeze.lora.targetModules")
         target = r"^(?:.*\.)?(?:" + "|".join(f"(?:{p})" for p in lora.target_modules) + r")$"
+    elif target is None:
+        families = ", ".join("/".join(family) for family in ATTENTION_PROJECTIONS)
+        raise ConfigError(
+            "freeze.lora.targetModules: the model has none of the attention projections LoRA adapts by default "
+            f"({families}); name the modules to adapt (Linear or Conv2d names, e.g. "
+            f"{_lora_target_hint(model, head)})"
+        )
     task_type = {"sequence-classification": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM}.get(task)
     # The classification head is new: it trains in full next to the adapters.
     modules_to_save = sorted({name.rsplit(".", 1)[0] for name in head}) if task != "causal-lm" else None
@@ -193,39 +277,101 @@ def _lora(model: nn.Module, task: Task, spec: LoraSpec | None, head: tuple[str, 
     return wrapped
 
 
-def apply_freeze(model: nn.Module, spec: FreezeSpec, task: Task) -> tuple[nn.Module, FreezePlan]:
-    """Set ``requires_grad`` per the policy (wrapping the model for LoRA) and describe the result."""
-    layers = layer_map(model)
-    params: dict[str, Any] = dict(model.named_parameters())
-    if spec.layers is not None and spec.layers > layers.num_blocks:
-        raise ConfigError(f"freeze.layers: {spec.layers} exceeds the {layers.num_blocks} blocks of the model")
+def untie_output_embeddings(model: nn.Module) -> str:
+    """Give the output embeddings their own copy of the tied matrix; the saved config says they are untied."""
+    output: Any = model.get_output_embeddings()  # type: ignore[operator]
+    inputs: Any = model.get_input_embeddings()  # type: ignore[operator]
+    output.weight = nn.Parameter(inputs.weight.detach().clone())
+    config: Any = getattr(model, "config", None)
+    if config is not None:
+        for cfg in (config, config.get_text_config()):
+            cfg.tie_word_embeddings = False
+    return next(name for name, param in model.named_parameters() if param is output.weight)
+
+
+def eval_frozen(module: nn.Module) -> None:
+    """Put every fully frozen submodule in eval mode: BatchNorm keeps its running statistics, dropout is off."""
+    for child in module.children():
+        params = list(child.parameters())
+        if params and not any(p.requires_grad for p in params):
+            child.eval()
+        else:
+            eval_frozen(child)
+
+
+def keep_frozen_in_eval(model: nn.Module) -> None:
+    """Make ``model.train()`` leave frozen modules in eval mode.
+
+    The Trainer calls ``model.train()`` every step, which would undo a one-off ``eval()``; the check runs on
+    each call, so modules thawed by gradual unfreezing train again.
+    """
+    train = type(model).train
+
+    def train_keeping_frozen_in_eval(mode: bool = True) -> nn.Module:
+        train(model, mode)
+        if mode:
+            eval_frozen(model)
+        return model
+
+    model.__dict__["train"] = train_keeping_frozen_in_eval
+    if model.training:
+        model.train()
+
+
+MAPPED_STRATEGIES = ("head-only", "bottom-layers", "top-layers")
+"""Strategies that need the layer map; the others (and CNNs under them) never look for a block stack."""
+
+
+def _frozen_by_layers(layers: LayerMap, spec: FreezeSpec, names: set[str]) -> tuple[set[str], list[tuple[str, ...]]]:
+    """Names the strategy freezes and the thaw order, a tied embedding matrix counting as embeddings only."""
+    tied = set(layers.embeddings) & set(layers.head)
+    head = {name for name in layers.head if name not in tied}
     n = spec.layers or 0
     frozen: set[str] = set()
     thaw_order: list[tuple[str, ...]] = []
     match spec.strategy:
         case "head-only":
-            frozen = set(params) - set(layers.head)
+            frozen = names - head
             thaw_order = [layers.neck, *reversed(layers.blocks), layers.embeddings]
         case "bottom-layers":
             frozen = set(layers.embeddings).union(*layers.blocks[:n])
             thaw_order = [*reversed(layers.blocks[:n]), layers.embeddings]
         case "top-layers":
-            trainable = set(layers.neck) | set(layers.head)
-            trainable = trainable.union(*layers.blocks[layers.num_blocks - n :])
-            frozen = set(params) - trainable
-        case _:
-            frozen = set()
+            frozen = names - (set(layers.neck) | head).union(*layers.blocks[layers.num_blocks - n :])
     if spec.embeddings:
         frozen |= set(layers.embeddings)
         thaw_order = [unit for unit in thaw_order if unit is not layers.embeddings]  # asked to stay frozen
-    for name, param in params.items():
+    return frozen, thaw_order
+
+
+def apply_freeze(model: nn.Module, spec: FreezeSpec, task: Task) -> tuple[nn.Module, FreezePlan]:
+    """Set ``requires_grad`` per the policy (wrapping the model for LoRA) and describe the result.
+
+    A tied input/output embedding matrix is one parameter: when the policy freezes the input embeddings but
+    trains the head (head-only, top-layers, bottom-layers, ``embeddings: true``), the head gets its own copy.
+    """
+    frozen: set[str] = set()
+    thaw_order: list[tuple[str, ...]] = []
+    untied: str | None = None
+    if spec.strategy in MAPPED_STRATEGIES or spec.embeddings:
+        layers = layer_map(model)
+        if spec.layers is not None and spec.layers > layers.num_blocks:
+            raise ConfigError(
+                f"freeze.layers: {spec.layers} exceeds the {layers.num_blocks} layers (blocks) of the model"
+            )
+        frozen, thaw_order = _frozen_by_layers(layers, spec, {name for name, _ in model.named_parameters()})
+        if spec.strategy != "lora" and set(layers.embeddings) & set(layers.head) & frozen:  # LoRA freezes both
+            untied = untie_output_embeddings(model)
+    for name, param in model.named_parameters():
         param.requires_grad_(name not in frozen)
     if spec.strategy == "lora":
-        model = _lora(model, task, spec.lora, layers.head)
+        model = _lora(model, task, spec.lora, head_names(model))
     pattern_frozen = _apply_patterns(model, spec)
     units = [[n for n in unit if n in frozen and n not in pattern_frozen] for unit in thaw_order]
+    keep_frozen_in_eval(model)
     trainable_count, total = count_parameters(model)
-    return model, FreezePlan(trainable_count, total, [u for u in units if u] if spec.gradual_unfreezing else [])
+    thaw_units = [u for u in units if u] if spec.gradual_unfreezing else []
+    return model, FreezePlan(trainable_count, total, thaw_units, untied)
 
 
 def thawed_units(epoch: int, start_epoch: int, per_epoch: int, available: int) -> int:

@@ -210,6 +210,7 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
         total=plan.total,
         percent=round(plan.percent, 3),
         thawUnits=len(plan.thaw_units),
+        untiedEmbeddings=plan.untied,
     )
 
     ctx = RunContext(spec, output_dir, checkpoints_dir, env.pvc_root, log, is_main=is_main)

@@ -250,7 +250,10 @@ class LoraSpec(SpecModel):
     target_modules: list[Regex] | None = Field(
         None,
         max_length=64,
-        description="Module names (or regexes) to adapt; unset picks the attention projections of the architecture.",
+        description=(
+            "Module names (or regexes) to adapt; unset picks the attention projections of the architecture. "
+            "Required for models without them (CNNs such as ResNet or ConvNeXt: name Linear/Conv2d modules)."
+        ),
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train alongside the adapters.")
 
@@ -312,20 +315,30 @@ class FreezeSpec(SpecModel):
         "none",
         description=(
             "none: everything trains. head-only: only the task head trains. bottom-layers: the lowest "
-            "`layers` transformer blocks (and embeddings) are frozen. top-layers: only the top `layers` "
-            "blocks and the head train. modules: only the patterns decide. lora: base weights are frozen "
-            "and LoRA adapters train."
+            "`layers` layers (and embeddings) are frozen. top-layers: only the top `layers` layers, the final "
+            "norm/pooler and the head train. modules: only the patterns decide. lora: base weights are frozen "
+            "and LoRA adapters train. Frozen modules run in eval mode (BatchNorm keeps its running statistics, "
+            "dropout is off). A causal LM's output embeddings tied to frozen input embeddings are untied: the "
+            "head trains its own copy (saved untied) and the input embeddings stay as they were."
         ),
     )
     layers: int | None = Field(
         None,
         ge=1,
         le=1000,
-        description="Number of transformer blocks for bottom-layers / top-layers.",
+        description=(
+            "Number of layers for bottom-layers / top-layers. A layer is one residual block, counted bottom up "
+            "across the whole network: a transformer layer (BERT, GPT-2, Llama, ViT), a Swin block, a ResNet "
+            "bottleneck/basic block, a ConvNeXt block. A stage's downsampling or patch merging belongs to the "
+            "block next to it in that stage. A CNN's stem counts as its embeddings."
+        ),
     )
     embeddings: bool = Field(
         False,
-        description="Also freeze the input embeddings (output embeddings tied to them freeze with them).",
+        description=(
+            "Also freeze the input embeddings (a CNN's stem). Output embeddings tied to them are untied and "
+            "keep training."
+        ),
     )
     frozen_modules: list[Regex] = Field(
         default_factory=list,
