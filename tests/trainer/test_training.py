@@ -3,6 +3,7 @@ gradual unfreezing, causal LM, images with augmentation, LoRA."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -206,7 +207,7 @@ def test_causal_lm_with_perplexity(
 
 
 def test_image_classification_with_augmentation(assets: dict[str, Path], tmp_path: Path) -> None:
-    from finetune_trainer.data import image_transforms
+    from finetune_trainer.data import augmentation_transforms
     from finetune_trainer.spec import Augmentation
 
     augmentation = {
@@ -227,15 +228,58 @@ def test_image_classification_with_augmentation(assets: dict[str, Path], tmp_pat
     )
     result, _ = train(wire)
     assert result.reason == "Succeeded" and set(result.metrics) == {"loss", "accuracy", "f1"}
-    names = [
-        type(t).__name__ for t in image_transforms(None, 16, Augmentation.model_validate(augmentation), True).transforms
-    ]
-    assert names[:-2] == ["RandomResizedCrop", "Resize", "RandomRotation", "RandomHorizontalFlip", "ColorJitter"]
-    assert [type(t).__name__ for t in image_transforms(None, 16, None, False).transforms] == [
-        "Resize",
-        "ToTensor",
-        "Normalize",
-    ]
+    steps = augmentation_transforms(Augmentation.model_validate(augmentation))
+    assert steps is not None
+    names = [type(t).__name__ for t in steps.transforms]
+    assert names == ["RandomResizedCrop", "RandomRotation", "RandomHorizontalFlip", "ColorJitter"]
+
+
+def _bands(path: Path) -> None:
+    """A wide image: red | bright green | dim green | blue (40 | 32 | 32 | 40 px); a center crop keeps the greens."""
+    from PIL import Image
+
+    image = Image.new("RGB", (144, 48), (0, 255, 0))
+    image.paste((255, 0, 0), (0, 0, 40, 48))
+    image.paste((0, 128, 0), (72, 0, 104, 48))
+    image.paste((0, 0, 255), (104, 0, 144, 48))
+    image.save(path)
+
+
+def test_images_are_resized_and_center_cropped_by_the_image_processor(tmp_path: Path) -> None:
+    """shortest_edge + crop_pct + center crop (the ResNet/ConvNeXt processor), not a squash to a square;
+    augmentation (a certain flip) on the training split only."""
+    from transformers import ConvNextImageProcessor
+
+    from finetune_trainer import data as data_mod
+    from finetune_trainer.config import RuntimeEnv
+    from finetune_trainer.spec import TrainingSpec
+
+    (tmp_path / "data").mkdir()
+    _bands(tmp_path / "data" / "wide.png")
+    rows = "".join(json.dumps({"image": "wide.png", "label": label}) + "\n" for label in (0, 1))
+    for split in ("train", "validation"):
+        (tmp_path / "data" / f"{split}.jsonl").write_text(rows)
+    wire = tiny.spec(
+        tmp_path / "model",
+        tmp_path / "data",
+        tmp_path / "out",
+        task="image-classification",
+        augmentation={"horizontalFlip": 1.0},
+    )
+    processor = ConvNextImageProcessor(size={"shortest_edge": 16}, crop_pct=0.875)
+    spec = TrainingSpec.model_validate(wire)
+    prepared = data_mod.prepare(spec, RuntimeEnv(metrics_port=0), processor, tiny.config("vit"))
+    assert prepared.validation is not None
+    pixels = prepared.validation[0]["pixel_values"]
+    assert tuple(pixels.shape) == (3, 16, 16)
+    mean = torch.tensor(processor.image_mean).view(3, 1, 1)
+    std = torch.tensor(processor.image_std).view(3, 1, 1)
+    rgb = pixels * std + mean  # undo the processor's ImageNet normalisation
+    bright, dim = torch.tensor([0.0, 1.0, 0.0]).view(3, 1, 1), torch.tensor([0.0, 0.5, 0.0]).view(3, 1, 1)
+    assert torch.allclose(rgb[:, :, :4], bright, atol=0.03), "the left of the crop is not the bright green band"
+    assert torch.allclose(rgb[:, :, -4:], dim, atol=0.03), "the right of the crop is not the dim green band"
+    assert torch.allclose(prepared.validation[0]["pixel_values"], pixels)  # validation: no augmentation
+    assert torch.allclose(prepared.train[0]["pixel_values"], pixels.flip(-1), atol=0.05)
 
 
 def test_lora_run_saves_a_merged_model(assets: dict[str, Path], tmp_path: Path) -> None:

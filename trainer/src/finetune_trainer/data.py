@@ -15,7 +15,7 @@ import pyarrow.parquet  # type: ignore[import-untyped]
 import torch
 from datasets import ClassLabel, Dataset, load_dataset
 from PIL import Image
-from torchvision import transforms
+from torchvision.transforms import v2 as transforms
 from transformers import DataCollatorWithPadding
 
 from finetune_trainer.config import RuntimeEnv, local_path
@@ -228,38 +228,44 @@ class CausalLMCollator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def image_transforms(processor: Any, model_size: int, augmentation: Augmentation | None, train: bool) -> Any:
-    """torchvision pipelines: augmentation for training, resize only for validation; processor's normalisation."""
-    mean = getattr(processor, "image_mean", None) or [0.5, 0.5, 0.5]
-    std = getattr(processor, "image_std", None) or [0.5, 0.5, 0.5]
+def augmentation_transforms(augmentation: Augmentation | None) -> transforms.Compose | None:
+    """The training split's random transforms, on PIL images before the image processor (None: no augmentation)."""
+    if augmentation is None:
+        return None
     steps: list[Any] = []
-    aug = augmentation if train else None
-    if aug is not None and aug.random_resized_crop is not None:
-        crop = aug.random_resized_crop
+    if augmentation.random_resized_crop is not None:
+        crop = augmentation.random_resized_crop
         steps.append(transforms.RandomResizedCrop(crop.size, scale=(crop.scale_min, crop.scale_max)))
-    steps.append(transforms.Resize((model_size, model_size)))
-    if aug is not None:
-        if aug.rotation_degrees is not None:
-            steps.append(transforms.RandomRotation(aug.rotation_degrees))
-        if aug.horizontal_flip is not None:
-            steps.append(transforms.RandomHorizontalFlip(aug.horizontal_flip))
-        if aug.color_jitter is not None:
-            j = aug.color_jitter
-            steps.append(transforms.ColorJitter(j.brightness, j.contrast, j.saturation, j.hue))
-    steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    return transforms.Compose(steps)
+    if augmentation.rotation_degrees is not None:
+        steps.append(transforms.RandomRotation(augmentation.rotation_degrees))
+    if augmentation.horizontal_flip is not None:
+        steps.append(transforms.RandomHorizontalFlip(augmentation.horizontal_flip))
+    if augmentation.color_jitter is not None:
+        j = augmentation.color_jitter
+        steps.append(transforms.ColorJitter(j.brightness, j.contrast, j.saturation, j.hue))
+    return transforms.Compose(steps) if steps else None
 
 
-def image_size(processor: Any, model_config: Any) -> int:
-    size = getattr(processor, "size", None)
-    if isinstance(size, dict):
-        value = size.get("height") or size.get("shortest_edge")
-        if value:
-            return int(value)
-    return int(getattr(model_config, "image_size", 224))
+def image_pipeline(processor: Any, augmentation: Augmentation | None) -> Callable[[list[Any]], list[torch.Tensor]]:
+    """Images → pixel tensors: augmentation (training only), then the image processor itself.
+
+    The processor applies the model's own resize (size / shortest_edge, crop_pct), center crop (crop_size),
+    resample filter, rescale and mean/std, exactly as at inference.
+    """
+    augment = augmentation_transforms(augmentation)
+
+    def apply(images: list[Any]) -> list[torch.Tensor]:
+        if augment is not None:
+            images = [augment(image) for image in images]
+        pixels: torch.Tensor = processor(images=images, return_tensors="pt")["pixel_values"]
+        return list(pixels)
+
+    return apply
 
 
-def attach_images(spec: TrainingSpec, rows: Dataset, base: Path | None, transform: Any) -> Dataset:
+def attach_images(
+    spec: TrainingSpec, rows: Dataset, base: Path | None, transform: Callable[[list[Any]], list[torch.Tensor]]
+) -> Dataset:
     """Images load lazily (``set_transform``); every path must exist up front so a typo fails fast."""
     column = spec.dataset.fields.image
     root = base or Path()
@@ -270,11 +276,11 @@ def attach_images(spec: TrainingSpec, rows: Dataset, base: Path | None, transfor
     rows = rows.select_columns([column, "labels"])
 
     def load(batch: dict[str, Any]) -> dict[str, Any]:
-        pixels = []
+        images = []
         for path in batch[column]:
             with Image.open(root / str(path)) as image:
-                pixels.append(transform(image.convert("RGB")))
-        return {"pixel_values": pixels, "labels": batch["labels"]}
+                images.append(image.convert("RGB"))
+        return {"pixel_values": transform(images), "labels": batch["labels"]}
 
     rows.set_transform(load)
     return rows
@@ -328,11 +334,10 @@ def prepare(spec: TrainingSpec, env: RuntimeEnv, processor: Any, model_config: A
     if validation is not None:
         validation = _limit(validation, ds.max_eval_samples, spec.hyperparameters.seed, shuffle=False)
     if task == "image-classification":
-        size = image_size(processor, model_config)
-        train = attach_images(spec, train, train_raw.base, image_transforms(processor, size, spec.augmentation, True))
+        train = attach_images(spec, train, train_raw.base, image_pipeline(processor, spec.augmentation))
         if validation is not None:
             base = val_raw.base if val_raw is not None else train_raw.base
-            validation = attach_images(spec, validation, base, image_transforms(processor, size, None, False))
+            validation = attach_images(spec, validation, base, image_pipeline(processor, None))
         return PreparedData(train, validation, image_collator)
     train = tokenize_text(spec, train, processor)
     validation = tokenize_text(spec, validation, processor) if validation is not None else None
