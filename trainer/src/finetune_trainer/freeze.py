@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from types import MethodType
 from typing import Any, TypeGuard
 
 from peft import LoraConfig, TaskType, get_peft_model
@@ -299,21 +300,20 @@ def eval_frozen(module: nn.Module) -> None:
             eval_frozen(child)
 
 
+def _train_keeping_frozen_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
+    type(self).train(self, mode)
+    if mode:
+        eval_frozen(self)
+    return self
+
+
 def keep_frozen_in_eval(model: nn.Module) -> None:
     """Make ``model.train()`` leave frozen modules in eval mode.
 
     The Trainer calls ``model.train()`` every step, which would undo a one-off ``eval()``; the check runs on
-    each call, so modules thawed by gradual unfreezing train again.
+    each call, so modules thawed by gradual unfreezing train again. A bound method: ``deepcopy`` rebinds it.
     """
-    train = type(model).train
-
-    def train_keeping_frozen_in_eval(mode: bool = True) -> nn.Module:
-        train(model, mode)
-        if mode:
-            eval_frozen(model)
-        return model
-
-    model.__dict__["train"] = train_keeping_frozen_in_eval
+    model.__dict__["train"] = MethodType(_train_keeping_frozen_in_eval, model)
     if model.training:
         model.train()
 
