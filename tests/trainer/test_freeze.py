@@ -399,3 +399,33 @@ def test_gradual_unfreezing_units_are_top_down() -> None:
         "bert.encoder.layer.0.attention.self.query.weight",
         "bert.embeddings.word_embeddings.weight",
     ]
+
+
+def test_an_untied_head_survives_resume(
+    models: dict[str, Path], assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """GPT-2 head-only: 2 steps, then a resumed run to 4 ends where an uninterrupted 4-step run does."""
+
+    def spec(out: Path, steps: int) -> dict[str, Any]:
+        return tiny.spec(
+            models["gpt2"],
+            assets["text"],
+            out,
+            task="causal-lm",
+            freeze={"strategy": "head-only"},
+            hyperparameters={"learningRate": 1e-2, "batchSize": 4, "maxSteps": steps, "scheduler": "constant"},
+            evaluation={"strategy": "steps", "interval": 2, "metrics": ["loss"]},
+        )
+
+    resumes = []
+    for out, steps in ((tmp_path / "resumed", 2), (tmp_path / "resumed", 4), (tmp_path / "straight", 4)):
+        code, err, events = run_cli(tmp_path, spec(out, steps), capsys)
+        assert code == 0, err
+        resumes.append([e["step"] for e in events if e["event"] == "resume"])
+    assert resumes == [[], [2], []]
+    resumed, _ = _weights(tmp_path / "resumed" / "model", "causal-lm")
+    straight, _ = _weights(tmp_path / "straight" / "model", "causal-lm")
+    pretrained, _ = _weights(models["gpt2"], "causal-lm")
+    assert torch.equal(resumed["transformer.wte.weight"], pretrained["transformer.wte.weight"])
+    assert not torch.equal(resumed["lm_head.weight"], pretrained["lm_head.weight"])
+    assert torch.allclose(resumed["lm_head.weight"], straight["lm_head.weight"], atol=1e-6)
