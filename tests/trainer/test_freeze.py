@@ -376,6 +376,17 @@ def test_layer_wise_lr_decay_groups() -> None:
     assert lr_of[id(named["bert.embeddings.word_embeddings.weight"])] == 0.125
 
 
+def test_layer_wise_lr_decay_under_lora_sees_the_layers() -> None:
+    """Inside peft's wrapper the base model is base_model.model.bert: blocks keep their depth, the head is the head."""
+    model = tiny.build("bert", "sequence-classification", layers=3)
+    wrapped, _ = apply_freeze(model, FreezeSpec(strategy="lora"), "sequence-classification")
+    layers = layer_map(wrapped)
+    assert layers.num_blocks == 3
+    lora_a = [n for n, p in wrapped.named_parameters() if p.requires_grad and "lora_A" in n]
+    assert {layers.depth(n) for n in lora_a} == {0, 1, 2}
+    assert all("classifier" in n for n in layers.head)
+
+
 def test_pattern_matching_nothing_is_a_config_error() -> None:
     model = tiny.build("bert", "sequence-classification")
     with pytest.raises(ConfigError, match=r"freeze.frozenModules\[0\]: pattern 'nope' matches no parameter"):

@@ -104,10 +104,12 @@ def find_block_stack(model: nn.Module) -> tuple[str, list[list[nn.Parameter]]]:
 
 
 def _base_prefix(model: nn.Module) -> str | None:
+    """Where the base model sits: ``bert.``, or ``base_model.model.bert.`` inside a LoRA wrapper."""
     prefix = getattr(model, "base_model_prefix", "")
-    if prefix and isinstance(getattr(model, prefix, None), nn.Module):
-        return f"{prefix}."
-    return None
+    base = getattr(model, prefix, None) if prefix else None
+    if not isinstance(base, nn.Module):
+        return None
+    return next((f"{name}." for name, module in model.named_modules() if module is base), None)
 
 
 def _embedding_ids(model: nn.Module, getter: str) -> set[int]:
