@@ -370,8 +370,9 @@ def apply_freeze(model: nn.Module, spec: FreezeSpec, task: Task) -> tuple[nn.Mod
         model = _lora(model, task, spec.lora, head_names(model))
     pattern_frozen = _apply_patterns(model, spec)
     units = [[n for n in unit if n in frozen and n not in pattern_frozen] for unit in thaw_order]
-    keep_frozen_in_eval(model)
     trainable_count, total = count_parameters(model)
+    if trainable_count < total:  # thawing only adds trainable parameters: nothing frozen now, nothing ever
+        keep_frozen_in_eval(model)
     thaw_units = [u for u in units if u] if spec.gradual_unfreezing else []
     return model, FreezePlan(trainable_count, total, thaw_units, untied)
 
