@@ -1,12 +1,11 @@
 -- Argo CD health check for finetune.dev/FineTuneJob (finetune-operator).
 -- Runs with Argo CD's libraries only (base, table): no string functions.
-local hs = {}
+local function verdict(status, message)
+  return {status = status, message = message}
+end
 
 local function condition(type)
-  if obj.status == nil or obj.status.conditions == nil then
-    return nil
-  end
-  for _, c in ipairs(obj.status.conditions) do
+  for _, c in ipairs(obj.status.conditions or {}) do
     if c.type == type and c.status == "True" then
       return c
     end
@@ -22,46 +21,27 @@ local function explain(c)
 end
 
 if obj.status == nil then
-  hs.status = "Progressing"
-  hs.message = "waiting for the operator to take the job up"
-  return hs
+  return verdict("Progressing", "waiting for the operator to take the job up")
 end
-
-if obj.status.observedGeneration ~= nil and obj.metadata.generation ~= nil
-    and obj.status.observedGeneration ~= obj.metadata.generation then
-  hs.status = "Progressing"
-  hs.message = "the operator has not acted on generation " .. obj.metadata.generation .. " yet"
-  return hs
+local observed, generation = obj.status.observedGeneration, obj.metadata.generation
+if observed ~= nil and generation ~= nil and observed ~= generation then
+  return verdict("Progressing", "the operator has not acted on generation " .. generation .. " yet")
 end
 
 local failed = condition("Failed")
 if failed ~= nil then
-  hs.status = "Degraded"
-  hs.message = explain(failed)
-  return hs
+  return verdict("Degraded", explain(failed))
 end
-
 local complete = condition("Complete")
 if complete ~= nil then
-  hs.status = "Healthy"
-  hs.message = explain(complete)
-  return hs
+  return verdict("Healthy", explain(complete))
 end
-
-local suspended = condition("Suspended")
-local stalled = condition("Stalled")
+-- A user's pause ends a missing-heartbeat stall; a queue's hold (Queued) is progress.
+local suspended, stalled = condition("Suspended"), condition("Stalled")
 if suspended ~= nil and suspended.reason ~= "Queued" and (stalled == nil or stalled.reason == "NoProgress") then
-  hs.status = "Suspended"
-  hs.message = obj.status.message or suspended.message
-  return hs
+  return verdict("Suspended", obj.status.message or suspended.message)
 end
-
 if stalled ~= nil then
-  hs.status = "Degraded"
-  hs.message = explain(stalled)
-  return hs
+  return verdict("Degraded", explain(stalled))
 end
-
-hs.status = "Progressing"
-hs.message = obj.status.message or "waiting for the trainer"
-return hs
+return verdict("Progressing", obj.status.message or "waiting for the trainer")
