@@ -229,3 +229,9 @@ def test_a_users_pause_ends_a_missing_heartbeat_stall() -> None:
         "Stalled": ("False", "Suspended"),
     }
     assert kstatus(paused) == "Current"
+
+
+def test_only_true_health_conditions_repeat_a_message() -> None:
+    status = _failed().status
+    messages = {c.type: c.message for c in status.conditions if c.type in HEALTH}
+    assert messages["Stalled"] and messages["Ready"] == messages["Reconciling"] == ""

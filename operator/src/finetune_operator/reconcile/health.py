@@ -37,7 +37,9 @@ def derive_health(status: FineTuneJobStatus, generation: int | None, now: dateti
     """Set Ready, Reconciling and Stalled in ``status`` from its other conditions (in place)."""
 
     def put(type_: ConditionType, value: bool, reason: str, message: str) -> None:
-        set_condition(status, type_, value, reason, message, now, generation)
+        # A message explains a True condition; False ones keep just the reason, so that
+        # `kubectl describe` does not repeat a failure's message five times.
+        set_condition(status, type_, value, reason, message if value else "", now, generation)
 
     failed, complete = _true(status, "Failed"), _true(status, "Complete")
     stalled, suspended = _true(status, "Stalled"), _true(status, "Suspended")
