@@ -29,19 +29,26 @@ $(VENV_STAMP):
 venv: $(VENV_STAMP) ## create/refresh the Python environment
 
 .PHONY: lint
-lint: venv ## ruff, mypy --strict, import-linter contracts, CRD drift
+lint: venv system-deps ## ruff, mypy --strict, import-linter contracts, CRD and docs drift, promtool on the alerts
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy operator/src trainer/src dev/src cli/src
 	$(VENV)/bin/lint-imports
 	$(PY) -m finetune_operator.crd --check
+	$(PY) -m finetune_operator.metrics --check
+	promtool check rules charts/finetune-operator/files/alerts.yaml
+	promtool test rules tests/alerts/alerts_test.yaml
 
 .PHONY: crds
 crds: venv ## regenerate crds/ from the API models
 	$(PY) -m finetune_operator.crd
 
+.PHONY: docs
+docs: venv ## regenerate the metrics reference in docs/monitoring.md
+	$(PY) -m finetune_operator.metrics
+
 .PHONY: system-deps
-system-deps: ## Debian packages (Prometheus for the demo and its test)
+system-deps: ## Debian packages (Prometheus and promtool for the demo, the alert tests and the dashboard test)
 	@dev/install-system-deps.sh
 
 .PHONY: test

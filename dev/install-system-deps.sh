@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Debian packages the demo and its end-to-end test use: Prometheus (scrapes the operator and
-# the trainer). Go (for the control plane) and Python 3.11 are expected on the machine.
+# the trainer) and its promtool (checks and unit-tests the alert rules; same package).
+# Go (for the control plane) and Python 3.11 are expected on the machine.
 set -euo pipefail
-if command -v prometheus >/dev/null 2>&1; then
+if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
   exit 0
 fi
 echo ">> installing Debian package: prometheus"

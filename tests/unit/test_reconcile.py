@@ -283,3 +283,12 @@ def test_user_stop_annotation() -> None:
     ftj.status = decision.status
     done = decide(ftj, Observed(job=ObservedJob(complete=True)), NOW)
     assert conditions(done.status)["Complete"] == ("True", "Stopped")
+
+
+def test_backoff_failure_counts_the_failed_pod_before_the_job_does() -> None:
+    """The Job's FailureTarget condition comes before its status.failed counts the pod; the
+    message is final (terminal states are sticky), so it must not say "failed 0 times"."""
+    pods = (ObservedPod("p0", "Failed", exit_code=1, reason="Error", message="crash", finished_at=NOW),)
+    target = ObservedJob(failed=0, failed_condition=True, failed_reason="BackoffLimitExceeded")
+    decision = decide(job(backoffLimit=0), Observed(job=target, pods=pods), NOW)
+    assert (decision.status.message or "").startswith("trainer failed 1 time; last trainer exit code 1")

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
 
+from finetune_trainer.exitcodes import PERMANENT, TABLE
 from finetune_trainer.spec import (
     TRAINING_RULES,
     Name,
@@ -179,7 +180,60 @@ class FineTuneJobSpec(TrainingSpec):
     )
 
 
-ConditionType = Literal["Running", "Complete", "Failed", "Suspended", "Stalled"]
+ConditionType = Literal["Running", "Complete", "Failed", "Suspended", "Stalled", "Ready", "Reconciling"]
+
+CONDITION_TYPES: dict[ConditionType, str] = {
+    "Running": "a trainer pod is running (True) or why not (False: Pending, Suspended, a final reason).",
+    "Complete": "training finished; reason Succeeded, EarlyStopped or Stopped. `kubectl wait` for this one.",
+    "Failed": "training failed for good; the reason says why (see REASONS).",
+    "Suspended": "no pods run: spec.suspend is true (reason Suspended) or a queue holds the job (Queued).",
+    "Stalled": "kstatus' abnormal-true condition: True when the job cannot progress without help "
+    "(NoProgress, OwnershipConflict) and on every failure, with the Failed reason.",
+    "Ready": "kstatus' summary: True when the job is where its spec wants it (complete, or suspended by the user).",
+    "Reconciling": "kstatus' abnormal-true condition: True while the job works towards its spec "
+    "(pending, queued, running).",
+}
+"""Every condition type the operator writes. GitOps tools (kstatus in Flux and kubectl tooling,
+Argo CD's health.lua) read Ready/Reconciling/Stalled; people and `kubectl wait` read the rest."""
+
+REASONS: dict[str, str] = {
+    # in progress
+    "Pending": "the Job exists but its pod is not running yet.",
+    "TrainerRunning": "a trainer pod is running.",
+    "Progressing": "the trainer reports progress (Stalled=False).",
+    "Queued": "a queue (Kueue) holds the suspended Job until it admits it (Suspended=True, Reconciling=True).",
+    # paused
+    "Suspended": "spec.suspend is true; resuming continues from the last checkpoint.",
+    "Resumed": "spec.suspend went back to false.",
+    # stuck
+    "NoProgress": "the trainer sent no progress report for stallTimeoutSeconds.",
+    "OwnershipConflict": "a child object of the job's name exists and is owned by someone else.",
+    # finished
+    "Succeeded": "training ran to its end.",
+    "EarlyStopped": "the early-stopping rule fired; the best checkpoint is kept.",
+    "Stopped": "a user asked the job to stop (annotation finetune.dev/stop-requested).",
+    # failed
+    "InvalidSpec": "the spec passed the API server but not the operator's models; nothing was created.",
+    "BackoffLimitExceeded": "the trainer failed more than spec.backoffLimit times.",
+    "DeadlineExceeded": "spec.activeDeadlineSeconds passed.",
+    "JobFailed": "the training Job failed for a reason Kubernetes did not name.",
+    **{
+        row.reason: f"trainer exit code {row.code}, not retried: {row.meaning}."
+        for row in TABLE
+        if row.code in PERMANENT
+    },
+}
+"""Every condition reason the operator writes, and what it means. Extend this table; never invent
+reasons elsewhere (a unit test checks that every reason the reconcile core writes is listed here)."""
+
+FAILURE_REASONS: tuple[str, ...] = (
+    "InvalidSpec",
+    "BackoffLimitExceeded",
+    "DeadlineExceeded",
+    "JobFailed",
+    *PERMANENT.values(),
+)
+"""Reasons of the Failed condition that the operator names itself (a Job may add its own)."""
 Phase = Literal["Pending", "Running", "Suspended", "Stalled", "Succeeded", "EarlyStopped", "Failed"]
 
 
@@ -195,7 +249,7 @@ class StatusModel(BaseModel):
 class Condition(StatusModel):
     """A Kubernetes-convention condition (metav1.Condition shape)."""
 
-    type: ConditionType = Field(description="Running, Complete, Failed, Suspended or Stalled.")
+    type: ConditionType = Field(description="Running, Complete, Failed, Suspended, Stalled, Ready or Reconciling.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: Annotated[str, StringConstraints(max_length=1024)] = Field(description="CamelCase machine-readable reason.")
     message: Annotated[str, StringConstraints(max_length=32768)] = Field("", description="Human-readable detail.")
@@ -279,7 +333,7 @@ class FineTuneJobStatus(StatusModel):
     conditions: list[Condition] = Field(
         default_factory=list,
         max_length=16,
-        description="Running, Complete, Failed, Suspended, Stalled.",
+        description="Running, Complete, Failed, Suspended, Stalled, Ready, Reconciling (kstatus reads the last three).",
     )
     start_time: datetime | None = Field(None, description="When the workload first ran.")
     completion_time: datetime | None = Field(None, description="When the job finished.")

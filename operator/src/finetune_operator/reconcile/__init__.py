@@ -4,7 +4,8 @@ Nothing here performs I/O or reads the clock; the kopf handlers do that and call
 """
 
 from finetune_operator.reconcile.children import Settings, desired_children
-from finetune_operator.reconcile.status import Decision, Observed, ObservedJob, ObservedPod, decide, invalid_spec
+from finetune_operator.reconcile.health import decide, invalid_spec
+from finetune_operator.reconcile.status import Decision, Observed, ObservedJob, ObservedPod
 
 __all__ = [
     "Decision",

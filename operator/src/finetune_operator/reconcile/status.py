@@ -184,7 +184,9 @@ def _failure(observed: ObservedJob, pods: tuple[ObservedPod, ...]) -> tuple[str,
     if observed.failed_reason == "DeadlineExceeded":
         return "DeadlineExceeded", "activeDeadlineSeconds exceeded" + detail
     if observed.failed_reason == "BackoffLimitExceeded":
-        return "BackoffLimitExceeded", f"trainer failed {observed.failed} times" + detail
+        # FailureTarget comes before the Job counts the failed pod: count the pods too.
+        failures = max(observed.failed, len(finished))
+        return "BackoffLimitExceeded", f"trainer failed {failures} time{'s' if failures != 1 else ''}" + detail
     return observed.failed_reason or "JobFailed", (observed.failed_message or "the training Job failed") + detail
 
 
