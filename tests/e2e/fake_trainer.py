@@ -3,7 +3,7 @@ contract (progress, evaluations), with scripted misbehaviour. It shares no code 
 finetune_trainer, like a third-party image: it talks to the API server with its pod's
 service-account token.
 
-    fake_trainer.py stubborn   reports worsening evaluations and ignores stop requests
+    fake_trainer.py stubborn   reports worsening evaluations and ignores stop requests; saves for 4 s on SIGTERM
     fake_trainer.py crash-once fails on its first run after a checkpoint, then resumes and finishes
     fake_trainer.py exit N     exits with code N at once (2/3/4: the trainer's permanent errors)
     fake_trainer.py steady     reports progress slowly until asked to stop or done
@@ -89,6 +89,14 @@ def stubborn() -> int:
         time.sleep(1)
 
 
+def slow_save(output: Path) -> None:
+    """Halted: save for a few seconds (a real trainer's final checkpoint), then exit 75."""
+    time.sleep(4)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "saved-on-sigterm").write_text(_now())
+    sys.exit(75)
+
+
 def crash_once(output: Path) -> int:
     output.mkdir(parents=True, exist_ok=True)
     checkpoint = output / "checkpoint.json"
@@ -129,6 +137,8 @@ def main(argv: list[str]) -> int:
     config = argv[argv.index("--config") + 1] if "--config" in argv else ""
     print(json.dumps({"event": "start", "mode": mode, "config": config}), flush=True)
     if mode == "stubborn":
+        location = yaml.safe_load(Path(config).read_text())["output"]["location"] if config else ""
+        signal.signal(signal.SIGTERM, lambda *_: slow_save(Path(location.removeprefix("file://"))))
         return stubborn()
     if mode == "crash-once":
         location = yaml.safe_load(Path(config).read_text())["output"]["location"]

@@ -40,7 +40,8 @@ def test_stubborn_trainer_is_early_stopped_by_the_operator(jobs: Jobs, tmp_path:
             earlyStopping={"metric": "accuracy", "patience": 2},
         )
     )
-    done = jobs.wait_condition("stubborn", "Complete", "EarlyStopped", timeout=90)
+    done = jobs.wait_condition("stubborn", "Complete", "StopEnforced", timeout=90)
+    assert (tmp_path / "stubborn" / "saved-on-sigterm").is_file(), "the end was declared while the trainer still saved"
     status = _status(done)
     assert status["phase"] == "EarlyStopped"
     early = status["earlyStopping"]

@@ -216,6 +216,11 @@ class Progress(StatusModel):
     train_loss: float | None = Field(None, description="Recent training loss.")
     learning_rate: float | None = Field(None, description="Current learning rate.")
     last_heartbeat_time: datetime | None = Field(None, description="When the trainer last reported.")
+    finalizing: bool | None = Field(
+        None,
+        description="True while the trainer restores the best weights and saves the final model after training: "
+        "a stop is then enforced only after twice stopGracePeriodSeconds.",
+    )
 
 
 class EvaluationRecord(StatusModel):
@@ -268,6 +273,18 @@ class WorkloadRefs(StatusModel):
     service_account: str | None = Field(None, description="ServiceAccount the trainer runs as.")
 
 
+TRAINER_STATUS_KEYS: tuple[str, ...] = ("progress", "evaluations", "best")
+"""The status keys the trainer writes (wire names); every other status key is the operator's.
+The API server enforces the split: ``finetune_operator.admission`` generates its policy from this."""
+STOP_ENFORCED = "StopEnforced"
+"""Complete reason when the trainer did not stop on request and the operator stopped its workload."""
+MAX_EVALUATIONS = 200
+"""Evaluations kept in status (the trainer sends its most recent ones)."""
+MAX_METRICS_PER_EVALUATION = 16
+MAX_METRIC_NAME_LENGTH = 63
+MAX_CHECKPOINT_URI_LENGTH = 2048
+
+
 class FineTuneJobStatus(StatusModel):
     """Observed state of a FineTuneJob."""
 
@@ -286,7 +303,7 @@ class FineTuneJobStatus(StatusModel):
     progress: Progress | None = Field(None, description="Live training progress.")
     evaluations: list[EvaluationRecord] = Field(
         default_factory=list,
-        max_length=200,
+        max_length=MAX_EVALUATIONS,
         description="Most recent evaluations (bounded; oldest dropped first).",
     )
     best: BestResult | None = Field(None, description="Best evaluation and its checkpoint.")

@@ -203,6 +203,8 @@ def _env(job: FineTuneJob, settings: Settings, names: Names) -> list[Manifest]:
     env: list[Manifest] = [
         {"name": "FINETUNE_JOB_NAME", "value": job.metadata.name},
         {"name": "FINETUNE_JOB_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        # The trainer resumes only checkpoints of this uid: a re-applied job with the same name starts fresh.
+        {"name": "FINETUNE_JOB_UID", "value": job.metadata.uid or ""},
         {"name": "FINETUNE_METRICS_PORT", "value": str(settings.trainer_metrics_port)},
         {"name": "FINETUNE_REPORT_INTERVAL_SECONDS", "value": str(settings.report_interval_seconds)},
         {"name": "FINETUNE_PVC_ROOT", "value": settings.pvc_root},
@@ -231,7 +233,8 @@ def _env(job: FineTuneJob, settings: Settings, names: Names) -> list[Manifest]:
 
 def _entrypoint(job: FineTuneJob, settings: Settings) -> tuple[list[str] | None, list[str]]:
     """(command, args). One process per pod runs the image's own entrypoint (finetune-trainer), so
-    a custom trainer image works unchanged; several GPUs or nodes go through torchrun."""
+    a custom trainer image works unchanged; several GPUs or nodes go through torchrun, wrapped by
+    finetune_trainer.launch so that the pod exits with the trainer's exit code, not torchrun's 1."""
     args = ["--config", f"{settings.config_dir}/{CONFIG_FILE}"]
     resources = job.spec.resources
     if resources.nodes == 1 and resources.gpus_per_node <= 1:
@@ -246,7 +249,7 @@ def _entrypoint(job: FineTuneJob, settings: Settings) -> tuple[list[str] | None,
         if resources.nodes > 1
         else ["--nnodes=1", "--standalone"]
     )
-    return ["torchrun"], [
+    return ["python", "-m", "finetune_trainer.launch"], [
         *rendezvous,
         f"--nproc-per-node={max(resources.gpus_per_node, 1)}",
         "-m",

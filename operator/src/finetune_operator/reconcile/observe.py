@@ -39,6 +39,7 @@ def observe_job(job: Manifest) -> ObservedJob:
     return ObservedJob(
         suspended=bool(job.get("spec", {}).get("suspend")),
         active=int(status.get("active", 0)),
+        terminating=int(status.get("terminating") or 0),
         ready=int(status.get("ready", 0)),
         succeeded=int(status.get("succeeded", 0)),
         failed=int(status.get("failed", 0)),

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from finetune_operator.api import (
+    STOP_ENFORCED,
     BestResult,
     Condition,
     ConditionType,
@@ -38,6 +39,8 @@ class ObservedJob:
 
     suspended: bool = False
     active: int = 0
+    terminating: int = 0
+    """Pods asked to stop that still run (a trainer saving after SIGTERM)."""
     ready: int = 0
     succeeded: int = 0
     failed: int = 0
@@ -166,7 +169,12 @@ def _stop_request(job: FineTuneJob, status: FineTuneJobStatus, now: datetime) ->
     return None
 
 
-def _completion_reason(stop: StopRequest | None) -> tuple[str, str]:
+def _completion_reason(stop: StopRequest | None, halted: bool = False) -> tuple[str, str]:
+    if halted and stop is not None:
+        return STOP_ENFORCED, (
+            f"the trainer did not stop by itself after the stop request ({stop.reason}: {stop.message}); its "
+            "workload was stopped, so the final model may not have been written: the best checkpoint is in status.best"
+        )
     if stop is None:
         return "Succeeded", "training finished"
     if stop.reason == EARLY_STOPPED:
@@ -261,6 +269,8 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
 
     if stop is not None and workload is not None and workload.active > 0:
         grace = timedelta(seconds=job.spec.stop_grace_period_seconds)
+        if status.progress is not None and status.progress.finalizing:
+            grace *= 2  # saving the final model: let it finish rather than leave none (bounded: a lying trainer)
         if now - stop.requested_time >= grace:
             decision.halt_workload = True
             if not workload.suspended:
@@ -270,8 +280,11 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
                     )
                 )
     if stop is not None and workload is not None and workload.suspended and workload.active == 0:
-        reason, message = _completion_reason(stop)
-        return finish("EarlyStopped" if reason == EARLY_STOPPED else "Succeeded", "Complete", reason, message)
+        if workload.terminating > 0:
+            status.message = "stopping: waiting for the trainer's pods to save and exit"
+            return decision
+        reason, message = _completion_reason(stop, halted=True)
+        return finish("EarlyStopped" if stop.reason == EARLY_STOPPED else "Succeeded", "Complete", reason, message)
 
     suspended = job.spec.suspend and stop is None
     transition(
