@@ -33,7 +33,8 @@ from kubernetes import client
 from finetune_assets import minilm_dir, rotten_tomatoes
 from finetune_localcluster import procs
 from finetune_localcluster.cluster import Cluster, default_state_dir
-from finetune_localcluster.kubeconfig import api_client, install_crd
+from finetune_localcluster.kubeconfig import api_client, install_admission_policy, install_crd
+from finetune_operator import admission
 from finetune_operator.api import GROUP, PLURAL, VERSION
 from finetune_operator.crd import build_crd
 
@@ -206,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     with api_client(cluster.kubeconfig) as api:
         say("FineTuneJob CRD")
         install_crd(api, build_crd())
+        say("admission policy: trainers may change only their own status keys")
+        install_admission_policy(api, admission.manifests())
         say("operator (kopf)")
         operator = Background(state, "operator")
         operator.stop()
