@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from finetune_operator.api import (
+    EVICTED,
     STOP_ENFORCED,
     BestResult,
     Condition,
@@ -191,6 +192,9 @@ def _failure(observed: ObservedJob, pods: tuple[ObservedPod, ...]) -> tuple[str,
         return exitcodes.PERMANENT[last.exit_code], (last.message or f"trainer exited with {last.exit_code}").strip()
     if observed.failed_reason == "DeadlineExceeded":
         return "DeadlineExceeded", "activeDeadlineSeconds exceeded" + detail
+    if observed.failed_reason == "BackoffLimitExceeded" and last is not None and last.reason == EVICTED:
+        evictions = sum(p.reason == EVICTED for p in pods)
+        return EVICTED, f"trainer pods evicted {evictions} times (counted against backoffLimit); last: {last.message}"
     if observed.failed_reason == "BackoffLimitExceeded":
         return "BackoffLimitExceeded", f"trainer failed {observed.failed} times" + detail
     return observed.failed_reason or "JobFailed", (observed.failed_message or "the training Job failed") + detail
