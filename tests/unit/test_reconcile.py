@@ -222,6 +222,7 @@ def test_early_stopping_requests_stop_then_enforces_after_grace() -> None:
     )
     assert "Complete" not in conditions(saving.status), "a halted trainer still saving is not the end yet"
     assert saving.workload_wanted and "waiting for the trainer's pods" in (saving.status.message or "")
+    assert saving.halt_workload, "the halted Job must stay suspended while its pods terminate"
 
     ftj.status = saving.status
     halted = decide(ftj, Observed(job=ObservedJob(suspended=True, active=0)), NOW + timedelta(seconds=40))

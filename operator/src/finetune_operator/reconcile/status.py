@@ -286,6 +286,7 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
     if stop is not None and workload is not None and workload.suspended and workload.active == 0:
         if workload.terminating > 0:
             status.message = "stopping: waiting for the trainer's pods to save and exit"
+            decision.halt_workload = True  # stays suspended meanwhile
             return decision
         reason, message = _completion_reason(stop, halted=True)
         return finish("EarlyStopped" if stop.reason == EARLY_STOPPED else "Succeeded", "Complete", reason, message)
