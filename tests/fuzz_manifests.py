@@ -20,10 +20,17 @@ from kubernetes import client
 from pydantic import ValidationError
 
 from finetune_operator.api import GROUP, PLURAL, VERSION, FineTuneJob, FineTuneJobSpec
-from finetune_operator.crd import build_crd
+from finetune_operator.crd import _COPIED_KEYWORDS, build_crd
 from finetune_operator.reconcile import Observed, ObservedJob, Settings, decide, desired_children
 
 Schema = dict[str, Any]
+_KEYWORDS = (
+    *(k for k in _COPIED_KEYWORDS if k not in ("description", "format", "x-kubernetes-validations")),
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "required",
+)
+"""The CRD's validation keywords that mean the same in JSON Schema (draft 4)."""
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 
 
@@ -36,21 +43,7 @@ def json_schema(node: Schema) -> Schema:
         out["type"] = ["integer", "string"]
     elif "type" in node:
         out["type"] = [node["type"], "null"] if node.get("nullable") else node["type"]
-    for key in (
-        "enum",
-        "pattern",
-        "minimum",
-        "maximum",
-        "exclusiveMinimum",
-        "exclusiveMaximum",
-        "minLength",
-        "maxLength",
-        "minItems",
-        "maxItems",
-        "minProperties",
-        "maxProperties",
-        "required",
-    ):
+    for key in _KEYWORDS:
         if key in node:
             out[key] = node[key]
     # Known, left as is: the API server rejects an explicit null for a nullable enum ("Unsupported value:
