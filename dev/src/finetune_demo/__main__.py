@@ -161,7 +161,10 @@ def apply_job(api: client.ApiClient, name: str) -> dict[str, Any]:
     custom = client.CustomObjectsApi(api)
     manifest: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
     try:
-        custom.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, name)
+        # Foreground: the old job is gone only once its Job and pods are, so the new one starts clean.
+        custom.delete_namespaced_custom_object(
+            GROUP, VERSION, NAMESPACE, PLURAL, name, body=client.V1DeleteOptions(propagation_policy="Foreground")
+        )
         print(f"replacing the previous {name}")
         for _ in range(120):
             custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, name)
