@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from kubernetes import client
 
-from finetune_localcluster.kubeconfig import install_crd
+from finetune_localcluster.kubeconfig import install_admission_policy, install_crd
+from finetune_operator import admission
 from finetune_operator.crd import build_crd
 
 pytest_plugins = ["finetune_localcluster.pytest_plugin"]
@@ -20,9 +21,11 @@ if TYPE_CHECKING:
 
 @pytest.fixture(scope="session")
 def crd(local_cluster: LocalCluster) -> dict[str, Any]:
-    """The generated CRD applied to the API server and Established."""
+    """The generated CRD applied to the API server and Established, with the admission policy that
+    keeps trainers to their own status keys (as the chart installs them together)."""
     with local_cluster.api_client() as api:
         install_crd(api, build_crd())
+        install_admission_policy(api, admission.manifests())
     return build_crd()
 
 

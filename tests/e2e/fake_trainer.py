@@ -3,11 +3,12 @@ contract (progress, evaluations), with scripted misbehaviour. It shares no code 
 finetune_trainer, like a third-party image: it talks to the API server with its pod's
 service-account token.
 
-    fake_trainer.py stubborn   reports worsening evaluations and ignores stop requests
+    fake_trainer.py stubborn   reports worsening evaluations and ignores stop requests; saves for 4 s on SIGTERM
     fake_trainer.py crash-once fails on its first run after a checkpoint, then resumes and finishes
     fake_trainer.py exit N     exits with code N at once (2/3/4: the trainer's permanent errors)
     fake_trainer.py steady     reports progress slowly until asked to stop or done
     fake_trainer.py silent     reports twice, then hangs without a word (a stuck data loader)
+    fake_trainer.py forger     once asked to stop, tries to forge the operator's status keys; saves the answers
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import signal
 import ssl
 import sys
 import time
+import urllib.error
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
@@ -89,6 +91,40 @@ def stubborn() -> int:
         time.sleep(1)
 
 
+def forger(output: Path) -> int:
+    """Code in the pod trying to write what the operator owns, with the pod's own token; records the answers."""
+    while not stop_requested():  # the operator's stop request, which it then tries to clear
+        report(1, 10, [])
+        time.sleep(0.5)
+    attempts: dict[str, dict[str, Any]] = {
+        "progress": {"progress": {"step": 2, "totalSteps": 10, "lastHeartbeatTime": _now()}},
+        "evaluations": {"evaluations": [evaluation(2, 0.5)]},
+        "complete": {"conditions": [{"type": "Complete", "status": "True", "reason": "Succeeded", "message": ""}]},
+        "stopRequest": {"stopRequest": None},
+        "earlyStopping": {"earlyStopping": {"metric": "accuracy", "mode": "max", "patience": 1000}},
+        "bestElsewhere": {"best": {"metric": "accuracy", "value": 1.0, "step": 2, "checkpoint": "file:///etc/passwd"}},
+    }
+    attempts["complete"]["conditions"][0]["lastTransitionTime"] = _now()
+    answers: dict[str, Any] = {}
+    for name, status in attempts.items():
+        try:
+            _request("PATCH", _job_path() + "/status", {"status": status})
+            answers[name] = {"code": 200}
+        except urllib.error.HTTPError as error:
+            answers[name] = {"code": error.code, "message": json.loads(error.read()).get("message", "")}
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "forgery.json").write_text(json.dumps(answers, indent=2))
+    return 0
+
+
+def slow_save(output: Path) -> None:
+    """Halted: save for a few seconds (a real trainer's final checkpoint), then exit 75."""
+    time.sleep(4)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "saved-on-sigterm").write_text(_now())
+    sys.exit(75)
+
+
 def crash_once(output: Path) -> int:
     output.mkdir(parents=True, exist_ok=True)
     checkpoint = output / "checkpoint.json"
@@ -129,6 +165,8 @@ def main(argv: list[str]) -> int:
     config = argv[argv.index("--config") + 1] if "--config" in argv else ""
     print(json.dumps({"event": "start", "mode": mode, "config": config}), flush=True)
     if mode == "stubborn":
+        location = yaml.safe_load(Path(config).read_text())["output"]["location"] if config else ""
+        signal.signal(signal.SIGTERM, lambda *_: slow_save(Path(location.removeprefix("file://"))))
         return stubborn()
     if mode == "crash-once":
         location = yaml.safe_load(Path(config).read_text())["output"]["location"]
@@ -139,6 +177,9 @@ def main(argv: list[str]) -> int:
         return code
     if mode == "steady":
         return steady()
+    if mode == "forger":
+        location = yaml.safe_load(Path(config).read_text())["output"]["location"]
+        return forger(Path(location.removeprefix("file://")))
     if mode == "silent":
         return silent()
     raise SystemExit(f"unknown mode {mode}")

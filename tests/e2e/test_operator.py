@@ -8,6 +8,7 @@ retried, nothing lost or duplicated across an operator kill -9, cascading deleti
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -40,7 +41,8 @@ def test_stubborn_trainer_is_early_stopped_by_the_operator(jobs: Jobs, tmp_path:
             earlyStopping={"metric": "accuracy", "patience": 2},
         )
     )
-    done = jobs.wait_condition("stubborn", "Complete", "EarlyStopped", timeout=90)
+    done = jobs.wait_condition("stubborn", "Complete", "StopEnforced", timeout=90)
+    assert (tmp_path / "stubborn" / "saved-on-sigterm").is_file(), "the end was declared while the trainer still saved"
     status = _status(done)
     assert status["phase"] == "EarlyStopped"
     early = status["earlyStopping"]
@@ -190,3 +192,23 @@ def test_metrics_follow_the_jobs(jobs: Jobs, operator: Operator, tmp_path: Path)
     ):
         assert time.monotonic() < deadline, "per-job series must disappear with the job"
         time.sleep(0.5)
+
+
+def test_a_trainer_cannot_forge_the_operators_status(jobs: Jobs, tmp_path: Path) -> None:
+    """The pod's own service-account token, against the admission policy the tests install with the CRD."""
+    manifest = fake_job("forger", "finetune-test/forger:1", tmp_path, stopGracePeriodSeconds=120)
+    manifest["metadata"]["annotations"] = {"finetune.dev/stop-requested": "true"}
+    jobs.create(manifest)
+    done = jobs.wait_condition("forger", "Complete", "Stopped", timeout=120)
+    answers = json.loads((tmp_path / "forger" / "forgery.json").read_text())
+    assert answers["progress"]["code"] == answers["evaluations"]["code"] == 200, answers
+    for forged, key in (
+        ("complete", "conditions"),
+        ("stopRequest", "stopRequest"),
+        ("earlyStopping", "earlyStopping"),
+        ("bestElsewhere", "best.checkpoint"),
+    ):
+        assert answers[forged]["code"] == 403 and f"status.{key}" in answers[forged]["message"], answers[forged]
+    status = _status(done)
+    assert status["stopRequest"]["reason"] == "UserRequested"
+    assert "best" not in status or not status["best"].get("checkpoint", "").startswith("file:///etc")

@@ -8,6 +8,7 @@ a real cluster is the one exercised here.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,16 @@ def volumes(local_cluster: LocalCluster, jobs: Jobs) -> Path:
     return _volume(local_cluster, jobs, "outputs")
 
 
+def _exists(jobs: Jobs, name: str) -> bool:
+    try:
+        jobs.get(name)
+    except client.ApiException as error:
+        if error.status == 404:
+            return False
+        raise
+    return True
+
+
 def test_real_trainer_reports_progress_and_completes(jobs: Jobs, volumes: Path) -> None:
     jobs.create(_job("tiny"))
     running = jobs.wait_condition("tiny", "Running", timeout=120)
@@ -78,6 +89,20 @@ def test_real_trainer_reports_progress_and_completes(jobs: Jobs, volumes: Path) 
     assert status["best"]["checkpoint"].startswith("pvc://outputs/tiny/checkpoints/checkpoint-")
     result = json.loads((volumes / "tiny" / "result.json").read_text())
     assert result["reason"] == "Succeeded"
+    assert (volumes / "tiny" / "model" / "config.json").exists()
+
+    # Re-run from Git: delete, wait for the old children to go, apply the same manifest (same output
+    # location, new uid). It must train again, not resume (or instantly "finish") the old run.
+    jobs.delete("tiny")
+    deadline = time.monotonic() + 120
+    while any(jobs.children("tiny").values()) or _exists(jobs, "tiny"):
+        assert time.monotonic() < deadline, f"the deleted job's children linger: {jobs.children('tiny')}"
+        time.sleep(0.5)
+    before = (volumes / "tiny" / "result.json").stat().st_mtime
+    jobs.create(_job("tiny"))
+    again = jobs.wait_condition("tiny", "Complete", "Succeeded", timeout=300)["status"]
+    assert [e["step"] for e in again["evaluations"]] == [8, 16], "the new job trained and evaluated"
+    assert (volumes / "tiny" / "result.json").stat().st_mtime > before
     assert (volumes / "tiny" / "model" / "config.json").exists()
 
 

@@ -155,7 +155,9 @@ def test_in_pod_run_reports_and_honours_a_stop_request(
     assert body["finalStep"] < 1000
     for patch in api.patches:
         assert set(patch) == {"status"} and set(patch["status"]) <= {"progress", "evaluations", "best"}
-    last = api.patches[-1]["status"]
+    finalizing = [p["status"]["progress"]["finalizing"] for p in api.patches if "finalizing" in p["status"]["progress"]]
+    assert finalizing == [True, None], "the final save is announced, then the flag is cleared (merge-patch null)"
+    last = [p["status"] for p in api.patches if "step" in p["status"]["progress"]][-1]
     assert last["progress"]["step"] == body["finalStep"] and RFC3339_Z.match(last["progress"]["lastHeartbeatTime"])
     assert set(last["progress"]) == {
         "step",

@@ -115,7 +115,7 @@ def test_multi_node_is_an_indexed_job_with_a_headless_service() -> None:
     assert spec["completionMode"] == "Indexed"
     assert spec["completions"] == spec["parallelism"] == 3
     container = spec["template"]["spec"]["containers"][0]
-    assert container["command"] == ["torchrun"]
+    assert container["command"] == ["python", "-m", "finetune_trainer.launch"], "torchrun, keeping the exit codes"
     assert "--node-rank=$(NODE_RANK)" in container["args"]
     assert spec["template"]["spec"]["subdomain"] == Names.of("sentiment").service
 
@@ -217,10 +217,28 @@ def test_early_stopping_requests_stop_then_enforces_after_grace() -> None:
     assert "StopEnforced" in [e.reason for e in later.events]
 
     ftj.status = later.status
+    saving = decide(
+        ftj, Observed(job=ObservedJob(suspended=True, active=0, terminating=1)), NOW + timedelta(seconds=35)
+    )
+    assert "Complete" not in conditions(saving.status), "a halted trainer still saving is not the end yet"
+    assert saving.workload_wanted and "waiting for the trainer's pods" in (saving.status.message or "")
+    assert saving.halt_workload, "the halted Job must stay suspended while its pods terminate"
+
+    ftj.status = saving.status
     halted = decide(ftj, Observed(job=ObservedJob(suspended=True, active=0)), NOW + timedelta(seconds=40))
     assert halted.status.phase == "EarlyStopped"
-    assert conditions(halted.status)["Complete"] == ("True", "EarlyStopped")
+    assert conditions(halted.status)["Complete"] == ("True", "StopEnforced"), "halted, not stopped by itself"
+    complete = next(c for c in halted.status.conditions if c.type == "Complete")
+    assert "final model may not have been written" in complete.message
     assert not halted.workload_wanted
+
+
+def test_a_finalizing_trainer_gets_twice_the_grace() -> None:
+    ftj = _with_evals(job(stopGracePeriodSeconds=30), [0.6, 0.7, 0.65, 0.66])
+    ftj.status = decide(ftj, Observed(job=ObservedJob(active=1)), NOW).status
+    ftj.status.progress = Progress(step=40, finalizing=True)
+    assert not decide(ftj, Observed(job=ObservedJob(active=1)), NOW + timedelta(seconds=45)).halt_workload
+    assert decide(ftj, Observed(job=ObservedJob(active=1)), NOW + timedelta(seconds=61)).halt_workload
 
 
 def test_trainer_that_stops_itself_completes_as_early_stopped() -> None:

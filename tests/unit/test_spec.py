@@ -90,3 +90,13 @@ def test_label_names_set_the_label_count() -> None:
     manifest["spec"]["model"]["numLabels"] = 2
     with pytest.raises(ValidationError, match="labelNames must have exactly numLabels"):
         FineTuneJob.model_validate(manifest)
+
+
+def test_integers_beyond_int64_are_rejected_like_the_api_server_does() -> None:
+    """A disagreement manifest fuzzing found: pydantic took 7e37 for maxTrainSamples, the API server refused it."""
+    spec = baseline("big")["spec"]
+    spec["dataset"]["maxTrainSamples"] = 2**63 - 1
+    FineTuneJobSpec.model_validate(spec)
+    spec["dataset"]["maxTrainSamples"] = 70058408621656319223506258802889295250
+    with pytest.raises(ValidationError, match=r"dataset\.maxTrainSamples"):
+        FineTuneJobSpec.model_validate(spec)

@@ -33,7 +33,8 @@ from kubernetes import client
 from finetune_assets import minilm_dir, rotten_tomatoes
 from finetune_localcluster import procs
 from finetune_localcluster.cluster import Cluster, default_state_dir
-from finetune_localcluster.kubeconfig import api_client, install_crd
+from finetune_localcluster.kubeconfig import api_client, install_admission_policy, install_crd
+from finetune_operator import admission
 from finetune_operator.api import GROUP, PLURAL, VERSION
 from finetune_operator.crd import build_crd
 
@@ -160,7 +161,10 @@ def apply_job(api: client.ApiClient, name: str) -> dict[str, Any]:
     custom = client.CustomObjectsApi(api)
     manifest: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
     try:
-        custom.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, name)
+        # Foreground: the old job is gone only once its Job and pods are, so the new one starts clean.
+        custom.delete_namespaced_custom_object(
+            GROUP, VERSION, NAMESPACE, PLURAL, name, body=client.V1DeleteOptions(propagation_policy="Foreground")
+        )
         print(f"replacing the previous {name}")
         for _ in range(120):
             custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, name)
@@ -206,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     with api_client(cluster.kubeconfig) as api:
         say("FineTuneJob CRD")
         install_crd(api, build_crd())
+        say("admission policy: trainers may change only their own status keys")
+        install_admission_policy(api, admission.manifests())
         say("operator (kopf)")
         operator = Background(state, "operator")
         operator.stop()

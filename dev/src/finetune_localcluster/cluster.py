@@ -60,6 +60,8 @@ CONTROLLERS = [
     "persistentvolume-binder-controller",
     "persistentvolumeclaim-protection-controller",
     "persistentvolume-protection-controller",
+    # Reports each ValidatingAdmissionPolicy's type checking in its status (the trainer-status policy).
+    "validatingadmissionpolicy-status-controller",
 ]
 
 
@@ -359,7 +361,9 @@ class Cluster:
                 f"--service-account-signing-key-file={certs.sa_key}",
                 "--authorization-mode=Node,RBAC",
                 # PodSecurity is in the default-on set as well; naming it makes the intent explicit.
-                "--enable-admission-plugins=NamespaceLifecycle,ServiceAccount,PodSecurity,NodeRestriction,DefaultStorageClass,ResourceQuota,LimitRanger",
+                "--enable-admission-plugins=NamespaceLifecycle,ServiceAccount,PodSecurity,NodeRestriction,DefaultStorageClass,ResourceQuota,LimitRanger,"
+                # As strict as OpenShift: blockOwnerDeletion needs `update` on the owner's finalizers.
+                "OwnerReferencesPermissionEnforcement",
                 f"--service-cluster-ip-range={pki.SERVICE_CIDR}",
                 "--allow-privileged=true",
                 # The "kubernetes" Endpoints may not point at a loopback address.

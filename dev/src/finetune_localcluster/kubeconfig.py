@@ -101,3 +101,42 @@ def install_crd(api: client.ApiClient, manifest: dict[str, Any], timeout: float 
             return
         time.sleep(0.1)
     raise TimeoutError(f"CRD {name} not Established after {timeout:.0f}s")
+
+
+def install_admission_policy(api: client.ApiClient, manifests: list[dict[str, Any]], timeout: float = 30.0) -> None:
+    """Create or replace ValidatingAdmissionPolicies and their bindings; wait until each policy is
+    type-checked (the API server reports the generation it has compiled in its status)."""
+    admission = client.AdmissionregistrationV1Api(api)
+    kinds = {
+        "ValidatingAdmissionPolicy": (
+            admission.create_validating_admission_policy,
+            admission.read_validating_admission_policy,
+            admission.replace_validating_admission_policy,
+        ),
+        "ValidatingAdmissionPolicyBinding": (
+            admission.create_validating_admission_policy_binding,
+            admission.read_validating_admission_policy_binding,
+            admission.replace_validating_admission_policy_binding,
+        ),
+    }
+    for manifest in manifests:
+        create, read, replace = kinds[manifest["kind"]]
+        name = manifest["metadata"]["name"]
+        try:
+            create(manifest)
+        except ApiException as error:
+            if error.status != 409:
+                raise
+            version = read(name).metadata.resource_version
+            replace(name, {**manifest, "metadata": {**manifest["metadata"], "resourceVersion": version}})
+    deadline = time.monotonic() + timeout
+    for manifest in manifests:
+        if manifest["kind"] != "ValidatingAdmissionPolicy":
+            continue
+        while True:
+            policy = admission.read_validating_admission_policy(manifest["metadata"]["name"])
+            if policy.status is not None and policy.status.observed_generation == policy.metadata.generation:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"admission policy {policy.metadata.name} not type-checked after {timeout:.0f}s")
+            time.sleep(0.1)

@@ -384,6 +384,7 @@ class PodWorker(threading.Thread):
                 "FINETUNE_NODE_NAME": self.agent.node_name,
             }
         )
+        env.update(podspec.gpu_env(c.spec))
         env.update(podspec.mounts_env(mounts))
         for ef in c.spec.get("envFrom", []):
             prefix = ef.get("prefix", "")

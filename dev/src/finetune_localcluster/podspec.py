@@ -173,3 +173,18 @@ def mounts_env(mounts: list[tuple[str, str]]) -> dict[str, str]:
         if mp.rstrip("/") == SA_MOUNT:
             env["FINETUNE_SA_DIR"] = host
     return env
+
+
+GPU_RESOURCE = "nvidia.com/gpu"
+SIMULATED_GPUS_ENV = "FINETUNE_SIMULATED_GPUS"
+"""The mark of this node's simulated devices (read by finetune_trainer.accelerator): CPU training is intended."""
+
+
+def gpu_env(container: dict[str, Any]) -> dict[str, str]:
+    """What the NVIDIA device plugin sets for a container given GPUs, plus the mark that they are simulated."""
+    resources = container.get("resources") or {}
+    count = (resources.get("limits") or {}).get(GPU_RESOURCE) or (resources.get("requests") or {}).get(GPU_RESOURCE)
+    if not count or int(count) <= 0:
+        return {}
+    devices = ",".join(f"GPU-simulated-{index}" for index in range(int(count)))
+    return {"NVIDIA_VISIBLE_DEVICES": devices, SIMULATED_GPUS_ENV: devices}

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
-from pydantic.alias_generators import to_camel
+from pydantic.alias_generators import to_camel, to_snake
 
 from finetune_trainer.exitcodes import PERMANENT, TABLE
 from finetune_trainer.spec import (
@@ -39,6 +40,24 @@ LabelValue = Annotated[str, StringConstraints(max_length=63)]
 Quantity = Annotated[int | str, Field(description="A Kubernetes quantity such as 4, 500m or 16Gi.")]
 
 
+_QUANTITY_FACTORS: dict[str, Decimal] = {
+    "": Decimal(1),
+    "m": Decimal("0.001"),
+    **{suffix: Decimal(1000) ** (power + 1) for power, suffix in enumerate("kMGTPE")},
+    **{f"{suffix}i": Decimal(1024) ** (power + 1) for power, suffix in enumerate("KMGTPE")},
+}
+
+
+def quantity_value(value: int | str) -> Decimal:
+    """A quantity (``4``, ``500m``, ``16Gi``) as a number, to compare two of them."""
+    text = str(value)
+    match = QUANTITY_PATTERN.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not a Kubernetes quantity: {value!r}")
+    suffix = match.group(2) or ""
+    return Decimal(text[: len(text) - len(suffix)]) * _QUANTITY_FACTORS[suffix]
+
+
 def _is_quantity(value: int | str | None) -> bool:
     if isinstance(value, str):
         return QUANTITY_PATTERN.fullmatch(value) is not None
@@ -50,7 +69,7 @@ def _quantity_rule(field: str) -> Rule:
         field,
         "must be a Kubernetes quantity such as 4, 500m or 16Gi",
         f"!has(self.{field}) || (type(self.{field}) == int ? self.{field} >= 0 : isQuantity(self.{field}))",
-        lambda r: _is_quantity(getattr(r, field)),
+        lambda r: _is_quantity(getattr(r, to_snake(field))),
     )
 
 
@@ -72,7 +91,7 @@ class Toleration(SpecModel):
 class Resources(SpecModel):
     """Compute for the training workload and where it may run."""
 
-    rules = (_quantity_rule("cpu"), _quantity_rule("memory"))
+    rules = (_quantity_rule("cpu"), _quantity_rule("memory"), _quantity_rule("ephemeralStorage"))
 
     gpus_per_node: int = Field(
         1,
@@ -88,6 +107,12 @@ class Resources(SpecModel):
     )
     cpu: Quantity | None = Field(None, description="CPU request and limit per pod, e.g. 8 or 7500m.")
     memory: Quantity | None = Field(None, description="Memory request and limit per pod, e.g. 64Gi.")
+    ephemeral_storage: Quantity = Field(
+        "20Gi",
+        description="Local scratch space per pod: /tmp and the Hugging Face cache under it (an hf:// model is "
+        "downloaded there). It is the pod's ephemeral-storage limit and the size limit of that volume; a pod "
+        "that outgrows it is evicted, and evictions count against backoffLimit.",
+    )
     gpu_resource_name: Annotated[str, StringConstraints(max_length=253, pattern=r"^[a-z0-9.-]+/[a-z0-9._-]+$")] = Field(
         "nvidia.com/gpu",
         description="Extended resource name of the accelerator (e.g. amd.com/gpu).",
@@ -270,6 +295,11 @@ class Progress(StatusModel):
     train_loss: float | None = Field(None, description="Recent training loss.")
     learning_rate: float | None = Field(None, description="Current learning rate.")
     last_heartbeat_time: datetime | None = Field(None, description="When the trainer last reported.")
+    finalizing: bool | None = Field(
+        None,
+        description="True while the trainer restores the best weights and saves the final model after training: "
+        "a stop is then enforced only after twice stopGracePeriodSeconds.",
+    )
 
 
 class EvaluationRecord(StatusModel):
@@ -322,6 +352,20 @@ class WorkloadRefs(StatusModel):
     service_account: str | None = Field(None, description="ServiceAccount the trainer runs as.")
 
 
+TRAINER_STATUS_KEYS: tuple[str, ...] = ("progress", "evaluations", "best")
+"""The status keys the trainer writes (wire names); every other status key is the operator's.
+The API server enforces the split: ``finetune_operator.admission`` generates its policy from this."""
+EVICTED = "Evicted"
+"""Failed reason when the trainer's pods were evicted (ephemeral storage, node pressure) too often."""
+STOP_ENFORCED = "StopEnforced"
+"""Complete reason when the trainer did not stop on request and the operator stopped its workload."""
+MAX_EVALUATIONS = 200
+"""Evaluations kept in status (the trainer sends its most recent ones)."""
+MAX_METRICS_PER_EVALUATION = 16
+MAX_METRIC_NAME_LENGTH = 63
+MAX_CHECKPOINT_URI_LENGTH = 2048
+
+
 class FineTuneJobStatus(StatusModel):
     """Observed state of a FineTuneJob."""
 
@@ -340,7 +384,7 @@ class FineTuneJobStatus(StatusModel):
     progress: Progress | None = Field(None, description="Live training progress.")
     evaluations: list[EvaluationRecord] = Field(
         default_factory=list,
-        max_length=200,
+        max_length=MAX_EVALUATIONS,
         description="Most recent evaluations (bounded; oldest dropped first).",
     )
     best: BestResult | None = Field(None, description="Best evaluation and its checkpoint.")

@@ -15,6 +15,9 @@ READ = ["get", "list", "watch"]
 OPERATOR_RULES: list[dict[str, Any]] = [
     {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": READ},
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
+    # Children carry `blockOwnerDeletion: true`; setting it needs `update` on the owner's finalizers
+    # where the OwnerReferencesPermissionEnforcement admission plugin runs (OpenShift, the local tests).
+    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": [*READ, "create", "patch", "delete"]},
     {"apiGroups": [""], "resources": ["configmaps", "serviceaccounts", "services"], "verbs": [*READ, "create"]},
     {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": [*READ, "create"]},

@@ -91,6 +91,14 @@ class RunContext:
         return location_uri(self.checkpoint_dir(step), self.spec.output.location, self.pvc_root)
 
 
+def history_status(ctx: RunContext) -> dict[str, Any]:
+    """The status keys holding the run's evaluation history: the latest evaluations and the best result."""
+    status: dict[str, Any] = {"evaluations": [e.to_wire() for e in ctx.state.evaluations[-MAX_EVALUATIONS:]]}
+    if ctx.state.best is not None:
+        status["best"] = ctx.state.best.to_wire()
+    return status
+
+
 def complete_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
     """(step, dir) of checkpoints with the completion marker, oldest first."""
     found = []
@@ -304,9 +312,7 @@ class ProgressCallback(TrainerCallback):
         if self.ctx.reporter is not None:
             status: dict[str, Any] = {"progress": progress}
             if with_evaluations:
-                status["evaluations"] = [e.to_wire() for e in self.ctx.state.evaluations[-MAX_EVALUATIONS:]]
-                if self.ctx.state.best is not None:
-                    status["best"] = self.ctx.state.best.to_wire()
+                status.update(history_status(self.ctx))
             self.ctx.reporter.update(status, urgent=urgent)
         return progress
 

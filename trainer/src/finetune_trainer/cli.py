@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from finetune_trainer import exitcodes
 from finetune_trainer.config import RuntimeEnv, load_spec
 from finetune_trainer.errors import TrainerError
+from finetune_trainer.launch import record_exit_code
 from finetune_trainer.reporting import JsonLines
 
 
@@ -31,6 +32,12 @@ def fail(log: JsonLines, error: TrainerError) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    code = _main(argv)
+    record_exit_code(code)  # under torchrun: for finetune_trainer.launch, which exits with it
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = parser().parse_args(argv)
     log = JsonLines()
     try:

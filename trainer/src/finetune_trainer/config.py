@@ -36,6 +36,8 @@ class RuntimeEnv:
 
     job_name: str | None = None
     job_namespace: str | None = None
+    job_uid: str | None = None
+    """The FineTuneJob's uid: checkpoints of another uid at the same output location are not resumed."""
     report_interval_seconds: float = 10.0
     metrics_port: int = 9400
     pvc_root: Path = Path(DEFAULT_PVC_ROOT)
@@ -58,6 +60,7 @@ class RuntimeEnv:
         return cls(
             job_name=env.get("FINETUNE_JOB_NAME") or None,
             job_namespace=env.get("FINETUNE_JOB_NAMESPACE") or None,
+            job_uid=env.get("FINETUNE_JOB_UID") or None,
             report_interval_seconds=max(interval, 0.0),
             metrics_port=port,
             pvc_root=Path(env.get("FINETUNE_PVC_ROOT") or DEFAULT_PVC_ROOT),

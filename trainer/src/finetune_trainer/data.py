@@ -123,7 +123,7 @@ def check_columns(spec: TrainingSpec, split: RawSplit) -> None:
     columns = list(split.rows.column_names)
     for key, column in required_columns(spec).items():
         if column not in columns:
-            raise ConfigError(
+            raise DataError(
                 f"dataset.fields.{key}: column {column!r} not in {split.name} (columns: {', '.join(columns)})"
             )
 
@@ -146,9 +146,9 @@ def label_ids(spec: TrainingSpec, split: RawSplit) -> list[int]:
             index = int(value)
         else:
             known = f" (labelNames: {', '.join(names)})" if names else ""
-            raise ConfigError(f"dataset: label {value!r} in row {row} of {split.name} is not a class{known}")
+            raise DataError(f"dataset: label {value!r} in row {row} of {split.name} is not a class{known}")
         if not 0 <= index < num_labels:
-            raise ConfigError(
+            raise DataError(
                 f"dataset: label {value!r} in row {row} of {split.name} is outside numLabels {num_labels} "
                 f"(expected 0..{num_labels - 1})"
             )
@@ -278,12 +278,20 @@ def attach_images(
     def load(batch: dict[str, Any]) -> dict[str, Any]:
         images = []
         for path in batch[column]:
-            with Image.open(root / str(path)) as image:
-                images.append(image.convert("RGB"))
+            images.append(_decode(root / str(path)))
         return {"pixel_values": transform(images), "labels": batch["labels"]}
 
     rows.set_transform(load)
     return rows
+
+
+def _decode(path: Path) -> Image.Image:
+    """Decode one image; a corrupt or truncated file is a DataError naming it, even mid-epoch."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
+        raise DataError(f"dataset.fields.image: cannot decode {path}: {str(exc).splitlines()[0]}") from exc
 
 
 def image_collator(features: list[dict[str, Any]]) -> dict[str, Any]:

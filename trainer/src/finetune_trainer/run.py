@@ -21,6 +21,8 @@ from transformers.utils import logging as hf_logging
 
 from finetune_trainer import data as data_mod
 from finetune_trainer import exitcodes
+from finetune_trainer.accelerator import require_accelerator
+from finetune_trainer.atomic import atomic_directory, remove_leftovers
 from finetune_trainer.callbacks import (
     CheckpointCallback,
     EarlyStoppingCallback,
@@ -29,6 +31,7 @@ from finetune_trainer.callbacks import (
     RunContext,
     StopCallback,
     complete_checkpoints,
+    history_status,
     load_run_state,
     partial_checkpoints,
 )
@@ -36,6 +39,7 @@ from finetune_trainer.config import RuntimeEnv, local_path, location_uri
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.freeze import apply_freeze, layer_map
 from finetune_trainer.models import align_pad_token, load_config, load_model, load_processor, resolve_source
+from finetune_trainer.ownership import claim_checkpoints
 from finetune_trainer.reporting import JsonLines, PrometheusMetrics, StatusReporter, load_kube_api
 from finetune_trainer.spec import TrainingSpec
 from finetune_trainer.trainer import FineTuneTrainer
@@ -157,16 +161,17 @@ def _save_final(ctx: RunContext, trainer: FineTuneTrainer, processor: Any) -> st
     if hasattr(model, "merge_and_unload"):  # LoRA: ship a plain model with the adapters merged in
         model = model.merge_and_unload()
     if ctx.is_main:
-        if target.exists():
-            shutil.rmtree(target)
-        model.save_pretrained(str(target))
-        processor.save_pretrained(str(target))
+        # Whole or absent: a kill mid-save leaves the previous model (or none), never half of one.
+        with atomic_directory(target) as partial:
+            model.save_pretrained(str(partial))
+            processor.save_pretrained(str(partial))
     return location_uri(target, ctx.spec.output.location, ctx.pvc_root)
 
 
 def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> RunResult:
     """Train per ``spec``; raises TrainerError subclasses for bad input (the CLI maps them to exit codes)."""
     log = log or JsonLines()
+    require_accelerator(os.environ, torch.cuda.is_available())
     hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     datasets.disable_progress_bars()
@@ -225,7 +230,16 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
         ctx.metrics = PrometheusMetrics(env.metrics_port, log)
 
     resume: Path | None = None
-    complete = complete_checkpoints(checkpoints_dir)
+    foreign = claim_checkpoints(checkpoints_dir, env.job_uid, remove=is_main)
+    if is_main:
+        remove_leftovers(output_dir)  # an interrupted final save
+        if foreign:
+            log.emit(
+                "warning",
+                message=f"output.location {spec.output.location} held another FineTuneJob's checkpoints: removed "
+                "them and starting fresh (its final model stays until this job's replaces it)",
+            )
+    complete = [] if foreign else complete_checkpoints(checkpoints_dir)
     if is_main:
         for partial in partial_checkpoints(checkpoints_dir):
             shutil.rmtree(partial, ignore_errors=True)
@@ -275,6 +289,7 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
             # Early stopping had already fired (e.g. the pod died while saving the final model): finish only.
             trainer._load_from_checkpoint(str(resume))
             trainer.state.global_step = int(resume.name.removeprefix("checkpoint-"))
+            _publish_history(ctx)
         else:
             log.emit("train_begin", trainSamples=len(prepared.train), validationSamples=len(prepared.validation or []))
             train_loss = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None).training_loss
@@ -298,6 +313,7 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
     else:
         reason = "Succeeded"
 
+    _report_finalizing(ctx, True)
     restored = False
     rule = spec.early_stopping
     best = ctx.state.best
@@ -323,10 +339,27 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
             "restoredBest": restored,
             "message": ctx.stop_message or None,
         }
-        (output_dir / "result.json").write_text(json.dumps(body, indent=2) + "\n")
+        written = output_dir / ".result.json.tmp"
+        written.write_text(json.dumps(body, indent=2) + "\n")
+        os.replace(written, output_dir / "result.json")
         log.emit("result", **body)
+    _report_finalizing(ctx, False)
     _close(ctx)
     return result
+
+
+def _report_finalizing(ctx: RunContext, finalizing: bool) -> None:
+    """Tell the operator the final save (restore best, write the model) is under way, so that a stop
+    request does not cut it short; cleared (merge-patch null) once the result is written."""
+    if ctx.reporter is not None:
+        ctx.reporter.update({"progress": {"finalizing": True if finalizing else None}}, urgent=True)
+
+
+def _publish_history(ctx: RunContext) -> None:
+    """The finish-only path trains no step, so no callback reports: send the evaluations and the best
+    result it resumed with, which the operator's early-stopping verdict (and the reason) is read from."""
+    if ctx.reporter is not None:
+        ctx.reporter.update(history_status(ctx), urgent=True)
 
 
 def _best(ctx: RunContext) -> dict[str, Any] | None:

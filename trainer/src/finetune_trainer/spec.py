@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 # Bounded scalar types. Every string and list carries a maximum so that the API server
@@ -93,6 +93,14 @@ class SpecModel(BaseModel):
             if rule.holds is not None and not rule.holds(self):
                 raise ValueError(f"{rule.field}: {rule.message}")
         return self
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _fits_int64(cls, value: Any) -> Any:
+        """The API server keeps integers as int64 and rejects larger ones; so do the models (found by fuzzing)."""
+        if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+            raise ValueError("must fit in a 64-bit integer")
+        return value
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON shape Kubernetes stores: camelCase, unset optionals left out."""

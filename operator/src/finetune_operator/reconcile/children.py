@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from finetune_operator.api import API_VERSION, DEFAULT_TRAINER_IMAGE, KIND, PLURAL, FineTuneJob
+from finetune_operator.api import API_VERSION, DEFAULT_TRAINER_IMAGE, KIND, PLURAL, FineTuneJob, quantity_value
 from finetune_trainer import exitcodes
 from finetune_trainer.spec import TrainingSpec
 
@@ -43,6 +43,9 @@ class Settings:
     """Each running trainer's progress heartbeat is a status write; evaluations go out at once.
     At 5 s, 500 running jobs kept a 2-core API server saturated (benchmarks/operator_scale.py)."""
     extra_env: dict[str, str] = field(default_factory=dict)
+    ephemeral_storage_request: str = "1Gi"
+    """What the scheduler reserves of a node's local disk per trainer pod (at most the pod's limit,
+    ``spec.resources.ephemeralStorage``): reserving the whole limit would leave most nodes' disks idle."""
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,8 @@ def _env(job: FineTuneJob, settings: Settings, names: Names) -> list[Manifest]:
     env: list[Manifest] = [
         {"name": "FINETUNE_JOB_NAME", "value": job.metadata.name},
         {"name": "FINETUNE_JOB_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        # The trainer resumes only checkpoints of this uid: a re-applied job with the same name starts fresh.
+        {"name": "FINETUNE_JOB_UID", "value": job.metadata.uid or ""},
         {"name": "FINETUNE_METRICS_PORT", "value": str(settings.trainer_metrics_port)},
         {"name": "FINETUNE_REPORT_INTERVAL_SECONDS", "value": str(settings.report_interval_seconds)},
         {"name": "FINETUNE_PVC_ROOT", "value": settings.pvc_root},
@@ -231,7 +236,8 @@ def _env(job: FineTuneJob, settings: Settings, names: Names) -> list[Manifest]:
 
 def _entrypoint(job: FineTuneJob, settings: Settings) -> tuple[list[str] | None, list[str]]:
     """(command, args). One process per pod runs the image's own entrypoint (finetune-trainer), so
-    a custom trainer image works unchanged; several GPUs or nodes go through torchrun."""
+    a custom trainer image works unchanged; several GPUs or nodes go through torchrun, wrapped by
+    finetune_trainer.launch so that the pod exits with the trainer's exit code, not torchrun's 1."""
     args = ["--config", f"{settings.config_dir}/{CONFIG_FILE}"]
     resources = job.spec.resources
     if resources.nodes == 1 and resources.gpus_per_node <= 1:
@@ -246,7 +252,7 @@ def _entrypoint(job: FineTuneJob, settings: Settings) -> tuple[list[str] | None,
         if resources.nodes > 1
         else ["--nnodes=1", "--standalone"]
     )
-    return ["torchrun"], [
+    return ["python", "-m", "finetune_trainer.launch"], [
         *rendezvous,
         f"--nproc-per-node={max(resources.gpus_per_node, 1)}",
         "-m",
@@ -255,7 +261,7 @@ def _entrypoint(job: FineTuneJob, settings: Settings) -> tuple[list[str] | None,
     ]
 
 
-def _resources(job: FineTuneJob) -> Manifest:
+def _resources(job: FineTuneJob, settings: Settings) -> Manifest:
     spec = job.spec.resources
     requests: dict[str, Any] = {}
     if spec.cpu is not None:
@@ -263,6 +269,10 @@ def _resources(job: FineTuneJob) -> Manifest:
     if spec.memory is not None:
         requests["memory"] = str(spec.memory)
     limits = dict(requests)
+    limits["ephemeral-storage"] = str(spec.ephemeral_storage)
+    requests["ephemeral-storage"] = min(
+        (str(spec.ephemeral_storage), settings.ephemeral_storage_request), key=quantity_value
+    )
     if spec.gpus_per_node:
         limits[spec.gpu_resource_name] = str(spec.gpus_per_node)
         requests[spec.gpu_resource_name] = str(spec.gpus_per_node)
@@ -279,7 +289,8 @@ def pod_template(job: FineTuneJob, settings: Settings) -> Manifest:
     ]
     volumes: list[Manifest] = [
         {"name": "config", "configMap": {"name": names.config_map}},
-        {"name": "tmp", "emptyDir": {}},
+        # /tmp holds the Hugging Face cache (HF_HOME): bounded, so a runaway download ends in an eviction.
+        {"name": "tmp", "emptyDir": {"sizeLimit": str(spec.ephemeral_storage)}},
     ]
     for index, claim in enumerate(_claims(job)):
         mounts.append({"name": f"pvc-{index}", "mountPath": f"{settings.pvc_root}/{claim}"})
@@ -307,7 +318,7 @@ def pod_template(job: FineTuneJob, settings: Settings) -> Manifest:
     }
     if command is not None:
         container["command"] = command
-    resources = _resources(job)
+    resources = _resources(job, settings)
     if resources:
         container["resources"] = resources
     pod: Manifest = {
@@ -357,6 +368,23 @@ def batch_job(job: FineTuneJob, settings: Settings, *, suspend: bool | None = No
                         "values": sorted(exitcodes.PERMANENT),
                     },
                 },
+                # The trainer saved a checkpoint on SIGTERM (preemption, drain, graceful eviction): resumable,
+                # not a failure.
+                {
+                    "action": "Ignore",
+                    "onExitCodes": {
+                        "containerName": TRAINER_CONTAINER,
+                        "operator": "In",
+                        "values": [exitcodes.TERMINATED.code],
+                    },
+                },
+                # Any other death counts, evictions included (kubelet evictions kill at once, so the trainer
+                # cannot save): otherwise a pod outgrowing its disk is evicted and replaced forever.
+                {
+                    "action": "Count",
+                    "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "NotIn", "values": [0]},
+                },
+                # Disrupted before the trainer ran (e.g. preempted while Pending): nothing lost, not counted.
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
             ]
         },

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from finetune_operator.api import FineTuneJobStatus
+from finetune_operator.api import EVICTED, FineTuneJobStatus
 from finetune_operator.reconcile.children import SPEC_HASH_ANNOTATION, TRAINER_CONTAINER
 from finetune_operator.reconcile.status import ObservedJob, ObservedPod
 
@@ -39,6 +39,7 @@ def observe_job(job: Manifest) -> ObservedJob:
     return ObservedJob(
         suspended=bool(job.get("spec", {}).get("suspend")),
         active=int(status.get("active", 0)),
+        terminating=int(status.get("terminating") or 0),
         ready=int(status.get("ready", 0)),
         succeeded=int(status.get("succeeded", 0)),
         failed=int(status.get("failed", 0)),
@@ -67,6 +68,8 @@ def observe_pod(pod: Manifest) -> ObservedPod:
             reason = str(terminated.get("reason", ""))
             message = str(terminated.get("message", "")).strip()[-2000:]
             finished = _time(terminated.get("finishedAt"))
+    if status.get("reason") == EVICTED:  # the kubelet's words (which limit, which pressure) beat the exit code's
+        reason, message = EVICTED, str(status.get("message", "")).strip()[-2000:]
     return ObservedPod(
         name=pod["metadata"]["name"],
         phase=str(status.get("phase", "Unknown")),

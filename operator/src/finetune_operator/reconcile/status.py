@@ -13,6 +13,8 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from finetune_operator.api import (
+    EVICTED,
+    STOP_ENFORCED,
     BestResult,
     Condition,
     ConditionType,
@@ -38,6 +40,8 @@ class ObservedJob:
 
     suspended: bool = False
     active: int = 0
+    terminating: int = 0
+    """Pods asked to stop that still run (a trainer saving after SIGTERM)."""
     ready: int = 0
     succeeded: int = 0
     failed: int = 0
@@ -166,7 +170,12 @@ def _stop_request(job: FineTuneJob, status: FineTuneJobStatus, now: datetime) ->
     return None
 
 
-def _completion_reason(stop: StopRequest | None) -> tuple[str, str]:
+def _completion_reason(stop: StopRequest | None, halted: bool = False) -> tuple[str, str]:
+    if halted and stop is not None:
+        return STOP_ENFORCED, (
+            f"the trainer did not stop by itself after the stop request ({stop.reason}: {stop.message}); its "
+            "workload was stopped, so the final model may not have been written: the best checkpoint is in status.best"
+        )
     if stop is None:
         return "Succeeded", "training finished"
     if stop.reason == EARLY_STOPPED:
@@ -183,6 +192,9 @@ def _failure(observed: ObservedJob, pods: tuple[ObservedPod, ...]) -> tuple[str,
         return exitcodes.PERMANENT[last.exit_code], (last.message or f"trainer exited with {last.exit_code}").strip()
     if observed.failed_reason == "DeadlineExceeded":
         return "DeadlineExceeded", "activeDeadlineSeconds exceeded" + detail
+    if observed.failed_reason == "BackoffLimitExceeded" and last is not None and last.reason == EVICTED:
+        evictions = sum(p.reason == EVICTED for p in pods)
+        return EVICTED, f"trainer pods evicted {evictions} times (counted against backoffLimit); last: {last.message}"
     if observed.failed_reason == "BackoffLimitExceeded":
         # FailureTarget comes before the Job counts the failed pod: count the pods too.
         failures = max(observed.failed, len(finished))
@@ -263,6 +275,8 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
 
     if stop is not None and workload is not None and workload.active > 0:
         grace = timedelta(seconds=job.spec.stop_grace_period_seconds)
+        if status.progress is not None and status.progress.finalizing:
+            grace *= 2  # saving the final model: let it finish rather than leave none (bounded: a lying trainer)
         if now - stop.requested_time >= grace:
             decision.halt_workload = True
             if not workload.suspended:
@@ -272,8 +286,12 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
                     )
                 )
     if stop is not None and workload is not None and workload.suspended and workload.active == 0:
-        reason, message = _completion_reason(stop)
-        return finish("EarlyStopped" if reason == EARLY_STOPPED else "Succeeded", "Complete", reason, message)
+        if workload.terminating > 0:
+            status.message = "stopping: waiting for the trainer's pods to save and exit"
+            decision.halt_workload = True  # stays suspended meanwhile
+            return decision
+        reason, message = _completion_reason(stop, halted=True)
+        return finish("EarlyStopped" if stop.reason == EARLY_STOPPED else "Succeeded", "Complete", reason, message)
 
     suspended = job.spec.suspend and stop is None
     transition(

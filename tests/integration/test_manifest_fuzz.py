@@ -1,0 +1,40 @@
+"""Manifest fuzzing on the real API server: pydantic and the CRD agree, and the core never crashes.
+
+Seeded and capped here (FINETUNE_FUZZ_EXAMPLES, default 200); ``benchmarks/manifest_fuzz.py`` runs more."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from finetune_localcluster.pytest_plugin import LocalCluster
+from tests.fuzz_manifests import Verdicts, judge, spec_strategy
+
+pytestmark = pytest.mark.integration
+
+EXAMPLES = int(os.environ.get("FINETUNE_FUZZ_EXAMPLES", "200"))
+
+
+def test_generated_manifests(local_cluster: LocalCluster, crd: Any, namespace: str) -> None:
+    verdicts = Verdicts()
+    with local_cluster.api_client() as api:
+
+        @settings(
+            max_examples=EXAMPLES,
+            derandomize=True,
+            database=None,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(spec_strategy())
+        def case(spec: dict[str, Any]) -> None:
+            findings: list[str] = []
+            judge(api, namespace, spec, verdicts, note=findings.append)
+            assert not findings, findings[0]  # hypothesis then shrinks it to a minimal manifest
+
+        case()
+    print(f"manifest fuzzing: {verdicts.cases} cases, {verdicts.accepted} accepted, {verdicts.rejected} rejected")
+    assert verdicts.cases >= EXAMPLES

@@ -1,0 +1,79 @@
+"""Endless eviction loop: bounded scratch space, and evictions counted (preemptions that saved are not)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from finetune_operator.api import quantity_value
+from finetune_operator.reconcile import Observed, ObservedJob, Settings, decide
+from finetune_operator.reconcile.children import batch_job
+from finetune_operator.reconcile.observe import observe_pod
+from finetune_trainer import exitcodes
+from tests.unit.test_reconcile import NOW, conditions, job
+
+
+def test_scratch_space_is_requested_limited_and_sized() -> None:
+    pod = batch_job(job(), Settings())["spec"]["template"]["spec"]
+    resources = pod["containers"][0]["resources"]
+    assert resources["limits"]["ephemeral-storage"] == "20Gi"
+    assert resources["requests"]["ephemeral-storage"] == "1Gi"
+    tmp = next(v for v in pod["volumes"] if v["name"] == "tmp")
+    assert tmp["emptyDir"] == {"sizeLimit": "20Gi"}
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["HF_HOME"].startswith("/tmp/"), "the Hugging Face cache lives in the bounded volume"
+
+    small = batch_job(job(resources={"ephemeralStorage": "500Mi"}), Settings())["spec"]["template"]["spec"]
+    assert small["containers"][0]["resources"]["requests"]["ephemeral-storage"] == "500Mi", "request <= limit"
+
+
+def test_pod_failure_policy_counts_evictions_but_not_saved_preemptions() -> None:
+    rules = batch_job(job(), Settings())["spec"]["podFailurePolicy"]["rules"]
+    shapes = [
+        (r["action"], r.get("onExitCodes", {}).get("operator"), r.get("onExitCodes", {}).get("values")) for r in rules
+    ]
+    assert shapes == [
+        ("FailJob", "In", sorted(exitcodes.PERMANENT)),
+        ("Ignore", "In", [exitcodes.TERMINATED.code]),  # saved on SIGTERM: resumes
+        ("Count", "NotIn", [0]),  # killed (an eviction): counted against backoffLimit
+        ("Ignore", None, None),  # disrupted before it ran
+    ]
+    assert rules[-1]["onPodConditions"] == [{"type": "DisruptionTarget"}]
+
+
+def _evicted_pod(name: str) -> dict[str, object]:
+    return {
+        "metadata": {"name": name},
+        "status": {
+            "phase": "Failed",
+            "reason": "Evicted",
+            "message": "Pod ephemeral local storage usage exceeds the total limit of containers 20Gi.",
+            "containerStatuses": [
+                {"name": "trainer", "state": {"terminated": {"exitCode": 137, "reason": "Error"}}},
+            ],
+        },
+    }
+
+
+def test_repeated_evictions_fail_the_job_saying_so() -> None:
+    pods = tuple(observe_pod(_evicted_pod(f"p{i}")) for i in range(3))
+    assert pods[0].reason == "Evicted" and "exceeds the total limit" in pods[0].message
+    failed = ObservedJob(failed=3, failed_condition=True, failed_reason="BackoffLimitExceeded")
+    decision = decide(job(backoffLimit=2), Observed(job=failed, pods=pods), NOW)
+    assert conditions(decision.status)["Failed"] == ("True", "Evicted")
+    assert "evicted 3 times" in (decision.status.message or "") and "20Gi" in (decision.status.message or "")
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("1Gi", Decimal(2**30)),
+        ("500Mi", Decimal(500 * 2**20)),
+        ("2G", Decimal(2 * 10**9)),
+        ("1500m", Decimal("1.5")),
+        (3, Decimal(3)),
+    ],
+)
+def test_quantity_value(text: str | int, value: Decimal) -> None:
+    assert quantity_value(text) == value

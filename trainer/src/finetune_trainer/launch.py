@@ -1,0 +1,88 @@
+"""``python -m finetune_trainer.launch TORCHRUN_ARGS...``: torchrun, exiting with the trainer's own exit code.
+
+torchrun exits 1 whatever its workers exited with, so a config or data error (exit 2/3, not
+retried) would look like a crash and be retried ``backoffLimit`` times on every node. Each
+worker records its exit code in ``$FINETUNE_EXIT_CODE_DIR/rank-N`` (``record_exit_code``, called
+by the trainer's CLI); this launcher runs torchrun with that directory set and exits with the
+code that tells the operator why. Torch-free: torchrun runs as a child process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import FrameType
+
+from finetune_trainer import exitcodes
+
+EXIT_CODE_DIR_ENV = "FINETUNE_EXIT_CODE_DIR"
+
+
+def record_exit_code(code: int, environ: Mapping[str, str] | None = None) -> None:
+    """Leave this worker's exit code for the launcher (a no-op outside ``launch``)."""
+    env = os.environ if environ is None else environ
+    directory = env.get(EXIT_CODE_DIR_ENV)
+    if not directory:
+        return
+    rank = env.get("RANK", "0")
+    try:
+        tmp = Path(directory) / f".rank-{rank}.tmp"
+        tmp.write_text(f"{code}\n")
+        os.replace(tmp, Path(directory) / f"rank-{rank}")
+    except OSError:
+        pass  # the launcher then falls back to torchrun's own code
+
+
+def recorded_exit_codes(directory: Path) -> dict[int, int]:
+    """rank -> recorded exit code (unreadable entries skipped)."""
+    codes: dict[int, int] = {}
+    for path in directory.glob("rank-*"):
+        try:
+            codes[int(path.name.removeprefix("rank-"))] = int(path.read_text().strip())
+        except ValueError:
+            continue
+    return codes
+
+
+def container_exit_code(torchrun_code: int, workers: Mapping[int, int]) -> int:
+    """The exit code the pod should end with, given torchrun's and the workers' recorded codes.
+
+    A permanent error (config, data, model, ...) of any worker wins, lowest rank first: a retry
+    cannot fix it. Otherwise, once torchrun failed: the trainer's "terminated after saving" when
+    rank 0 (the one that checkpoints) says so, else a crash (retried). A clean torchrun is 0.
+    """
+    if torchrun_code == 0:
+        return 0
+    for rank in sorted(workers):
+        if workers[rank] in exitcodes.PERMANENT:
+            return workers[rank]
+    if workers.get(0) == exitcodes.TERMINATED.code:
+        return exitcodes.TERMINATED.code
+    return exitcodes.CRASHED.code if torchrun_code < 0 or torchrun_code in exitcodes.PERMANENT else torchrun_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    with tempfile.TemporaryDirectory(prefix="finetune-exit-") as directory:
+        env = {**os.environ, EXIT_CODE_DIR_ENV: directory}
+        process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], env=env)
+
+        def forward(signum: int, frame: FrameType | None) -> None:
+            process.send_signal(signum)  # torchrun passes it on to the workers, which save and exit 75
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, forward)
+        code = process.wait()
+        result = container_exit_code(code, recorded_exit_codes(Path(directory)))
+    if result != code:
+        print(f"finetune-trainer launch: torchrun exited {code}; the trainer's exit code is {result}", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
