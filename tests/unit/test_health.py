@@ -113,12 +113,13 @@ def test_stalled_for_any_reason_is_failed() -> None:
     ("observed", "reason"),
     [
         (ObservedJob(complete=True, succeeded=1), "Succeeded"),
-        (ObservedJob(suspended=True, active=0), "Stopped"),
+        (ObservedJob(complete=True, succeeded=1), "Stopped"),
+        (ObservedJob(suspended=True, active=0), "StopEnforced"),
     ],
 )
 def test_complete_is_ready(observed: ObservedJob, reason: str) -> None:
     ftj = job()
-    if reason == "Stopped":
+    if reason in ("Stopped", "StopEnforced"):
         ftj.metadata.annotations["finetune.dev/stop-requested"] = "true"
     status = decide(ftj, Observed(job=observed), NOW).status
     assert health(status) == {

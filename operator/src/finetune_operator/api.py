@@ -237,11 +237,14 @@ REASONS: dict[str, str] = {
     "Succeeded": "training ran to its end.",
     "EarlyStopped": "the early-stopping rule fired; the best checkpoint is kept.",
     "Stopped": "a user asked the job to stop (annotation finetune.dev/stop-requested).",
+    "StopEnforced": "the trainer did not stop within the grace period after a stop request; the operator "
+    "stopped its workload (the best checkpoint is in status.best; the final model may be missing).",
     # failed
     "InvalidSpec": "the spec passed the API server but not the operator's models; nothing was created.",
     "BackoffLimitExceeded": "the trainer failed more than spec.backoffLimit times.",
     "DeadlineExceeded": "spec.activeDeadlineSeconds passed.",
     "JobFailed": "the training Job failed for a reason Kubernetes did not name.",
+    "Evicted": "the trainer's pods were evicted (ephemeral storage, node pressure) more than spec.backoffLimit times.",
     **{
         row.reason: f"trainer exit code {row.code}, not retried: {row.meaning}."
         for row in TABLE
@@ -256,6 +259,7 @@ FAILURE_REASONS: tuple[str, ...] = (
     "BackoffLimitExceeded",
     "DeadlineExceeded",
     "JobFailed",
+    "Evicted",
     *PERMANENT.values(),
 )
 """Reasons of the Failed condition that the operator names itself (a Job may add its own)."""
