@@ -113,3 +113,14 @@ def test_render_is_valid_yaml_with_header() -> None:
     text = render_crd()
     assert text.startswith("# Generated")
     assert yaml.safe_load(text)["kind"] == "CustomResourceDefinition"
+
+
+def test_render_has_no_yaml_anchors() -> None:
+    events = yaml.parse(render_crd())
+    assert not any(isinstance(e, yaml.AliasEvent) or getattr(e, "anchor", None) for e in events)
+
+
+def test_every_spec_field_but_suspend_and_ttl_waits_for_a_suspension() -> None:
+    spec = _schema()["properties"]["spec"]
+    immutable = {r["fieldPath"] for r in spec["x-kubernetes-validations"] if "oldSelf" in r["rule"]}
+    assert immutable == {f".{name}" for name in spec["properties"]} - {".suspend", ".ttlSecondsAfterFinished"}

@@ -13,6 +13,9 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from finetune_operator.api import (
+    CREATE_FAILED,
+    OWNERSHIP_CONFLICT,
+    VERSION_SKEW,
     BestResult,
     Condition,
     ConditionType,
@@ -59,12 +62,20 @@ class ObservedPod:
     reason: str = ""
     message: str = ""
     finished_at: datetime | None = None
+    waiting_reason: str = ""
+    """Why the pod is not running yet, from the pod: Unschedulable, ImagePullBackOff, ..."""
+    waiting_message: str = ""
+    terminating: bool = False
 
 
 @dataclass(frozen=True)
 class Observed:
     job: ObservedJob | None
     pods: tuple[ObservedPod, ...] = ()
+    conflicts: tuple[str, ...] = ()
+    """Children whose name another owner holds: never adopted, never deleted; the job waits."""
+    create_errors: tuple[str, ...] = ()
+    """The API server's messages for children it refused to create."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +148,16 @@ def invalid_spec(job_status: FineTuneJobStatus, message: str, generation: int | 
     return Decision(status=status, events=events, workload_wanted=False)
 
 
+def not_understood(job_status: FineTuneJobStatus, problem: str, now: datetime) -> Decision:
+    """A started job whose stored spec this operator version cannot read (operator/CRD version
+    skew): its workload and status are left as they are, never failed; said once, as a warning."""
+    status = job_status.model_copy(deep=True)
+    message = f"this operator version cannot read the spec; the workload is left running: {problem}"
+    events = [] if status.message == message else [Event("Warning", VERSION_SKEW, message)]
+    status.message = message
+    return Decision(status=status, events=events)
+
+
 def _early_stopping(job: FineTuneJob, status: FineTuneJobStatus) -> EarlyStoppingStatus | None:
     rule = job.spec.early_stopping
     if rule is None:
@@ -188,10 +209,21 @@ def _failure(observed: ObservedJob, pods: tuple[ObservedPod, ...]) -> tuple[str,
     return observed.failed_reason or "JobFailed", (observed.failed_message or "the training Job failed") + detail
 
 
-def _stalled(job: FineTuneJob, status: FineTuneJobStatus, now: datetime) -> bool:
+def _stalled(job: FineTuneJob, status: FineTuneJobStatus, workload: ObservedJob, now: datetime) -> bool:
+    """The stall clock runs from the later of the last heartbeat and the Job's (re)start: a
+    heartbeat from before a suspension (or an edit that replaced the Job) does not count."""
     beat = status.progress.last_heartbeat_time if status.progress is not None else None
-    since = beat or status.start_time
+    moments = [t for t in (beat, workload.start_time) if t is not None]
+    since = max(moments) if moments else status.start_time
     return since is not None and now - since > timedelta(seconds=job.spec.stall_timeout_seconds)
+
+
+def _waiting(pods: tuple[ObservedPod, ...]) -> tuple[str, str]:
+    """(reason, message) of the first live pod that waits for something (scheduling, an image)."""
+    for pod in pods:
+        if pod.waiting_reason and not pod.terminating:
+            return pod.waiting_reason, pod.waiting_message
+    return "Pending", "waiting for the training pod to start"
 
 
 def _summary(status: FineTuneJobStatus) -> str:
@@ -221,6 +253,19 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
 
     events: list[Event] = []
     decision = Decision(status=status, events=events)
+
+    def transition(type_: ConditionType, value: bool, reason: str, message: str, event: bool = True) -> None:
+        if set_condition(status, type_, value, reason, message, now, generation) and event:
+            events.append(Event("Warning" if type_ in ("Failed", "Stalled") else "Normal", reason, message))
+
+    if observed.conflicts or observed.create_errors:
+        reason = OWNERSHIP_CONFLICT if observed.conflicts else CREATE_FAILED
+        message = "; ".join((*observed.conflicts, *observed.create_errors))
+        status.phase = "Pending"
+        status.message = message
+        transition("Stalled", True, reason, message)
+        transition("Running", False, reason, message, event=False)
+        return decision
     status.early_stopping = _early_stopping(job, status)
     if status.early_stopping is not None and status.early_stopping.triggered and status.stop_request is None:
         events.append(Event("Normal", EARLY_STOPPED, status.early_stopping.reason or "early stopping fired"))
@@ -237,10 +282,6 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
         )
     workload = observed.job
     status.restarts = workload.failed if workload is not None else status.restarts
-
-    def transition(type_: ConditionType, value: bool, reason: str, message: str, event: bool = True) -> None:
-        if set_condition(status, type_, value, reason, message, now, generation) and event:
-            events.append(Event("Warning" if type_ in ("Failed", "Stalled") else "Normal", reason, message))
 
     def finish(phase: Phase, type_: ConditionType, reason: str, message: str) -> Decision:
         status.phase = phase
@@ -261,7 +302,8 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
 
     if stop is not None and workload is not None and workload.active > 0:
         grace = timedelta(seconds=job.spec.stop_grace_period_seconds)
-        if now - stop.requested_time >= grace:
+        # A pod that is not ready yet has nothing to save: no need to wait for it.
+        if now - stop.requested_time >= grace or workload.ready == 0:
             decision.halt_workload = True
             if not workload.suspended:
                 events.append(
@@ -274,20 +316,21 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
         return finish("EarlyStopped" if reason == EARLY_STOPPED else "Succeeded", "Complete", reason, message)
 
     suspended = job.spec.suspend and stop is None
-    transition(
-        "Suspended", suspended, "Suspended" if suspended else "Resumed", "spec.suspend is true" if suspended else ""
-    )
+    if suspended or any(c.type == "Suspended" for c in status.conditions):  # no Resumed on a never-suspended job
+        transition(
+            "Suspended", suspended, "Suspended" if suspended else "Resumed", "spec.suspend is true" if suspended else ""
+        )
     if suspended:
         status.phase = "Suspended"
         status.message = "suspended; resuming continues from the last checkpoint"
         transition("Running", False, "Suspended", status.message, event=False)
         return decision
 
-    running = workload is not None and workload.active > 0
-    if running:
-        status.start_time = status.start_time or (workload.start_time if workload else None) or now
+    running = workload is not None and workload.active > 0 and workload.ready > 0
+    if running and workload is not None:
+        status.start_time = status.start_time or workload.start_time or now
         transition("Running", True, "TrainerRunning", _summary(status))
-        stalled = _stalled(job, status, now)
+        stalled = _stalled(job, status, workload, now)
         transition(
             "Stalled",
             stalled,
@@ -300,7 +343,17 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
             if condition.type == "Running":
                 condition.message = status.message
     else:
+        reason, message = _waiting(observed.pods) if workload is not None else ("Pending", "creating the workload")
         status.phase = "Pending"
-        status.message = "waiting for the training pod to start" if workload is not None else "creating the workload"
-        transition("Running", False, "Pending", status.message, event=False)
+        status.message = message
+        transition("Running", False, reason, message, event=False)
+        pending_since = workload.start_time if workload is not None and workload.active > 0 else None
+        too_long = pending_since is not None and now - pending_since > timedelta(seconds=job.spec.stall_timeout_seconds)
+        if too_long or any(c.type == "Stalled" for c in status.conditions):
+            transition(
+                "Stalled",
+                too_long,
+                reason if too_long else "Progressing",
+                f"pending for more than {job.spec.stall_timeout_seconds}s: {message}" if too_long else "",
+            )
     return decision
