@@ -449,3 +449,16 @@ def test_long_and_dotted_names_make_valid_children() -> None:
     assert names.service != Names.for_job(job(resources={"nodes": 2})).service
     assert headless_service(dotted, SETTINGS)["spec"]["selector"][JOB_LABEL] == "team.sentiment"
     assert Names.of("team.sentiment").job == "team.sentiment-trainer", "single-node names are unchanged"
+
+
+def test_pods_of_a_lost_node_are_deleted_so_the_job_can_replace_them() -> None:
+    lost = {
+        "metadata": {"name": "p1", "deletionTimestamp": "2026-11-23T11:50:00Z"},
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "False"}]},
+    }
+    fresh = {"metadata": {"name": "p2", "deletionTimestamp": "2026-11-23T11:59:30Z"}, "status": {"phase": "Running"}}
+    observed = Observed(job=ObservedJob(active=1, start_time=NOW), pods=(observe_pod(lost), observe_pod(fresh)))
+    decision = decide(job(), observed, NOW)
+    assert decision.stuck_pods == ("p1",)
+    assert "PodsLost" in [e.reason for e in decision.events]
+    assert decision.status.phase == "Pending"

@@ -193,6 +193,10 @@ class Kube:
     async def patch_job(self, namespace: str, name: str, patch: Manifest) -> None:
         await self._request("PATCH", "Job", namespace, name, body=patch, content_type=MERGE_PATCH)
 
+    async def force_delete_pod(self, namespace: str, name: str) -> None:
+        """Delete a pod without waiting for its node to confirm (a lost node never does)."""
+        await self._unless_gone("DELETE", "Pod", namespace, name, params={"gracePeriodSeconds": "0"})
+
     async def delete_job(self, namespace: str, name: str) -> None:
         await self._unless_gone("DELETE", "Job", namespace, name, params={"propagationPolicy": "Background"})
 

@@ -327,6 +327,8 @@ class Reconciler:
         observed = Observed(job=observed_job, pods=pods, conflicts=tuple(conflicts), create_errors=tuple(errors))
         decision = decide(job, observed, now)
 
+        for pod in decision.stuck_pods:
+            await self.kube.force_delete_pod(namespace, pod)
         live = workload is not None and observed_job is not None and not workload.get(DELETED_MARK)
         if live and workload is not None and observed_job is not None and decision.workload_wanted:
             await self._steer_workload(job, workload, observed_job.suspended, decision)

@@ -24,7 +24,8 @@ OPERATOR_RULES: list[dict[str, Any]] = [
         "resources": ["roles", "rolebindings"],
         "verbs": [*READ, "create", "update"],
     },
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    # delete: only pods left terminating long after their grace period (a lost node).
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "delete"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     # kopf discovers resources and namespaces at start-up.
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},

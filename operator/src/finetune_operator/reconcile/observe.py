@@ -78,6 +78,7 @@ def observe_pod(pod: Manifest) -> ObservedPod:
         waiting_reason=waiting_reason,
         waiting_message=waiting_message,
         terminating=bool(pod["metadata"].get("deletionTimestamp")),
+        deletion_deadline=_time(pod["metadata"].get("deletionTimestamp")),
     )
 
 

@@ -31,6 +31,7 @@ from finetune_trainer import exitcodes
 from finetune_trainer.early_stopping import EarlyStoppingState, Evaluated, explain, observe_all
 
 STOP_ANNOTATION = "finetune.dev/stop-requested"
+STUCK_TERMINATING = timedelta(minutes=2)
 EARLY_STOPPED = "EarlyStopped"
 USER_REQUESTED = "UserRequested"
 
@@ -66,6 +67,8 @@ class ObservedPod:
     """Why the pod is not running yet, from the pod: Unschedulable, ImagePullBackOff, ..."""
     waiting_message: str = ""
     terminating: bool = False
+    deletion_deadline: datetime | None = None
+    """When a terminating pod should have been gone (its deletionTimestamp)."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,9 @@ class Decision:
     """Suspend the Job: the trainer ignored a stop request for longer than the grace period."""
     workload_wanted: bool = True
     """False once the job is finished: a Job removed by its TTL must not be recreated."""
+    stuck_pods: tuple[str, ...] = ()
+    """Pods still terminating long after their grace period (a lost node never confirms): with a
+    podFailurePolicy the Job controller waits for them before it starts a replacement, forever."""
 
 
 def is_finished(status: FineTuneJobStatus) -> bool:
@@ -282,6 +288,20 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
         )
     workload = observed.job
     status.restarts = workload.failed if workload is not None else status.restarts
+    decision.stuck_pods = tuple(
+        p.name
+        for p in observed.pods
+        if p.terminating and p.deletion_deadline is not None and now - p.deletion_deadline > STUCK_TERMINATING
+    )
+    if decision.stuck_pods:
+        events.append(
+            Event(
+                "Warning",
+                "PodsLost",
+                f"pods {', '.join(decision.stuck_pods)} are still terminating {STUCK_TERMINATING} after their grace "
+                "period (a lost node?): deleting them so that the Job can replace them",
+            )
+        )
 
     def finish(phase: Phase, type_: ConditionType, reason: str, message: str) -> Decision:
         status.phase = phase
