@@ -132,6 +132,9 @@ def test_a_refused_child_is_a_condition_and_a_warning(jobs: Jobs, tmp_path: Path
     core = client.CoreV1Api(jobs.api)
     quota = {"metadata": {"name": "no-jobs"}, "spec": {"hard": {"count/jobs.batch": "0"}}}
     core.create_namespaced_resource_quota(jobs.namespace, quota)
+    # The local control plane runs no quota controller: state the usage it would have computed.
+    usage = {"status": {"hard": {"count/jobs.batch": "0"}, "used": {"count/jobs.batch": "0"}}}
+    core.patch_namespaced_resource_quota_status("no-jobs", jobs.namespace, usage)
     try:
         jobs.create(fake_job("refused", "finetune-test/steady:1", tmp_path, suspend=True))
         stalled = jobs.wait(

@@ -347,6 +347,9 @@ def test_a_child_owned_by_someone_else_stalls_the_job() -> None:
     resolved.status = decision.status
     running = decide(resolved, Observed(job=ObservedJob(active=1, ready=1, start_time=NOW)), NOW)
     assert conditions(running.status)["Stalled"][0] == "False"
+    resolved.spec.suspend = True
+    suspended = decide(resolved, Observed(job=ObservedJob(suspended=True)), NOW)
+    assert conditions(suspended.status)["Stalled"][0] == "False"
 
 
 def test_ownership_is_the_controllers_uid() -> None:

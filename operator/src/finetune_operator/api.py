@@ -331,7 +331,7 @@ class ObjectMeta(BaseModel):
 OBJECT_RULES: tuple[Rule, ...] = (
     Rule(
         "metadata.name",
-        "a multi-node job's name must start with a letter: it names the rendezvous Service",
+        "metadata.name of a multi-node job must start with a letter: it names the rendezvous Service",
         "self.spec.resources.nodes == 1 || self.metadata.name.matches('^[a-z]')",
         lambda job: job.spec.resources.nodes == 1 or job.metadata.name[:1].isalpha(),
     ),

@@ -184,7 +184,7 @@ class Kube:
         params = {"labelSelector": selector} if selector else None
         accept = PARTIAL_METADATA if metadata_only else "application/json"
         listed = await self._request("GET", kind, "", params=params, accept=accept)
-        return cast(list[Manifest], listed["items"])
+        return cast(list[Manifest], listed.get("items") or [])  # a metadata list of nothing has "items": null
 
     async def list_pods(self, namespace: str, selector: str) -> list[Manifest]:
         listed = await self._request("GET", "Pod", namespace, params={"labelSelector": selector})

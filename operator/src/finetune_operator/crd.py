@@ -235,7 +235,10 @@ def build_crd() -> dict[str, Any]:
                             "description": "A FineTuneJob fine-tunes a pretrained model: what to train (model, data, "
                             "freeze policy, hyperparameters, evaluation, early stopping) and how to run it.",
                             "required": ["spec"],
-                            "x-kubernetes-validations": [rule.schema() for rule in OBJECT_RULES],
+                            # No fieldPath: the schema does not declare metadata's fields; the message names it.
+                            "x-kubernetes-validations": [
+                                {k: v for k, v in rule.schema().items() if k != "fieldPath"} for rule in OBJECT_RULES
+                            ],
                             "properties": {
                                 "apiVersion": {
                                     "type": "string",

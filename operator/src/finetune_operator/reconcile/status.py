@@ -32,6 +32,8 @@ from finetune_trainer.early_stopping import EarlyStoppingState, Evaluated, expla
 
 STOP_ANNOTATION = "finetune.dev/stop-requested"
 STUCK_TERMINATING = timedelta(minutes=2)
+WAITING = (OWNERSHIP_CONFLICT, CREATE_FAILED)
+"""Stalled reasons that end by themselves when the obstacle goes."""
 EARLY_STOPPED = "EarlyStopped"
 USER_REQUESTED = "UserRequested"
 
@@ -272,6 +274,8 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
         transition("Stalled", True, reason, message)
         transition("Running", False, reason, message, event=False)
         return decision
+    if any(c.type == "Stalled" and c.status == "True" and c.reason in WAITING for c in status.conditions):
+        transition("Stalled", False, "Resolved", "", event=False)
     status.early_stopping = _early_stopping(job, status)
     if status.early_stopping is not None and status.early_stopping.triggered and status.stop_request is None:
         events.append(Event("Normal", EARLY_STOPPED, status.early_stopping.reason or "early stopping fired"))
