@@ -218,3 +218,20 @@ def test_a_result_is_recorded_before_the_ttl_removes_the_job(jobs: Jobs, operato
     time.sleep(3)  # a resync or two: nothing is run again
     assert trainer_jobs() == []
     jobs.delete("shortlived")
+
+
+def test_a_finished_job_stays_finished(jobs: Jobs, tmp_path: Path) -> None:
+    """A spec the operator's models reject (here a regex; in life an older or newer CRD) used to
+    turn a Complete job into Complete=True and Failed=True."""
+    jobs.create(fake_job("finished", "finetune-test/steady:1", tmp_path))
+    jobs.wait_condition("finished", "Running", timeout=60)
+    jobs.patch("finished", {"metadata": {"annotations": {"finetune.dev/stop-requested": "true"}}})
+    jobs.wait_condition("finished", "Complete", "Stopped", timeout=60)
+    jobs.patch("finished", {"spec": {"suspend": True}})
+    jobs.patch("finished", {"spec": {"freeze": {"strategy": "modules", "frozenModules": ["(embeddings"]}}})
+    time.sleep(5)  # two resyncs
+    body = jobs.get("finished")
+    assert _condition(body, "Failed").get("status") != "True", body["status"]["conditions"]
+    assert _condition(body, "Complete")["status"] == "True"
+    assert body["status"]["phase"] == "Succeeded"
+    jobs.delete("finished")
