@@ -18,7 +18,7 @@ def test_faults_lose_nothing_duplicate_nothing_and_converge(tmp_path: Path) -> N
         operator_kills=2,
         apiserver_restarts=1,
         etcd_restarts=1,
-        trainer_seconds=25,
+        trainer_seconds=15,
         resync=3,
         seed=7,
         say=lambda line: print(line, flush=True),
