@@ -465,3 +465,11 @@ def test_pods_of_a_lost_node_are_deleted_so_the_job_can_replace_them() -> None:
     assert decision.stuck_pods == ("p1",)
     assert "PodsLost" in [e.reason for e in decision.events]
     assert decision.status.phase == "Pending"
+
+
+def test_status_names_the_children_that_exist() -> None:
+    dotted = job(resources={"nodes": 2, "gpusPerNode": 1})
+    dotted.metadata.name = "team.sentiment"
+    refs = decide(dotted, Observed(job=None), NOW).status.workload
+    assert refs is not None
+    assert (refs.job, refs.service) == (Names.for_job(dotted).job, Names.for_job(dotted).service)

@@ -249,7 +249,7 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
     generation = job.metadata.generation
     status = job.status.model_copy(deep=True)
     status.observed_generation = generation
-    names = Names.of(job.metadata.name)
+    names = Names.for_job(job)
     status.workload = WorkloadRefs(
         job=names.job,
         config_map=names.config_map,
