@@ -235,3 +235,15 @@ def test_a_finished_job_stays_finished(jobs: Jobs, tmp_path: Path) -> None:
     assert _condition(body, "Complete")["status"] == "True"
     assert body["status"]["phase"] == "Succeeded"
     jobs.delete("finished")
+
+
+def test_a_dotted_multi_node_job_gets_valid_children(jobs: Jobs, tmp_path: Path) -> None:
+    resources = {"image": "finetune-test/steady:1", "gpusPerNode": 1, "nodes": 2}
+    jobs.create(fake_job("team.multi", "finetune-test/steady:1", tmp_path, resources=resources, suspend=True))
+    body = jobs.wait_condition("team.multi", "Suspended", timeout=60)
+    workload = body["status"]["workload"]
+    assert "." not in workload["service"] and "." not in workload["job"], workload
+    client.CoreV1Api(jobs.api).read_namespaced_service(workload["service"], jobs.namespace)
+    trainer = client.BatchV1Api(jobs.api).read_namespaced_job(workload["job"], jobs.namespace)
+    assert trainer.spec.template.spec.subdomain == workload["service"]
+    jobs.delete("team.multi")
