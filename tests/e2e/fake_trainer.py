@@ -9,6 +9,7 @@ service-account token.
     fake_trainer.py steady     reports progress slowly until asked to stop or done
     fake_trainer.py silent     reports twice, then hangs without a word (a stuck data loader)
     fake_trainer.py forger     once asked to stop, tries to forge the operator's status keys; saves the answers
+    fake_trainer.py quick S    reports every 5 s for S seconds, then finishes (many at once: chaos runs)
 """
 
 from __future__ import annotations
@@ -152,6 +153,21 @@ def steady(total: int = 600) -> int:
     return 0
 
 
+def quick(seconds: float) -> int:
+    """A short run that costs the API server little: a report every 5 s."""
+    started = time.monotonic()
+    total = max(int(seconds), 1)
+    while True:
+        elapsed = time.monotonic() - started
+        try:
+            report(min(int(elapsed), total), total, [])
+        except OSError as error:  # the API server is restarting: the next report says it all
+            print(f"report failed: {error}", file=sys.stderr, flush=True)
+        if elapsed >= seconds:
+            return 0
+        time.sleep(min(5.0, seconds - elapsed + 0.01))
+
+
 def silent() -> int:
     report(1, 100, [])
     report(2, 100, [])
@@ -182,6 +198,8 @@ def main(argv: list[str]) -> int:
         return forger(Path(location.removeprefix("file://")))
     if mode == "silent":
         return silent()
+    if mode == "quick":
+        return quick(float(argv[2]))
     raise SystemExit(f"unknown mode {mode}")
 
 

@@ -77,6 +77,38 @@ def test_training_spec_is_immutable_unless_suspended(local_cluster: LocalCluster
         assert current["spec"]["hyperparameters"]["learningRate"] == 1e-3
 
 
+def test_every_spec_field_but_suspend_and_ttl_waits_for_a_suspension(
+    local_cluster: LocalCluster, crd: Any, namespace: str
+) -> None:
+    """Edits of resources, image or backoffLimit used to be accepted on a running job and wait
+    silently; now they are refused until the job is suspended (and then applied on resume)."""
+    with local_cluster.api_client() as api:
+        custom_api = client.CustomObjectsApi(api)
+        _create(api, namespace, baseline("operational"), dry_run=False)
+        for edit, field in (
+            ({"backoffLimit": 7}, "spec.backoffLimit"),
+            ({"resources": {"image": "other:1"}}, "spec.resources"),
+            ({"stallTimeoutSeconds": 60}, "spec.stallTimeoutSeconds"),
+        ):
+            with pytest.raises(client.ApiException) as error:
+                custom_api.patch_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, "operational", {"spec": edit}
+                )
+            message = json.loads(error.value.body)["message"]
+            assert field in message and "immutable" in message, message
+        for edit in ({"ttlSecondsAfterFinished": 30}, {"suspend": True}, {"backoffLimit": 7, "resources": {"cpu": 2}}):
+            custom_api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "operational", {"spec": edit})
+
+
+def test_a_multi_node_name_must_start_with_a_letter(local_cluster: LocalCluster, crd: Any, namespace: str) -> None:
+    with local_cluster.api_client() as api:
+        manifest = baseline("1st-run")
+        manifest["spec"]["resources"] = {"nodes": 2}
+        assert "must start with a letter" in _rejection(api, namespace, manifest)
+        manifest["spec"]["resources"] = {"nodes": 1}
+        _create(api, namespace, manifest)
+
+
 def test_kubectl_explain_and_printer_columns(local_cluster: LocalCluster, crd: Any, namespace: str) -> None:
     explained = local_cluster.kubectl("explain", "ftj.spec.freeze").stdout
     assert "bottom-layers" in explained

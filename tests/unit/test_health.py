@@ -37,7 +37,7 @@ def kstatus(status: FineTuneJobStatus, generation: int | None = 1) -> str:
 
 def _running(ftj: FineTuneJob) -> Decision:
     ftj.status.progress = Progress(step=5, total_steps=50, last_heartbeat_time=NOW)
-    return decide(ftj, Observed(job=ObservedJob(active=1, start_time=NOW)), NOW)
+    return decide(ftj, Observed(job=ObservedJob(active=1, ready=1, start_time=NOW)), NOW)
 
 
 def _failed(reason: str = "BackoffLimitExceeded", exit_code: int = 1) -> Decision:
@@ -91,7 +91,7 @@ def test_queued_is_suspended_but_reconciling() -> None:
 def test_no_progress_is_stalled_and_not_reconciling() -> None:
     ftj = job(stallTimeoutSeconds=60)
     ftj.status.progress = Progress(step=5, last_heartbeat_time=NOW - timedelta(seconds=61))
-    status = decide(ftj, Observed(job=ObservedJob(active=1)), NOW).status
+    status = decide(ftj, Observed(job=ObservedJob(active=1, ready=1)), NOW).status
     assert health(status) == {
         "Stalled": ("True", "NoProgress"),
         "Reconciling": ("False", "NoProgress"),
@@ -114,12 +114,12 @@ def test_stalled_for_any_reason_is_failed() -> None:
     [
         (ObservedJob(complete=True, succeeded=1), "Succeeded"),
         (ObservedJob(complete=True, succeeded=1), "Stopped"),
-        (ObservedJob(suspended=True, active=0), "StopEnforced"),
+        (ObservedJob(suspended=True, active=0), "Stopped"),  # halted before any trainer ran
     ],
 )
 def test_complete_is_ready(observed: ObservedJob, reason: str) -> None:
     ftj = job()
-    if reason in ("Stopped", "StopEnforced"):
+    if reason == "Stopped":
         ftj.metadata.annotations["finetune.dev/stop-requested"] = "true"
     status = decide(ftj, Observed(job=observed), NOW).status
     assert health(status) == {
@@ -178,7 +178,7 @@ def test_health_transitions_keep_their_time_until_they_flip() -> None:
     ftj.status = _running(ftj).status
     later = NOW + timedelta(minutes=5)
     ftj.status.progress = Progress(step=9, total_steps=50, last_heartbeat_time=later)
-    again = decide(ftj, Observed(job=ObservedJob(active=1, start_time=NOW)), later).status
+    again = decide(ftj, Observed(job=ObservedJob(active=1, ready=1, start_time=NOW)), later).status
     assert next(c for c in again.conditions if c.type == "Reconciling").last_transition_time == NOW
     done = decide(ftj.model_copy(update={"status": again}), Observed(job=ObservedJob(complete=True)), later).status
     assert next(c for c in done.conditions if c.type == "Reconciling").last_transition_time == later
@@ -200,7 +200,7 @@ def _every_status() -> list[FineTuneJobStatus]:
         _running(job()).status,
         _running(resumed).status,
         decide(job(suspend=True), Observed(job=ObservedJob(suspended=True)), NOW).status,
-        decide(stalled, Observed(job=ObservedJob(active=1)), NOW).status,
+        decide(stalled, Observed(job=ObservedJob(active=1, ready=1)), NOW).status,
         decide(early, Observed(job=ObservedJob(complete=True)), NOW).status,
         decide(stopped, Observed(job=ObservedJob(suspended=True)), NOW).status,
         decide(job(), Observed(job=ObservedJob(complete=True)), NOW).status,
@@ -221,7 +221,7 @@ def test_every_reason_written_is_in_the_reasons_table() -> None:
 def test_a_users_pause_ends_a_missing_heartbeat_stall() -> None:
     ftj = job(stallTimeoutSeconds=60)
     ftj.status.progress = Progress(step=5, last_heartbeat_time=NOW - timedelta(seconds=61))
-    ftj.status = decide(ftj, Observed(job=ObservedJob(active=1)), NOW).status
+    ftj.status = decide(ftj, Observed(job=ObservedJob(active=1, ready=1)), NOW).status
     ftj.spec.suspend = True
     paused = decide(ftj, Observed(job=ObservedJob(suspended=True)), NOW).status
     assert health(paused) == {

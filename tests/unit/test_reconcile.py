@@ -5,19 +5,33 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 import yaml
+from pydantic import ValidationError
 
-from finetune_operator.api import EvaluationRecord, FineTuneJob, Progress
+from finetune_operator.api import EvaluationRecord, FineTuneJob, Progress, read_stored
 from finetune_operator.reconcile import Observed, ObservedJob, ObservedPod, Settings, decide, desired_children
-from finetune_operator.reconcile.children import Names, batch_job, config_map, role
+from finetune_operator.reconcile.children import (
+    JOB_LABEL,
+    Names,
+    batch_job,
+    config_map,
+    finished_job_patch,
+    headless_service,
+    owned_by,
+    owner_name,
+    role,
+)
 from finetune_operator.reconcile.observe import (
     LAST_APPLIED_ANNOTATION,
     finetunejob_essentials,
     observe_job,
+    observe_pod,
     spec_hash_of,
     status_patch,
     workload_essentials,
 )
+from finetune_operator.reconcile.status import not_understood
 from finetune_trainer.spec import TrainingSpec
 from tests.manifests import baseline
 
@@ -150,7 +164,7 @@ def test_pending_then_running_with_progress() -> None:
     assert pending.status.phase == "Pending"
     ftj.status = pending.status
     ftj.status.progress = Progress(step=5, total_steps=50, epoch=0.5, train_loss=0.7, last_heartbeat_time=NOW)
-    running = decide(ftj, Observed(job=ObservedJob(active=1, start_time=NOW)), NOW)
+    running = decide(ftj, Observed(job=ObservedJob(active=1, ready=1, start_time=NOW)), NOW)
     assert running.status.phase == "Running"
     assert conditions(running.status)["Running"] == ("True", "TrainerRunning")
     assert [e.reason for e in running.events] == ["TrainerRunning"]
@@ -162,15 +176,18 @@ def test_progress_reports_alone_cause_no_status_write() -> None:
     """Every trainer report is a watch event; only a new best result changes what the operator owns."""
     ftj = job()
     ftj.status.progress = Progress(step=5, total_steps=50, train_loss=0.7, last_heartbeat_time=NOW)
-    ftj.status = decide(ftj, Observed(job=ObservedJob(active=1, start_time=NOW)), NOW).status
+    ftj.status = decide(ftj, Observed(job=ObservedJob(active=1, ready=1, start_time=NOW)), NOW).status
     later = NOW + timedelta(seconds=5)
     ftj.status.progress = Progress(step=6, total_steps=50, train_loss=0.6, last_heartbeat_time=later)
     assert (
-        status_patch(ftj.status, decide(ftj, Observed(job=ObservedJob(active=1, start_time=NOW)), later).status) == {}
+        status_patch(
+            ftj.status, decide(ftj, Observed(job=ObservedJob(active=1, ready=1, start_time=NOW)), later).status
+        )
+        == {}
     )
 
     _with_evals(ftj, [0.7])
-    improved = decide(ftj, Observed(job=ObservedJob(active=1, start_time=NOW)), later).status
+    improved = decide(ftj, Observed(job=ObservedJob(active=1, ready=1, start_time=NOW)), later).status
     assert improved.message == "training; best accuracy 0.7 at step 10"
     assert set(status_patch(ftj.status, improved)) == {"earlyStopping", "best", "message", "conditions"}
 
@@ -195,14 +212,14 @@ def test_cached_essentials_observe_the_same() -> None:
 def test_stalled_when_heartbeats_stop() -> None:
     ftj = job(stallTimeoutSeconds=60)
     ftj.status.progress = Progress(step=5, last_heartbeat_time=NOW - timedelta(seconds=61))
-    decision = decide(ftj, Observed(job=ObservedJob(active=1)), NOW)
+    decision = decide(ftj, Observed(job=ObservedJob(active=1, ready=1)), NOW)
     assert decision.status.phase == "Stalled"
     assert conditions(decision.status)["Stalled"] == ("True", "NoProgress")
 
 
 def test_early_stopping_requests_stop_then_enforces_after_grace() -> None:
     ftj = _with_evals(job(stopGracePeriodSeconds=30), [0.6, 0.7, 0.65, 0.66])
-    first = decide(ftj, Observed(job=ObservedJob(active=1)), NOW)
+    first = decide(ftj, Observed(job=ObservedJob(active=1, ready=1)), NOW)
     assert first.status.early_stopping is not None
     assert first.status.early_stopping.triggered
     assert first.status.early_stopping.best_step == 20
@@ -212,7 +229,7 @@ def test_early_stopping_requests_stop_then_enforces_after_grace() -> None:
     assert "EarlyStopped" in [e.reason for e in first.events]
 
     ftj.status = first.status
-    later = decide(ftj, Observed(job=ObservedJob(active=1)), NOW + timedelta(seconds=31))
+    later = decide(ftj, Observed(job=ObservedJob(active=1, ready=1)), NOW + timedelta(seconds=31))
     assert later.halt_workload
     assert "StopEnforced" in [e.reason for e in later.events]
 
@@ -235,10 +252,10 @@ def test_early_stopping_requests_stop_then_enforces_after_grace() -> None:
 
 def test_a_finalizing_trainer_gets_twice_the_grace() -> None:
     ftj = _with_evals(job(stopGracePeriodSeconds=30), [0.6, 0.7, 0.65, 0.66])
-    ftj.status = decide(ftj, Observed(job=ObservedJob(active=1)), NOW).status
+    ftj.status = decide(ftj, Observed(job=ObservedJob(active=1, ready=1)), NOW).status
     ftj.status.progress = Progress(step=40, finalizing=True)
-    assert not decide(ftj, Observed(job=ObservedJob(active=1)), NOW + timedelta(seconds=45)).halt_workload
-    assert decide(ftj, Observed(job=ObservedJob(active=1)), NOW + timedelta(seconds=61)).halt_workload
+    assert not decide(ftj, Observed(job=ObservedJob(active=1, ready=1)), NOW + timedelta(seconds=45)).halt_workload
+    assert decide(ftj, Observed(job=ObservedJob(active=1, ready=1)), NOW + timedelta(seconds=61)).halt_workload
 
 
 def test_trainer_that_stops_itself_completes_as_early_stopped() -> None:
@@ -310,3 +327,176 @@ def test_backoff_failure_counts_the_failed_pod_before_the_job_does() -> None:
     target = ObservedJob(failed=0, failed_condition=True, failed_reason="BackoffLimitExceeded")
     decision = decide(job(backoffLimit=0), Observed(job=target, pods=pods), NOW)
     assert (decision.status.message or "").startswith("trainer failed 1 time; last trainer exit code 1")
+
+
+# --- Hardening (issue #12) ---------------------------------------------------------------
+
+
+def test_a_config_edited_while_suspended_changes_the_job_hash() -> None:
+    """The Job is replaced on resume only when its hash moves; the config must move it."""
+    before = batch_job(job(), SETTINGS)
+    edited = job(hyperparameters={"learningRate": 1e-3, "batchSize": 8, "epochs": 1})
+    after = batch_job(edited, SETTINGS)
+    assert spec_hash_of(before) != spec_hash_of(after)
+    assert spec_hash_of(config_map(job())) != spec_hash_of(config_map(edited))
+
+
+def test_stored_objects_are_read_tolerantly_new_ones_strictly() -> None:
+    manifest = baseline("skewed")
+    manifest["metadata"].update({"namespace": "ml", "uid": "uid-1"})
+    manifest["spec"]["someNewField"] = {"a": 1}  # a newer CRD's defaulted field
+    manifest["spec"]["hyperparameters"]["newKnob"] = 3
+    with pytest.raises(ValidationError):
+        FineTuneJob.model_validate(manifest)
+    assert read_stored(manifest).spec.hyperparameters.learning_rate > 0
+    manifest["spec"]["hyperparameters"]["learningRate"] = -1  # wrong, not newer
+    with pytest.raises(ValidationError):
+        read_stored(manifest)
+
+
+def test_a_started_job_the_operator_cannot_read_is_left_alone() -> None:
+    ftj = job()
+    ftj.status = decide(ftj, Observed(job=ObservedJob(active=1, ready=1, start_time=NOW)), NOW).status
+    first = not_understood(ftj.status, "spec.x: bad", NOW)
+    assert first.status.conditions == ftj.status.conditions, "no Failed, nothing abandoned"
+    assert [e.reason for e in first.events] == ["SpecNotUnderstood"]
+    assert not_understood(first.status, "spec.x: bad", NOW).events == [], "said once"
+
+
+def test_a_child_owned_by_someone_else_stalls_the_job() -> None:
+    conflict = "Job sentiment-trainer exists and is controlled by FineTuneJob sentiment (uid old)"
+    decision = decide(job(), Observed(job=None, conflicts=(conflict,)), NOW)
+    assert conditions(decision.status)["Stalled"] == ("True", "OwnershipConflict")
+    assert "Complete" not in conditions(decision.status)
+    assert decision.events[0].type == "Warning"
+    assert conflict in (decision.status.message or "")
+    resolved = job()
+    resolved.status = decision.status
+    running = decide(resolved, Observed(job=ObservedJob(active=1, ready=1, start_time=NOW)), NOW)
+    assert conditions(running.status)["Stalled"][0] == "False"
+    resolved.spec.suspend = True
+    suspended = decide(resolved, Observed(job=ObservedJob(suspended=True)), NOW)
+    assert conditions(suspended.status)["Stalled"][0] == "False"
+
+
+def test_ownership_is_the_controllers_uid() -> None:
+    ours = config_map(job())
+    assert owned_by(ours, job())
+    other = job()
+    other.metadata.uid = "uid-2"  # same name, a new object (deleted and applied again)
+    assert not owned_by(ours, other)
+    assert owner_name(ours) == "sentiment"
+
+
+def test_a_refused_child_is_a_condition_with_the_api_message() -> None:
+    message = "ConfigMap sentiment-config: exceeded quota: q, requested: count/configmaps=1"
+    decision = decide(job(), Observed(job=None, create_errors=(message,)), NOW)
+    assert conditions(decision.status)["Stalled"] == ("True", "CreateFailed")
+    assert decision.events[0].type == "Warning" and message in decision.events[0].message
+
+
+def test_the_ttl_is_set_on_the_job_only_after_its_result_is_recorded() -> None:
+    ftj = job(ttlSecondsAfterFinished=0)
+    trainer = batch_job(ftj, SETTINGS)
+    assert "ttlSecondsAfterFinished" not in trainer["spec"], "the Job controller must not delete an unread result"
+    assert finished_job_patch(ftj, workload_essentials(trainer)) == {"spec": {"ttlSecondsAfterFinished": 0}}
+    trainer["spec"]["ttlSecondsAfterFinished"] = 0
+    assert finished_job_patch(ftj, workload_essentials(trainer)) is None
+    assert finished_job_patch(job(), workload_essentials(trainer)) is None
+
+
+def test_running_means_a_ready_pod_and_pending_says_why() -> None:
+    unschedulable = {
+        "metadata": {"name": "p"},
+        "status": {
+            "phase": "Pending",
+            "conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/1 nodes: gpu"}
+            ],
+        },
+    }
+    pod = observe_pod(unschedulable)
+    ftj = job(stallTimeoutSeconds=60)
+    waiting = decide(ftj, Observed(job=ObservedJob(active=1, start_time=NOW), pods=(pod,)), NOW)
+    assert waiting.status.phase == "Pending"
+    assert conditions(waiting.status)["Running"] == ("False", "Unschedulable")
+    assert "0/1 nodes" in (waiting.status.message or "")
+    ftj.status = waiting.status
+    later = decide(ftj, Observed(job=ObservedJob(active=1, start_time=NOW), pods=(pod,)), NOW + timedelta(seconds=61))
+    assert conditions(later.status)["Stalled"] == ("True", "Unschedulable")
+    assert later.status.phase == "Pending"
+
+
+def test_image_pull_backoff_is_the_pending_reason() -> None:
+    pulling = {
+        "metadata": {"name": "p"},
+        "status": {
+            "phase": "Pending",
+            "containerStatuses": [{"name": "trainer", "state": {"waiting": {"reason": "ImagePullBackOff"}}}],
+        },
+    }
+    decision = decide(job(), Observed(job=ObservedJob(active=1, start_time=NOW), pods=(observe_pod(pulling),)), NOW)
+    assert conditions(decision.status)["Running"] == ("False", "ImagePullBackOff")
+
+
+def test_the_stall_clock_restarts_with_the_job() -> None:
+    ftj = job(stallTimeoutSeconds=60)
+    ftj.status.progress = Progress(step=5, last_heartbeat_time=NOW - timedelta(hours=3))  # before a suspension
+    resumed = decide(ftj, Observed(job=ObservedJob(active=1, ready=1, start_time=NOW - timedelta(seconds=10))), NOW)
+    assert resumed.status.phase == "Running"
+
+
+def test_a_stop_on_a_pending_job_completes() -> None:
+    ftj = job()
+    ftj.metadata.annotations["finetune.dev/stop-requested"] = "true"
+    first = decide(ftj, Observed(job=ObservedJob(active=1, start_time=NOW)), NOW)
+    assert first.halt_workload, "nothing runs that could save: no grace period to wait"
+    ftj.status = first.status
+    done = decide(ftj, Observed(job=ObservedJob(suspended=True)), NOW)
+    assert conditions(done.status)["Complete"] == ("True", "Stopped")
+
+
+def test_never_suspended_jobs_have_no_suspended_condition() -> None:
+    decision = decide(job(), Observed(job=ObservedJob(active=1, ready=1, start_time=NOW)), NOW)
+    assert "Suspended" not in conditions(decision.status)
+    ftj = job(suspend=True)
+    ftj.status = decide(ftj, Observed(job=ObservedJob(suspended=True)), NOW).status
+    ftj.spec.suspend = False
+    resumed = decide(ftj, Observed(job=ObservedJob(active=1, ready=1, start_time=NOW)), NOW)
+    assert conditions(resumed.status)["Suspended"] == ("False", "Resumed")
+
+
+def test_long_and_dotted_names_make_valid_children() -> None:
+    long = job()
+    long.metadata.name = "a" * 80
+    for child in desired_children(long, SETTINGS):
+        assert all(len(value) <= 63 for value in child["metadata"]["labels"].values())
+        assert owner_name(child) == "a" * 80
+    dotted = job(resources={"nodes": 2, "gpusPerNode": 1})
+    dotted.metadata.name = "team.sentiment"
+    names = Names.for_job(dotted)
+    assert "." not in names.service and "." not in names.job
+    assert names.service != Names.for_job(job(resources={"nodes": 2})).service
+    assert headless_service(dotted, SETTINGS)["spec"]["selector"][JOB_LABEL] == "team.sentiment"
+    assert Names.of("team.sentiment").job == "team.sentiment-trainer", "single-node names are unchanged"
+
+
+def test_pods_of_a_lost_node_are_deleted_so_the_job_can_replace_them() -> None:
+    lost = {
+        "metadata": {"name": "p1", "deletionTimestamp": "2026-11-23T11:50:00Z"},
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "False"}]},
+    }
+    fresh = {"metadata": {"name": "p2", "deletionTimestamp": "2026-11-23T11:59:30Z"}, "status": {"phase": "Running"}}
+    observed = Observed(job=ObservedJob(active=1, start_time=NOW), pods=(observe_pod(lost), observe_pod(fresh)))
+    decision = decide(job(), observed, NOW)
+    assert decision.stuck_pods == ("p1",)
+    assert "PodsLost" in [e.reason for e in decision.events]
+    assert decision.status.phase == "Pending"
+
+
+def test_status_names_the_children_that_exist() -> None:
+    dotted = job(resources={"nodes": 2, "gpusPerNode": 1})
+    dotted.metadata.name = "team.sentiment"
+    refs = decide(dotted, Observed(job=None), NOW).status.workload
+    assert refs is not None
+    assert (refs.job, refs.service) == (Names.for_job(dotted).job, Names.for_job(dotted).service)

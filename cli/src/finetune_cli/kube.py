@@ -18,9 +18,9 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from finetune_operator.api import GROUP, PLURAL, VERSION
+from finetune_operator.reconcile.children import JOB_LABEL, job_label_value
 
 Manifest = dict[str, Any]
-JOB_LABEL = "finetune.dev/job"
 TRAINER_CONTAINER = "trainer"
 
 
@@ -95,7 +95,7 @@ class Kube:
     def trainer_pods(self, job: str, namespace: str) -> list[Manifest]:
         """The job's trainer pods, oldest first (a retried Job leaves earlier pods behind)."""
         response = self._core.list_namespaced_pod(
-            namespace, label_selector=f"{JOB_LABEL}={job}", _preload_content=False
+            namespace, label_selector=f"{JOB_LABEL}={job_label_value(job)}", _preload_content=False
         )
         items = cast(list[Manifest], json.loads(response.data)["items"])
         return sorted(items, key=lambda p: (p["metadata"].get("creationTimestamp", ""), p["metadata"]["name"]))

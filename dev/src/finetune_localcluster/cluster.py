@@ -105,6 +105,7 @@ class Cluster:
     node_name: str = NODE_NAME
     quiet: bool = False
     _popen: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
+    _commands: dict[str, tuple[list[str], dict[str, str] | None]] = field(default_factory=dict, repr=False)
 
     @property
     def kubeconfig(self) -> Path:
@@ -296,7 +297,27 @@ class Cluster:
         )
         logf.close()
         self._popen[component] = p
+        self._commands[component] = (argv, env)
         procs.write_pidfile(self._pidfile(component), p.pid)
+
+    def restart(self, component: str, *, kill: bool = False, down_seconds: float = 0.0, timeout: float = 60.0) -> None:
+        """Stop one component (SIGTERM, or SIGKILL with ``kill``), keep it down ``down_seconds``,
+        start it again with the same command line and wait until it is healthy: fault injection
+        for tests and benchmarks (an API server or etcd restart). Only for a cluster this process
+        started (``start`` records the command lines)."""
+        if component not in self._commands:
+            raise ClusterError(f"{component} was not started by this process; cannot restart it")
+        pid = procs.read_pidfile(self._pidfile(component))
+        if pid is not None:
+            procs.kill_group(pid, 0.0 if kill else 10.0)
+        process = self._popen.pop(component, None)
+        if process is not None:
+            process.wait(timeout=30)
+        time.sleep(down_seconds)
+        argv, env = self._commands[component]
+        self._spawn(component, argv, env)
+        self._wait(component, self.info().get("ports", {}), time.monotonic() + timeout)
+        self._say(f"{component} restarted")
 
     def _wait(self, component: str, ports: dict[str, int], deadline: float) -> None:
         while True:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime as dt
+import http.client
 import json
 import os
 import platform
@@ -169,8 +170,8 @@ class PodWorker(threading.Thread):
         if pod["metadata"].get("deletionTimestamp"):
             self.deleting.set()
 
-    def report(self) -> None:
-        """PATCH the pod status if it changed since the last report."""
+    def report(self) -> bool:
+        """PATCH the pod status if it changed since the last report; False when that failed."""
         ready = self.phase == "Running" and all("running" in c.state for c in self.main)
         terminal = self.phase in ("Succeeded", "Failed")
 
@@ -203,7 +204,7 @@ class PodWorker(threading.Thread):
             status["message"] = self.message or ""
         key = json.dumps(status, sort_keys=True)
         if key == self._last_status:
-            return
+            return True
         for c in status["conditions"]:  # a condition's time changes only when its status does
             prev = self._transitions.get(c["type"])
             if prev is None or prev[0] != c["status"]:
@@ -213,11 +214,15 @@ class PodWorker(threading.Thread):
         try:
             self.agent.api.patch(f"{self.path}/status", {"status": status})
             self._last_status = key
+            return True
         except ApiError as e:
             if e.status == 404:
                 self.removed.set()
             else:
                 log(f"{self.ns}/{self.pod_name}: status update failed: {e}")
+        except (OSError, http.client.HTTPException) as e:  # the API server restarts: report again later
+            log(f"{self.ns}/{self.pod_name}: status update failed: {e}")
+        return False
 
     # -------------------------------------------------------------- volumes
 
@@ -610,6 +615,9 @@ class PodWorker(threading.Thread):
             self.refresh_tokens()
             self.report()
             self.deleting.wait(0.1)
+        # The final state must reach the API server, also across its restart (else the pod runs forever).
+        while not self.report() and not (self.removed.is_set() or self.agent.stopping.is_set()):
+            self.agent.stopping.wait(1.0)
         if self.deleting.is_set() and not self.removed.is_set():
             self.kill_all(self._grace())
             if self.phase not in ("Succeeded", "Failed"):

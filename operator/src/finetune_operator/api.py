@@ -7,12 +7,13 @@ The CRD in ``crds/`` is generated from these classes by ``finetune_operator.crd`
 
 from __future__ import annotations
 
+import copy
 import re
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 from pydantic.alias_generators import to_camel, to_snake
 
 from finetune_trainer.exitcodes import PERMANENT, TABLE
@@ -144,7 +145,7 @@ class Resources(SpecModel):
 
 
 def _immutable(field: str, optional: bool) -> Rule:
-    """A transition rule: a training field may change only while the job is (or was) suspended."""
+    """A transition rule: a spec field may change only while the job is (or was) suspended."""
     if optional:
         same = f"has(self.{field}) == has(oldSelf.{field}) && (!has(self.{field}) || self.{field} == oldSelf.{field})"
     else:
@@ -157,16 +158,14 @@ def _immutable(field: str, optional: bool) -> Rule:
     )
 
 
-IMMUTABLE_TRAINING_RULES: tuple[Rule, ...] = tuple(
-    _immutable(to_camel(name), optional=not field.is_required() and field.default is None)
-    for name, field in TrainingSpec.model_fields.items()
-)
+MUTABLE_FIELDS = frozenset({"suspend", "ttl_seconds_after_finished"})
+"""The only spec fields a running job may change. Every other edit waits for a suspension and is
+applied on resume (children whose content drifted are replaced), so the trainer never runs one
+config while the operator enforces another."""
 
 
 class FineTuneJobSpec(TrainingSpec):
     """Desired state of a FineTuneJob: the training spec plus how and where to run it."""
-
-    rules = (*TRAINING_RULES, *IMMUTABLE_TRAINING_RULES)
 
     resources: Resources = Field(
         default_factory=Resources,
@@ -189,7 +188,8 @@ class FineTuneJobSpec(TrainingSpec):
     ttl_seconds_after_finished: int | None = Field(
         None,
         ge=0,
-        description="Delete the finished Job (not the FineTuneJob or its results) this long after it ends.",
+        description="Delete the finished Job (not the FineTuneJob or its results) this long after its result is "
+        "recorded in the status.",
     )
     stall_timeout_seconds: int = Field(
         900,
@@ -204,6 +204,15 @@ class FineTuneJobSpec(TrainingSpec):
         description="After asking the trainer to stop, wait this long before stopping the workload.",
     )
 
+
+FineTuneJobSpec.rules = (
+    *TRAINING_RULES,
+    *(
+        _immutable(to_camel(name), optional=not field.is_required() and field.default is None)
+        for name, field in FineTuneJobSpec.model_fields.items()
+        if name not in MUTABLE_FIELDS
+    ),
+)
 
 ConditionType = Literal["Running", "Complete", "Failed", "Suspended", "Stalled", "Ready", "Reconciling"]
 
@@ -233,6 +242,9 @@ REASONS: dict[str, str] = {
     # stuck
     "NoProgress": "the trainer sent no progress report for stallTimeoutSeconds.",
     "OwnershipConflict": "a child object of the job's name exists and is owned by someone else.",
+    "CreateFailed": "the API server refused a child (quota, webhook, policy, name); the message is its own.",
+    "Unschedulable": "the trainer pod waits for a node (the scheduler's message).",
+    "SpecNotUnderstood": "a started job whose stored spec this operator version cannot read; its workload runs on.",
     # finished
     "Succeeded": "training ran to its end.",
     "EarlyStopped": "the early-stopping rule fired; the best checkpoint is kept.",
@@ -263,6 +275,15 @@ FAILURE_REASONS: tuple[str, ...] = (
     *PERMANENT.values(),
 )
 """Reasons of the Failed condition that the operator names itself (a Job may add its own)."""
+
+OWNERSHIP_CONFLICT = "OwnershipConflict"
+"""Stalled: a child's name is taken by an object another owner controls (never adopted nor deleted)."""
+CREATE_FAILED = "CreateFailed"
+"""Stalled: the API server refused a child (quota, webhook, policy, name); the message is its own."""
+UNSCHEDULABLE = "Unschedulable"
+"""Running=False while the pod waits for a node (the scheduler's message)."""
+VERSION_SKEW = "SpecNotUnderstood"
+"""A started job whose stored spec this operator version cannot read: its workload is left running."""
 Phase = Literal["Pending", "Running", "Suspended", "Stalled", "Succeeded", "EarlyStopped", "Failed"]
 
 
@@ -412,6 +433,17 @@ class ObjectMeta(BaseModel):
     annotations: dict[str, str] = Field(default_factory=dict)
 
 
+OBJECT_RULES: tuple[Rule, ...] = (
+    Rule(
+        "metadata.name",
+        "metadata.name of a multi-node job must start with a letter: it names the rendezvous Service",
+        "self.spec.resources.nodes == 1 || self.metadata.name.matches('^[a-z]')",
+        lambda job: job.spec.resources.nodes == 1 or job.metadata.name[:1].isalpha(),
+    ),
+)
+"""Rules on the whole object (the CRD's root), for names that could never work."""
+
+
 class FineTuneJob(BaseModel):
     """A whole FineTuneJob object."""
 
@@ -422,3 +454,39 @@ class FineTuneJob(BaseModel):
     metadata: ObjectMeta
     spec: FineTuneJobSpec
     status: FineTuneJobStatus = Field(default_factory=FineTuneJobStatus)
+
+    @model_validator(mode="after")
+    def _apply_object_rules(self) -> Self:
+        for rule in OBJECT_RULES:
+            if rule.holds is not None and not rule.holds(self):
+                raise ValueError(f"{rule.field}: {rule.message}")
+        return self
+
+
+def read_stored(body: dict[str, Any]) -> FineTuneJob:
+    """A stored FineTuneJob, read tolerantly: fields this version does not know (written under a
+    newer CRD, or kept after a rollback) are ignored, so operator/CRD version skew never fails a
+    job. New specs are still checked strictly: by the CRD at the API server, and by pydantic on
+    every field this version does know. Raises ``ValidationError`` for a spec that is wrong
+    rather than newer."""
+    data = copy.deepcopy(body)
+    for _ in range(16):
+        try:
+            return FineTuneJob.model_validate(data)
+        except ValidationError as error:
+            unknown = [e["loc"] for e in error.errors() if e["type"] == "extra_forbidden"]
+            if not unknown:
+                raise
+            try:
+                for location in unknown:
+                    _drop(data, location)
+            except (KeyError, IndexError, TypeError):
+                raise error from None
+    return FineTuneJob.model_validate(data)
+
+
+def _drop(data: Any, location: tuple[int | str, ...]) -> None:
+    *parents, key = location
+    for part in parents:
+        data = data[part]
+    del data[key]

@@ -76,7 +76,7 @@ async def _operate(args: argparse.Namespace, settings: Settings, metrics: Operat
     """kopf plus our API client, both on this event loop (the client's session binds to it)."""
     kube = Kube(pool_size=args.api_concurrency, on_response=metrics.count_request)
     registry = kopf.OperatorRegistry()
-    reconciler = Reconciler(kube, settings, metrics, args.max_concurrent_reconciles)
+    reconciler = Reconciler(kube, settings, metrics, args.max_concurrent_reconciles, tuple(args.namespace))
     register(registry, reconciler, args.resync_seconds)
 
     @kopf.on.login(registry=registry)

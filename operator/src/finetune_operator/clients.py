@@ -13,6 +13,7 @@ which makes every reconcile idempotent.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from datetime import datetime
@@ -38,6 +39,18 @@ _COLLECTIONS = {
     KIND: f"/apis/{GROUP}/{VERSION}/namespaces/{{}}/{PLURAL}",
 }
 MERGE_PATCH = "application/merge-patch+json"
+PARTIAL_METADATA = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+THROTTLE_RETRIES = 5
+"""429 Too Many Requests (API priority and fairness): wait as told by Retry-After, this many times."""
+MAX_RETRY_AFTER = 30.0
+
+
+def _retry_after(value: str | None) -> float:
+    """Seconds to wait from a Retry-After header (the API server sends whole seconds)."""
+    try:
+        return min(max(float(value or 1), 0.0), MAX_RETRY_AFTER)
+    except ValueError:
+        return 1.0
 
 
 class ApiError(Exception):
@@ -101,24 +114,34 @@ class Kube:
         body: Manifest | None = None,
         params: dict[str, str] | None = None,
         content_type: str = "application/json",
+        accept: str = "application/json",
     ) -> Manifest:
-        path = _COLLECTIONS[kind].format(quote(namespace, safe=""))
+        if namespace:
+            path = _COLLECTIONS[kind].format(quote(namespace, safe=""))
+        else:  # across all namespaces
+            path = _COLLECTIONS[kind].replace("/namespaces/{}", "")
         path += "".join(f"/{quote(part, safe='')}" for part in (name, subresource) if part)
-        for attempt in range(2):
+        reauthenticated = False
+        for throttled in range(THROTTLE_RETRIES + 1):
             async with self._session.request(
                 method,
                 self._host + path,
                 data=None if body is None else json.dumps(body),
                 params=params,
-                headers={"Accept": "application/json", "Content-Type": content_type, **self._auth},
+                headers={"Accept": accept, "Content-Type": content_type, **self._auth},
                 timeout=self._timeout,
             ) as response:
                 data = await response.read()
+                retry_after = response.headers.get("Retry-After")
             if self._on_response is not None:
                 self._on_response(method, kind, response.status)
-            if response.status != 401 or attempt:
+            if response.status == 401 and not reauthenticated:
+                reauthenticated = True
+                self._auth = self._credentials().as_http_headers()  # the token was rotated: read it again
+            elif response.status == 429 and throttled < THROTTLE_RETRIES:
+                await asyncio.sleep(_retry_after(retry_after))
+            else:
                 break
-            self._auth = self._credentials().as_http_headers()  # the token was rotated: read it again
         if response.status >= 400:
             error = ConflictError if response.status == 409 else ApiError
             raise error(response.status, response.reason or "", data.decode("utf-8", "replace"))
@@ -144,12 +167,35 @@ class Kube:
     async def read_job(self, namespace: str, name: str) -> Manifest | None:
         return await self._unless_gone("GET", "Job", namespace, name)
 
+    async def read(self, kind: str, namespace: str, name: str) -> Manifest | None:
+        return await self._unless_gone("GET", kind, namespace, name)
+
+    async def replace(self, manifest: Manifest, resource_version: str) -> None:
+        """Bring a drifted child to what we generate (PUT, conditional on the version we read)."""
+        metadata = manifest["metadata"]
+        body = {**manifest, "metadata": {**metadata, "resourceVersion": resource_version}}
+        await self._request("PUT", manifest["kind"], metadata["namespace"], metadata["name"], body=body)
+
+    async def list_everywhere(
+        self, kind: str, selector: str | None = None, *, metadata_only: bool = False
+    ) -> list[Manifest]:
+        """Every object of a kind in all namespaces (the resync's check of the watches' caches);
+        ``metadata_only``: names, labels and owners, not the (large) rest."""
+        params = {"labelSelector": selector} if selector else None
+        accept = PARTIAL_METADATA if metadata_only else "application/json"
+        listed = await self._request("GET", kind, "", params=params, accept=accept)
+        return cast(list[Manifest], listed.get("items") or [])  # a metadata list of nothing has "items": null
+
     async def list_pods(self, namespace: str, selector: str) -> list[Manifest]:
         listed = await self._request("GET", "Pod", namespace, params={"labelSelector": selector})
         return cast(list[Manifest], listed["items"])
 
     async def patch_job(self, namespace: str, name: str, patch: Manifest) -> None:
         await self._request("PATCH", "Job", namespace, name, body=patch, content_type=MERGE_PATCH)
+
+    async def force_delete_pod(self, namespace: str, name: str) -> None:
+        """Delete a pod without waiting for its node to confirm (a lost node never does)."""
+        await self._unless_gone("DELETE", "Pod", namespace, name, params={"gracePeriodSeconds": "0"})
 
     async def delete_job(self, namespace: str, name: str) -> None:
         await self._unless_gone("DELETE", "Job", namespace, name, params={"propagationPolicy": "Background"})

@@ -110,10 +110,13 @@ class OperatorMetrics:
             _remove(self.eval_metric, (namespace, name, metric))
             _remove(self.best_metric, (namespace, name, metric))
 
-    def record_transitions(self, reasons: Iterable[str], status: FineTuneJobStatus, created_seconds_ago: float) -> None:
-        """Count what just happened (each transition is reported once: conditions persist)."""
+    def record_transitions(
+        self, reasons: Iterable[str], status: FineTuneJobStatus, created_seconds_ago: float, first_run: bool = True
+    ) -> None:
+        """Count what just happened (each transition is reported once: conditions persist).
+        ``first_run``: the trainer had never run before; a resume is no new time to Running."""
         for reason in set(reasons):
-            if reason == "TrainerRunning":
+            if reason == "TrainerRunning" and first_run:
                 self.time_to_running.observe(max(created_seconds_ago, 0.0))
             elif reason in ("Succeeded", "EarlyStopped", "Stopped"):
                 if reason == "EarlyStopped" and status.phase == "EarlyStopped":

@@ -19,10 +19,17 @@ OPERATOR_RULES: list[dict[str, Any]] = [
     # where the OwnerReferencesPermissionEnforcement admission plugin runs (OpenShift, the local tests).
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": [*READ, "create", "patch", "delete"]},
-    {"apiGroups": [""], "resources": ["configmaps", "serviceaccounts", "services"], "verbs": [*READ, "create"]},
-    {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": [*READ, "create"]},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
-    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+    # update: children edited while the job was suspended (or by hand) are brought back to the spec.
+    {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": [*READ, "create", "update"]},
+    {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": [*READ, "create"]},
+    {
+        "apiGroups": ["rbac.authorization.k8s.io"],
+        "resources": ["roles", "rolebindings"],
+        "verbs": [*READ, "create", "update"],
+    },
+    # delete: only pods left terminating long after their grace period (a lost node).
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "delete"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     # kopf discovers resources and namespaces at start-up.
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},

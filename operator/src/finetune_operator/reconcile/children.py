@@ -23,6 +23,8 @@ MANAGED_BY = "finetune-operator"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 JOB_LABEL = "finetune.dev/job"
 SPEC_HASH_ANNOTATION = "finetune.dev/spec-hash"
+CONFIG_HASH_ANNOTATION = "finetune.dev/config-hash"
+"""On the pod template: a config edited while suspended changes the Job's hash, so it is replaced."""
 TRAINER_CONTAINER = "trainer"
 CONFIG_FILE = "config.yaml"
 _YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
@@ -59,8 +61,10 @@ class Names:
     service: str
 
     @classmethod
-    def of(cls, ftj_name: str) -> Names:
-        base = _bounded(ftj_name, 63 - len("-trainer"))
+    def of(cls, ftj_name: str, multi_node: bool = False) -> Names:
+        """Multi-node children are DNS labels (no dots): the Service's name and the pods' hostnames
+        (``<job>-<index>``) must be. Single-node names keep their dots, as they always had."""
+        base = _bounded(ftj_name, 63 - len("-trainer"), dns_label=multi_node)
         return cls(
             job=f"{base}-trainer",
             config_map=f"{base}-config",
@@ -69,21 +73,56 @@ class Names:
             service=f"{base}-workers",
         )
 
+    @classmethod
+    def for_job(cls, job: FineTuneJob) -> Names:
+        return cls.of(job.metadata.name, multi_node=job.spec.resources.nodes > 1)
 
-def _bounded(name: str, limit: int) -> str:
-    if len(name) <= limit:
+
+def _bounded(name: str, limit: int, dns_label: bool = False) -> str:
+    """``name`` within ``limit`` characters (and without dots for a DNS label). A name that had to
+    change gets a hash of the original, so ``a.b`` and ``a-b`` never share children."""
+    shaped = name.replace(".", "-") if dns_label else name
+    if shaped == name and len(name) <= limit:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    return f"{name[: limit - 9].rstrip('-')}-{digest}"
+    return f"{shaped[: limit - 9].rstrip('-.')}-{digest}"
+
+
+def job_label_value(ftj_name: str) -> str:
+    """The value of ``finetune.dev/job`` on children and pods: the name, hashed beyond the 63
+    characters a label value may hold. Child events find their FineTuneJob by owner reference."""
+    return ftj_name if len(ftj_name) <= 63 else _bounded(ftj_name, 63)
 
 
 def labels(job: FineTuneJob) -> dict[str, str]:
+    value = job_label_value(job.metadata.name)
     return {
         "app.kubernetes.io/name": "finetune-trainer",
         MANAGED_BY_LABEL: MANAGED_BY,
-        "app.kubernetes.io/instance": job.metadata.name,
-        JOB_LABEL: job.metadata.name,
+        "app.kubernetes.io/instance": value,
+        JOB_LABEL: value,
     }
+
+
+def controller_of(child: Manifest) -> Manifest | None:
+    """The controller ownerReference of a stored child, if any."""
+    for reference in (child.get("metadata") or {}).get("ownerReferences") or []:
+        if reference.get("controller"):
+            return dict(reference)
+    return None
+
+
+def owned_by(child: Manifest, job: FineTuneJob) -> bool:
+    """True when ``child`` is controlled by this very FineTuneJob (same uid, not a namesake)."""
+    owner = controller_of(child)
+    return owner is not None and owner.get("kind") == KIND and owner.get("uid") == job.metadata.uid
+
+
+def owner_name(child: Manifest) -> str | None:
+    """The name of the FineTuneJob controlling a child: how its events find the job (the label
+    value may be a hash)."""
+    owner = controller_of(child)
+    return str(owner["name"]) if owner is not None and owner.get("kind") == KIND else None
 
 
 def owner_reference(job: FineTuneJob) -> Manifest:
@@ -123,7 +162,7 @@ def training_config(job: FineTuneJob) -> str:
 
 
 def config_map(job: FineTuneJob) -> Manifest:
-    names = Names.of(job.metadata.name)
+    names = Names.for_job(job)
     return _stamped(
         {
             "apiVersion": "v1",
@@ -135,13 +174,13 @@ def config_map(job: FineTuneJob) -> Manifest:
 
 
 def service_account(job: FineTuneJob) -> Manifest:
-    names = Names.of(job.metadata.name)
+    names = Names.for_job(job)
     return _stamped({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(job, names.service_account)})
 
 
 def role(job: FineTuneJob) -> Manifest:
     """Least privilege for the trainer: read its own FineTuneJob, patch its own status."""
-    names = Names.of(job.metadata.name)
+    names = Names.for_job(job)
     own = [job.metadata.name]
     return _stamped(
         {
@@ -162,7 +201,7 @@ def role(job: FineTuneJob) -> Manifest:
 
 
 def role_binding(job: FineTuneJob) -> Manifest:
-    names = Names.of(job.metadata.name)
+    names = Names.for_job(job)
     account = job.spec.resources.service_account_name or names.service_account
     return _stamped(
         {
@@ -177,7 +216,7 @@ def role_binding(job: FineTuneJob) -> Manifest:
 
 def headless_service(job: FineTuneJob, settings: Settings) -> Manifest:
     """Stable DNS names (<job>-<index>.<service>) for the torchrun rendezvous of multi-node jobs."""
-    names = Names.of(job.metadata.name)
+    names = Names.for_job(job)
     return _stamped(
         {
             "apiVersion": "v1",
@@ -186,7 +225,7 @@ def headless_service(job: FineTuneJob, settings: Settings) -> Manifest:
             "spec": {
                 "clusterIP": "None",
                 "publishNotReadyAddresses": True,
-                "selector": {JOB_LABEL: job.metadata.name},
+                "selector": {JOB_LABEL: job_label_value(job.metadata.name)},
                 "ports": [
                     {"name": "rendezvous", "port": settings.rendezvous_port, "targetPort": settings.rendezvous_port}
                 ],
@@ -281,7 +320,7 @@ def _resources(job: FineTuneJob, settings: Settings) -> Manifest:
 
 def pod_template(job: FineTuneJob, settings: Settings) -> Manifest:
     """A pod that passes the `restricted` Pod Security Standard and runs the trainer."""
-    names = Names.of(job.metadata.name)
+    names = Names.for_job(job)
     spec = job.spec.resources
     mounts = [
         {"name": "config", "mountPath": settings.config_dir, "readOnly": True},
@@ -346,12 +385,13 @@ def pod_template(job: FineTuneJob, settings: Settings) -> Manifest:
         pod["priorityClassName"] = spec.priority_class_name
     if spec.nodes > 1:
         pod["subdomain"] = names.service
-    return {"metadata": {"labels": labels(job)}, "spec": pod}
+    config_hash = hashlib.sha256(training_config(job).encode()).hexdigest()[:16]
+    return {"metadata": {"labels": labels(job), "annotations": {CONFIG_HASH_ANNOTATION: config_hash}}, "spec": pod}
 
 
 def batch_job(job: FineTuneJob, settings: Settings, *, suspend: bool | None = None) -> Manifest:
     """The batch/v1 Job: retries, deadlines, suspend and podFailurePolicy come from the Job controller."""
-    names = Names.of(job.metadata.name)
+    names = Names.for_job(job)
     nodes = job.spec.resources.nodes
     spec: Manifest = {
         "suspend": job.spec.suspend if suspend is None else suspend,
@@ -394,13 +434,21 @@ def batch_job(job: FineTuneJob, settings: Settings, *, suspend: bool | None = No
         spec["completionMode"] = "Indexed"
     if job.spec.active_deadline_seconds is not None:
         spec["activeDeadlineSeconds"] = job.spec.active_deadline_seconds
-    if job.spec.ttl_seconds_after_finished is not None:
-        spec["ttlSecondsAfterFinished"] = job.spec.ttl_seconds_after_finished
+    # No ttlSecondsAfterFinished here: the operator sets it once it has recorded the result
+    # (``finished_job_patch``), so the Job controller never deletes a result nobody has read.
     manifest = {"apiVersion": "batch/v1", "kind": "Job", "metadata": _metadata(job, names.job), "spec": spec}
     # The hash ignores `suspend`: toggling it is an update of the Job, not a new Job.
     stamped = _stamped({**manifest, "spec": {**spec, "suspend": False}})
     stamped["spec"]["suspend"] = spec["suspend"]
     return stamped
+
+
+def finished_job_patch(job: FineTuneJob, workload: Manifest) -> Manifest | None:
+    """What to patch on the finished trainer Job once its result is recorded: the TTL the spec asks for."""
+    ttl = job.spec.ttl_seconds_after_finished
+    if ttl is None or (workload.get("spec") or {}).get("ttlSecondsAfterFinished") == ttl:
+        return None
+    return {"spec": {"ttlSecondsAfterFinished": ttl}}
 
 
 def desired_children(job: FineTuneJob, settings: Settings) -> list[Manifest]:

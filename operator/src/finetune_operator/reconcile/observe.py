@@ -70,6 +70,7 @@ def observe_pod(pod: Manifest) -> ObservedPod:
             finished = _time(terminated.get("finishedAt"))
     if status.get("reason") == EVICTED:  # the kubelet's words (which limit, which pressure) beat the exit code's
         reason, message = EVICTED, str(status.get("message", "")).strip()[-2000:]
+    waiting_reason, waiting_message = _waiting(status)
     return ObservedPod(
         name=pod["metadata"]["name"],
         phase=str(status.get("phase", "Unknown")),
@@ -77,7 +78,24 @@ def observe_pod(pod: Manifest) -> ObservedPod:
         reason=reason,
         message=message,
         finished_at=finished,
+        waiting_reason=waiting_reason,
+        waiting_message=waiting_message,
+        terminating=bool(pod["metadata"].get("deletionTimestamp")),
+        deletion_deadline=_time(pod["metadata"].get("deletionTimestamp")),
     )
+
+
+def _waiting(status: Manifest) -> tuple[str, str]:
+    """Why a pod is not running yet, in the pod's own words: the scheduler's Unschedulable, or the
+    trainer container's waiting reason (ImagePullBackOff, CreateContainerConfigError, ...)."""
+    for condition in status.get("conditions", []):
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+            return str(condition.get("reason") or "Unschedulable"), str(condition.get("message", ""))[:1000]
+    for container in status.get("containerStatuses", []):
+        waiting = (container.get("state") or {}).get("waiting")
+        if container.get("name") == TRAINER_CONTAINER and waiting and waiting.get("reason"):
+            return str(waiting["reason"]), str(waiting.get("message", ""))[:1000]
+    return "", ""
 
 
 LAST_APPLIED_ANNOTATION = "kubectl.kubernetes.io/last-applied-configuration"
@@ -104,8 +122,12 @@ def workload_essentials(job: Manifest) -> Manifest:
             "name": metadata["name"],
             "namespace": metadata["namespace"],
             "annotations": {SPEC_HASH_ANNOTATION: spec_hash} if spec_hash is not None else {},
+            "ownerReferences": metadata.get("ownerReferences") or [],
         },
-        "spec": {"suspend": bool((job.get("spec") or {}).get("suspend"))},
+        "spec": {
+            "suspend": bool((job.get("spec") or {}).get("suspend")),
+            "ttlSecondsAfterFinished": (job.get("spec") or {}).get("ttlSecondsAfterFinished"),
+        },
         "status": job.get("status") or {},
     }
 

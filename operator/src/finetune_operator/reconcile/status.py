@@ -13,8 +13,11 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from finetune_operator.api import (
+    CREATE_FAILED,
     EVICTED,
+    OWNERSHIP_CONFLICT,
     STOP_ENFORCED,
+    VERSION_SKEW,
     BestResult,
     Condition,
     ConditionType,
@@ -30,6 +33,9 @@ from finetune_trainer import exitcodes
 from finetune_trainer.early_stopping import EarlyStoppingState, Evaluated, explain, observe_all
 
 STOP_ANNOTATION = "finetune.dev/stop-requested"
+STUCK_TERMINATING = timedelta(minutes=2)
+WAITING = (OWNERSHIP_CONFLICT, CREATE_FAILED)
+"""Stalled reasons that end by themselves when the obstacle goes."""
 EARLY_STOPPED = "EarlyStopped"
 USER_REQUESTED = "UserRequested"
 
@@ -63,12 +69,22 @@ class ObservedPod:
     reason: str = ""
     message: str = ""
     finished_at: datetime | None = None
+    waiting_reason: str = ""
+    """Why the pod is not running yet, from the pod: Unschedulable, ImagePullBackOff, ..."""
+    waiting_message: str = ""
+    terminating: bool = False
+    deletion_deadline: datetime | None = None
+    """When a terminating pod should have been gone (its deletionTimestamp)."""
 
 
 @dataclass(frozen=True)
 class Observed:
     job: ObservedJob | None
     pods: tuple[ObservedPod, ...] = ()
+    conflicts: tuple[str, ...] = ()
+    """Children whose name another owner holds: never adopted, never deleted; the job waits."""
+    create_errors: tuple[str, ...] = ()
+    """The API server's messages for children it refused to create."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +102,9 @@ class Decision:
     """Suspend the Job: the trainer ignored a stop request for longer than the grace period."""
     workload_wanted: bool = True
     """False once the job is finished: a Job removed by its TTL must not be recreated."""
+    stuck_pods: tuple[str, ...] = ()
+    """Pods still terminating long after their grace period (a lost node never confirms): with a
+    podFailurePolicy the Job controller waits for them before it starts a replacement, forever."""
 
 
 def is_finished(status: FineTuneJobStatus) -> bool:
@@ -139,6 +158,16 @@ def invalid_spec(job_status: FineTuneJobStatus, message: str, generation: int | 
     status.completion_time = status.completion_time or now
     events = [Event("Warning", "InvalidSpec", message)] if became else []
     return Decision(status=status, events=events, workload_wanted=False)
+
+
+def not_understood(job_status: FineTuneJobStatus, problem: str, now: datetime) -> Decision:
+    """A started job whose stored spec this operator version cannot read (operator/CRD version
+    skew): its workload and status are left as they are, never failed; said once, as a warning."""
+    status = job_status.model_copy(deep=True)
+    message = f"this operator version cannot read the spec; the workload is left running: {problem}"
+    events = [] if status.message == message else [Event("Warning", VERSION_SKEW, message)]
+    status.message = message
+    return Decision(status=status, events=events)
 
 
 def _early_stopping(job: FineTuneJob, status: FineTuneJobStatus) -> EarlyStoppingStatus | None:
@@ -202,10 +231,21 @@ def _failure(observed: ObservedJob, pods: tuple[ObservedPod, ...]) -> tuple[str,
     return observed.failed_reason or "JobFailed", (observed.failed_message or "the training Job failed") + detail
 
 
-def _stalled(job: FineTuneJob, status: FineTuneJobStatus, now: datetime) -> bool:
+def _stalled(job: FineTuneJob, status: FineTuneJobStatus, workload: ObservedJob, now: datetime) -> bool:
+    """The stall clock runs from the later of the last heartbeat and the Job's (re)start: a
+    heartbeat from before a suspension (or an edit that replaced the Job) does not count."""
     beat = status.progress.last_heartbeat_time if status.progress is not None else None
-    since = beat or status.start_time
+    moments = [t for t in (beat, workload.start_time) if t is not None]
+    since = max(moments) if moments else status.start_time
     return since is not None and now - since > timedelta(seconds=job.spec.stall_timeout_seconds)
+
+
+def _waiting(pods: tuple[ObservedPod, ...]) -> tuple[str, str]:
+    """(reason, message) of the first live pod that waits for something (scheduling, an image)."""
+    for pod in pods:
+        if pod.waiting_reason and not pod.terminating:
+            return pod.waiting_reason, pod.waiting_message
+    return "Pending", "waiting for the training pod to start"
 
 
 def _summary(status: FineTuneJobStatus) -> str:
@@ -223,7 +263,7 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
     generation = job.metadata.generation
     status = job.status.model_copy(deep=True)
     status.observed_generation = generation
-    names = Names.of(job.metadata.name)
+    names = Names.for_job(job)
     status.workload = WorkloadRefs(
         job=names.job,
         config_map=names.config_map,
@@ -235,6 +275,21 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
 
     events: list[Event] = []
     decision = Decision(status=status, events=events)
+
+    def transition(type_: ConditionType, value: bool, reason: str, message: str, event: bool = True) -> None:
+        if set_condition(status, type_, value, reason, message, now, generation) and event:
+            events.append(Event("Warning" if type_ in ("Failed", "Stalled") else "Normal", reason, message))
+
+    if observed.conflicts or observed.create_errors:
+        reason = OWNERSHIP_CONFLICT if observed.conflicts else CREATE_FAILED
+        message = "; ".join((*observed.conflicts, *observed.create_errors))
+        status.phase = "Pending"
+        status.message = message
+        transition("Stalled", True, reason, message)
+        transition("Running", False, reason, message, event=False)
+        return decision
+    if any(c.type == "Stalled" and c.status == "True" and c.reason in WAITING for c in status.conditions):
+        transition("Stalled", False, "Resolved", "", event=False)
     status.early_stopping = _early_stopping(job, status)
     if status.early_stopping is not None and status.early_stopping.triggered and status.stop_request is None:
         events.append(Event("Normal", EARLY_STOPPED, status.early_stopping.reason or "early stopping fired"))
@@ -251,10 +306,20 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
         )
     workload = observed.job
     status.restarts = workload.failed if workload is not None else status.restarts
-
-    def transition(type_: ConditionType, value: bool, reason: str, message: str, event: bool = True) -> None:
-        if set_condition(status, type_, value, reason, message, now, generation) and event:
-            events.append(Event("Warning" if type_ in ("Failed", "Stalled") else "Normal", reason, message))
+    decision.stuck_pods = tuple(
+        p.name
+        for p in observed.pods
+        if p.terminating and p.deletion_deadline is not None and now - p.deletion_deadline > STUCK_TERMINATING
+    )
+    if decision.stuck_pods:
+        events.append(
+            Event(
+                "Warning",
+                "PodsLost",
+                f"pods {', '.join(decision.stuck_pods)} are still terminating {STUCK_TERMINATING} after their grace "
+                "period (a lost node?): deleting them so that the Job can replace them",
+            )
+        )
 
     def finish(phase: Phase, type_: ConditionType, reason: str, message: str) -> Decision:
         status.phase = phase
@@ -277,7 +342,8 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
         grace = timedelta(seconds=job.spec.stop_grace_period_seconds)
         if status.progress is not None and status.progress.finalizing:
             grace *= 2  # saving the final model: let it finish rather than leave none (bounded: a lying trainer)
-        if now - stop.requested_time >= grace:
+        # A pod that is not ready yet has nothing to save: no need to wait for it.
+        if now - stop.requested_time >= grace or workload.ready == 0:
             decision.halt_workload = True
             if not workload.suspended:
                 events.append(
@@ -290,24 +356,28 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
             status.message = "stopping: waiting for the trainer's pods to save and exit"
             decision.halt_workload = True  # stays suspended meanwhile
             return decision
-        reason, message = _completion_reason(stop, halted=True)
+        # Halted after the grace period: the trainer ignored the request. Halted before it: no trainer was
+        # running yet (a pending pod), so the stop simply took effect.
+        halted = now - stop.requested_time >= timedelta(seconds=job.spec.stop_grace_period_seconds)
+        reason, message = _completion_reason(stop, halted=halted)
         return finish("EarlyStopped" if stop.reason == EARLY_STOPPED else "Succeeded", "Complete", reason, message)
 
     suspended = job.spec.suspend and stop is None
-    transition(
-        "Suspended", suspended, "Suspended" if suspended else "Resumed", "spec.suspend is true" if suspended else ""
-    )
+    if suspended or any(c.type == "Suspended" for c in status.conditions):  # no Resumed on a never-suspended job
+        transition(
+            "Suspended", suspended, "Suspended" if suspended else "Resumed", "spec.suspend is true" if suspended else ""
+        )
     if suspended:
         status.phase = "Suspended"
         status.message = "suspended; resuming continues from the last checkpoint"
         transition("Running", False, "Suspended", status.message, event=False)
         return decision
 
-    running = workload is not None and workload.active > 0
-    if running:
-        status.start_time = status.start_time or (workload.start_time if workload else None) or now
+    running = workload is not None and workload.active > 0 and workload.ready > 0
+    if running and workload is not None:
+        status.start_time = status.start_time or workload.start_time or now
         transition("Running", True, "TrainerRunning", _summary(status))
-        stalled = _stalled(job, status, now)
+        stalled = _stalled(job, status, workload, now)
         transition(
             "Stalled",
             stalled,
@@ -320,7 +390,17 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
             if condition.type == "Running":
                 condition.message = status.message
     else:
+        reason, message = _waiting(observed.pods) if workload is not None else ("Pending", "creating the workload")
         status.phase = "Pending"
-        status.message = "waiting for the training pod to start" if workload is not None else "creating the workload"
-        transition("Running", False, "Pending", status.message, event=False)
+        status.message = message
+        transition("Running", False, reason, message, event=False)
+        pending_since = workload.start_time if workload is not None and workload.active > 0 else None
+        too_long = pending_since is not None and now - pending_since > timedelta(seconds=job.spec.stall_timeout_seconds)
+        if too_long or any(c.type == "Stalled" for c in status.conditions):
+            transition(
+                "Stalled",
+                too_long,
+                reason if too_long else "Progressing",
+                f"pending for more than {job.spec.stall_timeout_seconds}s: {message}" if too_long else "",
+            )
     return decision
