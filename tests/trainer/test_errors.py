@@ -37,12 +37,12 @@ def jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 CASES: dict[str, tuple[int, str, str]] = {
     # name: (exit code, reason, stderr line (after the prefix))
     "spec": (2, "InvalidConfig", "hyperparameters.learningRate: Input should be greater than 0"),
-    "field": (2, "InvalidConfig", "dataset.fields.text: column 'txt' not in train.jsonl (columns: text, label)"),
+    "field": (3, "DataError", "dataset.fields.text: column 'txt' not in train.jsonl (columns: text, label)"),
     "pattern": (2, "InvalidConfig", "freeze.frozenModules[0]: pattern 'encoder\\.nope' matches no parameter"),
-    "label": (2, "InvalidConfig", "dataset: label 5 in row 0 of train.jsonl is outside numLabels 2 (expected 0..1)"),
+    "label": (3, "DataError", "dataset: label 5 in row 0 of train.jsonl is outside numLabels 2 (expected 0..1)"),
     "label-name": (
-        2,
-        "InvalidConfig",
+        3,
+        "DataError",
         "dataset: label 'meh' in row 0 of train.jsonl is not a class (labelNames: neg, pos)",
     ),
     "no-data": (3, "DataError", "dataset.source: {data} not found"),
@@ -104,7 +104,7 @@ def test_console_script_exit_code(assets: dict[str, Path], tmp_path: Path) -> No
     proc = subprocess.run(
         [str(script), "--config", str(write(tmp_path / "s.json", wire))], capture_output=True, text=True, check=False
     )
-    assert proc.returncode == 2
+    assert proc.returncode == 3
     assert proc.stderr.strip().splitlines() == [
         "finetune-trainer: error: dataset.fields.text: column 'txt' not in train.jsonl (columns: text, label)"
     ]

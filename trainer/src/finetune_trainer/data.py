@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from transformers import DataCollatorWithPadding
 
 from finetune_trainer.config import RuntimeEnv, local_path
 from finetune_trainer.errors import ConfigError, DataError
-from finetune_trainer.spec import Augmentation, TrainingSpec
+from finetune_trainer.spec import Augmentation, DatasetSpec, TrainingSpec
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
@@ -120,11 +121,52 @@ def required_columns(spec: TrainingSpec) -> dict[str, str]:
 
 
 def check_columns(spec: TrainingSpec, split: RawSplit) -> None:
+    """Every column the task reads is there, and its values have the right shape (row and file named)."""
     columns = list(split.rows.column_names)
-    for key, column in required_columns(spec).items():
+    required = required_columns(spec)
+    for key, column in required.items():
         if column not in columns:
-            raise ConfigError(
+            raise DataError(
                 f"dataset.fields.{key}: column {column!r} not in {split.name} (columns: {', '.join(columns)})"
+            )
+        if key in ("text", "textPair"):
+            check_text_column(split, key, column)
+        elif key == "messages":
+            check_messages(split, column)
+
+
+def check_text_column(split: RawSplit, key: str, column: str) -> None:
+    """Every value a string: a CSV column of numbers or a null would otherwise become the text "5" or "None"."""
+    for row, value in enumerate(split.rows[column]):
+        if not isinstance(value, str):
+            found = "null" if value is None else f"a {type(value).__name__} ({value!r})"
+            kind = " (the column holds numbers, not text)" if isinstance(value, int | float) else ""
+            raise DataError(
+                f"dataset.fields.{key}: row {row} of {split.name}: column {column!r} is {found}, "
+                f"expected a string{kind}"
+            )
+
+
+def check_messages(split: RawSplit, column: str) -> None:
+    """Each value a non-empty list of {role: str, content: str} mappings."""
+    for row, value in enumerate(split.rows[column]):
+        problem = None
+        if not isinstance(value, list) or not value:
+            problem = "is not a non-empty list of messages"
+        else:
+            for i, message in enumerate(value):
+                if not isinstance(message, dict):
+                    problem = f"message {i} is not a mapping"
+                elif not isinstance(message.get("role"), str):
+                    problem = f"message {i} has no string 'role'"
+                elif not isinstance(message.get("content"), str):
+                    problem = f"message {i} has no string 'content'"
+                if problem:
+                    break
+        if problem:
+            raise DataError(
+                f"dataset.fields.messages: row {row} of {split.name}: column {column!r} {problem} "
+                "(expected [{role: ..., content: ...}, ...])"
             )
 
 
@@ -146,9 +188,9 @@ def label_ids(spec: TrainingSpec, split: RawSplit) -> list[int]:
             index = int(value)
         else:
             known = f" (labelNames: {', '.join(names)})" if names else ""
-            raise ConfigError(f"dataset: label {value!r} in row {row} of {split.name} is not a class{known}")
+            raise DataError(f"dataset: label {value!r} in row {row} of {split.name} is not a class{known}")
         if not 0 <= index < num_labels:
-            raise ConfigError(
+            raise DataError(
                 f"dataset: label {value!r} in row {row} of {split.name} is outside numLabels {num_labels} "
                 f"(expected 0..{num_labels - 1})"
             )
@@ -196,7 +238,7 @@ def tokenize_text(spec: TrainingSpec, rows: Dataset, processor: Any) -> Dataset:
     packing = spec.dataset.packing
 
     def encode_lm(batch: dict[str, Any]) -> Any:
-        texts = [str(t) for t in batch[column]]
+        texts = batch[column]  # strings: check_columns refused nulls and numbers
         if not packing:
             return processor(texts, truncation=True, max_length=max_len)
         ids: list[int] = []
@@ -272,12 +314,20 @@ def attach_images(spec: TrainingSpec, rows: Dataset, base: Path | None, transfor
     def load(batch: dict[str, Any]) -> dict[str, Any]:
         pixels = []
         for path in batch[column]:
-            with Image.open(root / str(path)) as image:
-                pixels.append(transform(image.convert("RGB")))
+            pixels.append(transform(_decode(root / str(path))))
         return {"pixel_values": pixels, "labels": batch["labels"]}
 
     rows.set_transform(load)
     return rows
+
+
+def _decode(path: Path) -> Image.Image:
+    """Decode one image; a corrupt or truncated file is a DataError naming it, even mid-epoch."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
+        raise DataError(f"dataset.fields.image: cannot decode {path}: {str(exc).splitlines()[0]}") from exc
 
 
 def image_collator(features: list[dict[str, Any]]) -> dict[str, Any]:
@@ -308,10 +358,62 @@ def _split_validation(rows: Dataset, fraction: float, seed: int, stratify: bool)
     return parts["train"], parts["test"]
 
 
+POSITION_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def model_positions(processor: Any, model_config: Any) -> int | None:
+    """How many tokens the model can take: its position table, or the tokenizer's limit where that is smaller."""
+    config = getattr(model_config, "text_config", None) or model_config
+    positions = next(
+        (getattr(config, a) for a in POSITION_ATTRIBUTES if isinstance(getattr(config, a, None), int)), None
+    )
+    tokenizer_limit = getattr(processor, "model_max_length", None)
+    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit <= (positions or tokenizer_limit):
+        return tokenizer_limit  # e.g. RoBERTa: 514 positions, 512 usable (the padding offset)
+    return positions
+
+
+def fit_max_seq_length(spec: TrainingSpec, processor: Any, model_config: Any) -> TrainingSpec:
+    """The default maxSeqLength is capped to the model's positions; an explicit value above them is an error."""
+    limit = model_positions(processor, model_config)
+    wanted = spec.dataset.max_seq_length
+    if limit is None or wanted <= limit:
+        return spec
+    if wanted != DatasetSpec.model_fields["max_seq_length"].default:
+        raise ConfigError(f"dataset.maxSeqLength: {wanted} exceeds the {limit} positions the model supports")
+    return spec.model_copy(update={"dataset": spec.dataset.model_copy(update={"max_seq_length": limit})})
+
+
+def model_inputs(model: Any) -> set[str]:
+    """Named arguments of the model's forward, as the Trainer's own column pruning sees them."""
+    params = inspect.signature(model.forward).parameters
+    return {name for name, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+def drop_unused_inputs(prepared: PreparedData, model: Any) -> PreparedData:
+    """Drop token columns the model does not take (e.g. ``token_type_ids`` from a BERT tokenizer on Llama).
+
+    The Trainer's own pruning is off (``remove_unused_columns=False``: images are decoded lazily).
+    """
+    accepted = model_inputs(model)
+
+    def prune(rows: Dataset | None) -> Dataset | None:
+        if rows is None or "input_ids" not in rows.column_names:
+            return rows
+        unused = [c for c in rows.column_names if c not in accepted and c != "labels"]
+        return rows.remove_columns(unused) if unused else rows
+
+    train = prune(prepared.train)
+    assert train is not None
+    return PreparedData(train, prune(prepared.validation), prepared.collator)
+
+
 def prepare(spec: TrainingSpec, env: RuntimeEnv, processor: Any, model_config: Any) -> PreparedData:
     """Read, check, split, limit and encode the data."""
     ds = spec.dataset
     task = spec.model.task
+    if task != "image-classification":
+        spec = fit_max_seq_length(spec, processor, model_config)
     train_raw = read_split(spec, env, ds.train, "dataset.train")
     check_columns(spec, train_raw)
     val_raw = read_split(spec, env, ds.validation, "dataset.validation") if ds.validation else None
