@@ -255,7 +255,18 @@ class DatasetSpec(SpecModel):
     )
     packing: bool = Field(
         False,
-        description="Pack several short examples into each sequence (causal-lm only).",
+        description=(
+            "causal-lm: put each batch's examples end to end in one row, without padding; position ids restart "
+            "at every example, so attention never crosses from one example into another. Examples longer than "
+            "maxSeqLength are truncated, as without packing."
+        ),
+    )
+    assistant_only_loss: bool = Field(
+        True,
+        description=(
+            "causal-lm with fields.messages: learn only the assistant turns (the prompt's tokens get label -100). "
+            "Each row needs an assistant message."
+        ),
     )
     max_train_samples: int | None = Field(
         None,
