@@ -142,8 +142,10 @@ def test_in_pod_run_reports_and_honours_a_stop_request(
         evaluation={"strategy": "steps", "interval": 2, "metrics": ["loss", "accuracy"]},
     )
 
-    def request_stop() -> None:
-        time.sleep(1.0)
+    def request_stop() -> None:  # once an evaluation was reported: a stop itself evaluates nothing
+        deadline = time.monotonic() + 120
+        while not any("evaluations" in p["status"] for p in list(api.patches)) and time.monotonic() < deadline:
+            time.sleep(0.05)
         api.obj = {"metadata": {"name": "job"}, "status": {"stopRequest": {"reason": reason, "message": "enough"}}}
 
     threading.Thread(target=request_stop, daemon=True).start()

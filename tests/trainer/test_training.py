@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -73,8 +74,11 @@ def test_l1_penalty_is_added_to_the_loss(assets: dict[str, Path], tmp_path: Path
             evaluation={"strategy": "no", "metrics": ["loss"]},
             freeze={"strategy": "head-only"},
         )
-        return _losses(train(wire)[1])[0]
+        events = train(wire)[1]
+        logged[name] = of(events, "log")[0]
+        return _losses(events)[0]
 
+    logged: dict[str, dict[str, Any]] = {}
     model = load_model(
         ModelSpec(source=str(assets["bert"]), task="sequence-classification", numLabels=2),
         ModelSource(str(assets["bert"])),
@@ -82,6 +86,10 @@ def test_l1_penalty_is_added_to_the_loss(assets: dict[str, Path], tmp_path: Path
     norm = float(model.classifier.weight.detach().abs().sum())  # head-only: the only trainable weight (bias excluded)
     difference = first_loss(l1, "l1") - first_loss(0.0, "plain")
     assert difference == pytest.approx(l1 * norm, rel=1e-3)
+    # logged both ways: the loss minimised, and the task's own loss
+    assert logged["l1"]["l1Penalty"] == pytest.approx(l1 * norm, rel=1e-3)
+    assert logged["l1"]["taskLoss"] == pytest.approx(logged["plain"]["loss"], rel=1e-5)
+    assert logged["plain"]["l1Penalty"] is None and logged["plain"]["taskLoss"] is None
 
 
 def test_dropout_override_sets_every_probability(assets: dict[str, Path]) -> None:

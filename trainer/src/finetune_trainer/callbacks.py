@@ -375,6 +375,8 @@ class ProgressCallback(TrainerCallback):
             epoch=progress["epoch"],
             loss=self.train_loss,
             learningRate=self.learning_rate,
+            taskLoss=logs.get("task_loss"),
+            l1Penalty=logs.get("l1_penalty"),
             gradNorm=logs.get("grad_norm"),
             samplesPerSecond=progress["samplesPerSecond"],
             percent=progress["percent"],

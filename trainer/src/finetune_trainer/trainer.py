@@ -33,7 +33,10 @@ class FineTuneTrainer(Trainer):
         self.thaw_on_create = 0
         """Units to thaw while building the optimizer: those thawed when the resumed checkpoint was saved."""
         self.want_perplexity = "perplexity" in spec.evaluation.metrics
-        self.last_l1_penalty: float | None = None
+        self._l1_logged: torch.Tensor | None = None
+        """The L1 term's share of the logged training loss since the last log (summed on the device: no sync)."""
+        self._l1_logged_step = 0
+        """The step the sum started after."""
         self._decay_names: set[str] | None = None
         self.checkpointer: Checkpointer | None = None
         self._eval_nll: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -55,7 +58,8 @@ class FineTuneTrainer(Trainer):
             self._save_rng_state(str(directory))
         self.state.save_to_json(str(directory / TRAINER_STATE_NAME))
 
-    def _unwrapped(self) -> nn.Module:
+    def _model(self) -> nn.Module:
+        """The bare model (``self.model``; the Trainer keeps DDP and other wrappers in ``model_wrapped``)."""
         if self.model is None:
             raise RuntimeError("the trainer has no model")
         model: nn.Module = self.model
@@ -79,7 +83,7 @@ class FineTuneTrainer(Trainer):
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
-            opt_model = self._unwrapped() if model is None else model
+            opt_model = self._model() if model is None else model
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)  # type: ignore[arg-type]
             groups = self._groups(list(opt_model.named_parameters()), opt_model)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
@@ -88,7 +92,7 @@ class FineTuneTrainer(Trainer):
 
     def thaw(self, units: int) -> list[str]:
         """Unfreeze the first ``units`` thaw units (top first) not yet thawed; their parameters become new groups."""
-        model = self._unwrapped()
+        model = self._model()
         named = dict(model.named_parameters())
         thawed: list[str] = []
         while self.thawed < min(units, len(self.plan.thaw_units)):
@@ -135,10 +139,9 @@ class FineTuneTrainer(Trainer):
             return result
         unpacked: tuple[Any, Any] = result if return_outputs else (result, None)  # type: ignore[assignment]
         loss, outputs = unpacked
-        unwrapped = self._unwrapped()
-        decay = self._decay(unwrapped)
-        penalty = l1 * l1_norm(p for n, p in unwrapped.named_parameters() if p.requires_grad and n in decay)
-        self.last_l1_penalty = float(penalty.detach())
+        bare = self._model()
+        decay = self._decay(bare)
+        penalty = l1 * l1_norm(p for n, p in bare.named_parameters() if p.requires_grad and n in decay)
         scaled = self.loss_is_scaled_for_ga
         if scaled is None:
             scaled = (
@@ -147,7 +150,22 @@ class FineTuneTrainer(Trainer):
         if scaled:  # the Trainer will not divide by the accumulation steps: spread the penalty over them
             penalty = penalty / self.current_gradient_accumulation_steps
         loss = loss + penalty.to(loss.device)
+        # what the term adds to the logged loss (which the Trainer divides by the steps when not scaled)
+        share = (penalty if scaled else penalty / self.current_gradient_accumulation_steps).detach()
+        if self._l1_logged is None:
+            self._l1_logged, self._l1_logged_step = share, self.state.global_step
+        else:
+            self._l1_logged = self._l1_logged + share
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """With an L1 penalty, the training loss is logged with it (``loss``) and without it (``task_loss``)."""
+        if "loss" in logs and self._l1_logged is not None:
+            steps = max(self.state.global_step - self._l1_logged_step, 1)
+            penalty = float(self._l1_logged) / steps
+            logs = {**logs, "task_loss": logs["loss"] - penalty, "l1_penalty": penalty}
+            self._l1_logged = None
+        super().log(logs, start_time)
 
     def prediction_step(
         self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: list[str] | None = None
