@@ -139,7 +139,8 @@ def test_in_pod_run_reports_and_honours_a_stop_request(
         assets["sentiment"],
         out,
         hyperparameters={"maxSteps": 100000, "batchSize": 8},
-        evaluation={"strategy": "steps", "interval": 2, "metrics": ["loss", "accuracy"]},
+        # every step is an evaluation step, the one the stop arrives at too
+        evaluation={"strategy": "steps", "interval": 1, "metrics": ["loss", "accuracy"]},
     )
 
     def request_stop() -> None:  # once an evaluation was reported: a stop itself evaluates nothing
@@ -153,6 +154,8 @@ def test_in_pod_run_reports_and_honours_a_stop_request(
     body = result_json(out)
     assert result.exit_code == 0 and body["reason"] == reason and body["message"] == "enough"
     assert of(events, "stopping")[0]["reason"] == reason
+    after_stop = events[events.index(of(events, "stopping")[0]) :]
+    assert of(after_stop, "evaluation") == []  # nothing is evaluated in the grace period
     assert (out / "checkpoints" / f"checkpoint-{body['finalStep']}").is_dir()
     assert body["finalStep"] < 1000
     for patch in api.patches:

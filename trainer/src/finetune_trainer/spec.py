@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic.alias_generators import to_camel
@@ -54,16 +54,8 @@ Metric = Literal[
     "perplexity",
 ]
 LOWER_IS_BETTER: frozenset[str] = frozenset({"loss", "perplexity"})
-CLASSIFICATION_METRICS: tuple[str, ...] = (
-    "accuracy",
-    "f1",
-    "f1_macro",
-    "f1_weighted",
-    "precision",
-    "recall",
-    "auroc",
-    "top5_accuracy",
-)
+CLASSIFICATION_METRICS: tuple[str, ...] = tuple(m for m in get_args(Metric) if m not in LOWER_IS_BETTER)
+"""Metrics of predicted classes (computed in finetune_trainer.metrics); higher is better."""
 LAYER_STRATEGIES: frozenset[str] = frozenset({"bottom-layers", "top-layers"})
 
 
