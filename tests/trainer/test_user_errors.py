@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from finetune_trainer import data
 from finetune_trainer import run as run_mod
 from finetune_trainer.errors import ConfigError, DataError, TrainerError
 from tests.trainer import tiny
@@ -193,3 +194,13 @@ def test_image_that_fails_to_decode_mid_epoch(assets: dict[str, Path], tmp_path:
     wire = tiny.spec(assets["vit"], data, tmp_path / "out", task="image-classification")
     with pytest.raises(DataError, match=r"^dataset.fields.image: cannot decode .*/img/train-5\.png: "):
         train(wire)
+
+
+def test_model_positions() -> None:
+    from types import SimpleNamespace as Config
+
+    assert data.model_positions(Config(model_max_length=512), Config(max_position_embeddings=514)) == 512  # RoBERTa
+    assert data.model_positions(Config(model_max_length=128), Config(max_position_embeddings=512)) == 512
+    assert data.model_positions(Config(model_max_length=10**30), Config(n_positions=1024)) == 1024  # GPT-2
+    assert data.model_positions(Config(), Config(text_config=Config(max_position_embeddings=77))) == 77
+    assert data.model_positions(Config(), Config()) is None

@@ -411,15 +411,15 @@ POSITION_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_sequence_l
 
 
 def model_positions(processor: Any, model_config: Any) -> int | None:
-    """How many tokens the model can take: its position table, or the tokenizer's limit where that is smaller."""
+    """How many tokens the model can take: its position table (less a RoBERTa-like padding offset)."""
     config = getattr(model_config, "text_config", None) or model_config
     positions = next(
         (getattr(config, a) for a in POSITION_ATTRIBUTES if isinstance(getattr(config, a, None), int)), None
     )
     tokenizer_limit = getattr(processor, "model_max_length", None)
-    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit <= (positions or tokenizer_limit):
-        return tokenizer_limit  # e.g. RoBERTa: 514 positions, 512 usable (the padding offset)
-    return positions
+    if positions is not None and isinstance(tokenizer_limit, int) and positions - 2 <= tokenizer_limit < positions:
+        return tokenizer_limit  # RoBERTa-like: 514 positions, 512 usable (the padding offset)
+    return positions  # a tokenizer's lower limit is often only a suggestion: not a reason to refuse
 
 
 def fit_max_seq_length(spec: TrainingSpec, processor: Any, model_config: Any) -> TrainingSpec:
