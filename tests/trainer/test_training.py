@@ -287,3 +287,44 @@ def test_pvc_locations_resolve_under_the_mount_root_and_are_reported_as_pvc_uris
     assert body["best"]["checkpoint"] == "pvc://runs/job-1/checkpoints/checkpoint-2"
     assert body["model"] == "pvc://runs/job-1/model"
     assert of(events, "checkpoint")[0]["checkpoint"] == "pvc://runs/job-1/checkpoints/checkpoint-2"
+
+
+def test_lora_restores_the_best_adapters(assets: dict[str, Path], tmp_path: Path) -> None:
+    """restoreBest on a LoRA model loads the best evaluation's adapters (and the head) back."""
+    out = tmp_path / "out"
+    wire = tiny.spec(
+        assets["bert"],
+        assets["noisy"],  # random labels: the validation loss gets worse after its best
+        out,
+        hyperparameters={"maxSteps": 12, "batchSize": 4, "learningRate": 3e-2},
+        freeze={"strategy": "lora", "lora": {"r": 4, "alpha": 8}},
+        evaluation={"strategy": "steps", "interval": 2, "metrics": ["loss"]},
+        earlyStopping={"metric": "loss", "patience": 100, "restoreBest": True},
+        output={"location": str(out), "keepCheckpoints": 1},
+    )
+    result, events = train(wire)
+    best = result.best
+    assert best is not None and best["step"] != result.final_step, "the last evaluation was the best: nothing to show"
+    assert of(events, "restore_best")[0]["step"] == best["step"]
+    assert result.metrics["loss"] == pytest.approx(best["value"])
+    wire["model"]["source"], wire["freeze"] = str(out / "model"), {"strategy": "none"}
+    del wire["earlyStopping"]
+    wire["hyperparameters"] = {**wire["hyperparameters"], "learningRate": 1e-12, "maxSteps": 1}
+    wire["output"] = {"location": str(tmp_path / "again")}
+    wire["evaluation"] = {"strategy": "steps", "interval": 1, "metrics": ["loss"]}
+    again, _ = train(wire)  # the saved merged model, evaluated afresh, has the best's loss
+    assert again.metrics["loss"] == pytest.approx(best["value"], rel=1e-3)
+
+
+def test_load_weights_restores_tied_models_and_refuses_a_mismatch(tmp_path: Path) -> None:
+    from finetune_trainer.run import load_weights
+
+    saved = tiny.build("gpt2", "causal-lm", seed=1)  # tied embeddings: lm_head.weight is saved once
+    saved.save_pretrained(str(tmp_path / "gpt2"))
+    model = tiny.build("gpt2", "causal-lm", seed=2)
+    load_weights(model, tmp_path / "gpt2")
+    for (name, want), got in zip(saved.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(want, got), name
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with pytest.raises(RuntimeError, match="does not match the model"):
+        load_weights(tiny.build("llama", "causal-lm"), tmp_path / "gpt2")

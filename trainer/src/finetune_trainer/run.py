@@ -14,6 +14,8 @@ from typing import Any
 
 import datasets
 import torch
+from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import PreTrainedModel, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
@@ -113,6 +115,27 @@ def check_precision(precision: str) -> None:
     if precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         name = torch.cuda.get_device_name()
         raise ConfigError(f"hyperparameters.precision: bf16 is not supported by {name}; use fp16 or fp32")
+
+
+def load_weights(model: Any, directory: Path) -> None:
+    """Put the weights a checkpoint holds into ``model`` (a LoRA model: its adapters), with public APIs only."""
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(directory), adapter_name=model.active_adapter, is_trainable=True)
+        return
+    device = str(next(model.parameters()).device)
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(directory.glob("model*.safetensors")):  # model.safetensors, or model-0000i-of-0000n
+        state.update(load_file(str(shard), device=device))
+    if not state:
+        raise FileNotFoundError(f"no model*.safetensors in {directory}")
+    result = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    loaded = {own[name].data_ptr() for name in state if name in own}
+    missing = [name for name in result.missing_keys if own[name].data_ptr() not in loaded]  # tied: saved once
+    if result.unexpected_keys or missing:
+        raise RuntimeError(
+            f"{directory.name} does not match the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
+        )
 
 
 def _install_sigterm(ctx: RunContext) -> Any:
@@ -269,7 +292,7 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
     try:
         if resume is not None and ctx.state.early_stopping is not None and ctx.state.early_stopping.triggered:
             # Early stopping had already fired (e.g. the pod died while saving the final model): finish only.
-            trainer._load_from_checkpoint(str(resume))
+            load_weights(trainer.model, resume)
             trainer.state.global_step = int(resume.name.removeprefix("checkpoint-"))
         else:
             log.emit("train_begin", trainSamples=len(prepared.train), validationSamples=len(prepared.validation or []))
@@ -300,7 +323,7 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
     if rule is not None and rule.restore_best and best is not None and best.step != final_step:
         best_dir = ctx.checkpoint_dir(best.step)
         if best_dir.is_dir():
-            trainer._load_from_checkpoint(str(best_dir))
+            load_weights(trainer.model, best_dir)
             restored = True
             log.emit("restore_best", step=best.step, metric=best.metric, value=best.value, checkpoint=best.checkpoint)
     metrics = _final_metrics(ctx, trainer, restored, has_eval)
