@@ -63,6 +63,14 @@ def _set(path: str, value: Any) -> Callable[[Manifest], None]:
     return edit
 
 
+def _all(*edits: Callable[[Manifest], None]) -> Callable[[Manifest], None]:
+    def edit(manifest: Manifest) -> None:
+        for one in edits:
+            one(manifest)
+
+    return edit
+
+
 def _delete(path: str) -> Callable[[Manifest], None]:
     def edit(manifest: Manifest) -> None:
         node = manifest["spec"]
@@ -94,6 +102,24 @@ INVALID: list[Invalid] = [
     Invalid("missing-labels", _delete("model.numLabels"), "model.numLabels"),
     Invalid("bad-cpu-quantity", _set("resources.cpu", "lots"), "resources.cpu"),
     Invalid("nodes-zero", _set("resources.nodes", 0), "resources.nodes"),
+    Invalid(
+        "auroc-with-three-labels",
+        _all(
+            _set("model.numLabels", 3),
+            _set("evaluation.metrics", ["loss", "auroc"]),
+            _set("earlyStopping.metric", "auroc"),
+        ),
+        "evaluation.metrics",
+    ),
+    Invalid(
+        "f1-weighted-on-causal-lm",
+        _all(
+            _set("model.task", "causal-lm"),
+            _set("evaluation.metrics", ["loss", "f1_weighted"]),
+            _delete("earlyStopping"),
+        ),
+        "evaluation.metrics",
+    ),
 ]
 """Each edit is applied to a fresh ``baseline()``; ``warmup-both`` relies on a warmupSteps it adds."""
 

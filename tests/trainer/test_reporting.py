@@ -139,11 +139,14 @@ def test_in_pod_run_reports_and_honours_a_stop_request(
         assets["sentiment"],
         out,
         hyperparameters={"maxSteps": 100000, "batchSize": 8},
-        evaluation={"strategy": "steps", "interval": 2, "metrics": ["loss", "accuracy"]},
+        # every step is an evaluation step, the one the stop arrives at too
+        evaluation={"strategy": "steps", "interval": 1, "metrics": ["loss", "accuracy"]},
     )
 
-    def request_stop() -> None:
-        time.sleep(1.0)
+    def request_stop() -> None:  # once an evaluation was reported: a stop itself evaluates nothing
+        deadline = time.monotonic() + 120
+        while not any("evaluations" in p["status"] for p in list(api.patches)) and time.monotonic() < deadline:
+            time.sleep(0.05)
         api.obj = {"metadata": {"name": "job"}, "status": {"stopRequest": {"reason": reason, "message": "enough"}}}
 
     threading.Thread(target=request_stop, daemon=True).start()
@@ -151,6 +154,8 @@ def test_in_pod_run_reports_and_honours_a_stop_request(
     body = result_json(out)
     assert result.exit_code == 0 and body["reason"] == reason and body["message"] == "enough"
     assert of(events, "stopping")[0]["reason"] == reason
+    after_stop = events[events.index(of(events, "stopping")[0]) :]
+    assert of(after_stop, "evaluation") == []  # nothing is evaluated in the grace period
     assert (out / "checkpoints" / f"checkpoint-{body['finalStep']}").is_dir()
     assert body["finalStep"] < 1000
     for patch in api.patches:
@@ -159,7 +164,7 @@ def test_in_pod_run_reports_and_honours_a_stop_request(
     assert finalizing == [True, None], "the final save is announced, then the flag is cleared (merge-patch null)"
     last = [p["status"] for p in api.patches if "step" in p["status"]["progress"]][-1]
     assert last["progress"]["step"] == body["finalStep"] and RFC3339_Z.match(last["progress"]["lastHeartbeatTime"])
-    assert set(last["progress"]) == {
+    assert set(last["progress"]) - {"finalizing"} == {
         "step",
         "totalSteps",
         "epoch",

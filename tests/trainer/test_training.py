@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from finetune_trainer.early_stopping import EarlyStoppingState, Evaluated, obser
 from finetune_trainer.models import ModelSource, load_model
 from finetune_trainer.spec import EarlyStopping, ModelSpec
 from tests.trainer import tiny
-from tests.trainer.helpers import of, result_json, train
+from tests.trainer.helpers import independent_nll, of, result_json, train
 
 
 def test_run_layout_checkpoints_and_result(assets: dict[str, Path], tmp_path: Path) -> None:
@@ -74,8 +75,11 @@ def test_l1_penalty_is_added_to_the_loss(assets: dict[str, Path], tmp_path: Path
             evaluation={"strategy": "no", "metrics": ["loss"]},
             freeze={"strategy": "head-only"},
         )
-        return _losses(train(wire)[1])[0]
+        events = train(wire)[1]
+        logged[name] = of(events, "log")[0]
+        return _losses(events)[0]
 
+    logged: dict[str, dict[str, Any]] = {}
     model = load_model(
         ModelSpec(source=str(assets["bert"]), task="sequence-classification", numLabels=2),
         ModelSource(str(assets["bert"])),
@@ -83,6 +87,10 @@ def test_l1_penalty_is_added_to_the_loss(assets: dict[str, Path], tmp_path: Path
     norm = float(model.classifier.weight.detach().abs().sum())  # head-only: the only trainable weight (bias excluded)
     difference = first_loss(l1, "l1") - first_loss(0.0, "plain")
     assert difference == pytest.approx(l1 * norm, rel=1e-3)
+    # logged both ways: the loss minimised, and the task's own loss
+    assert logged["l1"]["l1Penalty"] == pytest.approx(l1 * norm, rel=1e-3)
+    assert logged["l1"]["taskLoss"] == pytest.approx(logged["plain"]["loss"], rel=1e-5)
+    assert logged["plain"]["l1Penalty"] is None and logged["plain"]["taskLoss"] is None
 
 
 def test_dropout_override_sets_every_probability(assets: dict[str, Path]) -> None:
@@ -202,7 +210,9 @@ def test_causal_lm_with_perplexity(
     result, _ = train(wire)
     metrics = result_json(out)["metrics"]
     assert result.reason == "Succeeded"
-    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
+    expected = independent_nll(out, wire, causal=True)  # the saved best model, one document at a time
+    assert metrics["loss"] == pytest.approx(expected, rel=1e-4)
+    assert metrics["perplexity"] == pytest.approx(math.exp(expected), rel=1e-4)
     assert metrics["perplexity"] < len(tiny.VOCAB)  # better than uniform after one epoch
 
 
@@ -321,3 +331,44 @@ def test_pvc_locations_resolve_under_the_mount_root_and_are_reported_as_pvc_uris
     assert body["best"]["checkpoint"] == "pvc://runs/job-1/checkpoints/checkpoint-2"
     assert body["model"] == "pvc://runs/job-1/model"
     assert of(events, "checkpoint")[0]["checkpoint"] == "pvc://runs/job-1/checkpoints/checkpoint-2"
+
+
+def test_lora_restores_the_best_adapters(assets: dict[str, Path], tmp_path: Path) -> None:
+    """restoreBest on a LoRA model loads the best evaluation's adapters (and the head) back."""
+    out = tmp_path / "out"
+    wire = tiny.spec(
+        assets["bert"],
+        assets["noisy"],  # random labels: the validation loss gets worse after its best
+        out,
+        hyperparameters={"maxSteps": 12, "batchSize": 4, "learningRate": 3e-2},
+        freeze={"strategy": "lora", "lora": {"r": 4, "alpha": 8}},
+        evaluation={"strategy": "steps", "interval": 2, "metrics": ["loss"]},
+        earlyStopping={"metric": "loss", "patience": 100, "restoreBest": True},
+        output={"location": str(out), "keepCheckpoints": 1},
+    )
+    result, events = train(wire)
+    best = result.best
+    assert best is not None and best["step"] != result.final_step, "the last evaluation was the best: nothing to show"
+    assert of(events, "restore_best")[0]["step"] == best["step"]
+    assert result.metrics["loss"] == pytest.approx(best["value"])
+    wire["model"]["source"], wire["freeze"] = str(out / "model"), {"strategy": "none"}
+    del wire["earlyStopping"]
+    wire["hyperparameters"] = {**wire["hyperparameters"], "learningRate": 1e-12, "maxSteps": 1}
+    wire["output"] = {"location": str(tmp_path / "again")}
+    wire["evaluation"] = {"strategy": "steps", "interval": 1, "metrics": ["loss"]}
+    again, _ = train(wire)  # the saved merged model, evaluated afresh, has the best's loss
+    assert again.metrics["loss"] == pytest.approx(best["value"], rel=1e-3)
+
+
+def test_load_weights_restores_tied_models_and_refuses_a_mismatch(tmp_path: Path) -> None:
+    from finetune_trainer.run import load_weights
+
+    saved = tiny.build("gpt2", "causal-lm", seed=1)  # tied embeddings: lm_head.weight is saved once
+    saved.save_pretrained(str(tmp_path / "gpt2"))
+    model = tiny.build("gpt2", "causal-lm", seed=2)
+    load_weights(model, tmp_path / "gpt2")
+    for (name, want), got in zip(saved.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(want, got), name
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with pytest.raises(RuntimeError, match="does not match the model"):
+        load_weights(tiny.build("llama", "causal-lm"), tmp_path / "gpt2")

@@ -161,7 +161,8 @@ def write_text(directory: Path, n: int = 48, seed: int = 0, chat: bool = False) 
         for _ in range(n):
             text = sentence(rng, rng.randint(0, 1))
             if chat:
-                rows.append({"messages": [{"role": "a", "content": text}, {"role": "b", "content": sentence(rng, 1)}]})
+                prompt, answer = {"role": "user", "content": text}, {"role": "assistant", "content": sentence(rng, 1)}
+                rows.append({"messages": [prompt, answer]})
             else:
                 rows.append({"text": text})
         (directory / name).write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from finetune_trainer.atomic import atomic_directory
 from finetune_trainer.config import location_uri
 from finetune_trainer.early_stopping import EarlyStoppingState, Evaluated, explain, improves, observe
 from finetune_trainer.freeze import count_parameters
@@ -99,18 +101,35 @@ def history_status(ctx: RunContext) -> dict[str, Any]:
     return status
 
 
-def complete_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
-    """(step, dir) of checkpoints with the completion marker, oldest first."""
+FULL = "full"
+"""A checkpoint with optimizer, scheduler and RNG state: training resumes from it."""
+WEIGHTS = "weights"
+"""Only the weights of a new best (between ``checkpointIntervalSteps``): restoreBest reads it; never resumed from."""
+
+
+def checkpoint_kind(path: Path) -> str | None:
+    """FULL or WEIGHTS for a complete checkpoint (marker written last), None for an unfinished one."""
+    marker = path / COMPLETE_MARKER
+    if not marker.is_file():
+        return None
+    words = marker.read_text().split()
+    return WEIGHTS if words[1:] == [WEIGHTS] else FULL  # markers written before kinds existed are full
+
+
+def complete_checkpoints(checkpoints_dir: Path, kind: str | None = None) -> list[tuple[int, Path]]:
+    """(step, dir) of complete checkpoints (of ``kind``, if given), oldest first; unfinished writes are skipped."""
     found = []
     for path in checkpoints_dir.glob("checkpoint-*"):
         suffix = path.name.removeprefix("checkpoint-")
-        if suffix.isdigit() and (path / COMPLETE_MARKER).is_file():
+        found_kind = checkpoint_kind(path) if suffix.isdigit() else None
+        if found_kind is not None and kind in (None, found_kind):
             found.append((int(suffix), path))
     return sorted(found)
 
 
 def partial_checkpoints(checkpoints_dir: Path) -> list[Path]:
-    return [p for p in checkpoints_dir.glob("checkpoint-*") if p.is_dir() and not (p / COMPLETE_MARKER).is_file()]
+    """Checkpoint directories without the marker (written in place by an older trainer and interrupted)."""
+    return [p for p in checkpoints_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_kind(p) is None]
 
 
 def load_run_state(checkpoint: Path) -> RunState:
@@ -138,7 +157,8 @@ class EarlyStoppingCallback(TrainerCallback):
         }
         step, epoch = state.global_step, float(state.epoch or 0.0)
         run = self.ctx.state
-        run.evaluations = [e for e in run.evaluations if e.step != step][-(MAX_EVALUATIONS - 1) :]
+        # keyed by step: a resumed run replaces what the lost run had recorded past its checkpoint
+        run.evaluations = [e for e in run.evaluations if e.step < step][-(MAX_EVALUATIONS - 1) :]
         run.evaluations.append(EvaluationRecord(step=step, epoch=epoch, metrics=metrics, time=utc_now()))
         control.should_save = True  # every evaluation is a checkpoint: the best one must exist on disk
         rule = self.ctx.best_rule
@@ -160,12 +180,11 @@ class EarlyStoppingCallback(TrainerCallback):
 
 
 class CheckpointCallback(TrainerCallback):
-    """Saves at evaluations (set by early stopping), every ``checkpointIntervalSteps``, and each epoch when
-    nothing is evaluated; writes our state and the completion marker last; keeps N newest plus the best."""
+    """Asks for saves: at evaluations (set by early stopping), every ``checkpointIntervalSteps``, and each epoch
+    when nothing is evaluated. The trainer's save calls ``Checkpointer.save``."""
 
-    def __init__(self, ctx: RunContext, trainer: Any) -> None:
+    def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
-        self.trainer = trainer
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         interval = self.ctx.spec.output.checkpoint_interval_steps
@@ -178,27 +197,58 @@ class CheckpointCallback(TrainerCallback):
         if self.ctx.spec.evaluation.strategy == "no" and not self.ctx.spec.output.checkpoint_interval_steps:
             control.should_save = True
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if not self.ctx.is_main:
-            return
+
+class Checkpointer:
+    """Writes each checkpoint atomically (temp dir, our state and the marker last, one rename), once per step.
+
+    Full state (optimizer, scheduler, RNG) goes into every checkpoint unless ``checkpointIntervalSteps`` is
+    set; then only the interval, a stop and the end of training write it, and an evaluation in between
+    writes the weights of a new best (or nothing: its record rides in the next checkpoint).
+    Under DDP only the main process writes (the others' RNG state is not kept; resume warns and goes on).
+    """
+
+    def __init__(self, ctx: RunContext, write: Callable[[Path, bool], None]) -> None:
+        self.ctx = ctx
+        self.write = write
+        """Writes the Trainer's files into a directory; the flag asks for the full (resumable) state."""
+        self.saved_step: int | None = None
+
+    def kind(self, state: TrainerState, control: TrainerControl) -> str | None:
+        interval = self.ctx.spec.output.checkpoint_interval_steps
         step = state.global_step
-        directory = self.ctx.checkpoint_dir(step)
+        ending = control.should_training_stop or self.ctx.stopped_by is not None or step >= state.max_steps
+        if not interval or step % interval == 0 or ending:
+            return FULL
+        best = self.ctx.state.best
+        return WEIGHTS if best is not None and best.step == step else None
+
+    def save(self, state: TrainerState, control: TrainerControl) -> None:
+        step = state.global_step
+        kind = self.kind(state, control)
+        if step == self.saved_step or kind is None or not self.ctx.is_main:
+            return  # a stop saved this step, then the epoch ended on it: never write it twice
+        self.saved_step = step
         run = self.ctx.state
-        run.thawed_units = getattr(self.trainer, "thawed", 0)
-        if run.early_stopping is not None:
-            (directory / EARLY_STOPPING_FILE).write_text(
-                json.dumps(run.early_stopping.model_dump(mode="json", by_alias=True))
-            )
-        (directory / RUN_STATE_FILE).write_text(json.dumps(run.to_wire()))
-        (directory / COMPLETE_MARKER).write_text(f"{step}\n")
-        self.ctx.log.emit("checkpoint", step=step, epoch=state.epoch, checkpoint=self.ctx.checkpoint_uri(step))
+        with atomic_directory(self.ctx.checkpoint_dir(step)) as directory:
+            self.write(directory, kind == FULL)
+            if run.early_stopping is not None:
+                (directory / EARLY_STOPPING_FILE).write_text(
+                    json.dumps(run.early_stopping.model_dump(mode="json", by_alias=True))
+                )
+            (directory / RUN_STATE_FILE).write_text(json.dumps(run.to_wire()))
+            (directory / COMPLETE_MARKER).write_text(f"{step} {kind}\n")
+        self.ctx.log.emit(
+            "checkpoint", step=step, epoch=state.epoch, checkpoint=self.ctx.checkpoint_uri(step), kind=kind
+        )
         self.rotate()
 
     def rotate(self) -> None:
+        """Keep the newest ``keepCheckpoints`` full checkpoints and the best one; weights of a former best go."""
         keep = self.ctx.spec.output.keep_checkpoints
-        complete = complete_checkpoints(self.ctx.checkpoints_dir)
         best_step = self.ctx.state.best.step if self.ctx.state.best else None
-        for step, path in complete[:-keep]:
+        full = complete_checkpoints(self.ctx.checkpoints_dir, FULL)
+        stale = full[:-keep] + complete_checkpoints(self.ctx.checkpoints_dir, WEIGHTS)
+        for step, path in stale:
             if step != best_step:
                 shutil.rmtree(path, ignore_errors=True)
 
@@ -235,6 +285,7 @@ class StopCallback(TrainerCallback):
         self.ctx.stopped_by = reason
         control.should_save = True
         control.should_training_stop = True
+        control.should_evaluate = False  # no evaluation inside the grace period
         self.ctx.log.emit("stopping", reason=reason, step=state.global_step, message=self.ctx.stop_message)
 
     def on_epoch_end(
@@ -330,6 +381,8 @@ class ProgressCallback(TrainerCallback):
             epoch=progress["epoch"],
             loss=self.train_loss,
             learningRate=self.learning_rate,
+            taskLoss=logs.get("task_loss"),
+            l1Penalty=logs.get("l1_penalty"),
             gradNorm=logs.get("grad_norm"),
             samplesPerSecond=progress["samplesPerSecond"],
             percent=progress["percent"],

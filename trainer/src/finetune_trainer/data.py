@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +17,11 @@ import torch
 from datasets import ClassLabel, Dataset, load_dataset
 from PIL import Image
 from torchvision.transforms import v2 as transforms
-from transformers import DataCollatorWithPadding
+from transformers import DataCollatorWithFlattening, DataCollatorWithPadding
 
 from finetune_trainer.config import RuntimeEnv, local_path
 from finetune_trainer.errors import ConfigError, DataError
-from finetune_trainer.spec import Augmentation, TrainingSpec
+from finetune_trainer.spec import Augmentation, DatasetSpec, TrainingSpec
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
@@ -120,11 +121,54 @@ def required_columns(spec: TrainingSpec) -> dict[str, str]:
 
 
 def check_columns(spec: TrainingSpec, split: RawSplit) -> None:
+    """Every column the task reads is there, and its values have the right shape (row and file named)."""
     columns = list(split.rows.column_names)
-    for key, column in required_columns(spec).items():
+    required = required_columns(spec)
+    for key, column in required.items():
         if column not in columns:
             raise DataError(
                 f"dataset.fields.{key}: column {column!r} not in {split.name} (columns: {', '.join(columns)})"
+            )
+        if key in ("text", "textPair"):
+            check_text_column(split, key, column)
+        elif key == "messages":
+            check_messages(split, column, need_assistant=spec.dataset.assistant_only_loss)
+
+
+def check_text_column(split: RawSplit, key: str, column: str) -> None:
+    """Every value a string: a CSV column of numbers or a null would otherwise become the text "5" or "None"."""
+    for row, value in enumerate(split.rows[column]):
+        if not isinstance(value, str):
+            found = "null" if value is None else f"a {type(value).__name__} ({value!r})"
+            kind = " (the column holds numbers, not text)" if isinstance(value, int | float) else ""
+            raise DataError(
+                f"dataset.fields.{key}: row {row} of {split.name}: column {column!r} is {found}, "
+                f"expected a string{kind}"
+            )
+
+
+def check_messages(split: RawSplit, column: str, need_assistant: bool) -> None:
+    """Each value a non-empty list of {role: str, content: str} mappings (with an assistant turn, if learned)."""
+    for row, value in enumerate(split.rows[column]):
+        problem = None
+        if not isinstance(value, list) or not value:
+            problem = "is not a non-empty list of messages"
+        else:
+            for i, message in enumerate(value):
+                if not isinstance(message, dict):
+                    problem = f"message {i} is not a mapping"
+                elif not isinstance(message.get("role"), str):
+                    problem = f"message {i} has no string 'role'"
+                elif not isinstance(message.get("content"), str):
+                    problem = f"message {i} has no string 'content'"
+                if problem:
+                    break
+            if problem is None and need_assistant and all(m.get("role") != "assistant" for m in value):
+                problem = "has no assistant message to learn from (or set dataset.assistantOnlyLoss: false)"
+        if problem:
+            raise DataError(
+                f"dataset.fields.messages: row {row} of {split.name}: column {column!r} {problem} "
+                "(expected [{role: ..., content: ...}, ...])"
             )
 
 
@@ -167,12 +211,42 @@ def _with_labels(spec: TrainingSpec, split: RawSplit) -> Dataset:
     return rows.add_column("labels", ids).cast_column("labels", ClassLabel(names=names))
 
 
-def _render_chat(processor: Any, column: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    def render(batch: dict[str, Any]) -> dict[str, Any]:
-        texts = [processor.apply_chat_template(messages, tokenize=False) for messages in batch[column]]
-        return {"__text": texts}
+def assistant_spans(processor: Any, messages: list[dict[str, Any]], text: str) -> list[tuple[int, int]]:
+    """Character spans of ``text`` (the rendered chat) that assistant turns produced, end-of-turn markup included.
 
-    return render
+    A turn is what rendering ``messages[: i + 1]`` adds to rendering ``messages[:i]``; for a template whose
+    renderings are not prefixes of each other, the turn's content.
+    """
+    spans = []
+    previous = ""
+    cursor = 0
+    for i, message in enumerate(messages):
+        rendered = processor.apply_chat_template(messages[: i + 1], tokenize=False)
+        if rendered.startswith(previous) and text.startswith(rendered):
+            start, end = len(previous), len(rendered)
+        else:
+            start = text.find(message["content"], cursor)
+            end = start + len(message["content"])
+        if message["role"] == "assistant" and start >= 0:
+            spans.append((start, end))
+        cursor = max(cursor, end)
+        previous = rendered
+    return spans
+
+
+def chat_tokens(processor: Any, messages: list[dict[str, Any]], assistant_only: bool) -> tuple[list[int], list[int]]:
+    """Ids of the rendered chat (the template places its own special tokens: none are added again), and labels."""
+    text = processor.apply_chat_template(messages, tokenize=False)
+    encoded = processor(text, add_special_tokens=False, return_offsets_mapping=assistant_only)
+    ids: list[int] = encoded["input_ids"]
+    if not assistant_only:
+        return ids, list(ids)
+    spans = assistant_spans(processor, messages, text)
+    labels = [
+        token if any(start <= begin < end for start, end in spans) else -100
+        for token, (begin, _) in zip(ids, encoded["offset_mapping"], strict=True)
+    ]
+    return ids, labels
 
 
 def tokenize_text(spec: TrainingSpec, rows: Dataset, processor: Any) -> Dataset:
@@ -186,32 +260,48 @@ def tokenize_text(spec: TrainingSpec, rows: Dataset, processor: Any) -> Dataset:
 
         keep = {"labels"}
         return rows.map(encode, batched=True, remove_columns=[c for c in rows.column_names if c not in keep])
-    column = fields.text
     if fields.messages:
+        column = fields.messages
         if not getattr(processor, "chat_template", None):
             raise ConfigError("dataset.fields.messages: the tokenizer has no chat template to render messages with")
-        rows = rows.map(_render_chat(processor, fields.messages), batched=True)
-        column = "__text"
+        assistant_only = spec.dataset.assistant_only_loss
+        if assistant_only and not getattr(processor, "is_fast", False):
+            raise ConfigError("dataset.assistantOnlyLoss needs a fast tokenizer (token offsets); set it to false")
+
+        def encode_chat(batch: dict[str, Any]) -> Any:
+            pairs = [chat_tokens(processor, messages, assistant_only) for messages in batch[column]]
+            return {"input_ids": [ids[:max_len] for ids, _ in pairs], "labels": [lab[:max_len] for _, lab in pairs]}
+
+        return rows.map(encode_chat, batched=True, remove_columns=rows.column_names)
     eos = processor.eos_token_id
-    packing = spec.dataset.packing
 
-    def encode_lm(batch: dict[str, Any]) -> Any:
-        texts = [str(t) for t in batch[column]]
-        if not packing:
-            return processor(texts, truncation=True, max_length=max_len)
-        ids: list[int] = []
-        for encoded in processor(texts, add_special_tokens=True)["input_ids"]:
-            ids.extend(encoded)
-            if eos is not None and (not encoded or encoded[-1] != eos):
-                ids.append(eos)
-        blocks = [ids[i : i + max_len] for i in range(0, len(ids) - max_len + 1, max_len)] or [ids]
-        return {"input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks]}
+    def encode_text(batch: dict[str, Any]) -> Any:
+        # strings (check_columns refused nulls and numbers); EOS ends each document, unless truncation cut it off
+        ids = [
+            ([*encoded, eos] if eos is not None and encoded[-1:] != [eos] else encoded)[:max_len]
+            for encoded in processor(batch[fields.text])["input_ids"]
+        ]
+        return {"input_ids": ids, "labels": ids}
 
-    return rows.map(encode_lm, batched=True, batch_size=1000, remove_columns=rows.column_names)
+    return rows.map(encode_text, batched=True, remove_columns=rows.column_names)
+
+
+class PackingCollator:
+    """One padding-free row per batch (transformers' ``DataCollatorWithFlattening``). transformers turns the
+    restarting position ids into a block-diagonal attention mask, but only without a KV cache: the batch turns
+    the cache off (the model's config, saved with the final model, is untouched)."""
+
+    def __init__(self) -> None:
+        self.flatten = DataCollatorWithFlattening(return_position_ids=True)  # type: ignore[no-untyped-call]
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = dict(self.flatten(features))
+        batch["use_cache"] = False
+        return batch
 
 
 class CausalLMCollator:
-    """Pad to the longest sequence; labels copy input ids with padding ignored (-100)."""
+    """Pad to the longest sequence; labels are the examples' own (-100 where not learned), -100 on padding."""
 
     def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = pad_token_id
@@ -220,11 +310,12 @@ class CausalLMCollator:
         width = max(len(f["input_ids"]) for f in features)
         ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(features), width), dtype=torch.long)
+        labels = torch.full((len(features), width), -100, dtype=torch.long)
         for row, feature in enumerate(features):
             n = len(feature["input_ids"])
             ids[row, :n] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
-            mask[row, :n] = torch.as_tensor(feature["attention_mask"], dtype=torch.long)
-        labels = ids.masked_fill(mask == 0, -100)
+            labels[row, :n] = torch.as_tensor(feature["labels"], dtype=torch.long)
+            mask[row, :n] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -322,10 +413,62 @@ def _split_validation(rows: Dataset, fraction: float, seed: int, stratify: bool)
     return parts["train"], parts["test"]
 
 
+POSITION_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def model_positions(processor: Any, model_config: Any) -> int | None:
+    """How many tokens the model can take: its position table (less a RoBERTa-like padding offset)."""
+    config = getattr(model_config, "text_config", None) or model_config
+    positions = next(
+        (getattr(config, a) for a in POSITION_ATTRIBUTES if isinstance(getattr(config, a, None), int)), None
+    )
+    tokenizer_limit = getattr(processor, "model_max_length", None)
+    if positions is not None and isinstance(tokenizer_limit, int) and positions - 2 <= tokenizer_limit < positions:
+        return tokenizer_limit  # RoBERTa-like: 514 positions, 512 usable (the padding offset)
+    return positions  # a tokenizer's lower limit is often only a suggestion: not a reason to refuse
+
+
+def fit_max_seq_length(spec: TrainingSpec, processor: Any, model_config: Any) -> TrainingSpec:
+    """The default maxSeqLength is capped to the model's positions; an explicit value above them is an error."""
+    limit = model_positions(processor, model_config)
+    wanted = spec.dataset.max_seq_length
+    if limit is None or wanted <= limit:
+        return spec
+    if wanted != DatasetSpec.model_fields["max_seq_length"].default:
+        raise ConfigError(f"dataset.maxSeqLength: {wanted} exceeds the {limit} positions the model supports")
+    return spec.model_copy(update={"dataset": spec.dataset.model_copy(update={"max_seq_length": limit})})
+
+
+def model_inputs(model: Any) -> set[str]:
+    """Named arguments of the model's forward, as the Trainer's own column pruning sees them."""
+    params = inspect.signature(model.forward).parameters
+    return {name for name, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+def drop_unused_inputs(prepared: PreparedData, model: Any) -> PreparedData:
+    """Drop token columns the model does not take (e.g. ``token_type_ids`` from a BERT tokenizer on Llama).
+
+    The Trainer's own pruning is off (``remove_unused_columns=False``: images are decoded lazily).
+    """
+    accepted = model_inputs(model)
+
+    def prune(rows: Dataset | None) -> Dataset | None:
+        if rows is None or "input_ids" not in rows.column_names:
+            return rows
+        unused = [c for c in rows.column_names if c not in accepted and c != "labels"]
+        return rows.remove_columns(unused) if unused else rows
+
+    train = prune(prepared.train)
+    assert train is not None
+    return PreparedData(train, prune(prepared.validation), prepared.collator)
+
+
 def prepare(spec: TrainingSpec, env: RuntimeEnv, processor: Any, model_config: Any) -> PreparedData:
     """Read, check, split, limit and encode the data."""
     ds = spec.dataset
     task = spec.model.task
+    if task != "image-classification":
+        spec = fit_max_seq_length(spec, processor, model_config)
     train_raw = read_split(spec, env, ds.train, "dataset.train")
     check_columns(spec, train_raw)
     val_raw = read_split(spec, env, ds.validation, "dataset.validation") if ds.validation else None
@@ -351,6 +494,8 @@ def prepare(spec: TrainingSpec, env: RuntimeEnv, processor: Any, model_config: A
     validation = tokenize_text(spec, validation, processor) if validation is not None else None
     if len(train) == 0:
         raise DataError("dataset.train: no training examples left after encoding")
+    if task == "causal-lm" and ds.packing:
+        return PreparedData(train, validation, PackingCollator())
     if task == "causal-lm":
         return PreparedData(train, validation, CausalLMCollator(int(processor.pad_token_id)))
     return PreparedData(train, validation, DataCollatorWithPadding(processor))

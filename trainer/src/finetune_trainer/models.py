@@ -64,9 +64,8 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def override_config_dropout(config: PretrainedConfig, probability: float) -> list[str]:
+def override_config_dropout(config: PretrainedConfig, probability: float) -> None:
     """Set every dropout probability of a config (hidden_dropout_prob, resid_pdrop, attention_dropout...)."""
-    changed = []
     for key, value in list(config.to_dict().items()):
         if (
             ("dropout" in key or key.endswith("pdrop"))
@@ -74,25 +73,19 @@ def override_config_dropout(config: PretrainedConfig, probability: float) -> lis
             and not isinstance(value, bool)
         ):
             setattr(config, key, probability)
-            changed.append(key)
-    return changed
 
 
-def override_dropout(model: nn.Module, probability: float) -> int:
+def override_dropout(model: nn.Module, probability: float) -> None:
     """Set ``p`` of every dropout module and every float ``*dropout*`` attribute (functional attention dropout).
 
     Config fields alone are not enough: modules copy them at construction.
     """
-    count = 0
     for module in model.modules():
         if isinstance(module, nn.modules.dropout._DropoutNd):
             module.p = probability
-            count += 1
         for attr, value in list(vars(module).items()):
             if "dropout" in attr and isinstance(value, float):
                 setattr(module, attr, probability)
-                count += 1
-    return count
 
 
 def load_config(spec: ModelSpec, source: ModelSource, dropout: float | None) -> PretrainedConfig:

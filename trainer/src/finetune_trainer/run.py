@@ -13,8 +13,9 @@ from types import FrameType
 from typing import Any
 
 import datasets
-import numpy as np
 import torch
+from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import PreTrainedModel, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
@@ -24,7 +25,9 @@ from finetune_trainer import exitcodes
 from finetune_trainer.accelerator import require_accelerator
 from finetune_trainer.atomic import atomic_directory, remove_leftovers
 from finetune_trainer.callbacks import (
+    FULL,
     CheckpointCallback,
+    Checkpointer,
     EarlyStoppingCallback,
     GradualUnfreezingCallback,
     ProgressCallback,
@@ -38,10 +41,11 @@ from finetune_trainer.callbacks import (
 from finetune_trainer.config import RuntimeEnv, local_path, location_uri
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.freeze import apply_freeze, layer_map
+from finetune_trainer.metrics import classification_metrics, probabilities
 from finetune_trainer.models import align_pad_token, load_config, load_model, load_processor, resolve_source
 from finetune_trainer.ownership import claim_checkpoints
 from finetune_trainer.reporting import JsonLines, PrometheusMetrics, StatusReporter, load_kube_api
-from finetune_trainer.spec import TrainingSpec
+from finetune_trainer.spec import CLASSIFICATION_METRICS, TrainingSpec
 from finetune_trainer.trainer import FineTuneTrainer
 
 SCHEDULERS = {
@@ -65,27 +69,6 @@ class RunResult:
     metrics: dict[str, float]
 
 
-def classification_metrics(eval_pred: Any) -> dict[str, float]:
-    """Accuracy and macro F1 from argmax predictions (computed by ``argmax_logits`` during evaluation)."""
-    predictions = np.asarray(eval_pred.predictions).reshape(-1)
-    labels = np.asarray(eval_pred.label_ids).reshape(-1)
-    accuracy = float((predictions == labels).mean()) if labels.size else 0.0
-    f1s = []
-    for cls in np.unique(np.concatenate([labels, predictions])):
-        tp = float(((predictions == cls) & (labels == cls)).sum())
-        fp = float(((predictions == cls) & (labels != cls)).sum())
-        fn = float(((predictions != cls) & (labels == cls)).sum())
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return {"accuracy": accuracy, "f1": float(np.mean(f1s)) if f1s else 0.0}
-
-
-def argmax_logits(logits: Any, labels: Any) -> torch.Tensor:
-    """Keep only class indices so evaluation does not hold every logit in memory."""
-    if isinstance(logits, tuple):
-        logits = logits[0]
-    return torch.as_tensor(logits).argmax(dim=-1)
-
-
 def training_arguments(spec: TrainingSpec, checkpoints_dir: Path, log_every: int, log: JsonLines) -> TrainingArguments:
     """The spec's hyperparameters, evaluation and precision as TrainingArguments (saving is ours: see callbacks)."""
     hp = spec.hyperparameters
@@ -96,7 +79,7 @@ def training_arguments(spec: TrainingSpec, checkpoints_dir: Path, log_every: int
         log.emit("warning", message="precision fp16 needs a GPU; training in fp32 on CPU")
     warmup: float = hp.warmup_steps if hp.warmup_steps is not None else (hp.warmup_ratio or 0)
     evaluation = spec.evaluation
-    classify = bool({"accuracy", "f1"} & set(evaluation.metrics))
+    classify = bool(set(CLASSIFICATION_METRICS) & set(evaluation.metrics))
     return TrainingArguments(
         output_dir=str(checkpoints_dir),
         learning_rate=hp.learning_rate,
@@ -130,6 +113,34 @@ def training_arguments(spec: TrainingSpec, checkpoints_dir: Path, log_every: int
     )
 
 
+def check_precision(precision: str) -> None:
+    """bf16 needs a GPU that has it (or the CPU); checked before minutes go into loading the model."""
+    if precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        name = torch.cuda.get_device_name()
+        raise ConfigError(f"hyperparameters.precision: bf16 is not supported by {name}; use fp16 or fp32")
+
+
+def load_weights(model: Any, directory: Path) -> None:
+    """Put the weights a checkpoint holds into ``model`` (a LoRA model: its adapters), with public APIs only."""
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(directory), adapter_name=model.active_adapter, is_trainable=True)
+        return
+    device = str(next(model.parameters()).device)
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(directory.glob("model*.safetensors")):  # model.safetensors, or model-0000i-of-0000n
+        state.update(load_file(str(shard), device=device))
+    if not state:
+        raise FileNotFoundError(f"no model*.safetensors in {directory}")
+    result = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    loaded = {own[name].data_ptr() for name in state if name in own}
+    missing = [name for name in result.missing_keys if own[name].data_ptr() not in loaded]  # tied: saved once
+    if result.unexpected_keys or missing:
+        raise RuntimeError(
+            f"{directory.name} does not match the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
+        )
+
+
 def _install_sigterm(ctx: RunContext) -> Any:
     def handler(signum: int, frame: FrameType | None) -> None:
         ctx.terminating = True  # only a flag: logging here could deadlock on a lock the interrupted code holds
@@ -148,7 +159,7 @@ def _final_metrics(ctx: RunContext, trainer: FineTuneTrainer, restored: bool, ha
             return match[-1].metrics
     if run.evaluations and run.evaluations[-1].step == trainer.state.global_step:
         return run.evaluations[-1].metrics
-    if has_eval and ctx.spec.evaluation.strategy != "no":
+    if has_eval and ctx.spec.evaluation.strategy != "no" and ctx.stopped_by is None:  # no evaluation in a grace period
         trainer.evaluate()
         if run.evaluations:
             return run.evaluations[-1].metrics
@@ -186,6 +197,7 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
     except OSError as exc:
         raise ConfigError(f"output.location: cannot create {checkpoints_dir}: {exc.strerror}") from exc
 
+    check_precision(hp.precision)
     set_seed(hp.seed)
     source = resolve_source(spec.model, env)
     processor = load_processor(spec.model, source)
@@ -193,6 +205,7 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
     prepared = data_mod.prepare(spec, env, processor, load_config(spec.model, source, hp.dropout))
     model: PreTrainedModel = load_model(spec.model, source, hp.dropout)
     align_pad_token(model, processor)
+    prepared = data_mod.drop_unused_inputs(prepared, model)
     has_eval = prepared.validation is not None
     if not has_eval and spec.evaluation.strategy != "no":
         if spec.early_stopping is not None:
@@ -205,6 +218,11 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
         )
 
     wrapped, plan = apply_freeze(model, spec.freeze, spec.model.task)
+    if plan.trainable == 0:
+        raise ConfigError(
+            f"freeze: strategy {spec.freeze.strategy} leaves no trainable parameter "
+            f"(0 of {plan.total}; tied embeddings are frozen with the embeddings): train more of the model"
+        )
     if hp.gradient_checkpointing and plan.trainable < plan.total and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()  # type: ignore[no-untyped-call]  # frozen embeddings would otherwise cut the checkpointed graph
     layers = layer_map(wrapped) if hp.layerwise_lr_decay is not None else None
@@ -239,16 +257,16 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
                 message=f"output.location {spec.output.location} held another FineTuneJob's checkpoints: removed "
                 "them and starting fresh (its final model stays until this job's replaces it)",
             )
-    complete = [] if foreign else complete_checkpoints(checkpoints_dir)
     if is_main:
-        for partial in partial_checkpoints(checkpoints_dir):
+        for partial in partial_checkpoints(checkpoints_dir) + remove_leftovers(checkpoints_dir):
             shutil.rmtree(partial, ignore_errors=True)
             log.emit("warning", message=f"removed partial checkpoint {partial.name}")
+    complete = [] if foreign else complete_checkpoints(checkpoints_dir, FULL)
     if complete:
         resume = complete[-1][1]
         ctx.state = load_run_state(resume)
 
-    classify = bool({"accuracy", "f1"} & set(spec.evaluation.metrics))
+    compute_metrics = classification_metrics(spec.evaluation.metrics, spec.model.effective_num_labels or 0)
     trainer = FineTuneTrainer(
         model=wrapped,
         args=training_arguments(spec, checkpoints_dir, env.log_every_steps, log),
@@ -256,17 +274,18 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
         train_dataset=prepared.train,
         eval_dataset=prepared.validation,
         processing_class=processor,
-        compute_metrics=classification_metrics if classify else None,
-        preprocess_logits_for_metrics=argmax_logits if classify else None,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=probabilities if compute_metrics is not None else None,
         spec=spec,
         layers=layers,
         plan=plan,
     )
     trainer.thaw_on_create = ctx.state.thawed_units
+    trainer.checkpointer = Checkpointer(ctx, trainer.write_checkpoint)
     trainer.remove_callback(PrinterCallback)  # our JSON lines replace its prints
     for callback in (
         EarlyStoppingCallback(ctx),
-        CheckpointCallback(ctx, trainer),
+        CheckpointCallback(ctx),
         StopCallback(ctx),
         GradualUnfreezingCallback(ctx, trainer),
         ProgressCallback(ctx),
@@ -287,7 +306,7 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
     try:
         if resume is not None and ctx.state.early_stopping is not None and ctx.state.early_stopping.triggered:
             # Early stopping had already fired (e.g. the pod died while saving the final model): finish only.
-            trainer._load_from_checkpoint(str(resume))
+            load_weights(trainer.model, resume)
             trainer.state.global_step = int(resume.name.removeprefix("checkpoint-"))
             _publish_history(ctx)
         else:
@@ -320,7 +339,7 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
     if rule is not None and rule.restore_best and best is not None and best.step != final_step:
         best_dir = ctx.checkpoint_dir(best.step)
         if best_dir.is_dir():
-            trainer._load_from_checkpoint(str(best_dir))
+            load_weights(trainer.model, best_dir)
             restored = True
             log.emit("restore_best", step=best.step, metric=best.metric, value=best.value, checkpoint=best.checkpoint)
     metrics = _final_metrics(ctx, trainer, restored, has_eval)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -41,8 +41,21 @@ OUTPUT_LOCATION_PATTERN = r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|file:///
 
 Task = Literal["sequence-classification", "causal-lm", "image-classification"]
 CLASSIFICATION_TASKS: frozenset[str] = frozenset({"sequence-classification", "image-classification"})
-Metric = Literal["loss", "accuracy", "f1", "perplexity"]
+Metric = Literal[
+    "loss",
+    "accuracy",
+    "f1",
+    "f1_macro",
+    "f1_weighted",
+    "precision",
+    "recall",
+    "auroc",
+    "top5_accuracy",
+    "perplexity",
+]
 LOWER_IS_BETTER: frozenset[str] = frozenset({"loss", "perplexity"})
+CLASSIFICATION_METRICS: tuple[str, ...] = tuple(m for m in get_args(Metric) if m not in LOWER_IS_BETTER)
+"""Metrics of predicted classes (computed in finetune_trainer.metrics); higher is better."""
 LAYER_STRATEGIES: frozenset[str] = frozenset({"bottom-layers", "top-layers"})
 
 
@@ -231,10 +244,29 @@ class DatasetSpec(SpecModel):
         description="Hold out this fraction of the training data for validation (seeded, stratified by label).",
     )
     fields: DatasetFields = Field(default_factory=DatasetFields, description="Column names.")
-    max_seq_length: int = Field(512, ge=8, le=131072, description="Longer token sequences are truncated.")
+    max_seq_length: int = Field(
+        512,
+        ge=8,
+        le=131072,
+        description=(
+            "Longer token sequences are truncated. The default 512 is lowered to what the model supports; "
+            "a value above the model's positions is an error."
+        ),
+    )
     packing: bool = Field(
         False,
-        description="Pack several short examples into each sequence (causal-lm only).",
+        description=(
+            "causal-lm: put each batch's examples end to end in one row, without padding; position ids restart "
+            "at every example, so attention never crosses from one example into another. Examples longer than "
+            "maxSeqLength are truncated, as without packing."
+        ),
+    )
+    assistant_only_loss: bool = Field(
+        True,
+        description=(
+            "causal-lm with fields.messages: learn only the assistant turns (the prompt's tokens get label -100). "
+            "Each row needs an assistant message."
+        ),
     )
     max_train_samples: int | None = Field(
         None,
@@ -514,8 +546,14 @@ class Evaluation(SpecModel):
     metrics: list[Metric] = Field(
         default=["loss"],
         min_length=1,
-        max_length=4,
-        description="Metrics to compute: loss, accuracy, f1 (macro; classification), perplexity (causal-lm).",
+        max_length=10,
+        description=(
+            "Metrics to compute. loss: mean token (causal-lm) or example negative log-likelihood, never "
+            "label-smoothed. Classification: accuracy; f1, precision and recall on the positive class (label 1) "
+            "with 2 labels, macro-averaged over classes otherwise; f1_macro; f1_weighted (by class support); "
+            "auroc (2 labels only; from the positive-class probability); top5_accuracy (true class among the "
+            "5 most likely). causal-lm: perplexity (exp of the loss). Computed with scikit-learn."
+        ),
     )
 
 
@@ -564,12 +602,17 @@ class Output(SpecModel):
         2,
         ge=1,
         le=1000,
-        description="Most recent checkpoints kept (the best one is always kept too).",
+        description="Most recent full (resumable) checkpoints kept; the best one is always kept too.",
     )
     checkpoint_interval_steps: int | None = Field(
         None,
         ge=1,
-        description="Also checkpoint every this many steps (for resume); by default at each evaluation.",
+        description=(
+            "Unset: every evaluation writes a full checkpoint (weights, optimizer and scheduler state: resumable). "
+            "Set: full checkpoints every this many steps, at a stop and at the end; an evaluation in between "
+            "writes only the weights of a new best (for restoreBest), so large models do not write optimizer "
+            "state at every evaluation. A restart resumes from the newest full checkpoint."
+        ),
     )
     save_final_model: bool = Field(
         True,
@@ -593,10 +636,17 @@ TRAINING_RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "evaluation.metrics",
-        "accuracy and f1 need a classification task",
+        f"{', '.join(CLASSIFICATION_METRICS)} need a classification task",
         "self.model.task in ['sequence-classification', 'image-classification'] "
-        "|| !self.evaluation.metrics.exists(m, m in ['accuracy', 'f1'])",
-        lambda t: t.model.task in CLASSIFICATION_TASKS or not {"accuracy", "f1"} & set(t.evaluation.metrics),
+        f"|| !self.evaluation.metrics.exists(m, m in {list(CLASSIFICATION_METRICS)})",
+        lambda t: t.model.task in CLASSIFICATION_TASKS or not set(CLASSIFICATION_METRICS) & set(t.evaluation.metrics),
+    ),
+    Rule(
+        "evaluation.metrics",
+        "auroc needs exactly 2 labels (model.numLabels or model.labelNames)",
+        "!('auroc' in self.evaluation.metrics) || (has(self.model.numLabels) && self.model.numLabels == 2) "
+        "|| (has(self.model.labelNames) && size(self.model.labelNames) == 2)",
+        lambda t: "auroc" not in t.evaluation.metrics or t.model.effective_num_labels == 2,
     ),
     Rule(
         "evaluation.metrics",

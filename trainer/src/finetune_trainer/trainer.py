@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from transformers import Trainer
+from transformers.trainer import TRAINER_STATE_NAME
 
 from finetune_trainer.freeze import FreezePlan, LayerMap, thawed_units
 from finetune_trainer.optim import l1_norm, param_groups
 from finetune_trainer.spec import TrainingSpec
+
+if TYPE_CHECKING:
+    from finetune_trainer.callbacks import Checkpointer
 
 
 class FineTuneTrainer(Trainer):
@@ -28,10 +33,33 @@ class FineTuneTrainer(Trainer):
         self.thaw_on_create = 0
         """Units to thaw while building the optimizer: those thawed when the resumed checkpoint was saved."""
         self.want_perplexity = "perplexity" in spec.evaluation.metrics
-        self.last_l1_penalty: float | None = None
+        self._l1_logged: torch.Tensor | None = None
+        """The L1 term's share of the logged training loss since the last log (summed on the device: no sync)."""
+        self._l1_logged_step = 0
+        """The step the sum started after."""
         self._decay_names: set[str] | None = None
+        self.checkpointer: Checkpointer | None = None
+        self._eval_nll: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _unwrapped(self) -> nn.Module:
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Saves go through the Checkpointer (atomic, once per step, full or weights-only), never in place."""
+        if self.checkpointer is None:
+            super()._save_checkpoint(model, trial)
+        else:
+            self.store_flos()
+            self.checkpointer.save(self.state, self.control)
+
+    def write_checkpoint(self, directory: Path, full: bool) -> None:
+        """The Trainer's own files, as its ``_save_checkpoint`` writes them; the optimizer etc. only if ``full``."""
+        self.save_model(str(directory), _internal_call=True)
+        if full:
+            self._save_optimizer_and_scheduler(str(directory))
+            self._save_scaler(str(directory))
+            self._save_rng_state(str(directory))
+        self.state.save_to_json(str(directory / TRAINER_STATE_NAME))
+
+    def _model(self) -> nn.Module:
+        """The bare model (``self.model``; the Trainer keeps DDP and other wrappers in ``model_wrapped``)."""
         if self.model is None:
             raise RuntimeError("the trainer has no model")
         model: nn.Module = self.model
@@ -55,7 +83,7 @@ class FineTuneTrainer(Trainer):
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
-            opt_model = self._unwrapped() if model is None else model
+            opt_model = self._model() if model is None else model
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)  # type: ignore[arg-type]
             groups = self._groups(list(opt_model.named_parameters()), opt_model)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
@@ -64,7 +92,7 @@ class FineTuneTrainer(Trainer):
 
     def thaw(self, units: int) -> list[str]:
         """Unfreeze the first ``units`` thaw units (top first) not yet thawed; their parameters become new groups."""
-        model = self._unwrapped()
+        model = self._model()
         named = dict(model.named_parameters())
         thawed: list[str] = []
         while self.thawed < min(units, len(self.plan.thaw_units)):
@@ -111,10 +139,9 @@ class FineTuneTrainer(Trainer):
             return result
         unpacked: tuple[Any, Any] = result if return_outputs else (result, None)  # type: ignore[assignment]
         loss, outputs = unpacked
-        unwrapped = self._unwrapped()
-        decay = self._decay(unwrapped)
-        penalty = l1 * l1_norm(p for n, p in unwrapped.named_parameters() if p.requires_grad and n in decay)
-        self.last_l1_penalty = float(penalty.detach())
+        bare = self._model()
+        decay = self._decay(bare)
+        penalty = l1 * l1_norm(p for n, p in bare.named_parameters() if p.requires_grad and n in decay)
         scaled = self.loss_is_scaled_for_ga
         if scaled is None:
             scaled = (
@@ -123,12 +150,69 @@ class FineTuneTrainer(Trainer):
         if scaled:  # the Trainer will not divide by the accumulation steps: spread the penalty over them
             penalty = penalty / self.current_gradient_accumulation_steps
         loss = loss + penalty.to(loss.device)
+        # what the term adds to the logged loss (which the Trainer divides by the steps when not scaled)
+        share = (penalty if scaled else penalty / self.current_gradient_accumulation_steps).detach()
+        if self._l1_logged is None:
+            self._l1_logged, self._l1_logged_step = share, self.state.global_step
+        else:
+            self._l1_logged = self._l1_logged + share
         return (loss, outputs) if return_outputs else loss
 
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """With an L1 penalty, the training loss is logged with it (``loss``) and without it (``task_loss``)."""
+        if "loss" in logs and self._l1_logged is not None:
+            steps = max(self.state.global_step - self._l1_logged_step, 1)
+            penalty = float(self._l1_logged) / steps
+            logs = {**logs, "task_loss": logs["loss"] - penalty, "l1_penalty": penalty}
+            self._l1_logged = None
+        super().log(logs, start_time)
+
+    def prediction_step(
+        self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: list[str] | None = None
+    ) -> tuple[torch.Tensor | None, Any, Any]:
+        """Also sums the evaluation NLL ourselves (see ``evaluation_loop``); logits only if metrics need them."""
+        loss, logits, labels = super().prediction_step(model, inputs, False, ignore_keys=ignore_keys)
+        if labels is None or logits is None:
+            return loss, (None if prediction_loss_only else logits), labels
+        first = logits[0] if isinstance(logits, tuple | list) else logits
+        total, count = summed_nll(first, labels, causal=self.spec.model.task == "causal-lm")
+        if self._eval_nll is None:
+            self._eval_nll = (total, count)
+        else:
+            self._eval_nll = (self._eval_nll[0] + total, self._eval_nll[1] + count)
+        if prediction_loss_only:
+            return loss, None, None
+        return loss, logits, labels
+
     def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        """The reported loss is the token (or example) NLL: summed losses over their count, never label-smoothed.
+
+        The Trainer's own figure averages per-batch means (wrong for uneven batches) of the training loss
+        (smoothed; and mis-scaled for models whose loss expects ``num_items_in_batch``).
+        """
+        self._eval_nll = None
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", "eval")
+        if self._eval_nll is not None and output.metrics is not None:
+            total, count = self._eval_nll
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(total)
+                torch.distributed.all_reduce(count)
+            if int(count) > 0:
+                output.metrics[f"{prefix}_loss"] = float(total) / int(count)
+        self._eval_nll = None
         loss = (output.metrics or {}).get(f"{prefix}_loss")
         if self.want_perplexity and loss is not None and output.metrics is not None:
             output.metrics[f"{prefix}_perplexity"] = math.exp(min(float(loss), 700.0))
         return output
+
+
+def summed_nll(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token or example negative log-likelihoods, how many), labels -100 ignored; causal: next-token."""
+    if causal:
+        logits, labels = logits[:, :-1, :], labels[:, 1:]
+    flat_labels = labels.reshape(-1).to(logits.device)
+    total = torch.nn.functional.cross_entropy(
+        logits.reshape(flat_labels.numel(), -1).float(), flat_labels, ignore_index=-100, reduction="sum"
+    )
+    return total.double(), (flat_labels != -100).sum()
