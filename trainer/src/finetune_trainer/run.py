@@ -33,6 +33,7 @@ from finetune_trainer.callbacks import (
     partial_checkpoints,
 )
 from finetune_trainer.config import RuntimeEnv, local_path, location_uri
+from finetune_trainer.divergence import DivergenceCallback
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.freeze import apply_freeze, layer_map
 from finetune_trainer.models import align_pad_token, load_config, load_model, load_processor, resolve_source
@@ -118,6 +119,7 @@ def training_arguments(spec: TrainingSpec, checkpoints_dir: Path, log_every: int
         logging_strategy="steps",
         logging_steps=log_every,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN loss must reach the logs: DivergenceCallback stops on it
         prediction_loss_only=not classify,
         report_to="none",
         disable_tqdm=True,
@@ -251,6 +253,7 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
     trainer.thaw_on_create = ctx.state.thawed_units
     trainer.remove_callback(PrinterCallback)  # our JSON lines replace its prints
     for callback in (
+        DivergenceCallback(ctx),  # first: a NaN loss stops the run before it is published or checkpointed
         EarlyStoppingCallback(ctx),
         CheckpointCallback(ctx, trainer),
         StopCallback(ctx),
