@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from finetune_operator.advice_policy import CHART_POLICY_FILE, POLICY_FILE, render_policy
 from finetune_operator.api import (
     CATEGORIES,
     GROUP,
@@ -278,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="fail when the files differ instead of writing them")
     args = parser.parse_args(argv)
     outputs = {args.dir / CRD_FILE: render_crd(), args.rules: render_rules()}
+    outputs |= {POLICY_FILE: render_policy(), CHART_POLICY_FILE: render_policy()}  # apply-time advice
     if args.check:
         stale = [str(path) for path, text in outputs.items() if not path.exists() or path.read_text() != text]
         for path in stale:
