@@ -21,6 +21,7 @@ from transformers.utils import logging as hf_logging
 
 from finetune_trainer import data as data_mod
 from finetune_trainer import exitcodes
+from finetune_trainer.baseline import validation_baseline
 from finetune_trainer.callbacks import (
     CheckpointCallback,
     EarlyStoppingCallback,
@@ -38,7 +39,7 @@ from finetune_trainer.errors import ConfigError
 from finetune_trainer.freeze import apply_freeze, layer_map
 from finetune_trainer.models import align_pad_token, load_config, load_model, load_processor, resolve_source
 from finetune_trainer.reporting import JsonLines, PrometheusMetrics, StatusReporter, load_kube_api
-from finetune_trainer.spec import TrainingSpec
+from finetune_trainer.spec import CLASSIFICATION_TASKS, TrainingSpec
 from finetune_trainer.trainer import FineTuneTrainer
 
 SCHEDULERS = {
@@ -216,6 +217,8 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
     )
 
     ctx = RunContext(spec, output_dir, checkpoints_dir, env.pvc_root, log, is_main=is_main)
+    if spec.model.task in CLASSIFICATION_TASKS:
+        ctx.majority_baseline = validation_baseline(prepared.validation)
     if is_main and env.in_cluster_reporting:
         try:
             ctx.reporter = StatusReporter(
