@@ -18,6 +18,7 @@ from finetune_operator.api import (
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.reconcile import Observed, ObservedJob, decide
 from finetune_operator.reconcile.diagnosis import diagnose
+from finetune_operator.reconcile.observe import status_patch
 from tests.cli.jobs import job as job_manifest
 from tests.manifests import baseline
 
@@ -164,6 +165,7 @@ def test_decide_writes_the_diagnosis_and_emits_each_event_once() -> None:
     first = decide(job(status), Observed(job=done), NOW)
     assert [d.code for d in first.status.diagnosis] == ["Overfitting"]
     assert [e.reason for e in first.events if e.reason == "Overfitting"] == ["Overfitting"]
+    assert status_patch(status, first.status)["diagnosis"][0]["code"] == "Overfitting"  # the operator writes it
     again = decide(job(first.status), Observed(job=done), NOW)
     assert again.status.diagnosis == first.status.diagnosis
     assert [e for e in again.events if e.reason == "Overfitting"] == []
