@@ -201,3 +201,16 @@ def test_describe_shows_the_diagnosis_the_training_loss_and_the_baseline() -> No
     assert "Diagnosis:\n  Warning Overfitting: validation loss rose for 4 evaluations" in text
     assert "evidence: validation loss 0.5 at step 20 -> 0.8 at step 60" in text
     assert "TRAIN LOSS" in text and "majority-class baseline accuracy 0.55" in text
+
+
+def test_overfitting_is_reported_while_the_run_goes_on_and_not_repeated_at_the_end() -> None:
+    status = status_of(history([0.4, 0.5, 0.55, 0.6], FALLING_TRAIN[:4]))  # also best at the first evaluation
+    running = ObservedJob(active=1, ready=1, start_time=NOW)
+    live = decide(job(status), Observed(job=running), NOW)
+    assert [d.code for d in live.status.diagnosis] == ["Overfitting"]  # whole-run judgements wait for the end
+    assert [e.reason for e in live.events if e.reason == "Overfitting"] == ["Overfitting"]
+    done = decide(job(live.status), Observed(job=ObservedJob(succeeded=1, complete=True, completion_time=NOW)), NOW)
+    assert [d.code for d in done.status.diagnosis] == ["Overfitting", "BestAtFirstEvaluation"]
+    assert [e.reason for e in done.events if e.reason in ("Overfitting", "BestAtFirstEvaluation")] == [
+        "BestAtFirstEvaluation"
+    ]

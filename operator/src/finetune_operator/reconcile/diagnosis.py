@@ -1,4 +1,4 @@
-"""What the learning curves say: a short diagnosis of a finished run from its reported history. Pure.
+"""What the learning curves say: a short diagnosis of a run from its reported history. Pure.
 
 Each rule reads only ``status`` (evaluations with the training loss at each, best, early stopping,
 progress) and documented thresholds, and is tuned not to fire on ordinary evaluation noise.
@@ -151,6 +151,10 @@ RULES: Final[tuple[Callable[[FineTuneJob, FineTuneJobStatus], Diagnosis | None],
 )
 
 
-def diagnose(job: FineTuneJob, status: FineTuneJobStatus) -> list[Diagnosis]:
-    """Every diagnosis the reported history supports, in a fixed order."""
-    return [d for rule in RULES if (d := rule(job, status)) is not None]
+LIVE: Final = (_overfitting,)
+"""Rules that hold while the run goes on (the others judge a whole run): overfitting is worth knowing early."""
+
+
+def diagnose(job: FineTuneJob, status: FineTuneJobStatus, finished: bool = True) -> list[Diagnosis]:
+    """Every diagnosis the reported history supports, in a fixed order; only the live ones while running."""
+    return [d for rule in (RULES if finished else LIVE) if (d := rule(job, status)) is not None]

@@ -205,10 +205,10 @@ def _summary(status: FineTuneJobStatus) -> str:
     return "training; no evaluation yet" if status.progress is not None else "waiting for the trainer to report"
 
 
-def _diagnose(job: FineTuneJob, status: FineTuneJobStatus) -> list[Event]:
+def _diagnose(job: FineTuneJob, status: FineTuneJobStatus, finished: bool = True) -> list[Event]:
     """Write ``status.diagnosis``; an Event for each finding not already there (each is emitted once)."""
     known = {d.code for d in status.diagnosis}
-    status.diagnosis = diagnose(job, status)
+    status.diagnosis = diagnose(job, status, finished)
     return [
         Event("Warning" if d.severity == "Warning" else "Normal", d.code, f"{d.message} ({d.evidence})")
         for d in status.diagnosis
@@ -309,6 +309,7 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
         )
         status.phase = "Stalled" if stalled else "Running"
         status.message = _summary(status)
+        events.extend(_diagnose(job, status, finished=False))
         for condition in status.conditions:
             if condition.type == "Running":
                 condition.message = status.message
