@@ -77,6 +77,12 @@ def test_overfitting_eval_loss_rises_while_training_loss_falls() -> None:
     assert "freeze more layers" in found["Overfitting"].message
 
 
+def test_a_slow_rise_right_after_the_minimum_is_still_overfitting() -> None:
+    """Seen on a real run memorising noise: the first evaluations after the minimum are barely above it."""
+    status = status_of(history([0.694, 0.699, 0.700, 0.75, 0.88, 1.1], FALLING_TRAIN))
+    assert "Overfitting" in codes(status)
+
+
 @pytest.mark.parametrize(
     "eval_loss",
     [

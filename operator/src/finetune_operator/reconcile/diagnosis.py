@@ -13,7 +13,8 @@ from typing import Final
 from finetune_operator.api import Diagnosis, EvaluationRecord, FineTuneJob, FineTuneJobStatus
 
 OVERFIT_EVALUATIONS: Final = 3
-"""Evaluations after the lowest validation loss, every one of them clearly above it, that mean overfitting."""
+"""The last this many evaluations all clearly above the lowest validation loss (reached before them) mean
+overfitting; a slow rise right after the minimum still counts."""
 OVERFIT_RISE: Final = 0.05
 """"Clearly above": a validation loss at least 5% over its minimum (smaller wiggles are noise)."""
 MIN_EVALUATIONS: Final = 3
@@ -39,7 +40,8 @@ def _overfitting(job: FineTuneJob, status: FineTuneJobStatus) -> Diagnosis | Non
     low = min(range(len(curve)), key=lambda i: curve[i][1])
     after = curve[low + 1 :]
     step, minimum, train_at_min = curve[low]
-    if len(after) < OVERFIT_EVALUATIONS or not all(v > minimum * (1 + OVERFIT_RISE) for _, v, _ in after):
+    recent = curve[-OVERFIT_EVALUATIONS:]
+    if len(after) < OVERFIT_EVALUATIONS or not all(v > minimum * (1 + OVERFIT_RISE) for _, v, _ in recent):
         return None
     last_step, last, train_last = after[-1]
     if train_at_min is None or train_last is None or train_last >= train_at_min:
