@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -30,7 +30,6 @@ class DivergenceWatch:
     exploded_since: int | None = None
     """Step of the first log of the current run of exploded logs (the weights from there on are suspect)."""
     exploded: int = 0
-    history: list[tuple[int, float]] = field(default_factory=list)
 
     def observe(self, step: int, loss: float) -> str | None:
         if not math.isfinite(loss):
@@ -53,8 +52,8 @@ class DivergenceWatch:
 
 
 class DivergenceCallback(TrainerCallback):
-    """Watches every logged loss; on divergence skips this step's evaluation and save, removes checkpoints
-    written since the loss first exploded, and raises ``DivergedError`` (exit 6, not retried)."""
+    """Watches every logged loss; on divergence removes checkpoints written since the loss first exploded and
+    raises ``DivergedError`` (exit 6, not retried) before this step is evaluated, saved or published."""
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
@@ -68,13 +67,12 @@ class DivergenceCallback(TrainerCallback):
         why = self.watch.observe(step, float(logs["loss"]))
         if why is None:
             return
-        control.should_evaluate = control.should_save = False
-        control.should_training_stop = True
+        # Raising leaves the Trainer's loop here: this step is neither evaluated nor saved.
         rate = logs.get("learning_rate", args.learning_rate)
         removed = self._remove_suspect_checkpoints(self.watch.exploded_since or step)
         self.ctx.log.emit("diverged", step=step, learningRate=rate, message=why, removedCheckpoints=removed)
         if self.ctx.reporter is not None:
-            self.ctx.reporter.close()  # flush the last progress (with the bad loss) before the process exits
+            self.ctx.reporter.close()  # send the pending status before the process exits
         raise DivergedError(
             f"training diverged at step {step} (learning rate {float(rate):.3g}): {why}; "
             "lower hyperparameters.learningRate"
