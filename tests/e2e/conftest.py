@@ -41,7 +41,7 @@ def pytest_configure(config: pytest.Config) -> None:
                     "match": rf"finetune-test/exit-{code}(:|$)",
                     "entrypoint": [sys.executable, str(FAKE_TRAINER), "exit", str(code)],
                 }
-                for code in (0, 1, 2, 3, 4)
+                for code in (0, 1, 2, 3, 4, 6)
             ]
         )
     )

@@ -24,6 +24,9 @@ from urllib3.exceptions import HTTPError
 from finetune_cli import kube as k
 from finetune_cli.render import describe, final_line, list_table, outcome, parse_job, progress_line
 from finetune_operator.reconcile.status import STOP_ANNOTATION
+from finetune_trainer.advice import advise
+from finetune_trainer.config import load_spec
+from finetune_trainer.errors import TrainerError
 
 EXIT_FAILED = 1
 EXIT_NOT_FOUND = 2
@@ -242,11 +245,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--container", default=k.TRAINER_CONTAINER, help="container (default trainer)")
     p.add_argument("--pod", help="a specific trainer pod (default: the newest)")
     command("stop", "ask the trainer to save and stop (sets the stop annotation)")
+    p = sub.add_parser("advise", help=ADVISE_HELP, description=ADVISE_HELP)
+    p.add_argument("-f", "--filename", required=True, help="FineTuneJob manifest or TrainingSpec (YAML/JSON)")
     return parser
+
+
+ADVISE_HELP = "offline: the best-practice warnings `kubectl apply` would print for a manifest (exit 0 either way)"
+
+
+def cmd_advise(path: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """The same rules as the cluster's warning policy, before anything is applied; 1 only for an invalid spec."""
+    try:
+        spec = load_spec(path)
+    except TrainerError as error:
+        print(f"error: {error}", file=err)
+        return EXIT_FAILED
+    found = advise(spec)
+    for item in found:
+        print(f"Warning: {item.message}", file=out)
+    if not found:
+        print(f"{path}: no advice: the spec follows the fine-tuning practices we check", file=out)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command == "advise":  # offline: no kubeconfig needed
+        sys.exit(cmd_advise(args.filename))
     try:
         kube = k.Kube.connect(getattr(args, "kubeconfig", None), getattr(args, "context", None))
     except (ConfigException, OSError) as error:

@@ -402,16 +402,19 @@ def evaluations_table(job: Job, indent: str = "  ") -> str:
     seen = {k for r in records for k in r.metrics}
     metrics = [m for m in METRIC_ORDER if m in seen] + sorted(seen - set(METRIC_ORDER))
     best = best_point(job)
+    with_train = any(r.train_loss is not None for r in records)
     rows = [
         [
             str(r.step),
             _epoch(r.epoch) if r.epoch is not None else "-",
             *(num(r.metrics.get(m)) for m in metrics),
+            *([num(r.train_loss)] if with_train else []),
             "*" if best is not None and r.step == best.step else "",
         ]
         for r in records
     ]
-    return table(["STEP", "EPOCH", *(m.upper() for m in metrics), "BEST"], rows, indent)
+    extra = ["TRAIN LOSS"] if with_train else []
+    return table(["STEP", "EPOCH", *(m.upper() for m in metrics), *extra, "BEST"], rows, indent)
 
 
 def describe(job: Job, now: datetime) -> str:
@@ -468,6 +471,13 @@ def describe(job: Job, now: datetime) -> str:
     if best is not None:
         where = best.checkpoint or "<no checkpoint recorded>"
         lines.append(f"  {best.metric}={num(best.value)} at step {best.step}: {where}")
+        baseline = status.best.majority_baseline if status.best is not None else None
+        if baseline is not None:
+            lines.append(f"  majority-class baseline accuracy {num(baseline)}")
     else:
         lines.append("  <none yet>")
+    if status.diagnosis:
+        lines.append("Diagnosis:")
+        for d in status.diagnosis:
+            lines += [f"  {d.severity} {d.code}: {d.message}", f"    evidence: {d.evidence}"]
     return "\n".join(lines) + "\n"

@@ -334,6 +334,9 @@ class EvaluationRecord(StatusModel):
     epoch: float | None = Field(None, description="Epoch at which the evaluation ran.")
     metrics: dict[str, float] = Field(description="Metric name to value (loss, accuracy, f1, perplexity).")
     time: datetime | None = Field(None, description="When the evaluation finished.")
+    train_loss: float | None = Field(
+        None, description="The last logged training loss at this evaluation (for the diagnosis)."
+    )
 
 
 class BestResult(StatusModel):
@@ -344,6 +347,19 @@ class BestResult(StatusModel):
     step: int = Field(description="Step of the best evaluation.")
     epoch: float | None = Field(None, description="Epoch of the best evaluation.")
     checkpoint: str | None = Field(None, description="URI of the checkpoint holding the best weights.")
+    majority_baseline: float | None = Field(
+        None,
+        description="Classification: accuracy of always predicting the most frequent validation label.",
+    )
+
+
+class Diagnosis(StatusModel):
+    """One finding about the run's learning curves (see docs/advice.md)."""
+
+    code: str = Field(max_length=64, description="Overfitting, BestAtFirstEvaluation, NoBetterThanBaseline, ...")
+    severity: Literal["Info", "Warning"] = Field(description="Warning: probably worth another run.")
+    message: str = Field(max_length=1024, description="What it means and what to try.")
+    evidence: str = Field(max_length=1024, description="The numbers it rests on.")
 
 
 class EarlyStoppingStatus(StatusModel):
@@ -417,6 +433,9 @@ class FineTuneJobStatus(StatusModel):
     stop_request: StopRequest | None = Field(None, description="Set when the trainer has been asked to stop.")
     workload: WorkloadRefs | None = Field(None, description="Children created for this job.")
     restarts: int = Field(0, description="Trainer pods that failed and were retried.")
+    diagnosis: list[Diagnosis] = Field(
+        default_factory=list, max_length=16, description="What the learning curves say (operator-written)."
+    )
     message: str | None = Field(None, description="Latest human-readable summary.")
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from finetune_operator import admission
+from finetune_operator import admission, advice_policy
 from finetune_operator.api import (
     CATEGORIES,
     GROUP,
@@ -303,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     outputs = {args.dir / CRD_FILE: render_crd(), args.rules: render_rules()}
     outputs.update({path: render_policy() for path in POLICY_FILES})
+    outputs |= {  # apply-time advice
+        advice_policy.POLICY_FILE: advice_policy.render_policy(),
+        advice_policy.CHART_POLICY_FILE: advice_policy.render_policy(),
+    }
     if args.check:
         stale = [str(path) for path, text in outputs.items() if not path.exists() or path.read_text() != text]
         for path in stale:

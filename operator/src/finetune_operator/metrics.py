@@ -58,6 +58,12 @@ class OperatorMetrics:
         self.best_metric = Gauge(
             "finetune_job_best_metric", "Best value of the monitored metric.", [*per_job, "metric"], registry=r
         )
+        self.diagnosis = Gauge(
+            "finetune_job_diagnosis",
+            "1 for each finding of a job's diagnosis (docs/advice.md), by code.",
+            [*per_job, "code"],
+            registry=r,
+        )
         self.api_requests = Counter(
             "finetune_operator_api_requests",
             "Requests the operator made to the Kubernetes API (besides kopf's watches), by verb, kind and status code.",
@@ -66,6 +72,7 @@ class OperatorMetrics:
         )
         self._phases: dict[tuple[str, str], str] = {}
         self._metric_names: dict[tuple[str, str], set[str]] = {}
+        self._diagnosis_codes: dict[tuple[str, str], set[str]] = {}
         for phase in PHASES:
             self.jobs.labels(phase).set(0)
         for reason in FAILURE_REASONS:  # a labelled counter born at 1 shows no increase() to alerts
@@ -99,6 +106,12 @@ class OperatorMetrics:
         if status.best is not None:
             self.best_metric.labels(namespace, name, status.best.metric).set(status.best.value)
             self._metric_names.setdefault(key, set()).add(status.best.metric)
+        codes = {d.code for d in status.diagnosis}
+        for gone in self._diagnosis_codes.get(key, set()) - codes:
+            _remove(self.diagnosis, (namespace, name, gone))
+        for code in codes:
+            self.diagnosis.labels(namespace, name, code).set(1)
+        self._diagnosis_codes[key] = codes
 
     def forget_job(self, namespace: str, name: str) -> None:
         """Drop every series of a deleted job, so dashboards do not show ghosts."""
@@ -109,6 +122,8 @@ class OperatorMetrics:
         for metric in self._metric_names.pop(key, set()):
             _remove(self.eval_metric, (namespace, name, metric))
             _remove(self.best_metric, (namespace, name, metric))
+        for code in self._diagnosis_codes.pop(key, set()):
+            _remove(self.diagnosis, (namespace, name, code))
 
     def record_transitions(
         self, reasons: Iterable[str], status: FineTuneJobStatus, created_seconds_ago: float, first_run: bool = True

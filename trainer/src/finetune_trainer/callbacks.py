@@ -44,6 +44,7 @@ class Best(Wire):
     step: int
     epoch: float
     checkpoint: str | None = None
+    majority_baseline: float | None = None
 
 
 class EvaluationRecord(Wire):
@@ -51,6 +52,7 @@ class EvaluationRecord(Wire):
     epoch: float
     metrics: dict[str, float]
     time: str
+    train_loss: float | None = None
 
 
 class RunState(Wire):
@@ -80,6 +82,8 @@ class RunContext:
     stopped_by: str | None = None
     """Why training stopped early: Terminated, Stopped, EarlyStopped (stop request) or None."""
     stop_message: str = ""
+    majority_baseline: float | None = None
+    """Classification: accuracy of always predicting the most frequent validation label (for the diagnosis)."""
     best_rule: EarlyStopping = field(init=False)
 
     def __post_init__(self) -> None:
@@ -141,6 +145,15 @@ def load_run_state(checkpoint: Path) -> RunState:
     return state
 
 
+def last_train_loss(state: TrainerState) -> float | None:
+    """The most recent finite logged training loss (the Trainer keeps its logs in ``log_history``)."""
+    for entry in reversed(state.log_history):
+        loss = entry.get("loss")
+        if isinstance(loss, int | float) and math.isfinite(loss):
+            return float(loss)
+    return None
+
+
 class EarlyStoppingCallback(TrainerCallback):
     """Applies the shared pure rule on each evaluation; the state rides along in every checkpoint."""
 
@@ -159,7 +172,9 @@ class EarlyStoppingCallback(TrainerCallback):
         run = self.ctx.state
         # keyed by step: a resumed run replaces what the lost run had recorded past its checkpoint
         run.evaluations = [e for e in run.evaluations if e.step < step][-(MAX_EVALUATIONS - 1) :]
-        run.evaluations.append(EvaluationRecord(step=step, epoch=epoch, metrics=metrics, time=utc_now()))
+        run.evaluations.append(
+            EvaluationRecord(step=step, epoch=epoch, metrics=metrics, time=utc_now(), train_loss=last_train_loss(state))
+        )
         control.should_save = True  # every evaluation is a checkpoint: the best one must exist on disk
         rule = self.ctx.best_rule
         value = metrics.get(rule.metric)
@@ -175,7 +190,12 @@ class EarlyStoppingCallback(TrainerCallback):
             improved = improves(rule, value, run.best.value if run.best else None)
         if improved:
             run.best = Best(
-                metric=rule.metric, value=value, step=step, epoch=epoch, checkpoint=self.ctx.checkpoint_uri(step)
+                metric=rule.metric,
+                value=value,
+                step=step,
+                epoch=epoch,
+                checkpoint=self.ctx.checkpoint_uri(step),
+                majority_baseline=self.ctx.majority_baseline,
             )
 
 

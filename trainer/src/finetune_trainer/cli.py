@@ -20,6 +20,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", required=True, help="YAML/JSON TrainingSpec, or a whole FineTuneJob manifest")
     p.add_argument("--output", help="override output.location (pvc://claim/path, file:///path or /path)")
+    p.add_argument(
+        "--plan", action="store_true", help="print the model's layer map and what the freeze policy trains; no training"
+    )
     return p
 
 
@@ -44,6 +47,10 @@ def _main(argv: Sequence[str] | None) -> int:
         env = RuntimeEnv.from_environ()
         spec = load_spec(args.config, args.output)
         # torch loads only once the config is known to be valid: config errors fail in well under a second
+        if args.plan:
+            from finetune_trainer.plan import print_plan  # noqa: PLC0415
+
+            return print_plan(spec, env, sys.stdout)
         from finetune_trainer.run import run  # noqa: PLC0415
 
         return run(spec, env, log).exit_code

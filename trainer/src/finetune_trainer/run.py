@@ -24,6 +24,7 @@ from finetune_trainer import data as data_mod
 from finetune_trainer import exitcodes
 from finetune_trainer.accelerator import require_accelerator
 from finetune_trainer.atomic import atomic_directory, remove_leftovers
+from finetune_trainer.baseline import validation_baseline
 from finetune_trainer.callbacks import (
     FULL,
     CheckpointCallback,
@@ -39,13 +40,14 @@ from finetune_trainer.callbacks import (
     partial_checkpoints,
 )
 from finetune_trainer.config import RuntimeEnv, local_path, location_uri
+from finetune_trainer.divergence import DivergenceCallback
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.freeze import apply_freeze, layer_map
 from finetune_trainer.metrics import classification_metrics, probabilities
 from finetune_trainer.models import align_pad_token, load_config, load_model, load_processor, resolve_source
 from finetune_trainer.ownership import claim_checkpoints
 from finetune_trainer.reporting import JsonLines, PrometheusMetrics, StatusReporter, load_kube_api
-from finetune_trainer.spec import CLASSIFICATION_METRICS, TrainingSpec
+from finetune_trainer.spec import CLASSIFICATION_METRICS, CLASSIFICATION_TASKS, TrainingSpec
 from finetune_trainer.trainer import FineTuneTrainer
 
 SCHEDULERS = {
@@ -105,6 +107,7 @@ def training_arguments(spec: TrainingSpec, checkpoints_dir: Path, log_every: int
         logging_strategy="steps",
         logging_steps=log_every,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN loss must reach the logs: DivergenceCallback stops on it
         prediction_loss_only=not classify,
         report_to="none",
         disable_tqdm=True,
@@ -237,6 +240,8 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
     )
 
     ctx = RunContext(spec, output_dir, checkpoints_dir, env.pvc_root, log, is_main=is_main)
+    if spec.model.task in CLASSIFICATION_TASKS:
+        ctx.majority_baseline = validation_baseline(prepared.validation)
     if is_main and env.in_cluster_reporting:
         try:
             ctx.reporter = StatusReporter(
@@ -284,6 +289,7 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
     trainer.checkpointer = Checkpointer(ctx, trainer.write_checkpoint)
     trainer.remove_callback(PrinterCallback)  # our JSON lines replace its prints
     for callback in (
+        DivergenceCallback(ctx),  # first: a NaN loss stops the run before it is published or checkpointed
         EarlyStoppingCallback(ctx),
         CheckpointCallback(ctx),
         StopCallback(ctx),

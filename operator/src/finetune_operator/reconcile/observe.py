@@ -23,6 +23,7 @@ OPERATOR_STATUS_KEYS = (
     "restarts",
     "message",
     "best",
+    "diagnosis",
 )
 """Status keys the operator writes. progress and evaluations belong to the trainer; ``best`` is
 shared: the operator fills it only until the trainer reports one with its checkpoint."""

@@ -29,6 +29,7 @@ from finetune_operator.api import (
     WorkloadRefs,
 )
 from finetune_operator.reconcile.children import Names
+from finetune_operator.reconcile.diagnosis import diagnose
 from finetune_trainer import exitcodes
 from finetune_trainer.early_stopping import EarlyStoppingState, Evaluated, explain, observe_all
 
@@ -258,6 +259,17 @@ def _summary(status: FineTuneJobStatus) -> str:
     return "training; no evaluation yet" if status.progress is not None else "waiting for the trainer to report"
 
 
+def _diagnose(job: FineTuneJob, status: FineTuneJobStatus, finished: bool = True) -> list[Event]:
+    """Write ``status.diagnosis``; an Event for each finding not already there (each is emitted once)."""
+    known = {d.code for d in status.diagnosis}
+    status.diagnosis = diagnose(job, status, finished)
+    return [
+        Event("Warning" if d.severity == "Warning" else "Normal", d.code, f"{d.message} ({d.evidence})")
+        for d in status.diagnosis
+        if d.code not in known
+    ]
+
+
 def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
     """The next status of ``job`` given what exists, and what to do about it."""
     generation = job.metadata.generation
@@ -328,6 +340,7 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
         transition(type_, True, reason, message)
         transition("Running", False, reason, message, event=False)
         transition("Stalled", False, reason, message, event=False)
+        events.extend(_diagnose(job, status))
         decision.workload_wanted = False
         return decision
 
@@ -386,6 +399,7 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
         )
         status.phase = "Stalled" if stalled else "Running"
         status.message = _summary(status)
+        events.extend(_diagnose(job, status, finished=False))
         for condition in status.conditions:
             if condition.type == "Running":
                 condition.message = status.message
