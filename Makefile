@@ -11,6 +11,7 @@ PY := $(VENV)/bin/python
 VENV_INPUTS := operator/pyproject.toml trainer/pyproject.toml dev/pyproject.toml cli/pyproject.toml requirements-dev.txt constraints.txt
 VENV_STAMP := $(VENV)/.installed-$(shell cat $(VENV_INPUTS) 2>/dev/null | sha256sum | cut -c1-16)
 PYTEST_ARGS ?=
+CHART := charts/finetune-operator
 
 .PHONY: help
 help: ## list the targets
@@ -35,6 +36,21 @@ lint: venv ## ruff, mypy --strict, import-linter contracts, CRD drift
 	$(VENV)/bin/mypy operator/src trainer/src dev/src cli/src
 	$(VENV)/bin/lint-imports
 	$(PY) -m finetune_operator.crd --check
+	@$(MAKE) --no-print-directory chart-lint
+
+.PHONY: helm
+helm: venv ## build (or reuse the cached) helm from the Go module proxy; prints its path
+	@$(PY) -m finetune_localcluster helm
+
+.PHONY: chart-lint
+chart-lint: venv ## helm lint --strict + helm template over the chart's values matrix ($(CHART)/ci/)
+	@helm="$$($(PY) -m finetune_localcluster helm)" || exit 1; \
+	for values in $(CHART)/ci/*-values.yaml; do \
+	  out="$$("$$helm" lint --strict $(CHART) -f "$$values" 2>&1 && \
+	         "$$helm" template lint-check $(CHART) -n finetune-system -f "$$values" 2>&1 >/dev/null)" || \
+	    { echo "$$out"; echo "error: the chart fails helm lint/template with $$values"; exit 1; }; \
+	  echo "helm lint + template ok: $$values"; \
+	done
 
 .PHONY: crds
 crds: venv ## regenerate crds/ from the API models
