@@ -46,8 +46,9 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import mountns, podspec, procs
+from . import apiservice, mountns, podspec, procs
 from .logserver import LogServer
+from .probes import ContainerProbes
 from .rest import ApiError, Obj, Rest, q
 
 PASSTHROUGH_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH")
@@ -101,10 +102,17 @@ class Container:
     next_start: float = 0.0
     backoff: float = BACKOFF_START
     done: bool = False  # terminated and will not restart
+    env: dict[str, str] = field(default_factory=dict)  # of the running process (exec probes use it)
+    probes: ContainerProbes | None = None  # of the current run
 
     @property
     def name(self) -> str:
         return str(self.spec["name"])
+
+    @property
+    def ready(self) -> bool:
+        """Running and passing its startup and readiness probes (if it has them)."""
+        return "running" in self.state and (self.probes is None or self.probes.ready)
 
     def status(self) -> Obj:
         running = "running" in self.state
@@ -112,8 +120,8 @@ class Container:
             "name": self.name,
             "image": self.spec.get("image", ""),
             "imageID": "local://" + str(self.spec.get("image", "")),
-            "ready": running,
-            "started": running,
+            "ready": self.ready,
+            "started": running and (self.probes is None or self.probes.started),
             "restartCount": self.restart_count,
             "state": self.state,
             "lastState": self.last_state,
@@ -171,7 +179,7 @@ class PodWorker(threading.Thread):
 
     def report(self) -> None:
         """PATCH the pod status if it changed since the last report."""
-        ready = self.phase == "Running" and all("running" in c.state for c in self.main)
+        ready = self.phase == "Running" and all(c.ready for c in self.main)
         terminal = self.phase in ("Succeeded", "Failed")
 
         def cond(t: str, ok: bool, reason: str | None = None) -> Obj:
@@ -341,6 +349,8 @@ class PodWorker(threading.Thread):
                     host.mkdir(parents=True, exist_ok=True)
                 mounts.append((str(m["mountPath"]), str(host)))
                 binds.append((str(host), str(m["mountPath"]), bool(m.get("readOnly"))))
+            if self.agent.hosts_file is not None:  # kubernetes.default.svc -> the agent's forwarder
+                binds.append((str(self.agent.hosts_file), "/etc/hosts", True))
             # With mount namespaces the volumes are at their real paths, so nothing is rewritten
             # (rewriting would also mangle host paths that merely lie under a mount path, such as
             # a checkout in /tmp when a pod mounts /tmp).
@@ -486,6 +496,31 @@ class PodWorker(threading.Thread):
             logf.close()
         procs.write_pidfile(self.agent.pidfile(self.uid, c.name), c.proc.pid)
         c.state = {"running": {"startedAt": now()}}
+        c.env = env
+        c.probes = ContainerProbes(c.spec, time.monotonic())
+
+    def exec_in(self, c: Container, argv: list[str], timeout: float) -> int:
+        """Run ``argv`` as the container would (its env and mounts): exec probes."""
+        if argv and "/" not in argv[0]:
+            argv = [shutil.which(argv[0], path=c.env.get("PATH")) or argv[0], *argv[1:]]
+        if USE_MOUNT_NAMESPACES:
+            argv = mountns.wrap(argv, mountns.plan(self.binds.get(c.name, []), [self.agent.state_dir.resolve()]))
+        done = subprocess.run(argv, env=c.env, cwd=self.dir, capture_output=True, timeout=timeout, check=False)
+        return done.returncode
+
+    def probe(self, c: Container, mono: float) -> None:
+        """Run the container's due probes; a failed liveness/startup probe kills it (then restart policy)."""
+        if c.probes is None or c.proc is None or "running" not in c.state:
+            return
+        why = c.probes.tick(mono, lambda argv, timeout: self.exec_in(c, argv, timeout))
+        if why is None:
+            return
+        log(f"{self.ns}/{self.pod_name}: container {c.name}: {why}; killing it")
+        grace = c.spec.get("livenessProbe", {}).get("terminationGracePeriodSeconds")
+        procs.kill_group(c.proc.pid, float(grace if grace is not None else self._grace()))
+        rc = c.proc.wait()
+        self._terminated(c, rc, "Error", why, c.state["running"]["startedAt"])
+        c.proc = None
 
     def _terminated(self, c: Container, code: int, reason: str | None, message: str | None, started: str) -> None:
         t: Obj = {
@@ -675,7 +710,8 @@ class PodWorker(threading.Thread):
             }
 
     def _tick(self, c: Container, mono: float) -> None:
-        self.poll(c)
+        if not self.poll(c):
+            self.probe(c, mono)
         if "terminated" in c.state:
             if self.should_restart(c):
                 self._backoff(c, mono)
@@ -710,6 +746,21 @@ class Agent:
             "nvidia.com/gpu": str(gpus),
         }
         (state_dir / "run" / "pods").mkdir(parents=True, exist_ok=True)
+        self.hosts_file: Path | None = None  # set once the kubernetes Service stand-in listens
+        self.api_service: apiservice.Forwarder | None = None
+
+    def serve_api_service(self) -> None:
+        """``kubernetes.default.svc:443`` for in-cluster clients (see :mod:`apiservice`)."""
+        if not USE_MOUNT_NAMESPACES:
+            log("no mount namespaces: pods reach the API server by KUBERNETES_SERVICE_HOST only")
+            return
+        address = apiservice.service_address(self.api.port)
+        try:
+            self.api_service = apiservice.Forwarder(address, (self.api.host, self.api.port))
+        except OSError as e:
+            log(f"cannot listen on {address}:{apiservice.SERVICE_PORT} ({e}): no kubernetes.default.svc in pods")
+            return
+        self.hosts_file = apiservice.write_hosts(self.state_dir / "run" / "hosts", address)
 
     def container_running(self, ns: str, pod: str, container: str) -> bool:
         """Whether a container still runs (``kubectl logs -f`` follows until it stops)."""
@@ -1035,6 +1086,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, on_term)
     try:
         agent.serve_logs()
+        agent.serve_api_service()
         agent.register()
         agent.ensure_storage_class()
         threading.Thread(target=agent.heartbeat, name="heartbeat", daemon=True).start()
