@@ -8,6 +8,7 @@ service-account token.
     fake_trainer.py exit N     exits with code N at once (2/3/4: the trainer's permanent errors)
     fake_trainer.py steady     reports progress slowly until asked to stop or done
     fake_trainer.py silent     reports twice, then hangs without a word (a stuck data loader)
+    fake_trainer.py paced      trains 30 steps in ~15 s, evaluating every 10, then finishes
 """
 
 from __future__ import annotations
@@ -116,6 +117,19 @@ def steady(total: int = 600) -> int:
     return 0
 
 
+def paced(total: int = 30) -> int:
+    """Long enough to outlive an operator restart (a helm upgrade), short enough for a test."""
+    evaluations: list[dict[str, Any]] = []
+    for step in range(1, total + 1):
+        if step % 10 == 0:
+            evaluations.append(evaluation(step, 0.5 + step / 100))
+            best = {"metric": "accuracy", "value": 0.5 + step / 100, "step": step, "epoch": step / 10}
+            _request("PATCH", _job_path() + "/status", {"status": {"best": best}})
+        report(step, total, evaluations)
+        time.sleep(0.5)
+    return 0
+
+
 def silent() -> int:
     report(1, 100, [])
     report(2, 100, [])
@@ -137,6 +151,8 @@ def main(argv: list[str]) -> int:
         code = int(argv[2])
         print(f"finetune-trainer: error: scripted failure with exit code {code}", file=sys.stderr)
         return code
+    if mode == "paced":
+        return paced()
     if mode == "steady":
         return steady()
     if mode == "silent":
