@@ -2,33 +2,53 @@
 # Two images from one file:
 #   docker build --target operator -t finetune-operator:0.1.0 .
 #   docker build --target trainer  -t finetune-trainer:0.1.0 .
+# (`make images` builds both with podman, tagged by a content hash of their inputs.)
 # Both run as a non-root user with a read-only root filesystem in mind (writable paths are
 # volumes: /tmp, the output volume, the HF cache).
+#
+# BASE: any Debian-like image with python3 (3.11+) and its venv module. Offline, `make images`
+# builds one with mmdebstrap. PIP_NO_INDEX / PIP_FIND_LINKS (unset by default) let an air-gapped
+# build install from a directory of wheels mounted into the build.
+ARG BASE=python:3.11-slim
 
-FROM python:3.11-slim AS base
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN useradd --uid 65532 --create-home --shell /usr/sbin/nologin finetune
+FROM ${BASE} AS base
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
+RUN useradd --uid 65532 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin finetune
 WORKDIR /app
 
-# The operator: no torch, small.
-FROM base AS operator
+# Build stages install into /opt/venv; the final stages copy only that venv (no build leftovers).
+FROM base AS build
+RUN python3 -m venv /opt/venv
 COPY constraints.txt ./
 COPY trainer/pyproject.toml trainer/pyproject.toml
 COPY trainer/src trainer/src
+
+FROM build AS operator-build
+ARG PIP_NO_INDEX
+ARG PIP_FIND_LINKS
 COPY operator/pyproject.toml operator/pyproject.toml
 COPY operator/src operator/src
-RUN pip install -c constraints.txt ./trainer ./operator
+RUN pip install -c constraints.txt ./trainer ./operator && pip uninstall --yes pip
+
+FROM build AS trainer-build
+ARG PIP_NO_INDEX
+ARG PIP_FIND_LINKS
+RUN pip install -c constraints.txt "./trainer[train]" \
+ && pip uninstall --yes pip \
+ && find /opt/venv/lib -depth -type d -name tests -path '*/site-packages/*/tests' -exec rm -rf {} +
+
+# The operator: no torch, small.
+FROM base AS operator
+COPY --from=operator-build /opt/venv /opt/venv
 USER 65532:65532
-EXPOSE 8080 9090
+EXPOSE 8080 8081
 ENTRYPOINT ["finetune-operator"]
 CMD ["run", "--all-namespaces", "--log-format", "json"]
 
 # The trainer: torch + transformers + peft + datasets.
 FROM base AS trainer
-COPY constraints.txt ./
-COPY trainer/pyproject.toml trainer/pyproject.toml
-COPY trainer/src trainer/src
-RUN pip install -c constraints.txt "./trainer[train]"
+COPY --from=trainer-build /opt/venv /opt/venv
 ENV HF_HOME=/tmp/hf-home
 USER 65532:65532
 EXPOSE 9400

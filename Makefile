@@ -30,7 +30,7 @@ $(VENV_STAMP):
 venv: $(VENV_STAMP) ## create/refresh the Python environment
 
 .PHONY: lint
-lint: venv ## ruff, mypy --strict, import-linter contracts, CRD drift
+lint: venv ## ruff, mypy --strict, import-linter contracts, CRD drift, helm lint of the chart
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy operator/src trainer/src dev/src cli/src
@@ -41,6 +41,10 @@ lint: venv ## ruff, mypy --strict, import-linter contracts, CRD drift
 .PHONY: helm
 helm: venv ## build (or reuse the cached) helm from the Go module proxy; prints its path
 	@$(PY) -m finetune_localcluster helm
+
+.PHONY: images
+images: venv container-deps ## the operator and trainer images (podman), tagged by a hash of their inputs; prints sizes
+	@$(PY) -m finetune_localcluster images
 
 .PHONY: chart-lint
 chart-lint: venv ## helm lint --strict + helm template over the chart's values matrix ($(CHART)/ci/)
@@ -60,8 +64,12 @@ crds: venv ## regenerate crds/ from the API models
 system-deps: ## Debian packages (Prometheus for the demo and its test)
 	@dev/install-system-deps.sh
 
+.PHONY: container-deps
+container-deps: ## Debian packages for images and containers on the local node (podman, buildah, runc, mmdebstrap)
+	@dev/install-system-deps.sh containers
+
 .PHONY: test
-test: lint controlplane system-deps ## everything CI runs: lint + unit + integration (real control plane) + end-to-end
+test: lint controlplane system-deps container-deps ## everything CI runs: lint + unit + integration (real control plane) + end-to-end
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: unit

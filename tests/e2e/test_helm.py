@@ -1,9 +1,10 @@
 """As users install it: the chart, with the real helm, on a control plane of its own.
 
-The operator runs as the chart's Deployment, with the chart's ServiceAccount and ClusterRole, and
-logs in the way it does in a cluster (kopf's in-cluster login: ``kubernetes.default.svc:443`` and
-the service-account token). Its readiness probe decides when it is Ready. Pods run in process mode
-here (the image maps to the local ``finetune-operator`` command; the trainer is a scripted one).
+The operator image is built from the Dockerfile (``make images``, cached by content hash) and runs
+as the chart's Deployment in a podman container, with the chart's ServiceAccount, ClusterRole and
+securityContext (non-root, read-only root filesystem), logging in the way it does in a cluster
+(kopf's in-cluster login: ``kubernetes.default.svc:443`` and the service-account token). Its
+readiness probe decides when it is Ready. The trainer is a scripted one (process mode).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from finetune_localcluster import mountns
+from finetune_localcluster import images, mountns
 from finetune_localcluster.cluster import Cluster, free_port
 from finetune_localcluster.helm import ensure_helm
 from finetune_localcluster.pytest_plugin import LocalCluster
@@ -66,6 +67,14 @@ def own_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClust
         cluster.stop()
 
 
+@pytest.fixture(scope="module")
+def operator_image() -> str:
+    start = time.monotonic()
+    (image,) = images.build_images(("operator",))
+    print(f"operator image {image.ref}: {image.size_bytes / 1e6:.0f} MB, ready in {time.monotonic() - start:.1f} s")
+    return image.ref
+
+
 def _operator_pods(api: client.ApiClient) -> list[Any]:
     pods = client.CoreV1Api(api).list_namespaced_pod(SYSTEM, label_selector="app.kubernetes.io/name=finetune-operator")
     return [p for p in pods.items if not p.metadata.deletion_timestamp]
@@ -76,11 +85,12 @@ def _ready(pod: Any) -> bool:
 
 
 def test_helm_install_upgrade_uninstall_with_a_job_running_through_it(
-    own_cluster: LocalCluster, tmp_path: Path
+    own_cluster: LocalCluster, operator_image: str, tmp_path: Path
 ) -> None:
     helm = Helm(own_cluster)
+    repository, tag = operator_image.rsplit(":", 1)
     values = [
-        "--set", "image.repository=localhost/finetune-operator", "--set", "image.tag=dev",
+        "--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
         "--set", "image.pullPolicy=Never", "--set", "trainerImage=finetune-test/paced:1",
         "--set", f"metrics.port={free_port()}", "--set", f"healthPort={free_port()}",
         "--set", "resyncSeconds=2", "--set", "logFormat=plain",
@@ -91,6 +101,15 @@ def test_helm_install_upgrade_uninstall_with_a_job_running_through_it(
     with own_cluster.api_client() as api:
         (pod,) = _operator_pods(api)
         assert _ready(pod) and pod.spec.service_account_name == "finetune-operator"
+        assert pod.status.container_statuses[0].image == operator_image
+        running = subprocess.run(
+            ["podman", "ps", "--format", "{{.Image}} {{.Names}}"],
+            env=images.podman_env(),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert f"{operator_image} ftl-{pod.metadata.uid[:13]}-operator" in running, running
         first_uid = pod.metadata.uid
 
         namespace = own_cluster.create_namespace("helm")

@@ -1,4 +1,4 @@
-"""``finetune-localcluster up|down|status|logs|kubeconfig|build|helm``.
+"""``finetune-localcluster up|down|status|logs|kubeconfig|build|helm|images``.
 
 The state dir is ``$FINETUNE_CLUSTER_DIR`` or ``~/.cache/finetune-operator/cluster``;
 the admin kubeconfig is always ``<state dir>/kubeconfig``.
@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import build
+from . import build, images
 from .cluster import Cluster, ClusterError, default_state_dir
 from .helm import ensure_helm
 from .procs import tail
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("kubeconfig", help="print the admin kubeconfig path")
     sub.add_parser("build", help="build (or find cached) binaries and print their directory")
     sub.add_parser("helm", help="build (or find cached) helm and print its path")
+    sub.add_parser("images", help="build (or find) the operator and trainer images with podman; print refs and sizes")
     a = p.parse_args(argv)
     state = (a.state_dir or default_state_dir()).resolve()
     try:
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(b.build_info, indent=2))
         elif a.cmd == "helm":
             print(ensure_helm())
+        elif a.cmd == "images":
+            images.main()
     except (ClusterError, build.BuildError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

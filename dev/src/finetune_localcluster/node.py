@@ -1,4 +1,9 @@
-"""Local node agent: a tiny kubelet that runs the pods bound to its Node as processes.
+"""Local node agent: a tiny kubelet that runs the pods bound to its Node.
+
+A container whose image is in the local podman store (``make images``) runs as a real container
+(:mod:`containers`); any other image runs as a local process (the image map, :mod:`podspec`).
+Probes are honoured (:mod:`probes`), and pods reach the API server as ``kubernetes.default.svc``
+(:mod:`apiservice`).
 
 It registers the Node (cpu/memory of this machine, a configurable ``nvidia.com/gpu``
 count, 110 pods), keeps it Ready with a status heartbeat and a Lease in
@@ -47,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import apiservice, mountns, podspec, procs
+from .containers import Podman
+from .images import podman_env
 from .logserver import LogServer
 from .probes import ContainerProbes
 from .rest import ApiError, Obj, Rest, q
@@ -104,6 +111,7 @@ class Container:
     done: bool = False  # terminated and will not restart
     env: dict[str, str] = field(default_factory=dict)  # of the running process (exec probes use it)
     probes: ContainerProbes | None = None  # of the current run
+    podman_name: str | None = None  # when it runs as a podman container (image in the local store)
 
     @property
     def name(self) -> str:
@@ -308,8 +316,10 @@ class PodWorker(threading.Thread):
             elif "persistentVolumeClaim" in v:
                 d = claim_dir(self.agent.state_dir, self.ns, v["persistentVolumeClaim"]["claimName"])
                 d.mkdir(parents=True, exist_ok=True)
+                d.chmod(0o777)  # writable by a container's non-root user, like a fresh volume
             elif "emptyDir" in v:
                 d.mkdir(parents=True, exist_ok=True)
+                d.chmod(0o777)  # kubelet creates emptyDirs world-writable
             elif "configMap" in v or "secret" in v:
                 kind = "configMap" if "configMap" in v else "secret"
                 src = v[kind]
@@ -459,23 +469,43 @@ class PodWorker(threading.Thread):
         d.mkdir(parents=True, exist_ok=True)
         return d
 
+    def podman_argv(self, c: Container, image_user: str) -> tuple[list[str], dict[str, str]]:
+        """``podman run`` for ``c`` and the environment podman runs with (it passes env by name)."""
+        env = {k: v for k, v in self.build_env(c).items() if k not in PASSTHROUGH_ENV}  # the image's own
+        c.podman_name = f"ftl-{self.uid[:13]}-{c.name}-{c.restart_count}"
+        binds = [b for b in self.binds.get(c.name, []) if b[1] != "/etc/hosts"]
+        hosts = {}
+        if self.agent.api_service is not None:
+            hosts = dict.fromkeys(apiservice.SERVICE_NAMES, self.agent.api_service.address)
+        with self.lock:
+            pod = self.pod
+        argv = self.agent.podman.run_argv(c.podman_name, pod, c.spec, sorted(env), binds, hosts, image_user)
+        return argv, {**podman_env(), **env}
+
     def start_container(self, c: Container) -> None:
-        """Spawn the container process (its own process group)."""
+        """Spawn the container: a podman container when its image is in the local store, else a
+        process (its own process group either way)."""
+        image_user = self.agent.podman.image_user(str(c.spec.get("image", ""))) if USE_MOUNT_NAMESPACES else None
+        c.podman_name = None
         try:
-            env = self.build_env(c)
-            argv = self.argv(c, env)
-            cwd = self.workdir(c)
-            if USE_MOUNT_NAMESPACES:
+            if image_user is not None:
+                argv, env = self.podman_argv(c, image_user)
+                cwd = self.dir
+            else:
+                env = self.build_env(c)
+                argv = self.argv(c, env)
+                cwd = self.workdir(c)
+            if USE_MOUNT_NAMESPACES and image_user is None:
                 binds = mountns.plan(self.binds.get(c.name, []), [self.agent.state_dir.resolve()])
                 wd = c.spec.get("workingDir")
                 inside = bool(wd) and mountns.under_binds(str(wd), binds)
                 argv = mountns.wrap(argv, binds, workdir=str(wd) if inside else None)
                 cwd = self.dir if inside else cwd
-        except NotReadyError as e:
+        except (NotReadyError, ValueError) as e:  # ValueError: a securityContext podman must refuse
             c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(e)}}
             c.next_start = time.monotonic() + 1.0
             return
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, KeyError) as e:
             self._terminated(c, 127, "StartError", str(e), started=now())
             return
         logf = (self.dir / f"{c.name}.log").open("ab")
@@ -501,6 +531,10 @@ class PodWorker(threading.Thread):
 
     def exec_in(self, c: Container, argv: list[str], timeout: float) -> int:
         """Run ``argv`` as the container would (its env and mounts): exec probes."""
+        if c.podman_name is not None:
+            argv = self.agent.podman.exec_argv(c.podman_name, argv)
+            done = subprocess.run(argv, env=podman_env(), capture_output=True, timeout=timeout, check=False)
+            return done.returncode
         if argv and "/" not in argv[0]:
             argv = [shutil.which(argv[0], path=c.env.get("PATH")) or argv[0], *argv[1:]]
         if USE_MOUNT_NAMESPACES:
@@ -517,7 +551,7 @@ class PodWorker(threading.Thread):
             return
         log(f"{self.ns}/{self.pod_name}: container {c.name}: {why}; killing it")
         grace = c.spec.get("livenessProbe", {}).get("terminationGracePeriodSeconds")
-        procs.kill_group(c.proc.pid, float(grace if grace is not None else self._grace()))
+        self.kill(c, float(grace if grace is not None else self._grace()))
         rc = c.proc.wait()
         self._terminated(c, rc, "Error", why, c.state["running"]["startedAt"])
         c.proc = None
@@ -560,10 +594,17 @@ class PodWorker(threading.Thread):
             return code != 0 and self.restart_policy != "Never"
         return self.restart_policy == "Always" or (self.restart_policy == "OnFailure" and code != 0)
 
+    def kill(self, c: Container, grace: float) -> None:
+        """SIGTERM the container's process group, SIGKILL after ``grace``; then no container is left."""
+        if c.proc is not None:
+            procs.kill_group(c.proc.pid, grace)
+        if c.podman_name is not None:
+            self.agent.podman.remove(c.podman_name)
+
     def kill_all(self, grace: float, containers: list[Container] | None = None) -> None:
         """SIGTERM every running container's process group, SIGKILL after ``grace``."""
         targets = [c for c in (containers or self.init + self.main) if c.proc is not None and "running" in c.state]
-        threads = [threading.Thread(target=procs.kill_group, args=(c.proc.pid, grace)) for c in targets if c.proc]
+        threads = [threading.Thread(target=self.kill, args=(c, grace)) for c in targets if c.proc]
         for t in threads:
             t.start()
         for t in threads:
@@ -748,6 +789,7 @@ class Agent:
         (state_dir / "run" / "pods").mkdir(parents=True, exist_ok=True)
         self.hosts_file: Path | None = None  # set once the kubernetes Service stand-in listens
         self.api_service: apiservice.Forwarder | None = None
+        self.podman = Podman()
 
     def serve_api_service(self) -> None:
         """``kubernetes.default.svc:443`` for in-cluster clients (see :mod:`apiservice`)."""
