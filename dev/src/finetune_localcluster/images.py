@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,17 +152,21 @@ def wheelhouse(targets: tuple[str, ...]) -> Path:
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    projects = ["./trainer[train]" if "trainer" in targets else "./trainer", "./operator"]
     _say(f"collecting wheels into {final} (pip's cache keeps this cheap)")
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    for cmd, what in (
-        ([*pip, "wheel", "--quiet", "-c", "constraints.txt", "-w", str(tmp), *projects], "pip wheel"),
-        ([*pip, "download", "--quiet", "-d", str(tmp), "setuptools>=68", "wheel"], "pip download (build backend)"),
-    ):
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise BuildError(f"{what} failed collecting the images' Python packages: {last}")
+    with tempfile.TemporaryDirectory(prefix="finetune-wheel-src-") as src:
+        # pip builds local projects in their tree (build/): build copies, never the checkout.
+        for project in ("trainer", "operator"):
+            shutil.copytree(REPO / project, Path(src) / project, ignore=shutil.ignore_patterns("build", "*.egg-info"))
+        projects = [f"{src}/trainer[train]" if "trainer" in targets else f"{src}/trainer", f"{src}/operator"]
+        for cmd, what in (
+            ([*pip, "wheel", "--quiet", "-c", "constraints.txt", "-w", str(tmp), *projects], "pip wheel"),
+            ([*pip, "download", "--quiet", "-d", str(tmp), "setuptools>=68", "wheel"], "pip download (build backend)"),
+        ):
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+                raise BuildError(f"{what} failed collecting the images' Python packages: {last}")
     for ours in tmp.glob("finetune_*.whl"):
         ours.unlink()  # built from the sources inside the image, so the tag hash covers them
     (tmp / ".complete").touch()
