@@ -9,38 +9,27 @@
 # BASE: any Debian-like image with python3 (3.11+) and its venv module. Offline, `make images`
 # builds one with mmdebstrap. PIP_NO_INDEX / PIP_FIND_LINKS (unset by default) let an air-gapped
 # build install from a directory of wheels mounted into the build.
+#
+# Lean by construction: the sources are bind-mounted into the one RUN that installs them (no
+# source layers), pip keeps no cache and is removed afterwards, the base has no compilers, and
+# the trainer drops the test suites that packages ship. Each image is the base plus one layer,
+# so building the ~6 GB trainer never holds a second copy of its virtualenv.
 ARG BASE=python:3.11-slim
 
 FROM ${BASE} AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
 RUN useradd --uid 65532 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin finetune
-WORKDIR /app
-
-# Build stages install into /opt/venv; the final stages copy only that venv (no build leftovers).
-FROM base AS build
-RUN python3 -m venv /opt/venv
-COPY constraints.txt ./
-COPY trainer/pyproject.toml trainer/pyproject.toml
-COPY trainer/src trainer/src
-
-FROM build AS operator-build
-ARG PIP_NO_INDEX
-ARG PIP_FIND_LINKS
-COPY operator/pyproject.toml operator/pyproject.toml
-COPY operator/src operator/src
-RUN pip install -c constraints.txt ./trainer ./operator && pip uninstall --yes pip
-
-FROM build AS trainer-build
-ARG PIP_NO_INDEX
-ARG PIP_FIND_LINKS
-RUN pip install -c constraints.txt "./trainer[train]" \
- && pip uninstall --yes pip \
- && find /opt/venv/lib -depth -type d -name tests -path '*/site-packages/*/tests' -exec rm -rf {} +
+WORKDIR /tmp
 
 # The operator: no torch, small.
 FROM base AS operator
-COPY --from=operator-build /opt/venv /opt/venv
+ARG PIP_NO_INDEX
+ARG PIP_FIND_LINKS
+RUN --mount=type=bind,target=/src,rw \
+    python3 -m venv /opt/venv \
+ && pip install -c /src/constraints.txt /src/trainer /src/operator \
+ && pip uninstall --yes pip
 USER 65532:65532
 EXPOSE 8080 8081
 ENTRYPOINT ["finetune-operator"]
@@ -48,7 +37,13 @@ CMD ["run", "--all-namespaces", "--log-format", "json"]
 
 # The trainer: torch + transformers + peft + datasets.
 FROM base AS trainer
-COPY --from=trainer-build /opt/venv /opt/venv
+ARG PIP_NO_INDEX
+ARG PIP_FIND_LINKS
+RUN --mount=type=bind,target=/src,rw \
+    python3 -m venv /opt/venv \
+ && pip install -c /src/constraints.txt "/src/trainer[train]" \
+ && pip uninstall --yes pip \
+ && find /opt/venv/lib -depth -type d -name tests -path '*/site-packages/*/tests' -exec rm -rf {} +
 ENV HF_HOME=/tmp/hf-home
 USER 65532:65532
 EXPOSE 9400

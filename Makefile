@@ -43,8 +43,9 @@ helm: venv ## build (or reuse the cached) helm from the Go module proxy; prints 
 	@$(PY) -m finetune_localcluster helm
 
 .PHONY: images
-images: venv container-deps ## the operator and trainer images (podman), tagged by a hash of their inputs; prints sizes
-	@$(PY) -m finetune_localcluster images
+IMAGES ?= operator trainer
+images: venv container-deps ## the operator and trainer images (podman; IMAGES=operator for one), tagged by a hash of their inputs
+	@$(PY) -m finetune_localcluster images $(IMAGES)
 
 .PHONY: chart-lint
 chart-lint: venv ## helm lint --strict + helm template over the chart's values matrix ($(CHART)/ci/)

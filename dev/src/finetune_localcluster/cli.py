@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("kubeconfig", help="print the admin kubeconfig path")
     sub.add_parser("build", help="build (or find cached) binaries and print their directory")
     sub.add_parser("helm", help="build (or find cached) helm and print its path")
-    sub.add_parser("images", help="build (or find) the operator and trainer images with podman; print refs and sizes")
+    im = sub.add_parser(
+        "images", help="build (or find) the operator and trainer images with podman; print refs and sizes"
+    )
+    im.add_argument("targets", nargs="*", choices=["operator", "trainer"], help="default: both")
     a = p.parse_args(argv)
     state = (a.state_dir or default_state_dir()).resolve()
     try:
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         elif a.cmd == "helm":
             print(ensure_helm())
         elif a.cmd == "images":
-            images.main()
+            images.main(tuple(a.targets) or ("operator", "trainer"))
     except (ClusterError, build.BuildError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

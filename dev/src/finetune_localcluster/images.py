@@ -232,15 +232,15 @@ def build_images(targets: tuple[str, ...] = ("operator", "trainer")) -> list[Ima
     return images
 
 
-def main() -> None:
+def main(targets: tuple[str, ...] = ("operator", "trainer")) -> None:
     """Build the images and print each one's reference and size."""
     start = time.monotonic()
     try:
-        images = build_images()
+        images = build_images(targets)
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     for image in images:
         how = f"built in {image.seconds:.0f} s" if image.built else "up to date"
         print(f"{image.ref}  {image.size_bytes / 1e6:,.0f} MB  ({how})")
-    print(f"make images: {time.monotonic() - start:.1f} s", file=sys.stderr)
+    print(f"images ready in {time.monotonic() - start:.1f} s", flush=True)
