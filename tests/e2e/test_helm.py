@@ -20,9 +20,9 @@ import pytest
 from kubernetes import client
 
 from finetune_localcluster import images, mountns
-from finetune_localcluster.cluster import Cluster, free_port
+from finetune_localcluster.cluster import free_port
 from finetune_localcluster.helm import ensure_helm
-from finetune_localcluster.pytest_plugin import LocalCluster
+from finetune_localcluster.pytest_plugin import LocalCluster, own_cluster
 from finetune_operator.api import GROUP, PLURAL, VERSION
 
 from .conftest import Jobs, Operator, fake_job
@@ -57,14 +57,10 @@ class Helm:
 
 
 @pytest.fixture(scope="module")
-def own_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+def helm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """Cluster-wide objects (CRD, ClusterRoles) of a release must never meet the other tests' operator."""
-    cluster = Cluster(tmp_path_factory.mktemp("helm-cluster"))
-    cluster.start(reuse=False)
-    try:
-        yield LocalCluster(cluster)
-    finally:
-        cluster.stop()
+    with own_cluster(tmp_path_factory.mktemp("helm-cluster")) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +81,9 @@ def _ready(pod: Any) -> bool:
 
 
 def test_helm_install_upgrade_uninstall_with_a_job_running_through_it(
-    own_cluster: LocalCluster, operator_image: str, tmp_path: Path
+    helm_cluster: LocalCluster, operator_image: str, tmp_path: Path
 ) -> None:
-    helm = Helm(own_cluster)
+    helm = Helm(helm_cluster)
     repository, tag = operator_image.rsplit(":", 1)
     values = [
         "--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
@@ -98,7 +94,7 @@ def test_helm_install_upgrade_uninstall_with_a_job_running_through_it(
     start = time.monotonic()
     helm("install", RELEASE, str(CHART), "--create-namespace", "--wait", "--timeout=3m", *values)
     print(f"helm install -> operator Ready: {time.monotonic() - start:.1f} s")
-    with own_cluster.api_client() as api:
+    with helm_cluster.api_client() as api:
         (pod,) = _operator_pods(api)
         assert _ready(pod) and pod.spec.service_account_name == "finetune-operator"
         assert pod.status.container_statuses[0].image == operator_image
@@ -112,7 +108,7 @@ def test_helm_install_upgrade_uninstall_with_a_job_running_through_it(
         assert f"{operator_image} ftl-{pod.metadata.uid[:13]}-operator" in running, running
         first_uid = pod.metadata.uid
 
-        namespace = own_cluster.create_namespace("helm")
+        namespace = helm_cluster.create_namespace("helm")
         jobs = Jobs(api, namespace, Operator(Path("/dev/null"), tmp_path / "none.log", 0, 0))
         manifest = fake_job("shipped", "unused", tmp_path)
         del manifest["spec"]["resources"]["image"]  # the chart's trainerImage is the default

@@ -537,8 +537,10 @@ class PodWorker(threading.Thread):
             return done.returncode
         if argv and "/" not in argv[0]:
             argv = [shutil.which(argv[0], path=c.env.get("PATH")) or argv[0], *argv[1:]]
-        if USE_MOUNT_NAMESPACES:
-            argv = mountns.wrap(argv, mountns.plan(self.binds.get(c.name, []), [self.agent.state_dir.resolve()]))
+        if USE_MOUNT_NAMESPACES and c.proc is not None:
+            # Into the container's own mount namespace, as kubelet's exec does: no interpreter to
+            # start (a probe's 1 s default timeout is for the command, not for setting it up).
+            argv = ["nsenter", f"--target={c.proc.pid}", "--mount", "--", *argv]
         done = subprocess.run(argv, env=c.env, cwd=self.dir, capture_output=True, timeout=timeout, check=False)
         return done.returncode
 

@@ -50,7 +50,13 @@ def test_pod_is_ready_only_once_its_http_readiness_probe_passes(kube: Kube, tmp_
 
 
 def test_failing_liveness_probe_restarts_the_container(kube: Kube) -> None:
-    probe = {"exec": {"command": ["sh", "-c", "exit 1"]}, "periodSeconds": 1, "failureThreshold": 2}
+    # The initial delay lets each run print before it is probed (process start-up is slow under load).
+    probe = {
+        "exec": {"command": ["sh", "-c", "exit 1"]},
+        "initialDelaySeconds": 4,
+        "periodSeconds": 1,
+        "failureThreshold": 2,
+    }
     kube.apply(
         pod(
             "sick",
@@ -68,4 +74,22 @@ def test_failing_liveness_probe_restarts_the_container(kube: Kube) -> None:
     cs = wait_for("a restart after the liveness probe fails", restarted, 30)
     last = cs["lastState"]["terminated"]  # type: ignore[index]
     assert "Liveness probe failed 2 times" in last["message"]
-    wait_for("the container to run again (after the back-off)", lambda: kube.logs("sick").split().count("up") >= 2, 30)
+    wait_for("the container to run again (after the back-off)", lambda: kube.logs("sick").split().count("up") >= 2, 60)
+
+
+def test_exec_probe_runs_inside_the_containers_mounts(kube: Kube) -> None:
+    # /data exists only in the container's mount namespace: a probe run on the host never passes.
+    probe = {"exec": {"command": ["test", "-f", "/data/ready"]}, "periodSeconds": 1}
+    kube.apply(
+        pod(
+            "mounted",
+            ["sh", "-c", "sleep 1; touch /data/ready; exec sleep 300"],
+            restartPolicy="Always",
+            terminationGracePeriodSeconds=1,
+            container={"readinessProbe": probe, "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+            volumes=[{"name": "data", "emptyDir": {}}],
+        )
+    )
+    wait_for(
+        "Ready once the file exists in the container's volume", lambda: _ready(kube, "mounted") == ("True", True), 30
+    )
