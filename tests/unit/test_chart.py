@@ -104,6 +104,7 @@ def _objects(helm: Path, *args: str) -> list[dict[str, Any]]:
         (["--set", "image.pullPolicy=Sometimes"], "pullPolicy"),  # wrong enum
         (["--set-json", 'resyncSeconds="30"'], "resyncSeconds"),  # wrong type
         (["--set-json", "metrics.port=80000"], "port"),
+        (["--set-json", 'trainerMetricsPort="9400"'], "trainerMetricsPort"),
         (["--set", "watchAllNamespaces=false"], "namespaces"),  # namespaced mode needs namespaces
     ],
 )
