@@ -8,16 +8,18 @@ service-account token.
     fake_trainer.py exit N     exits with code N at once (2/3/4: the trainer's permanent errors)
     fake_trainer.py steady     reports progress slowly until asked to stop or done
     fake_trainer.py silent     reports twice, then hangs without a word (a stuck data loader)
-    fake_trainer.py paced      trains 30 steps in ~15 s, evaluating every 10, then finishes
+    fake_trainer.py paced      trains 60 steps in ~30 s, evaluating every 10 and serving /metrics
 """
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
 import ssl
 import sys
+import threading
 import time
 import urllib.request
 from datetime import UTC, datetime
@@ -117,13 +119,34 @@ def steady(total: int = 600) -> int:
     return 0
 
 
-def paced(total: int = 30) -> int:
+def serve_metrics(progress: dict[str, int]) -> None:
+    """/metrics on the port the operator gives trainers (FINETUNE_METRICS_PORT), as a real one does."""
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = f"fake_trainer_step {progress['step']}\n".encode()
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ["FINETUNE_METRICS_PORT"])), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+
+def paced(total: int = 60) -> int:
     """Long enough to outlive an operator restart (a helm upgrade), short enough for a test."""
+    progress = {"step": 0}
+    serve_metrics(progress)
     evaluations: list[dict[str, Any]] = []
     for step in range(1, total + 1):
+        progress["step"] = step
         if step % 10 == 0:
-            evaluations.append(evaluation(step, 0.5 + step / 100))
-            best = {"metric": "accuracy", "value": 0.5 + step / 100, "step": step, "epoch": step / 10}
+            evaluations.append(evaluation(step, 0.5 + step / 200))
+            best = {"metric": "accuracy", "value": 0.5 + step / 200, "step": step, "epoch": step / 10}
             _request("PATCH", _job_path() + "/status", {"status": {"best": best}})
         report(step, total, evaluations)
         time.sleep(0.5)
