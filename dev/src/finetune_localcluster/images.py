@@ -226,10 +226,22 @@ def build_images(targets: tuple[str, ...] = ("operator", "trainer")) -> list[Ima
                 str(REPO),
                 what=f"podman build --target {target}",
             )
+            _forget_older(target, ref)
         else:
             _run(podman(), "tag", ref, f"localhost/finetune-{target}:latest", what="podman tag")
         images.append(Image(target, ref, _size(ref), built, time.monotonic() - start))
     return images
+
+
+def _forget_older(target: str, ref: str) -> None:
+    """Untag (and so free) the earlier builds of ``target``: every source change makes a new tag."""
+    listed = _run(
+        podman(), "images", "--format", "{{.Repository}}:{{.Tag}}", f"localhost/finetune-{target}",
+        what="podman images", capture=True,
+    )  # fmt: skip
+    older = [r for r in listed.split() if r not in (ref, f"localhost/finetune-{target}:latest")]
+    if older:
+        subprocess.run([podman(), "rmi", "--ignore", *older], env=podman_env(), capture_output=True, check=False)
 
 
 def main(targets: tuple[str, ...] = ("operator", "trainer")) -> None:
