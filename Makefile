@@ -11,6 +11,7 @@ PY := $(VENV)/bin/python
 VENV_INPUTS := operator/pyproject.toml trainer/pyproject.toml dev/pyproject.toml cli/pyproject.toml requirements-dev.txt constraints.txt
 VENV_STAMP := $(VENV)/.installed-$(shell cat $(VENV_INPUTS) 2>/dev/null | sha256sum | cut -c1-16)
 PYTEST_ARGS ?=
+CHART := charts/finetune-operator
 
 .PHONY: help
 help: ## list the targets
@@ -29,7 +30,7 @@ $(VENV_STAMP):
 venv: $(VENV_STAMP) ## create/refresh the Python environment
 
 .PHONY: lint
-lint: venv system-deps ## ruff, mypy --strict, import-linter contracts, CRD and docs drift, promtool on the alerts
+lint: venv system-deps ## ruff, mypy --strict, import-linter contracts, CRD and docs drift, promtool on the alerts, helm lint of the chart
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy operator/src trainer/src dev/src cli/src
@@ -38,6 +39,26 @@ lint: venv system-deps ## ruff, mypy --strict, import-linter contracts, CRD and 
 	$(PY) -m finetune_operator.metrics --check
 	promtool check rules charts/finetune-operator/files/alerts.yaml
 	promtool test rules tests/alerts/alerts_test.yaml
+	@$(MAKE) --no-print-directory chart-lint
+
+.PHONY: helm
+helm: venv ## build (or reuse the cached) helm from the Go module proxy; prints its path
+	@$(PY) -m finetune_localcluster helm
+
+.PHONY: images
+IMAGES ?= operator trainer
+images: venv container-deps ## the operator and trainer images (podman; IMAGES=operator for one), tagged by a hash of their inputs
+	@$(PY) -m finetune_localcluster images $(IMAGES)
+
+.PHONY: chart-lint
+chart-lint: venv ## helm lint --strict + helm template over the chart's values matrix ($(CHART)/ci/)
+	@helm="$$($(PY) -m finetune_localcluster helm)" || exit 1; \
+	for values in $(CHART)/ci/*-values.yaml; do \
+	  out="$$("$$helm" lint --strict $(CHART) -f "$$values" 2>&1 && \
+	         "$$helm" template lint-check $(CHART) -n finetune-system -f "$$values" 2>&1 >/dev/null)" || \
+	    { echo "$$out"; echo "error: the chart fails helm lint/template with $$values"; exit 1; }; \
+	  echo "helm lint + template ok: $$values"; \
+	done
 
 .PHONY: crds
 crds: venv ## regenerate crds/ from the API models
@@ -51,8 +72,12 @@ docs: venv ## regenerate the metrics reference in docs/monitoring.md
 system-deps: ## Debian packages (Prometheus and promtool for the demo, the alert tests and the dashboard test)
 	@dev/install-system-deps.sh
 
+.PHONY: container-deps
+container-deps: ## Debian packages for images and containers on the local node (podman, buildah, runc, mmdebstrap)
+	@dev/install-system-deps.sh containers
+
 .PHONY: test
-test: lint controlplane system-deps ## everything CI runs: lint + unit + integration (real control plane) + end-to-end
+test: lint controlplane system-deps container-deps ## everything CI runs: lint + unit + integration (real control plane) + end-to-end
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: unit

@@ -10,15 +10,18 @@ service-account token.
     fake_trainer.py silent     reports twice, then hangs without a word (a stuck data loader)
     fake_trainer.py forger     once asked to stop, tries to forge the operator's status keys; saves the answers
     fake_trainer.py quick S    reports every 5 s for S seconds, then finishes (many at once: chaos runs)
+    fake_trainer.py paced      trains 60 steps in ~30 s, evaluating every 10 and serving /metrics
 """
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
 import ssl
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -168,6 +171,40 @@ def quick(seconds: float) -> int:
         time.sleep(min(5.0, seconds - elapsed + 0.01))
 
 
+def serve_metrics(progress: dict[str, int]) -> None:
+    """/metrics on the port the operator gives trainers (FINETUNE_METRICS_PORT), as a real one does."""
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = f"fake_trainer_step {progress['step']}\n".encode()
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ["FINETUNE_METRICS_PORT"])), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+
+def paced(total: int = 60) -> int:
+    """Long enough to outlive an operator restart (a helm upgrade), short enough for a test."""
+    progress = {"step": 0}
+    serve_metrics(progress)
+    evaluations: list[dict[str, Any]] = []
+    for step in range(1, total + 1):
+        progress["step"] = step
+        if step % 10 == 0:
+            evaluations.append(evaluation(step, 0.5 + step / 200))
+            best = {"metric": "accuracy", "value": 0.5 + step / 200, "step": step, "epoch": step / 10}
+            _request("PATCH", _job_path() + "/status", {"status": {"best": best}})
+        report(step, total, evaluations)
+        time.sleep(0.5)
+    return 0
+
+
 def silent() -> int:
     report(1, 100, [])
     report(2, 100, [])
@@ -191,6 +228,8 @@ def main(argv: list[str]) -> int:
         code = int(argv[2])
         print(f"finetune-trainer: error: scripted failure with exit code {code}", file=sys.stderr)
         return code
+    if mode == "paced":
+        return paced()
     if mode == "steady":
         return steady()
     if mode == "forger":

@@ -1,17 +1,26 @@
-"""The Helm chart: values it references exist; dashboard and alerts use metrics the operator serves."""
+"""The Helm chart: values it references exist and its schema refuses typos; dashboard and alerts use
+metrics the operator serves; rendered by the real helm, its RBAC, CRD and PodMonitor match the operator."""
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
+from finetune_localcluster.helm import ensure_helm
+from finetune_operator.api import FineTuneJob
+from finetune_operator.crd import build_crd
 from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.rbac import CLUSTER_SCOPED_RESOURCES, split_by_scope
+from finetune_operator.reconcile.children import Settings, batch_job
 
-CHART = Path(__file__).resolve().parents[2] / "charts" / "finetune-operator"
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "finetune-operator"
 
 
 def _served_series() -> set[str]:
@@ -61,3 +70,102 @@ def test_chart_files_exist_for_every_files_get() -> None:
     for template in (CHART / "templates").glob("*"):
         for name in re.findall(r'\.Files\.Get "([^"]+)"', template.read_text()):
             assert (CHART / name).is_file(), f"{template.name} reads missing {name}"
+
+
+# --- rendered with the real helm (built from the Go module proxy, cached: `make helm`) ---
+
+
+@pytest.fixture(scope="module")
+def helm() -> Path:
+    return ensure_helm()
+
+
+def _render(helm: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(helm), "template", "rel", str(CHART), "-n", "finetune-system", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def _objects(helm: Path, *args: str) -> list[dict[str, Any]]:
+    proc = _render(helm, *args)
+    assert proc.returncode == 0, proc.stderr
+    return [o for o in yaml.safe_load_all(proc.stdout) if o]
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        (["--set", "watchAllNamespace=false"], "watchAllNamespace"),  # top level
+        (["--set", "metrics.serviceMonitr.enabled=true"], "serviceMonitr"),  # a section
+        (["--set", "crds.kep=false"], "kep"),
+        (["--set", "image.pullPolicy=Sometimes"], "pullPolicy"),  # wrong enum
+        (["--set-json", 'resyncSeconds="30"'], "resyncSeconds"),  # wrong type
+        (["--set-json", "metrics.port=80000"], "port"),
+        (["--set-json", 'trainerMetricsPort="9400"'], "trainerMetricsPort"),
+        (["--set", "watchAllNamespaces=false"], "namespaces"),  # namespaced mode needs namespaces
+    ],
+)
+def test_values_typos_and_wrong_types_are_refused_naming_the_key(helm: Path, values: list[str], named: str) -> None:
+    proc = _render(helm, *values)
+    assert proc.returncode != 0, f"helm accepted {values}"
+    assert "values don't meet the specifications of the schema" in proc.stderr
+    assert named in proc.stderr
+
+
+def test_namespaced_mode_grants_roles_only_in_the_listed_namespaces(helm: Path) -> None:
+    objs = _objects(helm, "-f", str(CHART / "ci" / "namespaced-values.yaml"))
+    namespaced, cluster_wide = split_by_scope()
+    roles = {o["metadata"]["namespace"]: o for o in objs if o["kind"] == "Role"}
+    assert set(roles) == {"ml-team", "research"}
+    assert all(role["rules"] == namespaced for role in roles.values())
+    bindings = {o["metadata"]["namespace"] for o in objs if o["kind"] == "RoleBinding"}
+    assert bindings == {"ml-team", "research"}
+    operator_role = next(o for o in objs if o["kind"] == "ClusterRole" and o["metadata"]["name"] == "finetune-operator")
+    assert operator_role["rules"] == cluster_wide
+    granted = {r for rule in operator_role["rules"] for r in rule["resources"]}
+    assert granted <= CLUSTER_SCOPED_RESOURCES, "a namespaced resource is granted cluster-wide"
+    deployment = next(o for o in objs if o["kind"] == "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=ml-team" in args and "--namespace=research" in args and "--all-namespaces" not in args
+
+
+def test_default_mode_grants_every_rule_cluster_wide(helm: Path) -> None:
+    objs = _objects(helm)
+    operator_role = next(o for o in objs if o["kind"] == "ClusterRole" and o["metadata"]["name"] == "finetune-operator")
+    namespaced, cluster_wide = split_by_scope()
+    assert operator_role["rules"] == cluster_wide + namespaced
+    assert not [o for o in objs if o["kind"] in ("Role", "RoleBinding")]
+
+
+def test_crd_is_the_generated_one_kept_on_uninstall_and_optional(helm: Path) -> None:
+    crds = [o for o in _objects(helm) if o["kind"] == "CustomResourceDefinition"]
+    generated = build_crd()
+    assert len(crds) == 1
+    annotations = crds[0]["metadata"].pop("annotations")
+    assert annotations == {"helm.sh/resource-policy": "keep"}
+    assert crds[0] == generated
+    unkept = [o for o in _objects(helm, "--set", "crds.keep=false") if o["kind"] == "CustomResourceDefinition"]
+    assert "annotations" not in unkept[0]["metadata"]
+    assert not [o for o in _objects(helm, "--set", "crds.enabled=false") if o["kind"] == "CustomResourceDefinition"]
+    assert not list(CHART.glob("crds/*")), "helm never upgrades crds/: the CRD must be a template"
+
+
+def test_pod_monitor_selects_the_trainer_pods_and_their_metrics_port(helm: Path) -> None:
+    objs = _objects(helm, "-f", str(CHART / "ci" / "monitoring-values.yaml"))
+    monitor = next(o for o in objs if o["kind"] == "PodMonitor")
+    manifest = yaml.safe_load((ROOT / "examples" / "minilm-rotten-tomatoes.yaml").read_text())
+    manifest.setdefault("metadata", {}).setdefault("namespace", "ml-team")
+    pod = batch_job(FineTuneJob.model_validate(manifest), Settings())["spec"]["template"]
+    pod_labels = pod["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    ports = {p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+    assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} <= ports
+    assert monitor["spec"]["namespaceSelector"] == {"any": True}
+    scoped = _objects(
+        helm, "-f", str(CHART / "ci" / "namespaced-values.yaml"), "--set", "metrics.podMonitor.enabled=true"
+    )
+    scoped_monitor = next(o for o in scoped if o["kind"] == "PodMonitor")
+    assert scoped_monitor["spec"]["namespaceSelector"] == {"matchNames": ["ml-team", "research"]}

@@ -1,4 +1,4 @@
-"""``finetune-localcluster up|down|status|logs|kubeconfig|build``.
+"""``finetune-localcluster up|down|status|logs|kubeconfig|build|helm|images``.
 
 The state dir is ``$FINETUNE_CLUSTER_DIR`` or ``~/.cache/finetune-operator/cluster``;
 the admin kubeconfig is always ``<state dir>/kubeconfig``.
@@ -11,8 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-from . import build
+from . import build, images
 from .cluster import Cluster, ClusterError, default_state_dir
+from .helm import ensure_helm
 from .procs import tail
 
 
@@ -58,6 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     lg.add_argument("-c", "--container")
     sub.add_parser("kubeconfig", help="print the admin kubeconfig path")
     sub.add_parser("build", help="build (or find cached) binaries and print their directory")
+    sub.add_parser("helm", help="build (or find cached) helm and print its path")
+    im = sub.add_parser(
+        "images", help="build (or find) the operator and trainer images with podman; print refs and sizes"
+    )
+    im.add_argument("targets", nargs="*", choices=["operator", "trainer"], help="default: both")
     a = p.parse_args(argv)
     state = (a.state_dir or default_state_dir()).resolve()
     try:
@@ -89,6 +95,10 @@ def main(argv: list[str] | None = None) -> None:
             b = build.ensure()
             print(b.dir)
             print(json.dumps(b.build_info, indent=2))
+        elif a.cmd == "helm":
+            print(ensure_helm())
+        elif a.cmd == "images":
+            images.main(tuple(a.targets) or ("operator", "trainer"))
     except (ClusterError, build.BuildError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -8,12 +8,13 @@ namespaces (root, util-linux ``unshare``), each container runs as
 
     unshare --mount --propagation private -- python -m finetune_localcluster.mountns SPEC -- ARGV...
 
-which bind-mounts every ``hostDir`` onto its ``mountPath`` (read-only where asked) and then
-execs ARGV (same PID, so signals and exit codes are the container's). The mounts vanish with
-the process; the empty mount-point directories stay on the host. A mount path that would hide
-something the process needs (an ancestor of the state dir, the Python environment, or a host
-directory being mounted) is not mounted: the process sees the host's directory there (a pod's
-``/tmp`` is the host's ``/tmp`` when the cluster state lives under it).
+which bind-mounts every ``hostDir`` onto its ``mountPath`` (read-only where asked; a file onto
+a file for the pod's ``/etc/hosts``) and then execs ARGV (same PID, so signals and exit codes are
+the container's). The mounts vanish with the process; the empty mount-point directories stay on
+the host. A mount path that would hide something the process needs (an ancestor of the state
+dir, the Python environment, or a host directory being mounted) is not mounted: the process sees
+the host's directory there (a pod's ``/tmp`` is the host's ``/tmp`` when the cluster state lives
+under it).
 """
 
 from __future__ import annotations
@@ -67,9 +68,11 @@ def main(args: list[str]) -> None:
         raise SystemExit("usage: python -m finetune_localcluster.mountns SPEC -- ARGV...")
     spec = json.loads(spec_text)
     for host, target, read_only in spec["binds"]:
-        Path(target).mkdir(parents=True, exist_ok=True)
-        if Path(host).is_file():
-            raise SystemExit(f"mountns: {host} is a file; only directories are bind-mounted")
+        if Path(host).is_file():  # a single file (the pod's /etc/hosts): onto an existing file only
+            if not Path(target).is_file():
+                raise SystemExit(f"mountns: {host} is a file and {target} is not one")
+        else:
+            Path(target).mkdir(parents=True, exist_ok=True)
         subprocess.run(["mount", "--bind", host, target], check=True)
         if read_only:
             subprocess.run(["mount", "-o", "remount,bind,ro", target], check=True)

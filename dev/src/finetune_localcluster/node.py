@@ -1,4 +1,9 @@
-"""Local node agent: a tiny kubelet that runs the pods bound to its Node as processes.
+"""Local node agent: a tiny kubelet that runs the pods bound to its Node.
+
+A container whose image is in the local podman store (``make images``) runs as a real container
+(:mod:`containers`); any other image runs as a local process (the image map, :mod:`podspec`).
+Probes are honoured (:mod:`probes`), and pods reach the API server as ``kubernetes.default.svc``
+(:mod:`apiservice`).
 
 It registers the Node (cpu/memory of this machine, a configurable ``nvidia.com/gpu``
 count, 110 pods), keeps it Ready with a status heartbeat and a Lease in
@@ -47,8 +52,11 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import mountns, podspec, procs
+from . import apiservice, mountns, podspec, procs
+from .containers import Podman
+from .images import podman_env
 from .logserver import LogServer
+from .probes import ContainerProbes
 from .rest import ApiError, Obj, Rest, q
 
 PASSTHROUGH_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH")
@@ -102,10 +110,18 @@ class Container:
     next_start: float = 0.0
     backoff: float = BACKOFF_START
     done: bool = False  # terminated and will not restart
+    env: dict[str, str] = field(default_factory=dict)  # of the running process (exec probes use it)
+    probes: ContainerProbes | None = None  # of the current run
+    podman_name: str | None = None  # when it runs as a podman container (image in the local store)
 
     @property
     def name(self) -> str:
         return str(self.spec["name"])
+
+    @property
+    def ready(self) -> bool:
+        """Running and passing its startup and readiness probes (if it has them)."""
+        return "running" in self.state and (self.probes is None or self.probes.ready)
 
     def status(self) -> Obj:
         running = "running" in self.state
@@ -113,8 +129,8 @@ class Container:
             "name": self.name,
             "image": self.spec.get("image", ""),
             "imageID": "local://" + str(self.spec.get("image", "")),
-            "ready": running,
-            "started": running,
+            "ready": self.ready,
+            "started": running and (self.probes is None or self.probes.started),
             "restartCount": self.restart_count,
             "state": self.state,
             "lastState": self.last_state,
@@ -172,7 +188,7 @@ class PodWorker(threading.Thread):
 
     def report(self) -> bool:
         """PATCH the pod status if it changed since the last report; False when that failed."""
-        ready = self.phase == "Running" and all("running" in c.state for c in self.main)
+        ready = self.phase == "Running" and all(c.ready for c in self.main)
         terminal = self.phase in ("Succeeded", "Failed")
 
         def cond(t: str, ok: bool, reason: str | None = None) -> Obj:
@@ -305,8 +321,10 @@ class PodWorker(threading.Thread):
             elif "persistentVolumeClaim" in v:
                 d = claim_dir(self.agent.state_dir, self.ns, v["persistentVolumeClaim"]["claimName"])
                 d.mkdir(parents=True, exist_ok=True)
+                d.chmod(0o777)  # writable by a container's non-root user, like a fresh volume
             elif "emptyDir" in v:
                 d.mkdir(parents=True, exist_ok=True)
+                d.chmod(0o777)  # kubelet creates emptyDirs world-writable
             elif "configMap" in v or "secret" in v:
                 kind = "configMap" if "configMap" in v else "secret"
                 src = v[kind]
@@ -346,6 +364,8 @@ class PodWorker(threading.Thread):
                     host.mkdir(parents=True, exist_ok=True)
                 mounts.append((str(m["mountPath"]), str(host)))
                 binds.append((str(host), str(m["mountPath"]), bool(m.get("readOnly"))))
+            if self.agent.hosts_file is not None:  # kubernetes.default.svc -> the agent's forwarder
+                binds.append((str(self.agent.hosts_file), "/etc/hosts", True))
             # With mount namespaces the volumes are at their real paths, so nothing is rewritten
             # (rewriting would also mangle host paths that merely lie under a mount path, such as
             # a checkout in /tmp when a pod mounts /tmp).
@@ -455,23 +475,43 @@ class PodWorker(threading.Thread):
         d.mkdir(parents=True, exist_ok=True)
         return d
 
+    def podman_argv(self, c: Container, image_user: str) -> tuple[list[str], dict[str, str]]:
+        """``podman run`` for ``c`` and the environment podman runs with (it passes env by name)."""
+        env = {k: v for k, v in self.build_env(c).items() if k not in PASSTHROUGH_ENV}  # the image's own
+        c.podman_name = f"ftl-{self.uid[:13]}-{c.name}-{c.restart_count}"
+        binds = [b for b in self.binds.get(c.name, []) if b[1] != "/etc/hosts"]
+        hosts = {}
+        if self.agent.api_service is not None:
+            hosts = dict.fromkeys(apiservice.SERVICE_NAMES, self.agent.api_service.address)
+        with self.lock:
+            pod = self.pod
+        argv = self.agent.podman.run_argv(c.podman_name, pod, c.spec, sorted(env), binds, hosts, image_user)
+        return argv, {**podman_env(), **env}
+
     def start_container(self, c: Container) -> None:
-        """Spawn the container process (its own process group)."""
+        """Spawn the container: a podman container when its image is in the local store, else a
+        process (its own process group either way)."""
+        image_user = self.agent.podman.image_user(str(c.spec.get("image", ""))) if USE_MOUNT_NAMESPACES else None
+        c.podman_name = None
         try:
-            env = self.build_env(c)
-            argv = self.argv(c, env)
-            cwd = self.workdir(c)
-            if USE_MOUNT_NAMESPACES:
+            if image_user is not None:
+                argv, env = self.podman_argv(c, image_user)
+                cwd = self.dir
+            else:
+                env = self.build_env(c)
+                argv = self.argv(c, env)
+                cwd = self.workdir(c)
+            if USE_MOUNT_NAMESPACES and image_user is None:
                 binds = mountns.plan(self.binds.get(c.name, []), [self.agent.state_dir.resolve()])
                 wd = c.spec.get("workingDir")
                 inside = bool(wd) and mountns.under_binds(str(wd), binds)
                 argv = mountns.wrap(argv, binds, workdir=str(wd) if inside else None)
                 cwd = self.dir if inside else cwd
-        except NotReadyError as e:
+        except (NotReadyError, ValueError) as e:  # ValueError: a securityContext podman must refuse
             c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(e)}}
             c.next_start = time.monotonic() + 1.0
             return
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, KeyError) as e:
             self._terminated(c, 127, "StartError", str(e), started=now())
             return
         logf = (self.dir / f"{c.name}.log").open("ab")
@@ -492,6 +532,37 @@ class PodWorker(threading.Thread):
             logf.close()
         procs.write_pidfile(self.agent.pidfile(self.uid, c.name), c.proc.pid)
         c.state = {"running": {"startedAt": now()}}
+        c.env = env
+        c.probes = ContainerProbes(c.spec, time.monotonic())
+
+    def exec_in(self, c: Container, argv: list[str], timeout: float) -> int:
+        """Run ``argv`` as the container would (its env and mounts): exec probes."""
+        if c.podman_name is not None:
+            argv = self.agent.podman.exec_argv(c.podman_name, argv)
+            done = subprocess.run(argv, env=podman_env(), capture_output=True, timeout=timeout, check=False)
+            return done.returncode
+        if argv and "/" not in argv[0]:
+            argv = [shutil.which(argv[0], path=c.env.get("PATH")) or argv[0], *argv[1:]]
+        if USE_MOUNT_NAMESPACES and c.proc is not None:
+            # Into the container's own mount namespace, as kubelet's exec does: no interpreter to
+            # start (a probe's 1 s default timeout is for the command, not for setting it up).
+            argv = ["nsenter", f"--target={c.proc.pid}", "--mount", "--", *argv]
+        done = subprocess.run(argv, env=c.env, cwd=self.dir, capture_output=True, timeout=timeout, check=False)
+        return done.returncode
+
+    def probe(self, c: Container, mono: float) -> None:
+        """Run the container's due probes; a failed liveness/startup probe kills it (then restart policy)."""
+        if c.probes is None or c.proc is None or "running" not in c.state:
+            return
+        why = c.probes.tick(mono, lambda argv, timeout: self.exec_in(c, argv, timeout))
+        if why is None:
+            return
+        log(f"{self.ns}/{self.pod_name}: container {c.name}: {why}; killing it")
+        grace = c.spec.get("livenessProbe", {}).get("terminationGracePeriodSeconds")
+        self.kill(c, float(grace if grace is not None else self._grace()))
+        rc = c.proc.wait()
+        self._terminated(c, rc, "Error", why, c.state["running"]["startedAt"])
+        c.proc = None
 
     def _terminated(self, c: Container, code: int, reason: str | None, message: str | None, started: str) -> None:
         t: Obj = {
@@ -531,10 +602,17 @@ class PodWorker(threading.Thread):
             return code != 0 and self.restart_policy != "Never"
         return self.restart_policy == "Always" or (self.restart_policy == "OnFailure" and code != 0)
 
+    def kill(self, c: Container, grace: float) -> None:
+        """SIGTERM the container's process group, SIGKILL after ``grace``; then no container is left."""
+        if c.proc is not None:
+            procs.kill_group(c.proc.pid, grace)
+        if c.podman_name is not None:
+            self.agent.podman.remove(c.podman_name)
+
     def kill_all(self, grace: float, containers: list[Container] | None = None) -> None:
         """SIGTERM every running container's process group, SIGKILL after ``grace``."""
         targets = [c for c in (containers or self.init + self.main) if c.proc is not None and "running" in c.state]
-        threads = [threading.Thread(target=procs.kill_group, args=(c.proc.pid, grace)) for c in targets if c.proc]
+        threads = [threading.Thread(target=self.kill, args=(c, grace)) for c in targets if c.proc]
         for t in threads:
             t.start()
         for t in threads:
@@ -684,7 +762,8 @@ class PodWorker(threading.Thread):
             }
 
     def _tick(self, c: Container, mono: float) -> None:
-        self.poll(c)
+        if not self.poll(c):
+            self.probe(c, mono)
         if "terminated" in c.state:
             if self.should_restart(c):
                 self._backoff(c, mono)
@@ -719,6 +798,22 @@ class Agent:
             "nvidia.com/gpu": str(gpus),
         }
         (state_dir / "run" / "pods").mkdir(parents=True, exist_ok=True)
+        self.hosts_file: Path | None = None  # set once the kubernetes Service stand-in listens
+        self.api_service: apiservice.Forwarder | None = None
+        self.podman = Podman()
+
+    def serve_api_service(self) -> None:
+        """``kubernetes.default.svc:443`` for in-cluster clients (see :mod:`apiservice`)."""
+        if not USE_MOUNT_NAMESPACES:
+            log("no mount namespaces: pods reach the API server by KUBERNETES_SERVICE_HOST only")
+            return
+        address = apiservice.service_address(self.api.port)
+        try:
+            self.api_service = apiservice.Forwarder(address, (self.api.host, self.api.port))
+        except OSError as e:
+            log(f"cannot listen on {address}:{apiservice.SERVICE_PORT} ({e}): no kubernetes.default.svc in pods")
+            return
+        self.hosts_file = apiservice.write_hosts(self.state_dir / "run" / "hosts", address)
 
     def container_running(self, ns: str, pod: str, container: str) -> bool:
         """Whether a container still runs (``kubectl logs -f`` follows until it stops)."""
@@ -1044,6 +1139,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, on_term)
     try:
         agent.serve_logs()
+        agent.serve_api_service()
         agent.register()
         agent.ensure_storage_class()
         threading.Thread(target=agent.heartbeat, name="heartbeat", daemon=True).start()

@@ -10,6 +10,7 @@ leaves running) the cluster in the default state dir (``$FINETUNE_CLUSTER_DIR`` 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import tempfile
@@ -94,6 +95,18 @@ class LocalCluster:
                     time.sleep(0.05)
 
 
+@contextlib.contextmanager
+def own_cluster(state_dir: Path) -> Iterator[LocalCluster]:
+    """A fresh control plane in ``state_dir``, stopped afterwards: for the session, or for tests
+    whose cluster-wide objects (CRDs, ClusterRoles, admission) must never meet other tests."""
+    c = Cluster(state_dir)
+    c.start(reuse=False)
+    try:
+        yield LocalCluster(c)
+    finally:
+        c.stop()
+
+
 @pytest.fixture(scope="session")
 def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """A running local control plane with a Ready node (shared by the whole session)."""
@@ -103,9 +116,5 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
         yield LocalCluster(c)
         return
     # Unix sockets and log paths stay short: use a short base dir.
-    c = Cluster(tmp_path_factory.mktemp("cluster"))
-    c.start(reuse=False)
-    try:
-        yield LocalCluster(c)
-    finally:
-        c.stop()
+    with own_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster

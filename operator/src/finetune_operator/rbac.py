@@ -44,3 +44,38 @@ def cluster_role(name: str = "finetune-operator") -> dict[str, Any]:
         "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "finetune-operator"}},
         "rules": OPERATOR_RULES,
     }
+
+
+CLUSTER_SCOPED_RESOURCES = frozenset(
+    {
+        "namespaces",
+        "nodes",
+        "persistentvolumes",
+        "customresourcedefinitions",
+        "clusterroles",
+        "clusterrolebindings",
+        "priorityclasses",
+        "storageclasses",
+        "runtimeclasses",
+        "validatingadmissionpolicies",
+        "validatingadmissionpolicybindings",
+        "validatingwebhookconfigurations",
+        "mutatingwebhookconfigurations",
+        "tokenreviews",
+        "subjectaccessreviews",
+    }
+)
+"""Kubernetes resources that have no namespace: a namespaced Role cannot grant them."""
+
+
+def split_by_scope(rules: list[dict[str, Any]] = OPERATOR_RULES) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(namespaced, cluster_wide)`` rules, so that the chart's namespaced mode grants Roles in
+    the watched namespaces and keeps only the cluster-scoped rest in a small ClusterRole."""
+    namespaced: list[dict[str, Any]] = []
+    cluster_wide: list[dict[str, Any]] = []
+    for rule in rules:
+        scoped = {r.split("/")[0] in CLUSTER_SCOPED_RESOURCES for r in rule["resources"]}
+        if len(scoped) != 1:
+            raise ValueError(f"rule mixes namespaced and cluster-scoped resources: {rule['resources']}")
+        (cluster_wide if scoped == {True} else namespaced).append(rule)
+    return namespaced, cluster_wide

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import textwrap
 
 import pytest
@@ -257,3 +258,23 @@ def test_volumes_appear_at_their_real_paths_for_fixed_path_programs(kube: Kube) 
         "fixed-paths"
     )
     assert kube.logs("fixed-paths").split("\n")[:3] == ["from the claim", "namespace True", "read-only True"]
+
+
+@pytest.mark.skipif(not mountns.available(), reason="needs root and util-linux unshare for mount namespaces")
+def test_in_cluster_clients_reach_the_api_server_as_kubernetes_default_svc(kube: Kube) -> None:
+    # kopf's own in-cluster login knows only https://kubernetes.default.svc (port 443) and the
+    # service-account CA: no KUBERNETES_SERVICE_HOST. That must work as it does in a cluster.
+    script = textwrap.dedent(
+        """
+        import json, ssl, urllib.request
+        sa = "/var/run/secrets/kubernetes.io/" + "serviceaccount"
+        ctx = ssl.create_default_context(cafile=sa + "/ca.crt")
+        req = urllib.request.Request("https://kubernetes.default.svc/version")
+        req.add_header("Authorization", "Bearer " + open(sa + "/token").read())
+        print("version", json.load(urllib.request.urlopen(req, context=ctx, timeout=10))["gitVersion"])
+        """
+    )
+    kube.apply(pod("incluster", [sys.executable, "-c", script]))
+    p = kube.pod_phase("incluster", "Succeeded", "Failed")
+    assert p["status"]["phase"] == "Succeeded", kube.logs("incluster")
+    assert "version v1." in kube.logs("incluster")

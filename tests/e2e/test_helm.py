@@ -1,0 +1,209 @@
+"""As users install it: the chart, with the real helm, on a control plane of its own.
+
+The operator image is built from the Dockerfile (``make images``, cached by content hash) and runs
+as the chart's Deployment in a podman container, with the chart's ServiceAccount, ClusterRole and
+securityContext (non-root, read-only root filesystem), logging in the way it does in a cluster
+(kopf's in-cluster login: ``kubernetes.default.svc:443`` and the service-account token). Its
+readiness probe decides when it is Ready. The trainer is a scripted one (process mode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+from finetune_localcluster import images, mountns
+from finetune_localcluster.cluster import free_port
+from finetune_localcluster.helm import ensure_helm
+from finetune_localcluster.pytest_plugin import LocalCluster, own_cluster
+from finetune_operator.api import GROUP, PLURAL, VERSION
+
+from .conftest import Jobs, Operator, fake_job
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.skipif(not mountns.available(), reason="in-cluster login needs mount namespaces (root, unshare)"),
+]
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "finetune-operator"
+RELEASE, SYSTEM = "finetune", "finetune-system"
+
+
+class Helm:
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.binary = ensure_helm()
+        self.cluster = cluster
+
+    def __call__(self, *args: str) -> str:
+        proc = subprocess.run(
+            [str(self.binary), f"--kubeconfig={self.cluster.kubeconfig}", "-n", SYSTEM, *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+        )
+        if proc.returncode != 0:
+            pods = self.cluster.kubectl("-n", SYSTEM, "describe", "pods", check=False).stdout
+            raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stderr}\n{pods}")
+        return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def helm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """Cluster-wide objects (CRD, ClusterRoles) of a release must never meet the other tests' operator."""
+    with own_cluster(tmp_path_factory.mktemp("helm-cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def operator_image() -> str:
+    start = time.monotonic()
+    (image,) = images.build_images(("operator",))
+    print(f"operator image {image.ref}: {image.size_bytes / 1e6:.0f} MB, ready in {time.monotonic() - start:.1f} s")
+    return image.ref
+
+
+def scrape_config(pod_monitor: dict[str, Any], api: client.ApiClient) -> dict[str, Any]:
+    """What the Prometheus Operator makes of a PodMonitor (its selector and port name), resolved
+    here against the API (Debian's Prometheus has no Kubernetes discovery): a wrong selector or port
+    name in the chart finds no target."""
+    spec = pod_monitor["spec"]
+    (endpoint,) = spec["podMetricsEndpoints"]
+    selector = ",".join(f"{k}={v}" for k, v in spec["selector"]["matchLabels"].items())
+    assert spec["namespaceSelector"] == {"any": True}
+    targets = []
+    for pod in client.CoreV1Api(api).list_pod_for_all_namespaces(label_selector=selector).items:
+        for container in pod.spec.containers:
+            for port in container.ports or []:
+                if port.name == endpoint["port"] and pod.status.pod_ip:
+                    labels = {"finetune_job": pod.metadata.labels.get("finetune.dev/job", "")}
+                    targets.append({"targets": [f"{pod.status.pod_ip}:{port.container_port}"], "labels": labels})
+    return {
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": pod_monitor["metadata"]["name"],
+                "metrics_path": endpoint.get("path", "/metrics"),
+                "static_configs": targets,
+            }
+        ],
+    }
+
+
+@contextlib.contextmanager
+def prometheus(config: dict[str, Any], directory: Path) -> Iterator[int]:
+    """Debian's Prometheus (make system-deps) with ``config``; yields its port."""
+    port = free_port()
+    (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
+    with (directory / "prometheus.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                "prometheus",
+                f"--config.file={directory / 'prometheus.yml'}",
+                f"--storage.tsdb.path={directory / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _query(port: int, expression: str) -> list[dict[str, Any]]:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expression})
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            result: list[dict[str, Any]] = json.loads(response.read())["data"]["result"]
+            return result
+    except OSError:
+        return []
+
+
+def _operator_pods(api: client.ApiClient) -> list[Any]:
+    pods = client.CoreV1Api(api).list_namespaced_pod(SYSTEM, label_selector="app.kubernetes.io/name=finetune-operator")
+    return [p for p in pods.items if not p.metadata.deletion_timestamp]
+
+
+def _ready(pod: Any) -> bool:
+    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+
+
+def test_helm_install_upgrade_uninstall_with_a_job_running_through_it(
+    helm_cluster: LocalCluster, operator_image: str, tmp_path: Path
+) -> None:
+    helm = Helm(helm_cluster)
+    repository, tag = operator_image.rsplit(":", 1)
+    values = [
+        "--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
+        "--set", "image.pullPolicy=Never", "--set", "trainerImage=finetune-test/paced:1",
+        "--set", f"metrics.port={free_port()}", "--set", f"healthPort={free_port()}",
+        "--set", "resyncSeconds=2", "--set", "logFormat=plain", "--set", f"trainerMetricsPort={free_port()}",
+    ]  # fmt: skip
+    rendered = helm("template", RELEASE, str(CHART), *values, "--set", "metrics.podMonitor.enabled=true")
+    (pod_monitor,) = [o for o in yaml.safe_load_all(rendered) if o and o["kind"] == "PodMonitor"]
+    start = time.monotonic()
+    helm("install", RELEASE, str(CHART), "--create-namespace", "--wait", "--timeout=3m", *values)
+    print(f"helm install -> operator Ready: {time.monotonic() - start:.1f} s")
+    with helm_cluster.api_client() as api:
+        (pod,) = _operator_pods(api)
+        assert _ready(pod) and pod.spec.service_account_name == "finetune-operator"
+        assert pod.status.container_statuses[0].image == operator_image
+        running = subprocess.run(
+            ["podman", "ps", "--format", "{{.Image}} {{.Names}}"],
+            env=images.podman_env(),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert f"{operator_image} ftl-{pod.metadata.uid[:13]}-operator" in running, running
+        first_uid = pod.metadata.uid
+
+        namespace = helm_cluster.create_namespace("helm")
+        jobs = Jobs(api, namespace, Operator(Path("/dev/null"), tmp_path / "none.log", 0, 0))
+        manifest = fake_job("shipped", "unused", tmp_path)
+        del manifest["spec"]["resources"]["image"]  # the chart's trainerImage is the default
+        jobs.create(manifest)
+        jobs.wait("shipped", "progress", lambda j: ((j.get("status") or {}).get("progress") or {}).get("step", 0) >= 1)
+        # The training curve reaches Prometheus through the chart's PodMonitor (selector, port name).
+        with prometheus(scrape_config(pod_monitor, api), tmp_path) as port:
+            deadline = time.monotonic() + 30
+            while not _query(port, 'fake_trainer_step{finetune_job="shipped"} > 0'):
+                if time.monotonic() > deadline:
+                    config = (tmp_path / "prometheus.yml").read_text()
+                    log = (tmp_path / "prometheus.log").read_text()[-2000:]
+                    raise AssertionError(f"Prometheus never scraped the trainer via the PodMonitor:\n{config}\n{log}")
+                time.sleep(0.5)
+
+        # A changed value rolls the operator; the job it was watching carries on.
+        helm("upgrade", RELEASE, str(CHART), "--reuse-values", "--set", "resyncSeconds=3", "--wait", "--timeout=3m")
+        (pod,) = _operator_pods(api)
+        assert pod.metadata.uid != first_uid and _ready(pod)
+        assert "--resync-seconds=3" in pod.spec.containers[0].args
+        done = jobs.wait_condition("shipped", "Complete", timeout=120)
+        status = done["status"]
+        assert status["progress"]["step"] == status["progress"]["totalSteps"] == 60
+        assert status["best"]["step"] == 60 and status["best"]["value"] == pytest.approx(0.8)
+
+        helm("uninstall", RELEASE, "--wait", "--timeout=2m")
+        assert not _operator_pods(api)
+        assert not client.AppsV1Api(api).list_namespaced_deployment(SYSTEM).items
+        crd = client.ApiextensionsV1Api(api).read_custom_resource_definition(f"{PLURAL}.{GROUP}")
+        assert crd.metadata.annotations["helm.sh/resource-policy"] == "keep"
+        kept = client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "shipped")
+        assert json.dumps(kept["status"]["best"]) == json.dumps(status["best"])

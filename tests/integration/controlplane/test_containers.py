@@ -1,0 +1,120 @@
+"""Pods whose image is in the local image store run as real podman containers on the local node."""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+
+import pytest
+
+from finetune_localcluster import images, mountns
+
+from .conftest import Kube, pod, wait_for
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not mountns.available(), reason="containers on the local node need root"),
+]
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    """A plain Debian image with python3 in the local store (the offline base `make images` uses)."""
+    if not shutil.which("podman"):
+        pytest.fail("podman is not installed: run `dev/install-system-deps.sh containers`")
+    return images.base_image()
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, ssl, urllib.request
+    print("uid", os.getuid(), "gid", os.getgid())
+    try:
+        open("/rootfs-write", "w")
+    except OSError as error:
+        print("rootfs read-only", error.errno == 30)
+    open("/scratch/ok", "w").write("x")
+    print("scratch writable")
+    print("cfg", open("/etc/cfg/mode").read(), "env", os.environ["MODE"], os.environ["POD"], os.environ["PASSWORD"])
+    status = dict(line.split(":\\t", 1) for line in open("/proc/self/status").read().splitlines() if ":\\t" in line)
+    print("capeff", status["CapEff"].strip(), "nonewprivs", status["NoNewPrivs"].strip())
+    sa = "/var/run/secrets/kubernetes.io/" + "serviceaccount"
+    req = urllib.request.Request("https://kubernetes.default.svc/version")
+    req.add_header("Authorization", "Bearer " + open(sa + "/token").read())
+    ctx = ssl.create_default_context(cafile=sa + "/ca.crt")
+    print("api", json.load(urllib.request.urlopen(req, context=ctx, timeout=10))["gitVersion"][:3])
+    print("venv-free", "VIRTUAL_ENV" not in os.environ)
+    raise SystemExit(3)
+    """
+)
+
+
+def test_container_honours_security_context_volumes_env_and_exit_code(kube: Kube, image: str) -> None:
+    kube.apply(
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"mode": "fast"}},
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "sec"}, "stringData": {"pw": "s3cret"}},
+        pod(
+            "boxed",
+            ["python3", "-c", SCRIPT],
+            securityContext={"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532},
+            container={
+                "image": image,
+                "securityContext": {
+                    "readOnlyRootFilesystem": True,
+                    "allowPrivilegeEscalation": False,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+                "env": [
+                    {"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "mode"}}},
+                    {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                    {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "sec", "key": "pw"}}},
+                ],
+                "volumeMounts": [
+                    {"name": "scratch", "mountPath": "/scratch"},
+                    {"name": "cfg", "mountPath": "/etc/cfg", "readOnly": True},
+                ],
+            },
+            volumes=[{"name": "scratch", "emptyDir": {}}, {"name": "cfg", "configMap": {"name": "cfg"}}],
+        ),
+    )
+    p = kube.pod_phase("boxed", "Succeeded", "Failed", timeout=120)
+    out = kube.logs("boxed")
+    assert p["status"]["phase"] == "Failed", out
+    assert p["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 3, out
+    assert "uid 65532 gid 65532" in out
+    assert "rootfs read-only True" in out
+    assert "scratch writable" in out
+    assert "cfg fast env fast boxed s3cret" in out
+    assert "capeff 0000000000000000 nonewprivs 1" in out
+    assert "api v1." in out
+    assert "venv-free True" in out, "the host's environment leaked into the container"
+
+
+def test_run_as_non_root_refuses_an_image_that_runs_as_root(kube: Kube, image: str) -> None:
+    kube.apply(pod("rooted", ["true"], securityContext={"runAsNonRoot": True}, container={"image": image}))
+
+    def refused() -> str | None:
+        cs = (kube.pod("rooted")["status"].get("containerStatuses") or [{}])[0]
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        return waiting.get("message") if waiting.get("reason") == "CreateContainerConfigError" else None
+
+    assert "runAsNonRoot and image will run as root" in wait_for("the refusal", refused, 60)
+
+
+def test_delete_sends_sigterm_into_the_container(kube: Kube, image: str) -> None:
+    script = textwrap.dedent(
+        """
+        import signal, sys, time
+        signal.signal(signal.SIGTERM, lambda *_: (print("got TERM", flush=True), sys.exit(0)))
+        print("started", flush=True)
+        while True:
+            time.sleep(0.1)
+        """
+    )
+    kube.apply(pod("victim", ["python3", "-c", script], terminationGracePeriodSeconds=10, container={"image": image}))
+    kube.pod_phase("victim", "Running", timeout=120)
+    wait_for("the container to start", lambda: "started" in kube.logs("victim"), 60)
+    log = kube.cluster.state_dir / "pods" / f"{kube.ns}_victim_{kube.pod('victim')['metadata']['uid']}" / "main.log"
+    kube.cluster.kubectl("-n", kube.ns, "delete", "pod", "victim", "--wait=false")
+    kube.gone("victim")
+    assert "got TERM" in log.read_text()

@@ -1,0 +1,48 @@
+"""Image tags are a hash of what each image is built from: same inputs, same tag; any change, a new one."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from finetune_localcluster import images
+
+
+@pytest.fixture
+def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for name in ("Dockerfile", "constraints.txt", "trainer/pyproject.toml", "operator/pyproject.toml"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(images.REPO / name, tmp_path / name)
+    for package in ("trainer/src/finetune_trainer", "operator/src/finetune_operator"):
+        (tmp_path / package).mkdir(parents=True)
+        (tmp_path / package / "__init__.py").write_text('"""x"""\n')
+    monkeypatch.setattr(images, "REPO", tmp_path)
+    return tmp_path
+
+
+def test_the_tag_changes_with_any_input_and_only_with_inputs(repo: Path) -> None:
+    operator, trainer = images.content_tag("operator", "base-1"), images.content_tag("trainer", "base-1")
+    assert operator != trainer
+    # Build leftovers (bytecode, egg-info) stay out of the image and out of the hash.
+    (repo / "operator/src/finetune_operator/__pycache__").mkdir()
+    (repo / "operator/src/finetune_operator/__pycache__/x.pyc").write_bytes(b"\0")
+    (repo / "operator/src/finetune_operator.egg-info").mkdir()
+    (repo / "operator/src/finetune_operator.egg-info/PKG-INFO").write_text("x")
+    assert images.content_tag("operator", "base-1") == operator
+    # The operator is built from the trainer's torch-free core too; the trainer never from the operator.
+    (repo / "operator/src/finetune_operator/new.py").write_text("x = 1\n")
+    assert images.content_tag("operator", "base-1") != operator
+    assert images.content_tag("trainer", "base-1") == trainer
+    (repo / "trainer/src/finetune_trainer/__init__.py").write_text('"""y"""\n')
+    assert images.content_tag("trainer", "base-1") != trainer
+    assert images.content_tag("trainer", "base-2") != images.content_tag("trainer", "base-1"), "a new base"
+
+
+def test_a_missing_podman_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(images.shutil, "which", lambda _: None)
+    with pytest.raises(
+        images.BuildError, match=r"podman is not installed: run `dev/install-system-deps.sh containers`"
+    ):
+        images.podman()
