@@ -203,3 +203,24 @@ def test_prometheus_metrics_endpoint_and_busy_port() -> None:
 
     busy = PrometheusMetrics(port, JsonLines(Sink()))  # type: ignore[arg-type]
     assert busy.port is None and '"event": "warning"' in lines[0]
+
+
+def test_a_long_model_load_sends_heartbeats(
+    assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model download longer than stallTimeoutSeconds is work, not a stall: heartbeats go out while it loads."""
+    api = FakeApi()
+    monkeypatch.setattr(run_mod, "load_kube_api", lambda: api)
+    load_model = run_mod.load_model
+    beats_during_load: list[int] = []
+
+    def slow_load(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(1.0)  # five report intervals: a slow download
+        beats_during_load.append(sum("lastHeartbeatTime" in p["status"].get("progress", {}) for p in api.patches))
+        return load_model(*args, **kwargs)
+
+    monkeypatch.setattr(run_mod, "load_model", slow_load)
+    wire = tiny.spec(assets["bert"], assets["sentiment"], tmp_path / "out", hyperparameters={"maxSteps": 2})
+    result, _ = train(wire, job_name="job", job_namespace="ns", report_interval_seconds=0.2)
+    assert result.exit_code == 0
+    assert beats_during_load and beats_during_load[0] >= 3, "no heartbeat while the model loaded"

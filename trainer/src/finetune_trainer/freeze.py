@@ -180,16 +180,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def _compile(patterns: list[str], where: str) -> list[re.Pattern[str]]:
-    compiled = []
-    for i, pattern in enumerate(patterns):
-        try:
-            compiled.append(re.compile(pattern))
-        except re.error as exc:
-            raise ConfigError(f"{where}[{i}]: invalid regex '{pattern}': {exc}") from exc
-    return compiled
-
-
 def _apply_patterns(model: nn.Module, spec: FreezeSpec) -> set[str]:
     """frozenModules then trainableModules; each pattern must match a parameter. Returns pattern-frozen names."""
     names = [name for name, _ in model.named_parameters()]
@@ -199,7 +189,8 @@ def _apply_patterns(model: nn.Module, spec: FreezeSpec) -> set[str]:
         ("freeze.frozenModules", spec.frozen_modules, False),
         ("freeze.trainableModules", spec.trainable_modules, True),
     ):
-        for i, regex in enumerate(_compile(patterns, where)):
+        # the spec's Regex type has already checked that each pattern compiles
+        for i, regex in enumerate(map(re.compile, patterns)):
             matched = [name for name in names if regex.search(name)]
             if not matched:
                 raise ConfigError(
@@ -251,7 +242,6 @@ def _lora(model: nn.Module, task: Task, spec: LoraSpec | None, head: list[str]) 
     lora = spec or LoraSpec()
     target: str | list[str] | None = default_lora_targets(model)
     if lora.target_modules:
-        _compile(lora.target_modules, "freeze.lora.targetModules")
         target = r"^(?:.*\.)?(?:" + "|".join(f"(?:{p})" for p in lora.target_modules) + r")$"
     elif target is None:
         families = ", ".join("/".join(family) for family in ATTENTION_PROJECTIONS)

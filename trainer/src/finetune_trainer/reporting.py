@@ -6,7 +6,8 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -262,3 +263,30 @@ def stop_request_of(obj: dict[str, Any]) -> dict[str, str] | None:
     if str(annotations.get(STOP_ANNOTATION, "")).lower() == "true":
         return {"reason": "Stopped", "message": f"annotation {STOP_ANNOTATION} is set"}
     return None
+
+
+@contextmanager
+def heartbeats(reporter: StatusReporter | None) -> Iterator[None]:
+    """Heartbeats while nothing else reports (a model download, tokenizing a large dataset).
+
+    The operator calls a job Stalled when no heartbeat came for ``stallTimeoutSeconds``; a long
+    load is work, not a stall. Beats go at the reporter's interval (it throttles them anyway).
+    """
+    if reporter is None:
+        yield
+        return
+    done = threading.Event()
+
+    def beat() -> None:
+        while True:
+            reporter.update({"progress": {"lastHeartbeatTime": utc_now()}})
+            if done.wait(reporter.interval):
+                return
+
+    thread = threading.Thread(target=beat, name="load-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()

@@ -46,7 +46,7 @@ from finetune_trainer.freeze import apply_freeze, layer_map
 from finetune_trainer.metrics import classification_metrics, probabilities
 from finetune_trainer.models import align_pad_token, load_config, load_model, load_processor, resolve_source
 from finetune_trainer.ownership import claim_checkpoints
-from finetune_trainer.reporting import JsonLines, PrometheusMetrics, StatusReporter, load_kube_api
+from finetune_trainer.reporting import JsonLines, PrometheusMetrics, StatusReporter, heartbeats, load_kube_api
 from finetune_trainer.spec import CLASSIFICATION_METRICS, CLASSIFICATION_TASKS, TrainingSpec
 from finetune_trainer.trainer import FineTuneTrainer
 
@@ -182,6 +182,19 @@ def _save_final(ctx: RunContext, trainer: FineTuneTrainer, processor: Any) -> st
     return location_uri(target, ctx.spec.output.location, ctx.pvc_root)
 
 
+def _start_reporter(env: RuntimeEnv, log: JsonLines) -> StatusReporter | None:
+    """The status reporter of an in-cluster run (best effort: a run without one still trains)."""
+    if not env.in_cluster_reporting:
+        return None
+    try:
+        return StatusReporter(
+            load_kube_api(), str(env.job_name), str(env.job_namespace), env.report_interval_seconds, log
+        )
+    except Exception as exc:
+        log.emit("warning", message=f"status reporting disabled: {type(exc).__name__}: {exc}")
+        return None
+
+
 def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> RunResult:
     """Train per ``spec``; raises TrainerError subclasses for bad input (the CLI maps them to exit codes)."""
     log = log or JsonLines()
@@ -202,11 +215,13 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
 
     check_precision(hp.precision)
     set_seed(hp.seed)
-    source = resolve_source(spec.model, env)
-    processor = load_processor(spec.model, source)
-    # Data is read and checked before the weights load: a typo in a field name fails in seconds, not minutes.
-    prepared = data_mod.prepare(spec, env, processor, load_config(spec.model, source, hp.dropout))
-    model: PreTrainedModel = load_model(spec.model, source, hp.dropout)
+    reporter = _start_reporter(env, log) if is_main else None
+    with heartbeats(reporter):  # downloads and tokenizing can outlast the stall timeout
+        source = resolve_source(spec.model, env)
+        processor = load_processor(spec.model, source)
+        # Data is read and checked before the weights load: a typo in a field name fails in seconds, not minutes.
+        prepared = data_mod.prepare(spec, env, processor, load_config(spec.model, source, hp.dropout))
+        model: PreTrainedModel = load_model(spec.model, source, hp.dropout)
     align_pad_token(model, processor)
     prepared = data_mod.drop_unused_inputs(prepared, model)
     has_eval = prepared.validation is not None
@@ -242,13 +257,7 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
     ctx = RunContext(spec, output_dir, checkpoints_dir, env.pvc_root, log, is_main=is_main)
     if spec.model.task in CLASSIFICATION_TASKS:
         ctx.majority_baseline = validation_baseline(prepared.validation)
-    if is_main and env.in_cluster_reporting:
-        try:
-            ctx.reporter = StatusReporter(
-                load_kube_api(), str(env.job_name), str(env.job_namespace), env.report_interval_seconds, log
-            )
-        except Exception as exc:  # reporting is best effort: train anyway
-            log.emit("warning", message=f"status reporting disabled: {type(exc).__name__}: {exc}")
+    ctx.reporter = reporter
     if is_main:
         ctx.metrics = PrometheusMetrics(env.metrics_port, log)
 
