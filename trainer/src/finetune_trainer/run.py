@@ -21,6 +21,7 @@ from transformers.utils import logging as hf_logging
 
 from finetune_trainer import data as data_mod
 from finetune_trainer import exitcodes
+from finetune_trainer.activation_cache import install as install_activation_cache
 from finetune_trainer.callbacks import (
     CheckpointCallback,
     EarlyStoppingCallback,
@@ -32,12 +33,25 @@ from finetune_trainer.callbacks import (
     load_run_state,
     partial_checkpoints,
 )
+from finetune_trainer.checkpointing import enable_activation_checkpointing
 from finetune_trainer.config import RuntimeEnv, local_path, location_uri
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.freeze import apply_freeze, layer_map
 from finetune_trainer.models import align_pad_token, load_config, load_model, load_processor, resolve_source
 from finetune_trainer.reporting import JsonLines, PrometheusMetrics, StatusReporter, load_kube_api
 from finetune_trainer.spec import TrainingSpec
+from finetune_trainer.speed import (
+    Device,
+    Precision,
+    available_cpus,
+    base_dtype,
+    data_loading,
+    detect_device,
+    pad_for_tensor_cores,
+    resolve_precision,
+    upcast_trainable,
+    use_tf32,
+)
 from finetune_trainer.trainer import FineTuneTrainer
 
 SCHEDULERS = {
@@ -82,14 +96,12 @@ def argmax_logits(logits: Any, labels: Any) -> torch.Tensor:
     return torch.as_tensor(logits).argmax(dim=-1)
 
 
-def training_arguments(spec: TrainingSpec, checkpoints_dir: Path, log_every: int, log: JsonLines) -> TrainingArguments:
+def training_arguments(
+    spec: TrainingSpec, checkpoints_dir: Path, log_every: int, device: Device, precision: Precision
+) -> TrainingArguments:
     """The spec's hyperparameters, evaluation and precision as TrainingArguments (saving is ours: see callbacks)."""
     hp = spec.hyperparameters
-    cuda = torch.cuda.is_available()
-    bf16 = hp.precision == "bf16"
-    fp16 = hp.precision == "fp16" and cuda
-    if hp.precision == "fp16" and not cuda:
-        log.emit("warning", message="precision fp16 needs a GPU; training in fp32 on CPU")
+    loading = data_loading(available_cpus(), device)
     warmup: float = hp.warmup_steps if hp.warmup_steps is not None else (hp.warmup_ratio or 0)
     evaluation = spec.evaluation
     classify = bool({"accuracy", "f1"} & set(evaluation.metrics))
@@ -106,10 +118,12 @@ def training_arguments(spec: TrainingSpec, checkpoints_dir: Path, log_every: int
         weight_decay=hp.weight_decay,
         label_smoothing_factor=hp.label_smoothing,
         max_grad_norm=hp.max_grad_norm or 0.0,
-        bf16=bf16,
-        fp16=fp16,
-        use_cpu=not cuda,
-        activation_checkpointing=hp.gradient_checkpointing,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        tf32=True if use_tf32(precision, device) else None,
+        torch_compile=hp.compile,
+        use_cpu=not device.cuda,
+        activation_checkpointing=False,  # enabled by run() itself: see checkpointing.py
         seed=hp.seed,
         data_seed=hp.seed,
         eval_strategy=evaluation.strategy,
@@ -122,7 +136,12 @@ def training_arguments(spec: TrainingSpec, checkpoints_dir: Path, log_every: int
         report_to="none",
         disable_tqdm=True,
         remove_unused_columns=False,
-        dataloader_num_workers=0,
+        dataloader_num_workers=loading.workers,
+        dataloader_pin_memory=loading.pin_memory,
+        dataloader_persistent_workers=loading.persistent_workers,
+        train_sampling_strategy="group_by_length"
+        if device.cuda and spec.model.task != "image-classification"
+        else "random",
     )
 
 
@@ -155,7 +174,7 @@ def _save_final(ctx: RunContext, trainer: FineTuneTrainer, processor: Any) -> st
     target = ctx.output_dir / "model"
     model: Any = trainer.model
     if hasattr(model, "merge_and_unload"):  # LoRA: ship a plain model with the adapters merged in
-        model = model.merge_and_unload()
+        model = model.float().merge_and_unload()  # in fp32: a bf16 base would round the adapters' update away
     if ctx.is_main:
         if target.exists():
             shutil.rmtree(target)
@@ -182,11 +201,17 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
         raise ConfigError(f"output.location: cannot create {checkpoints_dir}: {exc.strerror}") from exc
 
     set_seed(hp.seed)
+    device = detect_device()
+    precision, precision_warning = resolve_precision(hp.precision, device)
+    if precision_warning:
+        log.emit("warning", message=precision_warning)
     source = resolve_source(spec.model, env)
     processor = load_processor(spec.model, source)
     # Data is read and checked before the weights load: a typo in a field name fails in seconds, not minutes.
     prepared = data_mod.prepare(spec, env, processor, load_config(spec.model, source, hp.dropout))
-    model: PreTrainedModel = load_model(spec.model, source, hp.dropout)
+    if prepared.cached_splits:
+        log.emit("tokenized_cache", reused=list(prepared.cached_splits))
+    model: PreTrainedModel = load_model(spec.model, source, hp.dropout, base_dtype(spec.freeze.strategy, precision))
     align_pad_token(model, processor)
     has_eval = prepared.validation is not None
     if not has_eval and spec.evaluation.strategy != "no":
@@ -200,11 +225,19 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
         )
 
     wrapped, plan = apply_freeze(model, spec.freeze, spec.model.task)
-    if hp.gradient_checkpointing and plan.trainable < plan.total and hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()  # type: ignore[no-untyped-call]  # frozen embeddings would otherwise cut the checkpointed graph
+    upcast_trainable(wrapped)
+    if hp.gradient_checkpointing:
+        enable_activation_checkpointing(wrapped)
     layers = layer_map(wrapped) if hp.layerwise_lr_decay is not None else None
+    activation_cache, cache_report = None, None
+    if spec.freeze.cache_activations:
+        hidden = getattr(model.config.get_text_config(), "hidden_size", None)
+        activation_cache, prepared, cache_report = install_activation_cache(
+            wrapped, prepared, hidden, lambda message: log.emit("warning", message=message)
+        )
     log.emit(
         "freeze",
+        **({"activationCache": cache_report} if cache_report is not None else {}),
         strategy=spec.freeze.strategy,
         trainable=plan.trainable,
         total=plan.total,
@@ -237,8 +270,8 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
     classify = bool({"accuracy", "f1"} & set(spec.evaluation.metrics))
     trainer = FineTuneTrainer(
         model=wrapped,
-        args=training_arguments(spec, checkpoints_dir, env.log_every_steps, log),
-        data_collator=prepared.collator,
+        args=training_arguments(spec, checkpoints_dir, env.log_every_steps, device, precision),
+        data_collator=pad_for_tensor_cores(prepared.collator, device),
         train_dataset=prepared.train,
         eval_dataset=prepared.validation,
         processing_class=processor,
@@ -249,6 +282,7 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
         plan=plan,
     )
     trainer.thaw_on_create = ctx.state.thawed_units
+    trainer.activation_cache = activation_cache
     trainer.remove_callback(PrinterCallback)  # our JSON lines replace its prints
     for callback in (
         EarlyStoppingCallback(ctx),

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from finetune_trainer.activation_cache import EXAMPLE_INDEX, ActivationCache
 from finetune_trainer.freeze import FreezePlan, LayerMap, thawed_units
 from finetune_trainer.optim import l1_norm, param_groups
 from finetune_trainer.spec import TrainingSpec
@@ -30,6 +31,7 @@ class FineTuneTrainer(Trainer):
         self.want_perplexity = "perplexity" in spec.evaluation.metrics
         self.last_l1_penalty: float | None = None
         self._decay_names: set[str] | None = None
+        self.activation_cache: ActivationCache | None = None
 
     def _unwrapped(self) -> nn.Module:
         if self.model is None:
@@ -95,6 +97,14 @@ class FineTuneTrainer(Trainer):
             lambdas.append(lambdas[0])
             group["lr"] = group["lr"] * lambdas[0](scheduler.last_epoch)
         optimizer.add_param_group(group)
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The batch for the model: the activation cache takes the example indices out (see activation_cache)."""
+        prepared = dict(super()._prepare_inputs(inputs))
+        if self.activation_cache is not None:
+            return self.activation_cache.begin(prepared)
+        prepared.pop(EXAMPLE_INDEX, None)
+        return prepared
 
     def compute_loss(
         self,
