@@ -292,3 +292,13 @@ def test_backoff_failure_counts_the_failed_pod_before_the_job_does() -> None:
     target = ObservedJob(failed=0, failed_condition=True, failed_reason="BackoffLimitExceeded")
     decision = decide(job(backoffLimit=0), Observed(job=target, pods=pods), NOW)
     assert (decision.status.message or "").startswith("trainer failed 1 time; last trainer exit code 1")
+
+
+def test_the_trainer_learns_its_cpu_request_for_data_loader_workers() -> None:
+    def env(resources: dict[str, Any]) -> dict[str, Any]:
+        pod = batch_job(job(resources=resources), SETTINGS)["spec"]["template"]["spec"]
+        return {e["name"]: e for e in pod["containers"][0]["env"]}
+
+    cpu = env({"cpu": "7500m"})["FINETUNE_CPU_REQUEST"]
+    assert cpu["valueFrom"] == {"resourceFieldRef": {"resource": "requests.cpu", "divisor": "1"}}  # rounds up: 8
+    assert "FINETUNE_CPU_REQUEST" not in env({})  # no request: the trainer counts the CPUs it may use
