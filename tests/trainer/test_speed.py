@@ -264,3 +264,26 @@ def test_cache_activations_needs_a_frozen_bottom() -> None:
 
     with pytest.raises(ValidationError, match="cacheActivations needs strategy head-only or bottom-layers"):
         FreezeSpec.model_validate({"strategy": "top-layers", "layers": 1, "cacheActivations": True})
+
+
+def test_an_activation_cache_that_would_not_fit_in_memory_is_not_built(tmp_path: Path, assets: dict[str, Path]) -> None:
+    from transformers import AutoTokenizer
+
+    from finetune_trainer import data
+    from finetune_trainer.activation_cache import install, memory_budget
+    from finetune_trainer.config import RuntimeEnv
+    from finetune_trainer.freeze import apply_freeze
+    from finetune_trainer.spec import TrainingSpec
+
+    wire = tiny.spec(assets["bert"], assets["sentiment"], tmp_path, freeze={"strategy": "head-only"})
+    spec = TrainingSpec.model_validate(wire)
+    prepared = data.prepare(spec, RuntimeEnv.from_environ({}), AutoTokenizer.from_pretrained(str(assets["bert"])), None)
+    model = AutoModelForSequenceClassification.from_pretrained(str(assets["bert"]))
+    apply_freeze(model, spec.freeze, spec.model.task)
+    cache, same, report = install(model, prepared, 32, lambda _: None, budget=1000)
+    assert cache is None and same is prepared
+    assert report["enabled"] is False and "more than the 1000 bytes" in report["reason"]
+    cache, indexed, report = install(model, prepared, 32, lambda _: None, budget=memory_budget())
+    assert cache is not None and report["enabled"] and report["estimatedBytes"] > 1000
+    assert indexed.train["example_index"] == list(range(96))
+    assert indexed.validation is not None and indexed.validation["example_index"] == list(range(96, 144))

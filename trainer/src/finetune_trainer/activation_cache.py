@@ -15,8 +15,11 @@ recomputes it during its first epoch. Gradual unfreezing that thaws a frozen blo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+import os
+from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -153,11 +156,6 @@ def frozen_prefix(model: nn.Module, block_params: list[list[nn.Parameter]]) -> i
     return count
 
 
-def estimate_bytes(lengths: Mapping[str, int], hidden_size: int, element_size: int = 4) -> int:
-    """What caching every token of every split takes: tokens x hidden size x bytes per element."""
-    return sum(lengths.values()) * hidden_size * element_size
-
-
 def attach(
     model: nn.Module, embeddings: tuple[str, ...], blocks: tuple[tuple[str, ...], ...], on_drop: Callable[[str], None]
 ) -> ActivationCache | None:
@@ -173,10 +171,38 @@ def attach(
     return ActivationCache(prefix_blocks(model, block_params[:count]), params, on_drop)
 
 
+def memory_budget() -> int | None:
+    """Half of the memory this process may still use: the cgroup's limit (a pod's) or the host's available."""
+    candidates = []
+    try:
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            candidates.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    with contextlib.suppress(OSError, ValueError):
+        candidates.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return min(candidates) // 2 if candidates else None
+
+
 def install(
-    model: nn.Module, prepared: PreparedData, hidden_size: int | None, on_drop: Callable[[str], None]
+    model: nn.Module,
+    prepared: PreparedData,
+    hidden_size: int | None,
+    on_drop: Callable[[str], None],
+    budget: int | None = None,
 ) -> tuple[ActivationCache | None, PreparedData, dict[str, Any]]:
-    """Attach a cache to ``model`` and index ``prepared``'s examples; returns what the freeze event reports."""
+    """Attach a cache to ``model`` and index ``prepared``'s examples; returns what the freeze event reports.
+
+    A cache that would not fit in ``budget`` bytes is not built (training goes on, recomputing the prefix).
+    """
+    splits = [rows for rows in (prepared.train, prepared.validation) if rows is not None]
+    tokens = sum(len(ids) for rows in splits for ids in rows["input_ids"])
+    estimate = tokens * hidden_size * 4 if hidden_size is not None else None
+    if estimate is not None and budget is not None and estimate > budget:
+        reason = f"the cache would take about {estimate} bytes, more than the {budget} bytes of memory to spare"
+        return None, prepared, {"enabled": False, "reason": reason, "estimatedBytes": estimate}
     layers = layer_map(model)
     cache = attach(model, layers.embeddings, layers.blocks, on_drop)
     if cache is None:
@@ -185,11 +211,9 @@ def install(
     validation = None
     if prepared.validation is not None:
         validation = with_example_index(prepared.validation, len(train))
-    splits = [rows for rows in (prepared.train, prepared.validation) if rows is not None]
-    tokens = sum(len(ids) for rows in splits for ids in rows["input_ids"])
     report: dict[str, Any] = {"enabled": True, "layers": len(cache.blocks), "examples": sum(map(len, splits))}
-    if hidden_size is not None:
-        report["estimatedBytes"] = tokens * hidden_size * 4
+    if estimate is not None:
+        report["estimatedBytes"] = estimate
     return (
         cache,
         replace(prepared, train=train, validation=validation, collator=IndexedCollator(prepared.collator)),

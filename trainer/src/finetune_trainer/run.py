@@ -22,6 +22,7 @@ from transformers.utils import logging as hf_logging
 from finetune_trainer import data as data_mod
 from finetune_trainer import exitcodes
 from finetune_trainer.activation_cache import install as install_activation_cache
+from finetune_trainer.activation_cache import memory_budget
 from finetune_trainer.callbacks import (
     CheckpointCallback,
     EarlyStoppingCallback,
@@ -233,8 +234,10 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
     if spec.freeze.cache_activations:
         hidden = getattr(model.config.get_text_config(), "hidden_size", None)
         activation_cache, prepared, cache_report = install_activation_cache(
-            wrapped, prepared, hidden, lambda message: log.emit("warning", message=message)
+            wrapped, prepared, hidden, lambda message: log.emit("warning", message=message), memory_budget()
         )
+        if activation_cache is None:
+            log.emit("warning", message=f"freeze.cacheActivations: not caching: {cache_report['reason']}")
     log.emit(
         "freeze",
         **({"activationCache": cache_report} if cache_report is not None else {}),
