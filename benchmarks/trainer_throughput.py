@@ -3,6 +3,8 @@
 1. Samples/s of ``finetune_trainer`` vs a plain ``transformers.Trainer`` script on the same model, data and
    settings (full fine-tuning; both save one checkpoint at the end, neither evaluates).
 2. Speedup and memory saved by head-only and bottom-half freezing vs full fine-tuning (our trainer).
+3. With ``--epochs N``: wall time of N epochs (first-epoch cache fill included) of bottom-half and head-only
+   freezing with and without the frozen-prefix activation cache (``+cache``) vs full fine-tuning.
 
 Each measurement runs in a fresh process (clean peak-memory numbers); the best of ``--repeats`` is kept.
 samples/s is batch / median step time (robust to load spikes); "overall" is steps * batch / train() time.
@@ -25,15 +27,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-CONFIGS = ["plain", "ours", "ours:head-only", "ours:bottom-half"]
+CONFIGS = [
+    "plain",
+    "ours",
+    "ours:head-only",
+    "ours:head-only+cache",
+    "ours:bottom-half",
+    "ours:bottom-half+cache",
+]
 
 
 def spec_for(args: argparse.Namespace, model_dir: Path, train: Path, out: Path, freeze: str) -> dict[str, Any]:
+    freeze, _, cache = freeze.partition("+")
     freeze_spec: dict[str, Any] = {"strategy": "none"}
     if freeze == "head-only":
         freeze_spec = {"strategy": "head-only"}
     elif freeze == "bottom-half":
         freeze_spec = {"strategy": "bottom-layers", "layers": 3}  # MiniLM-L6: 6 blocks
+    if cache:
+        freeze_spec["cacheActivations"] = True
+    length = {"epochs": args.epochs} if args.epochs else {"maxSteps": args.steps}
     return {
         "model": {"source": str(model_dir), "task": "sequence-classification", "numLabels": 2},
         "dataset": {"source": str(train.parent), "train": train.name, "maxSeqLength": args.seq},
@@ -41,14 +54,18 @@ def spec_for(args: argparse.Namespace, model_dir: Path, train: Path, out: Path, 
         "hyperparameters": {
             "learningRate": 5e-5,
             "batchSize": args.batch,
-            "maxSteps": args.steps,
+            **length,
             "seed": 0,
             "weightDecay": 0.01,
             "warmupSteps": 0,
             "precision": args.precision,
         },
         "evaluation": {"strategy": "no", "metrics": ["loss"]},
-        "output": {"location": str(out), "checkpointIntervalSteps": args.steps, "saveFinalModel": False},
+        "output": {
+            "location": str(out),
+            "checkpointIntervalSteps": 10**6 if args.epochs else args.steps,
+            "saveFinalModel": False,
+        },
     }
 
 
@@ -60,7 +77,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     model_dir = finetune_assets.minilm_dir()
-    train, _ = finetune_assets.rotten_tomatoes(n_train=args.steps * args.batch + 64, n_val=64, seed=0)
+    n_train = args.samples if args.epochs else args.steps * args.batch + 64
+    train, _ = finetune_assets.rotten_tomatoes(n_train=n_train, n_val=64, seed=0)
     out = Path(tempfile.mkdtemp(prefix="bench-"))
     timing: dict[str, float] = {}
     original = Trainer.train
@@ -96,7 +114,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "config": args.worker,
         # median step: robust to the load spikes of a shared machine (the end-of-run save is excluded alike)
         "samples_per_second": args.batch / intervals[len(intervals) // 2],
-        "overall_samples_per_second": args.steps * args.batch / timing["train_seconds"],
+        "overall_samples_per_second": len(step_ends) * args.batch / timing["train_seconds"],
         "train_seconds": timing["train_seconds"],
         "peak_memory_mib": memory,
         "trainable": trainable,
@@ -142,13 +160,14 @@ def plain_trainer(args: argparse.Namespace, model_dir: Path, train: Path, out: P
         output_dir=str(out),
         learning_rate=5e-5,
         per_device_train_batch_size=args.batch,
-        max_steps=args.steps,
+        max_steps=-1 if args.epochs else args.steps,
+        num_train_epochs=args.epochs or 1,
         weight_decay=0.01,
         warmup_steps=0,
         seed=0,
         data_seed=0,
         save_strategy="steps",
-        save_steps=args.steps,
+        save_steps=10**6 if args.epochs else args.steps,
         eval_strategy="no",
         logging_steps=10,
         report_to="none",
@@ -170,6 +189,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--epochs", type=int, default=0, help="train N epochs over --samples instead of --steps")
+    parser.add_argument("--samples", type=int, default=2000, help="training examples with --epochs")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -181,7 +202,8 @@ def main() -> None:
     for _ in range(args.repeats):
         for config in configs:  # interleaved, so drifting machine load hits every config alike
             argv = [sys.executable, __file__, "--worker", config] + [
-                f"--{k}={getattr(args, k)}" for k in ("steps", "batch", "seq", "threads", "precision")
+                f"--{k}={getattr(args, k)}"
+                for k in ("steps", "batch", "seq", "threads", "precision", "epochs", "samples")
             ]
             proc = subprocess.run(argv, capture_output=True, text=True, check=True)
             line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
@@ -207,6 +229,19 @@ def main() -> None:
             f"{best['ours']['peak_memory_mib'] - r['peak_memory_mib']:.0f} MiB less peak memory, "
             f"{best['ours']['grad_and_adam_state_mib'] - r['grad_and_adam_state_mib']:.1f} MiB less grad+AdamW state"
         )
+    wall = {config: r["train_seconds"] for config, r in best.items()}
+    pairs = [
+        ("ours:bottom-half+cache", "ours"),
+        ("ours:bottom-half", "ours"),
+        ("ours:head-only+cache", "ours"),
+        ("ours:head-only+cache", "ours:head-only"),
+        ("ours:bottom-half+cache", "ours:bottom-half"),
+    ]
+    if args.epochs:
+        print(f"\nwall time of {args.epochs} epochs over {args.samples} examples (speedup = anchor / config):")
+        for config, anchor in pairs:
+            if config in wall and anchor in wall:
+                print(f"  {config} vs {anchor}: {wall[anchor] / wall[config]:.2f}x")
     print(json.dumps(best))
 
 

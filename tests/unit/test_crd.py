@@ -74,7 +74,13 @@ def test_optional_fields_are_nullable_and_required_ones_listed() -> None:
     freeze = spec["properties"]["freeze"]
     assert freeze["properties"]["layers"]["nullable"] is True
     assert freeze["properties"]["lora"]["nullable"] is True
-    assert freeze["default"] == {"strategy": "none", "embeddings": False, "frozenModules": [], "trainableModules": []}
+    assert freeze["default"] == {
+        "strategy": "none",
+        "embeddings": False,
+        "frozenModules": [],
+        "trainableModules": [],
+        "cacheActivations": False,
+    }
 
 
 def test_numbers_keep_their_bounds() -> None:

@@ -500,3 +500,13 @@ def test_status_names_the_children_that_exist() -> None:
     refs = decide(dotted, Observed(job=None), NOW).status.workload
     assert refs is not None
     assert (refs.job, refs.service) == (Names.for_job(dotted).job, Names.for_job(dotted).service)
+
+
+def test_the_trainer_learns_its_cpu_request_for_data_loader_workers() -> None:
+    def env(resources: dict[str, Any]) -> dict[str, Any]:
+        pod = batch_job(job(resources=resources), SETTINGS)["spec"]["template"]["spec"]
+        return {e["name"]: e for e in pod["containers"][0]["env"]}
+
+    cpu = env({"cpu": "7500m"})["FINETUNE_CPU_REQUEST"]
+    assert cpu["valueFrom"] == {"resourceFieldRef": {"resource": "requests.cpu", "divisor": "1"}}  # rounds up: 8
+    assert "FINETUNE_CPU_REQUEST" not in env({})  # no request: the trainer counts the CPUs it may use

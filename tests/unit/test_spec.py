@@ -14,7 +14,9 @@ def test_defaults_users_expect() -> None:
     spec = FineTuneJob.model_validate(baseline()).spec
     assert spec.hyperparameters.weight_decay == 0.01  # AdamW-typical
     assert spec.hyperparameters.scheduler == "linear"
-    assert spec.hyperparameters.precision == "fp32"
+    assert spec.hyperparameters.precision == "auto"  # bf16 on GPUs that have it, fp32 elsewhere
+    assert spec.hyperparameters.compile is False
+    assert spec.freeze.cache_activations is False
     assert spec.early_stopping is not None
     assert spec.early_stopping.effective_mode == "max"  # accuracy: higher is better
     assert spec.early_stopping.restore_best is True

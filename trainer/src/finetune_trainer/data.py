@@ -6,6 +6,7 @@ import glob
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from transformers import DataCollatorWithFlattening, DataCollatorWithPadding
 from finetune_trainer.config import RuntimeEnv, local_path
 from finetune_trainer.errors import ConfigError, DataError
 from finetune_trainer.spec import Augmentation, DatasetSpec, TrainingSpec
+from finetune_trainer.token_cache import cached_encode
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
@@ -33,6 +35,8 @@ class PreparedData:
     train: Dataset
     validation: Dataset | None
     collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    cached_splits: tuple[str, ...] = ()
+    """Splits whose tokens came from the cache on the output volume (see token_cache)."""
 
 
 @dataclass
@@ -490,12 +494,20 @@ def prepare(spec: TrainingSpec, env: RuntimeEnv, processor: Any, model_config: A
             base = val_raw.base if val_raw is not None else train_raw.base
             validation = attach_images(spec, validation, base, image_pipeline(processor, None))
         return PreparedData(train, validation, image_collator)
-    train = tokenize_text(spec, train, processor)
-    validation = tokenize_text(spec, validation, processor) if validation is not None else None
+    root = local_path(spec.output.location, env.pvc_root)
+    cached: list[str] = []
+    encoded: dict[str, Dataset] = {}
+    for name, rows in (("train", train), ("validation", validation)):
+        if rows is not None:
+            encoded[name], hit = cached_encode(
+                root, spec, rows, processor, partial(tokenize_text, spec, rows, processor)
+            )
+            cached += [name] if hit else []
+    train, validation = encoded["train"], encoded.get("validation")
     if len(train) == 0:
         raise DataError("dataset.train: no training examples left after encoding")
     if task == "causal-lm" and ds.packing:
         return PreparedData(train, validation, PackingCollator())
     if task == "causal-lm":
-        return PreparedData(train, validation, CausalLMCollator(int(processor.pad_token_id)))
-    return PreparedData(train, validation, DataCollatorWithPadding(processor))
+        return PreparedData(train, validation, CausalLMCollator(int(processor.pad_token_id)), tuple(cached))
+    return PreparedData(train, validation, DataCollatorWithPadding(processor), tuple(cached))

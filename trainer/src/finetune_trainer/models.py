@@ -107,8 +107,12 @@ def load_config(spec: ModelSpec, source: ModelSource, dropout: float | None) -> 
     return loaded
 
 
-def load_model(spec: ModelSpec, source: ModelSource, dropout: float | None = None) -> PreTrainedModel:
-    """Weights in fp32 (mixed precision is autocast); a new classification head when the label count differs."""
+def load_model(
+    spec: ModelSpec, source: ModelSource, dropout: float | None = None, dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
+    """Weights in ``dtype``: fp32 unless all of them stay frozen (mixed precision is autocast); a new
+    classification head when the label count differs. Attention is SDPA where the model supports it (the
+    transformers default), else eager."""
     config = load_config(spec, source, dropout)
     auto = AUTO_CLASSES[spec.task]
     extra: dict[str, Any] = {"ignore_mismatched_sizes": True} if spec.task != "causal-lm" else {}
@@ -116,7 +120,7 @@ def load_model(spec: ModelSpec, source: ModelSource, dropout: float | None = Non
         model: PreTrainedModel = auto.from_pretrained(
             source.name_or_path,
             config=config,
-            dtype=torch.float32,
+            dtype=dtype,
             trust_remote_code=spec.trust_remote_code,
             **extra,
             **source.kwargs(),

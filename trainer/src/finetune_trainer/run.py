@@ -23,6 +23,8 @@ from transformers.utils import logging as hf_logging
 from finetune_trainer import data as data_mod
 from finetune_trainer import exitcodes
 from finetune_trainer.accelerator import require_accelerator
+from finetune_trainer.activation_cache import install as install_activation_cache
+from finetune_trainer.activation_cache import memory_budget
 from finetune_trainer.atomic import atomic_directory, remove_leftovers
 from finetune_trainer.baseline import validation_baseline
 from finetune_trainer.callbacks import (
@@ -39,6 +41,7 @@ from finetune_trainer.callbacks import (
     load_run_state,
     partial_checkpoints,
 )
+from finetune_trainer.checkpointing import enable_activation_checkpointing
 from finetune_trainer.config import RuntimeEnv, local_path, location_uri
 from finetune_trainer.divergence import DivergenceCallback
 from finetune_trainer.errors import ConfigError
@@ -48,6 +51,18 @@ from finetune_trainer.models import align_pad_token, load_config, load_model, lo
 from finetune_trainer.ownership import claim_checkpoints
 from finetune_trainer.reporting import JsonLines, PrometheusMetrics, StatusReporter, heartbeats, load_kube_api
 from finetune_trainer.spec import CLASSIFICATION_METRICS, CLASSIFICATION_TASKS, TrainingSpec
+from finetune_trainer.speed import (
+    Device,
+    Precision,
+    available_cpus,
+    base_dtype,
+    data_loading,
+    detect_device,
+    pad_for_tensor_cores,
+    resolve_precision,
+    upcast_trainable,
+    use_tf32,
+)
 from finetune_trainer.trainer import FineTuneTrainer
 
 SCHEDULERS = {
@@ -71,14 +86,12 @@ class RunResult:
     metrics: dict[str, float]
 
 
-def training_arguments(spec: TrainingSpec, checkpoints_dir: Path, log_every: int, log: JsonLines) -> TrainingArguments:
+def training_arguments(
+    spec: TrainingSpec, checkpoints_dir: Path, log_every: int, device: Device, precision: Precision
+) -> TrainingArguments:
     """The spec's hyperparameters, evaluation and precision as TrainingArguments (saving is ours: see callbacks)."""
     hp = spec.hyperparameters
-    cuda = torch.cuda.is_available()
-    bf16 = hp.precision == "bf16"
-    fp16 = hp.precision == "fp16" and cuda
-    if hp.precision == "fp16" and not cuda:
-        log.emit("warning", message="precision fp16 needs a GPU; training in fp32 on CPU")
+    loading = data_loading(available_cpus(), device)
     warmup: float = hp.warmup_steps if hp.warmup_steps is not None else (hp.warmup_ratio or 0)
     evaluation = spec.evaluation
     classify = bool(set(CLASSIFICATION_METRICS) & set(evaluation.metrics))
@@ -95,10 +108,12 @@ def training_arguments(spec: TrainingSpec, checkpoints_dir: Path, log_every: int
         weight_decay=hp.weight_decay,
         label_smoothing_factor=hp.label_smoothing,
         max_grad_norm=hp.max_grad_norm or 0.0,
-        bf16=bf16,
-        fp16=fp16,
-        use_cpu=not cuda,
-        activation_checkpointing=hp.gradient_checkpointing,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        tf32=True if use_tf32(precision, device) else None,
+        torch_compile=hp.compile,
+        use_cpu=not device.cuda,
+        activation_checkpointing=False,  # enabled by run() itself: see checkpointing.py
         seed=hp.seed,
         data_seed=hp.seed,
         eval_strategy=evaluation.strategy,
@@ -112,7 +127,12 @@ def training_arguments(spec: TrainingSpec, checkpoints_dir: Path, log_every: int
         report_to="none",
         disable_tqdm=True,
         remove_unused_columns=False,
-        dataloader_num_workers=0,
+        dataloader_num_workers=loading.workers,
+        dataloader_pin_memory=loading.pin_memory,
+        dataloader_persistent_workers=loading.persistent_workers,
+        train_sampling_strategy="group_by_length"
+        if device.cuda and spec.model.task != "image-classification"
+        else "random",
     )
 
 
@@ -173,7 +193,7 @@ def _save_final(ctx: RunContext, trainer: FineTuneTrainer, processor: Any) -> st
     target = ctx.output_dir / "model"
     model: Any = trainer.model
     if hasattr(model, "merge_and_unload"):  # LoRA: ship a plain model with the adapters merged in
-        model = model.merge_and_unload()
+        model = model.float().merge_and_unload()  # in fp32: a bf16 base would round the adapters' update away
     if ctx.is_main:
         # Whole or absent: a kill mid-save leaves the previous model (or none), never half of one.
         with atomic_directory(target) as partial:
@@ -215,13 +235,19 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
 
     check_precision(hp.precision)
     set_seed(hp.seed)
+    device = detect_device()
+    precision, precision_warning = resolve_precision(hp.precision, device)
+    if precision_warning:
+        log.emit("warning", message=precision_warning)
     reporter = _start_reporter(env, log) if is_main else None
     with heartbeats(reporter):  # downloads and tokenizing can outlast the stall timeout
         source = resolve_source(spec.model, env)
         processor = load_processor(spec.model, source)
         # Data is read and checked before the weights load: a typo in a field name fails in seconds, not minutes.
         prepared = data_mod.prepare(spec, env, processor, load_config(spec.model, source, hp.dropout))
-        model: PreTrainedModel = load_model(spec.model, source, hp.dropout)
+        if prepared.cached_splits:
+            log.emit("tokenized_cache", reused=list(prepared.cached_splits))
+        model: PreTrainedModel = load_model(spec.model, source, hp.dropout, base_dtype(spec.freeze.strategy, precision))
     align_pad_token(model, processor)
     prepared = data_mod.drop_unused_inputs(prepared, model)
     has_eval = prepared.validation is not None
@@ -241,11 +267,21 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
             f"freeze: strategy {spec.freeze.strategy} leaves no trainable parameter "
             f"(0 of {plan.total}; tied embeddings are frozen with the embeddings): train more of the model"
         )
-    if hp.gradient_checkpointing and plan.trainable < plan.total and hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()  # type: ignore[no-untyped-call]  # frozen embeddings would otherwise cut the checkpointed graph
+    upcast_trainable(wrapped)
+    if hp.gradient_checkpointing:
+        enable_activation_checkpointing(wrapped)
     layers = layer_map(wrapped) if hp.layerwise_lr_decay is not None else None
+    activation_cache, cache_report = None, None
+    if spec.freeze.cache_activations:
+        hidden = getattr(model.config.get_text_config(), "hidden_size", None)
+        activation_cache, prepared, cache_report = install_activation_cache(
+            wrapped, prepared, hidden, lambda message: log.emit("warning", message=message), memory_budget()
+        )
+        if activation_cache is None:
+            log.emit("warning", message=f"freeze.cacheActivations: not caching: {cache_report['reason']}")
     log.emit(
         "freeze",
+        **({"activationCache": cache_report} if cache_report is not None else {}),
         strategy=spec.freeze.strategy,
         trainable=plan.trainable,
         total=plan.total,
@@ -283,8 +319,8 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
     compute_metrics = classification_metrics(spec.evaluation.metrics, spec.model.effective_num_labels or 0)
     trainer = FineTuneTrainer(
         model=wrapped,
-        args=training_arguments(spec, checkpoints_dir, env.log_every_steps, log),
-        data_collator=prepared.collator,
+        args=training_arguments(spec, checkpoints_dir, env.log_every_steps, device, precision),
+        data_collator=pad_for_tensor_cores(prepared.collator, device),
         train_dataset=prepared.train,
         eval_dataset=prepared.validation,
         processing_class=processor,
@@ -296,6 +332,7 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
     )
     trainer.thaw_on_create = ctx.state.thawed_units
     trainer.checkpointer = Checkpointer(ctx, trainer.write_checkpoint)
+    trainer.activation_cache = activation_cache
     trainer.remove_callback(PrinterCallback)  # our JSON lines replace its prints
     for callback in (
         DivergenceCallback(ctx),  # first: a NaN loss stops the run before it is published or checkpointed

@@ -349,6 +349,12 @@ class FreezeSpec(SpecModel):
             "!has(self.gradualUnfreezing) || self.strategy in ['head-only', 'bottom-layers']",
             lambda f: f.gradual_unfreezing is None or f.strategy in ("head-only", "bottom-layers"),
         ),
+        Rule(
+            "cacheActivations",
+            "cacheActivations needs strategy head-only or bottom-layers (it caches the frozen bottom's output)",
+            "!self.cacheActivations || self.strategy in ['head-only', 'bottom-layers']",
+            lambda f: not f.cache_activations or f.strategy in ("head-only", "bottom-layers"),
+        ),
     )
 
     strategy: Literal["none", "head-only", "bottom-layers", "top-layers", "modules", "lora"] = Field(
@@ -397,6 +403,16 @@ class FreezeSpec(SpecModel):
     gradual_unfreezing: GradualUnfreezing | None = Field(
         None,
         description="Thaw frozen layers top-down over epochs (head-only and bottom-layers only).",
+    )
+    cache_activations: bool = Field(
+        False,
+        description=(
+            "Compute the frozen bottom (embeddings and frozen layers) once per example, in the first epoch, and "
+            "feed its cached output to the first trainable layer afterwards (validation too): later epochs skip "
+            "the frozen layers. Same results (frozen layers run in eval mode). Text tasks with head-only or "
+            "bottom-layers; held in memory (about tokens x hidden size x 4 bytes, reported in the freeze event); "
+            "gradual unfreezing that thaws a cached layer drops it."
+        ),
     )
 
 
@@ -479,10 +495,18 @@ class Hyperparameters(SpecModel):
         gt=0,
         description="Clip the global gradient norm to this value (unset: no clipping).",
     )
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="Training precision (bf16/fp16 use autocast on GPU)."
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description=(
+            "Training precision: auto is bf16 on GPUs that support it and fp32 elsewhere (fp32 matmuls use TF32 on"
+            " Ampere and newer); bf16/fp16 use autocast, and LoRA's frozen base loads in that dtype."
+        ),
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory by recomputing activations.")
+    compile: bool = Field(
+        False,
+        description="Compile the model with torch.compile: faster steps on GPU after a compilation of minutes.",
+    )
     seed: int = Field(
         42,
         ge=0,
@@ -626,6 +650,12 @@ TRAINING_RULES: tuple[Rule, ...] = (
         "augmentation is only allowed for image-classification",
         "!has(self.augmentation) || self.model.task == 'image-classification'",
         lambda t: t.augmentation is None or t.model.task == "image-classification",
+    ),
+    Rule(
+        "freeze.cacheActivations",
+        "freeze.cacheActivations applies to text tasks (sequence-classification, causal-lm)",
+        "!has(self.freeze) || !self.freeze.cacheActivations || self.model.task != 'image-classification'",
+        lambda t: not t.freeze.cache_activations or t.model.task != "image-classification",
     ),
     Rule(
         "model.numLabels",

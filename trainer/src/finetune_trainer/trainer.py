@@ -11,6 +11,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
 
+from finetune_trainer.activation_cache import EXAMPLE_INDEX, ActivationCache
 from finetune_trainer.freeze import FreezePlan, LayerMap, thawed_units
 from finetune_trainer.optim import l1_norm, param_groups
 from finetune_trainer.spec import TrainingSpec
@@ -40,6 +41,7 @@ class FineTuneTrainer(Trainer):
         self._decay_names: set[str] | None = None
         self.checkpointer: Checkpointer | None = None
         self._eval_nll: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.activation_cache: ActivationCache | None = None
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """Saves go through the Checkpointer (atomic, once per step, full or weights-only), never in place."""
@@ -123,6 +125,14 @@ class FineTuneTrainer(Trainer):
             lambdas.append(lambdas[0])
             group["lr"] = group["lr"] * lambdas[0](scheduler.last_epoch)
         optimizer.add_param_group(group)
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The batch for the model: the activation cache takes the example indices out (see activation_cache)."""
+        prepared = dict(super()._prepare_inputs(inputs))
+        if self.activation_cache is not None:
+            return self.activation_cache.begin(prepared)
+        prepared.pop(EXAMPLE_INDEX, None)
+        return prepared
 
     def compute_loss(
         self,

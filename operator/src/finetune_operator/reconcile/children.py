@@ -253,6 +253,13 @@ def _env(job: FineTuneJob, settings: Settings, names: Names) -> list[Manifest]:
         {"name": "HF_HOME", "value": "/tmp/hf-home"},
         {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
     ]
+    if job.spec.resources.cpu is not None:  # data loader workers follow it (finetune_trainer.speed)
+        env.append(
+            {
+                "name": "FINETUNE_CPU_REQUEST",
+                "valueFrom": {"resourceFieldRef": {"resource": "requests.cpu", "divisor": "1"}},
+            }
+        )
     secret = job.spec.model.token_secret_ref
     if secret is not None:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})

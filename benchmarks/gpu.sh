@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# One table for a GPU machine, in at most 8 minutes; installs nothing (it uses the project's .venv).
+#   benchmarks/gpu.sh          # full sizes (on a GPU)
+#   benchmarks/gpu.sh --tiny   # tiny sizes: runs on CPU (tests/trainer/test_benchmarks.py keeps it working)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+exec timeout 480 "$PY" benchmarks/gpu_table.py "$@"

@@ -1,0 +1,261 @@
+"""One table for a GPU: causal-LM tokens/s and MFU (ours vs plain transformers.Trainer, +/- torch.compile), and
+MiniLM sequence-classification samples/s with and without the frozen-prefix activation cache.
+
+The causal LM is a Llama built from a config (~150M parameters; no weights ship on PyPI except as GGUF) with
+MiniLM's tokenizer, trained on packed Rotten Tomatoes text in bf16 (fp32 on CPU). ``--tiny`` shrinks everything
+so the script runs on CPU in a minute (tests/trainer/test_benchmarks.py): it must not break unseen. Each row runs
+in its own process. Run through ``benchmarks/gpu.sh``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+"""Dense bf16 tensor-core peaks (datasheets), for MFU."""
+
+LM_ROWS = ["lm:plain", "lm:ours", "lm:plain+compile", "lm:ours+compile"]
+CLS_ROWS = ["minilm:ours", "minilm:ours+cache"]
+
+
+def lm_config(tiny: bool, vocab: int) -> Any:
+    from transformers import LlamaConfig
+
+    size = (
+        {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
+        if tiny
+        else {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12}
+    )
+    return LlamaConfig(
+        vocab_size=vocab,
+        max_position_embeddings=2048,
+        num_key_value_heads=size["num_attention_heads"],
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=101,
+        eos_token_id=102,
+        **size,
+    )
+
+
+def prepare_lm(root: Path, tiny: bool) -> tuple[Path, Path]:
+    """A from-config Llama with MiniLM's tokenizer, and a train.jsonl of review text."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    import finetune_assets
+
+    tokenizer = AutoTokenizer.from_pretrained(str(finetune_assets.minilm_dir()))
+    model_dir = root / "llama"
+    LlamaForCausalLM(lm_config(tiny, len(tokenizer))).save_pretrained(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    train, _ = finetune_assets.rotten_tomatoes(n_train=400 if tiny else 4000, n_val=16, seed=0)
+    return model_dir, train
+
+
+def peak_flops() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def run_row(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from transformers import Trainer, TrainerCallback
+
+    torch.manual_seed(0)
+    step_ends: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            step_ends.append(time.perf_counter())
+
+    original = Trainer.train
+
+    def timed(self: Any, *a: Any, **k: Any) -> Any:
+        self.add_callback(StepClock())
+        return original(self, *a, **k)
+
+    Trainer.train = timed  # type: ignore[method-assign]
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    root = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
+    kind, _, variant = args.row.partition(":")
+    gpu = torch.cuda.is_available()
+    precision = "bf16" if gpu else "fp32"
+    if kind == "lm":
+        model_dir, train = prepare_lm(root, args.tiny)
+        who, _, extra = variant.partition("+")
+        compile_ = extra == "compile"
+        if who == "ours":
+            ours_lm(args, model_dir, train, root / "out", precision, compile_)
+        else:
+            plain_lm(args, model_dir, train, root / "out", precision, compile_)
+        from transformers import AutoConfig, LlamaForCausalLM
+
+        with torch.device("meta"):
+            params = sum(p.numel() for p in LlamaForCausalLM(AutoConfig.from_pretrained(str(model_dir))).parameters())
+        unit = args.batch * args.seq  # tokens per step
+    else:
+        import finetune_assets
+
+        train, _ = finetune_assets.rotten_tomatoes(n_train=args.batch * args.steps, n_val=16, seed=0)
+        ours_cls(args, finetune_assets.minilm_dir(), train, root / "out", precision, variant.endswith("+cache"))
+        params = 0
+        unit = args.batch  # samples per step
+    warm = step_ends[len(step_ends) // 3 :]  # skip compilation and warm-up steps
+    intervals = sorted(b - a for a, b in itertools.pairwise(warm))
+    rate = unit / intervals[len(intervals) // 2]
+    peak = peak_flops()
+    return {
+        "row": args.row,
+        "rate": rate,
+        "unit": "tokens/s" if kind == "lm" else "samples/s",
+        "mfu": 6 * params * rate / peak if peak and kind == "lm" else None,
+        "params": params,
+        "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if gpu else None,
+    }
+
+
+def _run_ours(spec: dict[str, Any]) -> None:
+    import io
+
+    from finetune_trainer.config import RuntimeEnv
+    from finetune_trainer.reporting import JsonLines
+    from finetune_trainer.run import run
+    from finetune_trainer.spec import TrainingSpec
+
+    run(TrainingSpec.model_validate(spec), RuntimeEnv(metrics_port=0, log_every_steps=10**6), JsonLines(io.StringIO()))
+
+
+def _common(args: argparse.Namespace, out: Path, precision: str, compile_: bool) -> dict[str, Any]:
+    return {
+        "hyperparameters": {
+            "learningRate": 3e-4,
+            "batchSize": args.batch,
+            "seed": 0,
+            "precision": precision,
+            "compile": compile_,
+            "weightDecay": 0.0,
+        },
+        "evaluation": {"strategy": "no", "metrics": ["loss"]},
+        "output": {"location": str(out), "checkpointIntervalSteps": 10**6, "saveFinalModel": False},
+    }
+
+
+def ours_lm(args: argparse.Namespace, model_dir: Path, train: Path, out: Path, precision: str, compile_: bool) -> None:
+    spec = _common(args, out, precision, compile_)
+    spec["hyperparameters"]["maxSteps"] = args.steps
+    _run_ours(
+        {
+            "model": {"source": str(model_dir), "task": "causal-lm"},
+            "dataset": {"source": str(train.parent), "train": train.name, "maxSeqLength": args.seq, "packing": True},
+            **spec,
+        }
+    )
+
+
+def ours_cls(args: argparse.Namespace, model_dir: Path, train: Path, out: Path, precision: str, cache: bool) -> None:
+    spec = _common(args, out, precision, False)
+    spec["hyperparameters"]["epochs"] = 3
+    _run_ours(
+        {
+            "model": {"source": str(model_dir), "task": "sequence-classification", "numLabels": 2},
+            "dataset": {"source": str(train.parent), "train": train.name, "maxSeqLength": 64},
+            "freeze": {"strategy": "bottom-layers", "layers": 3, "cacheActivations": cache},
+            **spec,
+        }
+    )
+
+
+def plain_lm(args: argparse.Namespace, model_dir: Path, train: Path, out: Path, precision: str, compile_: bool) -> None:
+    """What a user writes with transformers.Trainer: tokenize, concatenate, cut into blocks, train."""
+    import torch
+    from datasets import load_dataset
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    data = load_dataset("json", data_files=str(train), split="train")
+
+    def pack(batch: dict[str, Any]) -> dict[str, Any]:
+        ids = [t for row in tokenizer(batch["text"])["input_ids"] for t in row]
+        blocks = [ids[i : i + args.seq] for i in range(0, len(ids) - args.seq + 1, args.seq)]
+        return {"input_ids": blocks}
+
+    data = data.map(pack, batched=True, remove_columns=data.column_names)
+    training_args = TrainingArguments(
+        output_dir=str(out),
+        learning_rate=3e-4,
+        per_device_train_batch_size=args.batch,
+        max_steps=args.steps,
+        seed=0,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=precision == "bf16",
+        torch_compile=compile_,
+    )
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    Trainer(model=model, args=training_args, train_dataset=data, data_collator=collator).train()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes that run on CPU in about a minute")
+    parser.add_argument("--row", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=0)
+    parser.add_argument("--seq", type=int, default=0)
+    args = parser.parse_args()
+    if args.row:
+        print("RESULT " + json.dumps(run_row(args)), flush=True)
+        return
+    rows = [r for r in LM_ROWS + CLS_ROWS if not (args.tiny and r.endswith("+compile"))]  # no compiler on CPU CI
+    results = []
+    for row in rows:
+        lm = row.startswith("lm:")
+        steps, batch, seq = (6, 4, 32) if args.tiny else ((60, 8, 1024) if lm else (30, 64, 64))
+        argv = [sys.executable, __file__, "--row", row, f"--steps={steps}", f"--batch={batch}", f"--seq={seq}"]
+        if args.tiny:
+            argv.append("--tiny")
+        proc = subprocess.run(argv, check=False, capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{row}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+            sys.exit(1)
+        results.append(json.loads(line.removeprefix("RESULT ")))
+    print(f"{'row':<20}{'rate':>14}  {'unit':<10}{'MFU':>7}{'peak MiB':>10}")
+    for r in results:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
+        print(f"{r['row']:<20}{r['rate']:>14.1f}  {r['unit']:<10}{mfu:>7}{peak:>10}")
+    rate = {r["row"]: r["rate"] for r in results}
+    for row, anchor in (
+        ("lm:ours", "lm:plain"),
+        ("lm:ours+compile", "lm:plain+compile"),
+        ("minilm:ours+cache", "minilm:ours"),
+    ):
+        if row in rate and anchor in rate:
+            print(f"{row} vs {anchor}: {rate[row] / rate[anchor]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+"""Speed features that must not change what is learned: checkpointing past a frozen prefix, GPU defaults."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from finetune_trainer import run as run_mod
+from finetune_trainer.cli import main
+from finetune_trainer.freeze import find_block_stack
+from finetune_trainer.speed import (
+    CPU,
+    CPU_REQUEST_ENV,
+    MAX_WORKERS,
+    Device,
+    Loading,
+    available_cpus,
+    base_dtype,
+    data_loading,
+    pad_for_tensor_cores,
+    resolve_precision,
+    upcast_trainable,
+    use_tf32,
+)
+from tests.trainer import tiny
+
+
+def _train(tmp_path: Path, assets: dict[str, Path], name: str, checkpointing: bool) -> tuple[Path, str]:
+    out = tmp_path / name
+    wire = tiny.spec(
+        assets["bert"],
+        assets["sentiment"],
+        out,
+        freeze={"strategy": "bottom-layers", "layers": 1},
+        hyperparameters={
+            "learningRate": 1e-2,
+            "batchSize": 8,
+            "maxSteps": 3,
+            "seed": 0,
+            "weightDecay": 0.0,
+            "dropout": 0.0,
+            "gradientCheckpointing": checkpointing,
+        },
+        evaluation={"strategy": "no", "metrics": ["loss"]},
+    )
+    config = tmp_path / f"{name}.json"
+    config.write_text(json.dumps(wire))
+    code = main(["--config", str(config)])
+    return out / "model", str(code)
+
+
+def test_checkpointing_never_back_propagates_through_the_frozen_prefix(
+    tmp_path: Path, assets: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lowest frozen block sees no backward pass, and the trainable weights end as without checkpointing."""
+    backward_calls: list[str] = []
+    forward_calls: list[str] = []
+    apply_freeze = run_mod.apply_freeze
+
+    def hooked(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        result = apply_freeze(model, *args, **kwargs)
+        _, blocks = find_block_stack(model)
+        lowest = next(m for m in model.modules() if set(m.parameters()) == set(blocks[0]))
+        lowest.register_full_backward_hook(lambda *_: backward_calls.append("backward"))
+        lowest.register_forward_hook(lambda *_: forward_calls.append("forward"))
+        return result
+
+    monkeypatch.setattr(run_mod, "apply_freeze", hooked)
+    checkpointed, code = _train(tmp_path, assets, "checkpointed", checkpointing=True)
+    assert code == "0"
+    assert backward_calls == []
+    assert len(forward_calls) == 3, "the frozen block ran again: it was recomputed"
+    monkeypatch.setattr(run_mod, "apply_freeze", apply_freeze)
+    plain, code = _train(tmp_path, assets, "plain", checkpointing=False)
+    assert code == "0"
+
+    with_checkpoints = AutoModelForSequenceClassification.from_pretrained(str(checkpointed)).state_dict()
+    without = AutoModelForSequenceClassification.from_pretrained(str(plain)).state_dict()
+    before = AutoModelForSequenceClassification.from_pretrained(str(assets["bert"])).state_dict()
+    trained = [n for n in without if "layer.1." in n and not torch.equal(before[n], without[n])]
+    assert trained, "the top block should have trained"
+    for name, value in without.items():
+        torch.testing.assert_close(with_checkpoints[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+H100 = Device(cuda=True, capability=(9, 0), bf16=True)
+T4 = Device(cuda=True, capability=(7, 5), bf16=False)
+
+
+@pytest.mark.parametrize(
+    ("requested", "device", "precision", "warns"),
+    [
+        ("auto", H100, "bf16", False),
+        ("auto", T4, "fp32", False),
+        ("auto", CPU, "fp32", False),
+        ("fp32", H100, "fp32", False),
+        ("fp16", T4, "fp16", False),
+        ("fp16", CPU, "fp32", True),
+        ("bf16", T4, "fp32", True),
+        ("bf16", CPU, "bf16", False),
+    ],
+)
+def test_precision_auto_is_bf16_where_the_gpu_has_it_and_explicit_values_stand(
+    requested: str, device: Device, precision: str, warns: bool
+) -> None:
+    resolved, warning = resolve_precision(requested, device)
+    assert resolved == precision
+    assert (warning is not None) == warns
+
+
+def test_tf32_only_for_fp32_matmuls_on_ampere_and_newer() -> None:
+    assert use_tf32("fp32", H100)
+    assert use_tf32("fp32", Device(cuda=True, capability=(8, 0), bf16=True))
+    assert not use_tf32("fp32", T4)
+    assert not use_tf32("bf16", H100)
+    assert not use_tf32("fp32", CPU)
+
+
+def test_lora_base_loads_in_the_compute_dtype_and_trainable_weights_stay_fp32() -> None:
+    assert base_dtype("lora", "bf16") == torch.bfloat16
+    assert base_dtype("lora", "fp16") == torch.float16
+    assert base_dtype("lora", "fp32") == torch.float32
+    assert base_dtype("bottom-layers", "bf16") == torch.float32  # trainable weights need fp32 masters
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)).to(torch.bfloat16)
+    model[0].requires_grad_(False)
+    assert upcast_trainable(model) == 2
+    assert [p.dtype for p in model.parameters()] == [torch.bfloat16] * 2 + [torch.float32] * 2
+
+
+def test_data_loading_follows_the_cpu_request_on_gpu_only() -> None:
+    assert data_loading(8, CPU) == Loading(0, False, False, None)
+    assert data_loading(8, H100) == Loading(7, True, True, 8)
+    assert data_loading(1, H100) == Loading(0, True, False, 8)
+    assert data_loading(64, H100).workers == MAX_WORKERS
+    assert available_cpus({CPU_REQUEST_ENV: "16", "LOCAL_WORLD_SIZE": "4"}) == 4
+    assert available_cpus({CPU_REQUEST_ENV: "3"}) == 3
+    assert available_cpus({CPU_REQUEST_ENV: "0"}) == len(os.sched_getaffinity(0))
+
+
+def test_tensor_core_padding_only_on_gpu() -> None:
+    collator = SimpleNamespace(pad_to_multiple_of=None)
+    assert pad_for_tensor_cores(collator, CPU).pad_to_multiple_of is None
+    assert pad_for_tensor_cores(collator, H100).pad_to_multiple_of == 8
+
+
+def test_tokenized_datasets_are_reused_from_the_output_volume(
+    tmp_path: Path, assets: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second prepare (a restart, another rank) encodes nothing; a different max length encodes again."""
+    from transformers import AutoTokenizer
+
+    from finetune_trainer import data
+    from finetune_trainer.config import RuntimeEnv
+    from finetune_trainer.spec import TrainingSpec
+
+    encoded: list[int] = []
+    tokenize = data.tokenize_text
+
+    def counting(spec: Any, rows: Any, processor: Any) -> Any:
+        encoded.append(len(rows))
+        return tokenize(spec, rows, processor)
+
+    monkeypatch.setattr(data, "tokenize_text", counting)
+    processor = AutoTokenizer.from_pretrained(str(assets["bert"]))
+    env = RuntimeEnv.from_environ({})
+
+    def prepare(max_length: int) -> Any:
+        wire = tiny.spec(assets["bert"], assets["sentiment"], tmp_path / "out", dataset={"maxSeqLength": max_length})
+        return data.prepare(TrainingSpec.model_validate(wire), env, processor, None)
+
+    first = prepare(32)
+    assert encoded == [96, 48] and first.cached_splits == ()
+    second = prepare(32)
+    assert encoded == [96, 48], "tokenized again"
+    assert second.cached_splits == ("train", "validation")
+    assert second.train.to_dict() == first.train.to_dict()
+    assert second.validation.to_dict() == first.validation.to_dict()
+    shorter = prepare(8)
+    assert encoded == [96, 48, 96, 48] and shorter.cached_splits == ()
+    assert max(len(ids) for ids in shorter.train["input_ids"]) == 8 < max(len(ids) for ids in first.train["input_ids"])
+
+
+def _cache_run(
+    tmp_path: Path, assets: dict[str, Path], name: str, freeze: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    out = tmp_path / name
+    wire = tiny.spec(
+        assets["bert"],
+        assets["sentiment"],
+        out,
+        freeze=freeze,
+        hyperparameters={
+            "learningRate": 1e-2,
+            "batchSize": 16,
+            "epochs": 3,
+            "seed": 0,
+            "weightDecay": 0.0,
+            "dropout": 0.0,
+        },
+        evaluation={"strategy": "epoch", "metrics": ["loss", "accuracy"]},
+    )
+    config = tmp_path / f"{name}.json"
+    config.write_text(json.dumps(wire))
+    assert main(["--config", str(config)]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    return AutoModelForSequenceClassification.from_pretrained(str(out / "model")).state_dict(), events
+
+
+@pytest.mark.parametrize(
+    "freeze",
+    [
+        {"strategy": "bottom-layers", "layers": 1},
+        {"strategy": "head-only"},
+        {"strategy": "bottom-layers", "layers": 2, "gradualUnfreezing": {"startEpoch": 3}},
+    ],
+    ids=["bottom-layers", "head-only", "gradual-unfreezing"],
+)
+def test_the_activation_cache_trains_the_same_weights_and_skips_the_frozen_layers(
+    freeze: dict[str, Any],
+    tmp_path: Path,
+    assets: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """3 epochs with evaluation: the lowest frozen block's attention runs in epoch 1 only (train and validation)."""
+    attention_calls: list[int] = []
+    apply_freeze = run_mod.apply_freeze
+
+    def hooked(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        result = apply_freeze(model, *args, **kwargs)
+        model.bert.encoder.layer[0].attention.register_forward_hook(lambda *_: attention_calls.append(1))
+        return result
+
+    plain, _ = _cache_run(tmp_path, assets, "plain", freeze, capsys)
+    monkeypatch.setattr(run_mod, "apply_freeze", hooked)
+    cached, events = _cache_run(tmp_path, assets, "cached", {**freeze, "cacheActivations": True}, capsys)
+    report = next(e for e in events if e["event"] == "freeze")["activationCache"]
+    assert report["enabled"] and report["examples"] == 96 + 48 and report["estimatedBytes"] > 0
+    batches = 96 // 16 + 48 // 16  # one pass over train and validation
+    dropped = [e for e in events if e["event"] == "warning" and "activation cache dropped" in e["message"]]
+    if "gradualUnfreezing" in freeze:  # block 1 thaws in epoch 3: the frozen prefix shrinks, the cache goes
+        assert len(dropped) == 1 and "gradual unfreezing" in dropped[0]["message"]
+        assert len(attention_calls) == 2 * batches
+    else:
+        assert dropped == []
+        assert len(attention_calls) == batches, "the frozen layers ran again after the first epoch"
+    before = AutoModelForSequenceClassification.from_pretrained(str(assets["bert"])).state_dict()
+    assert any(not torch.equal(before[n], plain[n]) for n in plain)
+    for name, value in plain.items():
+        torch.testing.assert_close(cached[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_cache_activations_needs_a_frozen_bottom() -> None:
+    from pydantic import ValidationError
+
+    from finetune_trainer.spec import FreezeSpec
+
+    with pytest.raises(ValidationError, match="cacheActivations needs strategy head-only or bottom-layers"):
+        FreezeSpec.model_validate({"strategy": "top-layers", "layers": 1, "cacheActivations": True})
+
+
+def test_an_activation_cache_that_would_not_fit_in_memory_is_not_built(tmp_path: Path, assets: dict[str, Path]) -> None:
+    from transformers import AutoTokenizer
+
+    from finetune_trainer import data
+    from finetune_trainer.activation_cache import install, memory_budget
+    from finetune_trainer.config import RuntimeEnv
+    from finetune_trainer.freeze import apply_freeze
+    from finetune_trainer.spec import TrainingSpec
+
+    wire = tiny.spec(assets["bert"], assets["sentiment"], tmp_path, freeze={"strategy": "head-only"})
+    spec = TrainingSpec.model_validate(wire)
+    prepared = data.prepare(spec, RuntimeEnv.from_environ({}), AutoTokenizer.from_pretrained(str(assets["bert"])), None)
+    model = AutoModelForSequenceClassification.from_pretrained(str(assets["bert"]))
+    apply_freeze(model, spec.freeze, spec.model.task)
+    cache, same, report = install(model, prepared, 32, lambda _: None, budget=1000)
+    assert cache is None and same is prepared
+    assert report["enabled"] is False and "more than the 1000 bytes" in report["reason"]
+    cache, indexed, report = install(model, prepared, 32, lambda _: None, budget=memory_budget())
+    assert cache is not None and report["enabled"] and report["estimatedBytes"] > 1000
+    assert indexed.train["example_index"] == list(range(96))
+    assert indexed.validation is not None and indexed.validation["example_index"] == list(range(96, 144))
