@@ -7,6 +7,7 @@ service-account token.
     fake_trainer.py crash-once fails on its first run after a checkpoint, then resumes and finishes
     fake_trainer.py exit N     exits with code N at once (2/3/4: the trainer's permanent errors)
     fake_trainer.py steady     reports progress slowly until asked to stop or done
+    fake_trainer.py plateau    accuracy peaks at step 20 and stalls; stops when asked (a real early stop)
     fake_trainer.py silent     reports twice, then hangs without a word (a stuck data loader)
     fake_trainer.py forger     once asked to stop, tries to forge the operator's status keys; saves the answers
     fake_trainer.py quick S    reports every 5 s for S seconds, then finishes (many at once: chaos runs)
@@ -81,11 +82,30 @@ def evaluation(step: int, accuracy: float) -> dict[str, Any]:
     return {"step": step, "epoch": step / 10, "metrics": {"loss": 1 - accuracy, "accuracy": accuracy}, "time": _now()}
 
 
+PLATEAU = [0.5, 0.6, 0.55, 0.56, 0.57, 0.58, 0.59, 0.58]
+"""Accuracy at steps 10, 20, ...: it peaks at step 20, then stalls (early stopping with patience 2 fires)."""
+
+
+def plateau() -> int:
+    """Accuracy peaks at step 20 and stalls; the trainer honours the stop request, as the real one does."""
+    evaluations: list[dict[str, Any]] = []
+    for index, value in enumerate(PLATEAU):
+        step = 10 * (index + 1)
+        evaluations.append(evaluation(step, value))
+        report(step, 1000, evaluations)
+        if stop_requested():
+            return 0
+        time.sleep(0.5)
+    while not stop_requested():
+        report(step, 1000, evaluations)
+        time.sleep(0.5)
+    return 0
+
+
 def stubborn() -> int:
     """Accuracy peaks at step 20, then stalls; never honours the stop request."""
-    values = [0.5, 0.6, 0.55, 0.56, 0.57, 0.58, 0.59, 0.58]
     evaluations: list[dict[str, Any]] = []
-    for index, value in enumerate(values):
+    for index, value in enumerate(PLATEAU):
         step = 10 * (index + 1)
         evaluations.append(evaluation(step, value))
         report(step, 1000, evaluations)
@@ -232,6 +252,8 @@ def main(argv: list[str]) -> int:
         return paced()
     if mode == "steady":
         return steady()
+    if mode == "plateau":
+        return plateau()
     if mode == "forger":
         location = yaml.safe_load(Path(config).read_text())["output"]["location"]
         return forger(Path(location.removeprefix("file://")))

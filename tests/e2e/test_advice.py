@@ -30,9 +30,9 @@ def test_diverged_trainer_fails_the_job_as_diverged_without_retries(jobs: Jobs, 
 
 
 def test_early_stopped_job_gets_its_diagnosis(jobs: Jobs, tmp_path: Path) -> None:
-    """The stubborn trainer's best is at step 20 of 1000 planned: early stopping kept a very early best."""
+    """The plateau trainer's best is at step 20 of 1000 planned: early stopping kept a very early best."""
     jobs.create(
-        fake_job("diagnosed", "finetune-test/stubborn:1", tmp_path, earlyStopping={"metric": "accuracy", "patience": 2})
+        fake_job("diagnosed", "finetune-test/plateau:1", tmp_path, earlyStopping={"metric": "accuracy", "patience": 2})
     )
     done = jobs.wait_condition("diagnosed", "Complete", "EarlyStopped", timeout=90)
     diagnosis = _status(done)["diagnosis"]

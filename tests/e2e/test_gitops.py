@@ -175,7 +175,7 @@ def scenario(
             "stalled": fake_job("stalled", "finetune-test/silent:1", tmp, stallTimeoutSeconds=30),
             "succeeded": fake_job("succeeded", "finetune-test/exit-0", tmp),
             "early-stopped": fake_job(
-                "early-stopped", "finetune-test/stubborn:1", tmp, earlyStopping={"metric": "accuracy", "patience": 2}
+                "early-stopped", "finetune-test/plateau:1", tmp, earlyStopping={"metric": "accuracy", "patience": 2}
             ),
             "failed-invalid-spec": fake_job(
                 "failed-invalid-spec", steady, tmp, freeze={"strategy": "modules", "frozenModules": ["(embeddings"]}
