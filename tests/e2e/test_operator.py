@@ -196,9 +196,9 @@ def test_metrics_follow_the_jobs(jobs: Jobs, operator: Operator, tmp_path: Path)
 
 def test_a_trainer_cannot_forge_the_operators_status(jobs: Jobs, tmp_path: Path) -> None:
     """The pod's own service-account token, against the admission policy the tests install with the CRD."""
-    manifest = fake_job("forger", "finetune-test/forger:1", tmp_path, stopGracePeriodSeconds=120)
-    manifest["metadata"]["annotations"] = {"finetune.dev/stop-requested": "true"}
-    jobs.create(manifest)
+    jobs.create(fake_job("forger", "finetune-test/forger:1", tmp_path, stopGracePeriodSeconds=120))
+    jobs.wait_condition("forger", "Running", timeout=60)  # a stop on a pending job needs no trainer to end it
+    jobs.patch("forger", {"metadata": {"annotations": {"finetune.dev/stop-requested": "true"}}})
     done = jobs.wait_condition("forger", "Complete", "Stopped", timeout=120)
     answers = json.loads((tmp_path / "forger" / "forgery.json").read_text())
     assert answers["progress"]["code"] == answers["evaluations"]["code"] == 200, answers

@@ -20,20 +20,24 @@ pytestmark = pytest.mark.integration
 
 
 def _create_child_as(kubeconfig: Path, namespace: str, job: FineTuneJob) -> None:
+    child = config_map(job)
+    child["metadata"]["name"] += "-probe"  # not the operator's own child, should one run in this session
     with api_client(kubeconfig) as api:
-        client.CoreV1Api(api).create_namespaced_config_map(namespace, config_map(job), dry_run="All")
+        client.CoreV1Api(api).create_namespaced_config_map(namespace, child, dry_run="All")
 
 
 def test_the_operators_rules_allow_blocking_owner_deletion(
     local_cluster: LocalCluster, crd: Any, namespace: str, tmp_path: Path
 ) -> None:
+    suspended = baseline("owner")
+    suspended["spec"]["suspend"] = True  # no trainer pod, should an operator run in this session
     with local_cluster.api_client() as api:
         created = client.CustomObjectsApi(api).create_namespaced_custom_object(
             GROUP,
             VERSION,
             namespace,
             PLURAL,
-            {**baseline("owner"), "metadata": {"name": "owner", "namespace": namespace}},
+            {**suspended, "metadata": {"name": "owner", "namespace": namespace}},
         )
     job = FineTuneJob.model_validate(created)
 

@@ -213,7 +213,9 @@ def build_images(targets: tuple[str, ...] = ("operator", "trainer")) -> list[Ima
                 "--quiet",
                 "--network=none",
                 "--pull=never",
-                "--layers",
+                # buildah's layer cache keys a RUN by its text, not by what its bind mount holds: a
+                # cached layer would install the sources of an earlier build under the new tag.
+                "--no-cache",
                 f"--target={target}",
                 f"--build-arg=BASE={base}",
                 "--build-arg=PIP_NO_INDEX=1",
