@@ -34,7 +34,7 @@ RUN --mount=type=bind,target=/mnt/context \
 USER 65532:65532
 EXPOSE 8080 8081
 ENTRYPOINT ["finetune-operator"]
-CMD ["run", "--all-namespaces", "--log-format", "json"]
+CMD ["run", "--log-format", "json"]
 
 # The trainer: torch + transformers + peft + datasets.
 FROM base AS trainer

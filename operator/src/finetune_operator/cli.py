@@ -26,9 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune-operator", description=__doc__.split("\n", 1)[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the controller (kopf)")
-    scope = run.add_mutually_exclusive_group()
-    scope.add_argument("-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)")
-    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (default)")
+    run.add_argument(
+        "-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable; default: all)"
+    )
     run.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port (0: off)")
     run.add_argument("--health-port", type=int, default=8081, help="liveness/readiness /healthz port (0: off)")
     run.add_argument("--bind-address", default="0.0.0.0", help="address for the metrics and health servers")
