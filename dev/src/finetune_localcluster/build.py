@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,3 +209,30 @@ def _last_line(f: Path) -> str:
     except OSError:
         return "?"
     return lines[-1] if lines else "(resolving)"
+
+
+def go_build_into_cache(
+    final: Path, what: str, command: Callable[[Path], tuple[list[str], dict[str, str]]], cwd: Path | None = None
+) -> None:
+    """Build with ``go`` into a temporary sibling of ``final``, then rename it into place.
+
+    ``command(tmp)`` gives the go arguments and extra environment that write into ``tmp``. A
+    concurrent build that finished first keeps its copy; a failed one leaves nothing and raises.
+    """
+    go = shutil.which("go")
+    if not go:
+        raise BuildError(f"cannot build {what}: the Go toolchain ('go') is not on PATH (install Go >= 1.24)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    args, env = command(tmp)
+    proc = subprocess.run([go, *args], cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise BuildError(f"could not build {what} with `go {args[0]}` (is the Go module proxy reachable?): {last}")
+    if final.exists():  # a concurrent build won the race; keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(final)

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from finetune_localcluster.build import BuildError, cache_root
+from finetune_localcluster.build import cache_root, go_build_into_cache
 
 REPO = Path(__file__).resolve().parents[3]
 SOURCE = REPO / "dev" / "gitops-harness"
@@ -38,28 +36,12 @@ def ensure(src: Path = SOURCE) -> Path:
     binary = final / "gitops-harness"
     if binary.exists():
         return binary
-    go = shutil.which("go")
-    if not go:
-        raise BuildError("the Go toolchain ('go') is not on PATH; it builds the GitOps harness once")
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    env = {**os.environ, "GOFLAGS": "-mod=readonly"}
-    run = subprocess.run(
-        [go, "build", "-trimpath", "-o", str(tmp / "gitops-harness"), "."],
+    go_build_into_cache(
+        final,
+        "the GitOps harness",
+        lambda tmp: (["build", "-trimpath", "-o", str(tmp / "gitops-harness"), "."], {"GOFLAGS": "-mod=readonly"}),
         cwd=src,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
     )
-    if run.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise BuildError(f"go build of the GitOps harness failed:\n{run.stdout}{run.stderr}")
-    if final.exists():  # a concurrent build won the race
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(final)
     return binary
 
 
