@@ -10,9 +10,11 @@
 # builds one with mmdebstrap. PIP_NO_INDEX / PIP_FIND_LINKS (unset by default) let an air-gapped
 # build install from a directory of wheels mounted into the build.
 #
-# Lean by construction: the sources are bind-mounted into the one RUN that installs them (copied
-# to /tmp first: pip builds in the source tree, and some builders write a bind mount through), pip keeps no cache and is removed afterwards, the base has no compilers, and
-# the trainer drops the test suites that packages ship. Each image is the base plus one layer,
+# Lean by construction: the sources are bind-mounted into the one RUN that installs them. Only the
+# packages are copied to /tmp first (pip builds in the source tree, some builders write a bind mount
+# through, and a bind mount ignores .dockerignore: the whole context would bring a checkout's .venv).
+# pip keeps no cache and is removed afterwards, the base has no compilers, and the trainer drops
+# the test suites that packages ship. Each image is the base plus one layer,
 # so building the ~6 GB trainer never holds a second copy of its virtualenv.
 ARG BASE=python:3.11-slim
 
@@ -28,7 +30,8 @@ FROM base AS operator
 ARG PIP_NO_INDEX
 ARG PIP_FIND_LINKS
 RUN --mount=type=bind,target=/mnt/context \
-    cp -r /mnt/context /tmp/src && python3 -m venv /opt/venv \
+    mkdir /tmp/src && cp -r /mnt/context/constraints.txt /mnt/context/trainer /mnt/context/operator /tmp/src/ \
+ && python3 -m venv /opt/venv \
  && pip install -c /tmp/src/constraints.txt /tmp/src/trainer /tmp/src/operator \
  && pip uninstall --yes pip && rm -rf /tmp/src
 USER 65532:65532
@@ -41,7 +44,8 @@ FROM base AS trainer
 ARG PIP_NO_INDEX
 ARG PIP_FIND_LINKS
 RUN --mount=type=bind,target=/mnt/context \
-    cp -r /mnt/context /tmp/src && python3 -m venv /opt/venv \
+    mkdir /tmp/src && cp -r /mnt/context/constraints.txt /mnt/context/trainer /tmp/src/ \
+ && python3 -m venv /opt/venv \
  && pip install -c /tmp/src/constraints.txt "/tmp/src/trainer[train]" \
  && pip uninstall --yes pip && rm -rf /tmp/src \
  && find /opt/venv/lib -depth -type d -name tests -path '*/site-packages/*/tests' -exec rm -rf {} +
