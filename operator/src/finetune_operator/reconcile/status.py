@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal, Protocol
 
+from pydantic import ValidationError
+
 from finetune_operator.api import (
     CREATE_FAILED,
     EVICTED,
@@ -154,6 +156,15 @@ def set_condition(
         )
     )
     return value
+
+
+def describe_validation(error: ValidationError) -> str:
+    """One line per problem, each naming the field as users wrote it (spec.a.b)."""
+    parts = []
+    for problem in error.errors():
+        location = ".".join(str(p) for p in problem["loc"])
+        parts.append(f"{location}: {problem['msg']}" if location else problem["msg"])
+    return "invalid spec: " + "; ".join(parts)
 
 
 def invalid_spec(job_status: FineTuneJobStatus, message: str, generation: int | None, now: datetime) -> Decision:
