@@ -123,6 +123,7 @@ def test_parallelism_holds_median_pruning_stops_the_poor_and_raising_max_trials_
     assert peak[0] <= 3, peak[0]
     pruned = [t for t in trials if condition(t, "Complete") == ("True", "Pruned")]
     assert pruned, [condition(t, "Complete") for t in trials]
+    assert {t["status"]["phase"] for t in pruned} == {"Pruned"}
     assert len({t["spec"]["output"]["location"] for t in trials}) == 12
     counts = done["status"]["trialCounts"]
     assert counts["total"] == 12 and counts["pruned"] == len(pruned) and counts["running"] == 0

@@ -234,6 +234,11 @@ def _completion_reason(stop: StopRequest | None, halted: bool = False) -> tuple[
     return "Stopped", f"stopped on request: {stop.message}"
 
 
+def _completion_phase(reason: str) -> Phase:
+    """The printer-column phase of a completed job: how it ended, when it ended early."""
+    return "EarlyStopped" if reason == EARLY_STOPPED else "Pruned" if reason == PRUNED else "Succeeded"
+
+
 def _failure(observed: ObservedJob, pods: tuple[ObservedPod, ...]) -> tuple[str, str]:
     """Map the Job's failure to a reason users can act on (the trainer's exit code first)."""
     finished = sorted((p for p in pods if p.exit_code not in (None, 0)), key=lambda p: p.finished_at or datetime.min)
@@ -367,7 +372,7 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
 
     if workload is not None and workload.complete:
         reason, message = _completion_reason(stop)
-        return finish("EarlyStopped" if reason == EARLY_STOPPED else "Succeeded", "Complete", reason, message)
+        return finish(_completion_phase(reason), "Complete", reason, message)
     if workload is not None and workload.failed_condition:
         reason, message = _failure(workload, observed.pods)
         return finish("Failed", "Failed", reason, message)
@@ -394,7 +399,7 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
         # running yet (a pending pod), so the stop simply took effect.
         halted = now - stop.requested_time >= timedelta(seconds=job.spec.stop_grace_period_seconds)
         reason, message = _completion_reason(stop, halted=halted)
-        return finish("EarlyStopped" if stop.reason == EARLY_STOPPED else "Succeeded", "Complete", reason, message)
+        return finish(_completion_phase(stop.reason), "Complete", reason, message)
 
     suspended = job.spec.suspend and stop is None
     if suspended or any(c.type == "Suspended" for c in status.conditions):  # no Resumed on a never-suspended job
