@@ -1,4 +1,7 @@
-"""`make demo`, end to end, on smaller data: the flow a newcomer runs first."""
+"""`make demo`, end to end, on smaller data: the flow a newcomer runs first.
+
+This is the suite's one real MiniLM fine-tune (real weights, real reviews), so it also carries the
+quality bar a trainer-only run used to check on its own: clearly better than the majority class."""
 
 from __future__ import annotations
 
@@ -62,7 +65,7 @@ def test_demo_fine_tunes_minilm_and_reports_everywhere(tmp_path: Path) -> None:
         majority = max(labels.count(0), labels.count(1)) / len(labels)
         best = job["status"]["best"]
         assert best["metric"] == "accuracy"
-        assert best["value"] > majority + 0.05, f"accuracy {best['value']} vs majority baseline {majority}"
+        assert best["value"] >= majority + 0.15, f"accuracy {best['value']} vs majority baseline {majority}"
 
         png = (output / "curves.png").read_bytes()
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000

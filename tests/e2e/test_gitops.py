@@ -81,6 +81,11 @@ class Prometheus:
         result: list[dict[str, Any]] = answer["data"]["result"]
         return result
 
+    def last_scrape(self) -> float:
+        """When Prometheus last scraped the operator (Unix seconds; 0 before the first scrape)."""
+        scraped = self.query('timestamp(up{job="operator"})')
+        return float(scraped[0]["value"][1]) if scraped else 0.0
+
 
 @pytest.fixture(scope="module")
 def prometheus(operator: Operator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
@@ -200,14 +205,19 @@ def scenario(
         dumps["pending"] = jobs.get("pending")  # still pending after all that time: no node has 64 GPUs
         dumps["running"] = jobs.get("running")
 
-        panels: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        # The operator updates its metrics right after each status write: a scrape a little after the last
+        # dump sees every transition. (Waiting for every series to be non-zero instead burnt the whole
+        # deadline: a pending job's progress and the pre-created failure reasons are 0 by design.)
+        caught_up = time.time() + 2
         deadline = time.monotonic() + 30
-        for panel in _panel_queries(namespace):  # give Prometheus a few scrapes to see the last transitions
-            while not (panels.get(panel) and all(float(s["value"][1]) for s in panels[panel])):
-                panels[panel] = prometheus.query(panel[1])
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(1)
+        while True:
+            panels = {panel: prometheus.query(panel[1]) for panel in _panel_queries(namespace)}
+            settled = prometheus.last_scrape() >= caught_up and all(
+                any(float(s["value"][1]) for s in series) for series in panels.values()
+            )
+            if settled or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
 
         variables = {
             name: [next(iter(s["metric"].values()), "") for s in prometheus.query(query)]
