@@ -1,6 +1,6 @@
 """``kubectl finetune``: the commands. Thin: read through ``kube``, render through ``render``/``plot``.
 
-Exit codes: 0 success; 1 error (and, for ``watch``, a Failed job); 2 no such FineTuneJob
+Exit codes: 0 success; 1 error (and, for ``watch``, a Failed job); 2 no such FineTuneJob or FineTuneSweep
 (argparse also uses 2 for usage errors).
 """
 
@@ -22,6 +22,7 @@ from kubernetes.config import ConfigException
 from urllib3.exceptions import HTTPError
 
 from finetune_cli import kube as k
+from finetune_cli import sweeps
 from finetune_cli.render import describe, final_line, list_table, outcome, parse_job, progress_line
 from finetune_operator.reconcile.status import STOP_ANNOTATION
 from finetune_trainer.advice import advise
@@ -177,6 +178,54 @@ def cmd_stop(kube: k.Kube, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep_list(kube: k.Kube, args: argparse.Namespace) -> int:
+    namespace = None if args.all_namespaces else _namespace(kube, args)
+    items = kube.list_sweeps(namespace)
+    if args.output in ("json", "yaml"):
+        _dump({"apiVersion": "v1", "kind": "List", "items": items, "metadata": {"resourceVersion": ""}}, args.output)
+        return 0
+    if not items:
+        where = "" if namespace is None else f" in {namespace} namespace"
+        print(f"No resources found{where}.", file=sys.stderr)
+        return 0
+    found = [sweeps.parse_sweep(o) for o in items]
+    if args.output == "name":
+        print("\n".join(f"finetunesweep.finetune.dev/{s.name}" for s in found))
+    else:
+        print(sweeps.list_table(found, _now(), all_namespaces=namespace is None))
+    return 0
+
+
+def cmd_sweep_describe(kube: k.Kube, args: argparse.Namespace) -> int:
+    namespace = _namespace(kube, args)
+    obj = kube.get_sweep(args.name, namespace)
+    if args.output in ("json", "yaml"):
+        _dump(obj, args.output)
+        return 0
+    trials = kube.sweep_trials(args.name, namespace)
+    events = kube.events(k.SWEEP_KIND, args.name, namespace)
+    sys.stdout.write(sweeps.describe(sweeps.parse_sweep(obj), trials, events, _now()))
+    return 0
+
+
+def cmd_sweep_plot(kube: k.Kube, args: argparse.Namespace) -> int:
+    from finetune_cli.plot import NothingToPlotError, save_png, sweep_figure  # noqa: PLC0415
+
+    namespace = _namespace(kube, args)
+    sweep = sweeps.parse_sweep(kube.get_sweep(args.name, namespace))
+    rows = sweeps.trials(sweep, kube.sweep_trials(args.name, namespace))
+    try:
+        fig = sweep_figure(sweep, rows)
+    except NothingToPlotError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    path = Path(args.output or f"{sweep.name}-sweep.png")
+    save_png(fig, path)
+    scored = [t for t in rows if t.value is not None]
+    print(f"wrote {path} ({len(scored)} trials with a {sweep.metric} value, {sum(t.pruned for t in scored)} pruned)")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[k.Kube, argparse.Namespace], int]] = {
     "list": cmd_list,
     "describe": cmd_describe,
@@ -184,6 +233,9 @@ COMMANDS: dict[str, Callable[[k.Kube, argparse.Namespace], int]] = {
     "plot": cmd_plot,
     "logs": cmd_logs,
     "stop": cmd_stop,
+    "sweep list": cmd_sweep_list,
+    "sweep describe": cmd_sweep_describe,
+    "sweep plot": cmd_sweep_plot,
 }
 
 
@@ -218,8 +270,8 @@ def _connection_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubectl finetune",
-        description="Follow and inspect FineTuneJobs (finetune.dev/v1alpha1).",
-        epilog="Exit codes: 0 ok, 1 error or (watch) Failed, 2 FineTuneJob not found.",
+        description="Follow and inspect FineTuneJobs and FineTuneSweeps (finetune.dev/v1alpha1).",
+        epilog="Exit codes: 0 ok, 1 error or (watch) Failed, 2 FineTuneJob or FineTuneSweep not found.",
     )
     _connection_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -245,9 +297,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--container", default=k.TRAINER_CONTAINER, help="container (default trainer)")
     p.add_argument("--pod", help="a specific trainer pod (default: the newest)")
     command("stop", "ask the trainer to save and stop (sets the stop annotation)")
+    _sweep_commands(sub)
     p = sub.add_parser("advise", help=ADVISE_HELP, description=ADVISE_HELP)
     p.add_argument("-f", "--filename", required=True, help="FineTuneJob manifest or TrainingSpec (YAML/JSON)")
     return parser
+
+
+def _sweep_commands(parent: Any) -> None:
+    """``kubectl finetune sweep list|describe|plot``: the FineTuneSweeps and their trials."""
+    help_ = "FineTuneSweeps: list, describe, plot"
+    sweep = parent.add_parser("sweep", help=help_, description=help_)
+    _connection_flags(sweep)
+    sub = sweep.add_subparsers(dest="sweep_command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, named: bool = True) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
+        _connection_flags(p)
+        if named:
+            p.add_argument("name", help="FineTuneSweep name")
+        return p
+
+    p = command("list", "table of FineTuneSweeps: state, trials, best value", named=False)
+    p.add_argument("-A", "--all-namespaces", action="store_true", help="list across all namespaces")
+    p.add_argument("-o", "--output", choices=("json", "yaml", "name"), help="output format")
+    p = command("describe", "the search, trials best first (pruned/failed marked), best parameters, conditions, events")
+    p.add_argument("-o", "--output", choices=("json", "yaml"), help="print the object instead")
+    p = command("plot", "PNG: objective per trial (pruned marked) and each parameter against the objective")
+    p.add_argument("-o", "--output", metavar="FILE", help="PNG to write (default NAME-sweep.png)")
 
 
 ADVISE_HELP = "offline: the best-practice warnings `kubectl apply` would print for a manifest (exit 0 either way)"
@@ -278,7 +354,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: cannot load kubeconfig: {error}", file=sys.stderr)
         sys.exit(EXIT_FAILED)
     try:
-        code = COMMANDS[args.command](kube, args)
+        command = f"sweep {args.sweep_command}" if args.command == "sweep" else args.command
+        code = COMMANDS[command](kube, args)
     except k.JobNotFoundError as error:
         print(f"Error from server (NotFound): {error}", file=sys.stderr)
         code = EXIT_NOT_FOUND
