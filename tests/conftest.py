@@ -11,7 +11,7 @@ from kubernetes import client
 
 from finetune_localcluster.kubeconfig import install_admission_policy, install_crd
 from finetune_operator import admission
-from finetune_operator.crd import build_crd
+from finetune_operator.crd import build_crd, build_sweep_crd
 
 pytest_plugins = ["finetune_localcluster.pytest_plugin"]
 
@@ -27,6 +27,14 @@ def crd(local_cluster: LocalCluster) -> dict[str, Any]:
         install_crd(api, build_crd())
         install_admission_policy(api, admission.manifests())
     return build_crd()
+
+
+@pytest.fixture(scope="session")
+def sweep_crd(local_cluster: LocalCluster, crd: dict[str, Any]) -> dict[str, Any]:
+    """The generated FineTuneSweep CRD applied to the API server and Established."""
+    with local_cluster.api_client() as api:
+        install_crd(api, build_sweep_crd())
+    return build_sweep_crd()
 
 
 @pytest.fixture

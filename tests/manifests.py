@@ -137,3 +137,39 @@ def invalid_manifest(case: Invalid, name: str | None = None) -> Manifest:
         manifest["spec"]["hyperparameters"]["warmupSteps"] = 10
     case.edit(manifest)
     return copy.deepcopy(manifest)
+
+
+def sweep_baseline(name: str = "sweep") -> Manifest:
+    """A small valid FineTuneSweep over the baseline FineTuneJob (the issue's shape)."""
+    return {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneSweep",
+        "metadata": {"name": name},
+        "spec": {
+            "objective": {"metric": "accuracy", "direction": "maximize", "goal": 0.95},
+            "algorithm": {"name": "tpe", "seed": 42},
+            "pruning": {"name": "median", "warmupEvaluations": 1, "startupTrials": 3},
+            "parameters": [
+                {
+                    "name": "lr",
+                    "path": "hyperparameters.learningRate",
+                    "float": {"min": 1e-5, "max": 3e-4, "log": True},
+                },
+                {"name": "batch", "path": "hyperparameters.batchSize", "int": {"min": 8, "max": 32, "step": 8}},
+                {"name": "decay", "path": "hyperparameters.weightDecay", "categorical": {"values": [0.0, 0.01, 0.1]}},
+                {
+                    "name": "freeze",
+                    "categorical": {
+                        "presets": [
+                            {"label": "bottom-4", "set": {"freeze.strategy": "bottom-layers", "freeze.layers": 4}},
+                            {"label": "head-only", "set": {"freeze.strategy": "head-only", "freeze.layers": None}},
+                        ]
+                    },
+                },
+            ],
+            "trialTemplate": {"metadata": {"labels": {"team": "ml"}}, "spec": baseline()["spec"]},
+            "parallelism": 2,
+            "maxTrials": 12,
+            "maxFailedTrials": 3,
+        },
+    }

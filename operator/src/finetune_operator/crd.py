@@ -31,10 +31,19 @@ from finetune_operator.api import (
     FineTuneJobStatus,
 )
 from finetune_operator.rbac import split_by_scope
+from finetune_operator.sweep_api import (
+    SWEEP_KIND,
+    SWEEP_PLURAL,
+    SWEEP_SHORT_NAMES,
+    SWEEP_SINGULAR,
+    FineTuneSweepSpec,
+    FineTuneSweepStatus,
+)
 
 Schema = dict[str, Any]
 
 CRD_FILE = f"{GROUP}_{PLURAL}.yaml"
+SWEEP_CRD_FILE = f"{GROUP}_{SWEEP_PLURAL}.yaml"
 CHART_RULES_FILE = Path("charts/finetune-operator/files/operator-rules.yaml")
 POLICY_FILES = (
     Path("deploy/trainer-status-policy.yaml"),
@@ -102,6 +111,34 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     },
 ]
 
+SWEEP_PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Summary phase."},
+    {"name": "Trials", "type": "integer", "jsonPath": ".status.trialCounts.total", "description": "Trials created."},
+    {
+        "name": "Running",
+        "type": "integer",
+        "jsonPath": ".status.trialCounts.running",
+        "description": "Trials created and not finished.",
+    },
+    {"name": "Metric", "type": "string", "jsonPath": ".spec.objective.metric", "description": "Objective metric."},
+    {"name": "Best", "type": "number", "jsonPath": ".status.bestTrial.value", "description": "Best objective value."},
+    {"name": "Best Trial", "type": "string", "jsonPath": ".status.bestTrial.name", "description": "Best trial."},
+    {
+        "name": "Reason",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Complete")].reason',
+        "description": "Why the sweep completed: GoalReached, MaxTrialsReached or SearchSpaceExhausted.",
+    },
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {
+        "name": "Message",
+        "type": "string",
+        "priority": 1,
+        "jsonPath": ".status.message",
+        "description": "Latest human-readable summary.",
+    },
+]
+
 
 class _Structural:
     """Rewrites one pydantic JSON schema (with its ``$defs``) into structural form."""
@@ -110,6 +147,9 @@ class _Structural:
         self._defs: dict[str, Schema] = root.get("$defs", {})
 
     def convert(self, node: Schema) -> Schema:
+        if node.get("x-kubernetes-preserve-unknown-fields"):
+            # A free-form value (a scalar of any type): the models check it.
+            return {"x-kubernetes-preserve-unknown-fields": True, **{k: node[k] for k in ("description",) if k in node}}
         if "$ref" in node:
             target = self._defs[node["$ref"].rsplit("/", 1)[-1]]
             merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
@@ -206,16 +246,89 @@ def structural_schema(model: type[Any]) -> Schema:
 
 def build_crd() -> dict[str, Any]:
     """The FineTuneJob CRD as a plain dict."""
-    spec_schema = structural_schema(FineTuneJobSpec)
-    status_schema = structural_schema(FineTuneJobStatus)
+    return _crd(
+        names=(KIND, PLURAL, SINGULAR, SHORT_NAMES),
+        columns=PRINTER_COLUMNS,
+        spec=(FineTuneJobSpec, structural_schema(FineTuneJobSpec)),
+        status=FineTuneJobStatus,
+        description="A FineTuneJob fine-tunes a pretrained model: what to train (model, data, "
+        "freeze policy, hyperparameters, evaluation, early stopping) and how to run it.",
+        # No fieldPath: the schema does not declare metadata's fields; the message names it.
+        root_rules=[{k: v for k, v in rule.schema().items() if k != "fieldPath"} for rule in OBJECT_RULES],
+    )
+
+
+def build_sweep_crd() -> dict[str, Any]:
+    """The FineTuneSweep CRD as a plain dict."""
+    spec = structural_schema(FineTuneSweepSpec)
+    # The FineTuneJob's own transition rules (a running job's immutable fields) do not apply to a template.
+    _drop_transition_rules(spec["properties"]["trialTemplate"]["properties"]["spec"])
+    return _crd(
+        names=(SWEEP_KIND, SWEEP_PLURAL, SWEEP_SINGULAR, SWEEP_SHORT_NAMES),
+        columns=SWEEP_PRINTER_COLUMNS,
+        spec=(FineTuneSweepSpec, spec),
+        status=FineTuneSweepStatus,
+        description="A FineTuneSweep searches hyperparameters: its trials are FineTuneJobs made from a template, "
+        "their parameters chosen by Optuna and unpromising ones pruned.",
+        root_rules=[],
+    )
+
+
+def _drop_transition_rules(schema: Schema) -> None:
+    rules = [rule for rule in schema.get("x-kubernetes-validations", []) if "oldSelf" not in rule["rule"]]
+    if rules:
+        schema["x-kubernetes-validations"] = rules
+    else:
+        schema.pop("x-kubernetes-validations", None)
+    for sub in schema.get("properties", {}).values():
+        _drop_transition_rules(sub)
+    if isinstance(schema.get("items"), dict):
+        _drop_transition_rules(schema["items"])
+    if isinstance(schema.get("additionalProperties"), dict):
+        _drop_transition_rules(schema["additionalProperties"])
+
+
+def _crd(
+    names: tuple[str, str, str, tuple[str, ...]],
+    columns: list[dict[str, Any]],
+    spec: tuple[type[Any], Schema],
+    status: type[Any],
+    description: str,
+    root_rules: list[dict[str, str]],
+) -> dict[str, Any]:
+    kind, plural, singular, short_names = names
+    spec_model, spec_schema = spec
+    status_schema = structural_schema(status)
     status_schema["properties"]["conditions"].update(
         {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
     )
+    root: Schema = {"type": "object", "description": description, "required": ["spec"]}
+    if root_rules:
+        root["x-kubernetes-validations"] = root_rules
+    root["properties"] = {
+        "apiVersion": {
+            "type": "string",
+            "description": "finetune.dev/v1alpha1",
+        },
+        "kind": {
+            "type": "string",
+            "description": kind,
+        },
+        "metadata": {"type": "object"},
+        "spec": {
+            **spec_schema,
+            "description": spec_model.__doc__,
+        },
+        "status": {
+            **status_schema,
+            "description": status.__doc__,
+        },
+    }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
-            "name": f"{PLURAL}.{GROUP}",
+            "name": f"{plural}.{GROUP}",
             "labels": {
                 "app.kubernetes.io/name": "finetune-operator",
                 "app.kubernetes.io/part-of": "finetune-operator",
@@ -225,11 +338,11 @@ def build_crd() -> dict[str, Any]:
             "group": GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": KIND,
-                "listKind": f"{KIND}List",
-                "plural": PLURAL,
-                "singular": SINGULAR,
-                "shortNames": list(SHORT_NAMES),
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": singular,
+                "shortNames": list(short_names),
                 "categories": list(CATEGORIES),
             },
             "versions": [
@@ -238,38 +351,8 @@ def build_crd() -> dict[str, Any]:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "description": "A FineTuneJob fine-tunes a pretrained model: what to train (model, data, "
-                            "freeze policy, hyperparameters, evaluation, early stopping) and how to run it.",
-                            "required": ["spec"],
-                            # No fieldPath: the schema does not declare metadata's fields; the message names it.
-                            "x-kubernetes-validations": [
-                                {k: v for k, v in rule.schema().items() if k != "fieldPath"} for rule in OBJECT_RULES
-                            ],
-                            "properties": {
-                                "apiVersion": {
-                                    "type": "string",
-                                    "description": "finetune.dev/v1alpha1",
-                                },
-                                "kind": {
-                                    "type": "string",
-                                    "description": "FineTuneJob",
-                                },
-                                "metadata": {"type": "object"},
-                                "spec": {
-                                    **spec_schema,
-                                    "description": FineTuneJobSpec.__doc__,
-                                },
-                                "status": {
-                                    **status_schema,
-                                    "description": FineTuneJobStatus.__doc__,
-                                },
-                            },
-                        }
-                    },
+                    "additionalPrinterColumns": columns,
+                    "schema": {"openAPIV3Schema": root},
                 }
             ],
         },
@@ -287,6 +370,11 @@ class _NoAliases(yaml.SafeDumper):
 def render_crd() -> str:
     header = "# Generated by `python -m finetune_operator.crd` from finetune_operator.api. Do not edit.\n"
     return header + yaml.dump(build_crd(), Dumper=_NoAliases, sort_keys=False, width=120, allow_unicode=True)
+
+
+def render_sweep_crd() -> str:
+    header = "# Generated by `python -m finetune_operator.crd` from finetune_operator.sweep_api. Do not edit.\n"
+    return header + yaml.dump(build_sweep_crd(), Dumper=_NoAliases, sort_keys=False, width=120, allow_unicode=True)
 
 
 def render_rules() -> tuple[str, str]:
@@ -314,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     outputs = {
         args.dir / CRD_FILE: render_crd(),
         CHART_CRD_DIR / CRD_FILE: render_crd(),
+        args.dir / SWEEP_CRD_FILE: render_sweep_crd(),
+        CHART_CRD_DIR / SWEEP_CRD_FILE: render_sweep_crd(),
         args.rules: namespaced_rules,
         args.rules.with_name(CLUSTER_RULES_NAME): cluster_rules,
         **{path: render_policy() for path in POLICY_FILES},
