@@ -4,12 +4,13 @@ integration tests. Shapes follow issue #15: ``trialCounts``, ``bestTrial``, comp
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
+from finetune_operator.sweep_api import PARAMETERS_ANNOTATION, SWEEP_LABEL
 from tests.cli.jobs import T0, condition, job
 
 Manifest = dict[str, Any]
-SWEEP_LABEL = "finetune.dev/sweep"
 
 PARAMETERS: list[Manifest] = [
     {"name": "lr", "path": "hyperparameters.learningRate", "float": {"min": 1.0e-5, "max": 3.0e-4, "log": True}},
@@ -19,7 +20,7 @@ PARAMETERS: list[Manifest] = [
         "categorical": {
             "presets": [
                 {"label": "bottom-4", "set": {"freeze.strategy": "bottom-layers", "freeze.layers": 4}},
-                {"label": "head-only", "set": {"freeze.strategy": "head-only"}},
+                {"label": "head-only", "set": {"freeze.strategy": "head-only", "freeze.layers": None}},
             ]
         },
     },
@@ -107,10 +108,11 @@ def trial_status(phase: str, value: float | None) -> Manifest:
 
 
 def trial_jobs(sweep_name: str = "tune", namespace: str = "default") -> list[Manifest]:
-    """The trial FineTuneJobs, labelled as the operator labels them, with their own status."""
+    """The trial FineTuneJobs, labelled and annotated as the operator does, with their own status."""
     jobs = []
-    for name, phase, value, _ in TRIALS:
+    for name, phase, value, parameters in TRIALS:
         manifest = job(name.replace("tune", sweep_name, 1), trial_status(phase, value), namespace)
         manifest["metadata"]["labels"] = {SWEEP_LABEL: sweep_name}
+        manifest["metadata"]["annotations"] = {PARAMETERS_ANNOTATION: json.dumps(parameters)}
         jobs.append(manifest)
     return jobs

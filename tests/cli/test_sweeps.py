@@ -11,6 +11,7 @@ from matplotlib.collections import PathCollection
 
 from finetune_cli.plot import BEST_GID, PRUNED_GID, NothingToPlotError, save_png, sweep_figure
 from finetune_cli.sweeps import describe, list_table, parse_sweep, state, trials
+from finetune_operator.sweep_api import PARAMETERS_ANNOTATION
 from tests.cli.jobs import condition
 from tests.cli.sweeps import sweep, sweep_status, trial_jobs
 
@@ -74,7 +75,8 @@ def test_trial_jobs_win_over_the_bounded_summary_and_fill_its_gaps() -> None:
     status["trials"] = status["trials"][:1]  # the bounded list dropped the others
     status["trials"][0]["value"] = 0.5  # and is behind the job's own status
     jobs = trial_jobs()
-    jobs[2]["metadata"]["annotations"] = {"finetune.dev/parameters": '{"lr": 1e-05, "freeze": "head-only"}'}
+    jobs[2]["metadata"]["annotations"] = {PARAMETERS_ANNOTATION: '{"lr": 1e-05, "freeze": "head-only"}'}
+    jobs[3]["metadata"]["annotations"] = {PARAMETERS_ANNOTATION: "not json"}
     rows = {t.name: t for t in trials(parse_sweep(sweep(status=status)), jobs)}
     assert set(rows) == {f"tune-t00{i}" for i in range(5)}
     assert (rows["tune-t000"].value, rows["tune-t000"].step, rows["tune-t000"].parameters["freeze"]) == (
@@ -84,7 +86,7 @@ def test_trial_jobs_win_over_the_bounded_summary_and_fill_its_gaps() -> None:
     )
     assert (rows["tune-t002"].phase, rows["tune-t002"].value) == ("Pruned", 0.62)
     assert rows["tune-t002"].parameters == {"lr": 1e-05, "freeze": "head-only"}
-    assert (rows["tune-t003"].phase, rows["tune-t003"].value) == ("Failed", None)
+    assert (rows["tune-t003"].phase, rows["tune-t003"].value, rows["tune-t003"].parameters) == ("Failed", None, {})
     assert (rows["tune-t004"].phase, rows["tune-t004"].value) == ("Running", 0.79)
 
 

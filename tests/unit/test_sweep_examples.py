@@ -1,80 +1,60 @@
-"""The shipped FineTuneSweep examples: every trial they can create is a valid FineTuneJob without advice.
+"""The shipped FineTuneSweep examples: valid sweeps, and every trial they can create is a valid FineTuneJob
+without advice.
 
-Grid examples are checked trial by trial (the whole product); the others at each range's ends
-and every categorical choice or preset, one parameter at a time, on top of the template.
+Grid examples are checked trial by trial (the whole product); the others at each range's ends and
+every categorical choice or preset, one parameter at a time, on top of the template. The trials are
+built by the operator's own ``trial_spec``.
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from finetune_operator.api import FineTuneJob
+from finetune_operator.api import FineTuneJobSpec
+from finetune_operator.sweep_api import FineTuneSweep, FineTuneSweepSpec, Parameter, choices, trial_spec
 from finetune_trainer.advice import advise
-from tests.manifests import SWEEP_EXAMPLES, Manifest, example
+from tests.manifests import SWEEP_EXAMPLES, example
 
 
-def _values(parameter: Manifest) -> list[tuple[str, Any]]:
-    """(label, {path: value}) for each value the test tries."""
-    name = parameter["name"]
-    if "float" in parameter or "int" in parameter:
-        domain = parameter.get("float") or parameter["int"]
-        ends = [domain["min"], domain["max"]]
-        if "step" in domain:  # a grid walks min, min+step, ... up to max
-            count = int((domain["max"] - domain["min"]) // domain["step"]) + 1
-            ends = [domain["min"] + i * domain["step"] for i in range(count)]
-        return [(f"{name}={v}", {parameter["path"]: v}) for v in ends]
-    categorical = parameter["categorical"]
-    if "presets" in categorical:
-        return [(f"{name}={p['label']}", p["set"]) for p in categorical["presets"]]
-    return [(f"{name}={v}", {parameter["path"]: v}) for v in categorical["values"]]
+def _values(parameter: Parameter, grid: bool) -> list[Any]:
+    """The values the test tries: the whole grid axis, or a range's two ends."""
+    domain = parameter.float_range or parameter.int_range
+    if domain is None:
+        return choices(parameter)
+    if not grid:
+        return [domain.min, domain.max]
+    assert domain.step is not None, f"{parameter.name}: a grid needs a step"
+    count = int((domain.max - domain.min) // domain.step) + 1
+    return [domain.min + i * domain.step for i in range(count)]
 
 
-def _trial(template: Manifest, assignments: list[dict[str, Any]]) -> Manifest:
-    spec = copy.deepcopy(template)
-    for assignment in assignments:
-        for path, value in assignment.items():
-            *parents, leaf = path.split(".")
-            node = spec
-            for part in parents:
-                node = node.setdefault(part, {})
-            if value is None:
-                node.pop(leaf, None)
-            else:
-                node[leaf] = value
-    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "t"}, "spec": spec}
-
-
-def _trials(sweep: Manifest) -> list[tuple[str, Manifest]]:
-    spec = sweep["spec"]
-    template = spec["trialTemplate"]["spec"]
-    per_parameter = [_values(p) for p in spec["parameters"]]
-    if spec["algorithm"]["name"] == "grid":
-        combos = list(itertools.product(*per_parameter))
-        assert len(combos) <= spec["maxTrials"], "maxTrials cuts the grid short: it never reaches SearchSpaceExhausted"
-        return [(" ".join(label for label, _ in c), _trial(template, [a for _, a in c])) for c in combos]
-    return [(label, _trial(template, [a])) for values in per_parameter for label, a in values]
+def _trials(spec: FineTuneSweepSpec) -> list[dict[str, Any]]:
+    grid = spec.algorithm.name == "grid"
+    axes = [[(p.name, v) for v in _values(p, grid)] for p in spec.parameters]
+    if grid:
+        combos = [dict(c) for c in itertools.product(*axes)]
+        assert len(combos) <= spec.max_trials, "maxTrials cuts the grid short: it never reaches SearchSpaceExhausted"
+        return combos
+    return [{name: value} for axis in axes for name, value in axis]
 
 
 @pytest.mark.parametrize("path", SWEEP_EXAMPLES, ids=lambda p: p.name)
 def test_every_trial_of_a_shipped_sweep_is_a_valid_job_without_advice(path: Path) -> None:
-    sweep = example(path)
-    objective = sweep["spec"]["objective"]["metric"]
-    trials = _trials(sweep)
+    spec = FineTuneSweep.model_validate(example(path)).spec
+    trials = _trials(spec)
     assert len(trials) >= 2
-    for label, trial in trials:
-        job = FineTuneJob.model_validate(trial)
-        assert objective in job.spec.evaluation.metrics, f"{path.name}: the template does not evaluate {objective}"
-        assert [a.reason for a in advise(job.spec)] == [], f"{path.name} {label}"
+    for index, values in enumerate(trials):
+        job = FineTuneJobSpec.model_validate(trial_spec(spec, values, f"{path.stem}-t{index:03d}"))
+        assert [a.reason for a in advise(job)] == [], f"{path.name} {values}"
 
 
-def test_the_examples_cover_random_or_tpe_with_presets_and_a_grid() -> None:
-    specs = [example(p)["spec"] for p in SWEEP_EXAMPLES]
-    assert {s["algorithm"]["name"] for s in specs} >= {"grid", "tpe"}
-    searched = {p.get("path") for s in specs for p in s["parameters"]}
+def test_the_examples_cover_tpe_with_presets_and_a_grid() -> None:
+    specs = [FineTuneSweep.model_validate(example(p)).spec for p in SWEEP_EXAMPLES]
+    assert {s.algorithm.name for s in specs} >= {"grid", "tpe"}
+    searched = {p.path for s in specs for p in s.parameters}
     assert {"hyperparameters.learningRate", "hyperparameters.weightDecay"} <= searched
-    assert any("presets" in p.get("categorical", {}) for s in specs for p in s["parameters"])
+    assert any(p.categorical is not None and p.categorical.presets for s in specs for p in s.parameters)

@@ -19,12 +19,10 @@ from kubernetes.client.rest import ApiException
 
 from finetune_operator.api import GROUP, PLURAL, VERSION
 from finetune_operator.reconcile.children import JOB_LABEL, job_label_value
+from finetune_operator.sweep_api import SWEEP_LABEL, SWEEP_PLURAL
 
 Manifest = dict[str, Any]
 TRAINER_CONTAINER = "trainer"
-SWEEP_KIND = "FineTuneSweep"
-SWEEP_PLURAL = "finetunesweeps"
-SWEEP_LABEL = "finetune.dev/sweep"
 
 
 class JobNotFoundError(Exception):

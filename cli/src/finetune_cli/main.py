@@ -25,6 +25,7 @@ from finetune_cli import kube as k
 from finetune_cli import sweeps
 from finetune_cli.render import describe, final_line, list_table, outcome, parse_job, progress_line
 from finetune_operator.reconcile.status import STOP_ANNOTATION
+from finetune_operator.sweep_api import SWEEP_KIND
 from finetune_trainer.advice import advise
 from finetune_trainer.config import load_spec
 from finetune_trainer.errors import TrainerError
@@ -203,7 +204,7 @@ def cmd_sweep_describe(kube: k.Kube, args: argparse.Namespace) -> int:
         _dump(obj, args.output)
         return 0
     trials = kube.sweep_trials(args.name, namespace)
-    events = kube.events(k.SWEEP_KIND, args.name, namespace)
+    events = kube.events(SWEEP_KIND, args.name, namespace)
     sys.stdout.write(sweeps.describe(sweeps.parse_sweep(obj), trials, events, _now()))
     return 0
 

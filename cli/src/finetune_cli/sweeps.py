@@ -16,10 +16,9 @@ from datetime import datetime
 from typing import Any
 
 from finetune_cli.render import _fields, _parse_time, age, num, parse_job, table
+from finetune_operator.sweep_api import PARAMETERS_ANNOTATION
 
 Manifest = dict[str, Any]
-PARAMETERS_ANNOTATION = "finetune.dev/parameters"
-"""Where a trial FineTuneJob carries its parameters (JSON), for trials the bounded status dropped."""
 FINISHED = ("Complete", "Failed")
 
 
