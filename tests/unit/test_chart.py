@@ -14,7 +14,7 @@ import yaml
 
 from finetune_localcluster.helm import ensure_helm
 from finetune_operator.api import FineTuneJob
-from finetune_operator.crd import build_crd
+from finetune_operator.crd import build_crd, build_sweep_crd
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.rbac import CLUSTER_SCOPED_RESOURCES, split_by_scope
 from finetune_operator.reconcile.children import Settings, batch_job
@@ -141,12 +141,13 @@ def test_default_mode_grants_every_rule_cluster_wide(helm: Path) -> None:
 
 
 def test_crd_is_the_generated_one_kept_on_uninstall_and_optional(helm: Path) -> None:
-    crds = [o for o in _objects(helm) if o["kind"] == "CustomResourceDefinition"]
-    generated = build_crd()
-    assert len(crds) == 1
-    annotations = crds[0]["metadata"].pop("annotations")
-    assert annotations == {"helm.sh/resource-policy": "keep"}
-    assert crds[0] == generated
+    crds = sorted(
+        (o for o in _objects(helm) if o["kind"] == "CustomResourceDefinition"), key=lambda o: o["metadata"]["name"]
+    )
+    assert len(crds) == 2
+    for crd in crds:
+        assert crd["metadata"].pop("annotations") == {"helm.sh/resource-policy": "keep"}
+    assert crds == [build_crd(), build_sweep_crd()]
     unkept = [o for o in _objects(helm, "--set", "crds.keep=false") if o["kind"] == "CustomResourceDefinition"]
     assert "annotations" not in unkept[0]["metadata"]
     assert not [o for o in _objects(helm, "--set", "crds.enabled=false") if o["kind"] == "CustomResourceDefinition"]

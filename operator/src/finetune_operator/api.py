@@ -251,6 +251,13 @@ REASONS: dict[str, str] = {
     "Stopped": "a user asked the job to stop (annotation finetune.dev/stop-requested).",
     "StopEnforced": "the trainer did not stop within the grace period after a stop request; the operator "
     "stopped its workload (the best checkpoint is in status.best; the final model may be missing).",
+    "Pruned": "a sweep trial stopped early as unpromising (its sweep asked it to stop); its best checkpoint is kept.",
+    # sweeps (FineTuneSweep)
+    "TrialsRunning": "the sweep creates and runs trials.",
+    "GoalReached": "a sweep trial reached spec.objective.goal; no more trials are created.",
+    "MaxTrialsReached": "the sweep ran spec.maxTrials trials; raising maxTrials resumes it.",
+    "SearchSpaceExhausted": "the grid sweep tried every combination.",
+    "TooManyFailedTrials": "spec.maxFailedTrials trials of the sweep failed; no more trials are created.",
     # failed
     "InvalidSpec": "the spec passed the API server but not the operator's models; nothing was created.",
     "BackoffLimitExceeded": "the trainer failed more than spec.backoffLimit times.",

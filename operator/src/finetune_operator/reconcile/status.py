@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Literal, Protocol
 
 from finetune_operator.api import (
     CREATE_FAILED,
@@ -112,8 +112,12 @@ def is_finished(status: FineTuneJobStatus) -> bool:
     return any(c.type in ("Complete", "Failed") and c.status == "True" for c in status.conditions)
 
 
+class _HasConditions(Protocol):
+    conditions: list[Condition]
+
+
 def set_condition(
-    status: FineTuneJobStatus,
+    status: _HasConditions,
     type_: ConditionType,
     value: bool,
     reason: str,

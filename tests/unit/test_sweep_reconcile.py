@@ -1,0 +1,281 @@
+"""The sweep's pure core: study rebuild, state mapping, samplers, pruning, grid, budget, conditions."""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from optuna.trial import TrialState
+
+from finetune_operator.api import REASONS
+from finetune_operator.reconcile.sweep import (
+    ObservedTrial,
+    build_study,
+    decide_sweep,
+    grid,
+    observe_trial,
+    suggest,
+    to_prune,
+)
+from finetune_operator.sweep_api import PARAMETERS_ANNOTATION, SWEEP_LABEL, TRIAL_INDEX_LABEL, FineTuneSweep
+from tests.manifests import sweep_baseline
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _sweep(**spec: Any) -> FineTuneSweep:
+    manifest = sweep_baseline("s")
+    manifest["metadata"].update({"namespace": "ns", "uid": "u-1", "generation": 1})
+    manifest["spec"]["trialTemplate"]["spec"]["evaluation"] = {
+        "strategy": "steps",
+        "interval": 10,
+        "metrics": ["loss", "accuracy"],
+    }
+    manifest["spec"].update(spec)
+    return FineTuneSweep.model_validate(manifest)
+
+
+def _trial_body(
+    index: int,
+    accuracies: list[float] | None = None,
+    complete: str | None = None,
+    failed: bool = False,
+    params: dict[str, Any] | None = None,
+    first_step: int = 10,
+) -> dict[str, Any]:
+    conditions = []
+    if complete:
+        conditions.append({"type": "Complete", "status": "True", "reason": complete})
+    if failed:
+        conditions.append({"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"})
+    evaluations = [
+        {"step": first_step + 10 * n, "metrics": {"accuracy": value, "loss": 1 - value}}
+        for n, value in enumerate(accuracies or [])
+    ]
+    return {
+        "metadata": {
+            "name": f"s-t{index:03d}",
+            "labels": {TRIAL_INDEX_LABEL: str(index), SWEEP_LABEL: "s"},
+            "annotations": {
+                PARAMETERS_ANNOTATION: json.dumps(
+                    params or {"lr": 1e-4, "batch": 16, "decay": 0.0, "freeze": "bottom-4"}
+                )
+            },
+        },
+        "status": {
+            "phase": "Running" if not (complete or failed) else "Succeeded",
+            "conditions": conditions,
+            "evaluations": evaluations,
+        },
+    }
+
+
+def _observe(sweep: FineTuneSweep, *bodies: dict[str, Any]) -> list[ObservedTrial]:
+    observed = [observe_trial(sweep, body) for body in bodies]
+    assert all(o is not None for o in observed)
+    return [o for o in observed if o is not None]
+
+
+def test_trial_states_map_onto_optuna_states() -> None:
+    sweep = _sweep()
+    trials = _observe(
+        sweep,
+        _trial_body(0, [0.7, 0.8], complete="Succeeded"),
+        _trial_body(1, [0.5], complete="Pruned"),
+        _trial_body(2, [], failed=True),
+        _trial_body(3, [0.6]),
+        _trial_body(4, []),
+        _trial_body(5, [], complete="Succeeded"),  # ended with no evaluation: counts as failed
+    )
+    assert [t.phase for t in trials] == ["Succeeded", "Pruned", "Failed", "Running", "Running", "Failed"]
+    study = build_study(sweep, trials)
+    assert [t.state for t in study.trials] == [
+        TrialState.COMPLETE,
+        TrialState.PRUNED,
+        TrialState.FAIL,
+        TrialState.RUNNING,
+        TrialState.RUNNING,
+        TrialState.FAIL,
+    ]
+    assert study.trials[0].value == 0.8  # the trial's best value of the objective, not its last
+    assert study.best_trial.user_attrs["name"] == "s-t000"
+
+
+def test_intermediate_values_are_keyed_by_absolute_evaluation_number() -> None:
+    sweep = _sweep()
+    full = observe_trial(sweep, _trial_body(0, [0.5, 0.6, 0.7, 0.8]))
+    # The bounded history dropped the two oldest evaluations: the remaining ones keep their numbers.
+    truncated = observe_trial(sweep, _trial_body(0, [0.7, 0.8], first_step=30))
+    assert full is not None and truncated is not None
+    assert full.intermediate == {1: 0.5, 2: 0.6, 3: 0.7, 4: 0.8}
+    assert truncated.intermediate == {3: 0.7, 4: 0.8}
+
+
+def test_a_status_best_covers_dropped_evaluations() -> None:
+    sweep = _sweep()
+    body = _trial_body(0, [0.7, 0.75], complete="EarlyStopped", first_step=50)
+    body["status"]["best"] = {"metric": "accuracy", "value": 0.9, "step": 20, "checkpoint": "file:///o/c-20"}
+    trial = observe_trial(sweep, body)
+    assert trial is not None and (trial.value, trial.step, trial.checkpoint) == (0.9, 20, "file:///o/c-20")
+
+
+@pytest.mark.parametrize("algorithm", ["random", "tpe"])
+def test_each_sampler_is_deterministic_from_its_seed(algorithm: str) -> None:
+    def run(seed: int) -> list[dict[str, Any]]:
+        sweep = _sweep(algorithm={"name": algorithm, "seed": seed})
+        history = _observe(
+            sweep,
+            *(
+                _trial_body(i, [0.5 + i / 100], complete="Succeeded", params=p)
+                for i, p in enumerate(suggest(sweep, [], range(3)))
+            ),
+        )
+        return suggest(sweep, history, range(3, 6))
+
+    first, again, other = run(1), run(1), run(2)
+    assert first == again
+    assert first != other
+    assert len({json.dumps(p, sort_keys=True) for p in first}) == 3  # a rebuilt sampler does not repeat itself
+
+
+def test_grid_enumerates_the_product_and_completes_with_search_space_exhausted() -> None:
+    sweep = _sweep(
+        algorithm={"name": "grid"},
+        parameters=[
+            {"name": "lr", "path": "hyperparameters.learningRate", "float": {"min": 1e-4, "max": 3e-4, "step": 1e-4}},
+            {"name": "decay", "path": "hyperparameters.weightDecay", "categorical": {"values": [0.0, 0.1]}},
+        ],
+        parallelism=10,
+        maxTrials=100,
+    )
+    combinations = grid(sweep.spec)
+    assert len(combinations) == 6 and combinations[0] == {"lr": 1e-4, "decay": 0.0}
+    decision = decide_sweep(sweep, [], NOW)
+    assert len(decision.create) == 6  # never more than the grid, whatever maxTrials says
+    done = _observe(sweep, *(_trial_body(i, [0.6], complete="Succeeded", params=p) for i, p in enumerate(combinations)))
+    finished = decide_sweep(sweep, done, NOW)
+    assert finished.create == []
+    complete = next(c for c in finished.status.conditions if c.type == "Complete")
+    assert (complete.status, complete.reason) == ("True", "SearchSpaceExhausted")
+
+
+def test_median_pruning_stops_a_trial_below_the_median_of_finished_ones() -> None:
+    sweep = _sweep()  # median, warmupEvaluations 1, startupTrials 3
+    finished = [_trial_body(i, [0.7, 0.8, 0.85], complete="Succeeded") for i in range(3)]
+    poor, good = _trial_body(3, [0.5, 0.55]), _trial_body(4, [0.75, 0.9])
+    trials = _observe(sweep, *finished, poor, good)
+    assert to_prune(sweep, trials) == ["s-t003"]
+    # Before startupTrials trials finished, nothing is pruned.
+    assert to_prune(sweep, _observe(sweep, *finished[:2], poor)) == []
+    # A trial already asked to stop is not asked again.
+    asked = copy.deepcopy(poor)
+    asked["status"]["stopRequest"] = {"reason": "Pruned"}
+    assert to_prune(sweep, _observe(sweep, *finished, asked)) == []
+
+
+def test_warmup_evaluations_protect_young_trials() -> None:
+    sweep = _sweep(pruning={"name": "median", "warmupEvaluations": 3, "startupTrials": 1})
+    trials = _observe(sweep, _trial_body(0, [0.8, 0.8, 0.8], complete="Succeeded"), _trial_body(1, [0.1, 0.1]))
+    assert to_prune(sweep, trials) == []
+    trials = _observe(sweep, _trial_body(0, [0.8, 0.8, 0.8], complete="Succeeded"), _trial_body(1, [0.1, 0.1, 0.1]))
+    assert to_prune(sweep, trials) == ["s-t001"]
+
+
+@pytest.mark.parametrize("pruner", ["successive-halving", "hyperband"])
+def test_other_pruners_decide_from_hand_made_histories(pruner: str) -> None:
+    sweep = _sweep(pruning={"name": pruner, "warmupEvaluations": 1, "startupTrials": 0})
+    finished = [_trial_body(i, [0.8 + i / 100] * 9, complete="Succeeded") for i in range(6)]
+    trials = _observe(sweep, *finished, _trial_body(6, [0.1] * 9), _trial_body(7, [0.99] * 9))
+    pruned = to_prune(sweep, trials)
+    assert "s-t006" in pruned and "s-t007" not in pruned
+    assert to_prune(sweep, trials) == pruned  # deterministic
+
+
+def test_trials_are_named_labelled_annotated_owned_and_written_apart() -> None:
+    sweep = _sweep(parallelism=3)
+    decision = decide_sweep(sweep, [], NOW)
+    names = [m["metadata"]["name"] for m in decision.create]
+    assert names == ["s-t000", "s-t001", "s-t002"]
+    first = decision.create[0]
+    assert first["metadata"]["labels"][SWEEP_LABEL] == "s" and first["metadata"]["labels"][TRIAL_INDEX_LABEL] == "0"
+    assert first["metadata"]["labels"]["team"] == "ml"
+    assert first["metadata"]["ownerReferences"][0]["kind"] == "FineTuneSweep"
+    assert first["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    assert first["spec"]["output"]["location"] == "file:///out/valid/s-t000"
+    parameters = json.loads(first["metadata"]["annotations"][PARAMETERS_ANNOTATION])
+    assert first["spec"]["hyperparameters"]["learningRate"] == parameters["lr"]
+    # Deciding again from the same (empty) history gives the same trials: a restart duplicates nothing.
+    assert decide_sweep(sweep, [], NOW).create == decision.create
+
+
+def test_parallelism_counts_every_created_and_unfinished_trial() -> None:
+    sweep = _sweep(parallelism=3, maxTrials=12)
+    trials = _observe(sweep, _trial_body(0, [0.6], complete="Succeeded"), _trial_body(1, []), _trial_body(2, [0.6]))
+    trials[1] = ObservedTrial(**{**trials[1].__dict__, "phase": "Pending"})
+    decision = decide_sweep(sweep, trials, NOW)
+    assert [m["metadata"]["name"] for m in decision.create] == ["s-t003"]
+    assert decision.status.trial_counts.model_dump() == {
+        "total": 3,
+        "running": 2,
+        "succeeded": 1,
+        "pruned": 0,
+        "failed": 0,
+    }
+
+
+def test_max_trials_completes_and_raising_it_resumes() -> None:
+    sweep = _sweep(maxTrials=2)
+    trials = _observe(sweep, _trial_body(0, [0.6], complete="Succeeded"), _trial_body(1, [0.7], complete="Succeeded"))
+    done = decide_sweep(sweep, trials, NOW)
+    assert done.create == [] and done.status.phase == "Complete"
+    assert done.status.best_trial is not None and done.status.best_trial.name == "s-t001"
+    assert [(c.type, c.status, c.reason) for c in done.status.conditions if c.status == "True"] == [
+        ("Complete", "True", "MaxTrialsReached"),
+        ("Ready", "True", "MaxTrialsReached"),
+    ]
+    raised = _sweep(maxTrials=4, parallelism=4)
+    raised.status = done.status
+    resumed = decide_sweep(raised, trials, NOW)
+    assert [m["metadata"]["name"] for m in resumed.create] == ["s-t002", "s-t003"]
+    assert resumed.status.phase == "Running"
+    assert next(c for c in resumed.status.conditions if c.type == "Complete").status == "False"
+
+
+def test_max_failed_trials_fails_the_sweep() -> None:
+    sweep = _sweep(maxFailedTrials=2, parallelism=3)
+    trials = _observe(sweep, _trial_body(0, [], failed=True), _trial_body(1, [], failed=True), _trial_body(2, [0.5]))
+    decision = decide_sweep(sweep, trials, NOW)
+    assert decision.create == [] and decision.status.phase == "Failed"
+    failed = next(c for c in decision.status.conditions if c.type == "Failed")
+    assert (failed.status, failed.reason) == ("True", "TooManyFailedTrials")
+    assert next(c for c in decision.status.conditions if c.type == "Stalled").status == "True"
+    assert [e.reason for e in decision.events] == ["TooManyFailedTrials"]
+
+
+def test_the_goal_completes_the_sweep() -> None:
+    sweep = _sweep()  # goal 0.95
+    trials = _observe(sweep, _trial_body(0, [0.96], complete="Succeeded"), _trial_body(1, [0.5]))
+    decision = decide_sweep(sweep, trials, NOW)
+    assert decision.create == []
+    assert next(c for c in decision.status.conditions if c.type == "Complete").reason == "GoalReached"
+
+
+def test_suspend_creates_nothing() -> None:
+    decision = decide_sweep(_sweep(suspend=True), [], NOW)
+    assert decision.create == [] and decision.status.phase == "Suspended"
+
+
+def test_every_reason_the_sweep_writes_is_in_the_table() -> None:
+    sweep = _sweep(maxTrials=1)
+    written = set()
+    for trials in (
+        [],
+        _observe(sweep, _trial_body(0, [0.6], complete="Succeeded")),
+        _observe(sweep, *(_trial_body(i, [], failed=True) for i in range(3))),
+    ):
+        written |= {c.reason for c in decide_sweep(sweep, trials, NOW).status.conditions}
+    written |= {"Pruned", "GoalReached", "SearchSpaceExhausted", "InvalidSpec"}
+    assert written - set(REASONS) == set()
