@@ -25,15 +25,14 @@ def crd(local_cluster: LocalCluster) -> dict[str, Any]:
     keeps trainers to their own status keys (as the chart installs them together)."""
     with local_cluster.api_client() as api:
         install_crd(api, build_crd())
+        install_crd(api, build_sweep_crd())  # with it, as the chart installs them: the operator watches both
         install_admission_policy(api, admission.manifests())
     return build_crd()
 
 
 @pytest.fixture(scope="session")
-def sweep_crd(local_cluster: LocalCluster, crd: dict[str, Any]) -> dict[str, Any]:
-    """The generated FineTuneSweep CRD applied to the API server and Established."""
-    with local_cluster.api_client() as api:
-        install_crd(api, build_sweep_crd())
+def sweep_crd(crd: dict[str, Any]) -> dict[str, Any]:
+    """The generated FineTuneSweep CRD, applied with the FineTuneJob's."""
     return build_sweep_crd()
 
 

@@ -12,6 +12,8 @@ service-account token.
     fake_trainer.py forger     once asked to stop, tries to forge the operator's status keys; saves the answers
     fake_trainer.py quick S    reports every 5 s for S seconds, then finishes (many at once: chaos runs)
     fake_trainer.py paced      trains 60 steps in ~30 s, evaluating every 10 and serving /metrics
+    fake_trainer.py sweep      6 evaluations in ~3 s whose accuracy grows with hyperparameters.weightDecay
+                               (a sweep's parameter); stops when asked, as a pruned trial must
 """
 
 from __future__ import annotations
@@ -225,6 +227,29 @@ def paced(total: int = 60) -> int:
     return 0
 
 
+def sweep(config: dict[str, Any]) -> int:
+    """Accuracy = 0.4 + weightDecay * (1 + evaluation / 6): a trial is as good as its parameter, from the start."""
+    decay = float(config["hyperparameters"]["weightDecay"])
+    evaluations: list[dict[str, Any]] = []
+    total = 60
+    for number in range(1, 7):
+        step = 10 * number
+        accuracy = round(0.4 + decay * (1 + number / 6), 4)
+        evaluations.append(evaluation(step, accuracy))
+        best = max(evaluations, key=lambda e: e["metrics"]["accuracy"])
+        _request(
+            "PATCH",
+            _job_path() + "/status",
+            {"status": {"best": {"metric": "accuracy", "value": best["metrics"]["accuracy"], "step": best["step"]}}},
+        )
+        report(step, total, evaluations)
+        if stop_requested():
+            print(f"stop requested at evaluation {number}: saving and exiting", flush=True)
+            return 0
+        time.sleep(0.4)
+    return 0
+
+
 def silent() -> int:
     report(1, 100, [])
     report(2, 100, [])
@@ -259,6 +284,8 @@ def main(argv: list[str]) -> int:
         return forger(Path(location.removeprefix("file://")))
     if mode == "silent":
         return silent()
+    if mode == "sweep":
+        return sweep(yaml.safe_load(Path(config).read_text()))
     if mode == "quick":
         return quick(float(argv[2]))
     raise SystemExit(f"unknown mode {mode}")

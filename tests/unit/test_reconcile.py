@@ -32,6 +32,7 @@ from finetune_operator.reconcile.observe import (
     workload_essentials,
 )
 from finetune_operator.reconcile.status import not_understood
+from finetune_trainer.reporting import stop_request_of
 from finetune_trainer.spec import TrainingSpec
 from tests.manifests import baseline
 
@@ -318,6 +319,21 @@ def test_user_stop_annotation() -> None:
     ftj.status = decision.status
     done = decide(ftj, Observed(job=ObservedJob(complete=True)), NOW)
     assert conditions(done.status)["Complete"] == ("True", "Stopped")
+
+
+def test_a_sweep_prunes_a_trial_through_the_stop_request_path() -> None:
+    ftj = job()
+    ftj.metadata.annotations.update({"finetune.dev/stop-requested": "true", "finetune.dev/stop-reason": "Pruned"})
+    decision = decide(ftj, Observed(job=ObservedJob(active=1)), NOW)
+    assert decision.status.stop_request is not None and decision.status.stop_request.reason == "Pruned"
+    ftj.status = decision.status
+    done = decide(ftj, Observed(job=ObservedJob(complete=True)), NOW)
+    assert conditions(done.status)["Complete"] == ("True", "Pruned")
+    # The trainer honours a stop request whatever its reason.
+    assert stop_request_of({"status": done.status.to_wire()}) == {
+        "reason": "Pruned",
+        "message": "its sweep judged it unpromising",
+    }
 
 
 def test_backoff_failure_counts_the_failed_pod_before_the_job_does() -> None:

@@ -36,7 +36,7 @@ from finetune_localcluster.cluster import Cluster, default_state_dir
 from finetune_localcluster.kubeconfig import api_client, install_admission_policy, install_crd
 from finetune_operator import admission
 from finetune_operator.api import GROUP, PLURAL, VERSION
-from finetune_operator.crd import build_crd
+from finetune_operator.crd import build_crd, build_sweep_crd
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE = ROOT / "examples" / "minilm-rotten-tomatoes.yaml"
@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     with api_client(cluster.kubeconfig) as api:
         say("FineTuneJob CRD")
         install_crd(api, build_crd())
+        install_crd(api, build_sweep_crd())
         say("admission policy: trainers may change only their own status keys")
         install_admission_policy(api, admission.manifests())
         say("operator (kopf)")

@@ -20,6 +20,8 @@ from finetune_operator.crd import render_crd
 from finetune_operator.handlers import Reconciler, register
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.reconcile import Settings
+from finetune_operator.sweep_handlers import SweepReconciler
+from finetune_operator.sweep_handlers import register as register_sweeps
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,6 +80,7 @@ async def _operate(args: argparse.Namespace, settings: Settings, metrics: Operat
     registry = kopf.OperatorRegistry()
     reconciler = Reconciler(kube, settings, metrics, args.max_concurrent_reconciles, tuple(args.namespace))
     register(registry, reconciler, args.resync_seconds)
+    register_sweeps(registry, SweepReconciler(kube, metrics), args.resync_seconds)
 
     @kopf.on.login(registry=registry)
     def kopf_login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:

@@ -24,6 +24,7 @@ import aiohttp
 import kopf
 
 from finetune_operator.api import GROUP, KIND, PLURAL, VERSION
+from finetune_operator.sweep_api import SWEEP_KIND, SWEEP_PLURAL
 
 Manifest = dict[str, Any]
 
@@ -37,6 +38,7 @@ _COLLECTIONS = {
     "RoleBinding": "/apis/rbac.authorization.k8s.io/v1/namespaces/{}/rolebindings",
     "Job": "/apis/batch/v1/namespaces/{}/jobs",
     KIND: f"/apis/{GROUP}/{VERSION}/namespaces/{{}}/{PLURAL}",
+    SWEEP_KIND: f"/apis/{GROUP}/{VERSION}/namespaces/{{}}/{SWEEP_PLURAL}",
 }
 MERGE_PATCH = "application/merge-patch+json"
 PARTIAL_METADATA = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
@@ -186,6 +188,16 @@ class Kube:
         listed = await self._request("GET", kind, "", params=params, accept=accept)
         return cast(list[Manifest], listed.get("items") or [])  # a metadata list of nothing has "items": null
 
+    async def list_in(self, kind: str, namespace: str, selector: str) -> list[Manifest]:
+        """Every object of a kind in one namespace that the label selector matches (a fresh, quorum read)."""
+        listed = await self._request("GET", kind, namespace, params={"labelSelector": selector})
+        return cast(list[Manifest], listed.get("items") or [])
+
+    async def annotate(self, kind: str, namespace: str, name: str, annotations: dict[str, str]) -> None:
+        """Merge annotations into an object (a sweep pruning its trial); nothing when it is gone."""
+        patch = {"metadata": {"annotations": annotations}}
+        await self._unless_gone("PATCH", kind, namespace, name, body=patch, content_type=MERGE_PATCH)
+
     async def list_pods(self, namespace: str, selector: str) -> list[Manifest]:
         listed = await self._request("GET", "Pod", namespace, params={"labelSelector": selector})
         return cast(list[Manifest], listed["items"])
@@ -204,7 +216,7 @@ class Kube:
         return await self._unless_gone("GET", KIND, namespace, name)
 
     async def patch_status(
-        self, namespace: str, name: str, status: Manifest, resource_version: str | None = None
+        self, namespace: str, name: str, status: Manifest, resource_version: str | None = None, kind: str = KIND
     ) -> Manifest | None:
         """JSON merge patch of the FineTuneJob status; only the keys given are touched.
 
@@ -215,7 +227,7 @@ class Kube:
         if resource_version is not None:
             patch["metadata"] = {"resourceVersion": resource_version}
         return await self._unless_gone(
-            "PATCH", KIND, namespace, name, subresource="status", body=patch, content_type=MERGE_PATCH
+            "PATCH", kind, namespace, name, subresource="status", body=patch, content_type=MERGE_PATCH
         )
 
     async def post_event(self, involved: Manifest, type_: str, reason: str, message: str, now: datetime) -> None:

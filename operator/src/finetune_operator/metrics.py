@@ -16,8 +16,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.metrics import MetricWrapperBase
 
 from finetune_operator.api import FAILURE_REASONS, FineTuneJobStatus
+from finetune_operator.sweep_api import FineTuneSweepStatus
 
 PHASES = ("Pending", "Running", "Suspended", "Stalled", "Succeeded", "EarlyStopped", "Failed")
+SWEEP_TRIAL_STATES = ("running", "succeeded", "pruned", "failed")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 
@@ -70,6 +72,19 @@ class OperatorMetrics:
             ["verb", "kind", "code"],
             registry=r,
         )
+        self.sweep_trials = Gauge(
+            "finetune_sweep_trials",
+            "Trials of a FineTuneSweep by state (running, succeeded, pruned, failed).",
+            [*per_job, "state"],
+            registry=r,
+        )
+        self.sweep_best_value = Gauge(
+            "finetune_sweep_best_value",
+            "Best objective value of a FineTuneSweep's trials.",
+            [*per_job, "metric"],
+            registry=r,
+        )
+        self._sweep_metrics: dict[tuple[str, str], str] = {}
         self._phases: dict[tuple[str, str], str] = {}
         self._metric_names: dict[tuple[str, str], set[str]] = {}
         self._diagnosis_codes: dict[tuple[str, str], set[str]] = {}
@@ -124,6 +139,27 @@ class OperatorMetrics:
             _remove(self.best_metric, (namespace, name, metric))
         for code in self._diagnosis_codes.pop(key, set()):
             _remove(self.diagnosis, (namespace, name, code))
+
+    def observe_sweep(self, namespace: str, name: str, metric_name: str | None, status: FineTuneSweepStatus) -> None:
+        """Refresh a sweep's trial counts and best value (of its objective metric)."""
+        counts = status.trial_counts
+        for state in SWEEP_TRIAL_STATES:
+            self.sweep_trials.labels(namespace, name, state).set(getattr(counts, state))
+        best = status.best_trial
+        metric = self._sweep_metrics.get((namespace, name))
+        if best is not None and metric_name is not None:
+            if metric is not None and metric != metric_name:
+                _remove(self.sweep_best_value, (namespace, name, metric))
+            self.sweep_best_value.labels(namespace, name, metric_name).set(best.value)
+            self._sweep_metrics[(namespace, name)] = metric_name
+
+    def forget_sweep(self, namespace: str, name: str) -> None:
+        """Drop every series of a deleted sweep."""
+        for state in SWEEP_TRIAL_STATES:
+            _remove(self.sweep_trials, (namespace, name, state))
+        metric = self._sweep_metrics.pop((namespace, name), None)
+        if metric is not None:
+            _remove(self.sweep_best_value, (namespace, name, metric))
 
     def record_transitions(
         self, reasons: Iterable[str], status: FineTuneJobStatus, created_seconds_ago: float, first_run: bool = True

@@ -9,11 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 from finetune_operator.api import GROUP, PLURAL
+from finetune_operator.sweep_api import SWEEP_PLURAL
 
 READ = ["get", "list", "watch"]
 
 OPERATOR_RULES: list[dict[str, Any]] = [
-    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": READ},
+    # create: a sweep's trials; patch: the stop annotations with which a sweep prunes one.
+    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": [*READ, "create", "patch"]},
+    {"apiGroups": [GROUP], "resources": [SWEEP_PLURAL], "verbs": READ},
+    {"apiGroups": [GROUP], "resources": [f"{SWEEP_PLURAL}/status"], "verbs": ["get", "patch"]},
+    {"apiGroups": [GROUP], "resources": [f"{SWEEP_PLURAL}/finalizers"], "verbs": ["update"]},
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
     # Children carry `blockOwnerDeletion: true`; setting it needs `update` on the owner's finalizers
     # where the OwnerReferencesPermissionEnforcement admission plugin runs (OpenShift, the local tests).

@@ -39,6 +39,10 @@ WAITING = (OWNERSHIP_CONFLICT, CREATE_FAILED)
 """Stalled reasons that end by themselves when the obstacle goes."""
 EARLY_STOPPED = "EarlyStopped"
 USER_REQUESTED = "UserRequested"
+PRUNED = "Pruned"
+"""Stop reason and Complete reason of a sweep trial its sweep judged unpromising."""
+STOP_REASON_ANNOTATION = "finetune.dev/stop-reason"
+"""Set by a sweep beside ``finetune.dev/stop-requested: "true"``: Pruned (anything else is a user's stop)."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +204,8 @@ def _stop_request(job: FineTuneJob, status: FineTuneJobStatus, now: datetime) ->
     if status.early_stopping is not None and status.early_stopping.triggered:
         return StopRequest(reason=EARLY_STOPPED, message=status.early_stopping.reason or "", requested_time=now)
     if job.metadata.annotations.get(STOP_ANNOTATION, "").lower() == "true":
+        if job.metadata.annotations.get(STOP_REASON_ANNOTATION) == PRUNED:
+            return StopRequest(reason=PRUNED, message="its sweep judged it unpromising", requested_time=now)
         return StopRequest(reason=USER_REQUESTED, message=f"annotation {STOP_ANNOTATION}=true", requested_time=now)
     return None
 
@@ -212,8 +218,8 @@ def _completion_reason(stop: StopRequest | None, halted: bool = False) -> tuple[
         )
     if stop is None:
         return "Succeeded", "training finished"
-    if stop.reason == EARLY_STOPPED:
-        return EARLY_STOPPED, stop.message
+    if stop.reason in (EARLY_STOPPED, PRUNED):
+        return stop.reason, stop.message
     return "Stopped", f"stopped on request: {stop.message}"
 
 

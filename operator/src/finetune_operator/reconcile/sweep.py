@@ -24,7 +24,13 @@ from optuna.trial import TrialState
 
 from finetune_operator.api import API_VERSION, KIND, FineTuneJobSpec
 from finetune_operator.reconcile.children import MANAGED_BY, MANAGED_BY_LABEL, job_label_value
-from finetune_operator.reconcile.status import Event, set_condition
+from finetune_operator.reconcile.status import (
+    PRUNED,
+    STOP_ANNOTATION,
+    STOP_REASON_ANNOTATION,
+    Event,
+    set_condition,
+)
 from finetune_operator.sweep_api import (
     MAX_TRIALS,
     PARAMETERS_ANNOTATION,
@@ -45,10 +51,6 @@ from finetune_operator.sweep_api import (
 
 Manifest = dict[str, Any]
 
-PRUNED = "Pruned"
-"""Complete reason of a trial the sweep stopped as unpromising (through the stop-request path)."""
-STOP_REASON_ANNOTATION = "finetune.dev/stop-reason"
-"""Set with ``finetune.dev/stop-requested: "true"`` by a sweep: the reason of the stop request (Pruned)."""
 GOAL_REACHED = "GoalReached"
 MAX_TRIALS_REACHED = "MaxTrialsReached"
 SEARCH_SPACE_EXHAUSTED = "SearchSpaceExhausted"
@@ -89,6 +91,10 @@ class SweepDecision:
     prune: list[str] = field(default_factory=list)
     """Running trials to ask to stop with reason Pruned."""
     events: list[Event] = field(default_factory=list)
+
+
+PRUNE_ANNOTATIONS = {STOP_ANNOTATION: "true", STOP_REASON_ANNOTATION: PRUNED}
+"""What a sweep writes on a trial to prune it: the stop-request path of every FineTuneJob, reason Pruned."""
 
 
 def trial_name(sweep_name: str, index: int) -> str:
