@@ -7,7 +7,7 @@ import copy
 import json
 from typing import Any
 
-from finetune_operator.sweep_api import PARAMETERS_ANNOTATION, SWEEP_LABEL
+from finetune_operator.sweep_api import PARAMETERS_ANNOTATION, SWEEP_LABEL, TRIAL_INDEX_LABEL
 from tests.cli.jobs import T0, condition, job
 
 Manifest = dict[str, Any]
@@ -92,8 +92,8 @@ def trial_status(phase: str, value: float | None) -> Manifest:
     if value is None:
         return {"phase": "Failed", "conditions": [condition("Failed", "True", "TrainerError", "exit 1")]}
     evaluations = [
-        {"step": 50, "epoch": 0.5, "metrics": {"loss": 0.6, "accuracy": round(value - 0.05, 4)}},
-        {"step": 100, "epoch": 1.0, "metrics": {"loss": 0.5, "accuracy": value}},
+        {"step": 50, "epoch": 1.0, "metrics": {"loss": 0.6, "accuracy": round(value - 0.05, 4)}},
+        {"step": 100, "epoch": 2.0, "metrics": {"loss": 0.5, "accuracy": value}},
     ]
     status: Manifest = {"phase": phase, "startTime": T0, "evaluations": evaluations}
     if phase == "Pruned":
@@ -101,7 +101,7 @@ def trial_status(phase: str, value: float | None) -> Manifest:
         status["conditions"] = [condition("Complete", "True", "Pruned", "below the median of earlier trials")]
     elif phase == "Succeeded":
         status["conditions"] = [condition("Complete", "True", "Succeeded", "training finished")]
-        status["best"] = {"metric": "accuracy", "value": value, "step": 100, "epoch": 1.0}
+        status["best"] = {"metric": "accuracy", "value": value, "step": 100, "epoch": 2.0}
     else:
         status["conditions"] = [condition("Running", "True", "TrainerRunning", "training")]
     return status
@@ -110,9 +110,9 @@ def trial_status(phase: str, value: float | None) -> Manifest:
 def trial_jobs(sweep_name: str = "tune", namespace: str = "default") -> list[Manifest]:
     """The trial FineTuneJobs, labelled and annotated as the operator does, with their own status."""
     jobs = []
-    for name, phase, value, parameters in TRIALS:
+    for index, (name, phase, value, parameters) in enumerate(TRIALS):
         manifest = job(name.replace("tune", sweep_name, 1), trial_status(phase, value), namespace)
-        manifest["metadata"]["labels"] = {SWEEP_LABEL: sweep_name}
+        manifest["metadata"]["labels"] = {SWEEP_LABEL: sweep_name, TRIAL_INDEX_LABEL: str(index)}
         manifest["metadata"]["annotations"] = {PARAMETERS_ANNOTATION: json.dumps(parameters)}
         jobs.append(manifest)
     return jobs

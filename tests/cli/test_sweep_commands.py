@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from finetune_cli import dashboard
 from finetune_cli.main import main
 from finetune_localcluster.pytest_plugin import LocalCluster
 from finetune_operator.api import GROUP, PLURAL, VERSION
@@ -52,12 +53,13 @@ def _run(local_cluster: LocalCluster, *args: str) -> int:
     return int(exited.value.code or 0)
 
 
-def test_sweep_list_describe_plot_on_the_api_server(
+def test_sweep_list_describe_plot_dashboard_on_the_api_server(
     local_cluster: LocalCluster,
     custom: client.CustomObjectsApi,
     namespace: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _create(custom, SWEEP_PLURAL, namespace, sweep("tune", sweep_status(), namespace))
     _create(custom, SWEEP_PLURAL, namespace, sweep("fresh", None, namespace))
@@ -114,3 +116,13 @@ def test_sweep_list_describe_plot_on_the_api_server(
     assert "4 trials with a accuracy value, 1 pruned" in capsys.readouterr().out
     assert _run(local_cluster, "sweep", "plot", "fresh", "-n", namespace, "-o", str(tmp_path / "none.png")) == 1
     assert not (tmp_path / "none.png").exists()
+
+    served: list[tuple[int, str, int]] = []
+    monkeypatch.setattr(
+        dashboard,
+        "serve",
+        lambda storage, host, port: served.append((len(storage.get_all_studies()), host, port)),
+    )
+    assert _run(local_cluster, "sweep", "dashboard", "tune", "-n", namespace, "--port", "8123") == 0
+    assert served == [(1, "127.0.0.1", 8123)]
+    assert "5 trials replayed" in capsys.readouterr().out

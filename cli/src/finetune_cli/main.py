@@ -227,6 +227,24 @@ def cmd_sweep_plot(kube: k.Kube, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep_dashboard(kube: k.Kube, args: argparse.Namespace) -> int:
+    # Optuna and optuna-dashboard take seconds to import: only this command pays for them.
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    from finetune_cli.dashboard import replay, serve  # noqa: PLC0415
+
+    namespace = _namespace(kube, args)
+    try:
+        storage, trials = replay(kube.get_sweep(args.name, namespace), kube.sweep_trials(args.name, namespace))
+    except ValidationError as error:
+        print(f"error: finetunesweep {args.name} cannot be read by this plugin's version: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"finetunesweep {args.name}: {trials} trials replayed (a snapshot; rerun to refresh)")
+    print(f"optuna-dashboard on http://{args.address}:{args.port}/ (Ctrl-C to stop)", flush=True)
+    serve(storage, args.address, args.port)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[k.Kube, argparse.Namespace], int]] = {
     "list": cmd_list,
     "describe": cmd_describe,
@@ -237,6 +255,7 @@ COMMANDS: dict[str, Callable[[k.Kube, argparse.Namespace], int]] = {
     "sweep list": cmd_sweep_list,
     "sweep describe": cmd_sweep_describe,
     "sweep plot": cmd_sweep_plot,
+    "sweep dashboard": cmd_sweep_dashboard,
 }
 
 
@@ -305,8 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _sweep_commands(parent: Any) -> None:
-    """``kubectl finetune sweep list|describe|plot``: the FineTuneSweeps and their trials."""
-    help_ = "FineTuneSweeps: list, describe, plot"
+    """``kubectl finetune sweep list|describe|plot|dashboard``: the FineTuneSweeps and their trials."""
+    help_ = "FineTuneSweeps: list, describe, plot, dashboard"
     sweep = parent.add_parser("sweep", help=help_, description=help_)
     _connection_flags(sweep)
     sub = sweep.add_subparsers(dest="sweep_command", required=True, metavar="COMMAND")
@@ -325,6 +344,9 @@ def _sweep_commands(parent: Any) -> None:
     p.add_argument("-o", "--output", choices=("json", "yaml"), help="print the object instead")
     p = command("plot", "PNG: objective per trial (pruned marked) and each parameter against the objective")
     p.add_argument("-o", "--output", metavar="FILE", help="PNG to write (default NAME-sweep.png)")
+    p = command("dashboard", "replay the sweep into optuna-dashboard, served locally (a snapshot)")
+    p.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
 
 
 ADVISE_HELP = "offline: the best-practice warnings `kubectl apply` would print for a manifest (exit 0 either way)"
