@@ -1,90 +1,64 @@
-"""Sweep scale benchmark: a 300-trial TPE sweep with median pruning and scripted trainers (prints figures;
-asserts nothing).
+"""Sweep scale benchmark: a 300-trial TPE sweep with median pruning and scripted trainers, driven through the
+operator's pure sweep core (prints figures; asserts nothing).
 
     .venv/bin/python benchmarks/sweep_scale.py [--trials 300] [--parallelism 4] [--evaluations 10]
 
-The sweep controller keeps no state between reconciles: each one rebuilds an in-memory Optuna study from
-the trials' statuses (state, parameters, evaluations as intermediate values numbered by absolute
-evaluation), checks the running trials for pruning, and ``ask()``s new trials up to ``parallelism``. Its
-cost therefore grows with the number of trials. This drives that loop with scripted trainers (each trial's
-curve is a fixed function of its parameters plus seeded noise; one evaluation per running trial per
-reconcile) and prints, as the trial count grows: the study rebuild, the pruning checks, ``ask()``, the whole
-reconcile and the time per created trial, and this process's resident memory (RSS).
-
-The rebuild here follows the issue's recipe with Optuna's public API (``create_trial`` + ``add_trials``,
-seeded ``TPESampler`` with its arguments pinned, ``MedianPruner``); it stands in for the controller's own
-engine until the benchmark can drive that directly.
+The sweep controller keeps no state between reconciles: each one observes every trial FineTuneJob, rebuilds
+an in-memory Optuna study from them, asks the pruner about the running ones and ``ask()``s new trials up to
+``parallelism`` (``finetune_operator.reconcile.sweep.decide_sweep``). Its cost therefore grows with the
+number of trials. This runs that core on ``examples/minilm-sweep-tpe.yaml`` (lr, weight decay, freeze
+presets; TPE, median pruning) with ``maxTrials`` raised, against scripted trainers: each reconcile, every
+running trial reports one more evaluation whose accuracy is a fixed function of its parameters plus seeded
+noise; the core's prune and create decisions are applied as the operator would (Complete/Pruned, new trial
+FineTuneJobs). It prints, as the trial count grows: the whole reconcile (observe + decide), the study
+rebuild, the pruning check and one ``ask()`` measured on their own (all in CPU time of this process, so
+that a loaded machine does not inflate them), the size of the sweep's status (what
+etcd stores) and this process's peak resident memory (the core's share of the operator's RSS).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import resource
 import statistics
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
 from typing import Any
 
-import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
-from optuna.trial import TrialState
+import yaml
 
-DISTRIBUTIONS: dict[str, BaseDistribution] = {
-    "lr": FloatDistribution(1e-5, 3e-4, log=True),
-    "decay": CategoricalDistribution([0.0, 0.01, 0.1]),
-    "freeze": CategoricalDistribution(["bottom-2", "bottom-4", "head-only"]),
-}
+from finetune_operator.reconcile.sweep import PRUNED, build_study, decide_sweep, observe_trial, suggest, to_prune
+from finetune_operator.sweep_api import FineTuneSweep
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "minilm-sweep-tpe.yaml"
+T0 = "2026-01-01T00:00:00Z"
 
 
-@dataclass
-class Record:
-    """What a trial FineTuneJob's status gives the controller."""
-
-    params: dict[str, Any]
-    state: TrialState = TrialState.RUNNING
-    evaluations: list[float] = field(default_factory=list)
+def accuracy(params: dict[str, Any], evaluation: int, rng: random.Random) -> float:
+    """Scripted accuracy at an evaluation: best near lr 1e-4 with bottom-2; rises, then plateaus."""
+    quality = 0.9 - 0.08 * abs(math.log10(params["lr"]) + 4) - 0.2 * params["decay"]
+    quality -= {"bottom-2": 0.0, "bottom-4": 0.03, "head-only": 0.1}[params["freeze"]]
+    return quality * (1 - math.exp(-evaluation / 3)) + rng.gauss(0, 0.01)
 
 
-def curve(params: dict[str, Any], n: int, rng: random.Random) -> float:
-    """Scripted accuracy at evaluation ``n``: best near lr 1e-4, freeze bottom-2; rises then plateaus."""
-    quality = (
-        0.9
-        - 0.08 * abs(math.log10(params["lr"]) + 4)
-        - {"bottom-2": 0, "bottom-4": 0.03, "head-only": 0.1}[params["freeze"]]
-    )
-    quality -= 0.2 * params["decay"]
-    return quality * (1 - math.exp(-(n + 1) / 3)) + rng.gauss(0, 0.01)
-
-
-def rebuild(records: list[Record], seed: int, pruner: optuna.pruners.BasePruner) -> optuna.Study:
-    sampler = optuna.samplers.TPESampler(
-        seed=seed,
-        n_startup_trials=10,
-        n_ei_candidates=24,
-        multivariate=False,
-        group=False,
-        constant_liar=True,  # running trials count as "lied" values: parallel asks do not collide
-    )
-    study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
-    study.add_trials(
-        [
-            optuna.trial.create_trial(
-                state=r.state,
-                params=r.params,
-                distributions=DISTRIBUTIONS,
-                value=max(r.evaluations) if r.state == TrialState.COMPLETE else None,
-                intermediate_values=dict(enumerate(r.evaluations)),
-            )
-            for r in records
-        ]
-    )
-    return study
+def condition(type_: str, reason: str) -> dict[str, Any]:
+    return {"type": type_, "status": "True", "reason": reason, "message": "", "lastTransitionTime": T0}
 
 
 def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(action: Callable[[], object]) -> float:
+    start = time.process_time()
+    action()
+    return (time.process_time() - start) * 1000
 
 
 def main() -> None:
@@ -94,57 +68,75 @@ def main() -> None:
     parser.add_argument("--evaluations", type=int, default=10, help="evaluations of a trial that is not pruned")
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    manifest = yaml.safe_load(EXAMPLE.read_text())
+    manifest["metadata"]["uid"] = "bench"
+    manifest["spec"].update(maxTrials=args.trials, parallelism=args.parallelism)
+    manifest["spec"]["objective"].pop("goal", None)  # run the whole budget
+    manifest["spec"]["algorithm"]["seed"] = args.seed
+    sweep = FineTuneSweep.model_validate(manifest)
+    interval = sweep.spec.trial_template.spec.evaluation.interval or 1
     rng = random.Random(args.seed)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1, interval_steps=1)
-    records: list[Record] = []
-    samples: list[tuple[int, float, float, float, float]] = []  # trials, rebuild, prune, ask, reconcile (s)
-    report_at = sorted({n for n in (10, 25, 50, 100, 150, 200, 250, 300, args.trials) if n <= args.trials})
+    bodies: dict[str, dict[str, Any]] = {}
+    reconciles: list[tuple[int, float]] = []  # trials created so far, reconcile ms
+    report_at = [n for n in (10, 25, 50, 100, 150, 200, 250, 300) if n < args.trials] + [args.trials]
     print(
-        f"{'trials':>6} {'rebuild ms':>10} {'prune ms':>9} {'ask ms':>8} {'reconcile ms':>12} "
-        f"{'per new trial ms':>16} {'pruned':>6} {'RSS MiB':>8}"
+        f"{sweep.spec.algorithm.name} + {sweep.spec.pruning.name} pruning, parallelism {args.parallelism}, "
+        f"up to {args.evaluations} evaluations per trial; CPU ms, means over the reconciles since the last row"
     )
-    start = time.perf_counter()
-    while True:
-        t0 = time.perf_counter()
-        study = rebuild(records, args.seed, pruner)
-        t1 = time.perf_counter()
-        frozen = study.get_trials(deepcopy=False)
-        for record, trial in zip(records, frozen, strict=True):  # one evaluation per running trial
-            if record.state != TrialState.RUNNING:
-                continue
-            if record.evaluations and pruner.prune(study, trial):
-                record.state = TrialState.PRUNED
-            elif len(record.evaluations) >= args.evaluations:
-                record.state = TrialState.COMPLETE
-            else:
-                record.evaluations.append(curve(record.params, len(record.evaluations), rng))
-        t2 = time.perf_counter()
-        running = sum(r.state == TrialState.RUNNING for r in records)
-        new = min(args.parallelism - running, args.trials - len(records))
-        for _ in range(new):
-            records.append(Record(study.ask(DISTRIBUTIONS).params))
-        t3 = time.perf_counter()
-        samples.append((len(records), t1 - t0, t2 - t1, t3 - t2, t3 - t0))
-        if not any(r.state == TrialState.RUNNING for r in records) and len(records) >= args.trials:
-            break
-        while report_at and len(records) >= report_at[0]:
-            n = report_at.pop(0)
-            window = [s for s in samples if s[0] > n * 0.8 and s[0] <= n] or samples[-1:]
-            ms = [statistics.mean(s[i] for s in window) * 1000 for i in range(1, 5)]
-            asked = sum(1 for s in window if s[3] > 0) or 1
-            per_trial = sum(s[4] for s in window) * 1000 / max(1, window[-1][0] - window[0][0] + asked)
-            pruned = sum(r.state == TrialState.PRUNED for r in records)
-            print(
-                f"{n:>6} {ms[0]:>10.1f} {ms[1]:>9.1f} {ms[2]:>8.1f} {ms[3]:>12.1f} {per_trial:>16.1f} "
-                f"{pruned:>6} {rss_mib():>8.0f}"
-            )
-    total = time.perf_counter() - start
-    best = max((max(r.evaluations), i) for i, r in enumerate(records) if r.state == TrialState.COMPLETE)
-    counts = {s.name: sum(r.state == s for r in records) for s in (TrialState.COMPLETE, TrialState.PRUNED)}
     print(
-        f"{len(samples)} reconciles in {total:.1f} s ({total / len(records) * 1000:.0f} ms per trial overall); "
-        f"{counts}; best trial t{best[1]:03d} = {best[0]:.4f} {records[best[1]].params}; peak RSS {rss_mib():.0f} MiB"
+        f"{'trials':>6} {'reconcile ms':>12} {'per trial ms':>12} {'rebuild ms':>10} {'prune ms':>8} "
+        f"{'ask ms':>7} {'status KiB':>10} {'pruned':>6} {'RSS MiB':>7}"
+    )
+    started = time.process_time()
+    while True:
+        for body in bodies.values():  # the scripted trainers: one more evaluation each, or finish
+            status = body["status"]
+            if status.get("conditions"):
+                continue
+            evaluations = status.setdefault("evaluations", [])
+            if len(evaluations) >= args.evaluations:
+                best = max(evaluations, key=lambda e: e["metrics"]["accuracy"])
+                status["best"] = {"metric": "accuracy", "value": best["metrics"]["accuracy"], "step": best["step"]}
+                status["conditions"] = [condition("Complete", "Succeeded")]
+                continue
+            n = len(evaluations) + 1
+            params = json.loads(body["metadata"]["annotations"]["finetune.dev/parameters"])
+            evaluations.append({"step": n * interval, "metrics": {"accuracy": accuracy(params, n, rng)}})
+            status["phase"] = "Running"
+        t0 = time.process_time()
+        observed = [t for t in (observe_trial(sweep, b) for b in bodies.values()) if t is not None]
+        decision = decide_sweep(sweep, observed, datetime.now(UTC))
+        reconciles.append((len(bodies), (time.process_time() - t0) * 1000))
+        for name in decision.prune:  # the trainer checkpoints and exits: Complete/Pruned
+            bodies[name]["status"]["conditions"] = [condition("Complete", PRUNED)]
+        for created in decision.create:
+            bodies[created["metadata"]["name"]] = {**created, "status": {}}
+        sweep.status = decision.status
+        finished = decision.status.phase in ("Complete", "Failed")
+        if report_at and (len(bodies) >= report_at[0] or finished):
+            n = report_at.pop(0)
+            while report_at and len(bodies) >= report_at[0]:
+                report_at.pop(0)
+            window = [ms for count, ms in reconciles if count >= n * 0.8] or [reconciles[-1][1]]
+            created_in_window = max(1, len(bodies) - min(c for c, _ in reconciles if c >= n * 0.8))
+            rebuild = timed(partial(build_study, sweep, observed))
+            prune = timed(partial(to_prune, sweep, observed))
+            ask = timed(partial(suggest, sweep, observed, [len(observed)]))
+            size = len(json.dumps(decision.status.model_dump(mode="json", by_alias=True, exclude_none=True))) / 1024
+            print(
+                f"{len(bodies):>6} {statistics.mean(window):>12.1f} {sum(window) / created_in_window:>12.1f} "
+                f"{rebuild:>10.1f} {prune:>8.1f} {ask:>7.1f} {size:>10.1f} "
+                f"{decision.status.trial_counts.pruned:>6} {rss_mib():>7.0f}"
+            )
+        if finished:
+            break
+    total = time.process_time() - started
+    best = decision.status.best_trial
+    print(
+        f"{len(reconciles)} reconciles in {total:.1f} s; {decision.status.phase} "
+        f"({decision.status.message}); counts {decision.status.trial_counts.model_dump()}; "
+        f"best {best.name if best else '-'} = {best.value if best else float('nan'):.4f} "
+        f"{best.parameters if best else ''}; peak RSS {rss_mib():.0f} MiB"
     )
 
 
