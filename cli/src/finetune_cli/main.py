@@ -40,20 +40,23 @@ def _now() -> datetime:
 
 def cmd_list(kube: k.Kube, args: argparse.Namespace) -> int:
     namespace = None if args.all_namespaces else _namespace(kube, args)
-    items = kube.list_jobs(namespace)
-    if args.output in ("json", "yaml"):
-        _dump({"apiVersion": "v1", "kind": "List", "items": items, "metadata": {"resourceVersion": ""}}, args.output)
-        return 0
+    jobs = [parse_job(o) for o in _listed(kube.list_jobs(namespace), namespace, args.output)]
+    if jobs and args.output == "name":
+        print("\n".join(f"finetunejob.finetune.dev/{j.name}" for j in jobs))
+    elif jobs:
+        print(list_table(jobs, _now(), all_namespaces=namespace is None))
+    return 0
+
+
+def _listed(items: list[k.Manifest], namespace: str | None, output: str | None) -> list[k.Manifest]:
+    """What a list command shows as a table: none when it printed them as JSON/YAML, or said there are none."""
+    if output in ("json", "yaml"):
+        _dump({"apiVersion": "v1", "kind": "List", "items": items, "metadata": {"resourceVersion": ""}}, output)
+        return []
     if not items:
         where = "" if namespace is None else f" in {namespace} namespace"
         print(f"No resources found{where}.", file=sys.stderr)
-        return 0
-    jobs = [parse_job(o) for o in items]
-    if args.output == "name":
-        print("\n".join(f"finetunejob.finetune.dev/{j.name}" for j in jobs))
-    else:
-        print(list_table(jobs, _now(), all_namespaces=namespace is None))
-    return 0
+    return items
 
 
 def cmd_describe(kube: k.Kube, args: argparse.Namespace) -> int:
@@ -181,18 +184,10 @@ def cmd_stop(kube: k.Kube, args: argparse.Namespace) -> int:
 
 def cmd_sweep_list(kube: k.Kube, args: argparse.Namespace) -> int:
     namespace = None if args.all_namespaces else _namespace(kube, args)
-    items = kube.list_sweeps(namespace)
-    if args.output in ("json", "yaml"):
-        _dump({"apiVersion": "v1", "kind": "List", "items": items, "metadata": {"resourceVersion": ""}}, args.output)
-        return 0
-    if not items:
-        where = "" if namespace is None else f" in {namespace} namespace"
-        print(f"No resources found{where}.", file=sys.stderr)
-        return 0
-    found = [sweeps.parse_sweep(o) for o in items]
-    if args.output == "name":
+    found = [sweeps.parse_sweep(o) for o in _listed(kube.list_sweeps(namespace), namespace, args.output)]
+    if found and args.output == "name":
         print("\n".join(f"finetunesweep.finetune.dev/{s.name}" for s in found))
-    else:
+    elif found:
         print(sweeps.list_table(found, _now(), all_namespaces=namespace is None))
     return 0
 

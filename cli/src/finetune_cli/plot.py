@@ -56,18 +56,14 @@ def curves_figure(job: Job) -> Figure:
 
 
 def _mark_best(ax: Axes, metric: str, value: float, step: int) -> None:
-    (marker,) = ax.plot(
-        [step],
-        [value],
-        linestyle="none",
-        marker="*",
-        markersize=15,
-        color="crimson",
-        zorder=5,
-        label=f"best {metric} {num(value)} @ step {step}",
-    )
-    marker.set_gid(BEST_GID)
+    _star(ax, step, value, f"best {metric} {num(value)} @ step {step}")
     ax.axvline(step, color="crimson", linestyle=":", linewidth=1)
+
+
+def _star(ax: Axes, x: float, y: float, label: str) -> None:
+    """The best point: a crimson star, findable by its ``gid``."""
+    (marker,) = ax.plot([x], [y], linestyle="none", marker="*", markersize=15, color="crimson", zorder=5, label=label)
+    marker.set_gid(BEST_GID)
 
 
 def save_png(fig: Figure, path: Path) -> None:
@@ -117,17 +113,7 @@ def sweep_figure(sweep: Sweep, rows: Sequence[Trial]) -> Figure:
         so_far.append(better(so_far[-1], v) if so_far else v)
     ax.step([index[t.name] for t, _ in scored], so_far, where="post", color="tab:green", alpha=0.6, label="best so far")
     best, best_value = better(scored, key=lambda tv: tv[1])
-    (star,) = ax.plot(
-        [index[best.name]],
-        [best_value],
-        linestyle="none",
-        marker="*",
-        markersize=15,
-        color="crimson",
-        zorder=5,
-        label=f"best {best.name}: {num(best_value)}",
-    )
-    star.set_gid(BEST_GID)
+    _star(ax, index[best.name], best_value, f"best {best.name}: {num(best_value)}")
     if sweep.goal is not None:
         ax.axhline(sweep.goal, color="crimson", linestyle=":", linewidth=1, label=f"goal {num(sweep.goal)}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
