@@ -12,7 +12,7 @@ service-account token.
     fake_trainer.py forger     once asked to stop, tries to forge the operator's status keys; saves the answers
     fake_trainer.py quick S    reports every 5 s for S seconds, then finishes (many at once: chaos runs)
     fake_trainer.py paced      trains 60 steps in ~30 s, evaluating every 10 and serving /metrics
-    fake_trainer.py sweep      6 evaluations in ~3 s whose accuracy grows with hyperparameters.weightDecay
+    fake_trainer.py sweep      6 evaluations in ~2 s whose accuracy grows with hyperparameters.weightDecay
                                (a sweep's parameter); stops when asked, as a pruned trial must
 """
 
@@ -246,7 +246,7 @@ def sweep(config: dict[str, Any]) -> int:
         if stop_requested():
             print(f"stop requested at evaluation {number}: saving and exiting", flush=True)
             return 0
-        time.sleep(0.4)
+        time.sleep(0.25)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from finetune_operator.api import FineTuneJobStatus
 from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.sweep_api import BestTrial, FineTuneSweepStatus, TrialCounts
 
 
 def _count(metrics: OperatorMetrics) -> float:
@@ -17,3 +18,19 @@ def test_time_to_running_is_observed_once_not_on_every_resume() -> None:
     metrics.record_transitions(["TrainerRunning"], running, 30.0, first_run=True)
     metrics.record_transitions(["TrainerRunning"], running, 3600.0, first_run=False)  # resumed an hour later
     assert _count(metrics) == 1
+
+
+def test_sweep_series_follow_the_sweep_and_go_with_it() -> None:
+    metrics = OperatorMetrics()
+    status = FineTuneSweepStatus(
+        trial_counts=TrialCounts(total=5, running=1, succeeded=2, pruned=1, failed=1),
+        best_trial=BestTrial(name="s-t001", value=0.91),
+    )
+    metrics.observe_sweep("ns", "s", "accuracy", status)
+    sample = metrics.registry.get_sample_value
+    assert sample("finetune_sweep_trials", {"namespace": "ns", "name": "s", "state": "pruned"}) == 1
+    assert sample("finetune_sweep_trials", {"namespace": "ns", "name": "s", "state": "succeeded"}) == 2
+    assert sample("finetune_sweep_best_value", {"namespace": "ns", "name": "s", "metric": "accuracy"}) == 0.91
+    metrics.forget_sweep("ns", "s")
+    assert sample("finetune_sweep_trials", {"namespace": "ns", "name": "s", "state": "pruned"}) is None
+    assert sample("finetune_sweep_best_value", {"namespace": "ns", "name": "s", "metric": "accuracy"}) is None

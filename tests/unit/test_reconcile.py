@@ -329,6 +329,7 @@ def test_a_sweep_prunes_a_trial_through_the_stop_request_path() -> None:
     ftj.status = decision.status
     done = decide(ftj, Observed(job=ObservedJob(complete=True)), NOW)
     assert conditions(done.status)["Complete"] == ("True", "Pruned")
+    assert done.status.phase == "Pruned"
     # The trainer honours a stop request whatever its reason.
     assert stop_request_of({"status": done.status.to_wire()}) == {
         "reason": "Pruned",

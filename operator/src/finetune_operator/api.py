@@ -291,7 +291,7 @@ UNSCHEDULABLE = "Unschedulable"
 """Running=False while the pod waits for a node (the scheduler's message)."""
 VERSION_SKEW = "SpecNotUnderstood"
 """A started job whose stored spec this operator version cannot read: its workload is left running."""
-Phase = Literal["Pending", "Running", "Suspended", "Stalled", "Succeeded", "EarlyStopped", "Failed"]
+Phase = Literal["Pending", "Running", "Suspended", "Stalled", "Succeeded", "EarlyStopped", "Pruned", "Failed"]
 
 
 class StatusModel(BaseModel):

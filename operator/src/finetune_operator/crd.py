@@ -129,14 +129,7 @@ SWEEP_PRINTER_COLUMNS: list[dict[str, Any]] = [
         "jsonPath": '.status.conditions[?(@.type=="Complete")].reason',
         "description": "Why the sweep completed: GoalReached, MaxTrialsReached or SearchSpaceExhausted.",
     },
-    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-    {
-        "name": "Message",
-        "type": "string",
-        "priority": 1,
-        "jsonPath": ".status.message",
-        "description": "Latest human-readable summary.",
-    },
+    *PRINTER_COLUMNS[-2:],  # Age and Message
 ]
 
 

@@ -43,7 +43,7 @@ from finetune_operator.reconcile.observe import (
     status_patch,
     workload_essentials,
 )
-from finetune_operator.reconcile.status import Decision, Event, is_finished, not_understood
+from finetune_operator.reconcile.status import Decision, Event, describe_validation, is_finished, not_understood
 
 log = logging.getLogger("finetune_operator")
 Manifest = dict[str, Any]
@@ -90,15 +90,6 @@ def _expected_children(body: Manifest) -> list[tuple[str, str]]:
     if multi_node:
         expected.append(("Service", names.service))
     return expected
-
-
-def _describe_validation(error: ValidationError) -> str:
-    """One line per problem, each naming the field as users wrote it (spec.a.b)."""
-    parts = []
-    for problem in error.errors():
-        location = ".".join(str(p) for p in problem["loc"])
-        parts.append(f"{location}: {problem['msg']}")
-    return "invalid spec: " + "; ".join(parts)
 
 
 class Reconciler:
@@ -289,7 +280,7 @@ class Reconciler:
         except ValidationError as error:
             if is_finished(current):
                 return  # a finished job stays finished, whatever this version makes of its spec
-            message = _describe_validation(error)
+            message = describe_validation(error)
             if current.workload is not None:  # started under another version: never abandoned
                 await self._write(body, current, not_understood(current, message, now), now)
             else:

@@ -18,7 +18,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from finetune_operator.api import FAILURE_REASONS, FineTuneJobStatus
 from finetune_operator.sweep_api import FineTuneSweepStatus
 
-PHASES = ("Pending", "Running", "Suspended", "Stalled", "Succeeded", "EarlyStopped", "Failed")
+PHASES = ("Pending", "Running", "Suspended", "Stalled", "Succeeded", "EarlyStopped", "Pruned", "Failed")
 SWEEP_TRIAL_STATES = ("running", "succeeded", "pruned", "failed")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)

@@ -22,7 +22,7 @@ from finetune_operator.api import GROUP, KIND, VERSION
 from finetune_operator.clients import ApiError, ConflictError, Kube
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.reconcile.children import controller_of, job_label_value
-from finetune_operator.reconcile.status import Event
+from finetune_operator.reconcile.status import Event, describe_validation
 from finetune_operator.reconcile.sweep import (
     PRUNE_ANNOTATIONS,
     SweepDecision,
@@ -36,14 +36,6 @@ log = logging.getLogger("finetune_operator.sweeps")
 Manifest = dict[str, Any]
 Key = tuple[str, str]
 CONFLICT_RETRIES = 5
-
-
-def _describe(error: ValidationError) -> str:
-    parts = []
-    for problem in error.errors():
-        location = ".".join(str(p) for p in problem["loc"])
-        parts.append(f"{location}: {problem['msg']}" if location else problem["msg"])
-    return "invalid spec: " + "; ".join(parts)
 
 
 class SweepReconciler:
@@ -101,7 +93,7 @@ class SweepReconciler:
         try:
             sweep = FineTuneSweep.model_validate({**body, "status": {}})
         except ValidationError as error:
-            decision = invalid_sweep(current, _describe(error), metadata.get("generation"), now)
+            decision = invalid_sweep(current, describe_validation(error), metadata.get("generation"), now)
             await self._write(body, current, decision, now)
             return
         sweep.status = current

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal, Protocol
 
+from pydantic import ValidationError
+
 from finetune_operator.api import (
     CREATE_FAILED,
     EVICTED,
@@ -156,6 +158,15 @@ def set_condition(
     return value
 
 
+def describe_validation(error: ValidationError) -> str:
+    """One line per problem, each naming the field as users wrote it (spec.a.b)."""
+    parts = []
+    for problem in error.errors():
+        location = ".".join(str(p) for p in problem["loc"])
+        parts.append(f"{location}: {problem['msg']}" if location else problem["msg"])
+    return "invalid spec: " + "; ".join(parts)
+
+
 def invalid_spec(job_status: FineTuneJobStatus, message: str, generation: int | None, now: datetime) -> Decision:
     """A spec the API server accepted but the models reject (e.g. an older CRD): fail, create nothing."""
     status = job_status.model_copy(deep=True)
@@ -221,6 +232,11 @@ def _completion_reason(stop: StopRequest | None, halted: bool = False) -> tuple[
     if stop.reason in (EARLY_STOPPED, PRUNED):
         return stop.reason, stop.message
     return "Stopped", f"stopped on request: {stop.message}"
+
+
+def _completion_phase(reason: str) -> Phase:
+    """The printer-column phase of a completed job: how it ended, when it ended early."""
+    return "EarlyStopped" if reason == EARLY_STOPPED else "Pruned" if reason == PRUNED else "Succeeded"
 
 
 def _failure(observed: ObservedJob, pods: tuple[ObservedPod, ...]) -> tuple[str, str]:
@@ -356,7 +372,7 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
 
     if workload is not None and workload.complete:
         reason, message = _completion_reason(stop)
-        return finish("EarlyStopped" if reason == EARLY_STOPPED else "Succeeded", "Complete", reason, message)
+        return finish(_completion_phase(reason), "Complete", reason, message)
     if workload is not None and workload.failed_condition:
         reason, message = _failure(workload, observed.pods)
         return finish("Failed", "Failed", reason, message)
@@ -383,7 +399,7 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
         # running yet (a pending pod), so the stop simply took effect.
         halted = now - stop.requested_time >= timedelta(seconds=job.spec.stop_grace_period_seconds)
         reason, message = _completion_reason(stop, halted=halted)
-        return finish("EarlyStopped" if stop.reason == EARLY_STOPPED else "Succeeded", "Complete", reason, message)
+        return finish(_completion_phase(stop.reason), "Complete", reason, message)
 
     suspended = job.spec.suspend and stop is None
     if suspended or any(c.type == "Suspended" for c in status.conditions):  # no Resumed on a never-suspended job
