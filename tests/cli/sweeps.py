@@ -97,7 +97,7 @@ def trial_status(phase: str, value: float | None) -> Manifest:
     ]
     status: Manifest = {"phase": phase, "startTime": T0, "evaluations": evaluations}
     if phase == "Pruned":
-        status["phase"] = "EarlyStopped"
+        status["phase"] = "Pruned"
         status["conditions"] = [condition("Complete", "True", "Pruned", "below the median of earlier trials")]
     elif phase == "Succeeded":
         status["conditions"] = [condition("Complete", "True", "Succeeded", "training finished")]

@@ -1,45 +1,36 @@
 """The shipped FineTuneSweep examples: valid sweeps, and every trial they can create is a valid FineTuneJob
 without advice.
 
-Grid examples are checked trial by trial (the whole product); the others at each range's ends and
-every categorical choice or preset, one parameter at a time, on top of the template. The trials are
-built by the operator's own ``trial_spec``.
+Grid examples are checked trial by trial (the whole product, enumerated by the operator's ``grid``); the
+others at each range's ends and every categorical choice or preset, one parameter at a time, on top of the
+template. The trials are built by the operator's own ``trial_spec``.
 """
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from finetune_operator.api import FineTuneJobSpec
-from finetune_operator.sweep_api import FineTuneSweep, FineTuneSweepSpec, Parameter, choices, trial_spec
+from finetune_operator.reconcile.sweep import grid
+from finetune_operator.sweep_api import FineTuneSweep, FineTuneSweepSpec, choices, trial_spec
 from finetune_trainer.advice import advise
 from tests.manifests import SWEEP_EXAMPLES, example
 
 
-def _values(parameter: Parameter, grid: bool) -> list[Any]:
-    """The values the test tries: the whole grid axis, or a range's two ends."""
-    domain = parameter.float_range or parameter.int_range
-    if domain is None:
-        return choices(parameter)
-    if not grid:
-        return [domain.min, domain.max]
-    assert domain.step is not None, f"{parameter.name}: a grid needs a step"
-    count = int((domain.max - domain.min) // domain.step) + 1
-    return [domain.min + i * domain.step for i in range(count)]
-
-
 def _trials(spec: FineTuneSweepSpec) -> list[dict[str, Any]]:
-    grid = spec.algorithm.name == "grid"
-    axes = [[(p.name, v) for v in _values(p, grid)] for p in spec.parameters]
-    if grid:
-        combos = [dict(c) for c in itertools.product(*axes)]
+    """A grid's every combination (as the operator enumerates it); else each range's ends and every choice."""
+    if spec.algorithm.name == "grid":
+        combos = grid(spec)
         assert len(combos) <= spec.max_trials, "maxTrials cuts the grid short: it never reaches SearchSpaceExhausted"
         return combos
-    return [{name: value} for axis in axes for name, value in axis]
+    trials: list[dict[str, Any]] = []
+    for p in spec.parameters:
+        domain = p.float_range or p.int_range
+        trials += [{p.name: v} for v in ([domain.min, domain.max] if domain is not None else choices(p))]
+    return trials
 
 
 @pytest.mark.parametrize("path", SWEEP_EXAMPLES, ids=lambda p: p.name)
