@@ -292,11 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str, named: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
-        _connection_flags(p)
-        if named:
-            p.add_argument("name", help="FineTuneJob name")
-        return p
+        return _subcommand(sub, name, help, "FineTuneJob" if named else None)
 
     p = command("list", "table of FineTuneJobs with phase, progress and best metric", named=False)
     p.add_argument("-A", "--all-namespaces", action="store_true", help="list across all namespaces")
@@ -318,6 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subcommand(sub: Any, name: str, help: str, kind: str | None) -> argparse.ArgumentParser:
+    """A subcommand with kubectl's connection flags and, when ``kind`` is given, the object's name."""
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
+    _connection_flags(p)
+    if kind is not None:
+        p.add_argument("name", help=f"{kind} name")
+    return p
+
+
 def _sweep_commands(parent: Any) -> None:
     """``kubectl finetune sweep list|describe|plot|dashboard``: the FineTuneSweeps and their trials."""
     help_ = "FineTuneSweeps: list, describe, plot, dashboard"
@@ -326,11 +331,7 @@ def _sweep_commands(parent: Any) -> None:
     sub = sweep.add_subparsers(dest="sweep_command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str, named: bool = True) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
-        _connection_flags(p)
-        if named:
-            p.add_argument("name", help="FineTuneSweep name")
-        return p
+        return _subcommand(sub, name, help, "FineTuneSweep" if named else None)
 
     p = command("list", "table of FineTuneSweeps: state, trials, best value", named=False)
     p.add_argument("-A", "--all-namespaces", action="store_true", help="list across all namespaces")
