@@ -15,7 +15,14 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def _examples(kind: str) -> list[Path]:
+    return [p for p in sorted((ROOT / "examples").glob("*.yaml")) if yaml.safe_load(p.read_text())["kind"] == kind]
+
+
+EXAMPLES = _examples("FineTuneJob")
+SWEEP_EXAMPLES = _examples("FineTuneSweep")
 Manifest = dict[str, Any]
 
 

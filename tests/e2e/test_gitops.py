@@ -36,6 +36,7 @@ from finetune_localcluster import gitops_harness
 from finetune_localcluster.cluster import free_port
 from finetune_localcluster.pytest_plugin import LocalCluster
 from tests.e2e.conftest import Jobs, Operator, fake_job
+from tests.e2e.test_sweeps import Sweeps, fake_sweep, finished
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -190,6 +191,8 @@ def scenario(
         }
         for manifest in manifests.values():
             jobs.create(manifest)
+        sweeps = Sweeps(jobs)  # its metrics feed the dashboard's sweep panels
+        sweeps.create(fake_sweep("sweep", tmp, parallelism=2, maxTrials=2))
         waits: dict[str, Callable[[dict[str, Any]], bool]] = {
             "pending": lambda b: (b.get("status") or {}).get("phase") is not None,
             "running": lambda b: _true("Running")(b) and (b["status"].get("progress") or {}).get("step", 0) >= 1,
@@ -204,6 +207,7 @@ def scenario(
         dumps = {phase: jobs.wait(phase, phase, holds, timeout=120) for phase, holds in waits.items()}
         dumps["pending"] = jobs.get("pending")  # still pending after all that time: no node has 64 GPUs
         dumps["running"] = jobs.get("running")
+        sweeps.wait("sweep", "Complete", finished, timeout=120)
 
         # The operator updates its metrics right after each status write: a scrape a little after the last
         # dump sees every transition. (Waiting for every series to be non-zero instead burnt the whole
@@ -322,6 +326,16 @@ def test_every_dashboard_query_returns_series(scenario: Scenario) -> None:
         if s["metric"].get("namespace") == scenario.namespace
     }
     assert best.get("early-stopped") == 0.6
+    trials = {
+        s["metric"]["state"]: float(s["value"][1])
+        for s in by_title["Sweep trials by state"]
+        if s["metric"].get("namespace") == scenario.namespace
+    }
+    assert trials.get("succeeded", 0) + trials.get("pruned", 0) == 2, trials
+    sweep_best = [
+        s for s in by_title["Sweep best objective value"] if s["metric"].get("namespace") == scenario.namespace
+    ]
+    assert [(s["metric"]["name"], s["metric"]["metric"]) for s in sweep_best] == [("sweep", "accuracy")]
 
 
 def test_first_failure_of_a_reason_shows_on_the_dashboard(scenario: Scenario) -> None:

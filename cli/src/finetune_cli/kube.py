@@ -19,6 +19,7 @@ from kubernetes.client.rest import ApiException
 
 from finetune_operator.api import GROUP, PLURAL, VERSION
 from finetune_operator.reconcile.children import JOB_LABEL, job_label_value
+from finetune_operator.sweep_api import SWEEP_LABEL, SWEEP_PLURAL
 
 Manifest = dict[str, Any]
 TRAINER_CONTAINER = "trainer"
@@ -59,26 +60,54 @@ class Kube:
         return client.CoreV1Api(self.api)
 
     def get_job(self, name: str, namespace: str) -> Manifest:
+        return self._get(PLURAL, name, namespace)
+
+    def get_sweep(self, name: str, namespace: str) -> Manifest:
+        return self._get(SWEEP_PLURAL, name, namespace)
+
+    def _get(self, plural: str, name: str, namespace: str) -> Manifest:
         try:
             response = self._custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name, _preload_content=False
+                GROUP, VERSION, namespace, plural, name, _preload_content=False
             )
         except ApiException as error:
             if error.status == 404:
-                raise JobNotFoundError(f'finetunejobs.{GROUP} "{name}" not found in namespace "{namespace}"') from None
+                raise JobNotFoundError(f'{plural}.{GROUP} "{name}" not found in namespace "{namespace}"') from None
             raise
         return cast(Manifest, json.loads(response.data))
 
     def list_jobs(self, namespace: str | None) -> list[Manifest]:
         """Jobs of one namespace, or of all when ``namespace`` is None."""
+        return self._list(PLURAL, namespace, None)
+
+    def list_sweeps(self, namespace: str | None) -> list[Manifest]:
+        return self._list(SWEEP_PLURAL, namespace, None)
+
+    def sweep_trials(self, sweep: str, namespace: str) -> list[Manifest]:
+        """The sweep's trial FineTuneJobs (``kubectl get ftj -l finetune.dev/sweep=NAME``)."""
+        return self._list(PLURAL, namespace, f"{SWEEP_LABEL}={sweep}")
+
+    def _list(self, plural: str, namespace: str | None, label_selector: str | None) -> list[Manifest]:
+        selector = {"label_selector": label_selector} if label_selector else {}
         if namespace is None:
-            response = self._custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, _preload_content=False)
+            response = self._custom.list_cluster_custom_object(
+                GROUP, VERSION, plural, _preload_content=False, **selector
+            )
         else:
             response = self._custom.list_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, _preload_content=False
+                GROUP, VERSION, namespace, plural, _preload_content=False, **selector
             )
         items = cast(list[Manifest], json.loads(response.data)["items"])
         return sorted(items, key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"]))
+
+    def events(self, kind: str, name: str, namespace: str) -> list[Manifest]:
+        """Core events about one object (what ``kubectl describe`` shows at the bottom)."""
+        response = self._core.list_namespaced_event(
+            namespace,
+            field_selector=f"involvedObject.kind={kind},involvedObject.name={name}",
+            _preload_content=False,
+        )
+        return cast(list[Manifest], json.loads(response.data)["items"])
 
     def annotate(self, name: str, namespace: str, annotations: dict[str, str]) -> None:
         self._custom.patch_namespaced_custom_object(

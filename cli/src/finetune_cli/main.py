@@ -1,6 +1,6 @@
 """``kubectl finetune``: the commands. Thin: read through ``kube``, render through ``render``/``plot``.
 
-Exit codes: 0 success; 1 error (and, for ``watch``, a Failed job); 2 no such FineTuneJob
+Exit codes: 0 success; 1 error (and, for ``watch``, a Failed job); 2 no such FineTuneJob or FineTuneSweep
 (argparse also uses 2 for usage errors).
 """
 
@@ -22,8 +22,10 @@ from kubernetes.config import ConfigException
 from urllib3.exceptions import HTTPError
 
 from finetune_cli import kube as k
+from finetune_cli import sweeps
 from finetune_cli.render import describe, final_line, list_table, outcome, parse_job, progress_line
 from finetune_operator.reconcile.status import STOP_ANNOTATION
+from finetune_operator.sweep_api import SWEEP_KIND
 from finetune_trainer.advice import advise
 from finetune_trainer.config import load_spec
 from finetune_trainer.errors import TrainerError
@@ -38,20 +40,23 @@ def _now() -> datetime:
 
 def cmd_list(kube: k.Kube, args: argparse.Namespace) -> int:
     namespace = None if args.all_namespaces else _namespace(kube, args)
-    items = kube.list_jobs(namespace)
-    if args.output in ("json", "yaml"):
-        _dump({"apiVersion": "v1", "kind": "List", "items": items, "metadata": {"resourceVersion": ""}}, args.output)
-        return 0
+    jobs = [parse_job(o) for o in _listed(kube.list_jobs(namespace), namespace, args.output)]
+    if jobs and args.output == "name":
+        print("\n".join(f"finetunejob.finetune.dev/{j.name}" for j in jobs))
+    elif jobs:
+        print(list_table(jobs, _now(), all_namespaces=namespace is None))
+    return 0
+
+
+def _listed(items: list[k.Manifest], namespace: str | None, output: str | None) -> list[k.Manifest]:
+    """What a list command shows as a table: none when it printed them as JSON/YAML, or said there are none."""
+    if output in ("json", "yaml"):
+        _dump({"apiVersion": "v1", "kind": "List", "items": items, "metadata": {"resourceVersion": ""}}, output)
+        return []
     if not items:
         where = "" if namespace is None else f" in {namespace} namespace"
         print(f"No resources found{where}.", file=sys.stderr)
-        return 0
-    jobs = [parse_job(o) for o in items]
-    if args.output == "name":
-        print("\n".join(f"finetunejob.finetune.dev/{j.name}" for j in jobs))
-    else:
-        print(list_table(jobs, _now(), all_namespaces=namespace is None))
-    return 0
+    return items
 
 
 def cmd_describe(kube: k.Kube, args: argparse.Namespace) -> int:
@@ -177,6 +182,64 @@ def cmd_stop(kube: k.Kube, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep_list(kube: k.Kube, args: argparse.Namespace) -> int:
+    namespace = None if args.all_namespaces else _namespace(kube, args)
+    found = [sweeps.parse_sweep(o) for o in _listed(kube.list_sweeps(namespace), namespace, args.output)]
+    if found and args.output == "name":
+        print("\n".join(f"finetunesweep.finetune.dev/{s.name}" for s in found))
+    elif found:
+        print(sweeps.list_table(found, _now(), all_namespaces=namespace is None))
+    return 0
+
+
+def cmd_sweep_describe(kube: k.Kube, args: argparse.Namespace) -> int:
+    namespace = _namespace(kube, args)
+    obj = kube.get_sweep(args.name, namespace)
+    if args.output in ("json", "yaml"):
+        _dump(obj, args.output)
+        return 0
+    trials = kube.sweep_trials(args.name, namespace)
+    events = kube.events(SWEEP_KIND, args.name, namespace)
+    sys.stdout.write(sweeps.describe(sweeps.parse_sweep(obj), trials, events, _now()))
+    return 0
+
+
+def cmd_sweep_plot(kube: k.Kube, args: argparse.Namespace) -> int:
+    from finetune_cli.plot import NothingToPlotError, save_png, sweep_figure  # noqa: PLC0415
+
+    namespace = _namespace(kube, args)
+    sweep = sweeps.parse_sweep(kube.get_sweep(args.name, namespace))
+    rows = sweeps.trials(sweep, kube.sweep_trials(args.name, namespace))
+    try:
+        fig = sweep_figure(sweep, rows)
+    except NothingToPlotError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    path = Path(args.output or f"{sweep.name}-sweep.png")
+    save_png(fig, path)
+    scored = [t for t in rows if t.value is not None]
+    print(f"wrote {path} ({len(scored)} trials with a {sweep.metric} value, {sum(t.pruned for t in scored)} pruned)")
+    return 0
+
+
+def cmd_sweep_dashboard(kube: k.Kube, args: argparse.Namespace) -> int:
+    # Optuna and optuna-dashboard take seconds to import: only this command pays for them.
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    from finetune_cli.dashboard import replay, serve  # noqa: PLC0415
+
+    namespace = _namespace(kube, args)
+    try:
+        storage, trials = replay(kube.get_sweep(args.name, namespace), kube.sweep_trials(args.name, namespace))
+    except ValidationError as error:
+        print(f"error: finetunesweep {args.name} cannot be read by this plugin's version: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"finetunesweep {args.name}: {trials} trials replayed (a snapshot; rerun to refresh)")
+    print(f"optuna-dashboard on http://{args.address}:{args.port}/ (Ctrl-C to stop)", flush=True)
+    serve(storage, args.address, args.port)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[k.Kube, argparse.Namespace], int]] = {
     "list": cmd_list,
     "describe": cmd_describe,
@@ -184,6 +247,10 @@ COMMANDS: dict[str, Callable[[k.Kube, argparse.Namespace], int]] = {
     "plot": cmd_plot,
     "logs": cmd_logs,
     "stop": cmd_stop,
+    "sweep list": cmd_sweep_list,
+    "sweep describe": cmd_sweep_describe,
+    "sweep plot": cmd_sweep_plot,
+    "sweep dashboard": cmd_sweep_dashboard,
 }
 
 
@@ -218,18 +285,14 @@ def _connection_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubectl finetune",
-        description="Follow and inspect FineTuneJobs (finetune.dev/v1alpha1).",
-        epilog="Exit codes: 0 ok, 1 error or (watch) Failed, 2 FineTuneJob not found.",
+        description="Follow and inspect FineTuneJobs and FineTuneSweeps (finetune.dev/v1alpha1).",
+        epilog="Exit codes: 0 ok, 1 error or (watch) Failed, 2 FineTuneJob or FineTuneSweep not found.",
     )
     _connection_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str, named: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
-        _connection_flags(p)
-        if named:
-            p.add_argument("name", help="FineTuneJob name")
-        return p
+        return _subcommand(sub, name, help, "FineTuneJob" if named else None)
 
     p = command("list", "table of FineTuneJobs with phase, progress and best metric", named=False)
     p.add_argument("-A", "--all-namespaces", action="store_true", help="list across all namespaces")
@@ -245,9 +308,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--container", default=k.TRAINER_CONTAINER, help="container (default trainer)")
     p.add_argument("--pod", help="a specific trainer pod (default: the newest)")
     command("stop", "ask the trainer to save and stop (sets the stop annotation)")
+    _sweep_commands(sub)
     p = sub.add_parser("advise", help=ADVISE_HELP, description=ADVISE_HELP)
     p.add_argument("-f", "--filename", required=True, help="FineTuneJob manifest or TrainingSpec (YAML/JSON)")
     return parser
+
+
+def _subcommand(sub: Any, name: str, help: str, kind: str | None) -> argparse.ArgumentParser:
+    """A subcommand with kubectl's connection flags and, when ``kind`` is given, the object's name."""
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
+    _connection_flags(p)
+    if kind is not None:
+        p.add_argument("name", help=f"{kind} name")
+    return p
+
+
+def _sweep_commands(parent: Any) -> None:
+    """``kubectl finetune sweep list|describe|plot|dashboard``: the FineTuneSweeps and their trials."""
+    help_ = "FineTuneSweeps: list, describe, plot, dashboard"
+    sweep = parent.add_parser("sweep", help=help_, description=help_)
+    _connection_flags(sweep)
+    sub = sweep.add_subparsers(dest="sweep_command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, named: bool = True) -> argparse.ArgumentParser:
+        return _subcommand(sub, name, help, "FineTuneSweep" if named else None)
+
+    p = command("list", "table of FineTuneSweeps: state, trials, best value", named=False)
+    p.add_argument("-A", "--all-namespaces", action="store_true", help="list across all namespaces")
+    p.add_argument("-o", "--output", choices=("json", "yaml", "name"), help="output format")
+    p = command("describe", "the search, trials best first (pruned/failed marked), best parameters, conditions, events")
+    p.add_argument("-o", "--output", choices=("json", "yaml"), help="print the object instead")
+    p = command("plot", "PNG: objective per trial (pruned marked) and each parameter against the objective")
+    p.add_argument("-o", "--output", metavar="FILE", help="PNG to write (default NAME-sweep.png)")
+    p = command("dashboard", "replay the sweep into optuna-dashboard, served locally (a snapshot)")
+    p.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
 
 
 ADVISE_HELP = "offline: the best-practice warnings `kubectl apply` would print for a manifest (exit 0 either way)"
@@ -278,7 +373,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: cannot load kubeconfig: {error}", file=sys.stderr)
         sys.exit(EXIT_FAILED)
     try:
-        code = COMMANDS[args.command](kube, args)
+        command = f"sweep {args.sweep_command}" if args.command == "sweep" else args.command
+        code = COMMANDS[command](kube, args)
     except k.JobNotFoundError as error:
         print(f"Error from server (NotFound): {error}", file=sys.stderr)
         code = EXIT_NOT_FOUND
