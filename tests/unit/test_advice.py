@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import itertools
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import yaml
 from finetune_cli.main import cmd_advise
 from finetune_operator.advice_policy import CHART_POLICY_FILE, POLICY_FILE, build_policy, render_policy
 from finetune_operator.api import FineTuneJob
+from finetune_operator.reconcile import diagnosis
 from finetune_trainer.advice import RULES, admission_expression, advise
 from tests.advice_cases import CASES, Case, manifest
 from tests.manifests import EXAMPLES, baseline, example
@@ -130,3 +133,12 @@ def test_cli_advise_says_why_there_is_no_layer_map(source: str, why: str, tmp_pa
     last = out.getvalue().splitlines()[-1]
     assert last.startswith("Layer map: not shown: ") and why in last, last
     assert last.endswith("run `finetune-trainer --config FILE --plan` where the model is")
+
+
+def test_docs_list_every_warning_and_diagnosis() -> None:
+    """docs/advice.md is the reference users read: a rule or a diagnosis without its row there fails here."""
+    docs = (ROOT / "docs" / "advice.md").read_text()
+    rows = {line.split("|")[1].strip() for line in docs.splitlines() if line.startswith("| `")}
+    assert {f"`{rule.field}`" for rule in RULES} <= rows
+    codes = set(re.findall(r'code="(\w+)"', inspect.getsource(diagnosis)))
+    assert len(codes) >= 6 and {f"`{code}`" for code in codes} <= rows, codes
