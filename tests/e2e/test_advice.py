@@ -4,18 +4,15 @@ with the real trainer diverging and overfitting a tiny model on purpose."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client
 
-from finetune_localcluster import build
 from finetune_localcluster.pytest_plugin import LocalCluster
+from tests.cli.plugin import kubectl_finetune
 from tests.e2e.conftest import Jobs, fake_job, real_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -93,17 +90,7 @@ def test_real_trainer_memorising_noise_is_diagnosed_overfitting(
     assert "Overfitting" in [d["code"] for d in status.get("diagnosis", [])], curve
     jobs.wait("memorise", "the diagnosis event", lambda _: "Overfitting" in jobs.events("memorise"), timeout=30)
 
-    kubectl = build.ensure(log=False).path("kubectl")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env["KUBECONFIG"] = str(local_cluster.kubeconfig)
-    described = subprocess.run(
-        [str(kubectl), "finetune", "describe", "memorise", "-n", jobs.namespace],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    described = kubectl_finetune(local_cluster, "describe", "memorise", "-n", jobs.namespace)
     assert described.returncode == 0, described.stderr
     diagnosis = described.stdout.split("Diagnosis:\n", 1)[-1]
     assert "Warning Overfitting: validation loss rose" in diagnosis, described.stdout
