@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune_cli.main import cmd_advise
+from finetune_cli.main import cmd_advise, main
 from finetune_operator.advice_policy import CHART_POLICY_FILE, POLICY_FILE, build_policy, render_policy
 from finetune_operator.api import FineTuneJob
 from finetune_operator.reconcile import diagnosis
@@ -142,3 +142,12 @@ def test_docs_list_every_warning_and_diagnosis() -> None:
     assert {f"`{rule.field}`" for rule in RULES} <= rows
     codes = set(re.findall(r'code="(\w+)"', inspect.getsource(diagnosis)))
     assert len(codes) >= 6 and {f"`{code}`" for code in codes} <= rows, codes
+
+
+def test_cli_advise_no_layer_map_skips_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(baseline()))
+    with pytest.raises(SystemExit) as exited:
+        main(["advise", "-f", str(path), "--no-layer-map"])
+    assert exited.value.code == 0
+    assert "Layer map" not in capsys.readouterr().out
