@@ -3,9 +3,16 @@ and the integration test (the generated ValidatingAdmissionPolicy on a real API 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import yaml
+
+from finetune_localcluster.pytest_plugin import LocalCluster
+from finetune_operator.advice_policy import POLICY_NAME, build_policy
 from tests.manifests import Manifest, baseline
 
 
@@ -87,3 +94,35 @@ def manifest(case: Case) -> Manifest:
     m = baseline(f"advice-{case.id}"[:63])
     case.edit(m)
     return m
+
+
+def apply_dry_run(cluster: LocalCluster, namespace: str, m: Manifest) -> tuple[int, str]:
+    """``kubectl apply --dry-run=server``: (exit code, stderr, where the ``Warning:`` lines are)."""
+    m = {**m, "metadata": {**m["metadata"], "namespace": namespace}}
+    res = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump(m), check=False)
+    return res.returncode, res.stderr
+
+
+def warning_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("Warning:")]
+
+
+@contextmanager
+def advice_policy_bound(cluster: LocalCluster, namespace: str) -> Iterator[None]:
+    """The generated advice policy, bound to ``namespace`` alone (the rest of the suite never sees it), in force."""
+    policy, binding = copy.deepcopy(build_policy())
+    name = f"{POLICY_NAME}-{namespace}"
+    policy["metadata"]["name"] = binding["metadata"]["name"] = binding["spec"]["policyName"] = name
+    binding["spec"]["matchResources"] = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
+    }
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([policy, binding]))
+    probe = manifest(next(c for c in CASES if c.reason == "HighLearningRate"))
+    deadline = time.monotonic() + 60
+    while not warning_lines(apply_dry_run(cluster, namespace, probe)[1]):
+        assert time.monotonic() < deadline, "the advice policy never took effect"
+        time.sleep(0.5)
+    try:
+        yield
+    finally:
+        cluster.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", name, check=False)

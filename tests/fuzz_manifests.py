@@ -3,12 +3,16 @@
 Each case is judged three ways: pydantic (``FineTuneJobSpec``), the real API server (a dry-run
 create with the CRD and its CEL rules) and, when accepted, the operator's pure core (children
 rendered and a status decided). The two validators must agree, and the core must never raise.
+With ``advised`` (the advice policy bound to the namespace), the API server's warnings must be
+exactly the ones ``kubectl finetune advise`` prints for the same spec: the CEL and Python forms of
+each rule agree, and a rule never rejects a valid spec nor fails to evaluate on it.
 Shared by the test (a few hundred seeded cases) and ``benchmarks/manifest_fuzz.py`` (more).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,6 +26,7 @@ from pydantic import ValidationError
 from finetune_operator.api import GROUP, PLURAL, VERSION, FineTuneJob, FineTuneJobSpec
 from finetune_operator.crd import _COPIED_KEYWORDS, build_crd
 from finetune_operator.reconcile import Observed, ObservedJob, Settings, decide, desired_children
+from finetune_trainer.advice import RULES, advise
 
 Schema = dict[str, Any]
 _KEYWORDS = (
@@ -75,24 +80,45 @@ class Verdicts:
     cases: int = 0
     accepted: int = 0
     rejected: int = 0
+    warned: int = 0
     disagreements: list[str] = field(default_factory=list)
     crashes: list[str] = field(default_factory=list)
 
 
-def _api_verdict(api: client.ApiClient, namespace: str, manifest: Schema) -> tuple[bool, str, Schema | None]:
+_WARNING = re.compile(r'^\d{3} \S+ "(?P<text>(?:[^"\\]|\\.)*)"')
+"""One RFC 7234 ``Warning`` header value as the API server sends it: ``299 - "text"``."""
+_ADVICE_MESSAGES = {rule.message for rule in RULES}
+
+
+def _advice_warnings(headers: Any) -> set[str]:
+    """The advice rules' messages among the response's ``Warning`` headers."""
+    values = headers.getlist("Warning") if hasattr(headers, "getlist") else [headers.get("Warning") or ""]
+    texts = [re.sub(r"\\(.)", r"\1", m["text"]) for v in values if v and (m := _WARNING.match(v))]
+    return {message for message in _ADVICE_MESSAGES if any(text.endswith(message) for text in texts)}
+
+
+def _api_verdict(api: client.ApiClient, namespace: str, manifest: Schema) -> tuple[bool, str, Schema | None, set[str]]:
     try:
-        created = client.CustomObjectsApi(api).create_namespaced_custom_object(
+        created, _, headers = client.CustomObjectsApi(api).create_namespaced_custom_object_with_http_info(
             GROUP, VERSION, namespace, PLURAL, manifest, dry_run="All"
         )
     except client.ApiException as error:
         if error.status not in (400, 422):
             raise
-        return False, json.loads(error.body).get("message", ""), None
-    return True, "", created
+        return False, json.loads(error.body).get("message", ""), None, set()
+    return True, "", created, _advice_warnings(headers)
 
 
-def judge(api: client.ApiClient, namespace: str, spec: Schema, verdicts: Verdicts, note: Callable[[str], None]) -> None:
-    """One case: pydantic and the API server agree; an accepted job renders and decides without raising."""
+def judge(
+    api: client.ApiClient,
+    namespace: str,
+    spec: Schema,
+    verdicts: Verdicts,
+    note: Callable[[str], None],
+    advised: bool = False,
+) -> None:
+    """One case: pydantic and the API server agree; an accepted job renders and decides without raising; with
+    ``advised``, the policy's warnings are advise()'s."""
     verdicts.cases += 1
     manifest = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob", "metadata": {"name": "fuzz"}, "spec": spec}
     try:
@@ -100,7 +126,7 @@ def judge(api: client.ApiClient, namespace: str, spec: Schema, verdicts: Verdict
         pydantic_ok, pydantic_error = True, ""
     except ValidationError as error:
         pydantic_ok, pydantic_error = False, str(error).splitlines()[0]
-    api_ok, api_error, created = _api_verdict(api, namespace, manifest)
+    api_ok, api_error, created, warned = _api_verdict(api, namespace, manifest)
     if pydantic_ok != api_ok:
         verdicts.disagreements.append(
             f"pydantic {'accepts' if pydantic_ok else 'rejects'} ({pydantic_error}), API server "
@@ -118,6 +144,14 @@ def judge(api: client.ApiClient, namespace: str, spec: Schema, verdicts: Verdict
         desired_children(job, Settings())
         decide(job, Observed(job=None), NOW)
         decide(job, Observed(job=ObservedJob(active=1)), NOW)
+        advised_here = {a.message for a in advise(job.spec)}
     except Exception as error:
         verdicts.crashes.append(f"{type(error).__name__}: {error}: {json.dumps(spec)[:1500]}")
         note(verdicts.crashes[-1])
+        return
+    verdicts.warned += bool(warned)
+    if advised and warned != advised_here:
+        verdicts.disagreements.append(
+            f"the advice policy warns {sorted(warned)}, advise() {sorted(advised_here)}: {json.dumps(spec)[:1500]}"
+        )
+        note(verdicts.disagreements[-1])

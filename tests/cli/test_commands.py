@@ -7,9 +7,6 @@ subresource), which is exactly what the plugin reads.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +23,7 @@ from finetune_localcluster.pytest_plugin import LocalCluster
 from finetune_operator.api import GROUP, PLURAL, VERSION
 from finetune_operator.reconcile.status import STOP_ANNOTATION
 from tests.cli.jobs import condition, early_stopped_status, failed_status, job, running_status
+from tests.cli.plugin import kubectl_finetune
 
 pytestmark = pytest.mark.integration
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -236,19 +234,7 @@ def test_kubectl_finds_the_plugin_on_path(
     local_cluster: LocalCluster, custom: client.CustomObjectsApi, namespace: str
 ) -> None:
     """``kubectl finetune`` runs the installed ``kubectl-finetune`` script, which honours $KUBECONFIG."""
-    from finetune_localcluster import build
-
     _create(custom, namespace, "viaplugin", running_status())
-    kubectl = build.ensure(log=False).path("kubectl")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env["KUBECONFIG"] = str(local_cluster.kubeconfig)
-    res = subprocess.run(
-        [str(kubectl), "finetune", "list", "-n", namespace],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    res = kubectl_finetune(local_cluster, "list", "-n", namespace)
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines()[1].split()[:3] == ["viaplugin", "Running", "50%"]

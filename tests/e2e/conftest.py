@@ -22,6 +22,7 @@ from finetune_localcluster.kubeconfig import service_account_kubeconfig
 from finetune_localcluster.pytest_plugin import LocalCluster
 from finetune_operator.api import GROUP, PLURAL, VERSION
 from finetune_operator.rbac import cluster_role
+from tests.trainer import tiny
 
 FAKE_TRAINER = Path(__file__).with_name("fake_trainer.py")
 
@@ -223,3 +224,47 @@ def fake_job(name: str, image: str, tmp: Path, **spec: Any) -> dict[str, Any]:
     }
     body["spec"].update(spec)
     return body
+
+
+def real_job(name: str, **spec: Any) -> dict[str, Any]:
+    """A FineTuneJob for the real trainer on the ``volumes`` claims; ``spec`` sections merge over the defaults."""
+    body: dict[str, Any] = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"source": "pvc://models/tiny-bert", "task": "sequence-classification", "numLabels": 2},
+            "dataset": {"source": "pvc://datasets/sentiment", "validation": "validation.jsonl", "maxSeqLength": 32},
+            "freeze": {"strategy": "bottom-layers", "layers": 1},
+            "hyperparameters": {"learningRate": 1e-3, "batchSize": 8, "epochs": 2, "weightDecay": 0.0},
+            "evaluation": {"strategy": "epoch", "metrics": ["loss", "accuracy"]},
+            "output": {"location": f"pvc://outputs/{name}"},
+        },
+    }
+    for key, value in spec.items():
+        body["spec"][key] = {**body["spec"].get(key, {}), **value} if isinstance(value, dict) else value
+    return body
+
+
+@pytest.fixture
+def volumes(local_cluster: LocalCluster, jobs: Jobs) -> Path:
+    """Claims ``models`` (tiny-bert), ``datasets`` (sentiment, noisy, memorise) and ``outputs`` (returned).
+
+    The local node backs a claim with a host directory and mounts it at /mnt/pvc/<claim>, as the operator asks,
+    so the pvc:// path of a real cluster is the one exercised."""
+    core = client.CoreV1Api(jobs.api)
+    root = local_cluster.state_dir / "volumes" / jobs.namespace
+    for claim in ("models", "datasets", "outputs"):
+        core.create_namespaced_persistent_volume_claim(
+            jobs.namespace,
+            {
+                "metadata": {"name": claim},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+            },
+        )
+    tiny.save_model(root / "models" / "tiny-bert")
+    tiny.write_sentiment(root / "datasets" / "sentiment", n_train=64, n_val=32)
+    tiny.write_sentiment(root / "datasets" / "noisy", n_train=64, n_val=32, noisy=True)
+    # 16 randomly labelled training texts and a disjoint validation split: only memorising lowers the training loss
+    tiny.write_sentiment(root / "datasets" / "memorise", n_train=16, n_val=64, seed=1, noisy=True)
+    return root / "outputs"

@@ -1,15 +1,19 @@
-"""Advice end to end with the real operator and scripted trainers: a diverged trainer fails the job at once
-as Diverged, and a finished job gets its diagnosis in status and as Events."""
+"""Advice end to end with the real operator: a diverged trainer fails the job at once as Diverged, and a finished
+job gets its diagnosis in status, as Events and in `kubectl finetune describe`; first with scripted trainers, then
+with the real trainer diverging and overfitting a tiny model on purpose."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client
 
-from tests.e2e.conftest import Jobs, fake_job
+from finetune_localcluster.pytest_plugin import LocalCluster
+from tests.cli.plugin import kubectl_finetune
+from tests.e2e.conftest import Jobs, fake_job, real_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -40,3 +44,53 @@ def test_early_stopped_job_gets_its_diagnosis(jobs: Jobs, tmp_path: Path) -> Non
     assert "best at step 20 of 1000 planned" in diagnosis[0]["evidence"]
     jobs.wait("diagnosed", "the diagnosis event", lambda _: "EarlyStoppedEarly" in jobs.events("diagnosed"), timeout=30)
     assert jobs.events("diagnosed").count("EarlyStoppedEarly") == 1
+
+
+def test_real_trainer_at_an_absurd_learning_rate_fails_diverged_once(jobs: Jobs, volumes: Path) -> None:
+    """The issue's example, tiny: full fine-tuning at learning rate 10 explodes; one pod, no retry, one line."""
+    jobs.create(
+        real_job(
+            "absurd",
+            freeze={"strategy": "none", "layers": None},
+            hyperparameters={"learningRate": 10, "epochs": 4, "seed": 0},
+            backoffLimit=3,
+        )
+    )
+    failed = jobs.wait_condition("absurd", "Failed", "Diverged", timeout=300)
+    message = _status(failed)["message"]
+    assert "\n" not in message, message
+    rate = r"\(learning rate [\d.e-]+ on the schedule from hyperparameters.learningRate 10\)"
+    assert re.fullmatch(rf"training diverged at step \d+ {rate}: .+; lower hyperparameters.learningRate", message), (
+        message
+    )
+    pods = client.CoreV1Api(jobs.api).list_namespaced_pod(jobs.namespace, label_selector="finetune.dev/job=absurd")
+    assert len(pods.items) == 1, "a diverged run is not retried"
+    job = client.BatchV1Api(jobs.api).read_namespaced_job("absurd-trainer", jobs.namespace)
+    assert (job.status.failed or 0) == 1
+    assert not (volumes / "absurd" / "model").exists(), "a diverged model is never published"
+
+
+def test_real_trainer_memorising_noise_is_diagnosed_overfitting(
+    local_cluster: LocalCluster, jobs: Jobs, volumes: Path
+) -> None:
+    """16 randomly labelled texts, 8 epochs at a constant high learning rate, seeded: the training loss falls while
+    the validation loss (on a disjoint split) rises; `kubectl finetune describe` tells the user so."""
+    jobs.create(
+        real_job(
+            "memorise",
+            dataset={"source": "pvc://datasets/memorise"},
+            freeze={"strategy": "none", "layers": None},
+            hyperparameters={"learningRate": 5e-3, "scheduler": "constant", "batchSize": 4, "epochs": 8, "seed": 0},
+            output={"keepCheckpoints": 1},
+        )
+    )
+    done = jobs.wait_condition("memorise", "Complete", "Succeeded", timeout=300)
+    status = _status(done)
+    curve = [(e["metrics"]["loss"], e.get("trainLoss")) for e in status["evaluations"]]
+    assert "Overfitting" in [d["code"] for d in status.get("diagnosis", [])], curve
+    jobs.wait("memorise", "the diagnosis event", lambda _: "Overfitting" in jobs.events("memorise"), timeout=30)
+
+    described = kubectl_finetune(local_cluster, "describe", "memorise", "-n", jobs.namespace)
+    assert described.returncode == 0, described.stderr
+    diagnosis = described.stdout.split("Diagnosis:\n", 1)[-1]
+    assert "Warning Overfitting: validation loss rose" in diagnosis, described.stdout

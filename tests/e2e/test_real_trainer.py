@@ -10,60 +10,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from kubernetes import client
 
-from finetune_localcluster.pytest_plugin import LocalCluster
-from finetune_operator.api import GROUP, VERSION
-from tests.e2e.conftest import Jobs
-from tests.trainer import tiny
+from tests.e2e.conftest import Jobs, real_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _claim(jobs: Jobs, name: str) -> None:
-    client.CoreV1Api(jobs.api).create_namespaced_persistent_volume_claim(
-        jobs.namespace,
-        {
-            "metadata": {"name": name},
-            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
-        },
-    )
-
-
-def _volume(local_cluster: LocalCluster, jobs: Jobs, claim: str) -> Path:
-    return local_cluster.state_dir / "volumes" / jobs.namespace / claim
-
-
-def _job(name: str, **spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"source": "pvc://models/tiny-bert", "task": "sequence-classification", "numLabels": 2},
-            "dataset": {"source": "pvc://datasets/sentiment", "validation": "validation.jsonl", "maxSeqLength": 32},
-            "freeze": {"strategy": "bottom-layers", "layers": 1},
-            "hyperparameters": {"learningRate": 1e-3, "batchSize": 8, "epochs": 2, "weightDecay": 0.0},
-            "evaluation": {"strategy": "epoch", "metrics": ["loss", "accuracy"]},
-            "output": {"location": f"pvc://outputs/{name}"},
-        },
-    }
-    for key, value in spec.items():
-        body["spec"][key] = {**body["spec"].get(key, {}), **value} if isinstance(value, dict) else value
-    return body
-
-
-@pytest.fixture
-def volumes(local_cluster: LocalCluster, jobs: Jobs) -> Path:
-    for claim in ("models", "datasets", "outputs"):
-        _claim(jobs, claim)
-    tiny.save_model(_volume(local_cluster, jobs, "models") / "tiny-bert")
-    tiny.write_sentiment(_volume(local_cluster, jobs, "datasets") / "sentiment", n_train=64, n_val=32)
-    tiny.write_sentiment(_volume(local_cluster, jobs, "datasets") / "noisy", n_train=64, n_val=32, noisy=True)
-    return _volume(local_cluster, jobs, "outputs")
 
 
 def _exists(jobs: Jobs, name: str) -> bool:
@@ -77,7 +30,7 @@ def _exists(jobs: Jobs, name: str) -> bool:
 
 
 def test_real_trainer_reports_progress_and_completes(jobs: Jobs, volumes: Path) -> None:
-    jobs.create(_job("tiny"))
+    jobs.create(real_job("tiny"))
     running = jobs.wait_condition("tiny", "Running", timeout=120)
     assert running["status"]["workload"]["job"] == "tiny-trainer"
     done = jobs.wait_condition("tiny", "Complete", "Succeeded", timeout=300)
@@ -99,7 +52,7 @@ def test_real_trainer_reports_progress_and_completes(jobs: Jobs, volumes: Path) 
         assert time.monotonic() < deadline, f"the deleted job's children linger: {jobs.children('tiny')}"
         time.sleep(0.5)
     before = (volumes / "tiny" / "result.json").stat().st_mtime
-    jobs.create(_job("tiny"))
+    jobs.create(real_job("tiny"))
     again = jobs.wait_condition("tiny", "Complete", "Succeeded", timeout=300)["status"]
     assert [e["step"] for e in again["evaluations"]] == [8, 16], "the new job trained and evaluated"
     assert (volumes / "tiny" / "result.json").stat().st_mtime > before
@@ -108,7 +61,7 @@ def test_real_trainer_reports_progress_and_completes(jobs: Jobs, volumes: Path) 
 
 def test_real_trainer_early_stops_with_the_best_checkpoint(jobs: Jobs, volumes: Path) -> None:
     jobs.create(
-        _job(
+        real_job(
             "overfit",
             dataset={"source": "pvc://datasets/noisy"},
             freeze={"strategy": "none", "layers": None},

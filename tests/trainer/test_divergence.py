@@ -69,6 +69,7 @@ def test_absurd_learning_rate_exits_diverged_naming_step_and_rate(
     assert len(stderr) == 1, stderr
     assert stderr[0].startswith("finetune-trainer: error: training diverged at step "), stderr
     assert "(learning rate " in stderr[0] and "lower hyperparameters.learningRate" in stderr[0]
+    assert "on the schedule from hyperparameters.learningRate 10)" in stderr[0], "the rate the user wrote, too"
     diverged = [e for e in events if e["event"] == "diverged"]
     assert len(diverged) == 1
     step = diverged[0]["step"]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pytest
 
+from finetune_cli.main import cmd_advise
 from finetune_trainer.cli import main
 from tests.trainer import tiny
 
@@ -48,3 +50,24 @@ def test_plan_with_lora_trains_only_adapters_and_head(
     assert rows["embeddings"].endswith("frozen")
     assert all(v.endswith("partly trains") for k, v in rows.items() if k.startswith("block "))
     assert float(rows["total"].split()[-1].rstrip("%")) < 50
+
+
+def test_advise_prints_the_same_layer_map_when_the_model_is_local(
+    assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`kubectl finetune advise` on a manifest whose model is on this machine: its warnings, then --plan's table."""
+    wire = tiny.spec(
+        assets["bert"], tmp_path / "data", tmp_path / "out", freeze={"strategy": "bottom-layers", "layers": 1}
+    )
+    plan = _plan(wire, tmp_path, capsys)
+    manifest = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "x"}, "spec": wire}
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(manifest))
+    out = io.StringIO()
+    assert cmd_advise(str(path), out, io.StringIO()) == 0
+    lines = out.getvalue().splitlines()
+    heading = lines.index("Layer map (what `finetune-trainer --config FILE --plan` prints):")
+    assert heading > 0 and all(line.startswith(("Warning: ", f"{path}: no advice")) for line in lines[:heading])
+    assert lines[heading + 1 :] == plan
+    assert any(line.startswith("block 1") and line.endswith("trains") for line in plan)
+    assert not (tmp_path / "out").exists(), "advise trains nothing and writes nothing"

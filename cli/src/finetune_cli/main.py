@@ -27,8 +27,9 @@ from finetune_cli.render import describe, final_line, list_table, outcome, parse
 from finetune_operator.reconcile.status import STOP_ANNOTATION
 from finetune_operator.sweep_api import SWEEP_KIND
 from finetune_trainer.advice import advise
-from finetune_trainer.config import load_spec
+from finetune_trainer.config import RuntimeEnv, load_spec, local_path
 from finetune_trainer.errors import TrainerError
+from finetune_trainer.spec import TrainingSpec
 
 EXIT_FAILED = 1
 EXIT_NOT_FOUND = 2
@@ -311,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     _sweep_commands(sub)
     p = sub.add_parser("advise", help=ADVISE_HELP, description=ADVISE_HELP)
     p.add_argument("-f", "--filename", required=True, help="FineTuneJob manifest or TrainingSpec (YAML/JSON)")
+    p.add_argument(
+        "--no-layer-map", action="store_true", help="skip loading the model for its layer map (large local models)"
+    )
     return parser
 
 
@@ -345,10 +349,13 @@ def _sweep_commands(parent: Any) -> None:
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
 
 
-ADVISE_HELP = "offline: the best-practice warnings `kubectl apply` would print for a manifest (exit 0 either way)"
+ADVISE_HELP = (
+    "offline: the best-practice warnings `kubectl apply` would print for a manifest (exit 0 either way), then, when "
+    "the model is on this machine, its layer map and what the freeze policy trains (finetune-trainer --plan)"
+)
 
 
-def cmd_advise(path: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+def cmd_advise(path: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr, layer_map: bool = True) -> int:
     """The same rules as the cluster's warning policy, before anything is applied; 1 only for an invalid spec."""
     try:
         spec = load_spec(path)
@@ -360,13 +367,48 @@ def cmd_advise(path: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr) ->
         print(f"Warning: {item.message}", file=out)
     if not found:
         print(f"{path}: no advice: the spec follows the fine-tuning practices we check", file=out)
+    if layer_map:
+        print_layer_map(spec, out)
     return 0
+
+
+def print_layer_map(spec: TrainingSpec, out: TextIO) -> None:
+    """``finetune-trainer --plan``'s table when the model's files are on this machine; otherwise one line why not.
+
+    Stays offline (a hub model is not downloaded) and imports torch only for a model it can load."""
+    source = spec.model.source
+    env = RuntimeEnv()
+    if source.startswith("hf://"):
+        why = f"model.source {source} is on the Hugging Face Hub and advise stays offline"
+    else:
+        try:
+            env = RuntimeEnv.from_environ()
+            directory = local_path(source, env.pvc_root)
+        except TrainerError as error:
+            why = str(error)
+        else:
+            hint = "; FINETUNE_PVC_ROOT says where the claims are mounted" if source.startswith("pvc://") else ""
+            where = f"model.source {source} is not reachable here ({directory} is not a directory{hint})"
+            why = "" if directory.is_dir() else where
+    if not why:
+        try:
+            from finetune_trainer.plan import print_plan  # noqa: PLC0415  (torch: the trainer's [train] extra)
+        except ImportError as error:
+            why = f"it needs the trainer's torch and transformers (pip install 'finetune-trainer[train]'): {error}"
+    if why:
+        print(f"Layer map: not shown: {why}; run `finetune-trainer --config FILE --plan` where the model is", file=out)
+        return
+    print("Layer map (what `finetune-trainer --config FILE --plan` prints):", file=out)
+    try:
+        print_plan(spec, env, out)
+    except TrainerError as error:
+        print(f"Layer map: not shown: {error}", file=out)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "advise":  # offline: no kubeconfig needed
-        sys.exit(cmd_advise(args.filename))
+        sys.exit(cmd_advise(args.filename, layer_map=not args.no_layer_map))
     try:
         kube = k.Kube.connect(getattr(args, "kubeconfig", None), getattr(args, "context", None))
     except (ConfigException, OSError) as error:

@@ -68,15 +68,17 @@ class DivergenceCallback(TrainerCallback):
         if why is None:
             return
         # Raising leaves the Trainer's loop here: this step is neither evaluated nor saved.
-        rate = logs.get("learning_rate", args.learning_rate)
+        rate = float(logs.get("learning_rate", args.learning_rate))
+        peak = float(args.learning_rate)
+        # the schedule's rate at this step; the user wrote the peak, so name that too when they differ
+        said = f"learning rate {rate:.3g}" + (
+            f" on the schedule from hyperparameters.learningRate {peak:.3g}" if f"{rate:.3g}" != f"{peak:.3g}" else ""
+        )
         removed = self._remove_suspect_checkpoints(self.watch.exploded_since or step)
         self.ctx.log.emit("diverged", step=step, learningRate=rate, message=why, removedCheckpoints=removed)
         if self.ctx.reporter is not None:
             self.ctx.reporter.close()  # send the pending status before the process exits
-        raise DivergedError(
-            f"training diverged at step {step} (learning rate {float(rate):.3g}): {why}; "
-            "lower hyperparameters.learningRate"
-        )
+        raise DivergedError(f"training diverged at step {step} ({said}): {why}; lower hyperparameters.learningRate")
 
     def _remove_suspect_checkpoints(self, since: int) -> list[str]:
         """Checkpoints saved at or after the first exploded log hold diverged weights: never resume from them."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
@@ -67,7 +68,7 @@ def observe_pod(pod: Manifest) -> ObservedPod:
         if terminated:
             exit_code = int(terminated.get("exitCode", 0))
             reason = str(terminated.get("reason", ""))
-            message = str(terminated.get("message", "")).strip()[-2000:]
+            message = trainer_error(str(terminated.get("message", "")))
             finished = _time(terminated.get("finishedAt"))
     if status.get("reason") == EVICTED:  # the kubelet's words (which limit, which pressure) beat the exit code's
         reason, message = EVICTED, str(status.get("message", "")).strip()[-2000:]
@@ -84,6 +85,25 @@ def observe_pod(pod: Manifest) -> ObservedPod:
         terminating=bool(pod["metadata"].get("deletionTimestamp")),
         deletion_deadline=_time(pod["metadata"].get("deletionTimestamp")),
     )
+
+
+def trainer_error(termination_message: str) -> str:
+    """The trainer's own one-line error, when the termination message is a log tail that has one.
+
+    ``terminationMessagePolicy: FallbackToLogsOnError`` hands over the last lines of the log: progress
+    JSON, the error line on stderr, the ``{"event": "error", "message": ...}`` JSON line the trainer
+    emits before exiting. Status shows that message alone; anything else (a crash without one, a
+    runtime's own words) keeps its last 2000 characters."""
+    for line in reversed(termination_message.splitlines()):
+        if not line.startswith("{"):
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "error" and isinstance(event.get("message"), str):
+            return str(event["message"]).strip()
+    return termination_message.strip()[-2000:]
 
 
 def _waiting(status: Manifest) -> tuple[str, str]:
