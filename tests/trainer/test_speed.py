@@ -213,6 +213,20 @@ def _cache_run(
     return AutoModelForSequenceClassification.from_pretrained(str(out / "model")).state_dict(), events
 
 
+def _count_lowest_attention(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, every forward of the tiny BERT's lowest block's attention appends to the returned list."""
+    calls: list[int] = []
+    apply_freeze = run_mod.apply_freeze
+
+    def hooked(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        result = apply_freeze(model, *args, **kwargs)
+        model.bert.encoder.layer[0].attention.register_forward_hook(lambda *_: calls.append(1))
+        return result
+
+    monkeypatch.setattr(run_mod, "apply_freeze", hooked)
+    return calls
+
+
 @pytest.mark.parametrize(
     "freeze",
     [
@@ -230,16 +244,8 @@ def test_the_activation_cache_trains_the_same_weights_and_skips_the_frozen_layer
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """3 epochs with evaluation: the lowest frozen block's attention runs in epoch 1 only (train and validation)."""
-    attention_calls: list[int] = []
-    apply_freeze = run_mod.apply_freeze
-
-    def hooked(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        result = apply_freeze(model, *args, **kwargs)
-        model.bert.encoder.layer[0].attention.register_forward_hook(lambda *_: attention_calls.append(1))
-        return result
-
     plain, _ = _cache_run(tmp_path, assets, "plain", freeze, capsys)
-    monkeypatch.setattr(run_mod, "apply_freeze", hooked)
+    attention_calls = _count_lowest_attention(monkeypatch)
     cached, events = _cache_run(tmp_path, assets, "cached", {**freeze, "cacheActivations": True}, capsys)
     report = next(e for e in events if e["event"] == "freeze")["activationCache"]
     assert report["enabled"] and report["examples"] == 96 + 48 and report["estimatedBytes"] > 0
@@ -323,17 +329,9 @@ def test_an_activation_cache_over_the_memory_budget_spills_to_disk_and_trains_th
     import numpy as np
 
     freeze = {"strategy": "bottom-layers", "layers": 1}
-    attention_calls: list[int] = []
-    apply_freeze = run_mod.apply_freeze
-
-    def hooked(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        result = apply_freeze(model, *args, **kwargs)
-        model.bert.encoder.layer[0].attention.register_forward_hook(lambda *_: attention_calls.append(1))
-        return result
-
     plain, _ = _cache_run(tmp_path, assets, "plain", freeze, capsys)
     monkeypatch.setattr(run_mod, "memory_budget", lambda: 1000)
-    monkeypatch.setattr(run_mod, "apply_freeze", hooked)
+    attention_calls = _count_lowest_attention(monkeypatch)
     cached, events = _cache_run(tmp_path, assets, "spilled", {**freeze, "cacheActivations": True}, capsys)
     report = next(e for e in events if e["event"] == "freeze")["activationCache"]
     directory = tmp_path / "spilled" / "cache" / "activations" / "rank-0"
@@ -354,16 +352,8 @@ def test_a_resumed_run_reuses_the_activations_its_predecessor_spilled_to_disk(
     """Epoch 1 fills the disk cache and checkpoints; the resumed run (epochs 2-3) never runs the frozen block."""
     from tests.trainer.helpers import of, train
 
-    attention_calls: list[int] = []
-    apply_freeze = run_mod.apply_freeze
-
-    def hooked(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        result = apply_freeze(model, *args, **kwargs)
-        model.bert.encoder.layer[0].attention.register_forward_hook(lambda *_: attention_calls.append(1))
-        return result
-
     monkeypatch.setattr(run_mod, "memory_budget", lambda: 1000)
-    monkeypatch.setattr(run_mod, "apply_freeze", hooked)
+    attention_calls = _count_lowest_attention(monkeypatch)
 
     def wire(epochs: int) -> dict[str, Any]:
         return tiny.spec(
