@@ -9,7 +9,9 @@ positions are masked out of attention and loss, so their values do not matter). 
 position embeddings, the trainable blocks, the head — runs as usual.
 
 Examples are told apart by an index column the collator turns into a tensor (``IndexedCollator``); validation
-examples get their own range. Each rank caches the examples it sees. The cache lives in memory when it fits half of
+examples get their own range. Each rank caches the examples it sees (the distributed sampler deals examples to
+ranks anew each epoch, so under several ranks a batch replays only once its rank has seen all of its examples:
+a per-rank fixed shard is still to do). The cache lives in memory when it fits half of
 the memory to spare; otherwise on disk next to the checkpoints (``DiskStore``: one memory-mapped float32 array of
 every example's rows, end to end), where a restart finds what the run before it had filled and reuses it. Gradual
 unfreezing that thaws a frozen block drops the cache.
