@@ -213,6 +213,20 @@ def _cache_run(
     return AutoModelForSequenceClassification.from_pretrained(str(out / "model")).state_dict(), events
 
 
+def _count_lowest_attention(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, every forward of the tiny BERT's lowest block's attention appends to the returned list."""
+    calls: list[int] = []
+    apply_freeze = run_mod.apply_freeze
+
+    def hooked(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        result = apply_freeze(model, *args, **kwargs)
+        model.bert.encoder.layer[0].attention.register_forward_hook(lambda *_: calls.append(1))
+        return result
+
+    monkeypatch.setattr(run_mod, "apply_freeze", hooked)
+    return calls
+
+
 @pytest.mark.parametrize(
     "freeze",
     [
@@ -230,16 +244,8 @@ def test_the_activation_cache_trains_the_same_weights_and_skips_the_frozen_layer
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """3 epochs with evaluation: the lowest frozen block's attention runs in epoch 1 only (train and validation)."""
-    attention_calls: list[int] = []
-    apply_freeze = run_mod.apply_freeze
-
-    def hooked(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        result = apply_freeze(model, *args, **kwargs)
-        model.bert.encoder.layer[0].attention.register_forward_hook(lambda *_: attention_calls.append(1))
-        return result
-
     plain, _ = _cache_run(tmp_path, assets, "plain", freeze, capsys)
-    monkeypatch.setattr(run_mod, "apply_freeze", hooked)
+    attention_calls = _count_lowest_attention(monkeypatch)
     cached, events = _cache_run(tmp_path, assets, "cached", {**freeze, "cacheActivations": True}, capsys)
     report = next(e for e in events if e["event"] == "freeze")["activationCache"]
     assert report["enabled"] and report["examples"] == 96 + 48 and report["estimatedBytes"] > 0
@@ -287,3 +293,96 @@ def test_an_activation_cache_that_would_not_fit_in_memory_is_not_built(tmp_path:
     assert cache is not None and report["enabled"] and report["estimatedBytes"] > 1000
     assert indexed.train["example_index"] == list(range(96))
     assert indexed.validation is not None and indexed.validation["example_index"] == list(range(96, 144))
+
+
+def test_a_disk_store_trusts_only_what_was_persisted_for_the_same_key(tmp_path: Path) -> None:
+    from finetune_trainer.activation_cache import DiskStore
+
+    lengths = [3, 1, 2]
+    first, last = torch.randn(3, 4), torch.randn(2, 4)
+    store = DiskStore(tmp_path / "rank-0", lengths, 4, "key")
+    store.put(0, first)
+    store.persist()
+    store.put(2, last)  # written but not yet recorded: a kill now must not make a restart trust it
+    again = DiskStore(tmp_path / "rank-0", lengths, 4, "key")
+    assert again.reused == 1 and 0 in again and 2 not in again and 1 not in again
+    torch.testing.assert_close(again.get(0), first)
+    with pytest.raises(ValueError, match="attends 2 tokens, not its 1"):
+        again.put(1, torch.zeros(2, 4))
+    other = DiskStore(tmp_path / "rank-0", lengths, 4, "another model or data")
+    assert other.reused == 0 and 0 not in other
+    other.put(1, torch.ones(1, 4))
+    other.put(0, first)
+    other.put(2, last)  # the last example: recorded without waiting for a checkpoint
+    assert DiskStore(tmp_path / "rank-0", lengths, 4, "another model or data").reused == 3
+    other.clear()
+    assert not (tmp_path / "rank-0").exists()
+
+
+def test_an_activation_cache_over_the_memory_budget_spills_to_disk_and_trains_the_same_weights(
+    tmp_path: Path,
+    assets: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A forced-small memory budget: the cache goes next to the checkpoints, the frozen block runs in epoch 1 only."""
+    import numpy as np
+
+    freeze = {"strategy": "bottom-layers", "layers": 1}
+    plain, _ = _cache_run(tmp_path, assets, "plain", freeze, capsys)
+    monkeypatch.setattr(run_mod, "memory_budget", lambda: 1000)
+    attention_calls = _count_lowest_attention(monkeypatch)
+    cached, events = _cache_run(tmp_path, assets, "spilled", {**freeze, "cacheActivations": True}, capsys)
+    report = next(e for e in events if e["event"] == "freeze")["activationCache"]
+    directory = tmp_path / "spilled" / "cache" / "activations" / "rank-0"
+    assert report["storage"] == "disk" and report["location"] == str(directory)
+    header = 128  # the .npy header before the float32 rows
+    assert report["reusedExamples"] == 0
+    assert report["estimatedBytes"] == (directory / "activations.npy").stat().st_size - header
+    assert np.load(directory / "filled.npy").all()
+    assert not [e for e in events if e["event"] == "warning" and "activation" in e["message"]]
+    assert len(attention_calls) == 96 // 16 + 48 // 16, "the frozen layers ran again after the first epoch"
+    for name, value in plain.items():
+        torch.testing.assert_close(cached[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_resumed_run_reuses_the_activations_its_predecessor_spilled_to_disk(
+    tmp_path: Path, assets: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Epoch 1 fills the disk cache and checkpoints; the resumed run (epochs 2-3) never runs the frozen block."""
+    from tests.trainer.helpers import of, train
+
+    monkeypatch.setattr(run_mod, "memory_budget", lambda: 1000)
+    attention_calls = _count_lowest_attention(monkeypatch)
+
+    def wire(epochs: int) -> dict[str, Any]:
+        return tiny.spec(
+            assets["bert"],
+            assets["sentiment"],
+            tmp_path / "out",
+            freeze={"strategy": "bottom-layers", "layers": 1, "cacheActivations": True},
+            hyperparameters={"learningRate": 1e-2, "batchSize": 16, "epochs": epochs, "seed": 0, "dropout": 0.0},
+            output={"location": str(tmp_path / "out"), "checkpointIntervalSteps": 96 // 16},
+        )
+
+    result, _ = train(wire(1))
+    assert result.exit_code == 0 and len(attention_calls) == 96 // 16 + 48 // 16
+    attention_calls.clear()
+    result, events = train(wire(3))
+    assert result.exit_code == 0 and of(events, "resume")[0]["step"] == 96 // 16
+    assert of(events, "freeze")[0]["activationCache"]["reusedExamples"] == 96 + 48
+    assert attention_calls == [], "the resumed run computed the frozen prefix again"
+
+
+@pytest.mark.parametrize(("kind", "task"), [("bert", "sequence-classification"), ("llama", "causal-lm")])
+def test_attention_runs_on_sdpa_where_the_model_supports_it(
+    kind: str, task: str, assets: dict[str, Path], tmp_path: Path
+) -> None:
+    from finetune_trainer.config import RuntimeEnv
+    from finetune_trainer.models import load_model, resolve_source
+    from finetune_trainer.spec import TrainingSpec
+
+    wire = tiny.spec(assets[kind], assets["sentiment"], tmp_path, task=task)
+    spec = TrainingSpec.model_validate(wire).model
+    model = load_model(spec, resolve_source(spec, RuntimeEnv.from_environ({})))
+    assert model.config._attn_implementation == "sdpa"

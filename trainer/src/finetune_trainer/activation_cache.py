@@ -9,25 +9,38 @@ positions are masked out of attention and loss, so their values do not matter). 
 position embeddings, the trainable blocks, the head — runs as usual.
 
 Examples are told apart by an index column the collator turns into a tensor (``IndexedCollator``); validation
-examples get their own range. Each rank caches the examples it sees. The cache lives in memory; a restart
-recomputes it during its first epoch. Gradual unfreezing that thaws a frozen block drops the cache.
+examples get their own range. Each rank caches the examples it sees (the distributed sampler deals examples to
+ranks anew each epoch, so under several ranks a batch replays only once its rank has seen all of its examples:
+a per-rank fixed shard is still to do). The cache lives in memory when it fits half of
+the memory to spare; otherwise on disk next to the checkpoints (``DiskStore``: one memory-mapped float32 array of
+every example's rows, end to end), where a restart finds what the run before it had filled and reuses it. Gradual
+unfreezing that thaws a frozen block drops the cache.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 from datasets import Dataset
+from datasets.fingerprint import Hasher
 from torch import nn
 
+from finetune_trainer.atomic import atomic_directory, remove_leftovers
 from finetune_trainer.data import PreparedData
 from finetune_trainer.freeze import layer_map
+from finetune_trainer.token_cache import rows_digest
+
+CACHE_DIR = "cache/activations"
+"""Under the output location, next to the checkpoints (and the tokenized data's cache)."""
 
 EXAMPLE_INDEX = "example_index"
 """The column (and batch key) that names an example; popped before the model sees the batch."""
@@ -55,14 +68,137 @@ class IndexedCollator:
         return batch
 
 
+class Store(Protocol):
+    """Where the activations of examples live: each is (attended tokens, hidden) for one example index."""
+
+    def __contains__(self, index: object) -> bool: ...
+
+    def get(self, index: int) -> torch.Tensor: ...
+
+    def put(self, index: int, states: torch.Tensor) -> None: ...
+
+    def persist(self) -> None: ...
+
+    def clear(self) -> None: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+class MemoryStore:
+    """The activations in this process's memory, in the dtype the prefix computed them in."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, torch.Tensor] = {}
+
+    def __contains__(self, index: object) -> bool:
+        return index in self.rows
+
+    def get(self, index: int) -> torch.Tensor:
+        return self.rows[index]
+
+    def put(self, index: int, states: torch.Tensor) -> None:
+        self.rows[index] = states.detach().to("cpu").clone()
+
+    def persist(self) -> None:
+        """Nothing outlives the process."""
+
+    def clear(self) -> None:
+        self.rows.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.rows.values())
+
+
+class DiskStore:
+    """The activations in one memory-mapped float32 file, example after example, each as long as its tokens.
+
+    ``filled.npy`` says which examples are written; it is replaced (atomically, after the array is flushed) by
+    ``persist``, so a restart trusts exactly what was on disk before it. ``meta.json`` holds the key (model,
+    frozen depth, data) the file was computed for: a different key starts the file afresh.
+    """
+
+    def __init__(self, directory: Path, lengths: list[int], hidden: int, key: str) -> None:
+        self.directory = directory
+        self.offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])
+        shape = (int(self.offsets[-1]), hidden)
+        meta = {"key": key, "shape": list(shape), "examples": len(lengths)}
+        if not self._matches(meta):
+            shutil.rmtree(directory, ignore_errors=True)
+            remove_leftovers(directory.parent)
+            with atomic_directory(directory) as tmp:
+                np.lib.format.open_memmap(tmp / "activations.npy", mode="w+", dtype=np.float32, shape=shape).flush()
+                np.save(tmp / "filled.npy", np.zeros(len(lengths), dtype=bool))
+                (tmp / "meta.json").write_text(json.dumps(meta))
+        self.data = np.lib.format.open_memmap(directory / "activations.npy", mode="r+")
+        self.filled: np.ndarray = np.load(directory / "filled.npy")
+        self.reused = int(self.filled.sum())
+        """Examples a previous run had written."""
+        self._dirty = False
+
+    def _matches(self, meta: dict[str, Any]) -> bool:
+        try:
+            found = json.loads((self.directory / "meta.json").read_text())
+            filled = np.load(self.directory / "filled.npy")
+            data = np.lib.format.open_memmap(self.directory / "activations.npy", mode="r")
+        except (OSError, ValueError):
+            return False
+        return bool(found == meta and filled.shape == (meta["examples"],) and list(data.shape) == meta["shape"])
+
+    def __contains__(self, index: object) -> bool:
+        return isinstance(index, int) and bool(self.filled[index])
+
+    def get(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(self.data[self.offsets[index] : self.offsets[index + 1]])
+
+    def put(self, index: int, states: torch.Tensor) -> None:
+        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        if states.shape[0] != end - start:
+            raise ValueError(f"example {index} attends {states.shape[0]} tokens, not its {end - start} tokens")
+        self.data[start:end] = states.detach().to("cpu", torch.float32).numpy()
+        self.filled[index] = True
+        self._dirty = True
+        if self.filled.all():
+            self.persist()
+
+    def persist(self) -> None:
+        """Flush the array, then record which examples it holds (never the other way round)."""
+        if not self._dirty:
+            return
+        self.data.flush()
+        written = self.directory / ".filled.npy.tmp"
+        with written.open("wb") as handle:
+            np.save(handle, self.filled)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(written, self.directory / "filled.npy")
+        self._dirty = False
+
+    def clear(self) -> None:
+        """Remove the files: the cache is no longer valid (its prefix is training)."""
+        del self.data
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.offsets[-1]) * int(self.data.shape[1]) * 4 if hasattr(self, "data") else 0
+
+
 class ActivationCache:
     """Keeps the last frozen block's output per example and replays it instead of running the frozen blocks."""
 
-    def __init__(self, blocks: list[nn.Module], params: list[nn.Parameter], on_drop: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        blocks: list[nn.Module],
+        params: list[nn.Parameter],
+        on_drop: Callable[[str], None],
+        store: Store | None = None,
+    ) -> None:
         self.blocks = blocks
         self.params = params
         self.on_drop = on_drop
-        self.store: dict[int, torch.Tensor] = {}
+        self.store: Store = MemoryStore() if store is None else store
         self.active = True
         self._indices: list[int] | None = None
         self._mask: torch.Tensor | None = None
@@ -74,7 +210,12 @@ class ActivationCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.store.values())
+        return self.store.nbytes
+
+    def persist(self) -> None:
+        """Make what is cached so far durable (a disk store; a checkpoint calls this)."""
+        if self.active:
+            self.store.persist()
 
     def drop(self, why: str) -> None:
         """Forget everything and run the frozen blocks again from now on."""
@@ -118,15 +259,19 @@ class ActivationCache:
             if self._replay and self._mask is not None and self._indices is not None:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 out = torch.zeros_like(hidden)
-                for row, index in enumerate(self._indices):
-                    out[row, self._mask[row]] = self.store[index].to(out.device, out.dtype)
+                # one scatter: the mask's True positions, row by row, are the examples' rows end to end
+                rows = torch.cat([self.store.get(index) for index in self._indices])
+                out[self._mask.to(out.device)] = rows.to(out.device, out.dtype, non_blocking=True)
                 return out
             output = forward(*args, **kwargs)
             if self._indices is not None and self._mask is not None:
                 states = output if isinstance(output, torch.Tensor) else output[0]
-                for row, index in enumerate(self._indices):
-                    if index not in self.store:
-                        self.store[index] = states[row, self._mask[row]].detach().to("cpu").clone()
+                try:
+                    for row, index in enumerate(self._indices):
+                        if index not in self.store:
+                            self.store.put(index, states[row, self._mask[row]])
+                except ValueError as exc:  # e.g. packed rows whose mask does not mark their tokens
+                    self.drop(str(exc))
             return output
 
         return run
@@ -156,10 +301,10 @@ def frozen_prefix(model: nn.Module, block_params: list[list[nn.Parameter]]) -> i
     return count
 
 
-def attach(
-    model: nn.Module, embeddings: tuple[str, ...], blocks: tuple[tuple[str, ...], ...], on_drop: Callable[[str], None]
-) -> ActivationCache | None:
-    """A cache over the frozen embeddings and the blocks frozen whole above them; None when nothing is frozen so."""
+def cached_prefix(
+    model: nn.Module, embeddings: tuple[str, ...], blocks: tuple[tuple[str, ...], ...]
+) -> tuple[list[nn.Module], list[nn.Parameter]] | None:
+    """The frozen embeddings' and whole frozen blocks' (modules, parameters); None when nothing is frozen so."""
     named = dict(model.named_parameters())
     if not embeddings or any(named[name].requires_grad for name in embeddings):
         return None  # trainable embeddings change the prefix's output every step
@@ -168,7 +313,7 @@ def attach(
     if count == 0:
         return None
     params = [named[name] for name in embeddings] + [p for block in block_params[:count] for p in block]
-    return ActivationCache(prefix_blocks(model, block_params[:count]), params, on_drop)
+    return prefix_blocks(model, block_params[:count]), params
 
 
 def memory_budget() -> int | None:
@@ -192,30 +337,54 @@ def install(
     hidden_size: int | None,
     on_drop: Callable[[str], None],
     budget: int | None = None,
+    spill: Path | None = None,
+    identity: str = "",
 ) -> tuple[ActivationCache | None, PreparedData, dict[str, Any]]:
     """Attach a cache to ``model`` and index ``prepared``'s examples; returns what the freeze event reports.
 
-    A cache that would not fit in ``budget`` bytes is not built (training goes on, recomputing the prefix).
+    A cache that would not fit in ``budget`` bytes of memory goes to the directory ``spill`` (when given and the
+    disk has room), keyed by ``identity`` (the model), the frozen depth and the data; otherwise it is not built
+    (training goes on, recomputing the prefix).
     """
     splits = [rows for rows in (prepared.train, prepared.validation) if rows is not None]
-    tokens = sum(len(ids) for rows in splits for ids in rows["input_ids"])
-    estimate = tokens * hidden_size * 4 if hidden_size is not None else None
-    if estimate is not None and budget is not None and estimate > budget:
-        reason = f"the cache would take about {estimate} bytes, more than the {budget} bytes of memory to spare"
-        return None, prepared, {"enabled": False, "reason": reason, "estimatedBytes": estimate}
+    lengths = [len(ids) for rows in splits for ids in rows["input_ids"]]
+    estimate = sum(lengths) * hidden_size * 4 if hidden_size is not None else None
     layers = layer_map(model)
-    cache = attach(model, layers.embeddings, layers.blocks, on_drop)
-    if cache is None:
+    prefix = cached_prefix(model, layers.embeddings, layers.blocks)
+    if prefix is None:
         return None, prepared, {"enabled": False, "reason": "nothing is frozen below the first trainable layer"}
+    blocks, params = prefix
+    report: dict[str, Any] = {"enabled": True, "layers": len(blocks), "examples": len(lengths), "storage": "memory"}
+    store: Store | None = None
+    if estimate is not None and budget is not None and estimate > budget:
+        memory = f"the cache would take about {estimate} bytes, more than the {budget} bytes of memory to spare"
+        room = _disk_room(spill) if spill is not None else 0
+        if spill is None or hidden_size is None or estimate > room:
+            reason = memory if spill is None else f"{memory}, and more than the {room} bytes free on {spill.parent}"
+            return None, prepared, {"enabled": False, "reason": reason, "estimatedBytes": estimate}
+        key = Hasher()
+        for part in (identity, str(len(blocks)), str(hidden_size), *(rows_digest(rows) for rows in splits)):
+            key.update(part)
+        disk = DiskStore(spill, lengths, hidden_size, key.hexdigest())
+        store = disk
+        report.update(storage="disk", location=str(spill), reusedExamples=disk.reused)
+    if estimate is not None:
+        report["estimatedBytes"] = estimate
     train = with_example_index(prepared.train, 0)
     validation = None
     if prepared.validation is not None:
         validation = with_example_index(prepared.validation, len(train))
-    report: dict[str, Any] = {"enabled": True, "layers": len(cache.blocks), "examples": sum(map(len, splits))}
-    if estimate is not None:
-        report["estimatedBytes"] = estimate
     return (
-        cache,
+        ActivationCache(blocks, params, on_drop, store),
         replace(prepared, train=train, validation=validation, collator=IndexedCollator(prepared.collator)),
         report,
     )
+
+
+def _disk_room(directory: Path) -> int:
+    """Bytes free where ``directory`` is (or would be), plus what a previous cache there already holds."""
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    held = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()) if directory.is_dir() else 0
+    return shutil.disk_usage(existing).free + held

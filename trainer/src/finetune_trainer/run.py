@@ -23,6 +23,7 @@ from transformers.utils import logging as hf_logging
 from finetune_trainer import data as data_mod
 from finetune_trainer import exitcodes
 from finetune_trainer.accelerator import require_accelerator
+from finetune_trainer.activation_cache import CACHE_DIR as ACTIVATION_CACHE_DIR
 from finetune_trainer.activation_cache import install as install_activation_cache
 from finetune_trainer.activation_cache import memory_budget
 from finetune_trainer.atomic import atomic_directory, remove_leftovers
@@ -274,9 +275,18 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
     activation_cache, cache_report = None, None
     if spec.freeze.cache_activations:
         hidden = getattr(model.config.get_text_config(), "hidden_size", None)
+        spill = output_dir / ACTIVATION_CACHE_DIR / f"rank-{rank}"
         activation_cache, prepared, cache_report = install_activation_cache(
-            wrapped, prepared, hidden, lambda message: log.emit("warning", message=message), memory_budget()
+            wrapped,
+            prepared,
+            hidden,
+            lambda message: log.emit("warning", message=message),
+            memory_budget(),
+            spill=spill,
+            identity=spec.model.model_dump_json(),
         )
+        if cache_report.get("storage") == "disk":
+            cache_report["location"] = location_uri(spill, spec.output.location, env.pvc_root)
         if activation_cache is None:
             log.emit("warning", message=f"freeze.cacheActivations: not caching: {cache_report['reason']}")
     log.emit(

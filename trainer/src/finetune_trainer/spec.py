@@ -410,8 +410,9 @@ class FreezeSpec(SpecModel):
             "Compute the frozen bottom (embeddings and frozen layers) once per example, in the first epoch, and "
             "feed its cached output to the first trainable layer afterwards (validation too): later epochs skip "
             "the frozen layers. Same results (frozen layers run in eval mode). Text tasks with head-only or "
-            "bottom-layers; held in memory (about tokens x hidden size x 4 bytes, reported in the freeze event); "
-            "gradual unfreezing that thaws a cached layer drops it."
+            "bottom-layers; about tokens x hidden size x 4 bytes (reported in the freeze event), in memory when "
+            "that fits half the memory to spare, otherwise memory-mapped on disk next to the checkpoints, where a "
+            "restart reuses it; gradual unfreezing that thaws a cached layer drops it."
         ),
     )
 

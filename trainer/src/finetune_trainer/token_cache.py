@@ -44,14 +44,19 @@ def cache_key(spec: TrainingSpec, rows: Dataset, processor: Any) -> str:
         hasher.update(Hasher.hash(processor))
     hasher.update(json.dumps(processor.special_tokens_map, sort_keys=True, default=str))
     hasher.update(str(getattr(processor, "chat_template", None)))
-    hasher.update(json.dumps(rows.features.to_dict(), sort_keys=True))
-    table = rows.with_format("arrow")[:].combine_chunks()  # the selected rows (not a shuffle's whole table)
+    hasher.update(rows_digest(rows))
+    key: str = hasher.hexdigest()
+    return key
+
+
+def rows_digest(rows: Dataset) -> str:
+    """Content hash of ``rows``: their features and the selected rows' values (not a shuffle's whole table)."""
+    table = rows.with_format("arrow")[:].combine_chunks()
     sink = pyarrow.BufferOutputStream()
     with pyarrow.ipc.new_stream(sink, table.schema.remove_metadata()) as writer:
         writer.write_table(table.replace_schema_metadata(None))
-    hasher.update(hashlib.sha256(sink.getvalue()).hexdigest())
-    key: str = hasher.hexdigest()
-    return key
+    features = json.dumps(rows.features.to_dict(), sort_keys=True)
+    return hashlib.sha256(features.encode() + sink.getvalue().to_pybytes()).hexdigest()
 
 
 def cached_encode(

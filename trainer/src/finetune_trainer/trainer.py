@@ -53,6 +53,8 @@ class FineTuneTrainer(Trainer):
 
     def write_checkpoint(self, directory: Path, full: bool) -> None:
         """The Trainer's own files, as its ``_save_checkpoint`` writes them; the optimizer etc. only if ``full``."""
+        if self.activation_cache is not None:  # a resume from this checkpoint finds what was cached so far
+            self.activation_cache.persist()
         self.save_model(str(directory), _internal_call=True)
         if full:
             self._save_optimizer_and_scheduler(str(directory))
