@@ -50,8 +50,11 @@ __all__ = ["USE_MOUNT_NAMESPACES", "Agent", "main"]
 class Agent:
     """Registers the Node, heartbeats, and dispatches pods to workers."""
 
-    def __init__(self, api: Rest, state_dir: Path, node_name: str, gpus: int) -> None:
+    def __init__(self, api: Rest, state_dir: Path, node_name: str, gpus: int, secondary: bool = False) -> None:
         self.api = api
+        self.secondary = secondary
+        """One of several nodes, not the first: the cluster-wide services (the ``kubernetes`` Service
+        stand-in, the StorageClass and its provisioner) are the first node's; volumes are shared."""
         self.state_dir = state_dir
         self.node_name = node_name
         self.gpus = gpus
@@ -62,7 +65,8 @@ class Agent:
         self.allocatable = local_capacity(state_dir, gpus)
         self.registration = NodeRegistration(api, node_name, self.allocatable)
         self.provisioner = ClaimProvisioner(api, state_dir)
-        (state_dir / "run" / "pods").mkdir(parents=True, exist_ok=True)
+        self.pids_dir = state_dir / "run" / (f"pods-{node_name}" if secondary else "pods")
+        self.pids_dir.mkdir(parents=True, exist_ok=True)
         self.hosts_file: Path | None = None  # set once the kubernetes Service stand-in listens
         self.api_service: apiservice.Forwarder | None = None
         self.process_runtime = ProcessRuntime()
@@ -80,13 +84,14 @@ class Agent:
             log("no mount namespaces: pods reach the API server by KUBERNETES_SERVICE_HOST only")
             return
         address = apiservice.service_address(self.api.port)
-        try:
-            self.api_service = apiservice.Forwarder(address, (self.api.host, self.api.port))
-        except OSError as e:
-            log(f"cannot listen on {address}:{apiservice.SERVICE_PORT} ({e}): no kubernetes.default.svc in pods")
-            return
+        if not self.secondary:  # the first node's forwarder serves every node's pods (one loopback address)
+            try:
+                self.api_service = apiservice.Forwarder(address, (self.api.host, self.api.port))
+            except OSError as e:
+                log(f"cannot listen on {address}:{apiservice.SERVICE_PORT} ({e}): no kubernetes.default.svc in pods")
+                return
         self.podman_runtime.service_address = address
-        self.hosts_file = apiservice.write_hosts(self.state_dir / "run" / "hosts", address)
+        self.hosts_file = apiservice.write_hosts(self.state_dir / "run" / f"hosts-{self.node_name}", address)
 
     def container_running(self, ns: str, pod: str, container: str) -> bool:
         """Whether a container still runs (``kubectl logs -f`` follows until it stops)."""
@@ -107,7 +112,7 @@ class Agent:
         self.registration.log_port = server.port
 
     def pidfile(self, uid: str, container: str) -> Path:
-        return self.state_dir / "run" / "pods" / f"{uid}_{container}.pid"
+        return self.pids_dir / f"{uid}_{container}.pid"
 
     def forget(self, uid: str) -> None:
         """Drop a finished worker; later (stale) events for its pod must not rerun it."""
@@ -190,7 +195,7 @@ class Agent:
             t.start()
         for t in threads:
             t.join()
-        for f in (self.state_dir / "run" / "pods").glob("*.pid"):
+        for f in self.pids_dir.glob("*.pid"):
             pid = procs.read_pidfile(f)
             if pid is not None:
                 procs.kill_group(pid, 1.0)
@@ -203,8 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kubeconfig", type=Path, required=True)
     p.add_argument("--node-name", default="local-node")
     p.add_argument("--gpus", type=int, default=4)
+    p.add_argument("--secondary", action="store_true", help="not the first node: no cluster-wide services")
     a = p.parse_args(argv)
-    agent = Agent(Rest.from_kubeconfig(a.kubeconfig), a.state_dir.resolve(), a.node_name, a.gpus)
+    agent = Agent(Rest.from_kubeconfig(a.kubeconfig), a.state_dir.resolve(), a.node_name, a.gpus, a.secondary)
 
     def on_term(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
@@ -215,11 +221,12 @@ def main(argv: list[str] | None = None) -> None:
         agent.serve_logs()
         agent.serve_api_service()
         agent.registration.register()
-        agent.provisioner.ensure_storage_class()
         threading.Thread(
             target=agent.registration.heartbeat, args=(agent.stopping,), name="heartbeat", daemon=True
         ).start()
-        threading.Thread(target=agent.provisioner.watch, args=(agent.stopping,), name="claims", daemon=True).start()
+        if not agent.secondary:
+            agent.provisioner.ensure_storage_class()
+            threading.Thread(target=agent.provisioner.watch, args=(agent.stopping,), name="claims", daemon=True).start()
         agent.watch_pods()
     finally:
         log("shutting down: stopping pod processes")

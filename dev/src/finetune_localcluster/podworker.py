@@ -24,7 +24,7 @@ import time
 import traceback
 from typing import TYPE_CHECKING
 
-from . import procs
+from . import poddns, procs
 from .agentlog import log, now
 from .probes import ContainerProbes
 from .projection import NotReadyError, PodProjection
@@ -70,6 +70,22 @@ class PodWorker(threading.Thread):
         self.context = PodContext(self.projection, agent.api.port, agent.state_dir)
 
     # -------------------------------------------------------------- API helpers
+
+    def _resolve_dns(self) -> None:
+        """The pod's cluster DNS names and, for a Job's pods, its rendezvous port (see :mod:`poddns`)."""
+        pod = self.snapshot()
+        if not pod["spec"].get("subdomain") or self.projection.dns_names:
+            return
+        job = poddns.owner_job(pod)
+        completions = None
+        if job is not None:
+            try:
+                found = self.agent.api.get(f"/apis/batch/v1/namespaces/{self.ns}/jobs/{job[0]}")
+                completions = int(found["spec"].get("completions") or 1)
+            except (ApiError, OSError) as e:  # gone or unreadable: the pod's own names still resolve
+                log(f"{self.ns}/{self.pod_name}: cannot read Job {job[0]}: {e}")
+            self.projection.rendezvous_port = poddns.rendezvous_port(job[1])
+        self.projection.dns_names = poddns.host_names(pod, completions)
 
     @property
     def path(self) -> str:
@@ -311,6 +327,7 @@ class PodWorker(threading.Thread):
                 break
             if not self.volumes_ready:
                 try:
+                    self._resolve_dns()
                     self.projection.prepare_volumes(
                         [c.spec for c in self.init + self.main], self.agent.hosts_file, USE_MOUNT_NAMESPACES
                     )

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import podspec
+from . import poddns, podspec
 from .agentlog import log
 from .provisioner import claim_dir
 from .rest import ApiError, Obj, Rest, q
@@ -66,6 +66,10 @@ class PodProjection:
         self.tokens: list[tuple[Path, Obj, float]] = []  # (file, request, refresh_at)
         self.mounts: dict[str, list[Mount]] = {}
         self.binds: dict[str, list[Bind]] = {}
+        self.dns_names: list[str] = []
+        """The pod's cluster DNS names, all 127.0.0.1 (see :mod:`poddns`)."""
+        self.rendezvous_port: int | None = None
+        """MASTER_PORT of this pod's Job on the shared host network (see :mod:`poddns`)."""
 
     # -------------------------------------------------------------- API objects
 
@@ -130,6 +134,9 @@ class PodProjection:
         """Materialise every volume under the pod dir and plan each container's binds (raises
         NotReadyError to retry)."""
         vols: dict[str, Path] = {}
+        pod_hosts = hosts_file
+        if hosts_file is not None and self.dns_names:
+            pod_hosts = poddns.write_hosts(hosts_file, self.dir / "hosts", self.dns_names)
         for v in self.pod()["spec"].get("volumes", []):
             name = v["name"]
             d = self.dir / "volumes" / name
@@ -184,7 +191,7 @@ class PodProjection:
                 mounts.append((str(m["mountPath"]), str(host)))
                 binds.append((str(host), str(m["mountPath"]), bool(m.get("readOnly"))))
             if hosts_file is not None:  # kubernetes.default.svc -> the agent's forwarder
-                binds.append((str(hosts_file), "/etc/hosts", True))
+                binds.append((str(pod_hosts), "/etc/hosts", True))
             # With mount namespaces the volumes are at their real paths, so nothing is rewritten
             # (rewriting would also mangle host paths that merely lie under a mount path, such as
             # a checkout in /tmp when a pod mounts /tmp).
@@ -258,4 +265,6 @@ class PodProjection:
                 val = ""
             if val is not None:
                 env[e["name"]] = podspec.rewrite_paths(val, mounts)
+        if self.rendezvous_port is not None and "MASTER_PORT" in env:
+            env["MASTER_PORT"] = str(self.rendezvous_port)
         return env

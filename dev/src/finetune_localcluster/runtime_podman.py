@@ -36,6 +36,7 @@ class PodmanRuntime:
         hosts = {}
         if self.service_address is not None:
             hosts = dict.fromkeys(apiservice.SERVICE_NAMES, self.service_address)
+        hosts.update(dict.fromkeys(pod.projection.dns_names, "127.0.0.1"))  # see poddns
         argv = self.podman.run_argv(c.podman_name, pod.projection.pod(), c.spec, sorted(env), binds, hosts, image_user)
         return Launch(argv, {**podman_env(), **env}, pod.projection.dir)
 
