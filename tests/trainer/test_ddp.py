@@ -20,6 +20,14 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 
 def torchrun(tmp_path: Path, wire: dict[str, Any], **env: str) -> list[dict[str, Any]]:
     """Run two ranks; return each rank's result (a hang, e.g. ranks stopping at different steps, fails)."""
+    code, output = run_ranks(tmp_path, wire, **env)
+    assert code == 0, output[-3000:]
+    out = Path(wire["output"]["location"])
+    return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def run_ranks(tmp_path: Path, wire: dict[str, Any], **env: str) -> tuple[int, str]:
+    """Two ranks under torchrun: (torchrun's exit code, the tail of their output)."""
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps(wire))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER)]
@@ -34,9 +42,7 @@ def torchrun(tmp_path: Path, wire: dict[str, Any], **env: str) -> list[dict[str,
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
         raise AssertionError(f"the ranks hung:\n{output.decode()[-3000:]}") from None
-    assert process.returncode == 0, output.decode()[-3000:]
-    out = Path(wire["output"]["location"])
-    return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    return process.returncode, output.decode()
 
 
 def test_gradual_unfreezing_keeps_the_ranks_weights_identical(assets: dict[str, Path], tmp_path: Path) -> None:
@@ -58,6 +64,13 @@ def test_gradual_unfreezing_keeps_the_ranks_weights_identical(assets: dict[str, 
     assert not torch.equal(ranks[0][thawed], base[thawed]), "the late-thawed block trained"
     differ = [name for name in ranks[0] if not torch.equal(ranks[0][name], ranks[1][name])]
     assert differ == [], f"the ranks' weights diverged: {differ[:5]}"
+
+    # Resumed where rank 1 cannot see rank 0's checkpoints (storage the nodes do not share): a clear
+    # config error on every rank, not ranks training different step counts into a hang.
+    code, output = run_ranks(tmp_path, wire, PRIVATE_OUTPUT_RANK="1")
+    assert code != 0
+    assert "output.location: the ranks see different checkpoints" in output
+    assert "a multi-node job needs an output location that every node shares" in output
 
 
 def test_one_ranks_early_stop_stops_every_rank(assets: dict[str, Path], tmp_path: Path) -> None:

@@ -25,6 +25,11 @@ def max_across_ranks(value: int, device: torch.device) -> int:
     return int(flag.item())
 
 
+def same_on_every_rank(value: int, device: torch.device) -> bool:
+    """Whether every rank holds the same ``value`` (always, in a single process)."""
+    return max_across_ranks(value, device) == -max_across_ranks(-value, device)
+
+
 def average_gradients(parameters: Sequence[torch.nn.Parameter]) -> None:
     """Average these parameters' gradients across ranks, as DDP does for the ones it registered.
 
