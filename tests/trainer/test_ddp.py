@@ -45,17 +45,22 @@ def run_ranks(tmp_path: Path, wire: dict[str, Any], **env: str) -> tuple[int, st
     return process.returncode, output.decode()
 
 
+def _wire(assets: dict[str, Path], out: Path, **sections: Any) -> dict[str, Any]:
+    """Tiny BERT on 96 examples, 3 epochs of 3 steps (batch 16 per rank, 2 ranks)."""
+    hyperparameters = {"epochs": 3, "batchSize": 16, "learningRate": 1e-2, "seed": 0}
+    wire = tiny.spec(assets["bert"], assets["sentiment"], out, hyperparameters=hyperparameters, **sections)
+    wire["output"] = {"location": str(out)}
+    return wire
+
+
 def test_gradual_unfreezing_keeps_the_ranks_weights_identical(assets: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
-    wire = tiny.spec(
-        assets["bert"],
-        assets["sentiment"],
+    wire = _wire(
+        assets,
         out,
-        hyperparameters={"epochs": 3, "batchSize": 16, "learningRate": 1e-2, "seed": 0},
         freeze={"strategy": "head-only", "gradualUnfreezing": {"startEpoch": 2, "layersPerEpoch": 1}},
         evaluation={"strategy": "no", "metrics": ["loss"]},
     )
-    wire["output"] = {"location": str(out)}
     results = torchrun(tmp_path, wire)
     assert results[0] == results[1]
     ranks = [torch.load(out / f"rank-{rank}.pt") for rank in (0, 1)]
@@ -75,14 +80,7 @@ def test_gradual_unfreezing_keeps_the_ranks_weights_identical(assets: dict[str, 
 
 def test_one_ranks_early_stop_stops_every_rank(assets: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
-    wire = tiny.spec(
-        assets["bert"],
-        assets["sentiment"],
-        out,
-        hyperparameters={"epochs": 3, "batchSize": 16, "learningRate": 1e-2, "seed": 0},
-        earlyStopping={"metric": "accuracy", "patience": 10},
-    )
-    wire["output"] = {"location": str(out)}
+    wire = _wire(assets, out, earlyStopping={"metric": "accuracy", "patience": 10})
     results = torchrun(tmp_path, wire, FORCE_EARLY_STOP_RANK="1")
     steps_per_epoch = 96 // (16 * 2)
     assert [r["finalStep"] for r in results] == [steps_per_epoch] * 2
