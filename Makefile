@@ -11,6 +11,7 @@ PY := $(VENV)/bin/python
 VENV_INPUTS := operator/pyproject.toml trainer/pyproject.toml dev/pyproject.toml cli/pyproject.toml requirements-dev.txt constraints.txt
 VENV_STAMP := $(VENV)/.installed-$(shell cat $(VENV_INPUTS) 2>/dev/null | sha256sum | cut -c1-16)
 PYTEST_ARGS ?=
+NODES ?= 1
 CHART := charts/finetune-operator
 
 .PHONY: help
@@ -107,8 +108,8 @@ controlplane: venv ## build (or reuse the cached) control-plane binaries
 	$(PY) -m finetune_localcluster build
 
 .PHONY: cluster-up
-cluster-up: venv ## start the local control plane + node; kubeconfig path is printed
-	$(PY) -m finetune_localcluster up
+cluster-up: venv ## start the local control plane + NODES nodes (default 1); kubeconfig path is printed
+	$(PY) -m finetune_localcluster up --nodes $(NODES)
 
 .PHONY: cluster-down
 cluster-down: venv ## stop the local control plane

@@ -106,18 +106,22 @@ class Operator:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
 
 
-@pytest.fixture(scope="session")
-def operator(local_cluster: LocalCluster, crd: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
-    """The operator, running with only the permissions the Helm chart grants it."""
-    directory = tmp_path_factory.mktemp("operator")
-    running = Operator(
+def operator_for(cluster: LocalCluster, directory: Path) -> Operator:
+    """The operator for ``cluster`` (not started yet), with only the permissions the Helm chart grants it."""
+    return Operator(
         kubeconfig=service_account_kubeconfig(
-            local_cluster.kubeconfig, cluster_role(), "finetune-system", directory / "operator-kubeconfig.yaml"
+            cluster.kubeconfig, cluster_role(), "finetune-system", directory / "operator-kubeconfig.yaml"
         ),
         log=directory / "operator.log",
         metrics_port=free_port(),
         health_port=free_port(),
     )
+
+
+@pytest.fixture(scope="session")
+def operator(local_cluster: LocalCluster, crd: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    """The operator, running with only the permissions the Helm chart grants it."""
+    running = operator_for(local_cluster, tmp_path_factory.mktemp("operator"))
     running.start()
     try:
         yield running

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     sub = p.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="start the cluster (reuses a running one)")
-    up.add_argument("--gpus", type=int, default=4, help="nvidia.com/gpu capacity of the local node")
+    up.add_argument("--gpus", type=int, default=4, help="nvidia.com/gpu capacity of each local node")
+    up.add_argument("--nodes", type=int, default=1, help="local nodes to register (local-node, local-node-2, ...)")
     up.add_argument("--no-reuse", action="store_true", help="fail if a cluster already runs")
     down = sub.add_parser("down", help="stop every component and pod process")
     down.add_argument("--purge", action="store_true", help="also delete etcd data, pods, volumes and logs")
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     state = (a.state_dir or default_state_dir()).resolve()
     try:
         if a.cmd == "up":
-            c = Cluster(state, gpus=a.gpus).start(reuse=not a.no_reuse)
+            c = Cluster(state, gpus=a.gpus, nodes=a.nodes).start(reuse=not a.no_reuse)
             print(f"export KUBECONFIG={c.kubeconfig}")
         elif a.cmd == "down":
             Cluster(state).stop(purge=a.purge)

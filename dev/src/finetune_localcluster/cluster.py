@@ -39,6 +39,7 @@ from . import build, kubeconfig, pki, procs
 
 # Start order; stop runs in reverse.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "node-agent")
+"""The components of a one-node cluster; a cluster of N nodes adds node-agent-2 ... node-agent-N."""
 NODE_NAME = "local-node"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 CONTROLLERS = [
@@ -102,7 +103,11 @@ class Cluster:
 
     state_dir: Path = field(default_factory=default_state_dir)
     gpus: int = 4
+    """``nvidia.com/gpu`` capacity of each node."""
     node_name: str = NODE_NAME
+    nodes: int = 0
+    """Node agents to run (0: as many as the running cluster has, else 1); nodes after the first are
+    ``<node_name>-2`` ... (see :meth:`node_names`)."""
     quiet: bool = False
     _popen: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
     _commands: dict[str, tuple[list[str], dict[str, str] | None]] = field(default_factory=dict, repr=False)
@@ -123,6 +128,17 @@ class Cluster:
     def _pidfile(self, component: str) -> Path:
         return self.state_dir / "run" / f"{component}.pid"
 
+    def node_count(self) -> int:
+        return self.nodes or int(self.info().get("nodes", 1))
+
+    def node_names(self) -> list[str]:
+        """One per node agent: ``local-node``, ``local-node-2``, ..."""
+        return [self.node_name] + [f"{self.node_name}-{i}" for i in range(2, self.node_count() + 1)]
+
+    def components(self) -> tuple[str, ...]:
+        agents = tuple("node-agent" if i == 1 else f"node-agent-{i}" for i in range(1, self.node_count() + 1))
+        return COMPONENTS[:-1] + agents
+
     def info(self) -> dict[str, Any]:
         """Contents of cluster.json (ports, versions); empty if never started."""
         try:
@@ -139,7 +155,7 @@ class Cluster:
     def pids(self) -> dict[str, int | None]:
         """Live pid of each component (None if not running)."""
         out: dict[str, int | None] = {}
-        for c in COMPONENTS:
+        for c in self.components():
             p = self._popen.get(c)
             if p is not None and p.poll() is not None:
                 out[c] = None
@@ -168,7 +184,7 @@ class Cluster:
     def check(self) -> None:
         """Raise :class:`ComponentFailedError` for the first component that is not running."""
         pids = self.pids()
-        for c in COMPONENTS:
+        for c in self.components():
             if pids[c] is None:
                 raise ComponentFailedError(c, "is not running", self.log(c))
 
@@ -204,12 +220,13 @@ class Cluster:
             key = "controller-manager" if component == "kube-controller-manager" else "scheduler"
             code, _ = self._get(f"https://127.0.0.1:{ports.get(key)}/healthz", self._ssl(False))
             return code == 200
-        if component == "node-agent":
-            return self._node_ready(ports)
+        if component.startswith("node-agent"):
+            index = 0 if component == "node-agent" else int(component.rsplit("-", 1)[1]) - 1
+            return self._node_ready(ports, self.node_names()[index])
         return False
 
-    def _node_ready(self, ports: dict[str, int]) -> bool:
-        url = f"https://127.0.0.1:{ports.get('apiserver')}/api/v1/nodes/{self.node_name}"
+    def _node_ready(self, ports: dict[str, int], node: str) -> bool:
+        url = f"https://127.0.0.1:{ports.get('apiserver')}/api/v1/nodes/{node}"
         code, body = self._get(url, self._ssl(True))
         if code != 200:
             return False
@@ -235,7 +252,7 @@ class Cluster:
         pids = self.pids()
         running = [c for c, p in pids.items() if p]
         if running:
-            if len(running) == len(COMPONENTS) and self.is_running():
+            if len(running) == len(self.components()) and self.is_running():
                 if reuse:
                     self._say(f"cluster already running in {self.state_dir}; reusing it")
                     return self
@@ -244,7 +261,7 @@ class Cluster:
                     f"(pids {', '.join(f'{c}={pids[c]}' for c in running)}); "
                     "stop it first or reuse it"
                 )
-            dead = [c for c in COMPONENTS if not pids[c]]
+            dead = [c for c in self.components() if not pids[c]]
             details = "\n".join(f"--- {c}: last lines of {self.log(c)}:\n{procs.tail(self.log(c), 10)}" for c in dead)
             raise ClusterError(
                 f"cluster in {self.state_dir} is partially running (running: {', '.join(running)}; "
@@ -264,6 +281,7 @@ class Cluster:
             "server": f"https://127.0.0.1:{ports['apiserver']}",
             "ports": ports,
             "node_name": self.node_name,
+            "nodes": self.node_count(),
             "k8s_version": bins.k8s_version,
             "etcd_version": bins.etcd_version,
             "binaries": str(bins.dir),
@@ -445,20 +463,23 @@ class Cluster:
         env = dict(os.environ)
         venv_bin = str(Path(sys.executable).parent)
         env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
-        self._spawn(
-            "node-agent",
-            [
-                sys.executable,
-                "-m",
-                "finetune_localcluster.node",
-                f"--state-dir={sd}",
-                f"--kubeconfig={self.kubeconfig}",
-                f"--node-name={self.node_name}",
-                f"--gpus={self.gpus}",
-            ],
-            env=env,
-        )
-        for c in ("kube-controller-manager", "kube-scheduler", "node-agent"):
+        agents = self.components()[len(COMPONENTS) - 1 :]
+        for index, (agent, node) in enumerate(zip(agents, self.node_names(), strict=True)):
+            self._spawn(
+                agent,
+                [
+                    sys.executable,
+                    "-m",
+                    "finetune_localcluster.node",
+                    f"--state-dir={sd}",
+                    f"--kubeconfig={self.kubeconfig}",
+                    f"--node-name={node}",
+                    f"--gpus={self.gpus}",
+                    *(["--secondary"] if index else []),
+                ],
+                env=env,
+            )
+        for c in ("kube-controller-manager", "kube-scheduler", *agents):
             self._wait(c, ports, deadline)
             self._say(f"{c} healthy ({time.monotonic() - t0:.1f} s)")
 
@@ -472,11 +493,11 @@ class Cluster:
         volumes (the PKI is kept so kubeconfigs stay valid).
         """
         stopped: list[str] = []
-        for c in reversed(COMPONENTS):
+        for c in reversed(self.components()):
             pid = procs.read_pidfile(self._pidfile(c))
             p = self._popen.pop(c, None)
             if pid is not None:
-                grace = 15.0 if c == "node-agent" else 10.0
+                grace = 15.0 if c.startswith("node-agent") else 10.0
                 if procs.kill_group(pid, grace) and not quiet:
                     self._say(f"{c} (pid {pid}) needed SIGKILL")
                 stopped.append(c)
@@ -488,7 +509,7 @@ class Cluster:
                     p.wait()
             self._pidfile(c).unlink(missing_ok=True)
         # Pods whose agent died without cleaning up (pid files are written by the agent).
-        for f in (self.state_dir / "run" / "pods").glob("*.pid"):
+        for f in (self.state_dir / "run").glob("pods*/*.pid"):  # run/pods, run/pods-<node> (see node.Agent)
             pid = procs.read_pidfile(f)
             if pid is not None:
                 procs.kill_group(pid, 2.0)

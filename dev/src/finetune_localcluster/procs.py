@@ -3,11 +3,13 @@
 A pid file holds "PID STARTTIME" (the kernel's start time of the process, from
 /proc/PID/stat) so a recycled pid is never mistaken for our process and never killed.
 Every process we start leads its own process group, so killing the group reaches its
-children too.
+children too; descendants that left it for a session of their own (torchrun starts its workers
+so) are killed once the group is gone, as everything in a container dies with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -73,11 +75,44 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+def descendants(pgid: int) -> list[int]:
+    """Processes below the members of process group ``pgid`` that are not in it themselves."""
+    parent: dict[int, int] = {}
+    group: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                rest = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parent[int(d.name)], group[int(d.name)] = int(rest[1]), int(rest[2])
+    found: list[int] = []
+    frontier = [pid for pid, pg in group.items() if pg == pgid]
+    while frontier:
+        below = [pid for pid, ppid in parent.items() if ppid in frontier]
+        found += [pid for pid in below if group[pid] != pgid]
+        frontier = below
+    return found
+
+
 def kill_group(pgid: int, grace: float) -> bool:
-    """SIGTERM the process group, wait ``grace`` seconds, then SIGKILL; True if it had to.
+    """SIGTERM the process group, wait ``grace`` seconds, then SIGKILL; True if it had to. Descendants
+    in sessions of their own get SIGKILL once the group is gone (they had the grace period to follow
+    their parent's SIGTERM).
 
     Never reaps: a caller holding a Popen must still get the real exit status.
     """
+    escaped = [(pid, start_time(pid)) for pid in descendants(pgid)]
+    try:
+        return _kill_group(pgid, grace)
+    finally:
+        for pid, started in escaped:
+            if started is not None and start_time(pid) == started:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _kill_group(pgid: int, grace: float) -> bool:
     try:
         os.killpg(pgid, signal.SIGTERM)
     except ProcessLookupError:

@@ -96,10 +96,11 @@ class LocalCluster:
 
 
 @contextlib.contextmanager
-def own_cluster(state_dir: Path) -> Iterator[LocalCluster]:
+def own_cluster(state_dir: Path, nodes: int = 1, gpus: int = 4) -> Iterator[LocalCluster]:
     """A fresh control plane in ``state_dir``, stopped afterwards: for the session, or for tests
-    whose cluster-wide objects (CRDs, ClusterRoles, admission) must never meet other tests."""
-    c = Cluster(state_dir)
+    whose cluster-wide objects (CRDs, ClusterRoles, admission) must never meet other tests, or
+    that need ``nodes`` nodes (``local-node``, ``local-node-2``, ...; each with ``gpus`` GPUs)."""
+    c = Cluster(state_dir, nodes=nodes, gpus=gpus)
     c.start(reuse=False)
     try:
         yield LocalCluster(c)

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from finetune_trainer.atomic import atomic_directory
 from finetune_trainer.config import location_uri
+from finetune_trainer.distributed import max_across_ranks
 from finetune_trainer.early_stopping import EarlyStoppingState, Evaluated, explain, improves, observe
 from finetune_trainer.freeze import count_parameters
 from finetune_trainer.reporting import JsonLines, PrometheusMetrics, StatusReporter, utc_now
@@ -178,17 +178,19 @@ class EarlyStoppingCallback(TrainerCallback):
         control.should_save = True  # every evaluation is a checkpoint: the best one must exist on disk
         rule = self.ctx.best_rule
         value = metrics.get(rule.metric)
-        if value is None:
-            return
-        if self.ctx.spec.early_stopping is not None:
+        improved, fired = False, False
+        if value is not None and self.ctx.spec.early_stopping is not None:
             previous = run.early_stopping or EarlyStoppingState()
             run.early_stopping = observe(rule, previous, Evaluated(step=step, value=value))
             improved = run.early_stopping.best_step == step and previous.best_step != step
-            if run.early_stopping.triggered and not previous.triggered:
-                control.should_training_stop = True
-        else:
+            fired = run.early_stopping.triggered and not previous.triggered
+        elif value is not None:
             improved = improves(rule, value, run.best.value if run.best else None)
-        if improved:
+        if self.ctx.spec.early_stopping is not None:
+            fired = self._agree(args, step, fired)
+        if fired:
+            control.should_training_stop = True
+        if improved and value is not None:
             run.best = Best(
                 metric=rule.metric,
                 value=value,
@@ -197,6 +199,21 @@ class EarlyStoppingCallback(TrainerCallback):
                 checkpoint=self.ctx.checkpoint_uri(step),
                 majority_baseline=self.ctx.majority_baseline,
             )
+
+    def _agree(self, args: TrainingArguments, step: int, fired: bool) -> bool:
+        """Under DDP every rank stops at the same step: another rank's verdict becomes this one's.
+
+        The metrics are gathered from all ranks, so verdicts differ only by accident; a rank left
+        training alone would hang in its next all-reduce.
+        """
+        if not max_across_ranks(int(fired), args.device) or fired:
+            return fired
+        run = self.ctx.state
+        run.early_stopping = (run.early_stopping or EarlyStoppingState()).model_copy(
+            update={"triggered": True, "last_step": step}
+        )
+        self.ctx.log.emit("warning", message=f"early stopping fired on another rank at step {step}: stopping with it")
+        return True
 
 
 class CheckpointCallback(TrainerCallback):
@@ -294,12 +311,9 @@ class StopCallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.ctx.stopped_by is not None:
             return
-        reason = self._local_reason()
         codes = {None: 0, "Stopped": 1, "EarlyStopped": 2, "Terminated": 3}
-        if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            flag = torch.tensor([codes[reason]], device=args.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            reason = {v: k for k, v in codes.items()}[int(flag.item())]
+        code = max_across_ranks(codes[self._local_reason()], args.device)
+        reason = {v: k for k, v in codes.items()}[code]
         if reason is None:
             return
         self.ctx.stopped_by = reason

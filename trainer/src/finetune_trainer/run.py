@@ -44,6 +44,7 @@ from finetune_trainer.callbacks import (
 )
 from finetune_trainer.checkpointing import enable_activation_checkpointing
 from finetune_trainer.config import RuntimeEnv, local_path, location_uri
+from finetune_trainer.distributed import same_on_every_rank
 from finetune_trainer.divergence import DivergenceCallback
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.freeze import apply_freeze, layer_map
@@ -340,6 +341,7 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
         layers=layers,
         plan=plan,
     )
+    _check_same_checkpoint(resume, rank, trainer.args.device)
     trainer.thaw_on_create = ctx.state.thawed_units
     trainer.checkpointer = Checkpointer(ctx, trainer.write_checkpoint)
     trainer.activation_cache = activation_cache
@@ -427,6 +429,18 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
     _report_finalizing(ctx, False)
     _close(ctx)
     return result
+
+
+def _check_same_checkpoint(resume: Path | None, rank: int, device: torch.device) -> None:
+    """Every rank must resume from the same step: ranks that see different checkpoints would train
+    different numbers of steps and hang (or crash) in an all-reduce. Only rank 0 writes checkpoints,
+    so they differ when the output location is not storage that every node shares."""
+    step = int(resume.name.removeprefix("checkpoint-")) if resume is not None else 0
+    if not same_on_every_rank(step, device):
+        raise ConfigError(
+            f"output.location: the ranks see different checkpoints (rank {rank} would resume from step {step}): "
+            "a multi-node job needs an output location that every node shares (a ReadWriteMany pvc://)"
+        )
 
 
 def _report_finalizing(ctx: RunContext, finalizing: bool) -> None:

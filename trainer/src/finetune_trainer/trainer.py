@@ -12,6 +12,7 @@ from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
 
 from finetune_trainer.activation_cache import EXAMPLE_INDEX, ActivationCache
+from finetune_trainer.distributed import average_gradients
 from finetune_trainer.freeze import FreezePlan, LayerMap, thawed_units
 from finetune_trainer.optim import l1_norm, param_groups
 from finetune_trainer.spec import TrainingSpec
@@ -42,6 +43,8 @@ class FineTuneTrainer(Trainer):
         self.checkpointer: Checkpointer | None = None
         self._eval_nll: tuple[torch.Tensor, torch.Tensor] | None = None
         self.activation_cache: ActivationCache | None = None
+        self.unsynced: list[nn.Parameter] = []
+        """Parameters thawed after DDP wrapped the model: DDP does not reduce their gradients; training_step does."""
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """Saves go through the Checkpointer (atomic, once per step, full or weights-only), never in place."""
@@ -101,8 +104,11 @@ class FineTuneTrainer(Trainer):
         thawed: list[str] = []
         while self.thawed < min(units, len(self.plan.thaw_units)):
             names = self.plan.thaw_units[self.thawed]
+            wrapped = self.model_wrapped is not self.model  # DDP (or another wrapper) already registered its set
             for name in names:
                 named[name].requires_grad_(True)
+                if wrapped:
+                    self.unsynced.append(named[name])
             if self.optimizer is not None:
                 for group in self._groups([(n, named[n]) for n in names], model):
                     self._add_group(group)
@@ -127,6 +133,15 @@ class FineTuneTrainer(Trainer):
             lambdas.append(lambdas[0])
             group["lr"] = group["lr"] * lambdas[0](scheduler.last_epoch)
         optimizer.add_param_group(group)
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """Backward, then (on the micro-batch that steps the optimizer) sync what DDP does not: thawed parameters."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.unsynced and self.accelerator.sync_gradients:
+            average_gradients(self.unsynced)
+        return loss
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """The batch for the model: the activation cache takes the example indices out (see activation_cache)."""

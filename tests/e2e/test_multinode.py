@@ -1,0 +1,145 @@
+"""Multi-node training really run: two local nodes with one GPU each, a FineTuneJob with
+``nodes: 2``, torchrun with gloo on CPU, the real trainer, to Complete; rank 1's process is killed
+after the first checkpoint, and the whole Job retries and resumes from it.
+
+A control plane of its own: the shared one has one node with 4 GPUs, where both pods would fit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from finetune_localcluster import procs
+from finetune_localcluster.kubeconfig import install_admission_policy, install_crd
+from finetune_localcluster.pytest_plugin import LocalCluster, own_cluster
+from finetune_operator import admission
+from finetune_operator.api import GROUP, VERSION
+from finetune_operator.crd import build_crd
+from tests.e2e.conftest import Jobs, Operator, operator_for
+from tests.trainer import tiny
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalCluster, Operator]]:
+    with own_cluster(tmp_path_factory.mktemp("two-nodes"), nodes=2, gpus=1) as cluster:
+        with cluster.api_client() as api:
+            install_crd(api, build_crd())
+            install_admission_policy(api, admission.manifests())
+        operator = operator_for(cluster, tmp_path_factory.mktemp("two-nodes-operator"))
+        operator.start()
+        try:
+            yield cluster, operator
+        finally:
+            operator.kill(signal.SIGTERM)
+
+
+def _kill_rank(cluster: LocalCluster, core: client.CoreV1Api, namespace: str, index: str) -> str:
+    """SIGKILL the trainer process (the rank, not torchrun) in the Job's pod ``index``, as the OOM killer would."""
+    (pod,) = [
+        p
+        for p in core.list_namespaced_pod(namespace, label_selector="batch.kubernetes.io/job-name=ddp-trainer").items
+        if p.metadata.annotations["batch.kubernetes.io/job-completion-index"] == index and p.status.phase == "Running"
+    ]
+    node = pod.spec.node_name
+    pids = cluster.state_dir / "run" / ("pods" if node == "local-node" else f"pods-{node}")
+    container = procs.read_pidfile(pids / f"{pod.metadata.uid}_trainer.pid")
+    assert container is not None, f"{pod.metadata.name} runs no trainer"
+    rank = [pid for pid in procs.descendants(container) if _is_rank(pid)]  # torchrun: own session
+    assert rank, f"{pod.metadata.name}: no trainer process under torchrun"
+    for pid in rank:  # the rank and any helper it forked (data loader workers)
+        os.kill(pid, signal.SIGKILL)
+    return str(pod.metadata.name)
+
+
+def _is_rank(pid: int) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"finetune_trainer.cli" in argv and not {b"torch.distributed.run", b"finetune_trainer.launch"} & set(argv)
+
+
+def test_two_nodes_train_one_job_with_torchrun(two_nodes: tuple[LocalCluster, Operator]) -> None:
+    cluster, operator = two_nodes
+    nodes = client.CoreV1Api(cluster.api_client()).list_node().items
+    assert sorted((n.metadata.name, n.status.allocatable["nvidia.com/gpu"]) for n in nodes) == [
+        ("local-node", "1"),
+        ("local-node-2", "1"),
+    ]
+    namespace = cluster.create_namespace("multinode")
+    volumes = cluster.state_dir / "volumes" / namespace
+    with cluster.api_client() as api:
+        core = client.CoreV1Api(api)
+        for claim in ("models", "datasets", "outputs"):
+            core.create_namespaced_persistent_volume_claim(
+                namespace,
+                {
+                    "metadata": {"name": claim},
+                    "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
+                },
+            )
+        tiny.save_model(volumes / "models" / "tiny-bert")
+        tiny.write_sentiment(volumes / "datasets" / "sentiment", n_train=64, n_val=32)
+        jobs = Jobs(api, namespace, operator)
+        body: dict[str, Any] = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "ddp"},
+            "spec": {
+                "model": {"source": "pvc://models/tiny-bert", "task": "sequence-classification", "numLabels": 2},
+                "dataset": {"source": "pvc://datasets/sentiment", "validation": "validation.jsonl", "maxSeqLength": 32},
+                "freeze": {"strategy": "head-only", "gradualUnfreezing": {"startEpoch": 2, "layersPerEpoch": 1}},
+                "hyperparameters": {"learningRate": 1e-3, "batchSize": 8, "epochs": 4, "weightDecay": 0.0},
+                "evaluation": {"strategy": "epoch", "metrics": ["loss", "accuracy"]},
+                "output": {"location": "pvc://outputs/ddp"},
+                "resources": {"nodes": 2, "gpusPerNode": 1},
+            },
+        }
+        jobs.create(body)
+        # Rank 1 dies once rank 0 has written the first checkpoint (step 4 of 16) and while they train on.
+        first = volumes / "outputs" / "ddp" / "checkpoints" / "checkpoint-4" / "finetune-complete"
+        deadline = time.monotonic() + 300
+        while not first.exists():
+            assert time.monotonic() < deadline, f"no first checkpoint:\n{operator.tail()}"
+            time.sleep(0.2)
+        killed = _kill_rank(cluster, core, namespace, index="1")
+        done = jobs.wait_condition("ddp", "Complete", "Succeeded", timeout=400)
+        pods = core.list_namespaced_pod(namespace, label_selector="batch.kubernetes.io/job-name=ddp-trainer").items
+    pods = [p for p in pods if p.status.phase == "Succeeded"]
+    assert killed not in {p.metadata.name for p in pods}
+    assert sorted(p.spec.node_name for p in pods) == ["local-node", "local-node-2"], "one pod per node"
+    status = done["status"]
+    steps = 64 // (8 * 2) * 4  # 2 ranks share each batch of 8 per rank: 4 steps an epoch
+    assert status["progress"]["step"] == status["progress"]["totalSteps"] == steps
+    assert [e["step"] for e in status["evaluations"]] == [4, 8, 12, 16], "no evaluation lost or repeated"
+    assert status["restarts"] >= 1
+    output = volumes / "outputs" / "ddp"
+    result = json.loads((output / "result.json").read_text())
+    assert result["reason"] == "Succeeded" and result["finalStep"] == steps
+    assert (output / "model" / "config.json").exists()
+    logs = {
+        p.metadata.annotations["batch.kubernetes.io/job-completion-index"]: cluster.kubectl(
+            "logs", "-n", namespace, p.metadata.name
+        ).stdout
+        for p in pods
+    }
+    events = {
+        index: [json.loads(line) for line in text.splitlines() if line.startswith("{")] for index, text in logs.items()
+    }
+    assert {e["event"] for e in events["0"]} >= {"log", "evaluation", "checkpoint", "result"}
+    resumed = [e for e in events["0"] if e["event"] == "resume"]
+    assert resumed and resumed[0]["step"] >= 4, "the retry resumed from a checkpoint"
+    assert not {"log", "evaluation", "checkpoint", "result"} & {e["event"] for e in events["1"]}, (
+        "rank 1 reports nothing"
+    )

@@ -1,0 +1,88 @@
+"""Two real ranks under torchrun (gloo, CPU): what DDP must keep identical across ranks stays identical."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from tests.trainer import tiny
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def torchrun(tmp_path: Path, wire: dict[str, Any], **env: str) -> list[dict[str, Any]]:
+    """Run two ranks; return each rank's result (a hang, e.g. ranks stopping at different steps, fails)."""
+    code, output = run_ranks(tmp_path, wire, **env)
+    assert code == 0, output[-3000:]
+    out = Path(wire["output"]["location"])
+    return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def run_ranks(tmp_path: Path, wire: dict[str, Any], **env: str) -> tuple[int, str]:
+    """Two ranks under torchrun: (torchrun's exit code, the tail of their output)."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(wire))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER)]
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(WORKER.parents[2])]))
+    process = subprocess.Popen(
+        [*command, str(spec)], env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        output, _ = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        raise AssertionError(f"the ranks hung:\n{output.decode()[-3000:]}") from None
+    return process.returncode, output.decode()
+
+
+def _wire(assets: dict[str, Path], out: Path, **sections: Any) -> dict[str, Any]:
+    """Tiny BERT on 96 examples, 3 epochs of 3 steps (batch 16 per rank, 2 ranks)."""
+    hyperparameters = {"epochs": 3, "batchSize": 16, "learningRate": 1e-2, "seed": 0}
+    wire = tiny.spec(assets["bert"], assets["sentiment"], out, hyperparameters=hyperparameters, **sections)
+    wire["output"] = {"location": str(out)}
+    return wire
+
+
+def test_gradual_unfreezing_keeps_the_ranks_weights_identical(assets: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    wire = _wire(
+        assets,
+        out,
+        freeze={"strategy": "head-only", "gradualUnfreezing": {"startEpoch": 2, "layersPerEpoch": 1}},
+        evaluation={"strategy": "no", "metrics": ["loss"]},
+    )
+    results = torchrun(tmp_path, wire)
+    assert results[0] == results[1]
+    ranks = [torch.load(out / f"rank-{rank}.pt") for rank in (0, 1)]
+    base = load_file(str(assets["bert"] / "model.safetensors"))
+    thawed = "bert.encoder.layer.1.output.dense.weight"  # thawed at epoch 3, after DDP wrapped the model
+    assert not torch.equal(ranks[0][thawed], base[thawed]), "the late-thawed block trained"
+    differ = [name for name in ranks[0] if not torch.equal(ranks[0][name], ranks[1][name])]
+    assert differ == [], f"the ranks' weights diverged: {differ[:5]}"
+
+    # Resumed where rank 1 cannot see rank 0's checkpoints (storage the nodes do not share): a clear
+    # config error on every rank, not ranks training different step counts into a hang.
+    code, output = run_ranks(tmp_path, wire, PRIVATE_OUTPUT_RANK="1")
+    assert code != 0
+    assert "output.location: the ranks see different checkpoints" in output
+    assert "a multi-node job needs an output location that every node shares" in output
+
+
+def test_one_ranks_early_stop_stops_every_rank(assets: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    wire = _wire(assets, out, earlyStopping={"metric": "accuracy", "patience": 10})
+    results = torchrun(tmp_path, wire, FORCE_EARLY_STOP_RANK="1")
+    steps_per_epoch = 96 // (16 * 2)
+    assert [r["finalStep"] for r in results] == [steps_per_epoch] * 2
+    assert [r["reason"] for r in results] == ["EarlyStopped"] * 2
+    assert json.loads((out / "result.json").read_text())["reason"] == "EarlyStopped"
