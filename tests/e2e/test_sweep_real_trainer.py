@@ -12,18 +12,16 @@ import pytest
 from finetune_cli.main import main
 from finetune_localcluster.pytest_plugin import LocalCluster
 from finetune_operator.api import GROUP, VERSION
-from tests.e2e.conftest import Jobs
-from tests.e2e.test_real_trainer import _job, volumes
+from tests.e2e.conftest import Jobs, real_job
 from tests.e2e.test_sweeps import Sweeps, condition, finished
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-__all__ = ["volumes"]  # the fixture, shared with the single-job real-trainer tests
 
 
 def _sweep(name: str) -> dict[str, Any]:
     # Early stopping on the objective (patience longer than the run): the trainer's best, and so the sweep's
     # bestTrial.checkpoint, is then the objective's best.
-    template = _job("template", earlyStopping={"metric": "accuracy", "patience": 5})["spec"]
+    template = real_job("template", earlyStopping={"metric": "accuracy", "patience": 5})["spec"]
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "FineTuneSweep",
