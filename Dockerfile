@@ -19,7 +19,6 @@
 # base, one dependency layer (~6 GB, rebuilt only when constraints.txt or the trainer's pyproject
 # change) and one thin layer with the trainer package.
 ARG BASE=python:3.11-slim
-ARG TRAINER_DEPS=trainer-deps
 
 FROM ${BASE} AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -56,9 +55,9 @@ RUN --mount=type=bind,target=/mnt/context \
  && pip uninstall --yes finetune-trainer && rm -rf /tmp/src \
  && find /opt/venv/lib -depth -type d -name tests -path '*/site-packages/*/tests' -exec rm -rf {} +
 
-# The trainer: its dependencies plus the trainer package, nothing else.
-# TRAINER_DEPS names the stage above by default; `make images` passes its cached deps image.
-FROM ${TRAINER_DEPS} AS trainer
+# The trainer: its dependencies plus the trainer package, nothing else. `make images` replaces the
+# stage above with its cached image (--build-context trainer-deps=container-image://...).
+FROM trainer-deps AS trainer
 ARG PIP_NO_INDEX
 ARG PIP_FIND_LINKS
 RUN --mount=type=bind,target=/mnt/context \

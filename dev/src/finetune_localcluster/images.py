@@ -38,10 +38,11 @@ INPUTS = {
 }
 """What each image is built from besides its Dockerfile stages: a change in any of these makes a new tag."""
 STAGES = {"operator": ("base", "operator"), "trainer-deps": ("base", "trainer-deps"), "trainer": ("trainer",)}
-"""The Dockerfile stages each image is built from (plus the ARGs before the first FROM)."""
+"""The Dockerfile stages each image is built from (the base image itself is hashed by its id)."""
 PARENT = {"trainer": "trainer-deps"}
-"""An image built on another of ours (``TRAINER_DEPS``) instead of the base: the heavy dependency
-layer is rebuilt only when its own inputs change, the thin trainer layer in seconds."""
+"""An image built on another of ours (its stage replaced with ``--build-context``) instead of the
+base: the heavy dependency layer is rebuilt only when its own inputs change, the thin trainer
+layer in seconds."""
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,7 @@ def content_tag(target: str, base_id: str) -> str:
     starts from): the same inputs always give the same tag."""
     h = hashlib.sha256(f"{target}\n{base_id}\n".encode())
     stages = dockerfile_stages((REPO / "Dockerfile").read_text())
-    for stage in ("", *STAGES[target]):
+    for stage in STAGES[target]:
         h.update(stages[stage].encode() + b"\0")
     for name in INPUTS[target]:
         path = REPO / name
@@ -251,7 +252,7 @@ def build_images(targets: tuple[str, ...] = ("operator", "trainer")) -> list[Ima
                 "--layers=false",
                 f"--target={target}",
                 f"--build-arg=BASE={base}",
-                *([f"--build-arg=TRAINER_DEPS={parent_ref}"] if parent == "trainer-deps" else []),
+                *([f"--build-context={parent}=container-image://{parent_ref}"] if parent else []),
                 "--build-arg=PIP_NO_INDEX=1",
                 "--build-arg=PIP_FIND_LINKS=/wheels",
                 f"--volume={wheels}:/wheels:ro",
