@@ -121,9 +121,16 @@ demo: venv controlplane system-deps ## the main job: fine-tune MiniLM-L6 end to 
 	@echo "   (first run: builds the control plane, ~10-20 min; later runs: a few minutes)"
 	$(PY) -m finetune_demo
 
+.PHONY: demo-helm
+demo-helm: venv controlplane system-deps container-deps ## as users install it: `make images`, `helm install` of the chart, the MiniLM job trained inside the trainer image
+	@echo ">> make demo-helm: the images, the chart on a local control plane of its own, the job in the trainer image"
+	@echo "   (first run: builds the ~6.6 GB trainer dependency image, ~15 min on 2 cores; later runs: minutes)"
+	$(PY) -m finetune_demo --helm
+
 .PHONY: demo-down
-demo-down: venv ## stop what `make demo` left running (operator, Prometheus, local cluster)
+demo-down: venv ## stop what `make demo` and `make demo-helm` left running (operator, Prometheus, local clusters)
 	$(PY) -m finetune_demo --down
+	$(PY) -m finetune_demo --down --helm
 
 .PHONY: clean
 clean: ## remove the venv and caches inside the checkout (not ~/.cache/finetune-operator)

@@ -207,7 +207,8 @@ def serve_metrics(progress: dict[str, int]) -> None:
         def log_message(self, *_: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ["FINETUNE_METRICS_PORT"])), Metrics)
+    address = os.environ.get("FINETUNE_METRICS_ADDRESS") or "0.0.0.0"
+    server = http.server.ThreadingHTTPServer((address, int(os.environ["FINETUNE_METRICS_PORT"])), Metrics)
     threading.Thread(target=server.serve_forever, daemon=True).start()
 
 

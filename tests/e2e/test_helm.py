@@ -23,8 +23,8 @@ import pytest
 import yaml
 from kubernetes import client
 
-from finetune_localcluster import images, mountns
-from finetune_localcluster.cluster import free_port
+from finetune_localcluster import containers, images, mountns
+from finetune_localcluster.cluster import NODE_NAME, free_port
 from finetune_localcluster.helm import ensure_helm
 from finetune_localcluster.pytest_plugin import LocalCluster, own_cluster
 from finetune_operator.api import GROUP, PLURAL, VERSION
@@ -207,3 +207,60 @@ def test_helm_install_upgrade_uninstall_with_a_job_running_through_it(
         assert crd.metadata.annotations["helm.sh/resource-policy"] == "keep"
         kept = client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "shipped")
         assert json.dumps(kept["status"]["best"]) == json.dumps(status["best"])
+
+
+def _owned_containers(cluster: LocalCluster) -> dict[str, str]:
+    """name -> id of the podman containers of this cluster's node agent."""
+    owner = containers.owner_id(cluster.state_dir, NODE_NAME)
+    listed = subprocess.run(
+        [
+            "podman",
+            "ps",
+            "--all",
+            "--filter",
+            f"label={containers.OWNER_LABEL}={owner}",
+            "--format",
+            "{{.Names}} {{.ID}}",
+        ],
+        env=images.podman_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return dict(line.split() for line in listed.splitlines())
+
+
+def test_a_sigkilled_node_agent_leaves_no_container_behind(helm_cluster: LocalCluster) -> None:
+    """The next agent removes the containers of the killed one before it runs pods again: else the
+    old container keeps running unseen and the pod's new container collides with its name."""
+    namespace = helm_cluster.create_namespace("sweep")
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "sleeper", "namespace": namespace},
+        "spec": {
+            "restartPolicy": "Always",
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "sleep", "image": images.base_image(), "command": ["sleep", "3600"]}],
+        },
+    }
+
+    def running_container(other_than: str = "") -> str:
+        """The id of the one container the pod runs in, once it is not ``other_than``."""
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            pod = client.CoreV1Api(api).read_namespaced_pod("sleeper", namespace)
+            states = [s.state for s in pod.status.container_statuses or []]
+            prefix = f"ftl-{pod.metadata.uid[:13]}"
+            ours = [i for n, i in _owned_containers(helm_cluster).items() if n.startswith(prefix)]
+            if states and states[0].running and len(ours) == 1 and ours[0] != other_than:
+                return ours[0]
+            time.sleep(0.5)
+        raise AssertionError(f"sleeper never ran in one new container: {pod.status}\n{_owned_containers(helm_cluster)}")
+
+    with helm_cluster.api_client() as api:
+        client.CoreV1Api(api).create_namespaced_pod(namespace, manifest)
+        before = running_container()
+        helm_cluster.cluster.restart("node-agent", kill=True)
+        running_container(other_than=before)  # the old one removed, the pod running again in a new one
+        client.CoreV1Api(api).delete_namespaced_pod("sleeper", namespace, grace_period_seconds=0)

@@ -8,9 +8,11 @@ retried, nothing lost or duplicated across an operator kill -9, cascading deleti
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -212,3 +214,24 @@ def test_a_trainer_cannot_forge_the_operators_status(jobs: Jobs, tmp_path: Path)
     status = _status(done)
     assert status["stopRequest"]["reason"] == "UserRequested"
     assert "best" not in status or not status["best"].get("checkpoint", "").startswith("file:///etc")
+
+
+def test_two_trainers_on_one_node_each_serve_metrics_at_their_own_pod_ip(jobs: Jobs, tmp_path: Path) -> None:
+    """Pods on the local node share its network, but each has its own IP, as in a cluster: two
+    trainers on the same /metrics port do not collide, and each scrape reaches its own trainer."""
+    names = ("left", "right")
+    for name in names:
+        jobs.create(fake_job(name, "finetune-test/paced:1", tmp_path))
+    core = client.CoreV1Api(jobs.api)
+    seen: dict[str, str] = {}
+    for name in names:
+        jobs.wait(name, "progress", lambda j: (_status(j).get("progress") or {}).get("step", 0) >= 1)
+        (pod,) = core.list_namespaced_pod(jobs.namespace, label_selector=f"finetune.dev/job={name}").items
+        port = next(p.container_port for p in pod.spec.containers[0].ports if p.name == "metrics")
+        with urllib.request.urlopen(f"http://{pod.status.pod_ip}:{port}/metrics", timeout=5) as response:
+            assert b"fake_trainer_step" in response.read()
+        seen[name] = pod.status.pod_ip
+        assert pod.status.pod_ip != "127.0.0.1" and ipaddress.ip_address(pod.status.pod_ip).is_loopback
+    assert len(set(seen.values())) == 2, seen
+    for name in names:
+        jobs.delete(name)

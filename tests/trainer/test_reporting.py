@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
+from finetune_trainer import exitcodes
 from finetune_trainer import run as run_mod
+from finetune_trainer.errors import MetricsUnavailableError
 from finetune_trainer.reporting import JsonLines, PrometheusMetrics, StatusReporter, stop_request_of
 from tests.trainer import tiny
 from tests.trainer.helpers import of, result_json, train
@@ -192,17 +194,12 @@ def test_prometheus_metrics_endpoint_and_busy_port() -> None:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert "finetune_trainer_step 7.0" in text and 'finetune_trainer_eval_metric{metric="accuracy"} 0.9' in text
     assert "finetune_trainer_progress_ratio 0.5" in text
-    lines: list[str] = []
-
-    class Sink:
-        def write(self, s: str) -> None:
-            lines.append(s)
-
-        def flush(self) -> None:
-            pass
-
-    busy = PrometheusMetrics(port, JsonLines(Sink()))  # type: ignore[arg-type]
-    assert busy.port is None and '"event": "warning"' in lines[0]
+    # A taken port is an error that ends the run before it trains, with its own exit code: never a
+    # job whose curves silently never reach Prometheus.
+    with pytest.raises(MetricsUnavailableError, match=rf"/metrics cannot listen on 127.0.0.1:{port} \(") as error:
+        PrometheusMetrics(port, JsonLines(enabled=False), "127.0.0.1")
+    assert (error.value.exit_code, error.value.reason) == (7, "MetricsUnavailable")
+    assert 7 in exitcodes.PERMANENT, "a retry on the same port cannot help"
 
 
 def test_a_long_model_load_sends_heartbeats(

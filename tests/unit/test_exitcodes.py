@@ -19,6 +19,7 @@ def test_table_has_the_contracted_codes_and_reasons() -> None:
         4: ("ModelError", False),
         5: ("NoAccelerator", False),
         6: ("Diverged", False),
+        7: ("MetricsUnavailable", False),
         75: ("Terminated", True),
     }
     assert {row.code: (row.reason, row.retried) for row in exitcodes.TABLE} == expected
@@ -28,6 +29,7 @@ def test_table_has_the_contracted_codes_and_reasons() -> None:
         4: "ModelError",
         5: "NoAccelerator",
         6: "Diverged",
+        7: "MetricsUnavailable",
     }
     assert exitcodes.reason_for(137) == "Crashed"
 

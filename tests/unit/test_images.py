@@ -46,3 +46,37 @@ def test_a_missing_podman_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> 
         images.BuildError, match=r"podman is not installed: run `dev/install-system-deps.sh containers`"
     ):
         images.podman()
+
+
+def test_the_trainer_is_a_thin_layer_on_a_dependency_image_keyed_by_its_requirements(repo: Path) -> None:
+    deps, trainer = images.content_tag("trainer-deps", "base-1"), images.content_tag("trainer", "deps-1")
+    # The trainer's code: a new thin layer, the several-GB dependency image stays.
+    (repo / "trainer/src/finetune_trainer/train.py").write_text("x = 1\n")
+    assert images.content_tag("trainer-deps", "base-1") == deps
+    assert images.content_tag("trainer", "deps-1") != trainer
+    trainer = images.content_tag("trainer", "deps-1")
+    # The operator's stage of the Dockerfile and any comment: neither trainer image changes.
+    dockerfile = repo / "Dockerfile"
+    text = dockerfile.read_text()
+    dockerfile.write_text(text.replace('CMD ["run", "--log-format", "json"]', 'CMD ["run"]') + "\n# a comment\n")
+    assert images.content_tag("trainer-deps", "base-1") == deps
+    assert images.content_tag("trainer", "deps-1") == trainer
+    # A pin in constraints.txt: new dependencies, so a new dependency image and a new trainer on it.
+    with (repo / "constraints.txt").open("a") as f:
+        f.write("tqdm==4.67.1\n")
+    assert images.content_tag("trainer-deps", "base-1") != deps
+    assert images.content_tag("trainer", "deps-2") != trainer, "the trainer is keyed by its dependency image"
+
+
+def test_the_dockerfile_stages_are_what_the_tags_hash() -> None:
+    stages = images.dockerfile_stages((images.REPO / "Dockerfile").read_text())
+    assert set(stages) == {"", "base", "operator", "trainer-deps", "trainer"}
+    assert stages["trainer"].startswith("FROM trainer-deps AS trainer"), "make images swaps in its cached image"
+    assert "pip install --no-deps" in stages["trainer"], "the thin layer installs only the trainer package"
+    assert all(not line.lstrip().startswith("#") for stage in stages.values() for line in stage.splitlines())
+
+
+def test_the_trainer_is_built_after_its_dependency_image() -> None:
+    assert images._build_order(("trainer",)) == ["trainer-deps", "trainer"]
+    assert images._build_order(("operator", "trainer")) == ["operator", "trainer-deps", "trainer"]
+    assert images._build_order(("operator",)) == ["operator"]

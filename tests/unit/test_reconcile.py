@@ -97,7 +97,7 @@ def test_job_does_not_retry_configuration_errors() -> None:
     assert spec["backoffLimit"] == 5
     fail_rule = spec["podFailurePolicy"]["rules"][0]
     assert fail_rule["action"] == "FailJob"
-    assert fail_rule["onExitCodes"]["values"] == [2, 3, 4, 5, 6]
+    assert fail_rule["onExitCodes"]["values"] == [2, 3, 4, 5, 6, 7]
     container = spec["template"]["spec"]["containers"][0]
     assert "command" not in container, "single-process pods run the image's entrypoint"
     assert container["args"] == ["--config", "/etc/finetune/config.yaml"]

@@ -64,7 +64,12 @@ def main(argv: list[str] | None = None) -> None:
     im = sub.add_parser(
         "images", help="build (or find) the operator and trainer images with podman; print refs and sizes"
     )
-    im.add_argument("targets", nargs="*", choices=["operator", "trainer"], help="default: both")
+    im.add_argument(
+        "targets",
+        nargs="*",
+        choices=["operator", "trainer"],
+        help="default: both (trainer builds its dependency image first)",
+    )
     a = p.parse_args(argv)
     state = (a.state_dir or default_state_dir()).resolve()
     try:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from . import build, kubeconfig, pki, procs
+from .containers import Podman, owner_id
 
 # Start order; stop runs in reverse.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "node-agent")
@@ -514,6 +515,8 @@ class Cluster:
             if pid is not None:
                 procs.kill_group(pid, 2.0)
             f.unlink(missing_ok=True)
+        # Their containers too: SIGKILL reached only the `podman run` clients.
+        Podman(owner_id(self.state_dir, NODE_NAME)).sweep()
         if purge:
             for d in ("etcd", "pods", "volumes", "logs"):
                 shutil.rmtree(self.state_dir / d, ignore_errors=True)

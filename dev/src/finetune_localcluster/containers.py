@@ -13,27 +13,41 @@ container is removed with ``podman rm --force``.
 - env (passed by name from podman's environment, so values never appear in ``ps``);
 - ``securityContext``: runAsUser/runAsGroup, runAsNonRoot (refused with a clear message when the
   image would run as root), readOnlyRootFilesystem, capabilities, allowPrivilegeEscalation.
+
+Every container carries the label ``finetune.dev/node-agent=<owner>`` (a hash of the cluster's
+state dir and the node name): a node agent that was SIGKILLed cannot remove its containers, so the
+next agent of the same node removes them (:meth:`Podman.sweep`) before it runs pods, without
+touching the containers of other local clusters on this machine.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 from .images import podman_env
 from .rest import Obj
 
 _STORE_TTL = 10.0
+OWNER_LABEL = "finetune.dev/node-agent"
+
+
+def owner_id(state_dir: Path, node_name: str) -> str:
+    """The label value of one node agent's containers: stable across its restarts."""
+    return hashlib.sha256(f"{state_dir.resolve()}\0{node_name}".encode()).hexdigest()[:16]
 
 
 class Podman:
     """Asks the local image store, builds ``podman run`` command lines, removes containers."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: str) -> None:
         self.binary = shutil.which("podman")
+        self.owner = owner
         self._known: dict[str, tuple[float, str | None]] = {}  # image -> (checked at, user or None)
         self._lock = threading.Lock()
 
@@ -77,7 +91,8 @@ class Podman:
             effective = str(uid) if uid is not None else (image_user.split(":", maxsplit=1)[0] or "root")
             if effective in ("0", "root"):
                 raise ValueError("container has runAsNonRoot and image will run as root")
-        argv = [self.binary, "run", "--rm", f"--name={name}", "--network=host", "--pull=never", "--sig-proxy=true"]
+        argv = [self.binary, "run", "--rm", f"--name={name}", f"--label={OWNER_LABEL}={self.owner}"]
+        argv += ["--network=host", "--pull=never", "--sig-proxy=true"]
         if uid is not None:
             argv.append(f"--user={uid}" + (f":{gid}" if gid is not None else ""))
         for group in pod_sc.get("supplementalGroups", []) + ([pod_sc["fsGroup"]] if "fsGroup" in pod_sc else []):
@@ -114,3 +129,19 @@ class Podman:
                 capture_output=True,
                 check=False,
             )
+
+    def sweep(self) -> list[str]:
+        """Remove every container of this owner (left by a killed agent); their names."""
+        if not self.binary:
+            return []
+        listed = subprocess.run(
+            [self.binary, "ps", "--all", "--filter", f"label={OWNER_LABEL}={self.owner}", "--format", "{{.Names}}"],
+            env=podman_env(),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        names = listed.stdout.split() if listed.returncode == 0 else []
+        for name in names:
+            self.remove(name)
+        return names

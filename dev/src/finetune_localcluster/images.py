@@ -32,17 +32,17 @@ OFFLINE_BASE = (
     "localhost/finetune-base:bookworm-" + hashlib.sha256(" ".join(OFFLINE_BASE_PACKAGES).encode()).hexdigest()[:12]
 )
 INPUTS = {
-    "operator": (
-        "Dockerfile",
-        "constraints.txt",
-        "trainer/pyproject.toml",
-        "trainer/src",
-        "operator/pyproject.toml",
-        "operator/src",
-    ),
-    "trainer": ("Dockerfile", "constraints.txt", "trainer/pyproject.toml", "trainer/src"),
+    "operator": ("constraints.txt", "trainer/pyproject.toml", "trainer/src", "operator/pyproject.toml", "operator/src"),
+    "trainer-deps": ("constraints.txt", "trainer/pyproject.toml"),
+    "trainer": ("trainer/pyproject.toml", "trainer/src"),
 }
-"""What each image is built from: a change in any of these makes a new tag."""
+"""What each image is built from besides its Dockerfile stages: a change in any of these makes a new tag."""
+STAGES = {"operator": ("base", "operator"), "trainer-deps": ("base", "trainer-deps"), "trainer": ("trainer",)}
+"""The Dockerfile stages each image is built from (the base image itself is hashed by its id)."""
+PARENT = {"trainer": "trainer-deps"}
+"""An image built on another of ours (its stage replaced with ``--build-context``) instead of the
+base: the heavy dependency layer is rebuilt only when its own inputs change, the thin trainer
+layer in seconds."""
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,8 @@ def wheelhouse(targets: tuple[str, ...]) -> Path:
     pip's own cache makes this cheap after ``make venv``; the build then needs no network.
     """
     reqs = ["constraints.txt", "trainer/pyproject.toml", "operator/pyproject.toml"]
-    key = hashlib.sha256(b"".join((REPO / r).read_bytes() for r in reqs) + ",".join(targets).encode()).hexdigest()[:16]
+    flavour = "trainer" if any(t.startswith("trainer") for t in targets) else "operator"
+    key = hashlib.sha256(b"".join((REPO / r).read_bytes() for r in reqs) + flavour.encode()).hexdigest()[:16]
     final = cache_root().parent / "images" / f"wheels-{key}"
     if (final / ".complete").exists():
         return final
@@ -182,9 +183,27 @@ def _ignored(path: Path) -> bool:
     return any(part == "__pycache__" or part.endswith(".egg-info") for part in path.parts)
 
 
+def dockerfile_stages(text: str) -> dict[str, str]:
+    """The Dockerfile's stages by name (``""``: the ARGs before the first FROM), comments dropped."""
+    stages: dict[str, list[str]] = {"": []}
+    current = ""
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 4 and words[0].upper() == "FROM" and words[-2].upper() == "AS":
+            current = words[-1]
+            stages[current] = []
+        if words and not words[0].startswith("#"):
+            stages[current].append(line)
+    return {name: "\n".join(lines) for name, lines in stages.items()}
+
+
 def content_tag(target: str, base_id: str) -> str:
-    """A hash of everything ``target`` is built from: the same inputs always give the same tag."""
+    """A hash of everything ``target`` is built from (its Dockerfile stages, its inputs, the image it
+    starts from): the same inputs always give the same tag."""
     h = hashlib.sha256(f"{target}\n{base_id}\n".encode())
+    stages = dockerfile_stages((REPO / "Dockerfile").read_text())
+    for stage in STAGES[target]:
+        h.update(stages[stage].encode() + b"\0")
     for name in INPUTS[target]:
         path = REPO / name
         files = sorted(p for p in path.rglob("*") if p.is_file() and not _ignored(p)) if path.is_dir() else [path]
@@ -193,31 +212,47 @@ def content_tag(target: str, base_id: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _build_order(targets: tuple[str, ...]) -> list[str]:
+    """Each target after the image it is built on (``trainer`` needs ``trainer-deps``)."""
+    order: list[str] = []
+    for target in targets:
+        for needed in (PARENT.get(target), target):
+            if needed and needed not in order:
+                order.append(needed)
+    return order
+
+
 def build_images(targets: tuple[str, ...] = ("operator", "trainer")) -> list[Image]:
     """Build (or find) each target's image; a second run with nothing changed takes seconds."""
     podman()
     base = base_image()
     base_id = _image_id(base)
-    wanted = {t: f"localhost/finetune-{t}:{content_tag(t, base_id)}" for t in targets}
-    missing = [t for t, ref in wanted.items() if not _exists(ref)]
-    wheels = wheelhouse(targets) if missing else None
-    images = []
-    for target, ref in wanted.items():
+    images: list[Image] = []
+    built: dict[str, str] = {}
+    wheels: Path | None = None
+    for target in _build_order(targets):
         start = time.monotonic()
-        built = target in missing
-        if built:
-            _say(f"building {ref} from {base}")
+        parent = PARENT.get(target)
+        parent_ref = built[parent] if parent else base
+        ref = f"localhost/finetune-{target}:{content_tag(target, _image_id(parent_ref) if parent else base_id)}"
+        built[target] = ref
+        fresh = not _exists(ref)
+        if fresh:
+            wheels = wheels or wheelhouse(targets)
+            _say(f"building {ref} from {parent_ref}")
             _run(
                 podman(),
                 "build",
                 "--quiet",
                 "--network=none",
                 "--pull=never",
-                # buildah's layer cache keys a RUN by its text, not by what its bind mount holds: a
-                # cached layer would install the sources of an earlier build under the new tag.
-                "--no-cache",
+                # One layer per stage, no layer cache: buildah's cache keys a RUN by its text, not by
+                # what its bind mount holds (a cached layer would install the sources of an earlier
+                # build under the new tag), and no intermediate stage is left behind as a dangling image.
+                "--layers=false",
                 f"--target={target}",
                 f"--build-arg=BASE={base}",
+                *([f"--build-context={parent}=container-image://{parent_ref}"] if parent else []),
                 "--build-arg=PIP_NO_INDEX=1",
                 "--build-arg=PIP_FIND_LINKS=/wheels",
                 f"--volume={wheels}:/wheels:ro",
@@ -231,7 +266,7 @@ def build_images(targets: tuple[str, ...] = ("operator", "trainer")) -> list[Ima
             _forget_older(target, ref)
         else:
             _run(podman(), "tag", ref, f"localhost/finetune-{target}:latest", what="podman tag")
-        images.append(Image(target, ref, _size(ref), built, time.monotonic() - start))
+        images.append(Image(target, ref, _size(ref), fresh, time.monotonic() - start))
     return images
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from . import apiservice, procs
 from .agentlog import log
-from .containers import Podman
+from .containers import Podman, owner_id
 from .logserver import LogServer
 from .node_registration import NodeRegistration, local_capacity
 from .podworker import PodWorker
@@ -70,7 +70,7 @@ class Agent:
         self.hosts_file: Path | None = None  # set once the kubernetes Service stand-in listens
         self.api_service: apiservice.Forwarder | None = None
         self.process_runtime = ProcessRuntime()
-        self.podman_runtime = PodmanRuntime(Podman(), None)
+        self.podman_runtime = PodmanRuntime(Podman(owner_id(state_dir, node_name)), None)
 
     def runtime_for(self, image: str) -> Runtime:
         """Podman for an image in the local store (needs mount namespaces' privileges), else a process."""
@@ -218,6 +218,9 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     try:
+        left = agent.podman_runtime.podman.sweep()
+        if left:
+            log(f"removed {len(left)} container(s) an earlier agent of this node left behind: {', '.join(left)}")
         agent.serve_logs()
         agent.serve_api_service()
         agent.registration.register()

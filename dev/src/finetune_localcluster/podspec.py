@@ -20,6 +20,7 @@ its ``args`` as the command.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -118,6 +119,21 @@ def _label_value(d: Obj, expr: str) -> str:
     return str(d.get(m.group(1), ""))
 
 
+def pod_ip(pod: Obj) -> str:
+    """The pod's own loopback address, as a cluster gives each pod its own IP.
+
+    Pods share the node's network, so two pods listening on the same port (trainers' /metrics)
+    would collide on 0.0.0.0; bound to their pod IPs they do not. Derived from the UID (stable
+    across agent restarts, distinct across the local clusters on one machine); never a
+    ``127.x.y.1`` (the API service stand-ins, :mod:`apiservice`) nor 127.0.0.1. A hostNetwork
+    pod has the node's address.
+    """
+    if pod.get("spec", {}).get("hostNetwork"):
+        return "127.0.0.1"
+    digest = hashlib.sha256(str(pod["metadata"]["uid"]).encode()).digest()
+    return f"127.{digest[0]}.{digest[1]}.{2 + digest[2] % 253}"
+
+
 def field_value(pod: Obj, path: str) -> str:
     """Resolve a downward-API ``fieldRef.fieldPath``."""
     meta, spec, status = pod.get("metadata", {}), pod.get("spec", {}), pod.get("status", {})
@@ -129,8 +145,8 @@ def field_value(pod: Obj, path: str) -> str:
         "spec.serviceAccountName": spec.get("serviceAccountName"),
         "status.hostIP": "127.0.0.1",
         "status.hostIPs": "127.0.0.1",
-        "status.podIP": "127.0.0.1",
-        "status.podIPs": "127.0.0.1",
+        "status.podIP": status.get("podIP") or "127.0.0.1",
+        "status.podIPs": status.get("podIP") or "127.0.0.1",
     }
     if path in simple:
         return str(simple[path] or "")
@@ -142,7 +158,6 @@ def field_value(pod: Obj, path: str) -> str:
         return _label_value(meta.get("labels", {}), path[len("metadata.") :])
     if path.startswith("metadata.annotations["):
         return _label_value(meta.get("annotations", {}), path[len("metadata.") :])
-    _ = status
     raise ValueError(f"unsupported fieldPath {path!r}")
 
 

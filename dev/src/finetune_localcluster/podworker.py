@@ -24,7 +24,7 @@ import time
 import traceback
 from typing import TYPE_CHECKING
 
-from . import poddns, procs
+from . import poddns, podspec, procs
 from .agentlog import log, now
 from .probes import ContainerProbes
 from .projection import NotReadyError, PodProjection
@@ -57,6 +57,7 @@ class PodWorker(threading.Thread):
         ]
         self.main: list[Container] = [Container(c) for c in spec.get("containers", [])]
         self.start_time = (pod.get("status") or {}).get("startTime") or now()
+        self.pod_ip = podspec.pod_ip(pod)
         self.phase = "Pending"
         self.reason: str | None = None
         self.message: str | None = None
@@ -92,9 +93,10 @@ class PodWorker(threading.Thread):
         return f"/api/v1/namespaces/{self.ns}/pods/{self.pod_name}"
 
     def snapshot(self) -> Obj:
-        """The newest pod object."""
+        """The newest pod object, with the pod IP this node gave it (downward API ``status.podIP``)."""
         with self.lock:
-            return self.pod
+            pod = self.pod
+        return {**pod, "status": {**(pod.get("status") or {}), "podIP": self.pod_ip}}
 
     def update(self, pod: Obj) -> None:
         """Called by the watch loop with the newest object."""
@@ -119,8 +121,8 @@ class PodWorker(threading.Thread):
             "phase": self.phase,
             "hostIP": "127.0.0.1",
             "hostIPs": [{"ip": "127.0.0.1"}],
-            "podIP": "127.0.0.1",
-            "podIPs": [{"ip": "127.0.0.1"}],
+            "podIP": self.pod_ip,
+            "podIPs": [{"ip": self.pod_ip}],
             "startTime": self.start_time,
             "conditions": [
                 cond("PodReadyToStartContainers", self.volumes_ready and not terminal),
@@ -189,7 +191,7 @@ class PodWorker(threading.Thread):
         procs.write_pidfile(self.agent.pidfile(self.uid, c.name), c.proc.pid)
         c.state = {"running": {"startedAt": now()}}
         c.env = launch.env
-        c.probes = ContainerProbes(c.spec, time.monotonic())
+        c.probes = ContainerProbes(c.spec, time.monotonic(), self.pod_ip)
 
     def exec_in(self, c: Container, argv: list[str], timeout: float) -> int:
         """Run ``argv`` as the container would (its env and mounts): exec probes."""

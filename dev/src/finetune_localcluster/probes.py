@@ -40,13 +40,13 @@ def _port(value: object, container: Obj) -> int:
     raise ValueError(f"no container port named {value!r}")
 
 
-def check(probe: Obj, container: Obj, run_exec: ExecRunner) -> tuple[bool, str]:
-    """Run one probe once: ``(passed, why it failed)``."""
+def check(probe: Obj, container: Obj, run_exec: ExecRunner, pod_ip: str = "127.0.0.1") -> tuple[bool, str]:
+    """Run one probe once: ``(passed, why it failed)``; httpGet and tcpSocket go to ``pod_ip``."""
     timeout = float(probe.get("timeoutSeconds", 1))
     try:
         if "httpGet" in probe:
             get = probe["httpGet"]
-            host = get.get("host") or "127.0.0.1"
+            host = get.get("host") or pod_ip
             port = _port(get["port"], container)
             conn: http.client.HTTPConnection
             if str(get.get("scheme", "HTTP")).upper() == "HTTPS":
@@ -67,7 +67,7 @@ def check(probe: Obj, container: Obj, run_exec: ExecRunner) -> tuple[bool, str]:
             return (200 <= code < 400), f"HTTP probe failed with statuscode: {code}"
         if "tcpSocket" in probe:
             tcp = probe["tcpSocket"]
-            with socket.create_connection((tcp.get("host") or "127.0.0.1", _port(tcp["port"], container)), timeout):
+            with socket.create_connection((tcp.get("host") or pod_ip, _port(tcp["port"], container)), timeout):
                 return True, ""
         if "exec" in probe:
             rc = run_exec([str(a) for a in probe["exec"].get("command", [])], timeout)
@@ -95,6 +95,7 @@ class ContainerProbes:
 
     container: Obj
     started_at: float
+    pod_ip: str = "127.0.0.1"
     probes: dict[str, _Probe] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -124,7 +125,7 @@ class ContainerProbes:
             if kind == "startupProbe" and probe.passing:
                 continue  # a startup probe stops once it has passed
             spec = probe.spec
-            ok, why = check(spec, self.container, run_exec)
+            ok, why = check(spec, self.container, run_exec, self.pod_ip)
             probe.due = now + float(spec.get("periodSeconds", 10))
             if ok:
                 probe.failures = 0

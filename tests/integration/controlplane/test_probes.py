@@ -30,7 +30,7 @@ def _ready(kube: Kube, name: str) -> tuple[str, bool]:
 def test_pod_is_ready_only_once_its_http_readiness_probe_passes(kube: Kube, tmp_path: Path) -> None:
     port, flag = _free_port(), tmp_path / "serve"
     # The server comes up only when the test says so: until then the process runs but cannot serve.
-    script = f"while [ ! -f {flag} ]; do sleep 0.1; done; exec {sys.executable} -m http.server {port} --bind 127.0.0.1"
+    script = f"while [ ! -f {flag} ]; do sleep 0.1; done; exec {sys.executable} -m http.server {port} --bind 0.0.0.0"
     probe = {"httpGet": {"path": "/", "port": "web"}, "periodSeconds": 1, "failureThreshold": 1}
     kube.apply(
         pod(

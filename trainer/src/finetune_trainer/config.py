@@ -40,6 +40,8 @@ class RuntimeEnv:
     """The FineTuneJob's uid: checkpoints of another uid at the same output location are not resumed."""
     report_interval_seconds: float = 10.0
     metrics_port: int = 9400
+    metrics_address: str = ""
+    """Where /metrics listens: the pod IP (downward API) so pods sharing a network never collide; empty: all."""
     pvc_root: Path = Path(DEFAULT_PVC_ROOT)
     hf_token: str | None = field(default=None, repr=False)
     log_every_steps: int = 10
@@ -63,6 +65,7 @@ class RuntimeEnv:
             job_uid=env.get("FINETUNE_JOB_UID") or None,
             report_interval_seconds=max(interval, 0.0),
             metrics_port=port,
+            metrics_address=env.get("FINETUNE_METRICS_ADDRESS", ""),
             pvc_root=Path(env.get("FINETUNE_PVC_ROOT") or DEFAULT_PVC_ROOT),
             hf_token=env.get("HF_TOKEN") or None,
             log_every_steps=max(log_every, 1),

@@ -44,6 +44,12 @@ class NoAcceleratorError(TrainerError):
     code = exitcodes.NO_ACCELERATOR
 
 
+class MetricsUnavailableError(TrainerError):
+    """The trainer cannot serve /metrics (its port is taken): raised before training starts."""
+
+    code = exitcodes.METRICS_UNAVAILABLE
+
+
 class DivergedError(TrainerError):
     """The training loss became NaN, infinite or exploded."""
 

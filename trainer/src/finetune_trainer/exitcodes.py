@@ -32,6 +32,9 @@ DATA_ERROR: Final = ExitCode(
 MODEL_ERROR: Final = ExitCode(4, "ModelError", False, "the model is missing or cannot be loaded")
 NO_ACCELERATOR: Final = ExitCode(5, "NoAccelerator", False, "the pod was given GPUs but CUDA is unavailable")
 DIVERGED: Final = ExitCode(6, "Diverged", False, "the training loss became NaN, infinite or exploded")
+METRICS_UNAVAILABLE: Final = ExitCode(
+    7, "MetricsUnavailable", False, "/metrics cannot listen on its port (taken): no curve would reach Prometheus"
+)
 TERMINATED: Final = ExitCode(75, "Terminated", True, "stopped by a signal after saving a checkpoint; resumes")
 
 TABLE: Final[tuple[ExitCode, ...]] = (
@@ -42,6 +45,7 @@ TABLE: Final[tuple[ExitCode, ...]] = (
     MODEL_ERROR,
     NO_ACCELERATOR,
     DIVERGED,
+    METRICS_UNAVAILABLE,
     TERMINATED,
 )
 BY_CODE: Final[dict[int, ExitCode]] = {row.code: row for row in TABLE}

@@ -13,6 +13,8 @@ from typing import Any, TextIO
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
+from finetune_trainer.errors import MetricsUnavailableError
+
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
 STOP_ANNOTATION = "finetune.dev/stop-requested"
 RETRYABLE_STATUS = frozenset({409, 429, 500, 502, 503, 504})
@@ -42,9 +44,13 @@ class JsonLines:
 
 
 class PrometheusMetrics:
-    """The trainer pod's own gauges, served on ``port`` (0 disables; a busy port only warns)."""
+    """The trainer pod's own gauges, served on ``address:port`` (port 0 disables).
 
-    def __init__(self, port: int, log: JsonLines) -> None:
+    A port that is taken fails the run before it trains (exit ``MetricsUnavailable``): a job whose
+    curves silently never reach Prometheus would look healthy while nobody can watch it.
+    """
+
+    def __init__(self, port: int, log: JsonLines, address: str = "") -> None:
         self.registry = CollectorRegistry()
         self.step = Gauge("finetune_trainer_step", "Optimizer steps done.", registry=self.registry)
         self.epoch = Gauge("finetune_trainer_epoch", "Epochs done (fractional).", registry=self.registry)
@@ -62,10 +68,14 @@ class PrometheusMetrics:
         self.port: int | None = None
         if port > 0:
             try:
-                start_http_server(port, registry=self.registry)
+                start_http_server(port, addr=address or "0.0.0.0", registry=self.registry)
                 self.port = port
             except OSError as exc:
-                log.emit("warning", message=f"metrics port {port} unavailable ({exc.strerror}); /metrics disabled")
+                where = f"{address}:{port}" if address else f"port {port}"
+                raise MetricsUnavailableError(
+                    f"/metrics cannot listen on {where} ({exc.strerror}): another process in the pod uses the "
+                    "port; give trainers a free one (operator --trainer-metrics-port, chart value trainerMetricsPort)"
+                ) from exc
 
     def update_progress(self, progress: dict[str, Any]) -> None:
         self.step.set(progress["step"])

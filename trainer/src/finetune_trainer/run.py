@@ -306,7 +306,7 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
         ctx.majority_baseline = validation_baseline(prepared.validation)
     ctx.reporter = reporter
     if is_main:
-        ctx.metrics = PrometheusMetrics(env.metrics_port, log)
+        ctx.metrics = PrometheusMetrics(env.metrics_port, log, env.metrics_address)
 
     resume: Path | None = None
     foreign = claim_checkpoints(checkpoints_dir, env.job_uid, remove=is_main)

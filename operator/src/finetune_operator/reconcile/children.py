@@ -248,6 +248,8 @@ def _env(job: FineTuneJob, settings: Settings, names: Names) -> list[Manifest]:
         # The trainer resumes only checkpoints of this uid: a re-applied job with the same name starts fresh.
         {"name": "FINETUNE_JOB_UID", "value": job.metadata.uid or ""},
         {"name": "FINETUNE_METRICS_PORT", "value": str(settings.trainer_metrics_port)},
+        # The pod's own IP: where a cluster (or the local node, which gives each pod one) routes the scrape.
+        {"name": "FINETUNE_METRICS_ADDRESS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "FINETUNE_REPORT_INTERVAL_SECONDS", "value": str(settings.report_interval_seconds)},
         {"name": "FINETUNE_PVC_ROOT", "value": settings.pvc_root},
         {"name": "HF_HOME", "value": "/tmp/hf-home"},
