@@ -34,7 +34,7 @@ def pytest_configure(config: pytest.Config) -> None:
         yaml.safe_dump(
             [
                 {"match": rf"finetune-test/{mode}(:|$)", "entrypoint": [sys.executable, str(FAKE_TRAINER), mode]}
-                for mode in ("stubborn", "plateau", "crash-once", "steady", "silent", "forger", "paced")
+                for mode in ("stubborn", "plateau", "crash-once", "steady", "silent", "forger", "paced", "resumable")
             ]
             + [
                 {
