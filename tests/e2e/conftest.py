@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -105,13 +106,12 @@ class Operator:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
 
 
-@pytest.fixture(scope="session")
-def operator(local_cluster: LocalCluster, crd: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
-    """The operator, running with only the permissions the Helm chart grants it."""
-    directory = tmp_path_factory.mktemp("operator")
+@contextlib.contextmanager
+def running_operator(cluster: LocalCluster, directory: Path) -> Iterator[Operator]:
+    """The operator on ``cluster``, running with only the permissions the Helm chart grants it."""
     running = Operator(
         kubeconfig=service_account_kubeconfig(
-            local_cluster.kubeconfig, cluster_role(), "finetune-system", directory / "operator-kubeconfig.yaml"
+            cluster.kubeconfig, cluster_role(), "finetune-system", directory / "operator-kubeconfig.yaml"
         ),
         log=directory / "operator.log",
         metrics_port=free_port(),
@@ -122,6 +122,13 @@ def operator(local_cluster: LocalCluster, crd: Any, tmp_path_factory: pytest.Tem
         yield running
     finally:
         running.kill(signal.SIGTERM)
+
+
+@pytest.fixture(scope="session")
+def operator(local_cluster: LocalCluster, crd: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    """The operator, running with only the permissions the Helm chart grants it."""
+    with running_operator(local_cluster, tmp_path_factory.mktemp("operator")) as running:
+        yield running
 
 
 @dataclass

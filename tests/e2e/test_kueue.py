@@ -11,7 +11,7 @@ Kueue's admission to the first training step, and the steps lost to one preempti
 from __future__ import annotations
 
 import json
-import signal
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -20,14 +20,12 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from finetune_localcluster.cluster import free_port
-from finetune_localcluster.kubeconfig import install_admission_policy, install_crd, service_account_kubeconfig
+from finetune_localcluster.kubeconfig import install_admission_policy, install_crd
 from finetune_localcluster.pytest_plugin import LocalCluster
 from finetune_operator import admission
 from finetune_operator.crd import build_crd
-from finetune_operator.rbac import cluster_role
 from finetune_operator.reconcile.children import Names
-from tests.e2e.conftest import Jobs, Operator, fake_job
+from tests.e2e.conftest import Jobs, Operator, fake_job, running_operator
 
 KUEUE = ("kueue.x-k8s.io", "v1beta2")
 RESUMABLE = "finetune-test/resumable"
@@ -37,24 +35,12 @@ EXAMPLE_QUEUES = Path(__file__).resolve().parents[2] / "examples" / "kueue" / "q
 
 @pytest.fixture(scope="module")
 def kueue_operator(kueue_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
-    """The operator on Kueue's cluster, with only the permissions the Helm chart grants it."""
+    """The operator on Kueue's cluster, with the CRD and admission policy as the chart installs them."""
     with kueue_cluster.api_client() as api:
         install_crd(api, build_crd())
         install_admission_policy(api, admission.manifests())
-    directory = tmp_path_factory.mktemp("kueue-operator")
-    running = Operator(
-        kubeconfig=service_account_kubeconfig(
-            kueue_cluster.kubeconfig, cluster_role(), "finetune-system", directory / "operator-kubeconfig.yaml"
-        ),
-        log=directory / "operator.log",
-        metrics_port=free_port(),
-        health_port=free_port(),
-    )
-    running.start()
-    try:
+    with running_operator(kueue_cluster, tmp_path_factory.mktemp("kueue-operator")) as running:
         yield running
-    finally:
-        running.kill(signal.SIGTERM)
 
 
 @pytest.fixture
@@ -215,3 +201,26 @@ def test_a_high_priority_job_preempts_a_low_one_which_resumes_from_its_checkpoin
         f"\npreemption: last step reported before it {last_step}, resumed from step {second['resumed_from']}: "
         f"{max(last_step - second['resumed_from'], 0)} steps lost (checkpoint interval: on SIGTERM)"
     )
+
+
+def test_the_users_suspend_wins_over_kueue_and_resuming_continues(queued_jobs: Jobs, tmp_path: Path) -> None:
+    """Kueue unsuspends any Job it has admitted: the operator deactivates the Workload, so the
+    user's spec.suspend holds; spec.suspend: false hands the job back to Kueue."""
+    jobs = queued_jobs
+    kueue_objects(jobs.api, jobs.namespace, "pausable", gpus=1)
+    one = {"image": RESUMABLE, "gpusPerNode": 1}
+    jobs.create(fake_job("paused", RESUMABLE, tmp_path, queueName="pausable", resources=one))
+    jobs.wait("paused", "step 5", lambda b: ((b.get("status") or {}).get("progress") or {}).get("step", 0) >= 5, 60)
+    jobs.patch("paused", {"spec": {"suspend": True}})
+    jobs.wait_condition("paused", "Suspended", "Suspended", timeout=30)
+    batch, trainer = client.BatchV1Api(jobs.api), Names.of("paused").job
+    deadline = time.monotonic() + 6  # long enough for Kueue to have unsuspended it, were it still admitted
+    while time.monotonic() < deadline:
+        job = batch.read_namespaced_job(trainer, jobs.namespace)
+        assert job.spec.suspend is True, "Kueue unsuspended a Job its user suspended"
+        assert condition(jobs.get("paused"), "Suspended")["reason"] == "Suspended"
+        time.sleep(0.5)
+    jobs.patch("paused", {"spec": {"suspend": False}})
+    done = jobs.wait_condition("paused", "Complete", "Succeeded", timeout=90)
+    assert [e["step"] for e in done["status"]["evaluations"]] == list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
+    assert len(runs(tmp_path / "paused")) == 2 and runs(tmp_path / "paused")[1]["resumed_from"] >= 5

@@ -156,3 +156,11 @@ def test_observe_admission_reads_the_workloads_conditions() -> None:
 
 def test_every_kueue_reason_is_in_the_table() -> None:
     assert set(KUEUE_HOLDS) <= set(REASONS)
+
+
+def test_a_workload_deactivated_for_the_users_suspend_is_not_called_preempted() -> None:
+    ftj = job(queueName="q")
+    ftj.status.start_time = NOW  # it ran before the user suspended it
+    deactivated = ObservedAdmission(reason="Pending", message=QUOTA, evicted_reason="Deactivated", evicted_message="x")
+    got = held(ftj, deactivated)
+    assert got["Suspended"] == ("True", "Queued")

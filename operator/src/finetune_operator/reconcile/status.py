@@ -38,6 +38,8 @@ from finetune_trainer.early_stopping import EarlyStoppingState, Evaluated, expla
 
 STOP_ANNOTATION = "finetune.dev/stop-requested"
 STUCK_TERMINATING = timedelta(minutes=2)
+KUEUE_DEACTIVATED = "Deactivated"
+"""Kueue's eviction reason for a Workload made inactive (the operator does that for the user's suspend)."""
 WAITING = (OWNERSHIP_CONFLICT, CREATE_FAILED)
 """Stalled reasons that end by themselves when the obstacle goes."""
 EARLY_STOPPED = "EarlyStopped"
@@ -302,7 +304,8 @@ def _kueue_hold(
     if admission is None:
         return QUEUED, f"waiting for Kueue to admit it from {waits_for} (no Workload yet: is Kueue running?)"
     stopping = workload.active > 0 or workload.terminating > 0
-    if status.start_time is not None and (admission.evicted_reason or stopping):  # it ran: Kueue took the quota back
+    evicted = admission.evicted_reason not in ("", KUEUE_DEACTIVATED)  # deactivated: the user's suspend, now over
+    if status.start_time is not None and (evicted or stopping):  # it ran: Kueue took the quota back
         said = admission.evicted_message or "evicted by Kueue"
         saving = "; the trainer is saving a checkpoint" if stopping else ""
         return PREEMPTED, f"{said}{saving}; resumes from its last checkpoint when {waits_for} readmits it"
