@@ -115,6 +115,14 @@ cluster-up: venv ## start the local control plane + NODES nodes (default 1); kub
 cluster-down: venv ## stop the local control plane
 	$(PY) -m finetune_localcluster down
 
+.PHONY: kueue-up
+kueue-up: venv ## Kueue (built from the Go module proxy once) against the running local cluster: CRDs + manager
+	$(PY) -m finetune_localcluster kueue-up
+
+.PHONY: kueue-down
+kueue-down: venv ## stop Kueue's manager (its CRDs and queues stay)
+	$(PY) -m finetune_localcluster kueue-down
+
 .PHONY: demo
 demo: venv controlplane system-deps ## the main job: fine-tune MiniLM-L6 end to end on the local control plane (~5 min)
 	@echo ">> make demo: local control plane + operator + Prometheus, then a real fine-tune of MiniLM-L6"

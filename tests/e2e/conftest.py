@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -35,7 +36,17 @@ def pytest_configure(config: pytest.Config) -> None:
         yaml.safe_dump(
             [
                 {"match": rf"finetune-test/{mode}(:|$)", "entrypoint": [sys.executable, str(FAKE_TRAINER), mode]}
-                for mode in ("stubborn", "plateau", "crash-once", "steady", "silent", "forger", "paced", "sweep")
+                for mode in (
+                    "stubborn",
+                    "plateau",
+                    "crash-once",
+                    "steady",
+                    "silent",
+                    "forger",
+                    "paced",
+                    "sweep",
+                    "resumable",
+                )
             ]
             + [
                 {
@@ -106,9 +117,10 @@ class Operator:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
 
 
-def operator_for(cluster: LocalCluster, directory: Path) -> Operator:
-    """The operator for ``cluster`` (not started yet), with only the permissions the Helm chart grants it."""
-    return Operator(
+@contextlib.contextmanager
+def running_operator(cluster: LocalCluster, directory: Path) -> Iterator[Operator]:
+    """The operator on ``cluster``, running with only the permissions the Helm chart grants it."""
+    running = Operator(
         kubeconfig=service_account_kubeconfig(
             cluster.kubeconfig, cluster_role(), "finetune-system", directory / "operator-kubeconfig.yaml"
         ),
@@ -116,17 +128,18 @@ def operator_for(cluster: LocalCluster, directory: Path) -> Operator:
         metrics_port=free_port(),
         health_port=free_port(),
     )
-
-
-@pytest.fixture(scope="session")
-def operator(local_cluster: LocalCluster, crd: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
-    """The operator, running with only the permissions the Helm chart grants it."""
-    running = operator_for(local_cluster, tmp_path_factory.mktemp("operator"))
     running.start()
     try:
         yield running
     finally:
         running.kill(signal.SIGTERM)
+
+
+@pytest.fixture(scope="session")
+def operator(local_cluster: LocalCluster, crd: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    """The operator, running with only the permissions the Helm chart grants it."""
+    with running_operator(local_cluster, tmp_path_factory.mktemp("operator")) as running:
+        yield running
 
 
 @dataclass

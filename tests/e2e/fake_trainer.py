@@ -14,6 +14,7 @@ service-account token.
     fake_trainer.py paced      trains 60 steps in ~30 s, evaluating every 10 and serving /metrics
     fake_trainer.py sweep      6 evaluations in ~2 s whose accuracy grows with hyperparameters.weightDecay
                                (a sweep's parameter); stops when asked, as a pruned trial must
+    fake_trainer.py resumable  40 steps in ~10 s, evaluating every 5; checkpoints on SIGTERM (exit 75) and resumes
 """
 
 from __future__ import annotations
@@ -251,6 +252,37 @@ def sweep(config: dict[str, Any]) -> int:
     return 0
 
 
+RESUMABLE_STEPS = 40
+RESUMABLE_EVAL_EVERY = 5
+
+
+def resumable(output: Path) -> int:
+    """Like a real trainer under Kueue: saves its step and evaluation history on SIGTERM (preemption)
+    and exits 75; a new pod resumes from there. Each run's first step goes to ``runs.jsonl``."""
+    output.mkdir(parents=True, exist_ok=True)
+    checkpoint = output / "checkpoint.json"
+    state = json.loads(checkpoint.read_text()) if checkpoint.exists() else {"step": 0, "evaluations": []}
+
+    def save_and_exit(*_: object) -> None:
+        partial = output / "checkpoint.json.tmp"
+        partial.write_text(json.dumps(state))
+        partial.replace(checkpoint)
+        print(f"SIGTERM: checkpoint at step {state['step']}", flush=True)
+        sys.exit(75)
+
+    signal.signal(signal.SIGTERM, save_and_exit)
+    with (output / "runs.jsonl").open("a") as runs:
+        runs.write(json.dumps({"resumed_from": state["step"], "started": time.time()}) + "\n")
+    for step in range(state["step"] + 1, RESUMABLE_STEPS + 1):
+        time.sleep(0.25)
+        evaluations = state["evaluations"]
+        if step % RESUMABLE_EVAL_EVERY == 0:
+            evaluations = [*evaluations, evaluation(step, 0.5 + step / 100)]
+        state = {"step": step, "evaluations": evaluations}
+        report(step, RESUMABLE_STEPS, evaluations)
+    return 0
+
+
 def silent() -> int:
     report(1, 100, [])
     report(2, 100, [])
@@ -276,6 +308,9 @@ def main(argv: list[str]) -> int:
         return code
     if mode == "paced":
         return paced()
+    if mode == "resumable":
+        location = yaml.safe_load(Path(config).read_text())["output"]["location"]
+        return resumable(Path(location.removeprefix("file://")))
     if mode == "steady":
         return steady()
     if mode == "plateau":

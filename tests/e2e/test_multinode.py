@@ -24,7 +24,7 @@ from finetune_localcluster.pytest_plugin import LocalCluster, own_cluster
 from finetune_operator import admission
 from finetune_operator.api import GROUP, VERSION
 from finetune_operator.crd import build_crd
-from tests.e2e.conftest import Jobs, Operator, operator_for
+from tests.e2e.conftest import Jobs, Operator, running_operator
 from tests.trainer import tiny
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -36,12 +36,8 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalC
         with cluster.api_client() as api:
             install_crd(api, build_crd())
             install_admission_policy(api, admission.manifests())
-        operator = operator_for(cluster, tmp_path_factory.mktemp("two-nodes-operator"))
-        operator.start()
-        try:
+        with running_operator(cluster, tmp_path_factory.mktemp("two-nodes-operator")) as operator:
             yield cluster, operator
-        finally:
-            operator.kill(signal.SIGTERM)
 
 
 def _kill_rank(cluster: LocalCluster, core: client.CoreV1Api, namespace: str, index: str) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from . import build, images
 from .cluster import Cluster, ClusterError, default_state_dir
 from .helm import ensure_helm
+from .kueue import Kueue
 from .procs import tail
 
 
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("kubeconfig", help="print the admin kubeconfig path")
     sub.add_parser("build", help="build (or find cached) binaries and print their directory")
     sub.add_parser("helm", help="build (or find cached) helm and print its path")
+    sub.add_parser("kueue-up", help="install Kueue's CRDs and start its manager against the running cluster")
+    sub.add_parser("kueue-down", help="stop Kueue's manager (its CRDs and queues stay)")
     im = sub.add_parser(
         "images", help="build (or find) the operator and trainer images with podman; print refs and sizes"
     )
@@ -77,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
             c = Cluster(state, gpus=a.gpus, nodes=a.nodes).start(reuse=not a.no_reuse)
             print(f"export KUBECONFIG={c.kubeconfig}")
         elif a.cmd == "down":
+            Kueue(state).down()  # it would only retry against a stopped API server
             Cluster(state).stop(purge=a.purge)
         elif a.cmd == "status":
             c = Cluster(state)
@@ -103,6 +107,14 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(b.build_info, indent=2))
         elif a.cmd == "helm":
             print(ensure_helm())
+        elif a.cmd == "kueue-up":
+            if not Cluster(state).is_running():
+                raise ClusterError(f"no local cluster runs in {state}: start one first (make cluster-up)")
+            kueue = Kueue(state)
+            kueue.up()
+            print(f"kueue {kueue.version} running; log: {kueue.log}")
+        elif a.cmd == "kueue-down":
+            print("kueue stopped" if Kueue(state).down() else "kueue was not running")
         elif a.cmd == "images":
             images.main(tuple(a.targets) or ("operator", "trainer"))
     except (ClusterError, build.BuildError) as e:

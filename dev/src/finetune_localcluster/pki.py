@@ -31,6 +31,9 @@ CLIENTS = {
 }
 
 
+CA_NAME = "finetune-localcluster-ca"
+
+
 @dataclass(frozen=True)
 class Pki:
     """Paths of the generated material."""
@@ -132,6 +135,20 @@ def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
+def issue_serving(pki: Pki, crt: Path, key_path: Path, cn: str, names: list[str], ips: list[str]) -> None:
+    """A serving certificate signed by the cluster's CA, unless ``crt`` and ``key_path`` exist
+    (the API server's, the node's, and components run beside the cluster such as Kueue)."""
+    if crt.exists() and key_path.exists():
+        return
+    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in names]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    key = _key()
+    cert = _sign(_name(cn), key.public_key(), _load_key(pki.ca_key), _name(CA_NAME), server=True, sans=sans)
+    crt.parent.mkdir(parents=True, exist_ok=True)
+    _write_key(key_path, key)
+    crt.write_bytes(_pem(cert))
+
+
 def ensure(directory: Path) -> Pki:
     """Create whatever is missing: CA, serving certs, SA key pair, client certs.
 
@@ -139,7 +156,7 @@ def ensure(directory: Path) -> Pki:
     """
     pki = Pki(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    ca_name = _name("finetune-localcluster-ca")
+    ca_name = _name(CA_NAME)
     if not (pki.ca_cert.exists() and pki.ca_key.exists()):
         for f in directory.iterdir():  # a new CA invalidates everything signed by the old one
             f.unlink()
@@ -151,15 +168,7 @@ def ensure(directory: Path) -> Pki:
         ca_key = _load_key(pki.ca_key)
 
     def serving(stem: str, cn: str, names: list[str], ips: list[str]) -> None:
-        crt, key_path = directory / f"{stem}.crt", directory / f"{stem}.key"
-        if crt.exists() and key_path.exists():
-            return
-        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in names]
-        sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
-        key = _key()
-        cert = _sign(_name(cn), key.public_key(), ca_key, ca_name, server=True, sans=sans)
-        _write_key(key_path, key)
-        crt.write_bytes(_pem(cert))
+        issue_serving(pki, directory / f"{stem}.crt", directory / f"{stem}.key", cn, names, ips)
 
     serving("apiserver", "kube-apiserver", _DNS, ["127.0.0.1", SERVICE_IP])
     serving("kubelet", "local-node", ["localhost", "local-node"], ["127.0.0.1"])

@@ -25,6 +25,7 @@ from kubernetes import client
 
 from . import build, kubeconfig
 from .cluster import Cluster, default_state_dir
+from .kueue import Kueue
 
 
 class KubectlError(subprocess.CalledProcessError):
@@ -106,6 +107,19 @@ def own_cluster(state_dir: Path, nodes: int = 1, gpus: int = 4) -> Iterator[Loca
         yield LocalCluster(c)
     finally:
         c.stop()
+
+
+@pytest.fixture(scope="module")
+def kueue_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A control plane of its own with the real Kueue running against it: Kueue's CRDs, queues and
+    cluster-wide objects never meet the other tests (its manager is built once per machine)."""
+    with own_cluster(tmp_path_factory.mktemp("kueue-cluster")) as cluster:
+        kueue = Kueue(cluster.state_dir)
+        kueue.up()
+        try:
+            yield cluster
+        finally:
+            kueue.down()
 
 
 @pytest.fixture(scope="session")

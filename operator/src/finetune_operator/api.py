@@ -38,6 +38,8 @@ CATEGORIES = ("finetune",)
 DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/finetune-trainer:0.1.0"
 QUANTITY_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 LabelValue = Annotated[str, StringConstraints(max_length=63)]
+QueueName = Annotated[str, StringConstraints(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
+"""A LocalQueue's name as the Job's queue label carries it (a DNS label)."""
 Quantity = Annotated[int | str, Field(description="A Kubernetes quantity such as 4, 500m or 16Gi.")]
 
 
@@ -176,6 +178,12 @@ class FineTuneJobSpec(TrainingSpec):
         description="Suspend the workload (its Job is suspended; Kueue-compatible). Resuming continues from the last "
         "checkpoint. Training fields may be edited only while suspended.",
     )
+    queue_name: QueueName | None = Field(
+        None,
+        description="Kueue LocalQueue to submit to (also read from the label kueue.x-k8s.io/queue-name). The Job is "
+        "created suspended and Kueue alone unsuspends it when it admits it, or suspends it again to preempt it; the "
+        "trainer then checkpoints and resumes on readmission. spec.suspend: true still wins.",
+    )
     backoff_limit: int = Field(
         3,
         ge=0,
@@ -239,6 +247,10 @@ REASONS: dict[str, str] = {
     # paused
     "Suspended": "spec.suspend is true; resuming continues from the last checkpoint.",
     "Resumed": "spec.suspend went back to false.",
+    "Inadmissible": "Kueue cannot admit the job as it stands: its LocalQueue or ClusterQueue does not exist or is "
+    "stopped, or it asks for more than the queue's whole quota; the message is Kueue's (Suspended=True, Stalled=True).",
+    "Preempted": "Kueue evicted the running job (preemption, a queue stopped, ...): the trainer saved a checkpoint and "
+    "the job resumes from it when Kueue admits it again (Suspended=True, Reconciling=True).",
     # stuck
     "NoProgress": "the trainer sent no progress report for stallTimeoutSeconds.",
     "OwnershipConflict": "a child object of the job's name exists and is owned by someone else.",
@@ -291,6 +303,14 @@ UNSCHEDULABLE = "Unschedulable"
 """Running=False while the pod waits for a node (the scheduler's message)."""
 VERSION_SKEW = "SpecNotUnderstood"
 """A started job whose stored spec this operator version cannot read: its workload is left running."""
+QUEUED = "Queued"
+"""Suspended: Kueue holds the Job until it admits it (Kueue's message)."""
+INADMISSIBLE = "Inadmissible"
+"""Suspended and Stalled: Kueue says it cannot admit the job as it stands (no such queue, too large)."""
+PREEMPTED = "Preempted"
+"""Suspended: Kueue evicted the running job; it resumes from its checkpoint when readmitted."""
+KUEUE_HOLDS = (QUEUED, INADMISSIBLE, PREEMPTED)
+"""Suspended reasons of a job Kueue holds: work in progress, not a user's pause."""
 Phase = Literal["Pending", "Running", "Suspended", "Stalled", "Succeeded", "EarlyStopped", "Pruned", "Failed"]
 
 
@@ -470,6 +490,12 @@ OBJECT_RULES: tuple[Rule, ...] = (
 """Rules on the whole object (the CRD's root), for names that could never work."""
 
 
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+"""The label Kueue reads on a Job: which LocalQueue it waits in."""
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+"""The label Kueue reads on a Job: its WorkloadPriorityClass (else the pods' PriorityClass counts)."""
+
+
 class FineTuneJob(BaseModel):
     """A whole FineTuneJob object."""
 
@@ -480,6 +506,11 @@ class FineTuneJob(BaseModel):
     metadata: ObjectMeta
     spec: FineTuneJobSpec
     status: FineTuneJobStatus = Field(default_factory=FineTuneJobStatus)
+
+    @property
+    def queue_name(self) -> str | None:
+        """The Kueue LocalQueue this job waits in: spec.queueName, else the FineTuneJob's queue label."""
+        return self.spec.queue_name or self.metadata.labels.get(KUEUE_QUEUE_LABEL) or None
 
     @model_validator(mode="after")
     def _apply_object_rules(self) -> Self:

@@ -39,6 +39,7 @@ _COLLECTIONS = {
     "Job": "/apis/batch/v1/namespaces/{}/jobs",
     KIND: f"/apis/{GROUP}/{VERSION}/namespaces/{{}}/{PLURAL}",
     SWEEP_KIND: f"/apis/{GROUP}/{VERSION}/namespaces/{{}}/{SWEEP_PLURAL}",
+    "Workload": "/apis/kueue.x-k8s.io/v1beta2/namespaces/{}/workloads",
 }
 MERGE_PATCH = "application/merge-patch+json"
 PARTIAL_METADATA = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
@@ -201,6 +202,24 @@ class Kube:
     async def list_pods(self, namespace: str, selector: str) -> list[Manifest]:
         listed = await self._request("GET", "Pod", namespace, params={"labelSelector": selector})
         return cast(list[Manifest], listed["items"])
+
+    async def list_workloads(self, namespace: str, job_uid: str) -> list[Manifest]:
+        """Kueue's Workloads of one Job (by the label Kueue puts on them); none where Kueue is not installed."""
+        try:
+            listed = await self._request(
+                "GET", "Workload", namespace, params={"labelSelector": f"kueue.x-k8s.io/job-uid={job_uid}"}
+            )
+        except ApiError as error:
+            if error.status == 404:
+                return []
+            raise
+        return cast(list[Manifest], listed.get("items") or [])
+
+    async def set_workload_active(self, namespace: str, name: str, active: bool) -> None:
+        """Kueue's off switch for a queued job: an inactive Workload is evicted and never admitted."""
+        await self._unless_gone(
+            "PATCH", "Workload", namespace, name, body={"spec": {"active": active}}, content_type=MERGE_PATCH
+        )
 
     async def patch_job(self, namespace: str, name: str, patch: Manifest) -> None:
         await self._request("PATCH", "Job", namespace, name, body=patch, content_type=MERGE_PATCH)

@@ -37,6 +37,7 @@ from finetune_operator.reconcile.children import (
 )
 from finetune_operator.reconcile.observe import (
     finetunejob_essentials,
+    observe_admission,
     observe_job,
     observe_pod,
     spec_hash_of,
@@ -315,7 +316,19 @@ class Reconciler:
         ):  # why it failed, or why it is not running yet
             listed = await self.kube.list_pods(namespace, f"{JOB_LABEL}={job_label_value(name)}")
             pods = tuple(observe_pod(p) for p in listed)
-        observed = Observed(job=observed_job, pods=pods, conflicts=tuple(conflicts), create_errors=tuple(errors))
+        queued: list[Manifest] = []  # Kueue's Workload, read only while Kueue holds the Job
+        stopping = job.spec.suspend or current.stop_request is not None
+        if job.queue_name is not None and workload is not None and observed_job is not None:
+            held = observed_job.suspended or stopping
+            uid = workload["metadata"].get("uid")
+            queued = await self.kube.list_workloads(namespace, uid) if held and uid and not ended else []
+        observed = Observed(
+            job=observed_job,
+            pods=pods,
+            conflicts=tuple(conflicts),
+            create_errors=tuple(errors),
+            admission=observe_admission(queued),
+        )
         decision = decide(job, observed, now)
 
         for pod in decision.stuck_pods:
@@ -323,6 +336,7 @@ class Reconciler:
         live = workload is not None and observed_job is not None and not workload.get(DELETED_MARK)
         if live and workload is not None and observed_job is not None and decision.workload_wanted:
             await self._steer_workload(job, workload, observed_job.suspended, decision)
+            await self._steer_admission(job, queued, decision)
         await self._write(body, current, decision, now)
         ttl = (
             finished_job_patch(job, workload)
@@ -389,8 +403,19 @@ class Reconciler:
             log.info("spec changed while suspended: replacing Job %s/%s", namespace, name)
             await self.kube.delete_job(namespace, name)
             return
-        if suspended != want_suspended:
+        if suspended != want_suspended and not (job.queue_name is not None and not want_suspended):
+            # A queued Job is unsuspended by Kueue alone, when it admits it.
             await self.kube.patch_job(namespace, name, {"spec": {"suspend": want_suspended}})
+
+    async def _steer_admission(self, job: FineTuneJob, workloads: list[Manifest], decision: Decision) -> None:
+        """Kueue unsuspends any Job it has admitted: to keep a queued job suspended (the user's
+        spec.suspend, or a stop being enforced) its Workload is deactivated, and activated again after."""
+        want_active = not (decision.halt_workload or (job.spec.suspend and decision.status.stop_request is None))
+        for found in workloads:
+            if bool((found.get("spec") or {}).get("active", True)) != want_active:
+                metadata = found["metadata"]
+                log.info("Kueue Workload %s/%s: active=%s", metadata["namespace"], metadata["name"], want_active)
+                await self.kube.set_workload_active(metadata["namespace"], metadata["name"], want_active)
 
     def _desired_hash(self, job: FineTuneJob) -> str | None:
         key, version = (job.metadata.namespace, job.metadata.name), (job.metadata.uid, job.metadata.generation)

@@ -35,6 +35,9 @@ OPERATOR_RULES: list[dict[str, Any]] = [
     # delete: only pods left terminating long after their grace period (a lost node).
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "delete"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    # Kueue's Workloads of queued jobs: their messages go to the status; patch flips spec.active only, to keep a
+    # job the user suspended (or a stop being enforced) from being admitted and unsuspended again.
+    {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["list", "patch"]},
     # kopf discovers resources and namespaces at start-up.
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},

@@ -13,7 +13,16 @@ from typing import Any
 
 import yaml
 
-from finetune_operator.api import API_VERSION, DEFAULT_TRAINER_IMAGE, KIND, PLURAL, FineTuneJob, quantity_value
+from finetune_operator.api import (
+    API_VERSION,
+    DEFAULT_TRAINER_IMAGE,
+    KIND,
+    KUEUE_PRIORITY_LABEL,
+    KUEUE_QUEUE_LABEL,
+    PLURAL,
+    FineTuneJob,
+    quantity_value,
+)
 from finetune_trainer import exitcodes
 from finetune_trainer.spec import TrainingSpec
 
@@ -403,7 +412,8 @@ def batch_job(job: FineTuneJob, settings: Settings, *, suspend: bool | None = No
     names = Names.for_job(job)
     nodes = job.spec.resources.nodes
     spec: Manifest = {
-        "suspend": job.spec.suspend if suspend is None else suspend,
+        # A queued Job starts suspended: Kueue alone unsuspends it (and suspends it again to preempt it).
+        "suspend": (job.spec.suspend or job.queue_name is not None) if suspend is None else suspend,
         "backoffLimit": job.spec.backoff_limit,
         "completions": nodes,
         "parallelism": nodes,
@@ -445,11 +455,20 @@ def batch_job(job: FineTuneJob, settings: Settings, *, suspend: bool | None = No
         spec["activeDeadlineSeconds"] = job.spec.active_deadline_seconds
     # No ttlSecondsAfterFinished here: the operator sets it once it has recorded the result
     # (``finished_job_patch``), so the Job controller never deletes a result nobody has read.
-    manifest = {"apiVersion": "batch/v1", "kind": "Job", "metadata": _metadata(job, names.job), "spec": spec}
+    metadata = _metadata(job, names.job)
+    metadata["labels"].update(kueue_labels(job))
+    manifest = {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": spec}
     # The hash ignores `suspend`: toggling it is an update of the Job, not a new Job.
     stamped = _stamped({**manifest, "spec": {**spec, "suspend": False}})
     stamped["spec"]["suspend"] = spec["suspend"]
     return stamped
+
+
+def kueue_labels(job: FineTuneJob) -> dict[str, str]:
+    """What Kueue reads on the Job: the LocalQueue, and a WorkloadPriorityClass named on the FineTuneJob."""
+    found = {KUEUE_QUEUE_LABEL: job.queue_name} if job.queue_name is not None else {}
+    priority = job.metadata.labels.get(KUEUE_PRIORITY_LABEL)
+    return {**found, KUEUE_PRIORITY_LABEL: priority} if priority else found
 
 
 def finished_job_patch(job: FineTuneJob, workload: Manifest) -> Manifest | None:

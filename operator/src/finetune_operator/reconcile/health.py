@@ -6,7 +6,7 @@ falls back to ``Ready``. Without these three a running job, and even a failed on
 as *Current* (healthy). They are derived here, after ``status.decide`` has settled the job's
 own conditions, so the two layers change independently:
 
-    pending, running, queued     Reconciling=True                 -> InProgress
+    pending, running, queued     Reconciling=True                 -> InProgress (preempted by Kueue too)
     suspended by the user        Ready=True (reason Suspended)    -> Current
     stalled (any reason)         Stalled=True, Reconciling=False  -> Failed (NoProgress ends with a pause)
     complete                     Ready=True                       -> Current
@@ -17,11 +17,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from finetune_operator.api import Condition, ConditionType, FineTuneJob, FineTuneJobStatus
+from finetune_operator.api import KUEUE_HOLDS, Condition, ConditionType, FineTuneJob, FineTuneJobStatus
 from finetune_operator.reconcile import status as core
 from finetune_operator.reconcile.status import Decision, Observed, set_condition
 
-QUEUED = "Queued"
 NO_PROGRESS = "NoProgress"
 
 
@@ -43,7 +42,8 @@ def derive_health(status: FineTuneJobStatus, generation: int | None, now: dateti
 
     failed, complete = _true(status, "Failed"), _true(status, "Complete")
     stalled, suspended = _true(status, "Stalled"), _true(status, "Suspended")
-    paused = suspended is not None and suspended.reason != QUEUED  # a user's pause ends a missing-heartbeat stall
+    # a user's pause, not Kueue's hold: it ends a missing-heartbeat stall
+    paused = suspended is not None and suspended.reason not in KUEUE_HOLDS
     if failed is not None:
         put("Stalled", True, failed.reason, failed.message)
         put("Reconciling", False, failed.reason, failed.message)
@@ -62,7 +62,7 @@ def derive_health(status: FineTuneJobStatus, generation: int | None, now: dateti
         put("Stalled", False, suspended.reason, message)
     else:
         running = _find(status, "Running")
-        reason = QUEUED if suspended is not None else running.reason if running is not None else "Pending"
+        reason = suspended.reason if suspended is not None else running.reason if running is not None else "Pending"
         message = status.message or ""
         put("Reconciling", True, reason, message)
         put("Ready", False, reason, message)

@@ -8,7 +8,7 @@ from typing import Any
 
 from finetune_operator.api import EVICTED, FineTuneJobStatus
 from finetune_operator.reconcile.children import SPEC_HASH_ANNOTATION, TRAINER_CONTAINER
-from finetune_operator.reconcile.status import ObservedJob, ObservedPod
+from finetune_operator.reconcile.status import ObservedAdmission, ObservedJob, ObservedPod
 
 Manifest = dict[str, Any]
 
@@ -51,6 +51,22 @@ def observe_job(job: Manifest) -> ObservedJob:
         failed_message=str(failed.get("message", "")),
         start_time=_time(status.get("startTime")),
         completion_time=_time(status.get("completionTime")),
+    )
+
+
+def observe_admission(workloads: list[Manifest]) -> ObservedAdmission | None:
+    """What Kueue's Workload for the trainer Job says; None while there is none."""
+    if not workloads:
+        return None
+    conditions = {c["type"]: c for c in (workloads[0].get("status") or {}).get("conditions", [])}
+    reserved, evicted = conditions.get("QuotaReserved") or {}, conditions.get("Evicted") or {}
+    evicted_now = evicted.get("status") == "True"
+    return ObservedAdmission(
+        admitted=(conditions.get("Admitted") or {}).get("status") == "True",
+        reason=str(reserved.get("reason", "")) if reserved.get("status") == "False" else "",
+        message=str(reserved.get("message", ""))[:1000] if reserved.get("status") == "False" else "",
+        evicted_reason=str(evicted.get("reason", "")) if evicted_now else "",
+        evicted_message=str(evicted.get("message", ""))[:1000] if evicted_now else "",
     )
 
 
@@ -142,6 +158,7 @@ def workload_essentials(job: Manifest) -> Manifest:
         "metadata": {
             "name": metadata["name"],
             "namespace": metadata["namespace"],
+            "uid": metadata.get("uid"),
             "annotations": {SPEC_HASH_ANNOTATION: spec_hash} if spec_hash is not None else {},
             "ownerReferences": metadata.get("ownerReferences") or [],
         },

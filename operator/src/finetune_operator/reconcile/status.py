@@ -17,7 +17,10 @@ from pydantic import ValidationError
 from finetune_operator.api import (
     CREATE_FAILED,
     EVICTED,
+    INADMISSIBLE,
     OWNERSHIP_CONFLICT,
+    PREEMPTED,
+    QUEUED,
     STOP_ENFORCED,
     VERSION_SKEW,
     BestResult,
@@ -37,6 +40,8 @@ from finetune_trainer.early_stopping import EarlyStoppingState, Evaluated, expla
 
 STOP_ANNOTATION = "finetune.dev/stop-requested"
 STUCK_TERMINATING = timedelta(minutes=2)
+KUEUE_DEACTIVATED = "Deactivated"
+"""Kueue's eviction reason for a Workload made inactive (the operator does that for the user's suspend)."""
 WAITING = (OWNERSHIP_CONFLICT, CREATE_FAILED)
 """Stalled reasons that end by themselves when the obstacle goes."""
 EARLY_STOPPED = "EarlyStopped"
@@ -85,6 +90,24 @@ class ObservedPod:
 
 
 @dataclass(frozen=True)
+class ObservedAdmission:
+    """Kueue's Workload for the trainer Job: its own account of why the job waits."""
+
+    admitted: bool = False
+    reason: str = ""
+    """Why it holds no quota (QuotaReserved=False): Pending, Inadmissible, ..."""
+    message: str = ""
+    evicted_reason: str = ""
+    """Evicted=True: Preempted, ClusterQueueStopped, ..."""
+    evicted_message: str = ""
+
+    @property
+    def inadmissible(self) -> bool:
+        """Kueue cannot admit it as it stands: no such queue, or larger than the queue's whole quota."""
+        return self.reason == INADMISSIBLE or "maximum capacity" in self.message
+
+
+@dataclass(frozen=True)
 class Observed:
     job: ObservedJob | None
     pods: tuple[ObservedPod, ...] = ()
@@ -92,6 +115,8 @@ class Observed:
     """Children whose name another owner holds: never adopted, never deleted; the job waits."""
     create_errors: tuple[str, ...] = ()
     """The API server's messages for children it refused to create."""
+    admission: ObservedAdmission | None = None
+    """Kueue's Workload of a queued job (None: none seen, e.g. Kueue has not created it yet)."""
 
 
 @dataclass(frozen=True)
@@ -296,6 +321,26 @@ def _diagnose(job: FineTuneJob, status: FineTuneJobStatus, finished: bool = True
     ]
 
 
+def _kueue_hold(
+    status: FineTuneJobStatus, queue: str, workload: ObservedJob, admission: ObservedAdmission | None
+) -> tuple[str, str]:
+    """(reason, message) of a queued Job that Kueue keeps suspended: waiting for admission,
+    inadmissible, or preempted (it ran before). Kueue owns ``suspend`` here; we repeat its words."""
+    waits_for = f"LocalQueue {queue}"
+    if admission is None:
+        return QUEUED, f"waiting for Kueue to admit it from {waits_for} (no Workload yet: is Kueue running?)"
+    stopping = workload.active > 0 or workload.terminating > 0
+    evicted = admission.evicted_reason not in ("", KUEUE_DEACTIVATED)  # deactivated: the user's suspend, now over
+    if status.start_time is not None and (evicted or stopping):  # it ran: Kueue took the quota back
+        said = admission.evicted_message or "evicted by Kueue"
+        saving = "; the trainer is saving a checkpoint" if stopping else ""
+        return PREEMPTED, f"{said}{saving}; resumes from its last checkpoint when {waits_for} readmits it"
+    if admission.admitted:
+        return QUEUED, f"{waits_for}: admitted; Kueue is starting it"
+    reason = INADMISSIBLE if admission.inadmissible else QUEUED
+    return reason, f"{waits_for}: {admission.message or 'waiting for admission'}"
+
+
 def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
     """The next status of ``job`` given what exists, and what to do about it."""
     generation = job.metadata.generation
@@ -402,6 +447,18 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
         return finish(_completion_phase(stop.reason), "Complete", reason, message)
 
     suspended = job.spec.suspend and stop is None
+    queue = job.queue_name
+    held = queue is not None and not suspended and stop is None and workload is not None and workload.suspended
+    if held and queue is not None and workload is not None:
+        reason, message = _kueue_hold(status, queue, workload, observed.admission)
+        status.phase = "Suspended"
+        status.message = message
+        transition("Suspended", True, reason, message)
+        transition("Running", False, reason, message, event=False)
+        stuck = reason == INADMISSIBLE
+        if stuck or any(c.type == "Stalled" and c.status == "True" for c in status.conditions):
+            transition("Stalled", stuck, reason if stuck else "Progressing", message if stuck else "")
+        return decision
     if suspended or any(c.type == "Suspended" for c in status.conditions):  # no Resumed on a never-suspended job
         transition(
             "Suspended", suspended, "Suspended" if suspended else "Resumed", "spec.suspend is true" if suspended else ""
