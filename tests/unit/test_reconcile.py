@@ -337,6 +337,23 @@ def test_a_sweep_prunes_a_trial_through_the_stop_request_path() -> None:
     }
 
 
+def test_a_finished_sweep_stops_a_running_trial_which_completes_stopped() -> None:
+    ftj = job()
+    ftj.metadata.annotations.update(
+        {"finetune.dev/stop-requested": "true", "finetune.dev/stop-reason": "SweepFinished"}
+    )
+    decision = decide(ftj, Observed(job=ObservedJob(active=1)), NOW)
+    assert decision.status.stop_request is not None
+    assert (decision.status.stop_request.reason, decision.status.stop_request.message) == (
+        "SweepFinished",
+        "its sweep has finished",
+    )
+    ftj.status = decision.status
+    done = decide(ftj, Observed(job=ObservedJob(complete=True)), NOW)
+    assert conditions(done.status)["Complete"] == ("True", "Stopped")
+    assert done.status.message == "stopped on request: its sweep has finished"
+
+
 def test_backoff_failure_counts_the_failed_pod_before_the_job_does() -> None:
     """The Job's FailureTarget condition comes before its status.failed counts the pod; the
     message is final (terminal states are sticky), so it must not say "failed 0 times"."""

@@ -12,6 +12,7 @@ from optuna.trial import TrialState
 
 from finetune_operator.api import REASONS
 from finetune_operator.reconcile.sweep import (
+    FINISHED_ANNOTATIONS,
     ObservedTrial,
     build_study,
     decide_sweep,
@@ -261,6 +262,17 @@ def test_the_goal_completes_the_sweep() -> None:
     decision = decide_sweep(sweep, trials, NOW)
     assert decision.create == []
     assert next(c for c in decision.status.conditions if c.type == "Complete").reason == "GoalReached"
+    assert decision.stop == ["s-t001"], "a trial still running when the goal is reached must be asked to stop"
+
+
+def test_a_finished_sweep_stops_its_running_trials_once() -> None:
+    sweep = _sweep(maxFailedTrials=2, parallelism=3)
+    running, stopping = _trial_body(2, [0.5]), _trial_body(3, [0.4])
+    stopping["metadata"]["annotations"].update(FINISHED_ANNOTATIONS)
+    failed = (_trial_body(i, [], failed=True) for i in range(2))
+    decision = decide_sweep(sweep, _observe(sweep, *failed, running, stopping), NOW)
+    assert decision.status.phase == "Failed"
+    assert decision.stop == ["s-t002"]  # s-t003 was already asked: no second patch
 
 
 def test_suspend_creates_nothing() -> None:

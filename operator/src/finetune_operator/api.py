@@ -406,7 +406,7 @@ class EarlyStoppingStatus(StatusModel):
 class StopRequest(StatusModel):
     """A request to the trainer to save and stop; set by the operator, read by the trainer."""
 
-    reason: str = Field(description="EarlyStopped or UserRequested.")
+    reason: str = Field(description="EarlyStopped, UserRequested, or (sweep trials) Pruned or SweepFinished.")
     message: str = Field("", description="Detail.")
     requested_time: datetime = Field(description="When the stop was requested.")
 

@@ -24,6 +24,7 @@ from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.reconcile.children import controller_of, job_label_value
 from finetune_operator.reconcile.status import Event, describe_validation
 from finetune_operator.reconcile.sweep import (
+    FINISHED_ANNOTATIONS,
     PRUNE_ANNOTATIONS,
     SweepDecision,
     decide_sweep,
@@ -110,6 +111,9 @@ class SweepReconciler:
         for trial_name in decision.prune:
             log.info("%s/%s: pruning trial %s", namespace, name, trial_name)
             await self.kube.annotate(KIND, namespace, trial_name, PRUNE_ANNOTATIONS)
+        for trial_name in decision.stop:
+            log.info("%s/%s: the sweep has finished: stopping trial %s", namespace, name, trial_name)
+            await self.kube.annotate(KIND, namespace, trial_name, FINISHED_ANNOTATIONS)
         for manifest in decision.create:  # in index order: a failure leaves no gap behind it
             try:
                 created = await self.kube.create(manifest)

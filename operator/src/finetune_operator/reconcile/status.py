@@ -48,8 +48,12 @@ EARLY_STOPPED = "EarlyStopped"
 USER_REQUESTED = "UserRequested"
 PRUNED = "Pruned"
 """Stop reason and Complete reason of a sweep trial its sweep judged unpromising."""
+SWEEP_FINISHED = "SweepFinished"
+"""Stop reason of a trial still running when its sweep ended (goal reached, too many failed trials): it
+completes as Stopped, keeping its best checkpoint, instead of burning its GPUs for a finished search."""
 STOP_REASON_ANNOTATION = "finetune.dev/stop-reason"
-"""Set by a sweep beside ``finetune.dev/stop-requested: "true"``: Pruned (anything else is a user's stop)."""
+"""Set by a sweep beside ``finetune.dev/stop-requested: "true"``: Pruned or SweepFinished (anything else is a
+user's stop)."""
 
 
 @dataclass(frozen=True)
@@ -240,8 +244,11 @@ def _stop_request(job: FineTuneJob, status: FineTuneJobStatus, now: datetime) ->
     if status.early_stopping is not None and status.early_stopping.triggered:
         return StopRequest(reason=EARLY_STOPPED, message=status.early_stopping.reason or "", requested_time=now)
     if job.metadata.annotations.get(STOP_ANNOTATION, "").lower() == "true":
-        if job.metadata.annotations.get(STOP_REASON_ANNOTATION) == PRUNED:
+        reason = job.metadata.annotations.get(STOP_REASON_ANNOTATION)
+        if reason == PRUNED:
             return StopRequest(reason=PRUNED, message="its sweep judged it unpromising", requested_time=now)
+        if reason == SWEEP_FINISHED:
+            return StopRequest(reason=SWEEP_FINISHED, message="its sweep has finished", requested_time=now)
         return StopRequest(reason=USER_REQUESTED, message=f"annotation {STOP_ANNOTATION}=true", requested_time=now)
     return None
 

@@ -28,6 +28,7 @@ from finetune_operator.reconcile.status import (
     PRUNED,
     STOP_ANNOTATION,
     STOP_REASON_ANNOTATION,
+    SWEEP_FINISHED,
     Event,
     set_condition,
 )
@@ -90,11 +91,15 @@ class SweepDecision:
     """Trial FineTuneJobs to create, in index order (409 means already created)."""
     prune: list[str] = field(default_factory=list)
     """Running trials to ask to stop with reason Pruned."""
+    stop: list[str] = field(default_factory=list)
+    """Trials still running when the sweep ended (goal reached, too many failed): ask them to stop."""
     events: list[Event] = field(default_factory=list)
 
 
 PRUNE_ANNOTATIONS = {STOP_ANNOTATION: "true", STOP_REASON_ANNOTATION: PRUNED}
 """What a sweep writes on a trial to prune it: the stop-request path of every FineTuneJob, reason Pruned."""
+FINISHED_ANNOTATIONS = {STOP_ANNOTATION: "true", STOP_REASON_ANNOTATION: SWEEP_FINISHED}
+"""What a finished sweep writes on its still-running trials: the same stop path, reason SweepFinished."""
 
 
 def trial_name(sweep_name: str, index: int) -> str:
@@ -169,7 +174,7 @@ def observe_trial(sweep: FineTuneSweep, body: Manifest) -> ObservedTrial | None:
         value=value,
         step=step,
         checkpoint=checkpoint,
-        stop_requested=annotations.get(STOP_REASON_ANNOTATION) == PRUNED or bool(status.get("stopRequest")),
+        stop_requested=annotations.get(STOP_ANNOTATION, "").lower() == "true" or bool(status.get("stopRequest")),
     )
 
 
@@ -458,6 +463,7 @@ def decide_sweep(sweep: FineTuneSweep, trials: Sequence[ObservedTrial], now: dat
         set_condition(status, "Suspended", False, reason, message, now, generation)
         status.phase = "Failed" if failed else "Complete"
         status.message = message
+        decision.stop = [t.name for t in ordered if not t.finished and not t.stop_requested]
         if became:
             decision.events.append(Event("Warning" if failed else "Normal", reason, message))
         return decision
