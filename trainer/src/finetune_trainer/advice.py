@@ -49,9 +49,10 @@ def _cel_literal(value: Any) -> str:
 
 
 def _has(path: str) -> str:
-    """CEL: ``self.<path>`` and every object above it are present."""
-    parts = path.split(".")
-    return "(" + " && ".join(f"has(self.{'.'.join(parts[: i + 1])})" for i in range(len(parts))) + ")"
+    """CEL: ``self.<path>`` and every object above it are present and not null (an explicit ``null`` on a
+    nullable field is stored as such, and pydantic, like the trainer, reads it as absent)."""
+    parts = [f"self.{'.'.join(path.split('.')[: i + 1])}" for i in range(path.count(".") + 1)]
+    return "(" + " && ".join(f"has({p}) && {p} != null" for p in parts) + ")"
 
 
 def _get(path: str, default: Any) -> str:
