@@ -4,7 +4,11 @@ It runs the trainer as a pod would and, for the test to compare, saves this rank
 to ``<output>/rank-<RANK>.pt`` and its result to ``<output>/rank-<RANK>.json``. With
 ``FORCE_EARLY_STOP_RANK=N``, rank N alone sees early stopping fire at its first evaluation: the
 way one rank's verdict could differ from the others'. With ``PRIVATE_OUTPUT_RANK=N``, rank N
-writes to an output location of its own (storage the nodes do not share). Trainer errors exit
+writes to an output location of its own (storage the nodes do not share). With ``COUNT_FROZEN_CALLS=1``, the
+result also says how often the tiny BERT's lowest (frozen) block ran in training and in evaluation; it always lists
+the example indices of each training batch (when the activation cache indexes them). ``ACTIVATION_MEMORY_BUDGET=N``
+makes the activation cache see N bytes of memory to spare (a small N: it spills to disk). With
+``TERMINATE_AT_STEP=N``, every rank sees SIGTERM's stop at step N (checkpoint and leave). Trainer errors exit
 with their exit code and one line, as the CLI does.
 """
 
@@ -18,7 +22,8 @@ from typing import Any
 
 import torch
 
-from finetune_trainer import callbacks, run
+from finetune_trainer import callbacks, run, trainer
+from finetune_trainer.activation_cache import EXAMPLE_INDEX
 from finetune_trainer.config import RuntimeEnv
 from finetune_trainer.early_stopping import EarlyStoppingState
 from finetune_trainer.errors import TrainerError
@@ -46,13 +51,49 @@ def main() -> None:
         return save_final(ctx, trainer, processor)
 
     run._save_final = save_and_dump  # type: ignore[assignment]
+    frozen_calls = {"train": 0, "eval": 0}
+    if os.environ.get("COUNT_FROZEN_CALLS") == "1":
+        apply_freeze = run.apply_freeze
+
+        def hooked(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+            def count(*_: Any) -> None:
+                frozen_calls["train" if model.training else "eval"] += 1
+
+            result = apply_freeze(model, *args, **kwargs)
+            model.bert.encoder.layer[0].attention.register_forward_hook(count)  # type: ignore[union-attr,operator]
+            return result
+
+        run.apply_freeze = hooked  # type: ignore[assignment]
+    if "ACTIVATION_MEMORY_BUDGET" in os.environ:
+        run.memory_budget = lambda: int(os.environ["ACTIVATION_MEMORY_BUDGET"])  # type: ignore[attr-defined]
+    if "TERMINATE_AT_STEP" in os.environ:
+        on_step_end = callbacks.StopCallback.on_step_end
+
+        def terminate(self: Any, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.ctx.terminating = self.ctx.terminating or state.global_step == int(os.environ["TERMINATE_AT_STEP"])
+            on_step_end(self, args, state, control, **kwargs)
+
+        callbacks.StopCallback.on_step_end = terminate  # type: ignore[method-assign]
+    batches: list[list[int]] = []
+    training_step = trainer.FineTuneTrainer.training_step
+
+    def record(self: Any, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if EXAMPLE_INDEX in inputs:
+            batches.append(inputs[EXAMPLE_INDEX].tolist())
+        return training_step(self, model, inputs, *args, **kwargs)
+
+    trainer.FineTuneTrainer.training_step = record  # type: ignore[method-assign]
     torch.set_num_threads(1)
     try:
         result = run.run(TrainingSpec.model_validate(wire), RuntimeEnv(metrics_port=0, log_every_steps=1))
     except TrainerError as error:
         print(f"finetune-trainer: error: {error}", file=sys.stderr, flush=True)
         sys.exit(error.exit_code)
-    (out / f"rank-{rank}.json").write_text(json.dumps({"reason": result.reason, "finalStep": result.final_step}))
+    (out / f"rank-{rank}.json").write_text(
+        json.dumps(
+            {"reason": result.reason, "finalStep": result.final_step, "frozenCalls": frozen_calls, "batches": batches}
+        )
+    )
 
 
 if __name__ == "__main__":

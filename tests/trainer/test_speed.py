@@ -293,6 +293,38 @@ def test_an_activation_cache_that_would_not_fit_in_memory_is_not_built(tmp_path:
     assert cache is not None and report["enabled"] and report["estimatedBytes"] > 1000
     assert indexed.train["example_index"] == list(range(96))
     assert indexed.validation is not None and indexed.validation["example_index"] == list(range(96, 144))
+    _, _, shared = install(model, prepared, 32, lambda _: None, budget=memory_budget(), ranks=2)
+    assert shared["estimatedBytes"] * 2 == report["estimatedBytes"], "each of 2 ranks caches half the examples"
+
+
+@pytest.mark.parametrize(("examples", "ranks"), [(96, 2), (101, 4), (3, 4)])
+def test_each_rank_gets_a_fixed_shard_reshuffled_every_epoch(examples: int, ranks: int) -> None:
+    from finetune_trainer.activation_cache import FixedShardSampler
+
+    def order(rank: int, epoch: int, seed: int = 7) -> list[int]:
+        sampler = FixedShardSampler(examples, rank, ranks, seed)  # a fresh one: a restarted process
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    shards = [set(order(rank, 0)) for rank in range(ranks)]
+    assert set().union(*shards) == set(range(examples)), "every example is some rank's"
+    lengths = {len(FixedShardSampler(examples, rank, ranks, 7)) for rank in range(ranks)}
+    assert lengths == {-(-examples // ranks)} == {len(order(rank, 0)) for rank in range(ranks)}
+    if examples % ranks == 0:
+        assert all(a.isdisjoint(b) for i, a in enumerate(shards) for b in shards[i + 1 :]), "no padding, no overlap"
+    else:  # padded with the first examples, as torch's DistributedSampler does
+        assert sum(len(shard) for shard in shards) - examples <= ranks
+    for rank in range(ranks):
+        assert all(set(order(rank, epoch)) == shards[rank] for epoch in (1, 2, 5)), "the same shard every epoch"
+        assert order(rank, 2) == order(rank, 2), "deterministic from seed and epoch"
+        if len(shards[rank]) > 2:
+            assert order(rank, 1) != order(rank, 2), "reshuffled every epoch"
+            assert order(rank, 1, seed=8) != order(rank, 1), "the seed decides"
+    sampler = FixedShardSampler(examples, 0, ranks, 7)
+    sampler.set_epoch(3)
+    assert list(sampler) == list(sampler) == order(0, 3), "no hidden state: only the seed and the epoch decide"
+    with pytest.raises(ValueError, match="rank 2 is not one of 2 ranks"):
+        FixedShardSampler(examples, 2, 2, 7)
 
 
 def test_a_disk_store_trusts_only_what_was_persisted_for_the_same_key(tmp_path: Path) -> None:

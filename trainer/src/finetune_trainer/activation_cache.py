@@ -9,9 +9,9 @@ positions are masked out of attention and loss, so their values do not matter). 
 position embeddings, the trainable blocks, the head — runs as usual.
 
 Examples are told apart by an index column the collator turns into a tensor (``IndexedCollator``); validation
-examples get their own range. Each rank caches the examples it sees (the distributed sampler deals examples to
-ranks anew each epoch, so under several ranks a batch replays only once its rank has seen all of its examples:
-a per-rank fixed shard is still to do). The cache lives in memory when it fits half of
+examples get their own range. Each rank caches the examples it sees: under several ranks, training deals each rank
+a fixed shard of the examples (``FixedShardSampler``; the usual sampler deals them anew each epoch, so a rank would
+rarely replay a batch), shuffled within the shard each epoch. The cache lives in memory when it fits half of
 the memory to spare; otherwise on disk next to the checkpoints (``DiskStore``: one memory-mapped float32 array of
 every example's rows, end to end), where a restart finds what the run before it had filled and reuses it. Gradual
 unfreezing that thaws a frozen block drops the cache.
@@ -23,7 +23,7 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +33,7 @@ import torch
 from datasets import Dataset
 from datasets.fingerprint import Hasher
 from torch import nn
+from torch.utils.data import Sampler
 
 from finetune_trainer.atomic import atomic_directory, remove_leftovers
 from finetune_trainer.data import PreparedData
@@ -66,6 +67,38 @@ class IndexedCollator:
         batch = dict(self.inner(rest))
         batch[EXAMPLE_INDEX] = torch.tensor(indices, dtype=torch.long)
         return batch
+
+
+class FixedShardSampler(Sampler[int]):
+    """This rank's training examples: the same shard every epoch (so its cache covers all its batches), reshuffled.
+
+    Rank ``r`` of ``ranks`` takes examples ``r, r + ranks, r + 2 * ranks, ...``; as with torch's DistributedSampler,
+    the list is first padded with its own beginning to a multiple of ``ranks``, so every rank has as many examples
+    (and batches: DDP needs every rank to step together). Each epoch shuffles the shard with ``seed + epoch``: the
+    same order on a resume, which sets the epoch before it skips the batches already trained.
+    """
+
+    def __init__(self, examples: int, rank: int, ranks: int, seed: int) -> None:
+        if not 0 <= rank < ranks:
+            raise ValueError(f"rank {rank} is not one of {ranks} ranks")
+        self.rank = rank
+        self.ranks = ranks
+        self.seed = seed
+        self.epoch = 0
+        padded = list(range(examples))
+        while len(padded) % ranks:
+            padded += padded[: ranks - len(padded) % ranks]
+        self.shard = padded[rank::ranks]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter([self.shard[i] for i in torch.randperm(len(self.shard), generator=generator).tolist()])
 
 
 class Store(Protocol):
@@ -339,16 +372,17 @@ def install(
     budget: int | None = None,
     spill: Path | None = None,
     identity: str = "",
+    ranks: int = 1,
 ) -> tuple[ActivationCache | None, PreparedData, dict[str, Any]]:
     """Attach a cache to ``model`` and index ``prepared``'s examples; returns what the freeze event reports.
 
     A cache that would not fit in ``budget`` bytes of memory goes to the directory ``spill`` (when given and the
     disk has room), keyed by ``identity`` (the model), the frozen depth and the data; otherwise it is not built
-    (training goes on, recomputing the prefix).
+    (training goes on, recomputing the prefix). Each of ``ranks`` ranks caches only its share of the examples.
     """
     splits = [rows for rows in (prepared.train, prepared.validation) if rows is not None]
     lengths = [len(ids) for rows in splits for ids in rows["input_ids"]]
-    estimate = sum(lengths) * hidden_size * 4 if hidden_size is not None else None
+    estimate = -(-sum(lengths) * hidden_size * 4 // ranks) if hidden_size is not None else None
     layers = layer_map(model)
     prefix = cached_prefix(model, layers.embeddings, layers.blocks)
     if prefix is None:

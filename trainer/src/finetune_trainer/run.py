@@ -24,8 +24,8 @@ from finetune_trainer import data as data_mod
 from finetune_trainer import exitcodes
 from finetune_trainer.accelerator import require_accelerator
 from finetune_trainer.activation_cache import CACHE_DIR as ACTIVATION_CACHE_DIR
+from finetune_trainer.activation_cache import FixedShardSampler, memory_budget
 from finetune_trainer.activation_cache import install as install_activation_cache
-from finetune_trainer.activation_cache import memory_budget
 from finetune_trainer.atomic import atomic_directory, remove_leftovers
 from finetune_trainer.baseline import validation_baseline
 from finetune_trainer.callbacks import (
@@ -229,6 +229,7 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
     output_dir = local_path(spec.output.location, env.pvc_root)
     checkpoints_dir = output_dir / "checkpoints"
     rank = int(os.environ.get("RANK", "0"))
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
     is_main = rank == 0
     try:
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
@@ -285,11 +286,15 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
             memory_budget(),
             spill=spill,
             identity=spec.model.model_dump_json(),
+            ranks=ranks,
         )
         if cache_report.get("storage") == "disk":
             cache_report["location"] = location_uri(spill, spec.output.location, env.pvc_root)
         if activation_cache is None:
             log.emit("warning", message=f"freeze.cacheActivations: not caching: {cache_report['reason']}")
+        elif ranks > 1:  # FineTuneTrainer deals each rank a fixed shard
+            shard = FixedShardSampler(len(prepared.train), rank, ranks, hp.seed)
+            cache_report["rankShard"] = {"rank": rank, "ranks": ranks, "trainExamples": len(shard)}
     log.emit(
         "freeze",
         **({"activationCache": cache_report} if cache_report is not None else {}),

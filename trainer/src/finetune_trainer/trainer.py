@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sized
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate.data_loader import BatchSamplerShard
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
 
-from finetune_trainer.activation_cache import EXAMPLE_INDEX, ActivationCache
+from finetune_trainer.activation_cache import EXAMPLE_INDEX, ActivationCache, FixedShardSampler
 from finetune_trainer.distributed import average_gradients
 from finetune_trainer.freeze import FreezePlan, LayerMap, thawed_units
 from finetune_trainer.optim import l1_norm, param_groups
@@ -43,11 +46,45 @@ class FineTuneTrainer(Trainer):
         self.checkpointer: Checkpointer | None = None
         self._eval_nll: tuple[torch.Tensor, torch.Tensor] | None = None
         self.activation_cache: ActivationCache | None = None
+        self.fixed_shard: FixedShardSampler | None = None
+        """This rank's training examples when it caches activations among several ranks (see _get_train_sampler)."""
         self.unsynced: list[nn.Parameter] = []
         """Parameters thawed after DDP wrapped the model: DDP does not reduce their gradients; training_step does."""
 
+    def _get_train_sampler(self, train_dataset: Dataset[Any] | None = None) -> Sampler[Any] | None:
+        """Under several ranks with the activation cache, each rank trains (and caches) a fixed shard."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        cache = self.activation_cache
+        if cache is None or not cache.active or self.args.world_size <= 1 or not isinstance(dataset, Sized):
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.seed if self.args.data_seed is None else self.args.data_seed
+        self.fixed_shard = FixedShardSampler(len(dataset), self.args.process_index, self.args.world_size, seed)
+        return self.fixed_shard
+
+    def get_train_dataloader(self) -> DataLoader[Any]:
+        """A fixed shard is this rank's already: accelerate must not deal its batches out to the ranks again."""
+        self.fixed_shard = None
+        loader = super().get_train_dataloader()
+        if self.fixed_shard is not None:
+            dealer = getattr(loader, "batch_sampler", None)
+            if not isinstance(dealer, BatchSamplerShard) or getattr(dealer.batch_sampler, "sampler", None) is not (
+                self.fixed_shard
+            ):
+                raise RuntimeError(f"cannot train fixed shards: accelerate prepared {type(dealer).__name__}")
+            dealer.num_processes, dealer.process_index = 1, 0
+        return loader
+
+    def _run_epoch(self, model: nn.Module, epoch: int, *args: Any, **kwargs: Any) -> Any:
+        """The shard's order for ``epoch`` also on a resume mid-epoch (accelerate's skipping loader hides the sampler
+        from its ``set_epoch``)."""
+        if self.fixed_shard is not None:
+            self.fixed_shard.set_epoch(epoch)
+        return super()._run_epoch(model, epoch, *args, **kwargs)  # type: ignore[no-untyped-call]
+
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """Saves go through the Checkpointer (atomic, once per step, full or weights-only), never in place."""
+        if self.activation_cache is not None:  # on every rank (only the main one writes checkpoints): a resume
+            self.activation_cache.persist()  # finds what each rank had cached so far
         if self.checkpointer is None:
             super()._save_checkpoint(model, trial)
         else:
@@ -56,8 +93,6 @@ class FineTuneTrainer(Trainer):
 
     def write_checkpoint(self, directory: Path, full: bool) -> None:
         """The Trainer's own files, as its ``_save_checkpoint`` writes them; the optimizer etc. only if ``full``."""
-        if self.activation_cache is not None:  # a resume from this checkpoint finds what was cached so far
-            self.activation_cache.persist()
         self.save_model(str(directory), _internal_call=True)
         if full:
             self._save_optimizer_and_scheduler(str(directory))
