@@ -263,22 +263,27 @@ def real_job(name: str, **spec: Any) -> dict[str, Any]:
     return body
 
 
+def claims(cluster: LocalCluster, api: client.ApiClient, namespace: str) -> Path:
+    """Claims ``models``, ``datasets`` and ``outputs`` in ``namespace``; returns the host directory the local
+    node backs them with (``<root>/<claim>``), where a test puts models and data and reads outputs."""
+    for claim in ("models", "datasets", "outputs"):
+        client.CoreV1Api(api).create_namespaced_persistent_volume_claim(
+            namespace,
+            {
+                "metadata": {"name": claim},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+            },
+        )
+    return cluster.state_dir / "volumes" / namespace
+
+
 @pytest.fixture
 def volumes(local_cluster: LocalCluster, jobs: Jobs) -> Path:
     """Claims ``models`` (tiny-bert), ``datasets`` (sentiment, noisy, memorise) and ``outputs`` (returned).
 
     The local node backs a claim with a host directory and mounts it at /mnt/pvc/<claim>, as the operator asks,
     so the pvc:// path of a real cluster is the one exercised."""
-    core = client.CoreV1Api(jobs.api)
-    root = local_cluster.state_dir / "volumes" / jobs.namespace
-    for claim in ("models", "datasets", "outputs"):
-        core.create_namespaced_persistent_volume_claim(
-            jobs.namespace,
-            {
-                "metadata": {"name": claim},
-                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
-            },
-        )
+    root = claims(local_cluster, jobs.api, jobs.namespace)
     tiny.save_model(root / "models" / "tiny-bert")
     tiny.write_sentiment(root / "datasets" / "sentiment", n_train=64, n_val=32)
     tiny.write_sentiment(root / "datasets" / "noisy", n_train=64, n_val=32, noisy=True)

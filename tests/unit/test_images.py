@@ -62,10 +62,22 @@ def test_the_trainer_is_a_thin_layer_on_a_dependency_image_keyed_by_its_requirem
     assert images.content_tag("trainer-deps", "base-1") == deps
     assert images.content_tag("trainer", "deps-1") == trainer
     # A pin in constraints.txt: new dependencies, so a new dependency image and a new trainer on it.
-    with (repo / "constraints.txt").open("a") as f:
-        f.write("tqdm==4.67.1\n")
+    constraints = repo / "constraints.txt"
+    constraints.write_text(constraints.read_text().replace("\ntqdm==", "\ntqdm==0.0.1+"))
     assert images.content_tag("trainer-deps", "base-1") != deps
     assert images.content_tag("trainer", "deps-2") != trainer, "the trainer is keyed by its dependency image"
+
+
+def test_a_pin_the_trainer_does_not_install_keeps_its_dependency_image(repo: Path) -> None:
+    """constraints.txt pins the whole project (dev tools, the operator's optuna): only the pins of what
+    ``trainer[train]`` pulls in key the 6.6 GB layer, else any dev-tool pin rebuilds it (~4 min)."""
+    deps, operator = images.content_tag("trainer-deps", "base-1"), images.content_tag("operator", "base-1")
+    constraints = repo / "constraints.txt"
+    constraints.write_text(constraints.read_text().replace("\noptuna==", "\noptuna==0.0.1+") + "black==24.1.0\n")
+    assert images.content_tag("trainer-deps", "base-1") == deps
+    assert images.content_tag("operator", "base-1") != operator, "the operator installs optuna"
+    assert "torch==" in images.pins(("trainer[train]",)) and "optuna==" not in images.pins(("trainer[train]",))
+    assert "optuna==" in images.pins(("trainer", "operator")) and "torch==" not in images.pins(("trainer", "operator"))
 
 
 def test_the_dockerfile_stages_are_what_the_tags_hash() -> None:

@@ -5,8 +5,8 @@ Offline-first, like the rest of the project:
   a Debian bookworm root with Python 3.11 built by mmdebstrap (``podman import``-ed once);
 - Python packages come from a directory of wheels collected on the host with pip (its cache
   makes that cheap) and mounted into the build (``PIP_NO_INDEX``/``PIP_FIND_LINKS``);
-- each image is tagged with a hash of its inputs (Dockerfile, sources, constraints, base), so a
-  second run with nothing changed only checks that the tags exist.
+- each image is tagged with a hash of its inputs (Dockerfile stages, sources, the pins of what it
+  installs, base), so a second run with nothing changed only checks that the tags exist.
 
 podman runs with the project's ``dev/containers.conf`` (runc, cgroupfs, no default ulimits).
 """
@@ -14,6 +14,7 @@ podman runs with the project's ``dev/containers.conf`` (runc, cgroupfs, no defau
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -22,6 +23,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from .build import BuildError, cache_root
 
@@ -32,11 +36,15 @@ OFFLINE_BASE = (
     "localhost/finetune-base:bookworm-" + hashlib.sha256(" ".join(OFFLINE_BASE_PACKAGES).encode()).hexdigest()[:12]
 )
 INPUTS = {
-    "operator": ("constraints.txt", "trainer/pyproject.toml", "trainer/src", "operator/pyproject.toml", "operator/src"),
-    "trainer-deps": ("constraints.txt", "trainer/pyproject.toml"),
+    "operator": ("trainer/pyproject.toml", "trainer/src", "operator/pyproject.toml", "operator/src"),
+    "trainer-deps": ("trainer/pyproject.toml",),
     "trainer": ("trainer/pyproject.toml", "trainer/src"),
 }
-"""What each image is built from besides its Dockerfile stages: a change in any of these makes a new tag."""
+"""What each image is built from besides its Dockerfile stages and pins: a change in any of these makes a new tag."""
+INSTALLS = {"operator": ("trainer", "operator"), "trainer-deps": ("trainer[train]",), "trainer": ()}
+"""The project packages (directory[extras]) whose dependencies each image pip-installs from the wheelhouse. Only
+the constraints.txt pins of their dependency closure key the image and fill its wheelhouse: a pin for a dev
+tool (optuna-dashboard, a linter) must not rebuild the 6.6 GB trainer-deps layer."""
 STAGES = {"operator": ("base", "operator"), "trainer-deps": ("base", "trainer-deps"), "trainer": ("trainer",)}
 """The Dockerfile stages each image is built from (the base image itself is hashed by its id)."""
 PARENT = {"trainer": "trainer-deps"}
@@ -139,14 +147,49 @@ def base_image() -> str:
     return OFFLINE_BASE
 
 
-def wheelhouse(targets: tuple[str, ...]) -> Path:
-    """Every third-party wheel the images install, collected once per set of requirements.
+def _closure(requirements: list[Requirement]) -> set[str] | None:
+    """Canonical names of the distributions installing ``requirements`` pulls in, read from the metadata of
+    the venv this runs in (installed from the same constraints.txt, on the same Python); None if one is
+    missing there (then every pin counts)."""
+    names: set[str] = set()
+    seen: set[tuple[str, frozenset[str]]] = set()
+    todo = list(requirements)
+    while todo:
+        req = todo.pop()
+        name, extras = canonicalize_name(req.name), frozenset(req.extras)
+        if (name, extras) in seen:
+            continue
+        seen.add((name, extras))
+        names.add(name)
+        try:
+            requires = importlib.metadata.distribution(name).requires or []
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        for line in requires:
+            dep = Requirement(line)
+            if dep.marker is None or any(dep.marker.evaluate({"extra": e}) for e in extras | {""}):
+                todo.append(dep)
+    return names
+
+
+def pins(projects: tuple[str, ...]) -> str:
+    """The constraints.txt lines that installing ``projects`` (``trainer[train]``...) uses, sorted."""
+    lines = [line.strip() for line in (REPO / "constraints.txt").read_text().splitlines()]
+    pinned: dict[str, str] = {
+        canonicalize_name(Requirement(line).name): line for line in lines if line and not line.startswith("#")
+    }
+    closure = _closure([Requirement(f"finetune-{project}") for project in projects]) if projects else set()
+    used = sorted(pinned.values()) if closure is None else sorted(pinned[n] for n in closure if n in pinned)
+    return "\n".join(used)
+
+
+def wheelhouse(target: str) -> Path:
+    """The third-party wheels ``target`` installs (and the build backend), collected once per set of pins.
 
     pip's own cache makes this cheap after ``make venv``; the build then needs no network.
     """
-    reqs = ["constraints.txt", "trainer/pyproject.toml", "operator/pyproject.toml"]
-    flavour = "trainer" if any(t.startswith("trainer") for t in targets) else "operator"
-    key = hashlib.sha256(b"".join((REPO / r).read_bytes() for r in reqs) + flavour.encode()).hexdigest()[:16]
+    projects = INSTALLS[target]
+    key = hashlib.sha256(f"{projects}\n{pins(projects)}".encode()).hexdigest()[:16]
     final = cache_root().parent / "images" / f"wheels-{key}"
     if (final / ".complete").exists():
         return final
@@ -159,9 +202,9 @@ def wheelhouse(targets: tuple[str, ...]) -> Path:
         # pip builds local projects in their tree (build/): build copies, never the checkout.
         for project in ("trainer", "operator"):
             shutil.copytree(REPO / project, Path(src) / project, ignore=shutil.ignore_patterns("build", "*.egg-info"))
-        projects = [f"{src}/trainer[train]" if "trainer" in targets else f"{src}/trainer", f"{src}/operator"]
+        wheel = [*pip, "wheel", "--quiet", "-c", "constraints.txt", "-w", str(tmp), *(f"{src}/{p}" for p in projects)]
         for cmd, what in (
-            ([*pip, "wheel", "--quiet", "-c", "constraints.txt", "-w", str(tmp), *projects], "pip wheel"),
+            *([(wheel, "pip wheel")] if projects else []),
             ([*pip, "download", "--quiet", "-d", str(tmp), "setuptools>=68", "wheel"], "pip download (build backend)"),
         ):
             proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
@@ -204,6 +247,7 @@ def content_tag(target: str, base_id: str) -> str:
     stages = dockerfile_stages((REPO / "Dockerfile").read_text())
     for stage in STAGES[target]:
         h.update(stages[stage].encode() + b"\0")
+    h.update(pins(INSTALLS[target]).encode() + b"\0")
     for name in INPUTS[target]:
         path = REPO / name
         files = sorted(p for p in path.rglob("*") if p.is_file() and not _ignored(p)) if path.is_dir() else [path]
@@ -229,7 +273,6 @@ def build_images(targets: tuple[str, ...] = ("operator", "trainer")) -> list[Ima
     base_id = _image_id(base)
     images: list[Image] = []
     built: dict[str, str] = {}
-    wheels: Path | None = None
     for target in _build_order(targets):
         start = time.monotonic()
         parent = PARENT.get(target)
@@ -238,7 +281,7 @@ def build_images(targets: tuple[str, ...] = ("operator", "trainer")) -> list[Ima
         built[target] = ref
         fresh = not _exists(ref)
         if fresh:
-            wheels = wheels or wheelhouse(targets)
+            wheels = wheelhouse(target)
             _say(f"building {ref} from {parent_ref}")
             _run(
                 podman(),
