@@ -68,6 +68,10 @@ class ConflictError(ApiError):
     """The object changed since it was read: read it again and decide again."""
 
 
+CONFLICT_RETRIES = 5
+"""How often a reconcile decides afresh after a ConflictError before it gives up (kopf retries it later)."""
+
+
 def login(settings: kopf.OperatorSettings | None = None) -> kopf.ConnectionInfo:
     """In-cluster service account when running in a pod, else KUBECONFIG / ~/.kube/config.
 

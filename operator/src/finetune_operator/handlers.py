@@ -20,7 +20,7 @@ import kopf
 from pydantic import ValidationError
 
 from finetune_operator.api import GROUP, KIND, PLURAL, VERSION, FineTuneJob, FineTuneJobStatus, read_stored
-from finetune_operator.clients import ApiError, ConflictError, Kube
+from finetune_operator.clients import CONFLICT_RETRIES, ApiError, ConflictError, Kube
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.reconcile import Observed, Settings, decide, desired_children, invalid_spec
 from finetune_operator.reconcile.children import (
@@ -50,7 +50,6 @@ log = logging.getLogger("finetune_operator")
 Manifest = dict[str, Any]
 Key = tuple[str, str]
 """(namespace, name) of a FineTuneJob."""
-CONFLICT_RETRIES = 5
 CREATION_WAVE = {"RoleBinding": 1, "Job": 2}
 """Children are created in waves, all of one wave at once; kinds not named here are in wave 0."""
 OWNED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY},{JOB_LABEL}"

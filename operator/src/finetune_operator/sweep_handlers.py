@@ -19,7 +19,7 @@ import kopf
 from pydantic import ValidationError
 
 from finetune_operator.api import GROUP, KIND, VERSION
-from finetune_operator.clients import ApiError, ConflictError, Kube
+from finetune_operator.clients import CONFLICT_RETRIES, ApiError, ConflictError, Kube
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.reconcile.children import controller_of, job_label_value
 from finetune_operator.reconcile.status import Event, describe_validation
@@ -36,7 +36,6 @@ from finetune_operator.sweep_api import SWEEP_KIND, SWEEP_LABEL, SWEEP_PLURAL, F
 log = logging.getLogger("finetune_operator.sweeps")
 Manifest = dict[str, Any]
 Key = tuple[str, str]
-CONFLICT_RETRIES = 5
 
 
 class SweepReconciler:
