@@ -29,10 +29,17 @@ LABELS = {"rotten": 0, "fresh": 1}
 """Review category to label: 0 negative (rotten), 1 positive (fresh). Plot summaries are dropped."""
 
 
+def project_cache() -> Path:
+    """``$XDG_CACHE_HOME/finetune-operator`` (default ``~/.cache``): every heavy build and download is
+    cached under it, shared by all checkouts on the machine, so only a first run pays for them."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "finetune-operator"
+
+
 def cache_dir() -> Path:
-    """``$FINETUNE_ASSETS_DIR`` or ``~/.cache/finetune-operator/assets``."""
+    """``$FINETUNE_ASSETS_DIR`` or ``<project cache>/assets``."""
     override = os.environ.get("FINETUNE_ASSETS_DIR")
-    root = Path(override) if override else Path.home() / ".cache" / "finetune-operator" / "assets"
+    root = Path(override) if override else project_cache() / "assets"
     root.mkdir(parents=True, exist_ok=True)
     return root
 

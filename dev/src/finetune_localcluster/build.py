@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune_assets import project_cache
+
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
 
 
@@ -59,8 +61,7 @@ def source_dir() -> Path:
 
 def cache_root() -> Path:
     """Root of the binary cache, shared by all checkouts on the machine."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "finetune-operator" / "controlplane"
+    return project_cache() / "controlplane"
 
 
 def _versions(src: Path) -> tuple[str, str]:

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune_assets import project_cache
+
 from . import build, kubeconfig, pki, procs
 from .containers import Podman, owner_id
 
@@ -85,11 +87,11 @@ class ComponentFailedError(ClusterError):
 
 
 def default_state_dir() -> Path:
-    """``$FINETUNE_CLUSTER_DIR`` or ``~/.cache/finetune-operator/cluster``."""
+    """``$FINETUNE_CLUSTER_DIR`` or ``<project cache>/cluster``."""
     env = os.environ.get("FINETUNE_CLUSTER_DIR")
     if env:
         return Path(env).expanduser().resolve()
-    return Path.home() / ".cache" / "finetune-operator" / "cluster"
+    return project_cache() / "cluster"
 
 
 def free_port() -> int:
