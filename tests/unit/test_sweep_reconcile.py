@@ -291,3 +291,26 @@ def test_every_reason_the_sweep_writes_is_in_the_table() -> None:
         written |= {c.reason for c in decide_sweep(sweep, trials, NOW).status.conditions}
     written |= {"Pruned", "GoalReached", "SearchSpaceExhausted", "InvalidSpec"}
     assert written - set(REASONS) == set()
+
+
+@pytest.mark.parametrize(("pruner", "builds"), [("median", 1), ("successive-halving", 1), ("hyperband", 2)])
+def test_a_reconcile_that_prunes_and_creates_rebuilds_the_study_once(
+    pruner: str, builds: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rebuilding the study is a reconcile's main cost; pruning and suggesting share one (hyperband also
+    needs a probe study to place trials in its brackets)."""
+    import finetune_operator.reconcile.sweep as core
+
+    sweep = _sweep(pruning={"name": pruner, "warmupEvaluations": 1, "startupTrials": 0}, parallelism=3, maxTrials=10)
+    finished = [_trial_body(i, [0.7, 0.8, 0.85], complete="Succeeded") for i in range(3)]
+    trials = _observe(sweep, *finished, _trial_body(3, [0.5, 0.55]))
+    calls: list[int] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return build_study(*args, **kwargs)
+
+    monkeypatch.setattr(core, "build_study", counted)
+    decision = decide_sweep(sweep, trials, NOW)
+    assert [m["metadata"]["name"] for m in decision.create] == ["s-t004", "s-t005"]
+    assert len(calls) == builds

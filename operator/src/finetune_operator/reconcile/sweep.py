@@ -300,14 +300,20 @@ def grid(spec: FineTuneSweepSpec) -> list[dict[str, Any]]:
     return [dict(zip(names, combination, strict=True)) for combination in itertools.product(*axes)]
 
 
-def suggest(sweep: FineTuneSweep, trials: Sequence[ObservedTrial], indices: Iterable[int]) -> list[dict[str, Any]]:
-    """Parameters of the trials with these indices, each asked of a study that holds the earlier ones."""
+def suggest(
+    sweep: FineTuneSweep,
+    trials: Sequence[ObservedTrial],
+    indices: Iterable[int],
+    study: optuna.Study | None = None,
+) -> list[dict[str, Any]]:
+    """Parameters of the trials with these indices, each asked of a study that holds the earlier ones
+    (``study``, when the caller already rebuilt it from ``trials``; it gains the asked trials)."""
     spec = sweep.spec
     if spec.algorithm.name == "grid":
         combinations = grid(spec)
         return [combinations[index] for index in indices]
     distributions = {p.name: distribution(p) for p in spec.parameters}
-    study = build_study(sweep, trials)
+    study = study or build_study(sweep, trials)
     suggestions: list[dict[str, Any]] = []
     for index in indices:
         study.sampler = _sampler(spec, index)
@@ -316,13 +322,21 @@ def suggest(sweep: FineTuneSweep, trials: Sequence[ObservedTrial], indices: Iter
     return suggestions
 
 
-def to_prune(sweep: FineTuneSweep, trials: Sequence[ObservedTrial]) -> list[str]:
-    """Running trials the pruner judges unpromising at their latest evaluation."""
+def rebuild_study(sweep: FineTuneSweep, trials: Sequence[ObservedTrial]) -> optuna.Study:
+    """The study as the pruner needs it: with the rung values successive halving and hyperband keep
+    (samplers ignore them, so the same study also serves ``suggest``)."""
+    pruning = sweep.spec.pruning.name
+    rungs = _rung_values(sweep, trials, _pruner(sweep.spec)) if pruning not in ("none", "median") else {}
+    return build_study(sweep, trials, rungs)
+
+
+def to_prune(sweep: FineTuneSweep, trials: Sequence[ObservedTrial], study: optuna.Study | None = None) -> list[str]:
+    """Running trials the pruner judges unpromising at their latest evaluation (``study``: from
+    ``rebuild_study``, when the caller already has it)."""
     if sweep.spec.pruning.name == "none":
         return []
     pruner = _pruner(sweep.spec)
-    rungs = _rung_values(sweep, trials, _pruner(sweep.spec)) if sweep.spec.pruning.name != "median" else {}
-    study = build_study(sweep, trials, rungs)
+    study = study or rebuild_study(sweep, trials)
     decisions: list[str] = []
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not frozen.intermediate_values:
@@ -489,12 +503,14 @@ def decide_sweep(sweep: FineTuneSweep, trials: Sequence[ObservedTrial], now: dat
             return finish("Complete", SEARCH_SPACE_EXHAUSTED, f"all {space} grid combinations were tried")
         return finish("Complete", MAX_TRIALS_REACHED, f"{counts.total} trials ran (maxTrials {spec.max_trials})")
 
-    decision.prune = to_prune(sweep, ordered)
     wanted = 0 if spec.suspend else max(0, min(spec.parallelism - counts.running, budget))
     indices = list(range(next_index, next_index + wanted))
+    needs_study = spec.pruning.name != "none" or (indices and spec.algorithm.name != "grid")
+    study = rebuild_study(sweep, ordered) if needs_study else None  # once per reconcile: it is the cost
+    decision.prune = to_prune(sweep, ordered, study)
     decision.create = [
         trial_manifest(sweep, index, parameters)
-        for index, parameters in zip(indices, suggest(sweep, ordered, indices), strict=True)
+        for index, parameters in zip(indices, suggest(sweep, ordered, indices, study), strict=True)
     ]
     running = counts.running + len(decision.create)
     set_condition(status, "Complete", False, TRIALS_RUNNING, "", now, generation)
