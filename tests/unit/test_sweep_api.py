@@ -70,6 +70,18 @@ def test_trial_spec_sets_the_values_and_its_own_output_location() -> None:
     assert job["output"]["location"] == "file:///out/valid/s-t003"
 
 
+def test_a_trial_without_early_stopping_tracks_the_objective_as_its_best_metric() -> None:
+    """The trainer's best (and its checkpoint) follows the first metric without early stopping: the objective's."""
+    manifest = sweep_baseline("s")
+    del manifest["spec"]["trialTemplate"]["spec"]["earlyStopping"]
+    sweep = FineTuneSweep.model_validate(manifest)
+    values = {"lr": 1e-4, "batch": 16, "decay": 0.1, "freeze": "head-only"}
+    assert trial_spec(sweep.spec, values, "s-t000")["evaluation"]["metrics"] == ["accuracy", "loss"]
+    assert sweep.spec.trial_template.spec.evaluation.metrics == ["loss", "accuracy"]  # the template stays as written
+    stopping = FineTuneSweep.model_validate(sweep_baseline("s"))  # early-stops on accuracy: order untouched
+    assert trial_spec(stopping.spec, values, "s-t000")["evaluation"]["metrics"] == ["loss", "accuracy"]
+
+
 def test_the_embedded_template_has_no_transition_rules() -> None:
     crd = build_sweep_crd()
     template = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][

@@ -434,6 +434,12 @@ def trial_spec(spec: FineTuneSweepSpec, values: dict[str, Any], trial_name: str)
             set_path(job, path, item)
     job["output"]["location"] = job["output"]["location"].rstrip("/") + "/" + trial_name
     job["suspend"] = False
+    metrics = job["evaluation"]["metrics"]
+    if not job.get("earlyStopping") and spec.objective.metric in metrics:
+        # Without early stopping the trainer's best (and its checkpoint) follows the first metric listed:
+        # put the objective there, so the best trial's checkpoint is the one of its objective value.
+        metrics.remove(spec.objective.metric)
+        metrics.insert(0, spec.objective.metric)
     return job
 
 
