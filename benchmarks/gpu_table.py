@@ -4,7 +4,7 @@ MiniLM sequence-classification samples/s with and without the frozen-prefix acti
 The causal LM is a Llama built from a config (~150M parameters; no weights ship on PyPI except as GGUF) with
 MiniLM's tokenizer, trained on packed Rotten Tomatoes text in bf16 (fp32 on CPU). ``--tiny`` shrinks everything
 so the script runs on CPU in a minute (tests/trainer/test_benchmarks.py): it must not break unseen. Each row runs
-in its own process. Run through ``benchmarks/gpu.sh``.
+in its own process (at --tiny, as many at once as there are cores). Run through ``benchmarks/gpu.sh``.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -229,8 +231,8 @@ def main() -> None:
         print("RESULT " + json.dumps(run_row(args)), flush=True)
         return
     rows = [r for r in LM_ROWS + CLS_ROWS if not (args.tiny and r.endswith("+compile"))]  # no compiler on CPU CI
-    results = []
-    for row in rows:
+
+    def measure(row: str) -> dict[str, Any]:
         lm = row.startswith("lm:")
         steps, batch, seq = (6, 4, 32) if args.tiny else ((60, 8, 1024) if lm else (30, 64, 64))
         argv = [sys.executable, __file__, "--row", row, f"--steps={steps}", f"--batch={batch}", f"--seq={seq}"]
@@ -241,7 +243,12 @@ def main() -> None:
         if line is None:
             print(f"{row}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
             sys.exit(1)
-        results.append(json.loads(line.removeprefix("RESULT ")))
+        result: dict[str, Any] = json.loads(line.removeprefix("RESULT "))
+        return result
+
+    # One row at a time on a GPU (each has the device to itself); tiny CPU rows overlap, their rates mean nothing.
+    with ThreadPoolExecutor(max_workers=(os.cpu_count() or 1) if args.tiny else 1) as pool:
+        results = list(pool.map(measure, rows))
     print(f"{'row':<20}{'rate':>14}  {'unit':<10}{'MFU':>7}{'peak MiB':>10}")
     for r in results:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"

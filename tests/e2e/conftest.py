@@ -277,16 +277,40 @@ def claims(cluster: LocalCluster, api: client.ApiClient, namespace: str) -> Path
     return cluster.state_dir / "volumes" / namespace
 
 
-@pytest.fixture
-def volumes(local_cluster: LocalCluster, jobs: Jobs) -> Path:
+def tiny_volumes(cluster: LocalCluster, api: client.ApiClient, namespace: str) -> Path:
     """Claims ``models`` (tiny-bert), ``datasets`` (sentiment, noisy, memorise) and ``outputs`` (returned).
 
     The local node backs a claim with a host directory and mounts it at /mnt/pvc/<claim>, as the operator asks,
     so the pvc:// path of a real cluster is the one exercised."""
-    root = claims(local_cluster, jobs.api, jobs.namespace)
+    root = claims(cluster, api, namespace)
     tiny.save_model(root / "models" / "tiny-bert")
     tiny.write_sentiment(root / "datasets" / "sentiment", n_train=64, n_val=32)
     tiny.write_sentiment(root / "datasets" / "noisy", n_train=64, n_val=32, noisy=True)
     # 16 randomly labelled training texts and a disjoint validation split: only memorising lowers the training loss
     tiny.write_sentiment(root / "datasets" / "memorise", n_train=16, n_val=64, seed=1, noisy=True)
     return root / "outputs"
+
+
+@pytest.fixture
+def volumes(local_cluster: LocalCluster, jobs: Jobs) -> Path:
+    """``tiny_volumes`` in the test's namespace."""
+    return tiny_volumes(local_cluster, jobs.api, jobs.namespace)
+
+
+@dataclass
+class RealNamespace:
+    """A namespace shared by a module's real-trainer jobs: its ``jobs`` and the outputs ``volumes``."""
+
+    jobs: Jobs
+    volumes: Path
+
+
+@pytest.fixture(scope="module")
+def real_namespace(local_cluster: LocalCluster, operator: Operator) -> Iterator[RealNamespace]:
+    """A module's real-trainer jobs in one namespace (``tiny_volumes``), so that the module can create them all
+    at once: each real trainer spends about 10 s of a core importing torch and transformers, and two of them
+    overlap on two cores instead of queueing."""
+    namespace = local_cluster.create_namespace("real")
+    with local_cluster.api_client() as api:
+        yield RealNamespace(Jobs(api, namespace, operator), tiny_volumes(local_cluster, api, namespace))
+        client.CoreV1Api(api).delete_namespace(namespace)

@@ -13,7 +13,7 @@ from kubernetes import client
 
 from finetune_localcluster.pytest_plugin import LocalCluster
 from tests.cli.plugin import kubectl_finetune
-from tests.e2e.conftest import Jobs, fake_job, real_job
+from tests.e2e.conftest import Jobs, RealNamespace, fake_job, real_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -46,16 +46,33 @@ def test_early_stopped_job_gets_its_diagnosis(jobs: Jobs, tmp_path: Path) -> Non
     assert jobs.events("diagnosed").count("EarlyStoppedEarly") == 1
 
 
-def test_real_trainer_at_an_absurd_learning_rate_fails_diverged_once(jobs: Jobs, volumes: Path) -> None:
-    """The issue's example, tiny: full fine-tuning at learning rate 10 explodes; one pod, no retry, one line."""
-    jobs.create(
-        real_job(
-            "absurd",
-            freeze={"strategy": "none", "layers": None},
-            hyperparameters={"learningRate": 10, "epochs": 4, "seed": 0},
-            backoffLimit=3,
-        )
+@pytest.fixture(scope="module")
+def started(real_namespace: RealNamespace) -> RealNamespace:
+    """Both real-trainer jobs of this module, created at once (see ``real_namespace``)."""
+    # The issue's example, tiny: full fine-tuning at learning rate 10 explodes.
+    absurd = real_job(
+        "absurd",
+        freeze={"strategy": "none", "layers": None},
+        hyperparameters={"learningRate": 10, "epochs": 4, "seed": 0},
+        backoffLimit=3,
     )
+    # 16 randomly labelled texts, 8 epochs at a constant high learning rate, seeded: the training loss falls
+    # while the validation loss (on a disjoint split) rises.
+    memorise = real_job(
+        "memorise",
+        dataset={"source": "pvc://datasets/memorise"},
+        freeze={"strategy": "none", "layers": None},
+        hyperparameters={"learningRate": 5e-3, "scheduler": "constant", "batchSize": 4, "epochs": 8, "seed": 0},
+        output={"keepCheckpoints": 1},
+    )
+    for manifest in (absurd, memorise):
+        real_namespace.jobs.create(manifest)
+    return real_namespace
+
+
+def test_real_trainer_at_an_absurd_learning_rate_fails_diverged_once(started: RealNamespace) -> None:
+    """Learning rate 10 explodes: the job fails Diverged with one pod, no retry, one line."""
+    jobs, volumes = started.jobs, started.volumes
     failed = jobs.wait_condition("absurd", "Failed", "Diverged", timeout=300)
     message = _status(failed)["message"]
     assert "\n" not in message, message
@@ -71,19 +88,10 @@ def test_real_trainer_at_an_absurd_learning_rate_fails_diverged_once(jobs: Jobs,
 
 
 def test_real_trainer_memorising_noise_is_diagnosed_overfitting(
-    local_cluster: LocalCluster, jobs: Jobs, volumes: Path
+    local_cluster: LocalCluster, started: RealNamespace
 ) -> None:
-    """16 randomly labelled texts, 8 epochs at a constant high learning rate, seeded: the training loss falls while
-    the validation loss (on a disjoint split) rises; `kubectl finetune describe` tells the user so."""
-    jobs.create(
-        real_job(
-            "memorise",
-            dataset={"source": "pvc://datasets/memorise"},
-            freeze={"strategy": "none", "layers": None},
-            hyperparameters={"learningRate": 5e-3, "scheduler": "constant", "batchSize": 4, "epochs": 8, "seed": 0},
-            output={"keepCheckpoints": 1},
-        )
-    )
+    """Memorising noise: `kubectl finetune describe` tells the user the run overfitted."""
+    jobs = started.jobs
     done = jobs.wait_condition("memorise", "Complete", "Succeeded", timeout=300)
     status = _status(done)
     curve = [(e["metrics"]["loss"], e.get("trainLoss")) for e in status["evaluations"]]

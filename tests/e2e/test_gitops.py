@@ -163,6 +163,8 @@ class Scenario:
     panels: dict[tuple[str, str], list[dict[str, Any]]]
     variables: dict[str, list[str]]
     observed_again: dict[str, Any]
+    events: dict[str, list[str]]
+    """The reasons of each job's Events."""
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +243,8 @@ def scenario(
             lambda b: b["status"].get("observedGeneration") == b["metadata"]["generation"],
             timeout=60,
         )
-        yield Scenario(namespace, dumps, panels, variables, observed_again)
+        events = {name: jobs.events(name) for name in manifests}
+        yield Scenario(namespace, dumps, panels, variables, observed_again, events)
         client.CoreV1Api(api).delete_namespace(namespace)
 
 
@@ -286,6 +289,15 @@ def test_every_phase_computes_right_in_kstatus_argocd_and_flux(scenario: Scenari
     assert got == EXPECTED, json.dumps(report, indent=1)
     assert report["failed-backoff.yaml"]["argocd"]["message"].startswith("BackoffLimitExceeded: trainer failed")
     assert report["running.yaml"]["argocd"]["message"] == scenario.dumps["running"]["status"]["message"]
+
+
+def test_a_trainer_that_stops_reporting_is_stalled(scenario: Scenario) -> None:
+    """The silent trainer (it starts, then never reports) is Stalled/NoProgress, with an Event saying so."""
+    status = scenario.dumps["stalled"]["status"]
+    assert status["phase"] == "Stalled"
+    stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
+    assert "no progress report for more than 30s" in stalled["message"]
+    assert "NoProgress" in scenario.events["stalled"]
 
 
 def test_the_spec_change_is_observed_again(scenario: Scenario, tmp_path: Path) -> None:

@@ -6,13 +6,18 @@ torchrun, which runs the real trainer instead of the scripted one), so the queue
 GPU (tests/e2e/fake_trainer.py ``resumable``: 40 steps in ~10 s,
 an evaluation every 5, a checkpoint on SIGTERM). Prints the figures the docs quote: time from
 Kueue's admission to the first training step, and the steps lost to one preemption.
+
+The three scenarios run at once (``scenarios``), each in a namespace and ClusterQueue of its own
+(2 + 1 + 1 GPUs of the node's 4): the trainers only sleep, so the module takes as long as its
+longest scenario rather than their sum. Each test reports its own scenario's outcome.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -43,12 +48,33 @@ def kueue_operator(kueue_cluster: LocalCluster, tmp_path_factory: pytest.TempPat
         yield running
 
 
-@pytest.fixture
-def queued_jobs(kueue_cluster: LocalCluster, kueue_operator: Operator) -> Iterator[Jobs]:
-    namespace = kueue_cluster.create_namespace("kueue")
-    with kueue_cluster.api_client() as api:
-        yield Jobs(api, namespace, kueue_operator)
-        client.CoreV1Api(api).delete_namespace(namespace)
+Scenario = Callable[[LocalCluster, Jobs, Path], None]
+
+
+def _in_a_namespace_of_its_own(cluster: LocalCluster, operator: Operator, scenario: Scenario, tmp: Path) -> None:
+    namespace = cluster.create_namespace("kueue")
+    with cluster.api_client() as api:  # one client per thread
+        try:
+            scenario(cluster, Jobs(api, namespace, operator), tmp)
+        finally:
+            client.CoreV1Api(api).delete_namespace(namespace)
+
+
+@pytest.fixture(scope="module")
+def scenarios(
+    kueue_cluster: LocalCluster, kueue_operator: Operator, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Future[None]]:
+    """Every scenario below, run at once; by name, the outcome of each (its assertion error, if any)."""
+    runs: dict[str, Scenario] = {"queueing": _queueing, "preemption": _preemption, "user-suspend": _user_suspend}
+    with ThreadPoolExecutor(len(runs)) as pool:
+        futures = {
+            name: pool.submit(
+                _in_a_namespace_of_its_own, kueue_cluster, kueue_operator, run, tmp_path_factory.mktemp(name)
+            )
+            for name, run in runs.items()
+        }
+        wait(futures.values())
+    return futures
 
 
 def kueue_objects(api: client.ApiClient, namespace: str, queue: str, gpus: int, preempt: bool = False) -> None:
@@ -117,11 +143,9 @@ def admitted_at(api: client.ApiClient, namespace: str, job_name: str) -> datetim
     return datetime.fromisoformat(admitted["lastTransitionTime"].replace("Z", "+00:00"))
 
 
-def test_two_run_the_third_waits_with_kueues_reason_and_runs_when_one_finishes(
-    kueue_cluster: LocalCluster, queued_jobs: Jobs, tmp_path: Path
-) -> None:
-    kueue_cluster.kubectl("apply", "--dry-run=server", "-n", queued_jobs.namespace, "-f", str(EXAMPLE_QUEUES))
-    jobs = queued_jobs
+def _queueing(cluster: LocalCluster, jobs: Jobs, tmp_path: Path) -> None:
+    """Two run, the third waits with Kueue's reason and runs when one finishes; bad input in Kueue's words."""
+    cluster.kubectl("apply", "--dry-run=server", "-n", jobs.namespace, "-f", str(EXAMPLE_QUEUES))
     kueue_objects(jobs.api, jobs.namespace, "two-gpus", gpus=2)
     names = ["first", "second", "third"]
     one = {"image": RESUMABLE, "gpusPerNode": 1}
@@ -165,10 +189,8 @@ def test_two_run_the_third_waits_with_kueues_reason_and_runs_when_one_finishes(
     )
 
 
-def test_a_high_priority_job_preempts_a_low_one_which_resumes_from_its_checkpoint(
-    kueue_cluster: LocalCluster, queued_jobs: Jobs, tmp_path: Path
-) -> None:
-    jobs = queued_jobs
+def _preemption(cluster: LocalCluster, jobs: Jobs, tmp_path: Path) -> None:
+    """A high-priority job preempts a low one, which resumes from its checkpoint."""
     scheduling = client.SchedulingV1Api(jobs.api)
     for name, value in (("ftj-low", 10), ("ftj-high", 1000)):
         if not scheduling.list_priority_class(field_selector=f"metadata.name={name}").items:
@@ -203,10 +225,9 @@ def test_a_high_priority_job_preempts_a_low_one_which_resumes_from_its_checkpoin
     )
 
 
-def test_the_users_suspend_wins_over_kueue_and_resuming_continues(queued_jobs: Jobs, tmp_path: Path) -> None:
+def _user_suspend(cluster: LocalCluster, jobs: Jobs, tmp_path: Path) -> None:
     """Kueue unsuspends any Job it has admitted: the operator deactivates the Workload, so the
     user's spec.suspend holds; spec.suspend: false hands the job back to Kueue."""
-    jobs = queued_jobs
     kueue_objects(jobs.api, jobs.namespace, "pausable", gpus=1)
     one = {"image": RESUMABLE, "gpusPerNode": 1}
     jobs.create(fake_job("paused", RESUMABLE, tmp_path, queueName="pausable", resources=one))
@@ -224,3 +245,19 @@ def test_the_users_suspend_wins_over_kueue_and_resuming_continues(queued_jobs: J
     done = jobs.wait_condition("paused", "Complete", "Succeeded", timeout=90)
     assert [e["step"] for e in done["status"]["evaluations"]] == list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
     assert len(runs(tmp_path / "paused")) == 2 and runs(tmp_path / "paused")[1]["resumed_from"] >= 5
+
+
+def test_two_run_the_third_waits_with_kueues_reason_and_runs_when_one_finishes(
+    scenarios: dict[str, Future[None]],
+) -> None:
+    scenarios["queueing"].result()
+
+
+def test_a_high_priority_job_preempts_a_low_one_which_resumes_from_its_checkpoint(
+    scenarios: dict[str, Future[None]],
+) -> None:
+    scenarios["preemption"].result()
+
+
+def test_the_users_suspend_wins_over_kueue_and_resuming_continues(scenarios: dict[str, Future[None]]) -> None:
+    scenarios["user-suspend"].result()

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 from kubernetes import client
 
-from tests.e2e.conftest import Jobs, real_job
+from tests.e2e.conftest import Jobs, RealNamespace, real_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -29,8 +28,26 @@ def _exists(jobs: Jobs, name: str) -> bool:
     return True
 
 
-def test_real_trainer_reports_progress_and_completes(jobs: Jobs, volumes: Path) -> None:
-    jobs.create(real_job("tiny"))
+OVERFIT = real_job(
+    "overfit",
+    dataset={"source": "pvc://datasets/noisy"},
+    freeze={"strategy": "none", "layers": None},
+    hyperparameters={"learningRate": 5e-3, "epochs": 20},
+    evaluation={"strategy": "steps", "interval": 4},
+    earlyStopping={"metric": "loss", "patience": 2},
+)
+
+
+@pytest.fixture(scope="module")
+def started(real_namespace: RealNamespace) -> RealNamespace:
+    """Both jobs of this module, created at once (see ``real_namespace``)."""
+    real_namespace.jobs.create(real_job("tiny"))
+    real_namespace.jobs.create(OVERFIT)
+    return real_namespace
+
+
+def test_real_trainer_reports_progress_and_completes(started: RealNamespace) -> None:
+    jobs, volumes = started.jobs, started.volumes
     running = jobs.wait_condition("tiny", "Running", timeout=120)
     assert running["status"]["workload"]["job"] == "tiny-trainer"
     done = jobs.wait_condition("tiny", "Complete", "Succeeded", timeout=300)
@@ -59,17 +76,8 @@ def test_real_trainer_reports_progress_and_completes(jobs: Jobs, volumes: Path) 
     assert (volumes / "tiny" / "model" / "config.json").exists()
 
 
-def test_real_trainer_early_stops_with_the_best_checkpoint(jobs: Jobs, volumes: Path) -> None:
-    jobs.create(
-        real_job(
-            "overfit",
-            dataset={"source": "pvc://datasets/noisy"},
-            freeze={"strategy": "none", "layers": None},
-            hyperparameters={"learningRate": 5e-3, "epochs": 20},
-            evaluation={"strategy": "steps", "interval": 4},
-            earlyStopping={"metric": "loss", "patience": 2},
-        )
-    )
+def test_real_trainer_early_stops_with_the_best_checkpoint(started: RealNamespace) -> None:
+    jobs, volumes = started.jobs, started.volumes
     done = jobs.wait_condition("overfit", "Complete", "EarlyStopped", timeout=300)
     status = done["status"]
     early = status["earlyStopping"]

@@ -100,41 +100,35 @@ def _cached_wire(assets: dict[str, Path], out: Path) -> dict[str, Any]:
     return wire
 
 
-def test_each_rank_caches_a_fixed_shard_and_never_runs_the_frozen_prefix_after_the_first_epoch(
+def test_each_rank_caches_a_fixed_shard_and_a_run_resumed_mid_epoch_replays_it_in_the_same_order(
     assets: dict[str, Path], tmp_path: Path
 ) -> None:
-    """Epoch 1 runs the frozen block on each rank's 3 batches; epochs 2-3 replay them all from the rank's cache."""
-    out = tmp_path / "out"
-    code, output = run_ranks(tmp_path, _cached_wire(assets, out), COUNT_FROZEN_CALLS="1")
-    assert code == 0, output[-3000:]
-    results = [json.loads((out / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
-    steps_per_epoch = 96 // (16 * 2)
-    assert [r["finalStep"] for r in results] == [3 * steps_per_epoch] * 2
-    assert [r["frozenCalls"]["train"] for r in results] == [steps_per_epoch] * 2, (
-        "the frozen prefix ran again after the first epoch"
-    )
-    events = [json.loads(line) for line in output.splitlines() if line.startswith('{"')]
-    shards = [e["activationCache"]["rankShard"] for e in events if e.get("event") == "freeze"]
-    assert shards and all(s["ranks"] == 2 and s["trainExamples"] == 96 // 2 for s in shards), shards
-    ranks = [torch.load(out / f"rank-{rank}.pt") for rank in (0, 1)]
-    differ = [name for name in ranks[0] if not torch.equal(ranks[0][name], ranks[1][name])]
-    assert differ == [], f"the ranks' weights diverged: {differ[:5]}"
-
-
-def test_a_run_resumed_mid_epoch_trains_each_ranks_shard_in_the_same_order_from_its_persisted_cache(
-    assets: dict[str, Path], tmp_path: Path
-) -> None:
-    """Stopped at step 4 (epoch 2's first step) and resumed: the batches of an uninterrupted run, and every rank
-    (not only the one that writes checkpoints) replays its shard from the disk cache the first run left."""
+    """Epoch 1 runs the frozen block on each rank's 3 batches; epochs 2-3 replay them all from the rank's
+    cache (spilled to disk: the budget is tiny). Stopped at step 4 (epoch 2's first step) and resumed: the
+    batches of the uninterrupted run, and every rank (not only the one that writes checkpoints) replays its
+    shard from the disk cache the first run left."""
     spill = {"ACTIVATION_MEMORY_BUDGET": "1000", "COUNT_FROZEN_CALLS": "1"}
 
     def ranks(out: Path, **env: str) -> list[dict[str, Any]]:
         return torchrun(tmp_path, _cached_wire(assets, out), **spill, **env)
 
-    whole = ranks(tmp_path / "whole")
+    code, output = run_ranks(tmp_path, _cached_wire(assets, tmp_path / "whole"), **spill)
+    assert code == 0, output[-3000:]
+    whole = [json.loads((tmp_path / "whole" / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    steps_per_epoch = 96 // (16 * 2)
+    assert [r["finalStep"] for r in whole] == [3 * steps_per_epoch] * 2
+    assert [r["frozenCalls"]["train"] for r in whole] == [steps_per_epoch] * 2, (
+        "the frozen prefix ran again after the first epoch"
+    )
+    events = [json.loads(line) for line in output.splitlines() if line.startswith('{"')]
+    shards = [e["activationCache"]["rankShard"] for e in events if e.get("event") == "freeze"]
+    assert shards and all(s["ranks"] == 2 and s["trainExamples"] == 96 // 2 for s in shards), shards
+    weights = [torch.load(tmp_path / "whole" / f"rank-{rank}.pt") for rank in (0, 1)]
+    differ = [name for name in weights[0] if not torch.equal(weights[0][name], weights[1][name])]
+    assert differ == [], f"the ranks' weights diverged: {differ[:5]}"
+
     stopped = ranks(tmp_path / "resumed", TERMINATE_AT_STEP="4")
     resumed = ranks(tmp_path / "resumed")
-    steps_per_epoch = 96 // (16 * 2)
     for rank in (0, 1):
         assert len(whole[rank]["batches"]) == 3 * steps_per_epoch
         assert stopped[rank]["batches"] + resumed[rank]["batches"] == whole[rank]["batches"], f"rank {rank}"

@@ -58,8 +58,8 @@ def test_killed_run_resumes_with_its_patience_state(assets: dict[str, Path], tmp
         assets["bert"],
         assets["sentiment"],
         out,
-        hyperparameters={"maxSteps": 240, "batchSize": 8, "learningRate": 1e-3, "seed": 0},
-        evaluation={"strategy": "steps", "interval": 20, "metrics": ["loss"]},
+        hyperparameters={"maxSteps": 120, "batchSize": 8, "learningRate": 1e-3, "seed": 0},
+        evaluation={"strategy": "steps", "interval": 10, "metrics": ["loss"]},
         # a min delta this large makes every evaluation after the first a miss: the count must survive restarts
         earlyStopping={"metric": "loss", "patience": 1000, "minDelta": 5.0},
         output={"location": str(out), "keepCheckpoints": 2, "checkpointIntervalSteps": 10},
@@ -103,7 +103,7 @@ def test_killed_run_resumes_with_its_patience_state(assets: dict[str, Path], tmp
     evaluations = [e for run in (first, second, third) for e in of(run, "evaluation")]
     steps = [e["step"] for e in evaluations if e["step"] <= newest or e in of(third, "evaluation")]
     unique = sorted(set(steps))
-    assert unique == list(range(20, 241, 20))
+    assert unique == list(range(10, 121, 10))
     final = of(third, "evaluation")[-1]["earlyStopping"]
-    assert final["bestStep"] == 20 and final["evaluationsWithoutImprovement"] == len(unique) - 1
-    assert json.loads((out / "result.json").read_text())["finalStep"] == 240
+    assert final["bestStep"] == 10 and final["evaluationsWithoutImprovement"] == len(unique) - 1
+    assert json.loads((out / "result.json").read_text())["finalStep"] == 120
