@@ -4,20 +4,20 @@ MiniLM sequence-classification samples/s with and without the frozen-prefix acti
 The causal LM is a Llama built from a config (~150M parameters; no weights ship on PyPI except as GGUF) with
 MiniLM's tokenizer, trained on packed Rotten Tomatoes text in bf16 (fp32 on CPU). ``--tiny`` shrinks everything
 so the script runs on CPU in a minute (tests/trainer/test_benchmarks.py): it must not break unseen. Each row runs
-in its own process (at --tiny, as many at once as there are cores). Run through ``benchmarks/gpu.sh``.
+in its own process on a GPU; at --tiny all rows share one. Run through ``benchmarks/gpu.sh``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +71,11 @@ def peak_flops() -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-def run_row(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
+@contextlib.contextmanager
+def step_clock() -> Iterator[list[float]]:
+    """The end time of every training step of any Trainer (ours builds its own) while inside."""
     from transformers import Trainer, TrainerCallback
 
-    torch.manual_seed(0)
     step_ends: list[float] = []
 
     class StepClock(TrainerCallback):
@@ -89,32 +89,45 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
         return original(self, *a, **k)
 
     Trainer.train = timed  # type: ignore[method-assign]
+    try:
+        yield step_ends
+    finally:
+        Trainer.train = original  # type: ignore[method-assign]
+
+
+def run_row(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    torch.manual_seed(0)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    root = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
     kind, _, variant = args.row.partition(":")
     gpu = torch.cuda.is_available()
     precision = "bf16" if gpu else "fp32"
-    if kind == "lm":
-        model_dir, train = prepare_lm(root, args.tiny)
-        who, _, extra = variant.partition("+")
-        compile_ = extra == "compile"
-        if who == "ours":
-            ours_lm(args, model_dir, train, root / "out", precision, compile_)
+    with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp, step_clock() as step_ends:
+        root = Path(tmp)
+        if kind == "lm":
+            model_dir, train = prepare_lm(root, args.tiny)
+            who, _, extra = variant.partition("+")
+            compile_ = extra == "compile"
+            if who == "ours":
+                ours_lm(args, model_dir, train, root / "out", precision, compile_)
+            else:
+                plain_lm(args, model_dir, train, root / "out", precision, compile_)
+            from transformers import AutoConfig, LlamaForCausalLM
+
+            with torch.device("meta"):
+                params = sum(
+                    p.numel() for p in LlamaForCausalLM(AutoConfig.from_pretrained(str(model_dir))).parameters()
+                )
+            unit = args.batch * args.seq  # tokens per step
         else:
-            plain_lm(args, model_dir, train, root / "out", precision, compile_)
-        from transformers import AutoConfig, LlamaForCausalLM
+            import finetune_assets
 
-        with torch.device("meta"):
-            params = sum(p.numel() for p in LlamaForCausalLM(AutoConfig.from_pretrained(str(model_dir))).parameters())
-        unit = args.batch * args.seq  # tokens per step
-    else:
-        import finetune_assets
-
-        train, _ = finetune_assets.rotten_tomatoes(n_train=args.batch * args.steps, n_val=16, seed=0)
-        ours_cls(args, finetune_assets.minilm_dir(), train, root / "out", precision, variant.endswith("+cache"))
-        params = 0
-        unit = args.batch  # samples per step
+            train, _ = finetune_assets.rotten_tomatoes(n_train=args.batch * args.steps, n_val=16, seed=0)
+            ours_cls(args, finetune_assets.minilm_dir(), train, root / "out", precision, variant.endswith("+cache"))
+            params = 0
+            unit = args.batch  # samples per step
     warm = step_ends[len(step_ends) // 3 :]  # skip compilation and warm-up steps
     intervals = sorted(b - a for a, b in itertools.pairwise(warm))
     rate = unit / intervals[len(intervals) // 2]
@@ -219,36 +232,35 @@ def plain_lm(args: argparse.Namespace, model_dir: Path, train: Path, out: Path, 
     Trainer(model=model, args=training_args, train_dataset=data, data_collator=collator).train()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny sizes that run on CPU in about a minute")
     parser.add_argument("--row", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=0)
     parser.add_argument("--batch", type=int, default=0)
     parser.add_argument("--seq", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.row:
         print("RESULT " + json.dumps(run_row(args)), flush=True)
         return
     rows = [r for r in LM_ROWS + CLS_ROWS if not (args.tiny and r.endswith("+compile"))]  # no compiler on CPU CI
-
-    def measure(row: str) -> dict[str, Any]:
+    results = []
+    for row in rows:
         lm = row.startswith("lm:")
         steps, batch, seq = (6, 4, 32) if args.tiny else ((60, 8, 1024) if lm else (30, 64, 64))
-        argv = [sys.executable, __file__, "--row", row, f"--steps={steps}", f"--batch={batch}", f"--seq={seq}"]
-        if args.tiny:
-            argv.append("--tiny")
-        proc = subprocess.run(argv, check=False, capture_output=True, text=True)
+        flags = [f"--steps={steps}", f"--batch={batch}", f"--seq={seq}"]
+        if args.tiny:  # one process for every row: the torch and transformers imports are most of a tiny row
+            results.append(run_row(parser.parse_args(["--tiny", "--row", row, *flags])))
+            continue
+        # On a GPU each row has a process of its own: its memory peak, allocator and compile caches.
+        proc = subprocess.run(
+            [sys.executable, __file__, "--row", row, *flags], check=False, capture_output=True, text=True
+        )
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             print(f"{row}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
             sys.exit(1)
-        result: dict[str, Any] = json.loads(line.removeprefix("RESULT "))
-        return result
-
-    # One row at a time on a GPU (each has the device to itself); tiny CPU rows overlap, their rates mean nothing.
-    with ThreadPoolExecutor(max_workers=(os.cpu_count() or 1) if args.tiny else 1) as pool:
-        results = list(pool.map(measure, rows))
+        results.append(json.loads(line.removeprefix("RESULT ")))
     print(f"{'row':<20}{'rate':>14}  {'unit':<10}{'MFU':>7}{'peak MiB':>10}")
     for r in results:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"

@@ -13,6 +13,8 @@ import json
 import re
 import time
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +36,33 @@ def _job(jobs: Jobs, name: str) -> client.V1Job:
     return client.BatchV1Api(jobs.api).read_namespaced_job(f"{name}-trainer", jobs.namespace)
 
 
-def test_stubborn_trainer_is_early_stopped_by_the_operator(jobs: Jobs, tmp_path: Path) -> None:
-    jobs.create(
-        fake_job(
-            "stubborn",
-            "finetune-test/stubborn:1",
-            tmp_path,
-            earlyStopping={"metric": "accuracy", "patience": 2},
+@dataclass
+class Started:
+    """The module's slow scripted jobs, created at once in one namespace: each mostly waits (an
+    evaluation schedule, the Job controller's 10 s backoff before a retry), so they wait together."""
+
+    jobs: Jobs
+    tmp: Path
+
+
+@pytest.fixture(scope="module")
+def started(
+    local_cluster: LocalCluster, operator: Operator, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Started]:
+    tmp, namespace = tmp_path_factory.mktemp("started"), local_cluster.create_namespace("started")
+    with local_cluster.api_client() as api:
+        jobs = Jobs(api, namespace, operator)
+        jobs.create(
+            fake_job("stubborn", "finetune-test/stubborn:1", tmp, earlyStopping={"metric": "accuracy", "patience": 2})
         )
-    )
+        jobs.create(fake_job("crashy", "finetune-test/crash-once:1", tmp, backoffLimit=2))
+        jobs.create(fake_job("always-crash", "finetune-test/exit-1", tmp, backoffLimit=1))
+        yield Started(jobs, tmp)
+        client.CoreV1Api(api).delete_namespace(namespace)
+
+
+def test_stubborn_trainer_is_early_stopped_by_the_operator(started: Started) -> None:
+    jobs, tmp_path = started.jobs, started.tmp
     done = jobs.wait_condition("stubborn", "Complete", "StopEnforced", timeout=90)
     assert (tmp_path / "stubborn" / "saved-on-sigterm").is_file(), "the end was declared while the trainer still saved"
     status = _status(done)
@@ -70,15 +90,15 @@ def test_permanent_trainer_error_fails_at_once_with_its_reason(jobs: Jobs, tmp_p
     assert "DataError" in jobs.events("bad-data")
 
 
-def test_crashing_trainer_is_retried_and_resumes(jobs: Jobs, tmp_path: Path) -> None:
-    jobs.create(fake_job("crashy", "finetune-test/crash-once:1", tmp_path, backoffLimit=2))
+def test_crashing_trainer_is_retried_and_resumes(started: Started) -> None:
+    jobs, tmp_path = started.jobs, started.tmp
     done = jobs.wait_condition("crashy", "Complete", "Succeeded", timeout=120)
     assert _status(done)["restarts"] == 1
     assert (tmp_path / "crashy" / "resumed-from").read_text() == "5"
 
 
-def test_crash_beyond_backoff_limit_fails_with_last_exit(jobs: Jobs, tmp_path: Path) -> None:
-    jobs.create(fake_job("always-crash", "finetune-test/exit-1", tmp_path, backoffLimit=1))
+def test_crash_beyond_backoff_limit_fails_with_last_exit(started: Started) -> None:
+    jobs = started.jobs
     failed = jobs.wait_condition("always-crash", "Failed", "BackoffLimitExceeded", timeout=120)
     message = _status(failed)["message"]
     assert "exit code 1" in message and "scripted failure" in message
