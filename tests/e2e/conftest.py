@@ -68,6 +68,7 @@ class Operator:
     log: Path
     metrics_port: int
     health_port: int
+    resync_seconds: float = 2
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -83,7 +84,7 @@ class Operator:
             "--bind-address",
             "127.0.0.1",
             "--resync-seconds",
-            "2",
+            str(self.resync_seconds),
             "--report-interval-seconds",
             "1",
         ]
@@ -118,7 +119,7 @@ class Operator:
 
 
 @contextlib.contextmanager
-def running_operator(cluster: LocalCluster, directory: Path) -> Iterator[Operator]:
+def running_operator(cluster: LocalCluster, directory: Path, resync_seconds: float = 2) -> Iterator[Operator]:
     """The operator on ``cluster``, running with only the permissions the Helm chart grants it."""
     running = Operator(
         kubeconfig=service_account_kubeconfig(
@@ -127,6 +128,7 @@ def running_operator(cluster: LocalCluster, directory: Path) -> Iterator[Operato
         log=directory / "operator.log",
         metrics_port=free_port(),
         health_port=free_port(),
+        resync_seconds=resync_seconds,
     )
     running.start()
     try:

@@ -40,11 +40,13 @@ EXAMPLE_QUEUES = Path(__file__).resolve().parents[2] / "examples" / "kueue" / "q
 
 @pytest.fixture(scope="module")
 def kueue_operator(kueue_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
-    """The operator on Kueue's cluster, with the CRD and admission policy as the chart installs them."""
+    """The operator on Kueue's cluster, with the CRD and admission policy as the chart installs them, and no
+    resync in the module's time: every status change Kueue causes (queued and why, inadmissible, admitted,
+    preempted) must reach the job through watch events, the Workload's and the trainer Job's."""
     with kueue_cluster.api_client() as api:
         install_crd(api, build_crd())
         install_admission_policy(api, admission.manifests())
-    with running_operator(kueue_cluster, tmp_path_factory.mktemp("kueue-operator")) as running:
+    with running_operator(kueue_cluster, tmp_path_factory.mktemp("kueue-operator"), resync_seconds=3600) as running:
         yield running
 
 
@@ -172,6 +174,24 @@ def _queueing(cluster: LocalCluster, jobs: Jobs, tmp_path: Path) -> None:
 
     nowhere = jobs.wait_condition("nowhere", "Stalled", "Inadmissible", timeout=30)
     assert "LocalQueue no-such-queue doesn't exist" in nowhere["status"]["message"]
+    # Kueue's new verdict lands on the Workload alone (the Job does not change): its watch keeps the status live.
+    client.CustomObjectsApi(jobs.api).create_namespaced_custom_object(
+        *KUEUE,
+        jobs.namespace,
+        "localqueues",
+        {
+            "apiVersion": "/".join(KUEUE),
+            "kind": "LocalQueue",
+            "metadata": {"name": "no-such-queue"},
+            "spec": {"clusterQueue": "no-such-cluster-queue"},
+        },
+    )
+    jobs.wait(
+        "nowhere",
+        "Kueue's new verdict",
+        lambda b: "no-such-cluster-queue" in (b.get("status") or {}).get("message", ""),
+        timeout=30,
+    )
     big = jobs.wait_condition("too-big", "Stalled", "Inadmissible", timeout=30)
     assert "maximum capacity" in big["status"]["message"]
     assert condition(big, "Failed") == {} and big["status"]["phase"] == "Suspended"

@@ -490,6 +490,8 @@ OBJECT_RULES: tuple[Rule, ...] = (
 """Rules on the whole object (the CRD's root), for names that could never work."""
 
 
+KUEUE_GROUP, KUEUE_VERSION, KUEUE_WORKLOADS = "kueue.x-k8s.io", "v1beta2", "workloads"
+"""Kueue's Workload API, which holds its verdict on a queued Job: admitted, waiting and why, evicted."""
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 """The label Kueue reads on a Job: which LocalQueue it waits in."""
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"

@@ -23,7 +23,7 @@ from urllib.parse import quote
 import aiohttp
 import kopf
 
-from finetune_operator.api import GROUP, KIND, PLURAL, VERSION
+from finetune_operator.api import GROUP, KIND, KUEUE_GROUP, KUEUE_VERSION, KUEUE_WORKLOADS, PLURAL, VERSION
 from finetune_operator.sweep_api import SWEEP_KIND, SWEEP_PLURAL
 
 Manifest = dict[str, Any]
@@ -39,7 +39,7 @@ _COLLECTIONS = {
     "Job": "/apis/batch/v1/namespaces/{}/jobs",
     KIND: f"/apis/{GROUP}/{VERSION}/namespaces/{{}}/{PLURAL}",
     SWEEP_KIND: f"/apis/{GROUP}/{VERSION}/namespaces/{{}}/{SWEEP_PLURAL}",
-    "Workload": "/apis/kueue.x-k8s.io/v1beta2/namespaces/{}/workloads",
+    "Workload": f"/apis/{KUEUE_GROUP}/{KUEUE_VERSION}/namespaces/{{}}/{KUEUE_WORKLOADS}",
 }
 MERGE_PATCH = "application/merge-patch+json"
 PARTIAL_METADATA = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"

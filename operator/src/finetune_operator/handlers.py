@@ -19,7 +19,18 @@ from typing import Any, cast
 import kopf
 from pydantic import ValidationError
 
-from finetune_operator.api import GROUP, KIND, PLURAL, VERSION, FineTuneJob, FineTuneJobStatus, read_stored
+from finetune_operator.api import (
+    GROUP,
+    KIND,
+    KUEUE_GROUP,
+    KUEUE_VERSION,
+    KUEUE_WORKLOADS,
+    PLURAL,
+    VERSION,
+    FineTuneJob,
+    FineTuneJobStatus,
+    read_stored,
+)
 from finetune_operator.clients import CONFLICT_RETRIES, ApiError, ConflictError, Kube
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.reconcile import Observed, Settings, decide, desired_children, invalid_spec
@@ -124,6 +135,8 @@ class Reconciler:
         self._slots = asyncio.Semaphore(max_concurrent_reconciles)
         self._bodies: dict[Key, Manifest] = {}
         self._workloads: dict[Key, Manifest] = {}
+        self._owners: dict[Key, Key] = {}
+        """The job each trainer Job (namespace, name) belongs to, as the Jobs' watch events told."""
         self._written: dict[Key, str] = {}
         """resourceVersion of our own last status write, per job: its watch event needs no reconcile."""
         self._desired_hashes: dict[Key, tuple[tuple[str | None, int | None], str | None]] = {}
@@ -151,17 +164,27 @@ class Reconciler:
         is kept with a mark: its final state is the job's result and must be recorded, not re-run."""
         essentials = workload_essentials(body)
         observed = observe_job(essentials)
+        trainer_job = (essentials["metadata"]["namespace"], essentials["metadata"]["name"])
         if not deleted:
             self._workloads[key] = essentials
+            self._owners[trainer_job] = key
         elif (observed.complete or observed.failed_condition) and key in self.known:
             self._workloads[key] = {**essentials, DELETED_MARK: True}
         else:
             self._workloads.pop(key, None)
+            self._owners.pop(trainer_job, None)
+
+    def owner_of(self, namespace: str, trainer_job: str) -> Key | None:
+        """The job whose trainer Job this is (None before the Job's first watch event)."""
+        return self._owners.get((namespace, trainer_job))
 
     def forget(self, namespace: str, name: str) -> None:
         """Drop everything about a job; call with its lock held (``drop`` takes it)."""
         key = (namespace, name)
         self.known.discard(key)
+        trainer_job = self._workloads.get(key)
+        if trainer_job is not None:
+            self._owners.pop((namespace, trainer_job["metadata"]["name"]), None)
         for cache in (self._bodies, self._workloads, self._written, self._desired_hashes):
             cache.pop(key, None)
         self.metrics.forget_job(namespace, name)
@@ -520,6 +543,16 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync_sec
             return
         reconciler.saw_workload(key, dict(body), deleted=type == "DELETED")
         await reconciler.reconcile(*key, ensure_children=type == "DELETED")
+
+    @kopf.on.event(KUEUE_GROUP, KUEUE_VERSION, KUEUE_WORKLOADS, registry=registry)
+    async def kueue_workload_event(body: kopf.Body, **_: Any) -> None:
+        # Kueue writes its verdict on a queued job (waiting and why, inadmissible, admitted, evicted) on the
+        # Workload; the trainer Job changes only when admitted or suspended. Where Kueue is not installed, kopf
+        # warns once that it cannot serve this handler, and serves it once Kueue's CRDs appear.
+        owner = next((r for r in body["metadata"].get("ownerReferences") or [] if r.get("kind") == "Job"), None)
+        key = reconciler.owner_of(body["metadata"]["namespace"], owner["name"]) if owner else None
+        if key is not None:
+            await reconciler.reconcile(*key)
 
     for group, version, plural in CHILD_KINDS:
 

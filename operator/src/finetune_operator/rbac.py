@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from finetune_operator.api import GROUP, PLURAL
+from finetune_operator.api import GROUP, KUEUE_GROUP, KUEUE_WORKLOADS, PLURAL
 from finetune_operator.sweep_api import SWEEP_PLURAL
 
 READ = ["get", "list", "watch"]
@@ -35,9 +35,10 @@ OPERATOR_RULES: list[dict[str, Any]] = [
     # delete: only pods left terminating long after their grace period (a lost node).
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "delete"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
-    # Kueue's Workloads of queued jobs: their messages go to the status; patch flips spec.active only, to keep a
-    # job the user suspended (or a stop being enforced) from being admitted and unsuspended again.
-    {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["list", "patch"]},
+    # Kueue's Workloads of queued jobs: their messages go to the status, and their changes are watched so it stays
+    # live; patch flips spec.active only, to keep a job the user suspended (or a stop being enforced) from being
+    # admitted and unsuspended again.
+    {"apiGroups": [KUEUE_GROUP], "resources": [KUEUE_WORKLOADS], "verbs": ["list", "watch", "patch"]},
     # kopf discovers resources and namespaces at start-up.
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
