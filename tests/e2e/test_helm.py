@@ -188,6 +188,11 @@ def _container_name(pod: Any) -> str:
     return f"ftl-{pod.metadata.uid[:13]}-{status.name}-{status.restart_count}"
 
 
+def _trainer_pods_running(api: client.ApiClient, namespace: str, job: str) -> bool:
+    pods = client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=f"finetune.dev/job={job}").items
+    return any(p.status.phase == "Running" and p.status.pod_ip for p in pods)
+
+
 def _trainer_pod(api: client.ApiClient, namespace: str, job: str) -> Any:
     pods = client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=f"finetune.dev/job={job}").items
     (pod,) = [p for p in pods if p.status.phase == "Running"]
@@ -235,23 +240,23 @@ def test_helm_install_upgrade_uninstall_with_jobs_running_through_it(
         jobs.create(minilm_job("minilm", volumes))
         created = time.monotonic()
         jobs.create(fake_job("paced", "finetune-test/paced:1", tmp_path))  # not in the image store: process mode
-        jobs.wait(
-            "minilm", "progress", lambda j: ((j.get("status") or {}).get("progress") or {}).get("step", 0) >= 1, 180
-        )
-        jobs.wait("paced", "progress", lambda j: ((j.get("status") or {}).get("progress") or {}).get("step", 0) >= 1)
-
-        # The real trainer runs in the trainer image, as the chart's securityContext asks.
-        trainer = _trainer_pod(api, namespace, "minilm")
-        assert trainer.status.container_statuses[0].image == trainer_image
-        inspected = json.loads(_podman("inspect", _container_name(trainer)))[0]
-        assert inspected["ImageName"] == trainer_image
-        assert inspected["HostConfig"]["ReadonlyRootfs"] is True
-        assert inspected["Config"]["User"].split(":")[0] not in ("", "0", "root"), inspected["Config"]["User"]
-
-        # Both training curves reach Prometheus through the chart's PodMonitor (selector, port name).
+        # Both training curves reach Prometheus through the chart's PodMonitor (selector, port name), scraped
+        # from the moment both trainer pods run: a quick MiniLM run can end a few seconds after its first step.
+        deadline = time.monotonic() + 180
+        while not all(_trainer_pods_running(api, namespace, job) for job in ("minilm", "paced")):
+            assert time.monotonic() < deadline, "the trainer pods never ran"
+            time.sleep(0.5)
         with prometheus(scrape_config(pod_monitor, api), tmp_path) as port:
-            _scraped(port, 'max_over_time(finetune_trainer_step{finetune_job="minilm"}[5m]) > 0', tmp_path)
-            _scraped(port, 'fake_trainer_step{finetune_job="paced"} > 0', tmp_path)
+            # The real trainer runs in the trainer image, as the chart's securityContext asks.
+            trainer = _trainer_pod(api, namespace, "minilm")
+            assert trainer.status.container_statuses[0].image == trainer_image
+            inspected = json.loads(_podman("inspect", _container_name(trainer)))[0]
+            assert inspected["ImageName"] == trainer_image
+            assert inspected["HostConfig"]["ReadonlyRootfs"] is True
+            assert inspected["Config"]["User"].split(":")[0] not in ("", "0", "root"), inspected["Config"]["User"]
+
+            _scraped(port, 'max_over_time(finetune_trainer_step{finetune_job="minilm"}[5m]) > 0', tmp_path, 180)
+            _scraped(port, 'max_over_time(fake_trainer_step{finetune_job="paced"}[5m]) > 0', tmp_path)
 
         # A changed value rolls the operator; the jobs it was watching carry on.
         helm("upgrade", RELEASE, str(CHART), "--reuse-values", "--set", "resyncSeconds=3", "--wait", "--timeout=3m")
