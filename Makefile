@@ -7,9 +7,12 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# The venv is rebuilt when any of these change; pip's cache keeps re-installs cheap.
+# The venv is rebuilt when any of these change. uv installs it from its cache under ~/.cache/finetune-operator/uv
+# (hard links): only a machine's first run downloads torch (a few GB); a fresh checkout's venv takes seconds,
+# where pip took minutes (pip's cache stays empty against this machine's package index).
+UV_VERSION := 0.13.9
 VENV_INPUTS := operator/pyproject.toml trainer/pyproject.toml dev/pyproject.toml cli/pyproject.toml requirements-dev.txt constraints.txt
-VENV_STAMP := $(VENV)/.installed-$(shell cat $(VENV_INPUTS) 2>/dev/null | sha256sum | cut -c1-16)
+VENV_STAMP := $(VENV)/.installed-$(shell { echo $(UV_VERSION); cat $(VENV_INPUTS); } 2>/dev/null | sha256sum | cut -c1-16)
 PYTEST_ARGS ?=
 NODES ?= 1
 CHART := charts/finetune-operator
@@ -19,11 +22,11 @@ help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 $(VENV_STAMP):
-	@echo ">> installing the Python environment into $(VENV) (first run downloads torch: a few GB, cached by pip)"
+	@echo ">> installing the Python environment into $(VENV) with uv (a machine's first run downloads torch: a few GB)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -r requirements-dev.txt \
-		-e "./trainer[train]" -e ./operator -e ./dev -e ./cli
+	$(PY) -m pip install --quiet "uv==$(UV_VERSION)"
+	UV_CACHE_DIR="$(CACHE_HOME)/uv" $(VENV)/bin/uv pip install --quiet --python $(PY) \
+		-c constraints.txt -r requirements-dev.txt -e "./trainer[train]" -e ./operator -e ./dev -e ./cli
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
