@@ -548,8 +548,9 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync_sec
     async def kueue_workload_event(body: kopf.Body, **_: Any) -> None:
         # Kueue writes its verdict on a queued job (waiting and why, inadmissible, admitted, evicted) on the
         # Workload; the trainer Job changes only when admitted or suspended. Where Kueue is not installed, kopf
-        # warns once that it cannot serve this handler, and serves it once Kueue's CRDs appear.
-        owner = next((r for r in body["metadata"].get("ownerReferences") or [] if r.get("kind") == "Job"), None)
+        # warns that it cannot serve this handler, and serves it once Kueue's CRDs appear (it watches CRDs).
+        references = body["metadata"].get("ownerReferences") or []
+        owner = next((r for r in references if r.get("kind") == "Job" and r.get("apiVersion") == "batch/v1"), None)
         key = reconciler.owner_of(body["metadata"]["namespace"], owner["name"]) if owner else None
         if key is not None:
             await reconciler.reconcile(*key)

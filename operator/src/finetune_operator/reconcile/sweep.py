@@ -313,7 +313,8 @@ def suggest(
         combinations = grid(spec)
         return [combinations[index] for index in indices]
     distributions = {p.name: distribution(p) for p in spec.parameters}
-    study = study or build_study(sweep, trials)
+    if study is None:
+        study = build_study(sweep, trials)
     suggestions: list[dict[str, Any]] = []
     for index in indices:
         study.sampler = _sampler(spec, index)
@@ -336,7 +337,8 @@ def to_prune(sweep: FineTuneSweep, trials: Sequence[ObservedTrial], study: optun
     if sweep.spec.pruning.name == "none":
         return []
     pruner = _pruner(sweep.spec)
-    study = study or rebuild_study(sweep, trials)
+    if study is None:
+        study = rebuild_study(sweep, trials)
     decisions: list[str] = []
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not frozen.intermediate_values:
