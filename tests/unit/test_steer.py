@@ -3,6 +3,7 @@ and what is read first. No cluster: ``tests/e2e`` runs the same rules against th
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 from finetune_operator.api import FineTuneJob, FineTuneJobStatus, WorkloadRefs
@@ -130,7 +131,7 @@ def test_a_queued_job_the_user_suspended_names_no_queue_until_resumed() -> None:
 
 def test_the_users_suspend_of_a_running_queued_job_suspends_it_and_deactivates_its_workload() -> None:
     running = trainer_of(job(queueName="q"), active=1, ready=1)
-    running = ObservedJob(**{**running.__dict__, "suspended": False})
+    running = replace(running, suspended=False)
     decision = decide(job(queueName="q", suspend=True), Observed(job=running, kueue_workloads=(WORKLOAD,)), NOW)
     assert decision.suspend_trainer_job is True
     assert decision.kueue_active == ((WORKLOAD, False),)

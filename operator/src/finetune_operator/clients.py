@@ -228,8 +228,12 @@ class Kube:
         """Delete a pod without waiting for its node to confirm (a lost node never does)."""
         await self._unless_gone("DELETE", "Pod", namespace, name, params={"gracePeriodSeconds": "0"})
 
-    async def delete_job(self, namespace: str, name: str) -> None:
-        await self._unless_gone("DELETE", "Job", namespace, name, params={"propagationPolicy": "Background"})
+    async def delete_job(self, namespace: str, name: str, uid: str | None = None) -> None:
+        """Delete a Job and, in the background, its pods; with ``uid`` only that very Job (else ``ConflictError``)."""
+        options: Manifest = {"propagationPolicy": "Background"}
+        if uid is not None:
+            options["preconditions"] = {"uid": uid}
+        await self._unless_gone("DELETE", "Job", namespace, name, body=options)
 
     async def read_finetunejob(self, namespace: str, name: str) -> Manifest | None:
         return await self._unless_gone("GET", KIND, namespace, name)

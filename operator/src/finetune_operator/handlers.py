@@ -341,19 +341,26 @@ class Reconciler:
             kueue_workloads=observe_kueue_workloads(queued),
             desired_hash=desired_hash,
         )
-        await self._execute(job, body, current, decide(job, observed, now), now)
+        await self._execute(job, body, current, decide(job, observed, now), now, uid)
 
     async def _execute(
-        self, job: FineTuneJob, body: Manifest, current: FineTuneJobStatus, decision: Decision, now: datetime
+        self,
+        job: FineTuneJob,
+        body: Manifest,
+        current: FineTuneJobStatus,
+        decision: Decision,
+        now: datetime,
+        trainer_uid: str | None,
     ) -> None:
-        """Carry out a decision in the order ``Decision`` gives; nothing here chooses."""
+        """Carry out a decision in the order ``Decision`` gives; nothing here chooses. A deletion names the
+        uid of the Job it was decided on: a newer namesake is never deleted on a stale decision."""
         namespace, trainer = job.metadata.namespace, Names.for_job(job).job
         for pod in decision.stuck_pods:
             await self.kube.force_delete_pod(namespace, pod)
         if decision.replace_trainer_job:
             # Its DELETED event brings us back to create it again from the spec.
             log.info("spec changed while suspended: replacing Job %s/%s", namespace, trainer)
-            await self.kube.delete_job(namespace, trainer)
+            await self.kube.delete_job(namespace, trainer, trainer_uid)
         patch = trainer_job_patch(decision)
         if patch is not None:
             await self.kube.patch_job(namespace, trainer, patch)
@@ -373,7 +380,7 @@ class Reconciler:
                 job.metadata.name,
                 trainer,
             )
-            await self.kube.delete_job(namespace, trainer)
+            await self.kube.delete_job(namespace, trainer, trainer_uid)
 
     async def _create_children(self, job: FineTuneJob) -> tuple[Manifest | None, list[str], list[str]]:
         """Create whatever children are missing, in waves, and bring drifted ones back to the spec.
