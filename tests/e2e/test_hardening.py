@@ -57,7 +57,7 @@ def test_an_edit_while_suspended_replaces_the_job_only_once_its_old_pod_has_save
     started a new trainer beside it (whose start-up cleanup deletes a checkpoint being written)."""
     batch, trainer = client.BatchV1Api(jobs.api), "saver-trainer"
     jobs.create(fake_job("saver", "finetune-test/stubborn:1", tmp_path))  # saves for 4 s on SIGTERM
-    jobs.wait_condition("saver", "Running", timeout=60)
+    jobs.wait("saver", "a report (its SIGTERM handler is set)", lambda b: bool((b.get("status") or {}).get("progress")))
     old = batch.read_namespaced_job(trainer, jobs.namespace).metadata.uid
     jobs.patch("saver", {"spec": {"suspend": True}})
     jobs.patch("saver", {"spec": {"backoffLimit": 1}})
