@@ -17,10 +17,10 @@ from finetune_trainer.callbacks import (
     FULL,
     WEIGHTS,
     EarlyStoppingCallback,
-    EvaluationRecord,
     RunContext,
     checkpoint_kind,
 )
+from finetune_trainer.contract import EvaluationRecord
 from finetune_trainer.reporting import JsonLines
 from finetune_trainer.spec import TrainingSpec
 from finetune_trainer.trainer import FineTuneTrainer
@@ -138,9 +138,7 @@ def test_evaluation_history_is_keyed_by_step(assets: dict[str, Path], tmp_path: 
     out = tmp_path / "out"
     spec = TrainingSpec.model_validate(tiny.spec(assets["bert"], assets["sentiment"], out))
     ctx = RunContext(spec, out, out / "checkpoints", tmp_path, JsonLines(io.StringIO()))
-    ctx.state.evaluations = [
-        EvaluationRecord(step=s, epoch=s / 10, metrics={"loss": 1.0}, time="t") for s in (10, 20, 30)
-    ]
+    ctx.state.evaluations = [EvaluationRecord(step=s, epoch=s / 10, metrics={"loss": 1.0}) for s in (10, 20, 30)]
     state = TrainerState(global_step=20, epoch=2.0)
     control = TrainerControl()
     EarlyStoppingCallback(ctx).on_evaluate(
