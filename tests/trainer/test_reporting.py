@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import socket
 import threading
@@ -12,11 +13,12 @@ from typing import Any
 
 import pytest
 
+from finetune_operator.api import FineTuneJobStatus
 from finetune_trainer import exitcodes
 from finetune_trainer import run as run_mod
-from finetune_trainer.contract import MAX_EVALUATIONS, EvaluationRecord, Progress, TrainerStatus
+from finetune_trainer.contract import MAX_EVALUATIONS, TRAINER_STATUS_KEYS, EvaluationRecord, Progress, TrainerStatus
 from finetune_trainer.errors import MetricsUnavailableError
-from finetune_trainer.reporting import JsonLines, PrometheusMetrics, StatusReporter, stop_request_of
+from finetune_trainer.reporting import JsonLines, PrometheusMetrics, StatusReporter, merge, stop_request_of
 from tests.trainer import tiny
 from tests.trainer.helpers import of, result_json, train
 
@@ -166,8 +168,11 @@ def test_in_pod_run_reports_and_honours_a_stop_request(
     assert of(after_stop, "evaluation") == []  # nothing is evaluated in the grace period
     assert (out / "checkpoints" / f"checkpoint-{body['finalStep']}").is_dir()
     assert body["finalStep"] < 1000
+    stored: dict[str, Any] = {}
     for patch in api.patches:
-        assert set(patch) == {"status"} and set(patch["status"]) <= {"progress", "evaluations", "best"}
+        assert set(patch) == {"status"} and set(patch["status"]) <= set(TRAINER_STATUS_KEYS)
+        merge(stored, copy.deepcopy(patch["status"]))
+        FineTuneJobStatus.model_validate(stored)  # what the trainer writes, the operator reads
     finalizing = [p["status"]["progress"]["finalizing"] for p in api.patches if "finalizing" in p["status"]["progress"]]
     assert finalizing == [True, None], "the final save is announced, then the flag is cleared (merge-patch null)"
     last = [p["status"] for p in api.patches if "step" in p["status"]["progress"]][-1]
