@@ -173,3 +173,5 @@ def test_both_sides_default_alike() -> None:
     assert settings.report_interval_seconds == env.report_interval_seconds == contract.DEFAULT_REPORT_INTERVAL_SECONDS
     assert Path(settings.pvc_root) == env.pvc_root == Path(contract.DEFAULT_PVC_ROOT)
     assert RuntimeEnv.from_environ({}) == env
+    chart = yaml.safe_load((Path(__file__).resolve().parents[2] / "charts/finetune-operator/values.yaml").read_text())
+    assert chart["trainerMetricsPort"] == contract.DEFAULT_METRICS_PORT
