@@ -29,34 +29,11 @@ from finetune_trainer.contract import (
     SHARED_STATUS_KEYS,
     TRAINER_STATUS_KEYS,
     USER_ENV,
-    BestResult,
-    EvaluationRecord,
-    Progress,
     TrainerStatus,
     wire_keys,
 )
 from finetune_trainer.reporting import merge
-from tests.manifests import baseline
-
-
-def _trainer_status_at_the_bounds() -> TrainerStatus:
-    """The largest status the contract lets a trainer write."""
-    names = [f"m{i:02d}".ljust(MAX_METRIC_NAME_LENGTH, "x") for i in range(MAX_METRICS_PER_EVALUATION)]
-    evaluations = [
-        EvaluationRecord(
-            step=step,
-            epoch=step / 10,
-            metrics=dict.fromkeys(names, 0.5),
-            time="2026-12-04T23:39:22Z",
-            train_loss=None,
-        )
-        for step in range(1, MAX_EVALUATIONS + 1)
-    ]
-    output = "pvc://runs/job/"
-    checkpoint = output + "c" * (MAX_CHECKPOINT_URI_LENGTH - len(output))
-    best = BestResult(metric=names[0], value=0.5, step=3, epoch=0.3, checkpoint=checkpoint, majority_baseline=None)
-    progress = Progress(step=7, total_steps=70, epoch=0.7, percent=10.0, last_heartbeat_time="2026-12-04T23:39:22Z")
-    return TrainerStatus(progress=progress, evaluations=evaluations, best=best)
+from tests.manifests import baseline, trainer_status_at_the_bounds
 
 
 def _without_nulls(value: Any) -> Any:
@@ -68,7 +45,7 @@ def _without_nulls(value: Any) -> Any:
 
 
 def test_what_the_trainer_writes_round_trips_through_the_operator_status() -> None:
-    patch = _trainer_status_at_the_bounds().to_patch()
+    patch = trainer_status_at_the_bounds("pvc://runs/job").to_patch()
     assert set(patch) == set(TRAINER_STATUS_KEYS)
     old_best = {"metric": "old", "value": 1, "step": 1, "checkpoint": "x", "majorityBaseline": 0.3}
     stored: dict[str, Any] = {"phase": "Running", "best": old_best}
@@ -115,7 +92,8 @@ def test_the_key_split_is_the_contracts_in_the_policy_and_in_the_operators_write
 
 def test_the_operator_never_writes_the_trainers_own_keys() -> None:
     before = FineTuneJobStatus()
-    after = FineTuneJobStatus.model_validate(_trainer_status_at_the_bounds().to_wire() | {"phase": "Running"})
+    trainer = trainer_status_at_the_bounds("pvc://runs/job").to_wire()
+    after = FineTuneJobStatus.model_validate(trainer | {"phase": "Running"})
     patch = status_patch(before, after)
     assert set(patch) == {"phase", "best"}
 
