@@ -20,6 +20,7 @@ from finetune_operator.api import (
     DEFAULT_PVC_ROOT,
     DEFAULT_REPORT_INTERVAL_SECONDS,
     DEFAULT_TRAINER_IMAGE,
+    GROUP,
     HF_TOKEN_ENV,
     JOB_NAME_ENV,
     JOB_NAMESPACE_ENV,
@@ -209,9 +210,9 @@ def role(job: FineTuneJob) -> Manifest:
             "kind": "Role",
             "metadata": _metadata(job, names.role),
             "rules": [
-                {"apiGroups": ["finetune.dev"], "resources": [PLURAL], "resourceNames": own, "verbs": ["get"]},
+                {"apiGroups": [GROUP], "resources": [PLURAL], "resourceNames": own, "verbs": ["get"]},
                 {
-                    "apiGroups": ["finetune.dev"],
+                    "apiGroups": [GROUP],
                     "resources": [f"{PLURAL}/status"],
                     "resourceNames": own,
                     "verbs": ["get", "patch"],
