@@ -14,6 +14,17 @@ from typing import Any
 
 import yaml
 
+from finetune_trainer.contract import (
+    MAX_CHECKPOINT_URI_LENGTH,
+    MAX_EVALUATIONS,
+    MAX_METRIC_NAME_LENGTH,
+    MAX_METRICS_PER_EVALUATION,
+    BestResult,
+    EvaluationRecord,
+    Progress,
+    TrainerStatus,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -173,3 +184,22 @@ def sweep_baseline(name: str = "sweep") -> Manifest:
             "maxFailedTrials": 3,
         },
     }
+
+
+def trainer_status_at_the_bounds(output: str) -> TrainerStatus:
+    """The largest status the contract lets a trainer write (its best checkpoint inside ``output``)."""
+    names = [f"m{i:02d}".ljust(MAX_METRIC_NAME_LENGTH, "x") for i in range(MAX_METRICS_PER_EVALUATION)]
+    evaluations = [
+        EvaluationRecord(
+            step=step,
+            epoch=step / 10,
+            metrics=dict.fromkeys(names, 0.5),
+            time="2026-12-04T23:39:22Z",
+            train_loss=None,
+        )
+        for step in range(1, MAX_EVALUATIONS + 1)
+    ]
+    checkpoint = f"{output}/checkpoints/" + "c" * (MAX_CHECKPOINT_URI_LENGTH - len(output) - len("/checkpoints/"))
+    best = BestResult(metric=names[0], value=0.5, step=3, epoch=0.3, checkpoint=checkpoint, majority_baseline=None)
+    progress = Progress(step=7, total_steps=70, epoch=0.7, percent=10.0, last_heartbeat_time="2026-12-04T23:39:22Z")
+    return TrainerStatus(progress=progress, evaluations=evaluations, best=best)

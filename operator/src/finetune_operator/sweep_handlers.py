@@ -18,7 +18,7 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from finetune_operator.api import GROUP, KIND, VERSION
+from finetune_operator.api import GROUP, KIND, PLURAL, VERSION
 from finetune_operator.clients import CONFLICT_RETRIES, ApiError, ConflictError, Kube
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.reconcile.children import controller_of, job_label_value
@@ -170,7 +170,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: SweepReconciler, resyn
         else:
             await reconciler.reconcile(namespace, name)
 
-    @kopf.on.event(GROUP, VERSION, "finetunejobs", labels={SWEEP_LABEL: kopf.PRESENT}, registry=registry)
+    @kopf.on.event(GROUP, VERSION, PLURAL, labels={SWEEP_LABEL: kopf.PRESENT}, registry=registry)
     async def trial_event(body: kopf.Body, **_: Any) -> None:
         owner = controller_of(dict(body))
         if owner is not None and owner.get("kind") == SWEEP_KIND:

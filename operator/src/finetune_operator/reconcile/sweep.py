@@ -22,16 +22,17 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from finetune_operator.api import API_VERSION, KIND, FineTuneJobSpec
-from finetune_operator.reconcile.children import MANAGED_BY, MANAGED_BY_LABEL, job_label_value
-from finetune_operator.reconcile.status import (
+from finetune_operator.api import (
+    API_VERSION,
+    KIND,
     PRUNED,
     STOP_ANNOTATION,
     STOP_REASON_ANNOTATION,
     SWEEP_FINISHED,
-    Event,
-    set_condition,
+    FineTuneJobSpec,
 )
+from finetune_operator.reconcile.children import MANAGED_BY, MANAGED_BY_LABEL, job_label_value
+from finetune_operator.reconcile.status import Event, set_condition
 from finetune_operator.sweep_api import (
     MAX_TRIALS,
     PARAMETERS_ANNOTATION,
