@@ -13,14 +13,13 @@ from optuna.trial import TrialState
 from finetune_operator.api import REASONS
 from finetune_operator.reconcile.sweep import (
     FINISHED_ANNOTATIONS,
-    ObservedTrial,
     build_study,
     decide_sweep,
     grid,
-    observe_trial,
     suggest,
     to_prune,
 )
+from finetune_operator.reconcile.trials import ObservedTrial, observe_trial
 from finetune_operator.sweep_api import PARAMETERS_ANNOTATION, SWEEP_LABEL, TRIAL_INDEX_LABEL, FineTuneSweep
 from tests.manifests import sweep_baseline
 
@@ -223,6 +222,7 @@ def test_parallelism_counts_every_created_and_unfinished_trial() -> None:
         "running": 2,
         "succeeded": 1,
         "pruned": 0,
+        "stopped": 0,
         "failed": 0,
     }
 
@@ -238,6 +238,7 @@ def test_max_trials_completes_and_raising_it_resumes() -> None:
         ("Ready", "True", "MaxTrialsReached"),
     ]
     raised = _sweep(maxTrials=4, parallelism=4)
+    raised.metadata.generation = 2  # the edit
     raised.status = done.status
     resumed = decide_sweep(raised, trials, NOW)
     assert [m["metadata"]["name"] for m in resumed.create] == ["s-t002", "s-t003"]
@@ -314,3 +315,79 @@ def test_a_reconcile_that_prunes_and_creates_rebuilds_the_study_once(
     decision = decide_sweep(sweep, trials, NOW)
     assert [m["metadata"]["name"] for m in decision.create] == ["s-t004", "s-t005"]
     assert len(calls) == builds
+
+
+def _stopped_by_the_sweep(index: int, reason: str, accuracies: list[float] | None = None) -> dict[str, Any]:
+    """A trial its sweep asked to stop, ended as the FineTuneJob reconciler ends it."""
+    body = _trial_body(index, accuracies or [], complete="Stopped" if reason == "SweepFinished" else reason)
+    body["metadata"]["annotations"].update({"finetune.dev/stop-requested": "true", "finetune.dev/stop-reason": reason})
+    body["status"]["stopRequest"] = {"reason": reason, "message": "", "requestedTime": "2026-01-01T00:00:00Z"}
+    return body
+
+
+def test_a_sweep_that_reaches_its_goal_stays_complete_when_its_stopped_trials_end() -> None:
+    """Issue 23 item 3: parallelism 4, maxFailedTrials 3, trial 0 reaches the goal; the three trials it
+    stops end Complete/Stopped before their first evaluation. They are not failures."""
+    sweep = _sweep(parallelism=4, maxFailedTrials=3)  # goal 0.95
+    reached = _trial_body(0, [0.96], complete="Succeeded")
+    first = decide_sweep(sweep, _observe(sweep, reached, *(_trial_body(i, []) for i in (1, 2, 3))), NOW)
+    assert first.status.phase == "Complete" and first.stop == ["s-t001", "s-t002", "s-t003"]
+    sweep.status = first.status
+    ended = _observe(sweep, reached, *(_stopped_by_the_sweep(i, "SweepFinished") for i in (1, 2, 3)))
+    assert [t.phase for t in ended] == ["Succeeded", "Stopped", "Stopped", "Stopped"]
+    after = decide_sweep(sweep, ended, NOW)
+    assert after.status.phase == "Complete", after.status.message
+    assert [(c.type, c.reason) for c in after.status.conditions if c.status == "True"] == [
+        ("Complete", "GoalReached"),
+        ("Ready", "GoalReached"),
+    ]
+    assert after.status.trial_counts.failed == 0 and after.status.trial_counts.stopped == 3
+    assert after.events == [] and after.create == []
+    assert after.status.best_trial is not None and after.status.best_trial.name == "s-t000"
+
+
+def test_a_finished_sweep_stays_finished_until_its_spec_changes() -> None:
+    sweep = _sweep(parallelism=4, maxFailedTrials=2)
+    reached = _trial_body(0, [0.96], complete="Succeeded")
+    sweep.status = decide_sweep(sweep, _observe(sweep, reached, _trial_body(1, [0.5])), NOW).status
+    # The stopped trial fails on its way out, and so does a trial the user stopped: still Complete.
+    failing = [_trial_body(1, [0.5], failed=True), _trial_body(2, [], failed=True)]
+    after = decide_sweep(sweep, _observe(sweep, reached, *failing), NOW)
+    assert after.status.phase == "Complete" and after.events == []
+
+
+def test_the_goal_is_judged_before_the_failures() -> None:
+    sweep = _sweep(parallelism=4, maxFailedTrials=2)
+    trials = _observe(
+        sweep, _trial_body(0, [0.96], complete="Succeeded"), *(_trial_body(i, [], failed=True) for i in (1, 2))
+    )
+    assert decide_sweep(sweep, trials, NOW).status.phase == "Complete"
+
+
+def test_a_pruned_trial_that_overran_its_grace_period_is_pruned_not_succeeded() -> None:
+    """The FineTuneJob reconciler ends it Complete/StopEnforced (phase Pruned): it is Pruned, never best."""
+    sweep = _sweep(pruning={"name": "none"})
+    enforced = _stopped_by_the_sweep(1, "Pruned", [0.9])
+    enforced["status"]["conditions"] = [{"type": "Complete", "status": "True", "reason": "StopEnforced"}]
+    enforced["status"]["phase"] = "Pruned"
+    trials = _observe(sweep, _trial_body(0, [0.6], complete="Succeeded"), enforced)
+    assert [t.phase for t in trials] == ["Succeeded", "Pruned"]
+    decision = decide_sweep(sweep, trials, NOW)
+    assert decision.status.best_trial is not None and decision.status.best_trial.name == "s-t000"
+    assert decision.status.trial_counts.pruned == 1 and decision.status.trial_counts.succeeded == 1
+
+
+def test_stopped_trials_rebuild_as_pruned_optuna_trials() -> None:
+    sweep = _sweep(algorithm={"name": "tpe", "seed": 1})
+    trials = _observe(
+        sweep,
+        _trial_body(0, [0.6], complete="Succeeded"),
+        _stopped_by_the_sweep(1, "SweepFinished"),
+        _stopped_by_the_sweep(2, "SweepFinished", [0.7]),
+    )
+    assert [t.state for t in build_study(sweep, trials).trials] == [
+        TrialState.COMPLETE,
+        TrialState.PRUNED,
+        TrialState.PRUNED,
+    ]
+    assert len(suggest(sweep, trials, [3])) == 1  # a resumed sweep still asks

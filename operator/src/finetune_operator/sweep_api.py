@@ -314,7 +314,7 @@ FineTuneSweepSpec.rules = (
 )
 
 
-TrialPhase = Literal["Pending", "Running", "Succeeded", "Pruned", "Failed"]
+TrialPhase = Literal["Pending", "Running", "Succeeded", "Pruned", "Stopped", "Failed"]
 SweepPhase = Literal["Running", "Suspended", "Complete", "Failed"]
 
 
@@ -325,7 +325,12 @@ class TrialCounts(StatusModel):
     running: int = Field(0, description="Created and not finished (pending or running).")
     succeeded: int = Field(0, description="Finished with an objective value (not pruned).")
     pruned: int = Field(0, description="Stopped early as unpromising (Complete/Pruned).")
-    failed: int = Field(0, description="Failed, or finished with no evaluation of the objective metric.")
+    stopped: int = Field(
+        0, description="Stopped because the sweep finished (goal reached, too many failed); not failures."
+    )
+    failed: int = Field(
+        0, description="Failed, or finished with no evaluation of the objective metric (never one the sweep stopped)."
+    )
 
 
 class BestTrial(StatusModel):
@@ -342,7 +347,9 @@ class TrialSummary(StatusModel):
     """One trial, compactly."""
 
     name: str = Field(description="The trial FineTuneJob.")
-    phase: TrialPhase = Field(description="Pending, Running, Succeeded, Pruned or Failed.")
+    phase: TrialPhase = Field(
+        description="Pending, Running, Succeeded, Pruned, Stopped (by its finished sweep) or Failed."
+    )
     value: float | None = Field(None, description="Its best objective value so far.")
     parameters: dict[str, Scalar] = Field(default_factory=dict, description="Its parameters.")
 

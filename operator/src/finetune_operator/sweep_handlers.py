@@ -29,8 +29,8 @@ from finetune_operator.reconcile.sweep import (
     SweepDecision,
     decide_sweep,
     invalid_sweep,
-    observe_trial,
 )
+from finetune_operator.reconcile.trials import observe_trial
 from finetune_operator.sweep_api import SWEEP_KIND, SWEEP_LABEL, SWEEP_PLURAL, FineTuneSweep, FineTuneSweepStatus
 
 log = logging.getLogger("finetune_operator.sweeps")

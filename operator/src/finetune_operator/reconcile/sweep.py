@@ -29,10 +29,12 @@ from finetune_operator.api import (
     STOP_ANNOTATION,
     STOP_REASON_ANNOTATION,
     SWEEP_FINISHED,
-    FineTuneJobSpec,
+    Condition,
+    ConditionType,
 )
 from finetune_operator.reconcile.children import MANAGED_BY, MANAGED_BY_LABEL, job_label_value
 from finetune_operator.reconcile.status import Event, set_condition
+from finetune_operator.reconcile.trials import ObservedTrial
 from finetune_operator.sweep_api import (
     MAX_TRIALS,
     PARAMETERS_ANNOTATION,
@@ -64,27 +66,6 @@ TPE_STARTUP_TRIALS = 10
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-@dataclass(frozen=True)
-class ObservedTrial:
-    """What the sweep needs of one trial FineTuneJob."""
-
-    name: str
-    index: int
-    parameters: dict[str, Any]
-    phase: TrialPhase
-    intermediate: dict[int, float]
-    """Objective value by absolute evaluation number (1, 2, ...): comparable across trials whatever
-    their batch size, and stable when old evaluations drop out of the bounded status."""
-    value: float | None = None
-    step: int | None = None
-    checkpoint: str | None = None
-    stop_requested: bool = False
-
-    @property
-    def finished(self) -> bool:
-        return self.phase in ("Succeeded", "Pruned", "Failed")
-
-
 @dataclass
 class SweepDecision:
     status: FineTuneSweepStatus
@@ -105,78 +86,6 @@ FINISHED_ANNOTATIONS = {STOP_ANNOTATION: "true", STOP_REASON_ANNOTATION: SWEEP_F
 
 def trial_name(sweep_name: str, index: int) -> str:
     return f"{sweep_name}-t{index:03d}"
-
-
-def _evaluation_number(spec: FineTuneJobSpec, step: int, epoch: float | None) -> int:
-    evaluation = spec.evaluation
-    if evaluation.strategy == "steps" and evaluation.interval:
-        return max(1, math.ceil(step / evaluation.interval))
-    return max(1, math.ceil((epoch or 0.0) - 1e-6))
-
-
-def _condition(status: Manifest, type_: str) -> Manifest | None:
-    for condition in status.get("conditions") or []:
-        if condition.get("type") == type_ and condition.get("status") == "True":
-            return dict(condition)
-    return None
-
-
-def observe_trial(sweep: FineTuneSweep, body: Manifest) -> ObservedTrial | None:
-    """One trial FineTuneJob as the sweep sees it; None for an object that is not a trial of this sweep."""
-    metadata = body.get("metadata") or {}
-    try:
-        index = int((metadata.get("labels") or {})[TRIAL_INDEX_LABEL])
-        parameters = json.loads((metadata.get("annotations") or {})[PARAMETERS_ANNOTATION])
-    except (KeyError, ValueError, TypeError):
-        return None
-    if not isinstance(parameters, dict):
-        return None
-    metric = sweep.spec.objective.metric
-    maximize = sweep.spec.objective.direction == "maximize"
-    better = max if maximize else min
-    status = body.get("status") or {}
-    template = sweep.spec.trial_template.spec
-    intermediate: dict[int, float] = {}
-    value: float | None = None
-    step: int | None = None
-    for record in status.get("evaluations") or []:
-        metrics = record.get("metrics") or {}
-        if metric not in metrics or not isinstance(metrics[metric], int | float) or not math.isfinite(metrics[metric]):
-            continue
-        number = _evaluation_number(template, int(record.get("step", 0)), record.get("epoch"))
-        intermediate[number] = float(metrics[metric])
-        if value is None or better(value, float(metrics[metric])) != value:
-            value, step = float(metrics[metric]), int(record.get("step", 0))
-    checkpoint: str | None = None
-    best = status.get("best") or {}
-    reported = best.get("value") if best.get("metric") == metric else None
-    # The trainer's best (what early stopping and restoreBest keep) also covers evaluations the bounded history dropped.
-    if (
-        isinstance(reported, int | float)
-        and math.isfinite(reported)
-        and (value is None or better(value, reported) == reported)
-    ):
-        value, step, checkpoint = float(reported), best.get("step"), best.get("checkpoint")
-    complete = _condition(status, "Complete")
-    phase: TrialPhase
-    if _condition(status, "Failed") is not None:
-        phase = "Failed"
-    elif complete is not None:
-        phase = "Pruned" if complete.get("reason") == PRUNED else ("Succeeded" if value is not None else "Failed")
-    else:
-        phase = "Running" if status.get("phase") == "Running" else "Pending"
-    annotations = metadata.get("annotations") or {}
-    return ObservedTrial(
-        name=str(metadata.get("name")),
-        index=index,
-        parameters=parameters,
-        phase=phase,
-        intermediate=intermediate,
-        value=value,
-        step=step,
-        checkpoint=checkpoint,
-        stop_requested=annotations.get(STOP_ANNOTATION, "").lower() == "true" or bool(status.get("stopRequest")),
-    )
 
 
 # ---------------------------------------------------------------- the engine
@@ -242,6 +151,7 @@ def _pruner(spec: FineTuneSweepSpec) -> optuna.pruners.BasePruner:
 _STATES: dict[TrialPhase, TrialState] = {
     "Succeeded": TrialState.COMPLETE,
     "Pruned": TrialState.PRUNED,
+    "Stopped": TrialState.PRUNED,
     "Failed": TrialState.FAIL,
     "Pending": TrialState.RUNNING,
     "Running": TrialState.RUNNING,
@@ -393,6 +303,7 @@ def _counts(trials: Sequence[ObservedTrial]) -> TrialCounts:
         running=sum(not t.finished for t in trials),
         succeeded=sum(t.phase == "Succeeded" for t in trials),
         pruned=sum(t.phase == "Pruned" for t in trials),
+        stopped=sum(t.phase == "Stopped" for t in trials),
         failed=sum(t.phase == "Failed" for t in trials),
     )
 
@@ -448,6 +359,16 @@ def _summary(trial: ObservedTrial) -> TrialSummary:
     return TrialSummary(name=trial.name, phase=trial.phase, value=trial.value, parameters=trial.parameters)
 
 
+def _ended(status: FineTuneSweepStatus, generation: int | None) -> Condition | None:
+    """The Complete or Failed condition the sweep already ended with for this generation, if any."""
+    if status.observed_generation != generation:
+        return None
+    return next(
+        (c for c in status.conditions if c.type in ("Complete", "Failed") and c.status == "True"),
+        None,
+    )
+
+
 def decide_sweep(sweep: FineTuneSweep, trials: Sequence[ObservedTrial], now: datetime) -> SweepDecision:
     """The sweep's next step: which trials to create and prune, and its status."""
     spec = sweep.spec
@@ -470,7 +391,7 @@ def decide_sweep(sweep: FineTuneSweep, trials: Sequence[ObservedTrial], now: dat
     space = len(grid(spec)) if spec.algorithm.name == "grid" else None
     next_index = max((t.index for t in ordered), default=-1) + 1
 
-    def finish(type_: str, reason: str, message: str) -> SweepDecision:
+    def finish(type_: ConditionType, reason: str, message: str) -> SweepDecision:
         failed = type_ == "Failed"
         became = set_condition(status, "Failed" if failed else "Complete", True, reason, message, now, generation)
         set_condition(status, "Complete" if failed else "Failed", False, reason, message, now, generation)
@@ -485,18 +406,21 @@ def decide_sweep(sweep: FineTuneSweep, trials: Sequence[ObservedTrial], now: dat
             decision.events.append(Event("Warning" if failed else "Normal", reason, message))
         return decision
 
-    if counts.failed >= spec.max_failed_trials:
-        return finish(
-            "Failed",
-            TOO_MANY_FAILED_TRIALS,
-            f"{counts.failed} trials failed (maxFailedTrials {spec.max_failed_trials}); no more trials are created",
-        )
-    if _goal_reached(sweep, best):
+    ended = _ended(sweep.status, generation)
+    if ended is not None:  # a finished sweep stays finished; only a spec edit (a new generation) reopens it
+        return finish(ended.type, ended.reason, ended.message)
+    if _goal_reached(sweep, best):  # before the failures: trials it stops on the way are not failures anyway
         assert best is not None
         return finish(
             "Complete",
             GOAL_REACHED,
             f"{best.name} reached {spec.objective.metric} {best.value:g} (goal {spec.objective.goal:g})",
+        )
+    if counts.failed >= spec.max_failed_trials:
+        return finish(
+            "Failed",
+            TOO_MANY_FAILED_TRIALS,
+            f"{counts.failed} trials failed (maxFailedTrials {spec.max_failed_trials}); no more trials are created",
         )
     budget = spec.max_trials - counts.total
     if space is not None:
