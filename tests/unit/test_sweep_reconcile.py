@@ -391,3 +391,70 @@ def test_stopped_trials_rebuild_as_pruned_optuna_trials() -> None:
         TrialState.PRUNED,
     ]
     assert len(suggest(sweep, trials, [3])) == 1  # a resumed sweep still asks
+
+
+def test_rungs_compare_trials_on_examples_seen_whatever_their_batch_size() -> None:
+    """Issue 23 item 11: with steps evaluation, a trial with twice the template's batch (16) has seen at its
+    step 10 what a template-batch trial has seen at step 20: both are at key 2."""
+    sweep = _sweep()  # evaluation every 10 steps
+    double = _trial_body(1, [0.5, 0.6])  # steps 10, 20
+    double["spec"] = {"hyperparameters": {"batchSize": 32}}
+    accumulated = _trial_body(2, [0.5])
+    accumulated["spec"] = {"hyperparameters": {"batchSize": 8, "gradientAccumulationSteps": 2}, "resources": {}}
+    plain, twice, same = _observe(sweep, _trial_body(0, [0.5, 0.6]), double, accumulated)
+    assert plain.intermediate == {1: 0.5, 2: 0.6}
+    assert twice.intermediate == {2: 0.5, 4: 0.6}
+    assert same.intermediate == {1: 0.5}
+    # Median pruning at key 2 compares the double-batch trial's first evaluation with the others' second.
+    median = _sweep(pruning={"name": "median", "warmupEvaluations": 1, "startupTrials": 1})
+    finished = _trial_body(0, [0.5, 0.9, 0.9], complete="Succeeded")
+    double["status"]["evaluations"].pop()
+    trials = _observe(median, finished, double)
+    assert to_prune(median, trials) == ["s-t001"]  # 0.5 after 2 units of data, where the finished one had 0.9
+
+
+def test_successive_halving_judges_a_rung_once_on_the_value_the_trial_had_there() -> None:
+    """Issue 23 item 11: a running trial passed rung 0 (evaluation 1) at the top; its later, poorer values
+    never re-judge rung 0, and its verdict is recorded so that the next reconcile keeps it."""
+    sweep = _sweep(pruning={"name": "successive-halving", "warmupEvaluations": 1, "startupTrials": 0})
+    finished = [_trial_body(i, [0.6 + i / 100, 0.7, 0.75], complete="Succeeded") for i in range(6)]
+    climber = _trial_body(6, [0.9, 0.5])  # rung 0 at evaluation 1 (0.9, the best); evaluation 2 is no rung
+    decision = decide_sweep(sweep, _observe(sweep, *finished, climber), NOW)
+    assert decision.prune == []
+    assert decision.rungs == {"s-t006": {"completed_rung_0": 0.9}}
+    # Next reconcile: the verdict is on the trial; better trials have finished since, at rung 0 too.
+    recorded = copy.deepcopy(climber)
+    recorded["metadata"]["annotations"]["finetune.dev/rungs"] = json.dumps(decision.rungs["s-t006"])
+    better = [_trial_body(7 + i, [0.92, 0.93, 0.94], complete="Succeeded") for i in range(4)]  # goal: 0.95
+    again = decide_sweep(sweep, _observe(sweep, *finished, *better, recorded), NOW)
+    assert again.prune == [] and again.rungs == {}  # rung 0 stays judged; rung 1 (evaluation 3) not reached
+    # At evaluation 3 (rung 1) it is judged again, on its value there.
+    recorded["status"]["evaluations"].append({"step": 30, "metrics": {"accuracy": 0.4, "loss": 0.6}})
+    third = decide_sweep(sweep, _observe(sweep, *finished, *better, recorded), NOW)
+    assert third.prune == ["s-t006"]
+    assert third.rungs == {"s-t006": {"completed_rung_0": 0.9, "completed_rung_1": 0.4}}
+
+
+def test_hyperband_sizes_its_brackets_once() -> None:
+    """Issue 23 item 11: the "auto" max resource comes from the first trial that ran to its end and is kept
+    in status, so a longer trial finishing later does not move trials between brackets."""
+    import finetune_operator.reconcile.sweep as core
+
+    sweep = _sweep(pruning={"name": "hyperband", "warmupEvaluations": 1, "startupTrials": 0}, parallelism=1)
+    short = _trial_body(0, [0.6, 0.7, 0.75], complete="Succeeded")
+    running = [_trial_body(i, [0.6]) for i in range(1, 9)]
+
+    def brackets(trials: list[ObservedTrial]) -> list[int]:
+        study = core.rebuild_study(sweep, trials)
+        pruner = study.pruner
+        pruner._try_initialization(study)  # type: ignore[attr-defined]
+        return [pruner._get_bracket_id(study, t) for t in study.trials]  # type: ignore[attr-defined]
+
+    first = decide_sweep(sweep, _observe(sweep, short, *running), NOW)
+    assert first.status.hyperband_max_resource == 4  # 3 evaluations, plus one, as Optuna's "auto"
+    before = brackets(_observe(sweep, short, *running))
+    sweep.status = first.status
+    long = _trial_body(9, [0.6] * 27, complete="Succeeded")
+    later = decide_sweep(sweep, _observe(sweep, short, *running, long), NOW)
+    assert later.status.hyperband_max_resource == 4
+    assert brackets(_observe(sweep, short, *running, long))[:9] == before

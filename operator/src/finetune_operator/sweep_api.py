@@ -33,6 +33,10 @@ PARAMETERS_ANNOTATION = "finetune.dev/parameters"
 """Annotation on every trial: its parameters as JSON (name to value, or preset label), from which
 the study is rebuilt."""
 
+RUNGS_ANNOTATION = "finetune.dev/rungs"
+"""Annotation on a trial, written by its sweep: the successive-halving / hyperband verdicts made for it (rung
+to the value it was judged on, JSON), so a rebuilt study never judges a rung twice."""
+
 MAX_TRIALS = 1000
 """Upper bound of spec.maxTrials; status.trials holds one compact entry per trial, so it stays far
 below etcd's object size limit."""
@@ -389,6 +393,11 @@ class FineTuneSweepStatus(StatusModel):
         default_factory=list, max_length=MAX_TRIALS, description="Every trial, by index (compact, bounded)."
     )
     message: str | None = Field(None, description="Latest human-readable summary.")
+    hyperband_max_resource: int | None = Field(
+        None,
+        description="Hyperband's max resource (evaluations' worth of training), estimated once from the first "
+        "trial that ran to its end and kept, so trials keep their brackets.",
+    )
 
 
 class FineTuneSweep(BaseModel):

@@ -14,7 +14,7 @@ import json
 import math
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -62,6 +62,9 @@ TOO_MANY_FAILED_TRIALS = "TooManyFailedTrials"
 TRIALS_RUNNING = "TrialsRunning"
 TPE_STARTUP_TRIALS = 10
 """Random trials before TPE models the history (Optuna's long-standing default, pinned)."""
+RUNG_PREFIX = "completed_rung_"
+"""How Optuna's successive halving names a trial's verdict at a rung (a system attribute): pinned Optuna 5.0."""
+REDUCTION_FACTOR = 3
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -75,6 +78,8 @@ class SweepDecision:
     """Running trials to ask to stop with reason Pruned."""
     stop: list[str] = field(default_factory=list)
     """Trials still running when the sweep ended (goal reached, too many failed): ask them to stop."""
+    rungs: dict[str, dict[str, float]] = field(default_factory=dict)
+    """New successive-halving verdicts to record on trials (``RUNGS_ANNOTATION``), by trial name."""
     events: list[Event] = field(default_factory=list)
 
 
@@ -127,7 +132,7 @@ def _sampler(spec: FineTuneSweepSpec, index: int) -> optuna.samplers.BaseSampler
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def _pruner(spec: FineTuneSweepSpec) -> optuna.pruners.BasePruner:
+def _pruner(spec: FineTuneSweepSpec, max_resource: int | None = None) -> optuna.pruners.BasePruner:
     pruning = spec.pruning
     warmup = max(1, pruning.warmup_evaluations)
     if pruning.name == "median":
@@ -139,11 +144,14 @@ def _pruner(spec: FineTuneSweepSpec) -> optuna.pruners.BasePruner:
         )
     if pruning.name == "successive-halving":
         return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=warmup, reduction_factor=3, min_early_stopping_rate=0, bootstrap_count=0
+            min_resource=warmup, reduction_factor=REDUCTION_FACTOR, min_early_stopping_rate=0, bootstrap_count=0
         )
     if pruning.name == "hyperband":
         return optuna.pruners.HyperbandPruner(
-            min_resource=warmup, max_resource="auto", reduction_factor=3, bootstrap_count=0
+            min_resource=warmup,
+            max_resource=max_resource or "auto",
+            reduction_factor=REDUCTION_FACTOR,
+            bootstrap_count=0,
         )
     return optuna.pruners.NopPruner()
 
@@ -160,7 +168,10 @@ _STATES: dict[TrialPhase, TrialState] = {
 
 
 def build_study(
-    sweep: FineTuneSweep, trials: Sequence[ObservedTrial], system_attrs: dict[str, dict[str, float]] | None = None
+    sweep: FineTuneSweep,
+    trials: Sequence[ObservedTrial],
+    system_attrs: dict[str, dict[str, float]] | None = None,
+    max_resource: int | None = None,
 ) -> optuna.Study:
     """An in-memory study holding every trial, in index order (trial numbers follow indices)."""
     spec = sweep.spec
@@ -168,7 +179,7 @@ def build_study(
     study = optuna.create_study(
         storage=optuna.storages.InMemoryStorage(),
         sampler=_sampler(spec, 0),
-        pruner=_pruner(spec),
+        pruner=_pruner(spec, max_resource or sweep.status.hyperband_max_resource),
         study_name=sweep.metadata.name,
         direction=spec.objective.direction,
     )
@@ -234,63 +245,109 @@ def suggest(
     return suggestions
 
 
+@dataclass
+class Judgement:
+    """What the pruner decided this reconcile."""
+
+    prune: list[str] = field(default_factory=list)
+    """Running trials to stop as unpromising."""
+    rungs: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Trials with new rung verdicts: every verdict of the trial (rung key to the value it was judged on), to
+    record on it (``RUNGS_ANNOTATION``)."""
+
+
+def estimated_max_resource(sweep: FineTuneSweep, trials: Sequence[ObservedTrial]) -> int | None:
+    """Hyperband's max resource: the one the sweep recorded, else Optuna's "auto" estimate (the longest
+    trial that ran to its end, plus one) once there is such a trial. Recorded by the sweep the first time,
+    so that brackets never move as longer trials finish."""
+    if sweep.status.hyperband_max_resource is not None:
+        return sweep.status.hyperband_max_resource
+    ended = [max(t.intermediate) for t in trials if t.phase == "Succeeded" and t.intermediate]
+    return max(ended) + 1 if ended else None
+
+
+def _promotion(sweep: FineTuneSweep, rate: int, rung: int) -> int:
+    minimum: int = max(1, sweep.spec.pruning.warmup_evaluations)
+    return int(minimum * REDUCTION_FACTOR ** (rate + rung))
+
+
+def _at_next_rung(sweep: FineTuneSweep, trial: ObservedTrial, rate: int) -> ObservedTrial:
+    """A running trial as successive halving must judge it: its values up to its first evaluation at or past
+    the next rung it has no verdict for, so the rung is judged on the value the trial had there (not its
+    latest), and a rung judged before is never judged again (its verdict is in ``trial.rungs``)."""
+    rung = sum(key.startswith(RUNG_PREFIX) for key in trial.rungs)
+    reached = [key for key in sorted(trial.intermediate) if key >= _promotion(sweep, rate, rung)]
+    if not reached:
+        return trial
+    return replace(trial, intermediate={k: v for k, v in trial.intermediate.items() if k <= reached[0]})
+
+
 def rebuild_study(sweep: FineTuneSweep, trials: Sequence[ObservedTrial]) -> optuna.Study:
-    """The study as the pruner needs it: with the rung values successive halving and hyperband keep
-    (samplers ignore them, so the same study also serves ``suggest``)."""
+    """The study as the pruner needs it: with the rung verdicts successive halving and hyperband keep, and
+    each running trial at its next rung (samplers ignore both, so the same study also serves ``suggest``)."""
     pruning = sweep.spec.pruning.name
-    rungs = _rung_values(sweep, trials, _pruner(sweep.spec)) if pruning not in ("none", "median") else {}
-    return build_study(sweep, trials, rungs)
+    if pruning not in ("successive-halving", "hyperband"):
+        return build_study(sweep, trials)
+    max_resource = estimated_max_resource(sweep, trials) if pruning == "hyperband" else None
+    rate_of: dict[str, int] = {}
+    if pruning == "hyperband":
+        if max_resource is None:
+            return build_study(sweep, trials)  # no trial has ended yet: nothing to size the brackets by
+        probe = build_study(sweep, trials, max_resource=max_resource)
+        pruner = probe.pruner
+        assert isinstance(pruner, optuna.pruners.HyperbandPruner)
+        pruner._try_initialization(probe)  # pinned Optuna 5.0: how Hyperband assigns brackets
+        rate_of = {t.user_attrs["name"]: pruner._get_bracket_id(probe, t) for t in probe.get_trials(deepcopy=False)}
+    judged = [t if t.finished else _at_next_rung(sweep, t, rate_of.get(t.name, 0)) for t in trials]
+    return build_study(sweep, judged, _rung_values(sweep, trials, rate_of), max_resource)
+
+
+def judge(sweep: FineTuneSweep, trials: Sequence[ObservedTrial], study: optuna.Study | None = None) -> Judgement:
+    """The pruner's verdicts on the running trials (``study``: from ``rebuild_study``, when the caller
+    already has it): which to prune, and the new rung verdicts to record."""
+    judgement = Judgement()
+    if sweep.spec.pruning.name == "none":
+        return judgement
+    if study is None:
+        study = rebuild_study(sweep, trials)
+    by_name = {t.name: t for t in trials}
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        observed = by_name[frozen.user_attrs["name"]]
+        if not frozen.intermediate_values or observed.stop_requested:
+            continue
+        if study.pruner.prune(study, frozen):
+            judgement.prune.append(observed.name)
+        after = study._storage.get_trial(frozen._trial_id).system_attrs  # the verdicts prune() just wrote
+        verdicts = {k: float(v) for k, v in after.items() if k.startswith(RUNG_PREFIX)}
+        if verdicts != observed.rungs:
+            judgement.rungs[observed.name] = verdicts
+    return judgement
 
 
 def to_prune(sweep: FineTuneSweep, trials: Sequence[ObservedTrial], study: optuna.Study | None = None) -> list[str]:
-    """Running trials the pruner judges unpromising at their latest evaluation (``study``: from
-    ``rebuild_study``, when the caller already has it)."""
-    if sweep.spec.pruning.name == "none":
-        return []
-    pruner = _pruner(sweep.spec)
-    if study is None:
-        study = rebuild_study(sweep, trials)
-    decisions: list[str] = []
-    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not frozen.intermediate_values:
-            continue
-        observed = next(t for t in trials if t.name == frozen.user_attrs["name"])
-        if observed.stop_requested:
-            continue
-        if pruner.prune(study, frozen):
-            decisions.append(observed.name)
-    return decisions
+    """Running trials the pruner judges unpromising at their latest evaluation."""
+    return judge(sweep, trials, study).prune
 
 
 def _rung_values(
-    sweep: FineTuneSweep, trials: Sequence[ObservedTrial], pruner: optuna.pruners.BasePruner
+    sweep: FineTuneSweep, trials: Sequence[ObservedTrial], rate_of: dict[str, int]
 ) -> dict[str, dict[str, float]]:
-    """Successive halving records each trial's value at each rung in the trial's system attributes as
-    the trial reports; a rebuilt study has none. Recompute them for the finished trials (a trial records
-    every rung its evaluations reach; a pruned one stops at the rung that pruned it), by trial name.
-    Hyperband runs one successive halving per bracket: a trial's bracket sets its first rung."""
-    reduction, minimum = 3, max(1, sweep.spec.pruning.warmup_evaluations)
-    rate_of: dict[str, int] = {}
-    if isinstance(pruner, optuna.pruners.HyperbandPruner):
-        probe = build_study(sweep, trials)
-        pruner._try_initialization(probe)  # pinned Optuna 5.0: how Hyperband assigns brackets
-        if not pruner._pruners:
-            return {}
-        rate_of = {t.user_attrs["name"]: pruner._get_bracket_id(probe, t) for t in probe.get_trials(deepcopy=False)}
+    """Successive halving records each trial's value at each rung in the trial's system attributes as the
+    trial reports; a rebuilt study has none. A running trial gets the verdicts recorded on it. A finished
+    one also every rung its evaluations reach (it may have passed some between two reconciles), the
+    recorded verdicts winning. Hyperband runs one successive halving per bracket: the bracket sets the
+    first rung."""
     values: dict[str, dict[str, float]] = {}
     for trial in trials:
-        if not trial.finished or not trial.intermediate:
-            continue
         attributes: dict[str, float] = {}
-        rung = 0
-        while True:
-            promotion = minimum * reduction ** (rate_of.get(trial.name, 0) + rung)
-            reached = [step for step in sorted(trial.intermediate) if step >= promotion]
+        rung, rate = 0, rate_of.get(trial.name, 0)
+        while trial.finished:
+            reached = [k for k in sorted(trial.intermediate) if k >= _promotion(sweep, rate, rung)]
             if not reached:
                 break
-            attributes[f"completed_rung_{rung}"] = trial.intermediate[reached[0]]
+            attributes[f"{RUNG_PREFIX}{rung}"] = trial.intermediate[reached[0]]
             rung += 1
-        values[trial.name] = attributes
+        values[trial.name] = {**attributes, **trial.rungs}
     return values
 
 
@@ -434,7 +491,10 @@ def decide_sweep(sweep: FineTuneSweep, trials: Sequence[ObservedTrial], now: dat
     indices = list(range(next_index, next_index + wanted))
     needs_study = spec.pruning.name != "none" or (indices and spec.algorithm.name != "grid")
     study = rebuild_study(sweep, ordered) if needs_study else None  # once per reconcile: it is the cost
-    decision.prune = to_prune(sweep, ordered, study)
+    judgement = judge(sweep, ordered, study)
+    decision.prune, decision.rungs = judgement.prune, judgement.rungs
+    if spec.pruning.name == "hyperband" and status.hyperband_max_resource is None:
+        status.hyperband_max_resource = estimated_max_resource(sweep, ordered)
     decision.create = [
         trial_manifest(sweep, index, parameters)
         for index, parameters in zip(indices, suggest(sweep, ordered, indices, study), strict=True)

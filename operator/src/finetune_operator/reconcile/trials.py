@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from finetune_operator.api import PRUNED, STOP_ANNOTATION, STOP_REASON_ANNOTATION, SWEEP_FINISHED, FineTuneJobSpec
 from finetune_operator.sweep_api import (
     PARAMETERS_ANNOTATION,
+    RUNGS_ANNOTATION,
     TRIAL_INDEX_LABEL,
     FineTuneSweep,
     TrialPhase,
@@ -33,12 +34,15 @@ class ObservedTrial:
     parameters: dict[str, Any]
     phase: TrialPhase
     intermediate: dict[int, float]
-    """Objective value by absolute evaluation number (1, 2, ...), stable when old evaluations drop out of
-    the bounded status."""
+    """Objective value by training amount (``evaluation_key``): comparable across trials whatever their
+    batch size, and stable when old evaluations drop out of the bounded status."""
     value: float | None = None
     step: int | None = None
     checkpoint: str | None = None
     stop_requested: bool = False
+    rungs: dict[str, float] = field(default_factory=dict)
+    """Successive-halving verdicts already made for this trial (rung key to the value judged): kept, never
+    made again."""
 
     @property
     def finished(self) -> bool:
@@ -125,11 +129,46 @@ def read_parameters(body: Manifest) -> dict[str, Any] | None:
     return found if isinstance(found, dict) else None
 
 
-def evaluation_key(template: FineTuneJobSpec, step: int, epoch: float | None) -> int:
-    """The intermediate-value key of one evaluation: its absolute evaluation number (1, 2, ...)."""
+def read_rungs(body: Manifest) -> dict[str, float]:
+    """The pruner verdicts recorded on the trial (annotation ``finetune.dev/rungs``): rung key to the
+    value it was judged on; empty when none was recorded."""
+    raw = _dict(_dict(body.get("metadata")).get("annotations")).get(RUNGS_ANNOTATION)
+    try:
+        found = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        return {}
+    rungs = {str(key): _finite(value) for key, value in _dict(found).items()}
+    return {key: value for key, value in rungs.items() if value is not None}
+
+
+def examples_per_step(spec: Manifest, template: FineTuneJobSpec) -> int:
+    """Training examples one optimizer step consumes: per-device batch x accumulation x processes (one per
+    GPU, one per CPU pod). ``spec`` is the trial's wire spec; what it lacks comes from the template."""
+    hyper, resources = _dict(spec.get("hyperparameters")), _dict(spec.get("resources"))
+
+    def count(found: object, default: int, least: int = 1) -> int:
+        ok = isinstance(found, int) and not isinstance(found, bool) and found >= least
+        return cast(int, found) if ok else default
+
+    batch = count(hyper.get("batchSize"), template.hyperparameters.batch_size)
+    accumulation = count(hyper.get("gradientAccumulationSteps"), template.hyperparameters.gradient_accumulation_steps)
+    nodes = count(resources.get("nodes"), template.resources.nodes)
+    gpus = count(resources.get("gpusPerNode"), template.resources.gpus_per_node, least=0)
+    return batch * accumulation * nodes * max(gpus, 1)
+
+
+def evaluation_key(template: FineTuneJobSpec, trial_examples_per_step: int, step: int, epoch: float | None) -> int:
+    """The intermediate-value key of one evaluation: how much the trial has trained, in a unit all trials
+    share, so that pruners compare trials at the same amount of training whatever their batch size.
+
+    ``strategy: epoch`` counts epochs (a pass over the data is the same for every batch size).
+    ``strategy: steps`` counts examples seen, in units of the template's evaluation interval (interval x
+    the template's examples per step): a trial with the template's batch gets 1, 2, 3, ...; one with twice
+    the batch 2, 4, 6. Keys come from the evaluation itself, never from its place in the bounded history."""
     evaluation = template.evaluation
     if evaluation.strategy == "steps" and evaluation.interval:
-        return max(1, math.ceil(step / evaluation.interval))
+        unit = evaluation.interval * examples_per_step({}, template)
+        return max(1, math.ceil(step * trial_examples_per_step / unit - 1e-9))
     return max(1, math.ceil((epoch or 0.0) - 1e-6))
 
 
@@ -146,6 +185,7 @@ def observe_trial(sweep: FineTuneSweep, body: Manifest) -> ObservedTrial | None:
     metric = sweep.spec.objective.metric
     status = _dict(body.get("status"))
     template = sweep.spec.trial_template.spec
+    per_step = examples_per_step(_dict(body.get("spec")), template)
     intermediate: dict[int, float] = {}
     evaluations = status.get("evaluations")
     for item in evaluations if isinstance(evaluations, list) else []:
@@ -153,7 +193,7 @@ def observe_trial(sweep: FineTuneSweep, body: Manifest) -> ObservedTrial | None:
         found = _finite(_dict(record.get("metrics")).get(metric))
         if found is None:
             continue
-        key = evaluation_key(template, int(record.get("step") or 0), _finite(record.get("epoch")))
+        key = evaluation_key(template, per_step, int(record.get("step") or 0), _finite(record.get("epoch")))
         intermediate[key] = found
     value, step, checkpoint = read_value(status, metric, sweep.spec.objective.direction == "maximize")
     annotations = _dict(metadata.get("annotations"))
@@ -167,4 +207,5 @@ def observe_trial(sweep: FineTuneSweep, body: Manifest) -> ObservedTrial | None:
         step=step,
         checkpoint=checkpoint,
         stop_requested=str(annotations.get(STOP_ANNOTATION, "")).lower() == "true" or bool(status.get("stopRequest")),
+        rungs=read_rungs(body),
     )
