@@ -33,7 +33,9 @@ from typing import Any
 
 import yaml
 
-from finetune_operator.reconcile.sweep import PRUNED, build_study, decide_sweep, suggest, to_prune
+from finetune_operator.reconcile.status import PRUNED
+from finetune_operator.reconcile.sweep import decide_sweep
+from finetune_operator.reconcile.sweep_engine import build_study, suggest, to_prune
 from finetune_operator.reconcile.trials import observe_trial
 from finetune_operator.sweep_api import FineTuneSweep
 

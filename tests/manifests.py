@@ -65,7 +65,7 @@ def sweep_trial_values(spec: FineTuneSweepSpec) -> list[dict[str, Any]]:
     """The trials to check of a sweep: a grid's every combination (as the operator enumerates it); else
     each range's ends and every categorical choice or preset, one parameter at a time."""
     if spec.algorithm.name == "grid":
-        from finetune_operator.reconcile.sweep import grid  # Optuna: only for the tests that need it
+        from finetune_operator.reconcile.sweep_engine import grid  # Optuna: only for the tests that need it
 
         combos = grid(spec)
         assert len(combos) <= spec.max_trials, "maxTrials cuts the grid short: it never reaches SearchSpaceExhausted"

@@ -11,14 +11,8 @@ import pytest
 from optuna.trial import TrialState
 
 from finetune_operator.api import REASONS
-from finetune_operator.reconcile.sweep import (
-    FINISHED_ANNOTATIONS,
-    build_study,
-    decide_sweep,
-    grid,
-    suggest,
-    to_prune,
-)
+from finetune_operator.reconcile.sweep import FINISHED_ANNOTATIONS, decide_sweep
+from finetune_operator.reconcile.sweep_engine import build_study, grid, suggest, to_prune
 from finetune_operator.reconcile.trials import ObservedTrial, observe_trial
 from finetune_operator.sweep_api import PARAMETERS_ANNOTATION, SWEEP_LABEL, TRIAL_INDEX_LABEL, FineTuneSweep
 from tests.manifests import sweep_baseline
@@ -300,7 +294,7 @@ def test_a_reconcile_that_prunes_and_creates_rebuilds_the_study_once(
 ) -> None:
     """Rebuilding the study is a reconcile's main cost; pruning and suggesting share one (hyperband also
     needs a probe study to place trials in its brackets)."""
-    import finetune_operator.reconcile.sweep as core
+    import finetune_operator.reconcile.sweep_engine as core
 
     sweep = _sweep(pruning={"name": pruner, "warmupEvaluations": 1, "startupTrials": 0}, parallelism=3, maxTrials=10)
     finished = [_trial_body(i, [0.7, 0.8, 0.85], complete="Succeeded") for i in range(3)]
@@ -438,7 +432,7 @@ def test_successive_halving_judges_a_rung_once_on_the_value_the_trial_had_there(
 def test_hyperband_sizes_its_brackets_once() -> None:
     """Issue 23 item 11: the "auto" max resource comes from the first trial that ran to its end and is kept
     in status, so a longer trial finishing later does not move trials between brackets."""
-    import finetune_operator.reconcile.sweep as core
+    import finetune_operator.reconcile.sweep_engine as core
 
     sweep = _sweep(pruning={"name": "hyperband", "warmupEvaluations": 1, "startupTrials": 0}, parallelism=1)
     short = _trial_body(0, [0.6, 0.7, 0.75], complete="Succeeded")
@@ -458,3 +452,23 @@ def test_hyperband_sizes_its_brackets_once() -> None:
     later = decide_sweep(sweep, _observe(sweep, short, *running, long), NOW)
     assert later.status.hyperband_max_resource == 4
     assert brackets(_observe(sweep, short, *running, long))[:9] == before
+
+
+def test_sweep_health_comes_from_the_shared_derivation() -> None:
+    """Ready / Reconciling / Stalled of a sweep in each state, as kstatus reads them (reconcile/health.py)."""
+    from finetune_operator.reconcile.sweep import invalid_sweep
+
+    def health(decision: Any) -> tuple[str, str, str]:
+        found = {c.type: c.status for c in decision.status.conditions}
+        return found["Ready"], found["Reconciling"], found["Stalled"]
+
+    sweep, suspended = _sweep(), _sweep(suspend=True)
+    running = _observe(sweep, _trial_body(0, [0.5]))
+    idle = _observe(sweep, _trial_body(0, [0.5], complete="Succeeded"))
+    failed = _observe(sweep, *(_trial_body(i, [], failed=True) for i in range(3)))
+    assert health(decide_sweep(sweep, running, NOW)) == ("False", "True", "False")
+    assert health(decide_sweep(suspended, running, NOW)) == ("False", "True", "False")  # trials still running
+    assert health(decide_sweep(suspended, idle, NOW)) == ("True", "False", "False")
+    assert health(decide_sweep(_sweep(maxTrials=1), idle, NOW)) == ("True", "False", "False")
+    assert health(decide_sweep(sweep, failed, NOW)) == ("False", "False", "True")
+    assert health(invalid_sweep(sweep.status, "bad", 1, NOW)) == ("False", "False", "True")
