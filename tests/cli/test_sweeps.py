@@ -178,3 +178,17 @@ def test_the_plugin_reads_each_trial_as_the_operator_does() -> None:
         assert observed is not None
         assert (rows[observed.name].phase, rows[observed.name].value) == (observed.phase, observed.value)
     assert (rows["tune-t002"].phase, rows["tune-t003"].phase) == ("Pruned", "Stopped")
+
+
+def test_the_plot_draws_a_trial_its_sweep_stopped_as_finished() -> None:
+    jobs = trial_jobs()
+    jobs[4]["status"]["conditions"] = [condition("Complete", "True", "Stopped", "its sweep has finished")]
+    jobs[4]["status"]["stopRequest"] = {
+        "reason": "SweepFinished",
+        "message": "",
+        "requestedTime": "2026-01-01T00:00:00Z",
+    }
+    parsed = parse_sweep(sweep(status=sweep_status()))
+    figure = sweep_figure(parsed, trials(parsed, jobs))
+    labels = [line.get_label() for line in figure.axes[0].get_lines()]
+    assert "running" not in labels, labels
