@@ -472,3 +472,12 @@ def test_sweep_health_comes_from_the_shared_derivation() -> None:
     assert health(decide_sweep(_sweep(maxTrials=1), idle, NOW)) == ("True", "False", "False")
     assert health(decide_sweep(sweep, failed, NOW)) == ("False", "False", "True")
     assert health(invalid_sweep(sweep.status, "bad", 1, NOW)) == ("False", "False", "True")
+
+
+def test_an_invalid_spec_verdict_is_not_kept_once_the_spec_reads() -> None:
+    """InvalidSpec may come from an older operator: a sweep this one reads runs, at the same generation."""
+    from finetune_operator.reconcile.sweep import invalid_sweep
+
+    sweep = _sweep()
+    sweep.status = invalid_sweep(sweep.status, "an older operator could not read it", 1, NOW).status
+    assert decide_sweep(sweep, [], NOW).status.phase == "Running"

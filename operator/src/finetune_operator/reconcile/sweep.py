@@ -51,6 +51,7 @@ MAX_TRIALS_REACHED = "MaxTrialsReached"
 SEARCH_SPACE_EXHAUSTED = "SearchSpaceExhausted"
 TOO_MANY_FAILED_TRIALS = "TooManyFailedTrials"
 TRIALS_RUNNING = "TrialsRunning"
+INVALID_SPEC = "InvalidSpec"
 
 
 @dataclass
@@ -140,13 +141,12 @@ def _summary(trial: ObservedTrial) -> TrialSummary:
 
 
 def _ended(status: FineTuneSweepStatus, generation: int | None) -> Condition | None:
-    """The Complete or Failed condition the sweep already ended with for this generation, if any."""
+    """The Complete or Failed condition the sweep already ended with for this generation, if any (not
+    InvalidSpec: a spec this operator now reads was judged by another)."""
     if status.observed_generation != generation:
         return None
-    return next(
-        (c for c in status.conditions if c.type in ("Complete", "Failed") and c.status == "True"),
-        None,
-    )
+    ended = (c for c in status.conditions if c.type in ("Complete", "Failed") and c.status == "True")
+    return next((c for c in ended if c.reason != INVALID_SPEC), None)
 
 
 def decide_sweep(sweep: FineTuneSweep, trials: Sequence[ObservedTrial], now: datetime) -> SweepDecision:
@@ -244,7 +244,7 @@ def invalid_sweep(
     status.observed_generation = generation
     status.phase = "Failed"
     status.message = message
-    became = set_condition(status, "Failed", True, "InvalidSpec", message, now, generation)
+    became = set_condition(status, "Failed", True, INVALID_SPEC, message, now, generation)
     derive_health(status, generation, now)
-    events = [Event("Warning", "InvalidSpec", message)] if became else []
+    events = [Event("Warning", INVALID_SPEC, message)] if became else []
     return SweepDecision(status=status, events=events)
