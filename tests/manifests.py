@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from finetune_operator.sweep_api import FineTuneSweepSpec, choices
 from finetune_trainer.contract import (
     MAX_CHECKPOINT_URI_LENGTH,
     MAX_EVALUATIONS,
@@ -58,6 +59,22 @@ def baseline(name: str = "valid") -> Manifest:
 def example(path: Path) -> Manifest:
     loaded: Manifest = yaml.safe_load(path.read_text())
     return loaded
+
+
+def sweep_trial_values(spec: FineTuneSweepSpec) -> list[dict[str, Any]]:
+    """The trials to check of a sweep: a grid's every combination (as the operator enumerates it); else
+    each range's ends and every categorical choice or preset, one parameter at a time."""
+    if spec.algorithm.name == "grid":
+        from finetune_operator.reconcile.sweep_engine import grid  # Optuna: only for the tests that need it
+
+        combos = grid(spec)
+        assert len(combos) <= spec.max_trials, "maxTrials cuts the grid short: it never reaches SearchSpaceExhausted"
+        return combos
+    trials: list[dict[str, Any]] = []
+    for p in spec.parameters:
+        domain = p.float_range or p.int_range
+        trials += [{p.name: v} for v in ([domain.min, domain.max] if domain is not None else choices(p))]
+    return trials
 
 
 @dataclass(frozen=True)
@@ -173,7 +190,7 @@ def sweep_baseline(name: str = "sweep") -> Manifest:
                     "categorical": {
                         "presets": [
                             {"label": "bottom-4", "set": {"freeze.strategy": "bottom-layers", "freeze.layers": 4}},
-                            {"label": "head-only", "set": {"freeze.strategy": "head-only", "freeze.layers": None}},
+                            {"label": "head-only", "set": {"freeze.strategy": "head-only"}, "unset": ["freeze.layers"]},
                         ]
                     },
                 },

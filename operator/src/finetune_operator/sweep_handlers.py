@@ -11,6 +11,7 @@ same decision again and duplicates nothing.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -29,9 +30,16 @@ from finetune_operator.reconcile.sweep import (
     SweepDecision,
     decide_sweep,
     invalid_sweep,
-    observe_trial,
 )
-from finetune_operator.sweep_api import SWEEP_KIND, SWEEP_LABEL, SWEEP_PLURAL, FineTuneSweep, FineTuneSweepStatus
+from finetune_operator.reconcile.trials import observe_trial
+from finetune_operator.sweep_api import (
+    RUNGS_ANNOTATION,
+    SWEEP_KIND,
+    SWEEP_LABEL,
+    SWEEP_PLURAL,
+    FineTuneSweep,
+    FineTuneSweepStatus,
+)
 
 log = logging.getLogger("finetune_operator.sweeps")
 Manifest = dict[str, Any]
@@ -107,9 +115,14 @@ class SweepReconciler:
             if trial is not None:
                 trials.append(trial)
         decision = decide_sweep(sweep, trials, now)
-        for trial_name in decision.prune:
-            log.info("%s/%s: pruning trial %s", namespace, name, trial_name)
-            await self.kube.annotate(KIND, namespace, trial_name, PRUNE_ANNOTATIONS)
+        for trial_name in sorted({*decision.prune, *decision.rungs}):
+            # A rung verdict is recorded on its trial in the same patch as the prune it may lead to.
+            annotations = dict(PRUNE_ANNOTATIONS) if trial_name in decision.prune else {}
+            if trial_name in decision.rungs:
+                annotations[RUNGS_ANNOTATION] = json.dumps(decision.rungs[trial_name], sort_keys=True)
+            if trial_name in decision.prune:
+                log.info("%s/%s: pruning trial %s", namespace, name, trial_name)
+            await self.kube.annotate(KIND, namespace, trial_name, annotations)
         for trial_name in decision.stop:
             log.info("%s/%s: the sweep has finished: stopping trial %s", namespace, name, trial_name)
             await self.kube.annotate(KIND, namespace, trial_name, FINISHED_ANNOTATIONS)
