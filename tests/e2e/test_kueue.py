@@ -292,8 +292,6 @@ def _stopped_in_queue(cluster: LocalCluster, jobs: Jobs, tmp_path: Path) -> None
     jobs.wait_condition("waiter", "Complete", "Stopped", timeout=30)
     jobs.create(fake_job("paused", RESUMABLE, tmp_path, queueName="one-slot", resources=one, suspend=True))
     jobs.wait_condition("paused", "Suspended", "Suspended", timeout=30)
-    paused = batch.read_namespaced_job(Names.of("paused").job, jobs.namespace)
-    assert "kueue.x-k8s.io/queue-name" not in paused.metadata.labels, paused.metadata.labels
 
     jobs.patch("holder", {"metadata": {"annotations": {"finetune.dev/stop-requested": "true"}}})
     jobs.wait_condition("holder", "Complete", "Stopped", timeout=60)
@@ -303,6 +301,8 @@ def _stopped_in_queue(cluster: LocalCluster, jobs: Jobs, tmp_path: Path) -> None
         assert batch.read_namespaced_job(Names.of("paused").job, jobs.namespace).spec.suspend is True
         time.sleep(0.5)
     assert _kueue_workloads_of(jobs.api, jobs.namespace, Names.of("waiter").job) == []
+    paused = batch.read_namespaced_job(Names.of("paused").job, jobs.namespace)
+    assert "kueue.x-k8s.io/queue-name" not in paused.metadata.labels, paused.metadata.labels
     assert _kueue_workloads_of(jobs.api, jobs.namespace, Names.of("paused").job) == [], "nothing Kueue could admit"
     waiter = jobs.get("waiter")
     assert condition(waiter, "Complete")["reason"] == "Stopped" and waiter["status"]["phase"] == "Succeeded"
