@@ -381,6 +381,10 @@ class Reconciler:
                 trainer,
             )
             await self.kube.delete_job(namespace, trainer, trainer_uid)
+            # Forgotten at once, not at its DELETED event: reconciles meanwhile would delete it again.
+            self.saw_trainer_job(
+                (namespace, job.metadata.name), {"metadata": {"name": trainer, "namespace": namespace}}, deleted=True
+            )
 
     async def _create_children(self, job: FineTuneJob) -> tuple[Manifest | None, list[str], list[str]]:
         """Create whatever children are missing, in waves, and bring drifted ones back to the spec.
