@@ -45,7 +45,10 @@ def test_credentials_are_redacted_by_their_shape(text: str, secret: str) -> None
 
 
 def test_training_words_are_not_redacted() -> None:
-    text = "Token indices sequence length is longer; pad_token=None; loss=0.5 accuracy: 0.91 step 30/100"
+    text = (
+        "Token indices sequence length is longer; pad_token=None; loss=0.5 accuracy: 0.91 step 30/100; "
+        'Secret: "hf-token" not found; model.tokenSecretRef names key: token'
+    )
     assert redact(text) == text
 
 

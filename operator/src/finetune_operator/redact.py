@@ -46,7 +46,7 @@ _CREDENTIALS: tuple[tuple[re.Pattern[str], str], ...] = (
     ),
     (
         re.compile(
-            r"""(?i)(\b(?:aws_secret_access_key|aws_session_token|secret|client_secret|password|passwd|api_?key"""
+            r"""(?i)(\b(?:aws_secret_access_key|aws_session_token|client_secret|password|passwd|api_?key"""
             rf"""|access_token|auth_token|refresh_token|hf_token)["']?\s*[=:]\s*){_VALUE}"""
         ),
         rf"\1{REDACTED}",
