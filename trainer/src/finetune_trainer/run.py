@@ -52,6 +52,7 @@ from finetune_trainer.freeze import apply_freeze, layer_map
 from finetune_trainer.metrics import classification_metrics, probabilities
 from finetune_trainer.models import align_pad_token, load_config, load_model, load_processor, resolve_source
 from finetune_trainer.ownership import claim_checkpoints
+from finetune_trainer.preflight import Checked, preflight
 from finetune_trainer.reporting import JsonLines, PrometheusMetrics, StatusReporter, heartbeats, load_kube_api
 from finetune_trainer.spec import CLASSIFICATION_METRICS, CLASSIFICATION_TASKS, TrainingSpec
 from finetune_trainer.speed import (
@@ -218,8 +219,12 @@ def _start_reporter(env: RuntimeEnv, log: JsonLines) -> StatusReporter | None:
         return None
 
 
-def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> RunResult:
-    """Train per ``spec``; raises TrainerError subclasses for bad input (the CLI maps them to exit codes)."""
+def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None, checked: Checked | None = None) -> RunResult:
+    """Train per ``spec``; raises TrainerError subclasses for bad input (the CLI maps them to exit codes).
+
+    ``checked``: what `preflight` read and checked (the CLI runs it before importing torch); run here if not given.
+    """
+    checked = checked if checked is not None else preflight(spec, env)
     log = log or JsonLines()
     require_accelerator(os.environ, torch.cuda.is_available())
     hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
@@ -231,12 +236,7 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
     checkpoints_dir = output_dir / "checkpoints"
     rank = int(os.environ.get("RANK", "0"))
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
-    is_main = rank == 0
-    try:
-        checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"output.location: cannot create {checkpoints_dir}: {exc.strerror}") from exc
-
+    is_main = rank == 0  # preflight created checkpoints_dir
     check_precision(hp.precision)
     set_seed(hp.seed)
     device = detect_device()
@@ -247,19 +247,15 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
     with heartbeats(reporter):  # downloads and tokenizing can outlast the stall timeout
         source = resolve_source(spec.model, env)
         processor = load_processor(spec.model, source)
-        # Data is read and checked before the weights load: a typo in a field name fails in seconds, not minutes.
-        prepared = data_mod.prepare(spec, env, processor, load_config(spec.model, source, hp.dropout))
+        # The data (read and checked by preflight) is encoded before the weights load: minutes sooner on errors.
+        prepared = data_mod.prepare(spec, env, processor, load_config(spec.model, source, hp.dropout), checked)
         if prepared.cached_splits:
             log.emit("tokenized_cache", reused=list(prepared.cached_splits))
         model: PreTrainedModel = load_model(spec.model, source, hp.dropout, base_dtype(spec.freeze.strategy, precision))
     align_pad_token(model, processor)
     prepared = data_mod.drop_unused_inputs(prepared, model)
     has_eval = prepared.validation is not None
-    if not has_eval and spec.evaluation.strategy != "no":
-        if spec.early_stopping is not None:
-            raise ConfigError(
-                "dataset.validation: earlyStopping needs validation data (validation or validationFraction)"
-            )
+    if not has_eval and spec.evaluation.strategy != "no":  # preflight refused earlyStopping without validation
         log.emit("warning", message="no validation data: evaluation disabled")
         spec = spec.model_copy(
             update={"evaluation": spec.evaluation.model_copy(update={"strategy": "no", "interval": None})}
