@@ -108,3 +108,37 @@ def test_console_script_exit_code(assets: dict[str, Path], tmp_path: Path) -> No
     assert proc.stderr.strip().splitlines() == [
         "finetune-trainer: error: dataset.fields.text: column 'txt' not in train.jsonl (columns: text, label)"
     ]
+
+
+def test_data_and_config_errors_come_before_the_training_stack_is_imported(
+    assets: dict[str, Path], tmp_path: Path
+) -> None:
+    """The preflight stage reads and checks the data and the run's config before torch, transformers and
+    datasets are imported (7-9 s), so the pod reports such errors in about a second."""
+    no_label = jsonl(tmp_path / "no-label", [{"text": "good film"}])
+    cases = [
+        (
+            tiny.spec(assets["bert"], no_label, tmp_path / "out"),
+            3,
+            "dataset.fields.label: column 'label' not in train.jsonl (columns: text)",
+        ),
+        (
+            tiny.spec(
+                assets["bert"], assets["sentiment"], tmp_path / "out", dataset={"validation": None}, earlyStopping={}
+            ),
+            2,
+            "dataset.validation: earlyStopping needs validation data (validation or validationFraction)",
+        ),
+    ]
+    for i, (wire, code, message) in enumerate(cases):
+        config = write(tmp_path / f"s{i}.json", wire)
+        proc = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "finetune_trainer.cli", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+        assert proc.returncode == code, proc.stderr[-2000:]
+        assert json.loads(proc.stdout.splitlines()[-1])["message"] == message
+        assert not imported & {"torch", "transformers", "datasets", "peft", "accelerate"}, message
