@@ -15,6 +15,10 @@ from finetune_operator.api import (
 )
 from finetune_operator.reconcile.children import SPEC_HASH_ANNOTATION, TRAINER_CONTAINER
 from finetune_operator.reconcile.status import KueueWorkload, ObservedAdmission, ObservedJob, ObservedPod
+from finetune_operator.redact import redact, redacted_tail
+
+MESSAGE_TAIL = 2000
+"""Characters of a pod's termination message kept for status and Events."""
 
 Manifest = dict[str, Any]
 
@@ -103,7 +107,7 @@ def observe_pod(pod: Manifest) -> ObservedPod:
             message = trainer_error(str(terminated.get("message", "")))
             finished = _time(terminated.get("finishedAt"))
     if status.get("reason") == EVICTED:  # the kubelet's words (which limit, which pressure) beat the exit code's
-        reason, message = EVICTED, str(status.get("message", "")).strip()[-2000:]
+        reason, message = EVICTED, redacted_tail(str(status.get("message", "")), MESSAGE_TAIL)
     waiting_reason, waiting_message = _waiting(status)
     return ObservedPod(
         name=pod["metadata"]["name"],
@@ -125,7 +129,8 @@ def trainer_error(termination_message: str) -> str:
     ``terminationMessagePolicy: FallbackToLogsOnError`` hands over the last lines of the log: progress
     JSON, the error line on stderr, the ``{"event": "error", "message": ...}`` JSON line the trainer
     emits before exiting. Status shows that message alone; anything else (a crash without one, a
-    runtime's own words) keeps its last 2000 characters."""
+    runtime's own words) keeps its last 2000 characters. Either is redacted (``finetune_operator.redact``):
+    it goes to status and Events, which more people read than the pod's log."""
     for line in reversed(termination_message.splitlines()):
         if not line.startswith("{"):
             continue
@@ -134,8 +139,8 @@ def trainer_error(termination_message: str) -> str:
         except ValueError:
             continue
         if isinstance(event, dict) and event.get("event") == "error" and isinstance(event.get("message"), str):
-            return str(event["message"]).strip()
-    return termination_message.strip()[-2000:]
+            return redact(str(event["message"])).strip()
+    return redacted_tail(termination_message, MESSAGE_TAIL)
 
 
 def _waiting(status: Manifest) -> tuple[str, str]:
