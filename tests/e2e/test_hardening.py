@@ -52,6 +52,35 @@ def test_edits_while_suspended_reach_the_trainer(jobs: Jobs, tmp_path: Path) -> 
     jobs.delete("editable")
 
 
+def test_an_edit_while_suspended_replaces_the_job_only_once_its_old_pod_has_saved(jobs: Jobs, tmp_path: Path) -> None:
+    """Issue 23 item 10: the Job was replaced while its old pod still saved its checkpoint, so a quick resume
+    started a new trainer beside it (whose start-up cleanup deletes a checkpoint being written)."""
+    batch, trainer = client.BatchV1Api(jobs.api), "saver-trainer"
+    jobs.create(fake_job("saver", "finetune-test/stubborn:1", tmp_path))  # saves for 4 s on SIGTERM
+    jobs.wait("saver", "a report (its SIGTERM handler is set)", lambda b: bool((b.get("status") or {}).get("progress")))
+    old = batch.read_namespaced_job(trainer, jobs.namespace).metadata.uid
+    jobs.patch("saver", {"spec": {"suspend": True}})
+    jobs.patch("saver", {"spec": {"backoffLimit": 1}})
+    jobs.patch("saver", {"spec": {"suspend": False}})
+    saved = tmp_path / "saver" / "saved-on-sigterm"
+    deadline, current = time.monotonic() + 60, old
+    while time.monotonic() < deadline:
+        try:
+            current = batch.read_namespaced_job(trainer, jobs.namespace).metadata.uid
+        except client.ApiException as error:
+            assert error.status == 404, error
+            current = None
+        if current != old:
+            assert saved.is_file(), "the Job was replaced while its old pod was still saving"
+        if current not in (old, None):
+            break
+        time.sleep(0.2)
+    assert current not in (old, None), "the Job was never replaced"
+    assert batch.read_namespaced_job(trainer, jobs.namespace).spec.backoff_limit == 1
+    jobs.wait_condition("saver", "Running", timeout=60)
+    jobs.delete("saver")
+
+
 def test_a_foreign_child_is_never_adopted_and_the_job_waits(jobs: Jobs, tmp_path: Path) -> None:
     core = client.CoreV1Api(jobs.api)
     foreign = {"metadata": {"name": "foreign-config"}, "data": {"config.yaml": "not ours"}}

@@ -7,8 +7,8 @@ GPU (tests/e2e/fake_trainer.py ``resumable``: 40 steps in ~10 s,
 an evaluation every 5, a checkpoint on SIGTERM). Prints the figures the docs quote: time from
 Kueue's admission to the first training step, and the steps lost to one preemption.
 
-The three scenarios run at once (``scenarios``), each in a namespace and ClusterQueue of its own
-(2 + 1 + 1 GPUs of the node's 4): the trainers only sleep, so the module takes as long as its
+The four scenarios run at once (``scenarios``), each in a namespace and ClusterQueue of its own
+(2 + 1 + 1 + 1 GPUs of the node's 5): the trainers only sleep, so the module takes as long as its
 longest scenario rather than their sum. Each test reports its own scenario's outcome.
 """
 
@@ -34,6 +34,7 @@ from tests.e2e.conftest import Jobs, Operator, fake_job, running_operator
 
 KUEUE = ("kueue.x-k8s.io", "v1beta2")
 RESUMABLE = "finetune-test/resumable"
+STEADY = "finetune-test/steady:1"
 STEPS, EVAL_EVERY = 40, 5
 EXAMPLE_QUEUES = Path(__file__).resolve().parents[2] / "examples" / "kueue" / "queues.yaml"
 
@@ -67,7 +68,12 @@ def scenarios(
     kueue_cluster: LocalCluster, kueue_operator: Operator, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Future[None]]:
     """Every scenario below, run at once; by name, the outcome of each (its assertion error, if any)."""
-    runs: dict[str, Scenario] = {"queueing": _queueing, "preemption": _preemption, "user-suspend": _user_suspend}
+    runs: dict[str, Scenario] = {
+        "queueing": _queueing,
+        "preemption": _preemption,
+        "user-suspend": _user_suspend,
+        "stopped-in-queue": _stopped_in_queue,
+    }
     with ThreadPoolExecutor(len(runs)) as pool:
         futures = {
             name: pool.submit(
@@ -267,6 +273,49 @@ def _user_suspend(cluster: LocalCluster, jobs: Jobs, tmp_path: Path) -> None:
     assert len(runs(tmp_path / "paused")) == 2 and runs(tmp_path / "paused")[1]["resumed_from"] >= 5
 
 
+def _kueue_workloads_of(api: client.ApiClient, namespace: str, job_name: str) -> list[dict[str, Any]]:
+    workloads = client.CustomObjectsApi(api).list_namespaced_custom_object(*KUEUE, namespace, "workloads")["items"]
+    return [w for w in workloads if any(r["name"] == job_name for r in w["metadata"].get("ownerReferences") or [])]
+
+
+def _stopped_in_queue(cluster: LocalCluster, jobs: Jobs, tmp_path: Path) -> None:
+    """A job stopped while Kueue holds it stays finished when quota frees: its Job is gone, so Kueue has
+    nothing to admit (issue 23 item 5). A queued job created suspended names no queue until resumed, so
+    Kueue cannot admit it meanwhile; edited while suspended it is replaced, and resumed it runs (item 10)."""
+    kueue_objects(jobs.api, jobs.namespace, "one-slot", gpus=1)
+    batch, one = client.BatchV1Api(jobs.api), {"image": RESUMABLE, "gpusPerNode": 1}
+    jobs.create(fake_job("holder", RESUMABLE, tmp_path, queueName="one-slot", resources={**one, "image": STEADY}))
+    jobs.wait("holder", "running", is_running, timeout=60)
+    jobs.create(fake_job("waiter", RESUMABLE, tmp_path, queueName="one-slot", resources=one))
+    jobs.wait_condition("waiter", "Suspended", "Queued", timeout=30)
+    jobs.patch("waiter", {"metadata": {"annotations": {"finetune.dev/stop-requested": "true"}}})
+    jobs.wait_condition("waiter", "Complete", "Stopped", timeout=30)
+    jobs.create(fake_job("paused", RESUMABLE, tmp_path, queueName="one-slot", resources=one, suspend=True))
+    jobs.wait_condition("paused", "Suspended", "Suspended", timeout=30)
+
+    jobs.patch("holder", {"metadata": {"annotations": {"finetune.dev/stop-requested": "true"}}})
+    jobs.wait_condition("holder", "Complete", "Stopped", timeout=60)
+    deadline = time.monotonic() + 10  # the quota is free: long enough for Kueue to admit what it can
+    while time.monotonic() < deadline:
+        assert runs(tmp_path / "waiter") == [], "a stopped job's trainer ran when quota freed"
+        assert batch.read_namespaced_job(Names.of("paused").job, jobs.namespace).spec.suspend is True
+        time.sleep(0.5)
+    assert _kueue_workloads_of(jobs.api, jobs.namespace, Names.of("waiter").job) == []
+    paused = batch.read_namespaced_job(Names.of("paused").job, jobs.namespace)
+    assert "kueue.x-k8s.io/queue-name" not in paused.metadata.labels, paused.metadata.labels
+    assert _kueue_workloads_of(jobs.api, jobs.namespace, Names.of("paused").job) == [], "nothing Kueue could admit"
+    waiter = jobs.get("waiter")
+    assert condition(waiter, "Complete")["reason"] == "Stopped" and waiter["status"]["phase"] == "Succeeded"
+
+    jobs.patch("paused", {"spec": {"backoffLimit": 2}})  # edited while suspended, then resumed at once
+    jobs.patch("paused", {"spec": {"suspend": False}})
+    done = jobs.wait_condition("paused", "Complete", "Succeeded", timeout=90)
+    assert [e["step"] for e in done["status"]["evaluations"]] == list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
+    replaced = batch.read_namespaced_job(Names.of("paused").job, jobs.namespace)
+    assert replaced.metadata.uid != paused.metadata.uid and replaced.spec.backoff_limit == 2
+    assert len(runs(tmp_path / "paused")) == 1
+
+
 def test_two_run_the_third_waits_with_kueues_reason_and_runs_when_one_finishes(
     scenarios: dict[str, Future[None]],
 ) -> None:
@@ -281,3 +330,9 @@ def test_a_high_priority_job_preempts_a_low_one_which_resumes_from_its_checkpoin
 
 def test_the_users_suspend_wins_over_kueue_and_resuming_continues(scenarios: dict[str, Future[None]]) -> None:
     scenarios["user-suspend"].result()
+
+
+def test_a_job_stopped_in_the_queue_never_runs_and_a_suspended_one_is_not_admitted(
+    scenarios: dict[str, Future[None]],
+) -> None:
+    scenarios["stopped-in-queue"].result()

@@ -56,6 +56,21 @@ async def _exercise(local_cluster: LocalCluster, namespace: str) -> Counter[tupl
         assert await kube.patch_status(namespace, "absent", {"phase": "Pending"}) is None
         assert await kube.read_job(namespace, "absent") is None
         await kube.delete_job(namespace, "absent")  # already gone is fine
+        held = {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": "held", "namespace": namespace},
+            "spec": {
+                "suspend": True,
+                "template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "x"}]}},
+            },
+        }
+        job = await kube.create(held)
+        assert job is not None
+        with pytest.raises(ConflictError):  # decided on another Job of that name: refused, nothing deleted
+            await kube.delete_job(namespace, "held", "another-uid")
+        assert await kube.read_job(namespace, "held") is not None
+        await kube.delete_job(namespace, "held", job["metadata"]["uid"])
         with pytest.raises(ApiError) as rejected:
             await kube.patch_job(namespace, "absent", {"spec": {"suspend": True}})
         assert rejected.value.status == 404

@@ -32,7 +32,7 @@ async def _ghosts_are_dropped(namespace: str) -> tuple[set[tuple[str, str]], str
     try:
         ghost = (namespace, "deleted-during-the-gap")
         reconciler.known.add(ghost)
-        reconciler.saw_workload(ghost, {"metadata": {"name": "x-trainer", "namespace": namespace}, "status": {}})
+        reconciler.saw_trainer_job(ghost, {"metadata": {"name": "x-trainer", "namespace": namespace}, "status": {}})
         metrics.observe_job(*ghost, FineTuneJobStatus(phase="Running", progress=Progress(percent=50.0)))
         missing = await reconciler.verify_caches()
         return missing | reconciler.known, generate_latest(metrics.registry).decode()

@@ -48,7 +48,7 @@ def test_the_queue_label_and_a_workload_priority_class_on_the_finetunejob_reach_
 def held(ftj: FineTuneJob, admission: ObservedAdmission | None, **observed: int) -> dict[str, tuple[str, str]]:
     decision = decide(ftj, Observed(job=ObservedJob(suspended=True, **observed), admission=admission), NOW)
     assert decision.status.phase == "Suspended"
-    assert not decision.halt_workload
+    assert not decision.halt_trainer_job
     return conditions(decision.status)
 
 

@@ -16,7 +16,6 @@ from finetune_operator.reconcile.children import (
     Names,
     batch_job,
     config_map,
-    finished_job_patch,
     headless_service,
     owned_by,
     owner_name,
@@ -29,7 +28,7 @@ from finetune_operator.reconcile.observe import (
     observe_pod,
     spec_hash_of,
     status_patch,
-    workload_essentials,
+    trainer_job_essentials,
 )
 from finetune_operator.reconcile.status import not_understood
 from finetune_trainer.reporting import stop_request_of
@@ -206,8 +205,8 @@ def test_cached_essentials_observe_the_same() -> None:
 
     trainer = batch_job(ftj, SETTINGS, suspend=True)
     trainer["status"] = {"active": 1, "startTime": "2026-11-23T12:00:00Z", "conditions": []}
-    assert observe_job(workload_essentials(trainer)) == observe_job(trainer)
-    assert spec_hash_of(workload_essentials(trainer)) == spec_hash_of(trainer) is not None
+    assert observe_job(trainer_job_essentials(trainer)) == observe_job(trainer)
+    assert spec_hash_of(trainer_job_essentials(trainer)) == spec_hash_of(trainer) is not None
 
 
 def test_stalled_when_heartbeats_stop() -> None:
@@ -226,12 +225,12 @@ def test_early_stopping_requests_stop_then_enforces_after_grace() -> None:
     assert first.status.early_stopping.best_step == 20
     assert first.status.stop_request is not None
     assert first.status.stop_request.reason == "EarlyStopped"
-    assert not first.halt_workload
+    assert not first.halt_trainer_job
     assert "EarlyStopped" in [e.reason for e in first.events]
 
     ftj.status = first.status
     later = decide(ftj, Observed(job=ObservedJob(active=1, ready=1)), NOW + timedelta(seconds=31))
-    assert later.halt_workload
+    assert later.halt_trainer_job
     assert "StopEnforced" in [e.reason for e in later.events]
 
     ftj.status = later.status
@@ -239,8 +238,8 @@ def test_early_stopping_requests_stop_then_enforces_after_grace() -> None:
         ftj, Observed(job=ObservedJob(suspended=True, active=0, terminating=1)), NOW + timedelta(seconds=35)
     )
     assert "Complete" not in conditions(saving.status), "a halted trainer still saving is not the end yet"
-    assert saving.workload_wanted and "waiting for the trainer's pods" in (saving.status.message or "")
-    assert saving.halt_workload, "the halted Job must stay suspended while its pods terminate"
+    assert saving.trainer_job_wanted and "waiting for the trainer's pods" in (saving.status.message or "")
+    assert saving.halt_trainer_job, "the halted Job must stay suspended while its pods terminate"
 
     ftj.status = saving.status
     halted = decide(ftj, Observed(job=ObservedJob(suspended=True, active=0)), NOW + timedelta(seconds=40))
@@ -248,15 +247,15 @@ def test_early_stopping_requests_stop_then_enforces_after_grace() -> None:
     assert conditions(halted.status)["Complete"] == ("True", "StopEnforced"), "halted, not stopped by itself"
     complete = next(c for c in halted.status.conditions if c.type == "Complete")
     assert "final model may not have been written" in complete.message
-    assert not halted.workload_wanted
+    assert not halted.trainer_job_wanted
 
 
 def test_a_finalizing_trainer_gets_twice_the_grace() -> None:
     ftj = _with_evals(job(stopGracePeriodSeconds=30), [0.6, 0.7, 0.65, 0.66])
     ftj.status = decide(ftj, Observed(job=ObservedJob(active=1, ready=1)), NOW).status
     ftj.status.progress = Progress(step=40, finalizing=True)
-    assert not decide(ftj, Observed(job=ObservedJob(active=1, ready=1)), NOW + timedelta(seconds=45)).halt_workload
-    assert decide(ftj, Observed(job=ObservedJob(active=1, ready=1)), NOW + timedelta(seconds=61)).halt_workload
+    assert not decide(ftj, Observed(job=ObservedJob(active=1, ready=1)), NOW + timedelta(seconds=45)).halt_trainer_job
+    assert decide(ftj, Observed(job=ObservedJob(active=1, ready=1)), NOW + timedelta(seconds=61)).halt_trainer_job
 
 
 def test_trainer_that_stops_itself_completes_as_early_stopped() -> None:
@@ -273,7 +272,7 @@ def test_success_and_terminal_states_are_sticky() -> None:
     ftj.status = done.status
     replay = decide(ftj, Observed(job=None), NOW + timedelta(hours=1))
     assert replay.status.phase == "Succeeded"
-    assert not replay.workload_wanted
+    assert not replay.trainer_job_wanted
     assert replay.events == []
 
 
@@ -433,10 +432,18 @@ def test_the_ttl_is_set_on_the_job_only_after_its_result_is_recorded() -> None:
     ftj = job(ttlSecondsAfterFinished=0)
     trainer = batch_job(ftj, SETTINGS)
     assert "ttlSecondsAfterFinished" not in trainer["spec"], "the Job controller must not delete an unread result"
-    assert finished_job_patch(ftj, workload_essentials(trainer)) == {"spec": {"ttlSecondsAfterFinished": 0}}
+
+    def observed(status: dict[str, Any]) -> Observed:
+        return Observed(job=observe_job(trainer_job_essentials({**trainer, "status": status})))
+
+    running = decide(ftj, observed({"active": 1, "ready": 1}), NOW)
+    assert running.ttl_seconds_after_finished is None
+    complete = {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
+    done = decide(ftj, observed(complete), NOW)
+    assert done.ttl_seconds_after_finished == 0 and not done.delete_trainer_job
     trainer["spec"]["ttlSecondsAfterFinished"] = 0
-    assert finished_job_patch(ftj, workload_essentials(trainer)) is None
-    assert finished_job_patch(job(), workload_essentials(trainer)) is None
+    assert decide(ftj, observed(complete), NOW).ttl_seconds_after_finished is None, "set once"
+    assert decide(job(), observed(complete), NOW).ttl_seconds_after_finished is None, "no TTL asked for"
 
 
 def test_running_means_a_ready_pod_and_pending_says_why() -> None:
@@ -484,7 +491,7 @@ def test_a_stop_on_a_pending_job_completes() -> None:
     ftj = job()
     ftj.metadata.annotations["finetune.dev/stop-requested"] = "true"
     first = decide(ftj, Observed(job=ObservedJob(active=1, start_time=NOW)), NOW)
-    assert first.halt_workload, "nothing runs that could save: no grace period to wait"
+    assert first.halt_trainer_job, "nothing runs that could save: no grace period to wait"
     ftj.status = first.status
     done = decide(ftj, Observed(job=ObservedJob(suspended=True)), NOW)
     assert conditions(done.status)["Complete"] == ("True", "Stopped")

@@ -24,19 +24,15 @@ import aiohttp
 import kopf
 
 from finetune_operator.api import GROUP, KIND, KUEUE_GROUP, KUEUE_VERSION, KUEUE_WORKLOADS, PLURAL, VERSION
+from finetune_operator.reconcile.kinds import CHILD_KINDS
 from finetune_operator.sweep_api import SWEEP_KIND, SWEEP_PLURAL
 
 Manifest = dict[str, Any]
 
 _COLLECTIONS = {
-    "ConfigMap": "/api/v1/namespaces/{}/configmaps",
+    **{child.kind: child.collection for child in CHILD_KINDS},
     "Event": "/api/v1/namespaces/{}/events",
     "Pod": "/api/v1/namespaces/{}/pods",
-    "Service": "/api/v1/namespaces/{}/services",
-    "ServiceAccount": "/api/v1/namespaces/{}/serviceaccounts",
-    "Role": "/apis/rbac.authorization.k8s.io/v1/namespaces/{}/roles",
-    "RoleBinding": "/apis/rbac.authorization.k8s.io/v1/namespaces/{}/rolebindings",
-    "Job": "/apis/batch/v1/namespaces/{}/jobs",
     KIND: f"/apis/{GROUP}/{VERSION}/namespaces/{{}}/{PLURAL}",
     SWEEP_KIND: f"/apis/{GROUP}/{VERSION}/namespaces/{{}}/{SWEEP_PLURAL}",
     "Workload": f"/apis/{KUEUE_GROUP}/{KUEUE_VERSION}/namespaces/{{}}/{KUEUE_WORKLOADS}",
@@ -207,8 +203,8 @@ class Kube:
         listed = await self._request("GET", "Pod", namespace, params={"labelSelector": selector})
         return cast(list[Manifest], listed["items"])
 
-    async def list_workloads(self, namespace: str, job_uid: str) -> list[Manifest]:
-        """Kueue's Workloads of one Job (by the label Kueue puts on them); none where Kueue is not installed."""
+    async def list_kueue_workloads(self, namespace: str, job_uid: str) -> list[Manifest]:
+        """Kueue's Workloads of one batch Job (by the label Kueue puts on them); none where Kueue is not installed."""
         try:
             listed = await self._request(
                 "GET", "Workload", namespace, params={"labelSelector": f"kueue.x-k8s.io/job-uid={job_uid}"}
@@ -219,7 +215,7 @@ class Kube:
             raise
         return cast(list[Manifest], listed.get("items") or [])
 
-    async def set_workload_active(self, namespace: str, name: str, active: bool) -> None:
+    async def set_kueue_workload_active(self, namespace: str, name: str, active: bool) -> None:
         """Kueue's off switch for a queued job: an inactive Workload is evicted and never admitted."""
         await self._unless_gone(
             "PATCH", "Workload", namespace, name, body={"spec": {"active": active}}, content_type=MERGE_PATCH
@@ -232,8 +228,12 @@ class Kube:
         """Delete a pod without waiting for its node to confirm (a lost node never does)."""
         await self._unless_gone("DELETE", "Pod", namespace, name, params={"gracePeriodSeconds": "0"})
 
-    async def delete_job(self, namespace: str, name: str) -> None:
-        await self._unless_gone("DELETE", "Job", namespace, name, params={"propagationPolicy": "Background"})
+    async def delete_job(self, namespace: str, name: str, uid: str | None = None) -> None:
+        """Delete a Job and, in the background, its pods; with ``uid`` only that very Job (else ``ConflictError``)."""
+        options: Manifest = {"propagationPolicy": "Background"}
+        if uid is not None:
+            options["preconditions"] = {"uid": uid}
+        await self._unless_gone("DELETE", "Job", namespace, name, body=options)
 
     async def read_finetunejob(self, namespace: str, name: str) -> Manifest | None:
         return await self._unless_gone("GET", KIND, namespace, name)

@@ -33,48 +33,48 @@ from finetune_operator.api import (
 )
 from finetune_operator.clients import CONFLICT_RETRIES, ApiError, ConflictError, Kube
 from finetune_operator.metrics import OperatorMetrics
-from finetune_operator.reconcile import Observed, Settings, decide, desired_children, invalid_spec
+from finetune_operator.reconcile import Observed, Settings, decide, desired_children
 from finetune_operator.reconcile.children import (
     JOB_LABEL,
     MANAGED_BY,
     MANAGED_BY_LABEL,
     Names,
     batch_job,
-    controller_of,
-    finished_job_patch,
+    child_refs,
     job_label_value,
     owned_by,
     owner_name,
 )
+from finetune_operator.reconcile.kinds import BY_KIND, CHILD_KINDS, SUPPORTING_KINDS, TRAINER_JOB
 from finetune_operator.reconcile.observe import (
+    DELETED_MARK,
     finetunejob_essentials,
     observe_admission,
     observe_job,
+    observe_kueue_workloads,
     observe_pod,
     spec_hash_of,
     status_patch,
-    workload_essentials,
+    trainer_job_essentials,
 )
-from finetune_operator.reconcile.status import Decision, Event, describe_validation, is_finished, not_understood
+from finetune_operator.reconcile.status import Decision, Event, describe_validation
+from finetune_operator.reconcile.steer import (
+    children_wanted,
+    conflict,
+    desired_hash_wanted,
+    kueue_wanted,
+    pods_wanted,
+    repair,
+    trainer_job_patch,
+    trainer_job_to_read,
+    unreadable_spec,
+)
 
 log = logging.getLogger("finetune_operator")
 Manifest = dict[str, Any]
 Key = tuple[str, str]
 """(namespace, name) of a FineTuneJob."""
-CREATION_WAVE = {"RoleBinding": 1, "Job": 2}
-"""Children are created in waves, all of one wave at once; kinds not named here are in wave 0."""
 OWNED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY},{JOB_LABEL}"
-CHILD_KINDS = (
-    ("", "v1", "configmaps"),
-    ("", "v1", "serviceaccounts"),
-    ("", "v1", "services"),
-    ("rbac.authorization.k8s.io", "v1", "roles"),
-    ("rbac.authorization.k8s.io", "v1", "rolebindings"),
-)
-CONTENT_FREE = frozenset({"ServiceAccount"})
-"""Children with nothing to drift: never rewritten (the operator may not update them)."""
-DELETED_MARK = "finetune.dev/deleted"
-"""Key on a cached Job that is gone: its final state (Complete, say) is kept until recorded."""
 
 
 def _key_of_child(body: Manifest) -> Key | None:
@@ -91,16 +91,12 @@ def _api_message(error: ApiError) -> str:
 
 
 def _expected_children(body: Manifest) -> list[tuple[str, str]]:
-    """(kind, name) of the children a FineTuneJob's spec asks for, read without parsing it."""
-    metadata, resources = body["metadata"], (body.get("spec") or {}).get("resources") or {}
-    multi_node = int(resources.get("nodes") or 1) > 1
-    names = Names.of(metadata["name"], multi_node=multi_node)
-    expected = [("ConfigMap", names.config_map), ("Role", names.role), ("RoleBinding", names.role)]
-    if not resources.get("serviceAccountName"):
-        expected.append(("ServiceAccount", names.service_account))
-    if multi_node:
-        expected.append(("Service", names.service))
-    return expected
+    """(kind, name) of the children beside the trainer Job that a FineTuneJob's spec asks for, read without
+    parsing it."""
+    resources = (body.get("spec") or {}).get("resources") or {}
+    nodes, account = int(resources.get("nodes") or 1), resources.get("serviceAccountName") or None
+    refs = child_refs(body["metadata"]["name"], nodes=nodes, service_account_name=account)
+    return [(kind, name) for kind, name in refs if kind != TRAINER_JOB.kind]
 
 
 class Reconciler:
@@ -134,7 +130,7 @@ class Reconciler:
         self._locks: dict[Key, asyncio.Lock] = {}
         self._slots = asyncio.Semaphore(max_concurrent_reconciles)
         self._bodies: dict[Key, Manifest] = {}
-        self._workloads: dict[Key, Manifest] = {}
+        self._trainer_jobs: dict[Key, Manifest] = {}
         self._owners: dict[Key, Key] = {}
         """The job each trainer Job (namespace, name) belongs to, as the Jobs' watch events told."""
         self._written: dict[Key, str] = {}
@@ -159,19 +155,18 @@ class Reconciler:
         version = metadata.get("resourceVersion")
         return version is None or self._written.get(key) != version
 
-    def saw_workload(self, key: Key, body: Manifest, deleted: bool = False) -> None:
+    def saw_trainer_job(self, key: Key, body: Manifest, deleted: bool = False) -> None:
         """Cache the trainer Job from its watch event. A deleted Job that had finished (its TTL, say)
         is kept with a mark: its final state is the job's result and must be recorded, not re-run."""
-        essentials = workload_essentials(body)
-        observed = observe_job(essentials)
+        essentials = trainer_job_essentials(body)
         trainer_job = (essentials["metadata"]["namespace"], essentials["metadata"]["name"])
         if not deleted:
-            self._workloads[key] = essentials
+            self._trainer_jobs[key] = essentials
             self._owners[trainer_job] = key
-        elif (observed.complete or observed.failed_condition) and key in self.known:
-            self._workloads[key] = {**essentials, DELETED_MARK: True}
+        elif observe_job(essentials).ended and key in self.known:
+            self._trainer_jobs[key] = {**essentials, DELETED_MARK: True}
         else:
-            self._workloads.pop(key, None)
+            self._trainer_jobs.pop(key, None)
             self._owners.pop(trainer_job, None)
 
     def owner_of(self, namespace: str, trainer_job: str) -> Key | None:
@@ -182,10 +177,10 @@ class Reconciler:
         """Drop everything about a job; call with its lock held (``drop`` takes it)."""
         key = (namespace, name)
         self.known.discard(key)
-        trainer_job = self._workloads.get(key)
+        trainer_job = self._trainer_jobs.get(key)
         if trainer_job is not None:
             self._owners.pop((namespace, trainer_job["metadata"]["name"]), None)
-        for cache in (self._bodies, self._workloads, self._written, self._desired_hashes):
+        for cache in (self._bodies, self._trainer_jobs, self._written, self._desired_hashes):
             cache.pop(key, None)
         self.metrics.forget_job(namespace, name)
 
@@ -219,18 +214,19 @@ class Reconciler:
             await self.drop(namespace, name)
         self.known |= present
         jobs: dict[Key, Manifest] = {}
-        for trainer in await self.kube.list_everywhere("Job", OWNED_SELECTOR):
+        for trainer in await self.kube.list_everywhere(TRAINER_JOB.kind, OWNED_SELECTOR):
             key = _key_of_child(trainer)
             if key is not None:
                 jobs[key] = trainer
         for key in present:
-            cached = self._workloads.get(key)
+            cached = self._trainer_jobs.get(key)
             if key in jobs and cached is None:
-                self.saw_workload(key, jobs[key])
+                self.saw_trainer_job(key, jobs[key])
             elif key not in jobs and cached is not None and not cached.get(DELETED_MARK):
-                self._workloads.pop(key, None)  # deleted during the gap
+                self._trainer_jobs.pop(key, None)  # deleted during the gap
         children: set[tuple[str, str, str]] = set()
-        for kind in ("ConfigMap", "ServiceAccount", "Service", "Role", "RoleBinding"):
+        for child_kind in SUPPORTING_KINDS:
+            kind = child_kind.kind
             for item in await self.kube.list_everywhere(kind, OWNED_SELECTOR, metadata_only=True):
                 children.add((kind, item["metadata"]["namespace"], item["metadata"]["name"]))
         missing: set[Key] = set()
@@ -292,6 +288,7 @@ class Reconciler:
                 self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
 
     async def _reconcile(self, body: Manifest, ensure_children: bool) -> None:
+        """Gather one observation, call the pure core once, carry out its ``Decision``."""
         now = datetime.now(UTC)
         metadata = body["metadata"]
         namespace, name = metadata["namespace"], metadata["name"]
@@ -301,90 +298,109 @@ class Reconciler:
             job = read_stored({**body, "status": {}})  # the status is parsed once, above
             job.status = current  # decide() works on a copy
         except ValidationError as error:
-            if is_finished(current):
-                return  # a finished job stays finished, whatever this version makes of its spec
-            message = describe_validation(error)
-            if current.workload is not None:  # started under another version: never abandoned
-                await self._write(body, current, not_understood(current, message, now), now)
-            else:
-                await self._write(body, current, invalid_spec(current, message, metadata.get("generation"), now), now)
+            unreadable = unreadable_spec(current, describe_validation(error), metadata.get("generation"), now)
+            if unreadable is not None:
+                await self._write(body, current, unreadable, now)
             return
 
         names = Names.for_job(job)
-        workload = self._workloads.get(key)
-        if workload is None and current.workload is not None:
-            workload = await self.kube.read_job(namespace, names.job)  # not watched yet (e.g. just restarted)
-            if workload is not None:
-                self.saw_workload(key, workload)
+        trainer = self._trainer_jobs.get(key)
+        if trainer_job_to_read(trainer, current):
+            trainer = await self.kube.read_job(namespace, names.job)  # not watched yet (e.g. just restarted)
+            if trainer is not None:
+                self.saw_trainer_job(key, trainer)
         conflicts: list[str] = []
-        if workload is not None and not owned_by(workload, job):
-            if workload.get(DELETED_MARK):
-                self._workloads.pop(key, None)  # the final state of a namesake's Job: not ours
+        if trainer is not None and not owned_by(trainer, job):
+            if trainer.get(DELETED_MARK):
+                self._trainer_jobs.pop(key, None)  # the final state of a namesake's Job: not ours
             else:
-                conflicts.append(_conflict("Job", names.job, workload))
-            workload = None
-        observed_job = observe_job(workload) if workload is not None else None
+                conflicts.append(conflict(TRAINER_JOB.kind, names.job, trainer))
+            trainer = None
+        observed_job = observe_job(trainer) if trainer is not None else None
         errors: list[str] = []
-        ended = observed_job is not None and (observed_job.complete or observed_job.failed_condition)
-        wanted = ensure_children or workload is None or current.workload is None
-        if wanted and not is_finished(current) and not conflicts and not ended:
+        if children_wanted(current, observed_job, ensure_children, conflicts):
             stored, conflicts, errors = await self._create_children(job)
-            workload = stored or workload
-            observed_job = observe_job(workload) if workload is not None else None
+            trainer = stored or trainer
+            observed_job = observe_job(trainer) if trainer is not None else None
 
+        desired_hash = self._desired_hash(job) if desired_hash_wanted(observed_job) else None
         pods: tuple[Any, ...] = ()
-        if observed_job is not None and (
-            observed_job.failed_condition or (observed_job.active > observed_job.ready and not observed_job.suspended)
-        ):  # why it failed, or why it is not running yet
+        if pods_wanted(observed_job, desired_hash):
             listed = await self.kube.list_pods(namespace, f"{JOB_LABEL}={job_label_value(name)}")
             pods = tuple(observe_pod(p) for p in listed)
-        queued: list[Manifest] = []  # Kueue's Workload, read only while Kueue holds the Job
-        stopping = job.spec.suspend or current.stop_request is not None
-        if job.queue_name is not None and workload is not None and observed_job is not None:
-            held = observed_job.suspended or stopping
-            uid = workload["metadata"].get("uid")
-            queued = await self.kube.list_workloads(namespace, uid) if held and uid and not ended else []
+        queued: list[Manifest] = []
+        uid = trainer["metadata"].get("uid") if trainer is not None else None
+        if uid and kueue_wanted(job, current, observed_job):
+            queued = await self.kube.list_kueue_workloads(namespace, uid)
         observed = Observed(
             job=observed_job,
             pods=pods,
             conflicts=tuple(conflicts),
             create_errors=tuple(errors),
             admission=observe_admission(queued),
+            kueue_workloads=observe_kueue_workloads(queued),
+            desired_hash=desired_hash,
         )
-        decision = decide(job, observed, now)
+        await self._execute(job, body, current, decide(job, observed, now), now, uid)
 
+    async def _execute(
+        self,
+        job: FineTuneJob,
+        body: Manifest,
+        current: FineTuneJobStatus,
+        decision: Decision,
+        now: datetime,
+        trainer_uid: str | None,
+    ) -> None:
+        """Carry out a decision in the order ``Decision`` gives; nothing here chooses. A deletion names the
+        uid of the Job it was decided on: a newer namesake is never deleted on a stale decision."""
+        namespace, trainer = job.metadata.namespace, Names.for_job(job).job
         for pod in decision.stuck_pods:
             await self.kube.force_delete_pod(namespace, pod)
-        live = workload is not None and observed_job is not None and not workload.get(DELETED_MARK)
-        if live and workload is not None and observed_job is not None and decision.workload_wanted:
-            await self._steer_workload(job, workload, observed_job.suspended, decision)
-            await self._steer_admission(job, queued, decision)
+        if decision.replace_trainer_job:
+            # Its DELETED event brings us back to create it again from the spec.
+            log.info("spec changed while suspended: replacing Job %s/%s", namespace, trainer)
+            await self.kube.delete_job(namespace, trainer, trainer_uid)
+        patch = trainer_job_patch(decision)
+        if patch is not None:
+            await self.kube.patch_job(namespace, trainer, patch)
+        for workload, active in decision.kueue_active:
+            log.info("Kueue Workload %s/%s: active=%s", workload.namespace, workload.name, active)
+            await self.kube.set_kueue_workload_active(workload.namespace, workload.name, active)
         await self._write(body, current, decision, now)
-        ttl = (
-            finished_job_patch(job, workload)
-            if live and workload is not None and is_finished(decision.status)
-            else None
-        )
-        if ttl is not None:  # only now that the result is recorded may the Job controller delete the Job
-            await self.kube.patch_job(namespace, names.job, ttl)
+        # Only now that the result is recorded may the trainer Job go.
+        if decision.ttl_seconds_after_finished is not None:
+            await self.kube.patch_job(
+                namespace, trainer, {"spec": {"ttlSecondsAfterFinished": decision.ttl_seconds_after_finished}}
+            )
+        if decision.delete_trainer_job:
+            log.info(
+                "%s/%s finished while Kueue could still start its Job: deleting Job %s",
+                namespace,
+                job.metadata.name,
+                trainer,
+            )
+            await self.kube.delete_job(namespace, trainer, trainer_uid)
+            # Forgotten at once, not at its DELETED event: reconciles meanwhile would delete it again.
+            self.saw_trainer_job(
+                (namespace, job.metadata.name), {"metadata": {"name": trainer, "namespace": namespace}}, deleted=True
+            )
 
     async def _create_children(self, job: FineTuneJob) -> tuple[Manifest | None, list[str], list[str]]:
         """Create whatever children are missing, in waves, and bring drifted ones back to the spec.
-        The RoleBinding waits for its Role: the API server checks that a binder without ``bind``
-        holds what the Role grants, and cannot while the Role does not exist. The trainer Job is
-        last: its pods need the rest. A wave with a conflict or a refusal stops the next ones.
+        A wave with a conflict or a refusal stops the next ones (``kinds.ChildKind.wave`` says why).
 
         Returns (the trainer Job as stored, ownership conflicts, refusals)."""
         children = desired_children(job, self.settings)
         created: Manifest | None = None
         conflicts: list[str] = []
         errors: list[str] = []
-        for wave in range(max(CREATION_WAVE.values()) + 1):
-            batch = [c for c in children if CREATION_WAVE.get(c["kind"], 0) == wave]
+        for wave in sorted({k.wave for k in CHILD_KINDS}):
+            batch = [c for c in children if BY_KIND[c["kind"]].wave == wave]
             results = await asyncio.gather(*(self._ensure(c, job) for c in batch))
-            for child, (stored, conflict, error) in zip(batch, results, strict=True):
-                created = stored if child["kind"] == "Job" and stored is not None else created
-                conflicts += [conflict] if conflict else []
+            for child, (stored, conflicted, error) in zip(batch, results, strict=True):
+                created = stored if child["kind"] == TRAINER_JOB.kind and stored is not None else created
+                conflicts += [conflicted] if conflicted else []
                 errors += [error] if error else []
             if conflicts or errors:
                 break
@@ -401,11 +417,12 @@ class Reconciler:
             existing = await self.kube.read(kind, namespace, name)
             if existing is None:
                 return None, None, None  # gone again meanwhile: the next round creates it
-            if not owned_by(existing, job):
-                return None, _conflict(kind, name, existing), None
-            if kind == "Job":
-                return existing, None, None  # drift of the Job itself is _steer_workload's
-            if kind not in CONTENT_FREE and spec_hash_of(existing) != spec_hash_of(child):
+            verdict = repair(child, existing, job)
+            if verdict == "conflict":
+                return None, conflict(kind, name, existing), None
+            if verdict == "adopt":
+                return existing, None, None
+            if verdict == "replace":
                 log.info("%s %s/%s drifted from the spec: replacing its content", kind, namespace, name)
                 await self.kube.replace(child, existing["metadata"]["resourceVersion"])
             return None, None, None
@@ -415,31 +432,8 @@ class Reconciler:
             log.warning("could not create %s %s/%s: %s", kind, namespace, name, error)
             return None, None, f"{kind} {name}: {_api_message(error)}"
 
-    async def _steer_workload(self, job: FineTuneJob, workload: Manifest, suspended: bool, decision: Decision) -> None:
-        """Keep the Job's suspend flag and template in line with the spec (and a stop being enforced)."""
-        namespace, name = job.metadata.namespace, Names.for_job(job).job
-        want_suspended = decision.halt_workload or (job.spec.suspend and decision.status.stop_request is None)
-        if suspended and not decision.halt_workload and spec_hash_of(workload) != self._desired_hash(job):
-            # Edited while suspended (the only time the CRD allows it): replace the Job; it resumes
-            # from the last checkpoint. The Job's DELETED event brings us back to recreate it.
-            log.info("spec changed while suspended: replacing Job %s/%s", namespace, name)
-            await self.kube.delete_job(namespace, name)
-            return
-        if suspended != want_suspended and not (job.queue_name is not None and not want_suspended):
-            # A queued Job is unsuspended by Kueue alone, when it admits it.
-            await self.kube.patch_job(namespace, name, {"spec": {"suspend": want_suspended}})
-
-    async def _steer_admission(self, job: FineTuneJob, workloads: list[Manifest], decision: Decision) -> None:
-        """Kueue unsuspends any Job it has admitted: to keep a queued job suspended (the user's
-        spec.suspend, or a stop being enforced) its Workload is deactivated, and activated again after."""
-        want_active = not (decision.halt_workload or (job.spec.suspend and decision.status.stop_request is None))
-        for found in workloads:
-            if bool((found.get("spec") or {}).get("active", True)) != want_active:
-                metadata = found["metadata"]
-                log.info("Kueue Workload %s/%s: active=%s", metadata["namespace"], metadata["name"], want_active)
-                await self.kube.set_workload_active(metadata["namespace"], metadata["name"], want_active)
-
     def _desired_hash(self, job: FineTuneJob) -> str | None:
+        """The spec hash of the Job the spec asks for, rendered once per generation."""
         key, version = (job.metadata.namespace, job.metadata.name), (job.metadata.uid, job.metadata.generation)
         cached = self._desired_hashes.get(key)
         if cached is not None and cached[0] == version and job.metadata.generation is not None:
@@ -478,12 +472,6 @@ class Reconciler:
             log.warning("could not post event %s on %s/%s: %s", event.reason, namespace, name, error.reason)
 
 
-def _conflict(kind: str, name: str, existing: Manifest) -> str:
-    owner = controller_of(existing)
-    holder = f"{owner.get('kind')} {owner.get('name')} (uid {owner.get('uid')})" if owner else "no controller"
-    return f"{kind} {name} exists and is controlled by {holder}, not by this FineTuneJob; waiting for it to go"
-
-
 class NoDiffBase(kopf.DiffBaseStorage):
     """kopf's diff base is for on.create/on.update handlers; ours are all on.event, level-based.
 
@@ -520,8 +508,8 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync_sec
         # Server-side: the label filters on the handlers below are applied by kopf after the
         # fact, so without this every ConfigMap, ServiceAccount, Role ... in the cluster would
         # be sent to the operator and remembered by kopf.
-        for group, _version, plural in (("batch", "v1", "jobs"), *CHILD_KINDS):
-            settings.watching.label_selectors[group, plural] = OWNED_SELECTOR
+        for child_kind in CHILD_KINDS:
+            settings.watching.label_selectors[child_kind.group, child_kind.plural] = OWNED_SELECTOR
 
     @kopf.on.startup(registry=registry)
     async def start_resync(**_: Any) -> None:
@@ -536,12 +524,12 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync_sec
 
     owned: dict[str, Any] = {MANAGED_BY_LABEL: MANAGED_BY, JOB_LABEL: kopf.PRESENT}
 
-    @kopf.on.event("batch", "v1", "jobs", labels=owned, registry=registry)
-    async def job_event(type: str, body: kopf.Body, **_: Any) -> None:
+    @kopf.on.event(TRAINER_JOB.group, TRAINER_JOB.version, TRAINER_JOB.plural, labels=owned, registry=registry)
+    async def trainer_job_event(type: str, body: kopf.Body, **_: Any) -> None:
         key = _key_of_child(dict(body))
         if key is None:
             return
-        reconciler.saw_workload(key, dict(body), deleted=type == "DELETED")
+        reconciler.saw_trainer_job(key, dict(body), deleted=type == "DELETED")
         await reconciler.reconcile(*key, ensure_children=type == "DELETED")
 
     @kopf.on.event(KUEUE_GROUP, KUEUE_VERSION, KUEUE_WORKLOADS, registry=registry)
@@ -555,9 +543,9 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync_sec
         if key is not None:
             await reconciler.reconcile(*key)
 
-    for group, version, plural in CHILD_KINDS:
+    for child_kind in SUPPORTING_KINDS:
 
-        @kopf.on.event(group, version, plural, labels=owned, registry=registry)
+        @kopf.on.event(child_kind.group, child_kind.version, child_kind.plural, labels=owned, registry=registry)
         async def child_event(type: str, body: kopf.Body, **_: Any) -> None:
             key = _key_of_child(dict(body))
             if type == "DELETED" and key is not None and key in reconciler.known:

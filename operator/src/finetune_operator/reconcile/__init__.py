@@ -4,11 +4,13 @@ Nothing here performs I/O or reads the clock; the kopf handlers do that and call
 """
 
 from finetune_operator.reconcile.children import Settings, desired_children
-from finetune_operator.reconcile.health import decide, invalid_spec
-from finetune_operator.reconcile.status import Decision, Observed, ObservedJob, ObservedPod
+from finetune_operator.reconcile.health import invalid_spec
+from finetune_operator.reconcile.status import Decision, KueueWorkload, Observed, ObservedJob, ObservedPod
+from finetune_operator.reconcile.steer import decide
 
 __all__ = [
     "Decision",
+    "KueueWorkload",
     "Observed",
     "ObservedJob",
     "ObservedPod",

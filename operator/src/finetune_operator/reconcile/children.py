@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -467,13 +468,18 @@ def batch_job(job: FineTuneJob, settings: Settings, *, suspend: bool | None = No
     if job.spec.active_deadline_seconds is not None:
         spec["activeDeadlineSeconds"] = job.spec.active_deadline_seconds
     # No ttlSecondsAfterFinished here: the operator sets it once it has recorded the result
-    # (``finished_job_patch``), so the Job controller never deletes a result nobody has read.
+    # (``steer.steer``, done after the status write), so the Job controller never deletes a result nobody read.
     metadata = _metadata(job, names.job)
     metadata["labels"].update(kueue_labels(job))
     manifest = {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": spec}
-    # The hash ignores `suspend`: toggling it is an update of the Job, not a new Job.
+    # The hash ignores `suspend` and the queue label: toggling them is an update of the Job, not a new Job.
     stamped = _stamped({**manifest, "spec": {**spec, "suspend": False}})
     stamped["spec"]["suspend"] = spec["suspend"]
+    if job.spec.suspend:
+        # Kueue admits (and unsuspends) any Job that names a queue; a Job has no `active` field, and Kueue's
+        # Workload, which has one, appears only after the Job: a Job the user suspended names no queue until
+        # the user resumes it (the operator adds the label then), so no Workload exists that Kueue could admit.
+        stamped["metadata"]["labels"].pop(KUEUE_QUEUE_LABEL, None)
     return stamped
 
 
@@ -484,21 +490,29 @@ def kueue_labels(job: FineTuneJob) -> dict[str, str]:
     return {**found, KUEUE_PRIORITY_LABEL: priority} if priority else found
 
 
-def finished_job_patch(job: FineTuneJob, workload: Manifest) -> Manifest | None:
-    """What to patch on the finished trainer Job once its result is recorded: the TTL the spec asks for."""
-    ttl = job.spec.ttl_seconds_after_finished
-    if ttl is None or (workload.get("spec") or {}).get("ttlSecondsAfterFinished") == ttl:
-        return None
-    return {"spec": {"ttlSecondsAfterFinished": ttl}}
+def child_refs(ftj_name: str, *, nodes: int, service_account_name: str | None) -> list[tuple[str, str]]:
+    """(kind, name) of every child a spec of this shape asks for, in creation order (the trainer Job last):
+    what ``desired_children`` builds, and what the resync looks for without parsing the spec."""
+    names = Names.of(ftj_name, multi_node=nodes > 1)
+    refs = [("ConfigMap", names.config_map)]
+    if service_account_name is None:
+        refs.append(("ServiceAccount", names.service_account))
+    refs += [("Role", names.role), ("RoleBinding", names.role)]
+    if nodes > 1:
+        refs.append(("Service", names.service))
+    return [*refs, ("Job", names.job)]
 
 
 def desired_children(job: FineTuneJob, settings: Settings) -> list[Manifest]:
     """Everything a FineTuneJob owns, in creation order (config and RBAC before the Job)."""
-    children = [config_map(job)]
-    if job.spec.resources.service_account_name is None:
-        children.append(service_account(job))
-    children += [role(job), role_binding(job)]
-    if job.spec.resources.nodes > 1:
-        children.append(headless_service(job, settings))
-    children.append(batch_job(job, settings))
-    return children
+    build: dict[str, Callable[[], Manifest]] = {
+        "ConfigMap": lambda: config_map(job),
+        "ServiceAccount": lambda: service_account(job),
+        "Role": lambda: role(job),
+        "RoleBinding": lambda: role_binding(job),
+        "Service": lambda: headless_service(job, settings),
+        "Job": lambda: batch_job(job, settings),
+    }
+    resources = job.spec.resources
+    refs = child_refs(job.metadata.name, nodes=resources.nodes, service_account_name=resources.service_account_name)
+    return [build[kind]() for kind, _ in refs]

@@ -6,9 +6,15 @@ import json
 from datetime import datetime
 from typing import Any
 
-from finetune_operator.api import EVICTED, OPERATOR_STATUS_KEYS, SHARED_STATUS_KEYS, FineTuneJobStatus
+from finetune_operator.api import (
+    EVICTED,
+    KUEUE_QUEUE_LABEL,
+    OPERATOR_STATUS_KEYS,
+    SHARED_STATUS_KEYS,
+    FineTuneJobStatus,
+)
 from finetune_operator.reconcile.children import SPEC_HASH_ANNOTATION, TRAINER_CONTAINER
-from finetune_operator.reconcile.status import ObservedAdmission, ObservedJob, ObservedPod
+from finetune_operator.reconcile.status import KueueWorkload, ObservedAdmission, ObservedJob, ObservedPod
 from finetune_operator.redact import redact, redacted_tail
 
 MESSAGE_TAIL = 2000
@@ -25,12 +31,19 @@ def _time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
 
 
+DELETED_MARK = "finetune.dev/deleted"
+"""Key on a cached trainer Job that is gone: its final state (Complete, say) is kept until recorded."""
+
+
 def observe_job(job: Manifest) -> ObservedJob:
-    status = job.get("status") or {}
+    """The trainer's batch/v1 Job as ``decide`` sees it (from the Job or its cached essentials)."""
+    status, spec = job.get("status") or {}, job.get("spec") or {}
+    metadata = job.get("metadata") or {}
+    ttl = spec.get("ttlSecondsAfterFinished")
     conditions = {c["type"]: c for c in status.get("conditions", []) if c.get("status") == "True"}
     failed = conditions.get("Failed") or conditions.get("FailureTarget") or {}
     return ObservedJob(
-        suspended=bool(job.get("spec", {}).get("suspend")),
+        suspended=bool(spec.get("suspend")),
         active=int(status.get("active", 0)),
         terminating=int(status.get("terminating") or 0),
         ready=int(status.get("ready", 0)),
@@ -42,6 +55,22 @@ def observe_job(job: Manifest) -> ObservedJob:
         failed_message=str(failed.get("message", "")),
         start_time=_time(status.get("startTime")),
         completion_time=_time(status.get("completionTime")),
+        spec_hash=spec_hash_of(job),
+        queue_label=(metadata.get("labels") or {}).get(KUEUE_QUEUE_LABEL),
+        ttl_seconds_after_finished=None if ttl is None else int(ttl),
+        gone=bool(job.get(DELETED_MARK)),
+    )
+
+
+def observe_kueue_workloads(workloads: list[Manifest]) -> tuple[KueueWorkload, ...]:
+    """Kueue's Workloads of the trainer Job, as the operator may switch them."""
+    return tuple(
+        KueueWorkload(
+            namespace=w["metadata"]["namespace"],
+            name=w["metadata"]["name"],
+            active=bool((w.get("spec") or {}).get("active", True)),
+        )
+        for w in workloads
     )
 
 
@@ -141,16 +170,18 @@ def finetunejob_essentials(body: Manifest) -> Manifest:
     return {**body, "metadata": metadata}
 
 
-def workload_essentials(job: Manifest) -> Manifest:
-    """What ``observe_job`` and ``spec_hash_of`` read of a trainer Job (its pod template, the bulk
-    of it, is not: the spec hash stands for it)."""
+def trainer_job_essentials(job: Manifest) -> Manifest:
+    """What ``observe_job`` reads of a trainer Job (its pod template, the bulk of it, is not: the spec
+    hash stands for it)."""
     metadata = job["metadata"]
     spec_hash = spec_hash_of(job)
+    queue = (metadata.get("labels") or {}).get(KUEUE_QUEUE_LABEL)
     return {
         "metadata": {
             "name": metadata["name"],
             "namespace": metadata["namespace"],
             "uid": metadata.get("uid"),
+            "labels": {KUEUE_QUEUE_LABEL: queue} if queue is not None else {},
             "annotations": {SPEC_HASH_ANNOTATION: spec_hash} if spec_hash is not None else {},
             "ownerReferences": metadata.get("ownerReferences") or [],
         },

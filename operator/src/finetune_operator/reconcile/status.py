@@ -2,7 +2,7 @@
 
 The shell gathers an ``Observed`` snapshot (the FineTuneJob, its Job, its pods, the time),
 calls ``decide`` and carries out the returned ``Decision``: patch the status, record events,
-ask the trainer to stop, halt the workload. Terminal states are sticky, so a late or
+ask the trainer to stop, halt the trainer Job. Terminal states are sticky, so a late or
 replayed event never turns a finished job back into a running one.
 """
 
@@ -53,7 +53,7 @@ WAITING = (OWNERSHIP_CONFLICT, CREATE_FAILED)
 
 @dataclass(frozen=True)
 class ObservedJob:
-    """The parts of a batch/v1 Job the status depends on."""
+    """The parts of the trainer's batch/v1 Job the status and the steering depend on."""
 
     suspended: bool = False
     active: int = 0
@@ -68,6 +68,17 @@ class ObservedJob:
     failed_message: str = ""
     start_time: datetime | None = None
     completion_time: datetime | None = None
+    spec_hash: str | None = None
+    """The hash of the spec it was made from (``finetune.dev/spec-hash``)."""
+    queue_label: str | None = None
+    """The LocalQueue it names (``kueue.x-k8s.io/queue-name``): Kueue admits only a Job that names one."""
+    ttl_seconds_after_finished: int | None = None
+    gone: bool = False
+    """Deleted after it ended (its TTL): its final state is kept until recorded; nothing may be done to it."""
+
+    @property
+    def ended(self) -> bool:
+        return self.complete or self.failed_condition
 
 
 @dataclass(frozen=True)
@@ -107,15 +118,29 @@ class ObservedAdmission:
 
 
 @dataclass(frozen=True)
+class KueueWorkload:
+    """One of Kueue's Workloads for the trainer Job: what the operator may switch."""
+
+    namespace: str
+    name: str
+    active: bool = True
+
+
+@dataclass(frozen=True)
 class Observed:
     job: ObservedJob | None
+    """The trainer's batch/v1 Job (None: there is none, or another owner's)."""
     pods: tuple[ObservedPod, ...] = ()
     conflicts: tuple[str, ...] = ()
     """Children whose name another owner holds: never adopted, never deleted; the job waits."""
     create_errors: tuple[str, ...] = ()
     """The API server's messages for children it refused to create."""
     admission: ObservedAdmission | None = None
-    """Kueue's Workload of a queued job (None: none seen, e.g. Kueue has not created it yet)."""
+    """Kueue's verdict on a queued job, from its Workload (None: none seen, e.g. Kueue has not created it yet)."""
+    kueue_workloads: tuple[KueueWorkload, ...] = ()
+    desired_hash: str | None = None
+    """The spec hash of the Job the spec asks for now (``children.batch_job``): another on a suspended Job
+    means the spec was edited, and the Job is replaced."""
 
 
 @dataclass(frozen=True)
@@ -127,15 +152,34 @@ class Event:
 
 @dataclass
 class Decision:
+    """The job's next status and every action the shell carries out, in this order: force-delete
+    ``stuck_pods``; replace the trainer Job, or patch its ``suspend`` and queue label; switch Kueue's
+    Workloads; write the status and post the events; then (the result recorded) set the TTL or delete
+    the trainer Job."""
+
     status: FineTuneJobStatus
     events: list[Event] = field(default_factory=list)
-    halt_workload: bool = False
-    """Suspend the Job: the trainer ignored a stop request for longer than the grace period."""
-    workload_wanted: bool = True
+    halt_trainer_job: bool = False
+    """Keep the trainer Job suspended: a stop is being enforced (the trainer ignored it for longer than
+    the grace period, or nothing runs that could save), or its pods are still saving."""
+    trainer_job_wanted: bool = True
     """False once the job is finished: a Job removed by its TTL must not be recreated."""
     stuck_pods: tuple[str, ...] = ()
     """Pods still terminating long after their grace period (a lost node never confirms): with a
     podFailurePolicy the Job controller waits for them before it starts a replacement, forever."""
+    suspend_trainer_job: bool | None = None
+    """Patch the trainer Job's ``spec.suspend`` to this (None: leave it)."""
+    add_queue_label: str | None = None
+    """Name this LocalQueue on the trainer Job: the user resumed a queued job created while suspended."""
+    replace_trainer_job: bool = False
+    """Delete the trainer Job so that it is created again from the edited spec (its DELETED event does that)."""
+    kueue_active: tuple[tuple[KueueWorkload, bool], ...] = ()
+    """Kueue Workloads to switch ``spec.active`` on (True) or off (False)."""
+    ttl_seconds_after_finished: int | None = None
+    """Set on the finished trainer Job once the result is recorded: the Job controller may delete it then."""
+    delete_trainer_job: bool = False
+    """Delete the trainer Job once the result is recorded: the job finished while its Job could still be
+    started by Kueue (stopped while queued): a finished job's Job never runs again."""
 
 
 def is_finished(status: FineTuneJobStatus) -> bool:
@@ -201,7 +245,7 @@ def invalid_spec(job_status: FineTuneJobStatus, message: str, generation: int | 
     set_condition(status, "Running", False, "InvalidSpec", message, now, generation)
     status.completion_time = status.completion_time or now
     events = [Event("Warning", "InvalidSpec", message)] if became else []
-    return Decision(status=status, events=events, workload_wanted=False)
+    return Decision(status=status, events=events, trainer_job_wanted=False)
 
 
 def not_understood(job_status: FineTuneJobStatus, problem: str, now: datetime) -> Decision:
@@ -285,11 +329,11 @@ def _failure(observed: ObservedJob, pods: tuple[ObservedPod, ...]) -> tuple[str,
     return observed.failed_reason or "JobFailed", (observed.failed_message or "the training Job failed") + detail
 
 
-def _stalled(job: FineTuneJob, status: FineTuneJobStatus, workload: ObservedJob, now: datetime) -> bool:
+def _stalled(job: FineTuneJob, status: FineTuneJobStatus, trainer: ObservedJob, now: datetime) -> bool:
     """The stall clock runs from the later of the last heartbeat and the Job's (re)start: a
     heartbeat from before a suspension (or an edit that replaced the Job) does not count."""
     beat = status.progress.last_heartbeat_time if status.progress is not None else None
-    moments = [t for t in (beat, workload.start_time) if t is not None]
+    moments = [t for t in (beat, trainer.start_time) if t is not None]
     since = max(moments) if moments else status.start_time
     return since is not None and now - since > timedelta(seconds=job.spec.stall_timeout_seconds)
 
@@ -324,14 +368,14 @@ def _diagnose(job: FineTuneJob, status: FineTuneJobStatus, finished: bool = True
 
 
 def _kueue_hold(
-    status: FineTuneJobStatus, queue: str, workload: ObservedJob, admission: ObservedAdmission | None
+    status: FineTuneJobStatus, queue: str, trainer: ObservedJob, admission: ObservedAdmission | None
 ) -> tuple[str, str]:
     """(reason, message) of a queued Job that Kueue keeps suspended: waiting for admission,
     inadmissible, or preempted (it ran before). Kueue owns ``suspend`` here; we repeat its words."""
     waits_for = f"LocalQueue {queue}"
     if admission is None:
         return QUEUED, f"waiting for Kueue to admit it from {waits_for} (no Workload yet: is Kueue running?)"
-    stopping = workload.active > 0 or workload.terminating > 0
+    stopping = trainer.active > 0 or trainer.terminating > 0
     evicted = admission.evicted_reason not in ("", KUEUE_DEACTIVATED)  # deactivated: the user's suspend, now over
     if status.start_time is not None and (evicted or stopping):  # it ran: Kueue took the quota back
         said = admission.evicted_message or "evicted by Kueue"
@@ -356,7 +400,7 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
         service=names.service if job.spec.resources.nodes > 1 else None,
     )
     if is_finished(status):
-        return Decision(status=status, workload_wanted=False)
+        return Decision(status=status, trainer_job_wanted=False)
 
     events: list[Event] = []
     decision = Decision(status=status, events=events)
@@ -389,8 +433,8 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
             value=status.early_stopping.best_value or 0.0,
             step=status.early_stopping.best_step,
         )
-    workload = observed.job
-    status.restarts = workload.failed if workload is not None else status.restarts
+    trainer = observed.job
+    status.restarts = trainer.failed if trainer is not None else status.restarts
     decision.stuck_pods = tuple(
         p.name
         for p in observed.pods
@@ -409,38 +453,38 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
     def finish(phase: Phase, type_: ConditionType, reason: str, message: str) -> Decision:
         status.phase = phase
         status.message = message
-        status.completion_time = status.completion_time or (workload.completion_time if workload else None) or now
+        status.completion_time = status.completion_time or (trainer.completion_time if trainer else None) or now
         transition(type_, True, reason, message)
         transition("Running", False, reason, message, event=False)
         transition("Stalled", False, reason, message, event=False)
         events.extend(_diagnose(job, status))
-        decision.workload_wanted = False
+        decision.trainer_job_wanted = False
         return decision
 
-    if workload is not None and workload.complete:
+    if trainer is not None and trainer.complete:
         reason, message = _completion_reason(stop)
         return finish(_completion_phase(reason), "Complete", reason, message)
-    if workload is not None and workload.failed_condition:
-        reason, message = _failure(workload, observed.pods)
+    if trainer is not None and trainer.failed_condition:
+        reason, message = _failure(trainer, observed.pods)
         return finish("Failed", "Failed", reason, message)
 
-    if stop is not None and workload is not None and workload.active > 0:
+    if stop is not None and trainer is not None and trainer.active > 0:
         grace = timedelta(seconds=job.spec.stop_grace_period_seconds)
         if status.progress is not None and status.progress.finalizing:
             grace *= 2  # saving the final model: let it finish rather than leave none (bounded: a lying trainer)
         # A pod that is not ready yet has nothing to save: no need to wait for it.
-        if now - stop.requested_time >= grace or workload.ready == 0:
-            decision.halt_workload = True
-            if not workload.suspended:
+        if now - stop.requested_time >= grace or trainer.ready == 0:
+            decision.halt_trainer_job = True
+            if not trainer.suspended:
                 events.append(
                     Event(
                         "Warning", "StopEnforced", f"trainer still running {grace} after the stop request; stopping it"
                     )
                 )
-    if stop is not None and workload is not None and workload.suspended and workload.active == 0:
-        if workload.terminating > 0:
+    if stop is not None and trainer is not None and trainer.suspended and trainer.active == 0:
+        if trainer.terminating > 0:
             status.message = "stopping: waiting for the trainer's pods to save and exit"
-            decision.halt_workload = True  # stays suspended meanwhile
+            decision.halt_trainer_job = True  # stays suspended meanwhile
             return decision
         # Halted after the grace period: the trainer ignored the request. Halted before it: no trainer was
         # running yet (a pending pod), so the stop simply took effect.
@@ -450,9 +494,9 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
 
     suspended = job.spec.suspend and stop is None
     queue = job.queue_name
-    held = queue is not None and not suspended and stop is None and workload is not None and workload.suspended
-    if held and queue is not None and workload is not None:
-        reason, message = _kueue_hold(status, queue, workload, observed.admission)
+    held = queue is not None and not suspended and stop is None and trainer is not None and trainer.suspended
+    if held and queue is not None and trainer is not None:
+        reason, message = _kueue_hold(status, queue, trainer, observed.admission)
         status.phase = "Suspended"
         status.message = message
         transition("Suspended", True, reason, message)
@@ -471,11 +515,11 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
         transition("Running", False, "Suspended", status.message, event=False)
         return decision
 
-    running = workload is not None and workload.active > 0 and workload.ready > 0
-    if running and workload is not None:
-        status.start_time = status.start_time or workload.start_time or now
+    running = trainer is not None and trainer.active > 0 and trainer.ready > 0
+    if running and trainer is not None:
+        status.start_time = status.start_time or trainer.start_time or now
         transition("Running", True, "TrainerRunning", _summary(status))
-        stalled = _stalled(job, status, workload, now)
+        stalled = _stalled(job, status, trainer, now)
         transition(
             "Stalled",
             stalled,
@@ -489,11 +533,11 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
             if condition.type == "Running":
                 condition.message = status.message
     else:
-        reason, message = _waiting(observed.pods) if workload is not None else ("Pending", "creating the workload")
+        reason, message = _waiting(observed.pods) if trainer is not None else ("Pending", "creating the workload")
         status.phase = "Pending"
         status.message = message
         transition("Running", False, reason, message, event=False)
-        pending_since = workload.start_time if workload is not None and workload.active > 0 else None
+        pending_since = trainer.start_time if trainer is not None and trainer.active > 0 else None
         too_long = pending_since is not None and now - pending_since > timedelta(seconds=job.spec.stall_timeout_seconds)
         if too_long or any(c.type == "Stalled" for c in status.conditions):
             transition(

@@ -1,0 +1,43 @@
+"""The kinds a FineTuneJob owns, listed once: the watches, the resync's check, the API paths and the
+order of creation all read this table. Pure data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ChildKind:
+    kind: str
+    group: str
+    version: str
+    plural: str
+    wave: int = 0
+    """Children are created in waves, all of one wave at once, lowest first."""
+    content_free: bool = False
+    """Nothing to drift: never rewritten (the operator may not update it)."""
+
+    @property
+    def collection(self) -> str:
+        """The namespaced collection's API path, with ``{}`` for the namespace."""
+        prefix = "/api/v1" if not self.group else f"/apis/{self.group}/{self.version}"
+        return f"{prefix}/namespaces/{{}}/{self.plural}"
+
+
+RBAC = "rbac.authorization.k8s.io"
+CHILD_KINDS = (
+    ChildKind("ConfigMap", "", "v1", "configmaps"),
+    ChildKind("ServiceAccount", "", "v1", "serviceaccounts", content_free=True),
+    ChildKind("Service", "", "v1", "services"),
+    ChildKind("Role", RBAC, "v1", "roles"),
+    # The API server checks that a binder without ``bind`` holds what the Role grants: the Role must exist.
+    ChildKind("RoleBinding", RBAC, "v1", "rolebindings", wave=1),
+    # The trainer Job is last: its pods need the rest.
+    ChildKind("Job", "batch", "v1", "jobs", wave=2),
+)
+"""Everything a FineTuneJob owns. The trainer Job (batch/v1) is watched for its status; the others
+only for their deletion."""
+TRAINER_JOB = CHILD_KINDS[-1]
+SUPPORTING_KINDS = CHILD_KINDS[:-1]
+"""The children beside the trainer Job: config, identity, rendezvous Service."""
+BY_KIND = {k.kind: k for k in CHILD_KINDS}
