@@ -66,7 +66,7 @@ from finetune_operator.reconcile.steer import (
     trainer_job_to_read,
     unreadable_spec,
 )
-from finetune_operator.shell import Key, Manifest, ObjectLoop, register_resync
+from finetune_operator.shell import Key, Manifest, ObjectLoop, register_kind
 
 log = logging.getLogger("finetune_operator")
 OWNED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY},{JOB_LABEL}"
@@ -130,7 +130,7 @@ class Reconciler(ObjectLoop):
         """((uid, generation), spec hash) of the Job a job's spec asks for: the spec changes only with
         the generation, and rendering the Job to hash it was a third of a reconcile's CPU."""
 
-    def saw_finetunejob(self, body: Manifest) -> bool:
+    def saw(self, body: Manifest) -> bool:
         """Cache a FineTuneJob from its watch event; False when it is our own write coming back."""
         metadata = body["metadata"]
         key = (metadata["namespace"], metadata["name"])
@@ -430,13 +430,7 @@ class NoDiffBase(kopf.DiffBaseStorage):
 def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync_seconds: float) -> None:
     """Attach the handlers to a kopf registry (one per operator instance, so tests can run several)."""
 
-    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    async def finetunejob_event(type: str, body: kopf.Body, **_: Any) -> None:
-        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        if type == "DELETED" or body["metadata"].get("deletionTimestamp"):
-            await reconciler.drop(namespace, name)
-        elif reconciler.saw_finetunejob(dict(body)):  # else the echo of our own status write
-            await reconciler.reconcile(namespace, name)
+    register_kind(registry, reconciler, GROUP, VERSION, PLURAL, resync_seconds)
 
     @kopf.on.startup(registry=registry)
     async def skip_diff_base(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -449,8 +443,6 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync_sec
         # be sent to the operator and remembered by kopf.
         for child_kind in CHILD_KINDS:
             settings.watching.label_selectors[child_kind.group, child_kind.plural] = OWNED_SELECTOR
-
-    register_resync(registry, reconciler, resync_seconds)
 
     owned: dict[str, Any] = {MANAGED_BY_LABEL: MANAGED_BY, JOB_LABEL: kopf.PRESENT}
 

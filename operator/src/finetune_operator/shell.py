@@ -76,6 +76,10 @@ class ObjectLoop:
     def forget_key(self, key: Key) -> None:
         """Drop a kind's own caches and metric series of an object that is gone."""
 
+    def saw(self, body: Manifest) -> bool:
+        """Take note of the object from its watch event; False when the event needs no reconcile."""
+        return True
+
     # The shell.
 
     @asynccontextmanager
@@ -203,11 +207,22 @@ class ObjectLoop:
             self.resync_task.cancel()
 
 
-def register_resync(registry: kopf.OperatorRegistry, loop: ObjectLoop, interval: float) -> None:
-    """Run ``loop``'s resync while the operator runs.
+def register_kind(
+    registry: kopf.OperatorRegistry, loop: ObjectLoop, group: str, version: str, plural: str, interval: float
+) -> None:
+    """Reconcile the kind's objects on their events, and run ``loop``'s resync while the operator runs.
 
     One loop for all objects of a kind instead of a kopf timer per object: timers need a finalizer on
     every object, and ownerReferences already make deletion clean without one."""
+
+    @kopf.on.event(group, version, plural, id=f"{loop.kind}-event", registry=registry)
+    async def object_event(type: str, body: kopf.Body, **_: Any) -> None:
+        metadata = body["metadata"]
+        key = (metadata["namespace"], metadata["name"])
+        if type == "DELETED" or metadata.get("deletionTimestamp"):
+            await loop.drop(*key)
+        elif loop.saw(dict(body)):
+            await loop.reconcile_key(key, False)
 
     @kopf.on.startup(id=f"start-resync-{loop.kind}", registry=registry)
     async def start_resync(**_: Any) -> None:

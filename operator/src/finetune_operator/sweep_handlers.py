@@ -31,7 +31,7 @@ from finetune_operator.reconcile.sweep import (
     invalid_sweep,
 )
 from finetune_operator.reconcile.trials import observe_trial
-from finetune_operator.shell import Key, Manifest, ObjectLoop, register_resync
+from finetune_operator.shell import Key, Manifest, ObjectLoop, register_kind
 from finetune_operator.sweep_api import (
     RUNGS_ANNOTATION,
     SWEEP_KIND,
@@ -124,18 +124,10 @@ class SweepReconciler(ObjectLoop):
 def register(registry: kopf.OperatorRegistry, reconciler: SweepReconciler, resync_seconds: float) -> None:
     """Attach the sweep handlers to a kopf registry."""
 
-    @kopf.on.event(GROUP, VERSION, SWEEP_PLURAL, registry=registry)
-    async def sweep_event(type: str, body: kopf.Body, **_: Any) -> None:
-        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        if type == "DELETED":
-            await reconciler.drop(namespace, name)
-        else:
-            await reconciler.reconcile(namespace, name)
+    register_kind(registry, reconciler, GROUP, VERSION, SWEEP_PLURAL, resync_seconds)
 
     @kopf.on.event(GROUP, VERSION, PLURAL, labels={SWEEP_LABEL: kopf.PRESENT}, registry=registry)
     async def trial_event(body: kopf.Body, **_: Any) -> None:
         owner = controller_of(dict(body))
         if owner is not None and owner.get("kind") == SWEEP_KIND:
             await reconciler.reconcile(body["metadata"]["namespace"], str(owner["name"]))
-
-    register_resync(registry, reconciler, resync_seconds)
