@@ -30,7 +30,7 @@ from finetune_operator.reconcile.sweep import (
     decide_sweep,
     invalid_sweep,
 )
-from finetune_operator.reconcile.trials import observe_trial
+from finetune_operator.reconcile.trials import ObservedTrial, observe_trial
 from finetune_operator.shell import Key, Manifest, ObjectLoop, register_kind
 from finetune_operator.sweep_api import (
     RUNGS_ANNOTATION,
@@ -61,6 +61,7 @@ class SweepReconciler(ObjectLoop):
         self.metrics.forget_sweep(*key)
 
     async def _reconcile(self, namespace: str, name: str) -> None:
+        """Read the sweep and its trials, call the pure core once, carry out its decision."""
         now = datetime.now(UTC)
         body = await self.kube.read(SWEEP_KIND, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
@@ -76,16 +77,25 @@ class SweepReconciler(ObjectLoop):
             await self._write(body, current, decision, now)
             return
         sweep.status = current
-        listed = await self.kube.list_in(KIND, namespace, f"{SWEEP_LABEL}={job_label_value(name)}")
+        decision = decide_sweep(sweep, await self._trials(sweep, body), now)
+        await self._execute(namespace, name, decision)
+        await self._write(body, current, decision, now)
+
+    async def _trials(self, sweep: FineTuneSweep, body: Manifest) -> list[ObservedTrial]:
+        """The sweep's own trials, listed afresh (a quorum read: a trial just created is never missed)."""
+        namespace, name, uid = body["metadata"]["namespace"], body["metadata"]["name"], body["metadata"].get("uid")
         trials = []
-        for item in listed:
+        for item in await self.kube.list_in(KIND, namespace, f"{SWEEP_LABEL}={job_label_value(name)}"):
             owner = controller_of(item)
-            if owner is None or owner.get("kind") != SWEEP_KIND or owner.get("uid") != metadata.get("uid"):
+            if owner is None or owner.get("kind") != SWEEP_KIND or owner.get("uid") != uid:
                 continue  # a namesake's trial, or a FineTuneJob someone labelled by hand
             trial = observe_trial(sweep, item)
             if trial is not None:
                 trials.append(trial)
-        decision = decide_sweep(sweep, trials, now)
+        return trials
+
+    async def _execute(self, namespace: str, name: str, decision: SweepDecision) -> None:
+        """Carry out the decision on the trials; a refused create becomes an event on the decision."""
         for trial_name in sorted({*decision.prune, *decision.rungs}):
             # A rung verdict is recorded on its trial in the same patch as the prune it may lead to.
             annotations = dict(PRUNE_ANNOTATIONS) if trial_name in decision.prune else {}
@@ -106,7 +116,6 @@ class SweepReconciler(ObjectLoop):
                 break
             if created is not None:
                 log.info("%s/%s: created trial %s", namespace, name, manifest["metadata"]["name"])
-        await self._write(body, current, decision, now)
 
     async def _write(
         self, body: Manifest, current: FineTuneSweepStatus, decision: SweepDecision, now: datetime
