@@ -113,7 +113,7 @@ def own_cluster(state_dir: Path, nodes: int = 1, gpus: int = 4) -> Iterator[Loca
 def kueue_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """A control plane of its own with the real Kueue running against it: Kueue's CRDs, queues and
     cluster-wide objects never meet the other tests (its manager is built once per machine)."""
-    with own_cluster(tmp_path_factory.mktemp("kueue-cluster")) as cluster:
+    with own_cluster(tmp_path_factory.mktemp("kueue-cluster"), gpus=5) as cluster:  # tests/e2e/test_kueue.py
         kueue = Kueue(cluster.state_dir)
         kueue.up()
         try:

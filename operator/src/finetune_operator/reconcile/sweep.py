@@ -23,7 +23,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import TrialState
 
 from finetune_operator.api import API_VERSION, KIND, FineTuneJobSpec
-from finetune_operator.reconcile.children import MANAGED_BY, MANAGED_BY_LABEL, job_label_value
+from finetune_operator.reconcile.children import MANAGED_BY, MANAGED_BY_LABEL, bounded_name, job_label_value
 from finetune_operator.reconcile.status import (
     PRUNED,
     STOP_ANNOTATION,
@@ -103,7 +103,9 @@ FINISHED_ANNOTATIONS = {STOP_ANNOTATION: "true", STOP_REASON_ANNOTATION: SWEEP_F
 
 
 def trial_name(sweep_name: str, index: int) -> str:
-    return f"{sweep_name}-t{index:03d}"
+    """``<sweep>-t<index>``, within the 253 characters of an object name for any sweep name and index."""
+    suffix = f"-t{index:03d}"
+    return bounded_name(sweep_name, 253 - len(f"-t{MAX_TRIALS - 1:03d}")) + suffix
 
 
 def _evaluation_number(spec: FineTuneJobSpec, step: int, epoch: float | None) -> int:
