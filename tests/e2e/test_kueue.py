@@ -25,10 +25,9 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from finetune_localcluster.kubeconfig import install_admission_policy, install_crd
+from finetune_localcluster.kubeconfig import install_objects
 from finetune_localcluster.pytest_plugin import LocalCluster
-from finetune_operator import admission
-from finetune_operator.crd import build_crd
+from finetune_operator.crd import chart_api_objects
 from finetune_operator.reconcile.children import Names
 from tests.e2e.conftest import Jobs, Operator, fake_job, running_operator
 
@@ -44,8 +43,7 @@ def kueue_operator(kueue_cluster: LocalCluster, tmp_path_factory: pytest.TempPat
     resync in the module's time: every status change Kueue causes (queued and why, inadmissible, admitted,
     preempted) must reach the job through watch events, the Workload's and the trainer Job's."""
     with kueue_cluster.api_client() as api:
-        install_crd(api, build_crd())
-        install_admission_policy(api, admission.manifests())
+        install_objects(api, chart_api_objects())
     with running_operator(kueue_cluster, tmp_path_factory.mktemp("kueue-operator"), resync_seconds=3600) as running:
         yield running
 
