@@ -54,7 +54,8 @@ def _evicted_pod(name: str) -> dict[str, object]:
         "status": {
             "phase": "Failed",
             "reason": "Evicted",
-            "message": "Pod ephemeral local storage usage exceeds the total limit of containers 20Gi.",
+            # The kubelet's words for the scratch volume's sizeLimit (the pod sets no ephemeral-storage limit)
+            "message": 'Usage of EmptyDir volume "tmp" exceeds the limit "20Gi". ',
             "containerStatuses": [
                 {"name": "trainer", "state": {"terminated": {"exitCode": 137, "reason": "Error"}}},
             ],
@@ -64,7 +65,7 @@ def _evicted_pod(name: str) -> dict[str, object]:
 
 def test_repeated_evictions_fail_the_job_saying_so() -> None:
     pods = tuple(observe_pod(_evicted_pod(f"p{i}")) for i in range(3))
-    assert pods[0].reason == "Evicted" and "exceeds the total limit" in pods[0].message
+    assert pods[0].reason == "Evicted" and 'volume "tmp" exceeds the limit' in pods[0].message
     failed = ObservedJob(failed=3, failed_condition=True, failed_reason="BackoffLimitExceeded")
     decision = decide(job(backoffLimit=2), Observed(job=failed, pods=pods), NOW)
     assert conditions(decision.status)["Failed"] == ("True", "Evicted")
