@@ -58,7 +58,7 @@ def assert_names_valid(name: str, nodes: int) -> None:
             assert valid_label(f"{names.job}-{index}"), f"{names.job}-{index}"
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(name=object_names(), nodes=st.sampled_from([1, 2, 10, 11, MAX_NODES]))
 def test_every_derived_name_is_valid(name: str, nodes: int) -> None:
     if nodes > 1 and not name[0].isalpha():
@@ -66,7 +66,7 @@ def test_every_derived_name_is_valid(name: str, nodes: int) -> None:
     assert_names_valid(name, nodes)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(sweep=object_names(first="abz"), index=st.sampled_from([0, 7, MAX_TRIALS - 1]), nodes=st.sampled_from([1, 4]))
 def test_trial_names_are_valid_job_names(sweep: str, index: int, nodes: int) -> None:
     trial = trial_name(sweep, index)
