@@ -100,7 +100,7 @@ def test_undecodable_image_is_a_data_error(tmp_path: Path) -> None:
         )
     )
     split = data_mod.read_split(spec, RuntimeEnv(), "train.jsonl", "dataset.train")
-    rows = data_mod.attach_images(spec, data_mod._with_labels(spec, split), split.base, lambda image: image)
+    rows = data_mod.attach_images(spec, data_mod.with_labels(spec, split), split.base, lambda image: image)
     with pytest.raises(DataError) as error:
         [rows[i] for i in range(len(rows))]
     assert "train-1.png" in str(error.value) and "\n" not in str(error.value)

@@ -16,7 +16,7 @@ from finetune_localcluster.helm import ensure_helm
 from finetune_operator.api import FineTuneJob
 from finetune_operator.crd import build_crd, build_sweep_crd, chart_api_objects
 from finetune_operator.metrics import OperatorMetrics
-from finetune_operator.rbac import CLUSTER_SCOPED_RESOURCES, split_by_scope
+from finetune_operator.rbac import CLUSTER_SCOPED_RESOURCES, split_by_scope, user_cluster_roles
 from finetune_operator.reconcile.children import Settings, batch_job
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,6 +138,16 @@ def test_default_mode_grants_every_rule_cluster_wide(helm: Path) -> None:
     namespaced, cluster_wide = split_by_scope()
     assert operator_role["rules"] == cluster_wide + namespaced
     assert not [o for o in objs if o["kind"] in ("Role", "RoleBinding")]
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(CHART / "ci" / "namespaced-values.yaml")]])
+def test_user_roles_are_the_generated_ones_in_both_modes(helm: Path, values: list[str]) -> None:
+    """finetune-author, and edit/view aggregated for both kinds (on main: edit/view named finetunejobs only)."""
+    rendered = {o["metadata"]["name"]: o for o in _objects(helm, *values) if o["kind"] == "ClusterRole"}
+    for role in user_cluster_roles():
+        chart_role = rendered[role["metadata"]["name"]]
+        assert chart_role["rules"] == role["rules"]
+        assert role["metadata"]["labels"].items() <= chart_role["metadata"]["labels"].items()
 
 
 def test_crd_is_the_generated_one_kept_on_uninstall_and_optional(helm: Path) -> None:

@@ -11,11 +11,14 @@ import yaml
 from finetune_operator.crd import (
     CHART_CRD_DIR,
     CHART_RULES_FILE,
+    CHART_USER_ROLES_FILE,
     CLUSTER_RULES_NAME,
     CRD_FILE,
+    USER_ROLES_FILE,
     build_crd,
     render_crd,
     render_rules,
+    render_user_roles,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +48,12 @@ def test_chart_rbac_rules_match_the_operator_rules() -> None:
     namespaced, cluster_wide = render_rules()
     assert (ROOT / CHART_RULES_FILE).read_text() == namespaced, "chart RBAC is stale: run `make crds`"
     assert (ROOT / CHART_RULES_FILE).with_name(CLUSTER_RULES_NAME).read_text() == cluster_wide, "run `make crds`"
+
+
+def test_user_roles_match_the_table() -> None:
+    plain, chart = render_user_roles()
+    assert (ROOT / USER_ROLES_FILE).read_text() == plain, "deploy/ user roles are stale: run `make crds`"
+    assert (ROOT / CHART_USER_ROLES_FILE).read_text() == chart, "chart user roles are stale: run `make crds`"
 
 
 def test_chart_uses_the_generated_crd() -> None:

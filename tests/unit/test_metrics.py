@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from finetune_operator.api import FineTuneJobStatus
-from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.metrics import EVALUATION_METRICS, OperatorMetrics
 from finetune_operator.sweep_api import BestTrial, FineTuneSweepStatus, TrialCounts
 
 
@@ -34,3 +34,26 @@ def test_sweep_series_follow_the_sweep_and_go_with_it() -> None:
     metrics.forget_sweep("ns", "s")
     assert sample("finetune_sweep_trials", {"namespace": "ns", "name": "s", "state": "pruned"}) is None
     assert sample("finetune_sweep_best_value", {"namespace": "ns", "name": "s", "metric": "accuracy"}) is None
+
+
+def test_trainer_written_metric_names_cannot_grow_the_operators_series() -> None:
+    """Names in status.evaluations and status.best are the trainer's: only the spec's vocabulary
+    becomes a label value, however many writes invent new names (on main: one series per name)."""
+    metrics = OperatorMetrics()
+    for write in range(200):
+        status = FineTuneJobStatus.model_validate(
+            {
+                "evaluations": [{"step": write, "metrics": {"loss": 0.5, f"invented-{write}": 1.0}}],
+                "best": {"metric": f"bogus-{write}", "value": 0.1, "step": write},
+            }
+        )
+        metrics.observe_job("ns", "job", status)
+    for family in ("finetune_job_eval_metric", "finetune_job_best_metric"):
+        labels = {s.labels["metric"] for f in metrics.registry.collect() if f.name == family for s in f.samples}
+        assert labels <= EVALUATION_METRICS, f"{family}: {sorted(labels)[:5]}"
+    assert (
+        metrics.registry.get_sample_value(
+            "finetune_job_eval_metric", {"namespace": "ns", "name": "job", "metric": "loss"}
+        )
+        == 0.5
+    )

@@ -1,5 +1,9 @@
 """``kubectl finetune``: the commands. Thin: read through ``kube``, render through ``render``/``plot``.
 
+Everything rendered from an object goes through ``printable`` before it is printed: status and
+Events hold text a trainer wrote, and a terminal would act on its escape sequences. ``-o json|yaml``
+escape control characters themselves; ``logs`` prints the log as stored, like ``kubectl logs``.
+
 Exit codes: 0 success; 1 error (and, for ``watch``, a Failed job); 2 no such FineTuneJob or FineTuneSweep
 (argparse also uses 2 for usage errors).
 """
@@ -24,7 +28,8 @@ from urllib3.exceptions import HTTPError
 from finetune_cli import kube as k
 from finetune_cli import sweeps
 from finetune_cli.render import describe, final_line, list_table, outcome, parse_job, progress_line
-from finetune_operator.reconcile.status import STOP_ANNOTATION
+from finetune_operator.api import STOP_ANNOTATION
+from finetune_operator.redact import printable
 from finetune_operator.sweep_api import SWEEP_KIND
 from finetune_trainer.advice import advise
 from finetune_trainer.config import RuntimeEnv, load_spec, local_path
@@ -45,7 +50,7 @@ def cmd_list(kube: k.Kube, args: argparse.Namespace) -> int:
     if jobs and args.output == "name":
         print("\n".join(f"finetunejob.finetune.dev/{j.name}" for j in jobs))
     elif jobs:
-        print(list_table(jobs, _now(), all_namespaces=namespace is None))
+        print(printable(list_table(jobs, _now(), all_namespaces=namespace is None)))
     return 0
 
 
@@ -65,7 +70,7 @@ def cmd_describe(kube: k.Kube, args: argparse.Namespace) -> int:
     if args.output in ("json", "yaml"):
         _dump(obj, args.output)
     else:
-        sys.stdout.write(describe(parse_job(obj), _now()))
+        sys.stdout.write(printable(describe(parse_job(obj), _now())))
     return 0
 
 
@@ -86,7 +91,7 @@ def cmd_watch(kube: k.Kube, args: argparse.Namespace, out: TextIO | None = None)
             print(f"warning: {_describe_error(error)}; retrying", file=sys.stderr)
             time.sleep(args.interval)
             continue
-        line = progress_line(job)
+        line = printable(progress_line(job))
         if tty:
             width = shutil.get_terminal_size().columns - 1
             out.write("\r" + line[:width] + "\x1b[K")
@@ -96,7 +101,7 @@ def cmd_watch(kube: k.Kube, args: argparse.Namespace, out: TextIO | None = None)
         last = line
         done = outcome(job.status)
         if done is not None:
-            out.write(("\n" if tty else "") + final_line(job) + "\n")
+            out.write(("\n" if tty else "") + printable(final_line(job)) + "\n")
             out.flush()
             return 0 if done.type == "Complete" else EXIT_FAILED
         time.sleep(args.interval)
@@ -164,7 +169,7 @@ def cmd_stop(kube: k.Kube, args: argparse.Namespace) -> int:
     job = parse_job(kube.get_job(args.name, namespace))
     done = outcome(job.status)
     if done is not None:
-        print(f"finetunejob {job.name} already finished: {done}; nothing to stop")
+        print(printable(f"finetunejob {job.name} already finished: {done}; nothing to stop"))
         return 0
     if job.annotations.get(STOP_ANNOTATION, "").lower() == "true":
         print(f"finetunejob {job.name}: a stop was already requested; waiting for the trainer to exit")
@@ -189,7 +194,7 @@ def cmd_sweep_list(kube: k.Kube, args: argparse.Namespace) -> int:
     if found and args.output == "name":
         print("\n".join(f"finetunesweep.finetune.dev/{s.name}" for s in found))
     elif found:
-        print(sweeps.list_table(found, _now(), all_namespaces=namespace is None))
+        print(printable(sweeps.list_table(found, _now(), all_namespaces=namespace is None)))
     return 0
 
 
@@ -201,7 +206,7 @@ def cmd_sweep_describe(kube: k.Kube, args: argparse.Namespace) -> int:
         return 0
     trials = kube.sweep_trials(args.name, namespace)
     events = kube.events(SWEEP_KIND, args.name, namespace)
-    sys.stdout.write(sweeps.describe(sweeps.parse_sweep(obj), trials, events, _now()))
+    sys.stdout.write(printable(sweeps.describe(sweeps.parse_sweep(obj), trials, events, _now())))
     return 0
 
 

@@ -11,15 +11,22 @@ import contextlib
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.metrics import MetricWrapperBase
 
 from finetune_operator.api import FAILURE_REASONS, FineTuneJobStatus
 from finetune_operator.sweep_api import FineTuneSweepStatus
+from finetune_trainer.spec import Metric
+
+EVALUATION_METRICS: frozenset[str] = frozenset(get_args(Metric))
+"""The only ``metric`` label values of the per-job evaluation series: the names a spec's
+``evaluation.metrics`` can list. Metric names in status are written by the trainer; taken as they
+come, a trainer could add series to the operator (and to Prometheus) without bound, write after write."""
 
 PHASES = ("Pending", "Running", "Suspended", "Stalled", "Succeeded", "EarlyStopped", "Pruned", "Failed")
-SWEEP_TRIAL_STATES = ("running", "succeeded", "pruned", "failed")
+SWEEP_TRIAL_STATES = ("running", "succeeded", "pruned", "stopped", "failed")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 
@@ -74,7 +81,7 @@ class OperatorMetrics:
         )
         self.sweep_trials = Gauge(
             "finetune_sweep_trials",
-            "Trials of a FineTuneSweep by state (running, succeeded, pruned, failed).",
+            "Trials of a FineTuneSweep by state (running, succeeded, pruned, stopped, failed).",
             [*per_job, "state"],
             registry=r,
         )
@@ -116,9 +123,11 @@ class OperatorMetrics:
         if status.evaluations:
             latest = max(status.evaluations, key=lambda e: e.step)
             for metric, value in latest.metrics.items():
+                if metric not in EVALUATION_METRICS:
+                    continue
                 self.eval_metric.labels(namespace, name, metric).set(value)
                 self._metric_names.setdefault(key, set()).add(metric)
-        if status.best is not None:
+        if status.best is not None and status.best.metric in EVALUATION_METRICS:
             self.best_metric.labels(namespace, name, status.best.metric).set(status.best.value)
             self._metric_names.setdefault(key, set()).add(status.best.metric)
         codes = {d.code for d in status.diagnosis}

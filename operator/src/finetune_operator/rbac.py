@@ -1,7 +1,8 @@
-"""The operator's own permissions: the least it needs, in one place.
+"""The operator's own permissions, and the roles users get, each in one place.
 
 The Helm chart's ClusterRole is generated from these rules (``make crds`` writes it next to
 the CRD), and the end-to-end tests run the operator with a token bound to exactly them.
+The user roles (``USER_ROLES``) are generated into the chart and into ``deploy/`` the same way.
 """
 
 from __future__ import annotations
@@ -88,3 +89,52 @@ def split_by_scope(rules: list[dict[str, Any]] = OPERATOR_RULES) -> tuple[list[d
             raise ValueError(f"rule mixes namespaced and cluster-scoped resources: {rule['resources']}")
         (cluster_wide if scoped == {True} else namespaced).append(rule)
     return namespaced, cluster_wide
+
+
+KINDS = [PLURAL, SWEEP_PLURAL]
+WRITE = ["create", "update", "patch", "delete", "deletecollection"]
+AUTHOR_ROLE = "finetune-author"
+AGGREGATE = "rbac.authorization.k8s.io/aggregate-to-"
+
+_EDIT = {"apiGroups": [GROUP], "resources": KINDS, "verbs": [*READ, *WRITE]}
+_VIEW = {"apiGroups": [GROUP], "resources": [*KINDS, *(f"{kind}/status" for kind in KINDS)], "verbs": READ}
+
+USER_ROLES: dict[str, dict[str, Any]] = {
+    # Aggregated into the built-in roles: whoever may edit (or view) a namespace may do so for both kinds.
+    "finetune-operator-edit": {"aggregate": ["edit", "admin"], "rules": [_EDIT]},
+    "finetune-operator-view": {"aggregate": ["view"], "rules": [_VIEW]},
+    # A tenant who uses the product and nothing else, bound by a RoleBinding in its namespace: no pod
+    # creation, no Secrets. Reads what `kubectl finetune` reads: trainer pods (logs, `kubectl finetune
+    # logs`), Events (describe), and the trainer Jobs the operator made.
+    AUTHOR_ROLE: {
+        "aggregate": [],
+        "rules": [
+            _EDIT,
+            {**_VIEW, "resources": [f"{kind}/status" for kind in KINDS], "verbs": ["get"]},
+            {"apiGroups": [""], "resources": ["pods"], "verbs": READ},
+            {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+            {"apiGroups": [""], "resources": ["events"], "verbs": READ},
+            {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": READ},
+        ],
+    },
+}
+"""ClusterRoles for users, by name: which built-in roles each aggregates into, and its rules."""
+
+
+def user_cluster_roles() -> list[dict[str, Any]]:
+    """``USER_ROLES`` as ClusterRole manifests (``deploy/user-roles.yaml``)."""
+    return [
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {
+                "name": name,
+                "labels": {
+                    "app.kubernetes.io/name": "finetune-operator",
+                    **{f"{AGGREGATE}{target}": "true" for target in role["aggregate"]},
+                },
+            },
+            "rules": role["rules"],
+        }
+        for name, role in USER_ROLES.items()
+    ]

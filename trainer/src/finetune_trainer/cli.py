@@ -11,6 +11,7 @@ from finetune_trainer import exitcodes
 from finetune_trainer.config import RuntimeEnv, load_spec
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.launch import record_exit_code
+from finetune_trainer.preflight import preflight
 from finetune_trainer.reporting import JsonLines
 
 
@@ -46,14 +47,16 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         env = RuntimeEnv.from_environ()
         spec = load_spec(args.config, args.output)
-        # torch loads only once the config is known to be valid: config errors fail in well under a second
+        # torch loads only once the spec, the run's config and the data are known to be valid: such errors
+        # fail in about a second, not after 7-9 s of imports
         if args.plan:
             from finetune_trainer.plan import print_plan  # noqa: PLC0415
 
             return print_plan(spec, env, sys.stdout)
+        checked = preflight(spec, env)  # data and run-level config errors, before the training stack loads
         from finetune_trainer.run import run  # noqa: PLC0415
 
-        return run(spec, env, log).exit_code
+        return run(spec, env, log, checked).exit_code
     except TrainerError as error:
         return fail(log, error)
     except KeyboardInterrupt:

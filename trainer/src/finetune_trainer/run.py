@@ -44,13 +44,15 @@ from finetune_trainer.callbacks import (
 )
 from finetune_trainer.checkpointing import enable_activation_checkpointing
 from finetune_trainer.config import RuntimeEnv, local_path, location_uri
+from finetune_trainer.contract import Progress, TrainerStatus
 from finetune_trainer.distributed import same_on_every_rank
 from finetune_trainer.divergence import DivergenceCallback
 from finetune_trainer.errors import ConfigError
-from finetune_trainer.freeze import apply_freeze, layer_map
+from finetune_trainer.freeze import FreezePlan, apply_freeze, layer_map
 from finetune_trainer.metrics import classification_metrics, probabilities
 from finetune_trainer.models import align_pad_token, load_config, load_model, load_processor, resolve_source
 from finetune_trainer.ownership import claim_checkpoints
+from finetune_trainer.preflight import Checked, preflight
 from finetune_trainer.reporting import JsonLines, PrometheusMetrics, StatusReporter, heartbeats, load_kube_api
 from finetune_trainer.spec import CLASSIFICATION_METRICS, CLASSIFICATION_TASKS, TrainingSpec
 from finetune_trainer.speed import (
@@ -217,53 +219,121 @@ def _start_reporter(env: RuntimeEnv, log: JsonLines) -> StatusReporter | None:
         return None
 
 
-def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> RunResult:
-    """Train per ``spec``; raises TrainerError subclasses for bad input (the CLI maps them to exit codes)."""
+@dataclass(frozen=True)
+class Placement:
+    """Where this process trains: its rank among ``ranks``, the device and the precision it resolved to."""
+
+    rank: int
+    ranks: int
+    device: Device
+    precision: Precision
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class Loaded:
+    """The model, its processor and the encoded data (the model's unused input columns dropped)."""
+
+    model: PreTrainedModel
+    processor: Any
+    prepared: data_mod.PreparedData
+
+
+@dataclass
+class Frozen:
+    """The model as it trains (wrapped for LoRA), what the freeze policy trains, and the activation cache."""
+
+    model: Any
+    plan: FreezePlan
+    layers: Any
+    activation_cache: Any
+    prepared: data_mod.PreparedData
+    """The data the trainer reads: replaced by the activation cache's, when it caches."""
+
+
+def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None, checked: Checked | None = None) -> RunResult:
+    """Train per ``spec``; raises TrainerError subclasses for bad input (the CLI maps them to exit codes).
+
+    ``checked``: what `preflight` read and checked (the CLI runs it before importing torch); run here if not given.
+    """
+    checked = checked if checked is not None else preflight(spec, env)
     log = log or JsonLines()
+    output_dir = local_path(spec.output.location, env.pvc_root)
+    where = _placement(spec, log)
+    reporter = _start_reporter(env, log) if where.is_main else None
+    loaded = _load(spec, env, log, checked, reporter, where)
+    has_eval = loaded.prepared.validation is not None
+    spec = _without_validation(spec, has_eval, log)
+    frozen = _freeze(spec, env, log, loaded, output_dir, where)
+    ctx = _context(spec, env, log, frozen.prepared, output_dir, reporter, where)
+    resume = _find_resume(ctx, env)
+    trainer = _trainer(ctx, env, frozen, loaded.processor, resume, where)
+    train_loss = _train(ctx, trainer, resume, frozen.prepared)
+    return _finish(ctx, trainer, loaded.processor, train_loss, has_eval)
+
+
+def _placement(spec: TrainingSpec, log: JsonLines) -> Placement:
+    """Rank, device and precision; a GPU pod without CUDA or bf16 without support fails before anything loads."""
     require_accelerator(os.environ, torch.cuda.is_available())
     hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     datasets.disable_progress_bars()
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     hp = spec.hyperparameters
-    output_dir = local_path(spec.output.location, env.pvc_root)
-    checkpoints_dir = output_dir / "checkpoints"
     rank = int(os.environ.get("RANK", "0"))
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
-    is_main = rank == 0
-    try:
-        checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"output.location: cannot create {checkpoints_dir}: {exc.strerror}") from exc
-
     check_precision(hp.precision)
     set_seed(hp.seed)
     device = detect_device()
     precision, precision_warning = resolve_precision(hp.precision, device)
     if precision_warning:
         log.emit("warning", message=precision_warning)
-    reporter = _start_reporter(env, log) if is_main else None
+    return Placement(rank, ranks, device, precision)
+
+
+def _load(
+    spec: TrainingSpec,
+    env: RuntimeEnv,
+    log: JsonLines,
+    checked: Checked,
+    reporter: StatusReporter | None,
+    where: Placement,
+) -> Loaded:
+    """The processor, the encoded data, then the weights (heartbeats meanwhile: downloads and tokenizing are long)."""
+    hp = spec.hyperparameters
     with heartbeats(reporter):  # downloads and tokenizing can outlast the stall timeout
         source = resolve_source(spec.model, env)
         processor = load_processor(spec.model, source)
-        # Data is read and checked before the weights load: a typo in a field name fails in seconds, not minutes.
-        prepared = data_mod.prepare(spec, env, processor, load_config(spec.model, source, hp.dropout))
+        # The data (read and checked by preflight) is encoded before the weights load: minutes sooner on errors.
+        prepared = data_mod.prepare(spec, env, processor, load_config(spec.model, source, hp.dropout), checked)
         if prepared.cached_splits:
             log.emit("tokenized_cache", reused=list(prepared.cached_splits))
-        model: PreTrainedModel = load_model(spec.model, source, hp.dropout, base_dtype(spec.freeze.strategy, precision))
-    align_pad_token(model, processor)
-    prepared = data_mod.drop_unused_inputs(prepared, model)
-    has_eval = prepared.validation is not None
-    if not has_eval and spec.evaluation.strategy != "no":
-        if spec.early_stopping is not None:
-            raise ConfigError(
-                "dataset.validation: earlyStopping needs validation data (validation or validationFraction)"
-            )
-        log.emit("warning", message="no validation data: evaluation disabled")
-        spec = spec.model_copy(
-            update={"evaluation": spec.evaluation.model_copy(update={"strategy": "no", "interval": None})}
+        model: PreTrainedModel = load_model(
+            spec.model, source, hp.dropout, base_dtype(spec.freeze.strategy, where.precision)
         )
+    align_pad_token(model, processor)
+    return Loaded(model, processor, data_mod.drop_unused_inputs(prepared, model))
 
+
+def _without_validation(spec: TrainingSpec, has_eval: bool, log: JsonLines) -> TrainingSpec:
+    """No validation data: evaluation is off (preflight refused earlyStopping without validation)."""
+    if has_eval or spec.evaluation.strategy == "no":
+        return spec
+    log.emit("warning", message="no validation data: evaluation disabled")
+    return spec.model_copy(
+        update={"evaluation": spec.evaluation.model_copy(update={"strategy": "no", "interval": None})}
+    )
+
+
+def _freeze(
+    spec: TrainingSpec, env: RuntimeEnv, log: JsonLines, loaded: Loaded, output_dir: Path, where: Placement
+) -> Frozen:
+    """Apply the freeze policy (and activation checkpointing, the activation cache); report what trains."""
+    hp = spec.hyperparameters
+    model, prepared, rank, ranks = loaded.model, loaded.prepared, where.rank, where.ranks
     wrapped, plan = apply_freeze(model, spec.freeze, spec.model.task)
     if plan.trainable == 0:
         raise ConfigError(
@@ -305,14 +375,38 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
         thawUnits=len(plan.thaw_units),
         untiedEmbeddings=plan.untied,
     )
+    return Frozen(wrapped, plan, layers, activation_cache, prepared)
 
-    ctx = RunContext(spec, output_dir, checkpoints_dir, env.pvc_root, log, is_main=is_main)
+
+def _context(
+    spec: TrainingSpec,
+    env: RuntimeEnv,
+    log: JsonLines,
+    prepared: data_mod.PreparedData,
+    output_dir: Path,
+    reporter: StatusReporter | None,
+    where: Placement,
+) -> RunContext:
+    """What the callbacks share: the spec, the locations, the reporter, /metrics and the majority baseline."""
+    ctx = RunContext(spec, output_dir, output_dir / "checkpoints", env.pvc_root, log, is_main=where.is_main)
     if spec.model.task in CLASSIFICATION_TASKS:
         ctx.majority_baseline = validation_baseline(prepared.validation)
     ctx.reporter = reporter
-    if is_main:
+    if where.is_main:
         ctx.metrics = PrometheusMetrics(env.metrics_port, log, env.metrics_address)
+    return ctx
 
+
+def _find_resume(ctx: RunContext, env: RuntimeEnv) -> Path | None:
+    """The latest complete checkpoint of this job (its run state loaded into ``ctx``), after cleaning up
+    another job's checkpoints, partial checkpoints and an interrupted final save (rank 0 only)."""
+    spec, log, is_main, output_dir, checkpoints_dir = (
+        ctx.spec,
+        ctx.log,
+        ctx.is_main,
+        ctx.output_dir,
+        ctx.checkpoints_dir,
+    )
     resume: Path | None = None
     foreign = claim_checkpoints(checkpoints_dir, env.job_uid, remove=is_main)
     if is_main:
@@ -331,25 +425,32 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
     if complete:
         resume = complete[-1][1]
         ctx.state = load_run_state(resume)
+    return resume
 
+
+def _trainer(
+    ctx: RunContext, env: RuntimeEnv, frozen: Frozen, processor: Any, resume: Path | None, where: Placement
+) -> FineTuneTrainer:
+    """The Trainer with our callbacks (every rank checked to resume from the same step)."""
+    spec, log, prepared = ctx.spec, ctx.log, frozen.prepared
     compute_metrics = classification_metrics(spec.evaluation.metrics, spec.model.effective_num_labels or 0)
     trainer = FineTuneTrainer(
-        model=wrapped,
-        args=training_arguments(spec, checkpoints_dir, env.log_every_steps, device, precision),
-        data_collator=pad_for_tensor_cores(prepared.collator, device),
+        model=frozen.model,
+        args=training_arguments(spec, ctx.checkpoints_dir, env.log_every_steps, where.device, where.precision),
+        data_collator=pad_for_tensor_cores(prepared.collator, where.device),
         train_dataset=prepared.train,
         eval_dataset=prepared.validation,
         processing_class=processor,
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=probabilities if compute_metrics is not None else None,
         spec=spec,
-        layers=layers,
-        plan=plan,
+        layers=frozen.layers,
+        plan=frozen.plan,
     )
-    _check_same_checkpoint(resume, rank, trainer.args.device)
+    _check_same_checkpoint(resume, where.rank, trainer.args.device)
     trainer.thaw_on_create = ctx.state.thawed_units
     trainer.checkpointer = Checkpointer(ctx, trainer.write_checkpoint)
-    trainer.activation_cache = activation_cache
+    trainer.activation_cache = frozen.activation_cache
     trainer.remove_callback(PrinterCallback)  # our JSON lines replace its prints
     for callback in (
         DivergenceCallback(ctx),  # first: a NaN loss stops the run before it is published or checkpointed
@@ -369,7 +470,14 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
             earlyStopping=es.model_dump(mode="json", by_alias=True) if es else None,
             thawedUnits=ctx.state.thawed_units,
         )
+    return trainer
 
+
+def _train(
+    ctx: RunContext, trainer: FineTuneTrainer, resume: Path | None, prepared: data_mod.PreparedData
+) -> float | None:
+    """Train (from ``resume``) with SIGTERM turned into a flag; the training loss, None when nothing trained."""
+    log = ctx.log
     previous_handler = _install_sigterm(ctx)
     train_loss: float | None = None
     try:
@@ -384,7 +492,14 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
+    return train_loss
 
+
+def _finish(
+    ctx: RunContext, trainer: FineTuneTrainer, processor: Any, train_loss: float | None, has_eval: bool
+) -> RunResult:
+    """Terminated: report the checkpoint. Otherwise restore the best, save the model, write ``result.json``."""
+    spec, log, is_main, output_dir = ctx.spec, ctx.log, ctx.is_main, ctx.output_dir
     final_step = trainer.state.global_step
     if ctx.stopped_by == "Terminated":
         _close(ctx)
@@ -452,7 +567,7 @@ def _report_finalizing(ctx: RunContext, finalizing: bool) -> None:
     """Tell the operator the final save (restore best, write the model) is under way, so that a stop
     request does not cut it short; cleared (merge-patch null) once the result is written."""
     if ctx.reporter is not None:
-        ctx.reporter.update({"progress": {"finalizing": True if finalizing else None}}, urgent=True)
+        ctx.reporter.update(TrainerStatus(progress=Progress(finalizing=True if finalizing else None)), urgent=True)
 
 
 def _publish_history(ctx: RunContext) -> None:
@@ -463,7 +578,7 @@ def _publish_history(ctx: RunContext) -> None:
 
 
 def _best(ctx: RunContext) -> dict[str, Any] | None:
-    return ctx.state.best.to_wire() if ctx.state.best is not None else None
+    return ctx.state.best.to_patch() if ctx.state.best is not None else None
 
 
 def _close(ctx: RunContext) -> None:

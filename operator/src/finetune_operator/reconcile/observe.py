@@ -6,28 +6,19 @@ import json
 from datetime import datetime
 from typing import Any
 
-from finetune_operator.api import EVICTED, FineTuneJobStatus
+from finetune_operator.api import EVICTED, OPERATOR_STATUS_KEYS, SHARED_STATUS_KEYS, FineTuneJobStatus
 from finetune_operator.reconcile.children import SPEC_HASH_ANNOTATION, TRAINER_CONTAINER
 from finetune_operator.reconcile.status import ObservedAdmission, ObservedJob, ObservedPod
+from finetune_operator.redact import redact, redacted_tail
+
+MESSAGE_TAIL = 2000
+"""Characters of a pod's termination message kept for status and Events."""
 
 Manifest = dict[str, Any]
 
-OPERATOR_STATUS_KEYS = (
-    "observedGeneration",
-    "phase",
-    "conditions",
-    "startTime",
-    "completionTime",
-    "earlyStopping",
-    "stopRequest",
-    "workload",
-    "restarts",
-    "message",
-    "best",
-    "diagnosis",
-)
-"""Status keys the operator writes. progress and evaluations belong to the trainer; ``best`` is
-shared: the operator fills it only until the trainer reports one with its checkpoint."""
+OPERATOR_WRITES = (*OPERATOR_STATUS_KEYS, *SHARED_STATUS_KEYS)
+"""Status keys the operator writes: its own and ``best``, which it fills only until the trainer
+reports one with its checkpoint. progress and evaluations are the trainer's alone."""
 
 
 def _time(value: str | None) -> datetime | None:
@@ -87,7 +78,7 @@ def observe_pod(pod: Manifest) -> ObservedPod:
             message = trainer_error(str(terminated.get("message", "")))
             finished = _time(terminated.get("finishedAt"))
     if status.get("reason") == EVICTED:  # the kubelet's words (which limit, which pressure) beat the exit code's
-        reason, message = EVICTED, str(status.get("message", "")).strip()[-2000:]
+        reason, message = EVICTED, redacted_tail(str(status.get("message", "")), MESSAGE_TAIL)
     waiting_reason, waiting_message = _waiting(status)
     return ObservedPod(
         name=pod["metadata"]["name"],
@@ -109,7 +100,8 @@ def trainer_error(termination_message: str) -> str:
     ``terminationMessagePolicy: FallbackToLogsOnError`` hands over the last lines of the log: progress
     JSON, the error line on stderr, the ``{"event": "error", "message": ...}`` JSON line the trainer
     emits before exiting. Status shows that message alone; anything else (a crash without one, a
-    runtime's own words) keeps its last 2000 characters."""
+    runtime's own words) keeps its last 2000 characters. Either is redacted (``finetune_operator.redact``):
+    it goes to status and Events, which more people read than the pod's log."""
     for line in reversed(termination_message.splitlines()):
         if not line.startswith("{"):
             continue
@@ -118,8 +110,8 @@ def trainer_error(termination_message: str) -> str:
         except ValueError:
             continue
         if isinstance(event, dict) and event.get("event") == "error" and isinstance(event.get("message"), str):
-            return str(event["message"]).strip()
-    return termination_message.strip()[-2000:]
+            return redact(str(event["message"])).strip()
+    return redacted_tail(termination_message, MESSAGE_TAIL)
 
 
 def _waiting(status: Manifest) -> tuple[str, str]:
@@ -177,4 +169,4 @@ def spec_hash_of(manifest: Manifest) -> str | None:
 def status_patch(before: FineTuneJobStatus, after: FineTuneJobStatus) -> Manifest:
     """The merge patch that takes the operator-owned status keys from ``before`` to ``after``."""
     old, new = before.to_wire(), after.to_wire()
-    return {key: new.get(key) for key in OPERATOR_STATUS_KEYS if old.get(key) != new.get(key)}
+    return {key: new.get(key) for key in OPERATOR_WRITES if old.get(key) != new.get(key)}
