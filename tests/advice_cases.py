@@ -106,7 +106,7 @@ def warning_lines(stderr: str) -> list[str]:
 
 
 @contextmanager
-def advice_policy_bound(cluster: LocalCluster, namespace: str) -> Iterator[None]:
+def advice_in_force(cluster: LocalCluster, namespace: str) -> Iterator[None]:
     """The chart's advice policy (the ``crd`` fixture installs it cluster-wide, as the chart does) in force
     in ``namespace``: a policy is type-checked before its binding takes effect everywhere."""
     probe = manifest(next(c for c in CASES if c.reason == "HighLearningRate"))
