@@ -19,11 +19,10 @@ import pytest
 from kubernetes import client
 
 from finetune_localcluster import procs
-from finetune_localcluster.kubeconfig import install_admission_policy, install_crd
+from finetune_localcluster.kubeconfig import install_objects
 from finetune_localcluster.pytest_plugin import LocalCluster, own_cluster
-from finetune_operator import admission
 from finetune_operator.api import GROUP, VERSION
-from finetune_operator.crd import build_crd
+from finetune_operator.crd import chart_api_objects
 from tests.e2e.conftest import Jobs, Operator, running_operator
 from tests.trainer import tiny
 
@@ -34,8 +33,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalCluster, Operator]]:
     with own_cluster(tmp_path_factory.mktemp("two-nodes"), nodes=2, gpus=1) as cluster:
         with cluster.api_client() as api:
-            install_crd(api, build_crd())
-            install_admission_policy(api, admission.manifests())
+            install_objects(api, chart_api_objects())
         with running_operator(cluster, tmp_path_factory.mktemp("two-nodes-operator")) as operator:
             yield cluster, operator
 
