@@ -48,6 +48,7 @@ from finetune_trainer.distributed import same_on_every_rank
 from finetune_trainer.divergence import DivergenceCallback
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.freeze import apply_freeze, layer_map
+from finetune_trainer.loss_watch import chance_loss
 from finetune_trainer.metrics import classification_metrics, probabilities
 from finetune_trainer.models import align_pad_token, load_config, load_model, load_processor, resolve_source
 from finetune_trainer.ownership import claim_checkpoints
@@ -124,7 +125,7 @@ def training_arguments(
         logging_strategy="steps",
         logging_steps=log_every,
         logging_first_step=True,
-        logging_nan_inf_filter=False,  # a NaN loss must reach the logs: DivergenceCallback stops on it
+        logging_nan_inf_filter=False,  # the logged mean stays true (DivergenceCallback stops on a NaN step first)
         prediction_loss_only=not classify,
         report_to="none",
         disable_tqdm=True,
@@ -309,6 +310,8 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
     ctx = RunContext(spec, output_dir, checkpoints_dir, env.pvc_root, log, is_main=is_main)
     if spec.model.task in CLASSIFICATION_TASKS:
         ctx.majority_baseline = validation_baseline(prepared.validation)
+    vocab = getattr(model.config.get_text_config(), "vocab_size", None)
+    ctx.chance_loss = chance_loss(spec.model.task, spec.model.effective_num_labels, vocab)
     ctx.reporter = reporter
     if is_main:
         ctx.metrics = PrometheusMetrics(env.metrics_port, log, env.metrics_address)
@@ -352,7 +355,7 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None) -> Ru
     trainer.activation_cache = activation_cache
     trainer.remove_callback(PrinterCallback)  # our JSON lines replace its prints
     for callback in (
-        DivergenceCallback(ctx),  # first: a NaN loss stops the run before it is published or checkpointed
+        DivergenceCallback(ctx, trainer.take_step_loss),  # first: stops before anything is published or saved
         EarlyStoppingCallback(ctx),
         CheckpointCallback(ctx),
         StopCallback(ctx),
