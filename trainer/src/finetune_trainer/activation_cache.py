@@ -1,12 +1,13 @@
 """The frozen-prefix activation cache (``freeze.cacheActivations``): compute the frozen bottom once per example.
 
 Under bottom-layers and head-only, the embeddings and the lowest blocks are frozen and run in eval mode (no
-dropout, see freeze.keep_frozen_in_eval), so their output for an example is the same in every epoch. The first
-time an example passes, the last frozen block's output is kept per example, unpadded (only the positions its
-attention mask marks). When every example of a batch is cached, the frozen blocks do not run: the lower ones pass
-their input through and the last one returns the cached activations, padded into the batch's shape (the padding
-positions are masked out of attention and loss, so their values do not matter). Everything above — attention masks,
-position embeddings, the trainable blocks, the head — runs as usual.
+dropout, not even a parameter-free one between them: see freeze.keep_frozen_in_eval and freeze.PrefixEvalMode),
+so their output for an example is the same in every epoch. The first time an example passes, the last frozen
+block's output is kept per example, unpadded (only the positions its attention mask marks). When every example
+of a batch is cached, the frozen blocks do not run: the lower ones pass their input through and the last one
+returns the cached activations, padded into the batch's shape (the padding positions are masked out of attention
+and loss, so their values do not matter). Everything above — attention masks, position embeddings, the trainable
+blocks, the head — runs as usual.
 
 Examples are told apart by an index column the collator turns into a tensor (``IndexedCollator``); validation
 examples get their own range. Each rank caches the examples it sees: under several ranks, training deals each rank
@@ -37,7 +38,7 @@ from torch.utils.data import Sampler
 
 from finetune_trainer.atomic import atomic_directory, remove_leftovers
 from finetune_trainer.data import PreparedData
-from finetune_trainer.freeze import layer_map
+from finetune_trainer.freeze import cached_prefix, layer_map
 from finetune_trainer.token_cache import rows_digest
 
 CACHE_DIR = "cache/activations"
@@ -308,45 +309,6 @@ class ActivationCache:
             return output
 
         return run
-
-
-def prefix_blocks(model: nn.Module, block_params: list[list[nn.Parameter]]) -> list[nn.Module]:
-    """The block modules whose parameters are exactly each of ``block_params`` (bottom first)."""
-    owners: list[nn.Module] = []
-    for params in block_params:
-        wanted = {id(p) for p in params}
-        owner = next(
-            (m for m in model.modules() if {id(p) for p in m.parameters()} == wanted and list(m.children())), None
-        )
-        if owner is None:
-            raise ValueError("a frozen block is not a single module")
-        owners.append(owner)
-    return owners
-
-
-def frozen_prefix(model: nn.Module, block_params: list[list[nn.Parameter]]) -> int:
-    """How many blocks from the bottom are frozen whole (0: nothing to cache)."""
-    count = 0
-    for params in block_params:
-        if any(p.requires_grad for p in params):
-            break
-        count += 1
-    return count
-
-
-def cached_prefix(
-    model: nn.Module, embeddings: tuple[str, ...], blocks: tuple[tuple[str, ...], ...]
-) -> tuple[list[nn.Module], list[nn.Parameter]] | None:
-    """The frozen embeddings' and whole frozen blocks' (modules, parameters); None when nothing is frozen so."""
-    named = dict(model.named_parameters())
-    if not embeddings or any(named[name].requires_grad for name in embeddings):
-        return None  # trainable embeddings change the prefix's output every step
-    block_params = [[named[name] for name in block] for block in blocks]
-    count = frozen_prefix(model, block_params)
-    if count == 0:
-        return None
-    params = [named[name] for name in embeddings] + [p for block in block_params[:count] for p in block]
-    return prefix_blocks(model, block_params[:count]), params
 
 
 def memory_budget() -> int | None:
