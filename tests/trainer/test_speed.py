@@ -369,6 +369,27 @@ def test_a_disk_store_trusts_only_what_was_persisted_for_the_same_key(tmp_path: 
     assert not (tmp_path / "rank-0").exists()
 
 
+def test_a_rank_cleans_only_its_own_leftovers_in_the_shared_cache_folder(tmp_path: Path) -> None:
+    """Ranks of a pod start their disk stores side by side: rank 0 (a new key) must not delete the store rank 1 is
+    writing right now, only what its own killed predecessor left."""
+    from finetune_trainer.activation_cache import DiskStore
+
+    parent = tmp_path / "cache" / "activations"
+    writing = parent / ".tmp-rank-1-0123abcd"  # rank 1, inside atomic_directory
+    writing.mkdir(parents=True)
+    (writing / "activations.npy").write_bytes(b"rows")
+    tenth = parent / ".tmp-rank-10-0123abcd"
+    tenth.mkdir()
+    mine = parent / ".tmp-rank-0-89abcdef"  # rank 0's, from a killed run
+    mine.mkdir()
+    moved_aside = parent / ".tmp-rank-0-old-76543210"  # a replaced store of rank 0 whose successor never arrived
+    moved_aside.mkdir()
+    DiskStore(parent / "rank-0", [2, 1], 4, "key")
+    assert writing.is_dir() and (writing / "activations.npy").read_bytes() == b"rows" and tenth.is_dir()
+    assert not mine.exists() and not moved_aside.exists()
+    assert (parent / "rank-0" / "meta.json").is_file()
+
+
 def test_an_activation_cache_over_the_memory_budget_spills_to_disk_and_trains_the_same_weights(
     tmp_path: Path,
     assets: dict[str, Path],

@@ -12,9 +12,10 @@ blocks, the head — runs as usual.
 Examples are told apart by an index column the collator turns into a tensor (``IndexedCollator``); validation
 examples get their own range. Each rank caches the examples it sees: under several ranks, training deals each rank
 a fixed shard of the examples (``FixedShardSampler``; the usual sampler deals them anew each epoch, so a rank would
-rarely replay a batch), shuffled within the shard each epoch. The cache lives in memory when it fits half of
-the memory to spare; otherwise on disk next to the checkpoints (``DiskStore``: one memory-mapped float32 array of
-every example's rows, end to end), where a restart finds what the run before it had filled and reuses it. Gradual
+rarely replay a batch), shuffled within the shard each epoch. The cache lives in memory when it fits the rank's
+share of half the memory to spare (the ranks of a pod share one budget); otherwise on disk next to the checkpoints
+(``DiskStore``: one memory-mapped float32 array of every example's rows, end to end, in a folder of the rank's own),
+where a restart finds what the run before it had filled and reuses it. Gradual
 unfreezing that thaws a frozen block drops the cache.
 """
 
@@ -160,7 +161,7 @@ class DiskStore:
         meta = {"key": key, "shape": list(shape), "examples": len(lengths)}
         if not self._matches(meta):
             shutil.rmtree(directory, ignore_errors=True)
-            remove_leftovers(directory.parent)
+            remove_leftovers(directory.parent, only=directory.name)  # the other ranks' are theirs to clean
             with atomic_directory(directory) as tmp:
                 np.lib.format.open_memmap(tmp / "activations.npy", mode="w+", dtype=np.float32, shape=shape).flush()
                 np.save(tmp / "filled.npy", np.zeros(len(lengths), dtype=bool))
@@ -311,8 +312,8 @@ class ActivationCache:
         return run
 
 
-def memory_budget() -> int | None:
-    """Half of the memory this process may still use: the cgroup's limit (a pod's) or the host's available."""
+def spare_memory() -> int | None:
+    """The memory this pod may still use: the cgroup's limit (a pod's) less its use, or the host's available."""
     candidates = []
     try:
         used = int(Path("/sys/fs/cgroup/memory.current").read_text())
@@ -323,7 +324,19 @@ def memory_budget() -> int | None:
         pass
     with contextlib.suppress(OSError, ValueError):
         candidates.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    return min(candidates) // 2 if candidates else None
+    return min(candidates) if candidates else None
+
+
+def memory_budget(local_ranks: int | None = None) -> int | None:
+    """This rank's share of half the memory its pod may still use.
+
+    The ranks of a pod (torchrun's ``LOCAL_WORLD_SIZE``) measure at the same time, before any has filled its
+    cache, and fill their caches from the same memory: each gets ``1/local_ranks`` of one budget, or together
+    they would take ``local_ranks`` times it (and the pod be OOM-killed on every retry).
+    """
+    ranks = local_ranks if local_ranks is not None else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    spare = spare_memory()
+    return spare // 2 // max(ranks, 1) if spare is not None else None
 
 
 def install(
@@ -366,6 +379,8 @@ def install(
         report.update(storage="disk", location=str(spill), reusedExamples=disk.reused)
     if estimate is not None:
         report["estimatedBytes"] = estimate
+    if budget is not None:
+        report["memoryBudget"] = budget
     train = with_example_index(prepared.train, 0)
     validation = None
     if prepared.validation is not None:
