@@ -14,6 +14,18 @@ from typing import Any
 
 import yaml
 
+from finetune_operator.sweep_api import FineTuneSweepSpec, choices
+from finetune_trainer.contract import (
+    MAX_CHECKPOINT_URI_LENGTH,
+    MAX_EVALUATIONS,
+    MAX_METRIC_NAME_LENGTH,
+    MAX_METRICS_PER_EVALUATION,
+    BestResult,
+    EvaluationRecord,
+    Progress,
+    TrainerStatus,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -47,6 +59,22 @@ def baseline(name: str = "valid") -> Manifest:
 def example(path: Path) -> Manifest:
     loaded: Manifest = yaml.safe_load(path.read_text())
     return loaded
+
+
+def sweep_trial_values(spec: FineTuneSweepSpec) -> list[dict[str, Any]]:
+    """The trials to check of a sweep: a grid's every combination (as the operator enumerates it); else
+    each range's ends and every categorical choice or preset, one parameter at a time."""
+    if spec.algorithm.name == "grid":
+        from finetune_operator.reconcile.sweep_engine import grid  # Optuna: only for the tests that need it
+
+        combos = grid(spec)
+        assert len(combos) <= spec.max_trials, "maxTrials cuts the grid short: it never reaches SearchSpaceExhausted"
+        return combos
+    trials: list[dict[str, Any]] = []
+    for p in spec.parameters:
+        domain = p.float_range or p.int_range
+        trials += [{p.name: v} for v in ([domain.min, domain.max] if domain is not None else choices(p))]
+    return trials
 
 
 @dataclass(frozen=True)
@@ -162,7 +190,7 @@ def sweep_baseline(name: str = "sweep") -> Manifest:
                     "categorical": {
                         "presets": [
                             {"label": "bottom-4", "set": {"freeze.strategy": "bottom-layers", "freeze.layers": 4}},
-                            {"label": "head-only", "set": {"freeze.strategy": "head-only", "freeze.layers": None}},
+                            {"label": "head-only", "set": {"freeze.strategy": "head-only"}, "unset": ["freeze.layers"]},
                         ]
                     },
                 },
@@ -173,3 +201,22 @@ def sweep_baseline(name: str = "sweep") -> Manifest:
             "maxFailedTrials": 3,
         },
     }
+
+
+def trainer_status_at_the_bounds(output: str) -> TrainerStatus:
+    """The largest status the contract lets a trainer write (its best checkpoint inside ``output``)."""
+    names = [f"m{i:02d}".ljust(MAX_METRIC_NAME_LENGTH, "x") for i in range(MAX_METRICS_PER_EVALUATION)]
+    evaluations = [
+        EvaluationRecord(
+            step=step,
+            epoch=step / 10,
+            metrics=dict.fromkeys(names, 0.5),
+            time="2026-12-04T23:39:22Z",
+            train_loss=None,
+        )
+        for step in range(1, MAX_EVALUATIONS + 1)
+    ]
+    checkpoint = f"{output}/checkpoints/" + "c" * (MAX_CHECKPOINT_URI_LENGTH - len(output) - len("/checkpoints/"))
+    best = BestResult(metric=names[0], value=0.5, step=3, epoch=0.3, checkpoint=checkpoint, majority_baseline=None)
+    progress = Progress(step=7, total_steps=70, epoch=0.7, percent=10.0, last_heartbeat_time="2026-12-04T23:39:22Z")
+    return TrainerStatus(progress=progress, evaluations=evaluations, best=best)

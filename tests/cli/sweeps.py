@@ -20,7 +20,7 @@ PARAMETERS: list[Manifest] = [
         "categorical": {
             "presets": [
                 {"label": "bottom-4", "set": {"freeze.strategy": "bottom-layers", "freeze.layers": 4}},
-                {"label": "head-only", "set": {"freeze.strategy": "head-only", "freeze.layers": None}},
+                {"label": "head-only", "set": {"freeze.strategy": "head-only"}, "unset": ["freeze.layers"]},
             ]
         },
     },

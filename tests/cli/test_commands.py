@@ -20,8 +20,7 @@ from kubernetes import client
 from finetune_cli import kube as kube_module
 from finetune_cli.main import main
 from finetune_localcluster.pytest_plugin import LocalCluster
-from finetune_operator.api import GROUP, PLURAL, VERSION
-from finetune_operator.reconcile.status import STOP_ANNOTATION
+from finetune_operator.api import GROUP, PLURAL, STOP_ANNOTATION, VERSION
 from tests.cli.jobs import condition, early_stopped_status, failed_status, job, running_status
 from tests.cli.plugin import kubectl_finetune
 

@@ -109,7 +109,7 @@ def test_describe_tells_the_search_the_trials_the_best_parameters_and_events() -
     assert "Objective:    maximize accuracy, goal 0.95" in text
     assert "lr -> hyperparameters.learningRate: float [1e-05, 0.0003] (log)" in text
     assert "freeze: presets bottom-4, head-only" in text
-    assert "Trial counts: total 5, running 1, succeeded 2, pruned 1, failed 1" in text
+    assert "Trial counts: total 5, running 1, succeeded 2, pruned 1, stopped 0, failed 1" in text
     table = text.split("Trials (best first by accuracy):\n")[1].split("Best trial:")[0].splitlines()
     assert table[0].split() == ["TRIAL", "PHASE", "ACCURACY", "STEP", "LR", "DECAY", "FREEZE"]
     assert table[1].split() == ["*", "tune-t001", "Succeeded", "0.86", "100", "0.00011", "0.01", "bottom-4"]
@@ -153,3 +153,42 @@ def test_plot_marks_pruned_and_best_and_plots_each_parameter(tmp_path: Path) -> 
 def test_plot_without_scored_trials_says_so() -> None:
     with pytest.raises(NothingToPlotError, match="no trial with a accuracy value"):
         sweep_figure(parse_sweep(sweep()), [])
+
+
+def test_the_plugin_reads_each_trial_as_the_operator_does() -> None:
+    """``sweep describe`` and the operator share one reader: a pruned trial that overran its grace period
+    (Complete/StopEnforced) is Pruned, a trial stopped by its finished sweep is Stopped (not Failed)."""
+    from finetune_operator.reconcile.trials import observe_trial
+    from finetune_operator.sweep_api import FineTuneSweep
+
+    jobs = trial_jobs()
+    enforced, stopped = jobs[2], jobs[3]
+    enforced["status"]["conditions"] = [condition("Complete", "True", "StopEnforced", "did not stop in time")]
+    enforced["status"]["stopRequest"] = {"reason": "Pruned", "message": "", "requestedTime": "2026-01-01T00:00:00Z"}
+    stopped["status"] = {
+        "phase": "Succeeded",
+        "conditions": [condition("Complete", "True", "Stopped", "its sweep has finished")],
+        "stopRequest": {"reason": "SweepFinished", "message": "", "requestedTime": "2026-01-01T00:00:00Z"},
+    }
+    manifest = sweep()
+    rows = {t.name: t for t in trials(parse_sweep(manifest), jobs)}
+    model = FineTuneSweep.model_validate(manifest)
+    for job in jobs:
+        observed = observe_trial(model, job)
+        assert observed is not None
+        assert (rows[observed.name].phase, rows[observed.name].value) == (observed.phase, observed.value)
+    assert (rows["tune-t002"].phase, rows["tune-t003"].phase) == ("Pruned", "Stopped")
+
+
+def test_the_plot_draws_a_trial_its_sweep_stopped_as_finished() -> None:
+    jobs = trial_jobs()
+    jobs[4]["status"]["conditions"] = [condition("Complete", "True", "Stopped", "its sweep has finished")]
+    jobs[4]["status"]["stopRequest"] = {
+        "reason": "SweepFinished",
+        "message": "",
+        "requestedTime": "2026-01-01T00:00:00Z",
+    }
+    parsed = parse_sweep(sweep(status=sweep_status()))
+    figure = sweep_figure(parsed, trials(parsed, jobs))
+    labels = [line.get_label() for line in figure.axes[0].get_lines()]
+    assert "running" not in labels, labels

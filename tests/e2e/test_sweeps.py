@@ -1,9 +1,12 @@
 """FineTuneSweeps end to end on the real control plane, with scripted trainers (fake_trainer.py sweep):
-parallelism holds, median pruning stops the poor trials as Complete/Pruned, raising maxTrials resumes a
-completed sweep, a kill -9 of the operator loses and duplicates no trial, maxFailedTrials fails the sweep."""
+parallelism holds, median pruning stops the poor trials as Complete/Pruned, successive halving records
+its rung verdicts on the trials, a preset's unset survives kubectl, a reached goal stays Complete,
+raising maxTrials resumes a completed sweep, a kill -9 of the operator loses and duplicates no trial,
+maxFailedTrials fails the sweep."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,8 +16,9 @@ import pytest
 import yaml
 from kubernetes import client
 
+from finetune_localcluster.pytest_plugin import LocalCluster
 from finetune_operator.api import GROUP, PLURAL, VERSION
-from finetune_operator.sweep_api import SWEEP_LABEL, SWEEP_PLURAL, TRIAL_INDEX_LABEL
+from finetune_operator.sweep_api import RUNGS_ANNOTATION, SWEEP_LABEL, SWEEP_PLURAL, TRIAL_INDEX_LABEL
 from tests.e2e.conftest import Jobs, Operator, fake_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -176,3 +180,67 @@ def test_a_value_that_makes_an_invalid_trial_fails_the_sweep_before_any_trial(jo
     assert "spec.parameters[0] (batch): value 0" in failed["status"]["message"], failed["status"]["message"]
     assert sweeps.trials("invalid") == []
     assert "InvalidSpec" in jobs.events("invalid")
+
+
+def test_a_head_only_preset_applied_with_kubectl_runs_and_the_goal_ends_the_sweep_complete(
+    jobs: Jobs, local_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """Issue 23 items 3 and 4: the head-only preset drops the template's freeze.layers with ``unset`` (a null
+    does not survive kubectl), its trials run; the goal ends the sweep Complete, and the trials it stops on
+    the way never turn it Failed."""
+    sweeps = Sweeps(jobs)
+    manifest = fake_sweep(
+        "preset",
+        tmp_path,
+        algorithm={"name": "grid"},
+        objective={"metric": "accuracy", "direction": "maximize", "goal": 0.7},
+        parameters=[
+            {
+                "name": "freeze",
+                "categorical": {
+                    "presets": [
+                        {"label": "bottom-2", "set": {"freeze.strategy": "bottom-layers", "freeze.layers": 2}},
+                        {"label": "head-only", "set": {"freeze.strategy": "head-only"}, "unset": ["freeze.layers"]},
+                    ]
+                },
+            },
+            {"name": "decay", "path": "hyperparameters.weightDecay", "categorical": {"values": [0.1, 0.3]}},
+        ],
+        parallelism=4,
+    )
+    manifest["spec"]["trialTemplate"]["spec"]["freeze"] = {"strategy": "bottom-layers", "layers": 2}
+    manifest["metadata"]["namespace"] = jobs.namespace
+    local_cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+    done = sweeps.wait("preset", "GoalReached", lambda b: condition(b, "Complete") == ("True", "GoalReached"))
+    trials = sweeps.trials("preset")
+    head_only = [t for t in trials if t["spec"]["freeze"]["strategy"] == "head-only"]
+    assert head_only and all("layers" not in t["spec"]["freeze"] for t in head_only)
+    settled = sweeps.wait(
+        "preset",
+        "every trial finished",
+        lambda b: b["status"]["trialCounts"]["running"] == 0 and all(finished(t) for t in sweeps.trials("preset")),
+    )
+    assert condition(settled, "Complete") == ("True", "GoalReached"), settled["status"]
+    assert condition(settled, "Failed") != ("True", "TooManyFailedTrials")
+    assert settled["status"]["trialCounts"]["failed"] == 0, settled["status"]["trialCounts"]
+    assert done["status"]["bestTrial"]["value"] >= 0.7
+
+
+def test_successive_halving_records_its_rung_verdicts_on_the_trials(jobs: Jobs, tmp_path: Path) -> None:
+    """Issue 23 item 11: each rung verdict is written on its trial (finetune.dev/rungs), in the same patch as
+    the prune it leads to, so a rebuilt study never judges a rung twice."""
+    sweeps = Sweeps(jobs)
+    pruning = {"name": "successive-halving", "warmupEvaluations": 1, "startupTrials": 0}
+    sweeps.create(fake_sweep("halving", tmp_path, parallelism=3, maxTrials=6, pruning=pruning))
+    sweeps.wait("halving", "Complete", lambda b: condition(b, "Complete") == ("True", "MaxTrialsReached"), timeout=180)
+    trials = sweeps.trials("halving")
+    verdicts = {
+        t["metadata"]["name"]: json.loads(t["metadata"]["annotations"][RUNGS_ANNOTATION])
+        for t in trials
+        if RUNGS_ANNOTATION in t["metadata"]["annotations"]
+    }
+    assert verdicts, "no trial carries a rung verdict"
+    assert all(set(v) <= {"completed_rung_0", "completed_rung_1"} for v in verdicts.values()), verdicts
+    for trial in trials:
+        if condition(trial, "Complete") == ("True", "Pruned"):
+            assert trial["metadata"]["name"] in verdicts, "a pruned trial carries the verdict that pruned it"

@@ -11,7 +11,7 @@ from kubernetes import client
 
 from finetune_localcluster.pytest_plugin import LocalCluster
 from finetune_operator.api import GROUP, PLURAL, VERSION
-from tests.manifests import EXAMPLES, INVALID, Invalid, baseline, example, invalid_manifest
+from tests.manifests import INVALID, Invalid, baseline, invalid_manifest
 
 pytestmark = pytest.mark.integration
 
@@ -41,12 +41,6 @@ def test_valid_manifest_gets_the_model_defaults(local_cluster: LocalCluster, crd
     assert spec["earlyStopping"]["restoreBest"] is True
     assert spec["resources"]["gpuResourceName"] == "nvidia.com/gpu"
     assert spec["suspend"] is False
-
-
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_examples_are_accepted(local_cluster: LocalCluster, crd: Any, namespace: str, path: Any) -> None:
-    with local_cluster.api_client() as api:
-        _create(api, namespace, example(path))
 
 
 @pytest.mark.parametrize("case", INVALID, ids=lambda c: c.id)

@@ -13,7 +13,7 @@ from kubernetes import client
 from finetune_localcluster.pytest_plugin import LocalCluster
 from finetune_operator.api import GROUP, VERSION
 from finetune_operator.sweep_api import SWEEP_PLURAL
-from tests.manifests import SWEEP_EXAMPLES, Manifest, example, sweep_baseline
+from tests.manifests import Manifest, sweep_baseline
 
 pytestmark = pytest.mark.integration
 
@@ -147,9 +147,3 @@ def test_short_name_category_and_columns(local_cluster: LocalCluster, sweep_crd:
     assert names["shortNames"] == ["fts"] and names["categories"] == ["finetune"]
     columns = [c["name"] for c in sweep_crd["spec"]["versions"][0]["additionalPrinterColumns"]]
     assert columns[:6] == ["Phase", "Trials", "Running", "Metric", "Best", "Best Trial"]
-
-
-@pytest.mark.parametrize("path", SWEEP_EXAMPLES, ids=lambda p: p.name)
-def test_sweep_examples_are_accepted(local_cluster: LocalCluster, sweep_crd: Any, namespace: str, path: Any) -> None:
-    with local_cluster.api_client() as api:
-        _create(api, namespace, example(path))

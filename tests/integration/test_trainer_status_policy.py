@@ -17,7 +17,7 @@ from finetune_localcluster.pytest_plugin import LocalCluster
 from finetune_operator import admission
 from finetune_operator.api import GROUP, MAX_EVALUATIONS, PLURAL, VERSION, FineTuneJob
 from finetune_operator.reconcile.children import Names, Settings, desired_children
-from tests.manifests import baseline
+from tests.manifests import baseline, trainer_status_at_the_bounds
 
 pytestmark = pytest.mark.integration
 
@@ -143,6 +143,14 @@ def test_trainer_reports_progress_evaluations_and_best(trainer: client.CustomObj
     assert status["best"] == best
     assert len(status["evaluations"]) == 2
     assert {k: status[k] for k in OPERATOR_STATUS} == OPERATOR_STATUS, "the operator's keys are untouched"
+
+
+def test_the_largest_status_the_contract_allows_is_accepted(trainer: client.CustomObjectsApi, namespace: str) -> None:
+    """The contract's bounds are the API server's: what the trainer's models let it write, the CRD and the
+    policy accept (nulls included: the trainer's merge patches delete with them)."""
+    _wait_enforced(trainer, namespace)
+    status = _patch(trainer, namespace, trainer_status_at_the_bounds(OUTPUT).to_patch())["status"]
+    assert len(status["evaluations"]) == MAX_EVALUATIONS
 
 
 @pytest.mark.parametrize(

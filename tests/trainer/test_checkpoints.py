@@ -11,16 +11,17 @@ from typing import Any
 import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
+from finetune_operator.api import FineTuneJobStatus
 from finetune_trainer import callbacks, exitcodes
 from finetune_trainer.callbacks import (
     COMPLETE_MARKER,
     FULL,
     WEIGHTS,
     EarlyStoppingCallback,
-    EvaluationRecord,
     RunContext,
     checkpoint_kind,
 )
+from finetune_trainer.contract import MAX_EVALUATIONS, EvaluationRecord
 from finetune_trainer.reporting import JsonLines
 from finetune_trainer.spec import TrainingSpec
 from finetune_trainer.trainer import FineTuneTrainer
@@ -138,12 +139,26 @@ def test_evaluation_history_is_keyed_by_step(assets: dict[str, Path], tmp_path: 
     out = tmp_path / "out"
     spec = TrainingSpec.model_validate(tiny.spec(assets["bert"], assets["sentiment"], out))
     ctx = RunContext(spec, out, out / "checkpoints", tmp_path, JsonLines(io.StringIO()))
-    ctx.state.evaluations = [
-        EvaluationRecord(step=s, epoch=s / 10, metrics={"loss": 1.0}, time="t") for s in (10, 20, 30)
-    ]
+    ctx.state.evaluations = [EvaluationRecord(step=s, epoch=s / 10, metrics={"loss": 1.0}) for s in (10, 20, 30)]
     state = TrainerState(global_step=20, epoch=2.0)
     control = TrainerControl()
     EarlyStoppingCallback(ctx).on_evaluate(
         TrainingArguments(output_dir=str(tmp_path)), state, control, metrics={"eval_loss": 0.5}
     )
     assert [(e.step, e.metrics["loss"]) for e in ctx.state.evaluations] == [(10, 1.0), (20, 0.5)]
+
+
+def test_the_trainer_keeps_and_reports_as_many_evaluations_as_the_api_holds(
+    assets: dict[str, Path], tmp_path: Path
+) -> None:
+    """One bound on both sides: the trainer kept 50 where the API holds 200 (finetune_trainer.contract)."""
+    out = tmp_path / "out"
+    spec = TrainingSpec.model_validate(tiny.spec(assets["bert"], assets["sentiment"], out))
+    ctx = RunContext(spec, out, out / "checkpoints", tmp_path, JsonLines(io.StringIO()))
+    callback, args = EarlyStoppingCallback(ctx), TrainingArguments(output_dir=str(tmp_path))
+    for step in range(1, MAX_EVALUATIONS + 6):
+        callback.on_evaluate(args, TrainerState(global_step=step, epoch=step / 10), TrainerControl(), metrics={})
+    assert len(ctx.state.evaluations) == MAX_EVALUATIONS  # what a resumed run starts from
+    history = callbacks.history_status(ctx).to_patch()
+    assert [e["step"] for e in history["evaluations"]] == list(range(6, MAX_EVALUATIONS + 6))
+    assert len(FineTuneJobStatus.model_validate(history).evaluations) == MAX_EVALUATIONS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import socket
 import threading
@@ -12,10 +13,12 @@ from typing import Any
 
 import pytest
 
+from finetune_operator.api import FineTuneJobStatus
 from finetune_trainer import exitcodes
 from finetune_trainer import run as run_mod
+from finetune_trainer.contract import MAX_EVALUATIONS, TRAINER_STATUS_KEYS, EvaluationRecord, Progress, TrainerStatus
 from finetune_trainer.errors import MetricsUnavailableError
-from finetune_trainer.reporting import JsonLines, PrometheusMetrics, StatusReporter, stop_request_of
+from finetune_trainer.reporting import JsonLines, PrometheusMetrics, StatusReporter, merge, stop_request_of
 from tests.trainer import tiny
 from tests.trainer.helpers import of, result_json, train
 
@@ -63,19 +66,24 @@ def reporter(api: FakeApi, interval: float) -> StatusReporter:
     return StatusReporter(api, "job", "ns", interval, JsonLines(enabled=False), backoff=0.01)
 
 
+def progress(**fields: Any) -> TrainerStatus:
+    return TrainerStatus(progress=Progress(**fields))
+
+
 def test_throttle_urgent_and_close() -> None:
     api = FakeApi()
     r = reporter(api, interval=30)
-    r.update({"progress": {"step": 1}})
+    r.update(progress(step=1))
     time.sleep(0.3)
-    r.update({"progress": {"step": 2}})
-    r.update({"progress": {"step": 3, "trainLoss": 0.5}})
+    r.update(progress(step=2))
+    r.update(progress(step=3, train_loss=0.5))
     time.sleep(0.3)
     assert [p["status"]["progress"]["step"] for p in api.patches] == [1]  # throttled
-    r.update({"evaluations": [{"step": 3}]}, urgent=True)
+    r.update(TrainerStatus(evaluations=[EvaluationRecord(step=3, metrics={"loss": 0.5})]), urgent=True)
     time.sleep(0.3)
-    assert api.patches[-1] == {"status": {"progress": {"step": 3, "trainLoss": 0.5}, "evaluations": [{"step": 3}]}}
-    r.update({"progress": {"step": 4}})
+    evaluations = [{"step": 3, "metrics": {"loss": 0.5}}]
+    assert api.patches[-1] == {"status": {"progress": {"step": 3, "trainLoss": 0.5}, "evaluations": evaluations}}
+    r.update(progress(step=4))
     r.close()
     assert api.patches[-1]["status"]["progress"]["step"] == 4  # flushed at the end
 
@@ -83,12 +91,12 @@ def test_throttle_urgent_and_close() -> None:
 def test_retries_transient_errors_and_gives_up_quietly() -> None:
     api = FakeApi(failures=[409, 503, 429])
     r = reporter(api, interval=0)
-    r.update({"progress": {"step": 1}}, urgent=True)
+    r.update(progress(step=1), urgent=True)
     r.close()
     assert api.calls == 4 and len(api.patches) == 1
     api = FakeApi(failures=[403])
     r = reporter(api, interval=0)
-    r.update({"progress": {"step": 1}}, urgent=True)
+    r.update(progress(step=1), urgent=True)
     r.close()
     assert api.calls == 1 and api.patches == []  # not retried, and nothing raised
 
@@ -97,11 +105,11 @@ def test_a_reporting_trainer_sees_stop_requests_in_patch_answers_without_extra_r
     api = FakeApi()
     r = reporter(api, interval=0.1)
     for step in range(8):
-        r.update({"progress": {"step": step}})
+        r.update(progress(step=step))
         time.sleep(0.06)
     assert r.stop_request is None and len(api.patches) >= 3
     api.obj = {"metadata": {"name": "job"}, "status": {"stopRequest": {"reason": "EarlyStopped", "message": "m"}}}
-    r.update({"progress": {"step": 9}})
+    r.update(progress(step=9))
     time.sleep(0.3)
     assert r.stop_request == {"reason": "EarlyStopped", "message": "m"}
     r.close()
@@ -160,8 +168,11 @@ def test_in_pod_run_reports_and_honours_a_stop_request(
     assert of(after_stop, "evaluation") == []  # nothing is evaluated in the grace period
     assert (out / "checkpoints" / f"checkpoint-{body['finalStep']}").is_dir()
     assert body["finalStep"] < 1000
+    stored: dict[str, Any] = {}
     for patch in api.patches:
-        assert set(patch) == {"status"} and set(patch["status"]) <= {"progress", "evaluations", "best"}
+        assert set(patch) == {"status"} and set(patch["status"]) <= set(TRAINER_STATUS_KEYS)
+        merge(stored, copy.deepcopy(patch["status"]))
+        FineTuneJobStatus.model_validate(stored)  # what the trainer writes, the operator reads
     finalizing = [p["status"]["progress"]["finalizing"] for p in api.patches if "finalizing" in p["status"]["progress"]]
     assert finalizing == [True, None], "the final save is announced, then the flag is cleared (merge-patch null)"
     last = [p["status"] for p in api.patches if "step" in p["status"]["progress"]][-1]
@@ -178,7 +189,8 @@ def test_in_pod_run_reports_and_honours_a_stop_request(
         "learningRate",
         "lastHeartbeatTime",
     }
-    assert 0 < len(last["evaluations"]) <= 50 and set(last["evaluations"][-1]["metrics"]) == {"loss", "accuracy"}
+    assert 0 < len(last["evaluations"]) <= MAX_EVALUATIONS
+    assert set(last["evaluations"][-1]["metrics"]) == {"loss", "accuracy"}
     assert last["best"]["checkpoint"].endswith(f"checkpoint-{last['best']['step']}")
 
 
@@ -188,7 +200,7 @@ def test_prometheus_metrics_endpoint_and_busy_port() -> None:
         port = s.getsockname()[1]
     metrics = PrometheusMetrics(port, JsonLines(enabled=False))
     metrics.update_progress(
-        {"step": 7, "epoch": 0.5, "percent": 50.0, "samplesPerSecond": 12.0, "trainLoss": 0.3, "learningRate": 1e-4}
+        Progress(step=7, epoch=0.5, percent=50.0, samples_per_second=12.0, train_loss=0.3, learning_rate=1e-4)
     )
     metrics.update_evaluation({"accuracy": 0.9})
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()

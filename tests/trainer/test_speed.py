@@ -14,10 +14,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from finetune_trainer import run as run_mod
 from finetune_trainer.cli import main
+from finetune_trainer.contract import CPU_REQUEST_ENV
 from finetune_trainer.freeze import find_block_stack
 from finetune_trainer.speed import (
     CPU,
-    CPU_REQUEST_ENV,
     MAX_WORKERS,
     Device,
     Loading,

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from finetune_operator import admission
-from finetune_operator.api import TRAINER_STATUS_KEYS, FineTuneJobStatus
+from finetune_operator.api import OPERATOR_STATUS_KEYS, TRAINER_STATUS_KEYS, FineTuneJobStatus
 from finetune_operator.crd import POLICY_FILES, render_policy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +25,7 @@ def test_chart_installs_the_generated_policy() -> None:
 def test_every_status_key_has_exactly_one_owner() -> None:
     keys = {field.alias or name for name, field in FineTuneJobStatus.model_fields.items()}
     assert set(TRAINER_STATUS_KEYS) <= keys
-    operator = set(admission.operator_status_keys())
+    operator = set(OPERATOR_STATUS_KEYS)
     assert operator | set(TRAINER_STATUS_KEYS) == keys and not operator & set(TRAINER_STATUS_KEYS)
     assert {"conditions", "phase", "stopRequest", "earlyStopping", "restarts", "message", "workload"} <= operator
 
@@ -34,7 +33,7 @@ def test_every_status_key_has_exactly_one_owner() -> None:
 def test_one_ownership_rule_per_operator_key_and_bounds_for_the_trainers() -> None:
     policy, binding = yaml.safe_load_all(render_policy())
     validations = policy["spec"]["validations"]
-    for key in admission.operator_status_keys():
+    for key in OPERATOR_STATUS_KEYS:
         assert sum(f"?status.?{key}" in v["expression"] for v in validations) == 1, key
     messages = " ".join(v["message"] for v in validations)
     assert "status.best.checkpoint" in messages and "status.evaluations" in messages

@@ -41,6 +41,19 @@ def test_sweepable_paths_are_the_scalar_fields_of_a_finetunejob() -> None:
         ({"name": "x", "path": "hyperparameters.batchSize", "int": {"min": 4, "max": 4}}, "max"),
         ({"name": "x", "categorical": {"presets": [{"label": "a", "set": {"freeze.nope": 1}}]}}, "set"),
         ({"name": "x", "path": "hyperparameters.seed", "categorical": {}}, "values"),
+        # kubectl drops a null on the way in: refused, with the way that survives named
+        ({"name": "x", "categorical": {"presets": [{"label": "a", "set": {"freeze.layers": None}}]}}, "set"),
+        ({"name": "x", "categorical": {"presets": [{"label": "a", "unset": ["freeze.nope"]}]}}, "unset"),
+        ({"name": "x", "categorical": {"presets": [{"label": "a", "set": {}}]}}, "set"),
+        (
+            {
+                "name": "x",
+                "categorical": {
+                    "presets": [{"label": "a", "set": {"hyperparameters.seed": 1}, "unset": ["hyperparameters.seed"]}]
+                },
+            },
+            "unset",
+        ),
     ],
 )
 def test_bad_parameters_are_refused_naming_the_field(parameter: dict[str, Any], field: str) -> None:
@@ -67,6 +80,7 @@ def test_trial_spec_sets_the_values_and_its_own_output_location() -> None:
     assert job["hyperparameters"]["learningRate"] == 1e-4
     assert job["hyperparameters"]["batchSize"] == 16
     assert job["freeze"]["strategy"] == "head-only"
+    assert "layers" not in job["freeze"]  # the preset's unset removed the template's freeze.layers
     assert job["output"]["location"] == "file:///out/valid/s-t003"
 
 
@@ -90,3 +104,24 @@ def test_the_embedded_template_has_no_transition_rules() -> None:
     text = repr(template)
     assert "oldSelf" not in text
     assert "isQuantity" in text  # the FineTuneJob's other rules stay
+
+
+def test_a_null_in_a_preset_is_refused_and_says_what_to_use() -> None:
+    spec = _spec(
+        parameters=[{"name": "f", "categorical": {"presets": [{"label": "a", "set": {"freeze.layers": None}}]}}]
+    )
+    with pytest.raises(ValidationError) as error:
+        FineTuneSweepSpec.model_validate(spec)
+    assert "list the path in unset" in str(error.value)
+
+
+def test_a_preset_that_leaves_a_template_field_it_cannot_keep_says_how_to_remove_it() -> None:
+    """What a kubectl user of the old null form gets: the null never arrived, so the template keeps layers."""
+    manifest = sweep_baseline()
+    manifest["spec"]["parameters"][3]["categorical"]["presets"][1] = {
+        "label": "head-only",
+        "set": {"freeze.strategy": "head-only"},
+    }
+    with pytest.raises(ValidationError) as error:
+        FineTuneSweep.model_validate(manifest)
+    assert "listing it in unset" in str(error.value)

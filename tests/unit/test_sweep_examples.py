@@ -9,34 +9,19 @@ template. The trials are built by the operator's own ``trial_spec``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from finetune_operator.api import FineTuneJobSpec
-from finetune_operator.reconcile.sweep import grid
-from finetune_operator.sweep_api import FineTuneSweep, FineTuneSweepSpec, choices, trial_spec
+from finetune_operator.sweep_api import FineTuneSweep, trial_spec
 from finetune_trainer.advice import advise
-from tests.manifests import SWEEP_EXAMPLES, example
-
-
-def _trials(spec: FineTuneSweepSpec) -> list[dict[str, Any]]:
-    """A grid's every combination (as the operator enumerates it); else each range's ends and every choice."""
-    if spec.algorithm.name == "grid":
-        combos = grid(spec)
-        assert len(combos) <= spec.max_trials, "maxTrials cuts the grid short: it never reaches SearchSpaceExhausted"
-        return combos
-    trials: list[dict[str, Any]] = []
-    for p in spec.parameters:
-        domain = p.float_range or p.int_range
-        trials += [{p.name: v} for v in ([domain.min, domain.max] if domain is not None else choices(p))]
-    return trials
+from tests.manifests import SWEEP_EXAMPLES, example, sweep_trial_values
 
 
 @pytest.mark.parametrize("path", SWEEP_EXAMPLES, ids=lambda p: p.name)
 def test_every_trial_of_a_shipped_sweep_is_a_valid_job_without_advice(path: Path) -> None:
     spec = FineTuneSweep.model_validate(example(path)).spec
-    trials = _trials(spec)
+    trials = sweep_trial_values(spec)
     assert len(trials) >= 2
     for index, values in enumerate(trials):
         job = FineTuneJobSpec.model_validate(trial_spec(spec, values, f"{path.stem}-t{index:03d}"))

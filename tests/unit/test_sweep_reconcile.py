@@ -11,16 +11,9 @@ import pytest
 from optuna.trial import TrialState
 
 from finetune_operator.api import REASONS
-from finetune_operator.reconcile.sweep import (
-    FINISHED_ANNOTATIONS,
-    ObservedTrial,
-    build_study,
-    decide_sweep,
-    grid,
-    observe_trial,
-    suggest,
-    to_prune,
-)
+from finetune_operator.reconcile.sweep import FINISHED_ANNOTATIONS, decide_sweep
+from finetune_operator.reconcile.sweep_engine import build_study, grid, suggest, to_prune
+from finetune_operator.reconcile.trials import ObservedTrial, observe_trial
 from finetune_operator.sweep_api import PARAMETERS_ANNOTATION, SWEEP_LABEL, TRIAL_INDEX_LABEL, FineTuneSweep
 from tests.manifests import sweep_baseline
 
@@ -223,6 +216,7 @@ def test_parallelism_counts_every_created_and_unfinished_trial() -> None:
         "running": 2,
         "succeeded": 1,
         "pruned": 0,
+        "stopped": 0,
         "failed": 0,
     }
 
@@ -238,6 +232,7 @@ def test_max_trials_completes_and_raising_it_resumes() -> None:
         ("Ready", "True", "MaxTrialsReached"),
     ]
     raised = _sweep(maxTrials=4, parallelism=4)
+    raised.metadata.generation = 2  # the edit
     raised.status = done.status
     resumed = decide_sweep(raised, trials, NOW)
     assert [m["metadata"]["name"] for m in resumed.create] == ["s-t002", "s-t003"]
@@ -299,7 +294,7 @@ def test_a_reconcile_that_prunes_and_creates_rebuilds_the_study_once(
 ) -> None:
     """Rebuilding the study is a reconcile's main cost; pruning and suggesting share one (hyperband also
     needs a probe study to place trials in its brackets)."""
-    import finetune_operator.reconcile.sweep as core
+    import finetune_operator.reconcile.sweep_engine as core
 
     sweep = _sweep(pruning={"name": pruner, "warmupEvaluations": 1, "startupTrials": 0}, parallelism=3, maxTrials=10)
     finished = [_trial_body(i, [0.7, 0.8, 0.85], complete="Succeeded") for i in range(3)]
@@ -314,3 +309,175 @@ def test_a_reconcile_that_prunes_and_creates_rebuilds_the_study_once(
     decision = decide_sweep(sweep, trials, NOW)
     assert [m["metadata"]["name"] for m in decision.create] == ["s-t004", "s-t005"]
     assert len(calls) == builds
+
+
+def _stopped_by_the_sweep(index: int, reason: str, accuracies: list[float] | None = None) -> dict[str, Any]:
+    """A trial its sweep asked to stop, ended as the FineTuneJob reconciler ends it."""
+    body = _trial_body(index, accuracies or [], complete="Stopped" if reason == "SweepFinished" else reason)
+    body["metadata"]["annotations"].update({"finetune.dev/stop-requested": "true", "finetune.dev/stop-reason": reason})
+    body["status"]["stopRequest"] = {"reason": reason, "message": "", "requestedTime": "2026-01-01T00:00:00Z"}
+    return body
+
+
+def test_a_sweep_that_reaches_its_goal_stays_complete_when_its_stopped_trials_end() -> None:
+    """Issue 23 item 3: parallelism 4, maxFailedTrials 3, trial 0 reaches the goal; the three trials it
+    stops end Complete/Stopped before their first evaluation. They are not failures."""
+    sweep = _sweep(parallelism=4, maxFailedTrials=3)  # goal 0.95
+    reached = _trial_body(0, [0.96], complete="Succeeded")
+    first = decide_sweep(sweep, _observe(sweep, reached, *(_trial_body(i, []) for i in (1, 2, 3))), NOW)
+    assert first.status.phase == "Complete" and first.stop == ["s-t001", "s-t002", "s-t003"]
+    sweep.status = first.status
+    ended = _observe(sweep, reached, *(_stopped_by_the_sweep(i, "SweepFinished") for i in (1, 2, 3)))
+    assert [t.phase for t in ended] == ["Succeeded", "Stopped", "Stopped", "Stopped"]
+    after = decide_sweep(sweep, ended, NOW)
+    assert after.status.phase == "Complete", after.status.message
+    assert [(c.type, c.reason) for c in after.status.conditions if c.status == "True"] == [
+        ("Complete", "GoalReached"),
+        ("Ready", "GoalReached"),
+    ]
+    assert after.status.trial_counts.failed == 0 and after.status.trial_counts.stopped == 3
+    assert after.events == [] and after.create == []
+    assert after.status.best_trial is not None and after.status.best_trial.name == "s-t000"
+
+
+def test_a_finished_sweep_stays_finished_until_its_spec_changes() -> None:
+    sweep = _sweep(parallelism=4, maxFailedTrials=2)
+    reached = _trial_body(0, [0.96], complete="Succeeded")
+    sweep.status = decide_sweep(sweep, _observe(sweep, reached, _trial_body(1, [0.5])), NOW).status
+    # The stopped trial fails on its way out, and so does a trial the user stopped: still Complete.
+    failing = [_trial_body(1, [0.5], failed=True), _trial_body(2, [], failed=True)]
+    after = decide_sweep(sweep, _observe(sweep, reached, *failing), NOW)
+    assert after.status.phase == "Complete" and after.events == []
+
+
+def test_the_goal_is_judged_before_the_failures() -> None:
+    sweep = _sweep(parallelism=4, maxFailedTrials=2)
+    trials = _observe(
+        sweep, _trial_body(0, [0.96], complete="Succeeded"), *(_trial_body(i, [], failed=True) for i in (1, 2))
+    )
+    assert decide_sweep(sweep, trials, NOW).status.phase == "Complete"
+
+
+def test_a_pruned_trial_that_overran_its_grace_period_is_pruned_not_succeeded() -> None:
+    """The FineTuneJob reconciler ends it Complete/StopEnforced (phase Pruned): it is Pruned, never best."""
+    sweep = _sweep(pruning={"name": "none"})
+    enforced = _stopped_by_the_sweep(1, "Pruned", [0.9])
+    enforced["status"]["conditions"] = [{"type": "Complete", "status": "True", "reason": "StopEnforced"}]
+    enforced["status"]["phase"] = "Pruned"
+    trials = _observe(sweep, _trial_body(0, [0.6], complete="Succeeded"), enforced)
+    assert [t.phase for t in trials] == ["Succeeded", "Pruned"]
+    decision = decide_sweep(sweep, trials, NOW)
+    assert decision.status.best_trial is not None and decision.status.best_trial.name == "s-t000"
+    assert decision.status.trial_counts.pruned == 1 and decision.status.trial_counts.succeeded == 1
+
+
+def test_stopped_trials_rebuild_as_pruned_optuna_trials() -> None:
+    sweep = _sweep(algorithm={"name": "tpe", "seed": 1})
+    trials = _observe(
+        sweep,
+        _trial_body(0, [0.6], complete="Succeeded"),
+        _stopped_by_the_sweep(1, "SweepFinished"),
+        _stopped_by_the_sweep(2, "SweepFinished", [0.7]),
+    )
+    assert [t.state for t in build_study(sweep, trials).trials] == [
+        TrialState.COMPLETE,
+        TrialState.PRUNED,
+        TrialState.PRUNED,
+    ]
+    assert len(suggest(sweep, trials, [3])) == 1  # a resumed sweep still asks
+
+
+def test_rungs_compare_trials_on_examples_seen_whatever_their_batch_size() -> None:
+    """Issue 23 item 11: with steps evaluation, a trial with twice the template's batch (16) has seen at its
+    step 10 what a template-batch trial has seen at step 20: both are at key 2."""
+    sweep = _sweep()  # evaluation every 10 steps
+    double = _trial_body(1, [0.5, 0.6])  # steps 10, 20
+    double["spec"] = {"hyperparameters": {"batchSize": 32}}
+    accumulated = _trial_body(2, [0.5])
+    accumulated["spec"] = {"hyperparameters": {"batchSize": 8, "gradientAccumulationSteps": 2}, "resources": {}}
+    plain, twice, same = _observe(sweep, _trial_body(0, [0.5, 0.6]), double, accumulated)
+    assert plain.intermediate == {1: 0.5, 2: 0.6}
+    assert twice.intermediate == {2: 0.5, 4: 0.6}
+    assert same.intermediate == {1: 0.5}
+    # Median pruning at key 2 compares the double-batch trial's first evaluation with the others' second.
+    median = _sweep(pruning={"name": "median", "warmupEvaluations": 1, "startupTrials": 1})
+    finished = _trial_body(0, [0.5, 0.9, 0.9], complete="Succeeded")
+    double["status"]["evaluations"].pop()
+    trials = _observe(median, finished, double)
+    assert to_prune(median, trials) == ["s-t001"]  # 0.5 after 2 units of data, where the finished one had 0.9
+
+
+def test_successive_halving_judges_a_rung_once_on_the_value_the_trial_had_there() -> None:
+    """Issue 23 item 11: a running trial passed rung 0 (evaluation 1) at the top; its later, poorer values
+    never re-judge rung 0, and its verdict is recorded so that the next reconcile keeps it."""
+    sweep = _sweep(pruning={"name": "successive-halving", "warmupEvaluations": 1, "startupTrials": 0})
+    finished = [_trial_body(i, [0.6 + i / 100, 0.7, 0.75], complete="Succeeded") for i in range(6)]
+    climber = _trial_body(6, [0.9, 0.5])  # rung 0 at evaluation 1 (0.9, the best); evaluation 2 is no rung
+    decision = decide_sweep(sweep, _observe(sweep, *finished, climber), NOW)
+    assert decision.prune == []
+    assert decision.rungs == {"s-t006": {"completed_rung_0": 0.9}}
+    # Next reconcile: the verdict is on the trial; better trials have finished since, at rung 0 too.
+    recorded = copy.deepcopy(climber)
+    recorded["metadata"]["annotations"]["finetune.dev/rungs"] = json.dumps(decision.rungs["s-t006"])
+    better = [_trial_body(7 + i, [0.92, 0.93, 0.94], complete="Succeeded") for i in range(4)]  # goal: 0.95
+    again = decide_sweep(sweep, _observe(sweep, *finished, *better, recorded), NOW)
+    assert again.prune == [] and again.rungs == {}  # rung 0 stays judged; rung 1 (evaluation 3) not reached
+    # At evaluation 3 (rung 1) it is judged again, on its value there.
+    recorded["status"]["evaluations"].append({"step": 30, "metrics": {"accuracy": 0.4, "loss": 0.6}})
+    third = decide_sweep(sweep, _observe(sweep, *finished, *better, recorded), NOW)
+    assert third.prune == ["s-t006"]
+    assert third.rungs == {"s-t006": {"completed_rung_0": 0.9, "completed_rung_1": 0.4}}
+
+
+def test_hyperband_sizes_its_brackets_once() -> None:
+    """Issue 23 item 11: the "auto" max resource comes from the first trial that ran to its end and is kept
+    in status, so a longer trial finishing later does not move trials between brackets."""
+    import finetune_operator.reconcile.sweep_engine as core
+
+    sweep = _sweep(pruning={"name": "hyperband", "warmupEvaluations": 1, "startupTrials": 0}, parallelism=1)
+    short = _trial_body(0, [0.6, 0.7, 0.75], complete="Succeeded")
+    running = [_trial_body(i, [0.6]) for i in range(1, 9)]
+
+    def brackets(trials: list[ObservedTrial]) -> list[int]:
+        study = core.rebuild_study(sweep, trials)
+        pruner = study.pruner
+        pruner._try_initialization(study)  # type: ignore[attr-defined]
+        return [pruner._get_bracket_id(study, t) for t in study.trials]  # type: ignore[attr-defined]
+
+    first = decide_sweep(sweep, _observe(sweep, short, *running), NOW)
+    assert first.status.hyperband_max_resource == 4  # 3 evaluations, plus one, as Optuna's "auto"
+    before = brackets(_observe(sweep, short, *running))
+    sweep.status = first.status
+    long = _trial_body(9, [0.6] * 27, complete="Succeeded")
+    later = decide_sweep(sweep, _observe(sweep, short, *running, long), NOW)
+    assert later.status.hyperband_max_resource == 4
+    assert brackets(_observe(sweep, short, *running, long))[:9] == before
+
+
+def test_sweep_health_comes_from_the_shared_derivation() -> None:
+    """Ready / Reconciling / Stalled of a sweep in each state, as kstatus reads them (reconcile/health.py)."""
+    from finetune_operator.reconcile.sweep import invalid_sweep
+
+    def health(decision: Any) -> tuple[str, str, str]:
+        found = {c.type: c.status for c in decision.status.conditions}
+        return found["Ready"], found["Reconciling"], found["Stalled"]
+
+    sweep, suspended = _sweep(), _sweep(suspend=True)
+    running = _observe(sweep, _trial_body(0, [0.5]))
+    idle = _observe(sweep, _trial_body(0, [0.5], complete="Succeeded"))
+    failed = _observe(sweep, *(_trial_body(i, [], failed=True) for i in range(3)))
+    assert health(decide_sweep(sweep, running, NOW)) == ("False", "True", "False")
+    assert health(decide_sweep(suspended, running, NOW)) == ("False", "True", "False")  # trials still running
+    assert health(decide_sweep(suspended, idle, NOW)) == ("True", "False", "False")
+    assert health(decide_sweep(_sweep(maxTrials=1), idle, NOW)) == ("True", "False", "False")
+    assert health(decide_sweep(sweep, failed, NOW)) == ("False", "False", "True")
+    assert health(invalid_sweep(sweep.status, "bad", 1, NOW)) == ("False", "False", "True")
+
+
+def test_an_invalid_spec_verdict_is_not_kept_once_the_spec_reads() -> None:
+    """InvalidSpec may come from an older operator: a sweep this one reads runs, at the same generation."""
+    from finetune_operator.reconcile.sweep import invalid_sweep
+
+    sweep = _sweep()
+    sweep.status = invalid_sweep(sweep.status, "an older operator could not read it", 1, NOW).status
+    assert decide_sweep(sweep, [], NOW).status.phase == "Running"

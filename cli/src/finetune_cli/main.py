@@ -24,7 +24,7 @@ from urllib3.exceptions import HTTPError
 from finetune_cli import kube as k
 from finetune_cli import sweeps
 from finetune_cli.render import describe, final_line, list_table, outcome, parse_job, progress_line
-from finetune_operator.reconcile.status import STOP_ANNOTATION
+from finetune_operator.api import STOP_ANNOTATION
 from finetune_operator.sweep_api import SWEEP_KIND
 from finetune_trainer.advice import advise
 from finetune_trainer.config import RuntimeEnv, load_spec, local_path

@@ -19,6 +19,7 @@ from matplotlib.ticker import MaxNLocator
 
 from finetune_cli.render import METRIC_ORDER, Job, best_point, num, outcome, phase, step_text
 from finetune_cli.sweeps import Sweep, Trial, parameter_names, state
+from finetune_operator.reconcile.trials import FINISHED_PHASES
 
 BEST_GID = "best"
 """``gid`` of the best-point marker, so callers (and tests) can find it among the lines."""
@@ -74,7 +75,6 @@ def save_png(fig: Figure, path: Path) -> None:
 
 PRUNED_GID = "pruned"
 """``gid`` of the pruned trials' markers (crosses at their best value before the stop)."""
-FINISHED_PHASES = ("Succeeded", "Complete", "Pruned", "Failed")
 
 
 def sweep_figure(sweep: Sweep, rows: Sequence[Trial]) -> Figure:

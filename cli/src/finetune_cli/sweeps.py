@@ -8,18 +8,16 @@ table merges the sweep's compact ``status.trials`` with the trial FineTuneJobs t
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from finetune_cli.render import _fields, _parse_time, age, num, parse_job, table
-from finetune_operator.sweep_api import PARAMETERS_ANNOTATION
+from finetune_cli.render import _fields, _parse_time, age, num, table
+from finetune_operator.reconcile.trials import read_parameters, read_phase, read_value
 
 Manifest = dict[str, Any]
-FINISHED = ("Complete", "Failed")
 
 
 @dataclass(frozen=True)
@@ -130,36 +128,6 @@ def best_trial(status: Manifest) -> Manifest | None:
 # --- trials -------------------------------------------------------------------------------
 
 
-def _job_phase(obj: Manifest) -> str:
-    job = parse_job(obj)
-    for type_ in FINISHED:
-        cond = next((c for c in job.status.conditions if c.type == type_ and c.status == "True"), None)
-        if cond is not None:
-            return "Pruned" if cond.reason == "Pruned" else ("Succeeded" if type_ == "Complete" else "Failed")
-    return job.status.phase or "Pending"
-
-
-def _job_value(obj: Manifest, metric: str, maximize: bool) -> tuple[float | None, int | None]:
-    """A trial's objective: its best value of the objective metric (what early stopping keeps)."""
-    status = parse_job(obj).status
-    if status.best is not None and status.best.metric == metric:
-        return status.best.value, status.best.step
-    scored = [(e.metrics[metric], e.step) for e in status.evaluations if metric in e.metrics]
-    if not scored:
-        return None, None
-    value, step = (max if maximize else min)(scored, key=lambda vs: vs[0])
-    return value, step
-
-
-def _annotated_parameters(obj: Manifest) -> dict[str, Any]:
-    raw = _dict(_dict(obj.get("metadata")).get("annotations")).get(PARAMETERS_ANNOTATION)
-    try:
-        found = json.loads(raw) if isinstance(raw, str) else None
-    except ValueError:
-        return {}
-    return found if isinstance(found, dict) else {}
-
-
 def trials(sweep: Sweep, jobs: Sequence[Manifest] = ()) -> list[Trial]:
     """The trial table, best first (by the objective's direction); trials without a value last, by name.
 
@@ -180,13 +148,13 @@ def trials(sweep: Sweep, jobs: Sequence[Manifest] = ()) -> list[Trial]:
     for obj in jobs:
         name = str(_dict(obj.get("metadata")).get("name", ""))
         known = rows.get(name)
-        value, step = _job_value(obj, sweep.metric, sweep.maximize)
+        value, step, _ = read_value(_dict(obj.get("status")), sweep.metric, sweep.maximize)
         rows[name] = Trial(
             name=name,
-            phase=_job_phase(obj),
+            phase=read_phase(obj, value is not None),
             value=value if value is not None else (known.value if known else None),
             step=step,
-            parameters=(known.parameters if known and known.parameters else _annotated_parameters(obj)),
+            parameters=(known.parameters if known and known.parameters else read_parameters(obj) or {}),
         )
     if best is not None and best["name"] in rows and rows[best["name"]].step is None:
         rows[best["name"]] = replace(rows[best["name"]], step=_int(best.get("step")))
@@ -215,9 +183,9 @@ LIST_HEADER = ("NAME", "STATE", "TRIALS", "RUNNING", "PRUNED", "FAILED", "OBJECT
 
 
 def list_row(sweep: Sweep, now: datetime) -> list[str]:
-    """TRIALS is done/budget (``done`` = succeeded + pruned + failed); BEST is value (trial)."""
+    """TRIALS is done/budget (``done`` = succeeded + pruned + stopped + failed); BEST is value (trial)."""
     counts = _counts(sweep.status)
-    done = sum(counts.get(k, 0) for k in ("succeeded", "pruned", "failed"))
+    done = sum(counts.get(k, 0) for k in ("succeeded", "pruned", "stopped", "failed"))
     budget = f"/{sweep.max_trials}" if sweep.max_trials is not None else ""
     best = best_trial(sweep.status)
     direction = "max" if sweep.maximize else "min"
@@ -302,7 +270,9 @@ def describe(sweep: Sweep, jobs: Sequence[Manifest], events: Sequence[Manifest],
             ),
             (
                 "Trial counts",
-                ", ".join(f"{k} {counts.get(k, 0)}" for k in ("total", "running", "succeeded", "pruned", "failed")),
+                ", ".join(
+                    f"{k} {counts.get(k, 0)}" for k in ("total", "running", "succeeded", "pruned", "stopped", "failed")
+                ),
             ),
         ]
     )

@@ -3,7 +3,7 @@
 The trainer's token may patch its job's status, and so may any code in its pod (a
 ``trustRemoteCode`` model, a user-chosen ServiceAccount). RBAC cannot limit a patch to some
 keys; a ``ValidatingAdmissionPolicy`` can. It lets the trainer change only
-``TRAINER_STATUS_KEYS``, within bounds, and keeps every other status key the operator's.
+``TRAINER_STATUS_KEYS``, within bounds, and keeps every other status key (``OPERATOR_STATUS_KEYS``) the operator's.
 
 Who counts as "a trainer": every ServiceAccount of the FineTuneJob's own namespace. That is
 every identity a pod next to the job can run as (pods can only use ServiceAccounts of their
@@ -28,6 +28,7 @@ from finetune_operator.api import (
     MAX_EVALUATIONS,
     MAX_METRIC_NAME_LENGTH,
     MAX_METRICS_PER_EVALUATION,
+    OPERATOR_STATUS_KEYS,
     PLURAL,
     TRAINER_STATUS_KEYS,
     FineTuneJobStatus,
@@ -38,12 +39,6 @@ TRAINER_IDENTITY = "request.userInfo.username.startsWith('system:serviceaccount:
 """CEL: the request comes from a ServiceAccount of the job's namespace (see the module docstring)."""
 
 _TRAINER_KEYS = ", ".join(f"status.{key}" for key in TRAINER_STATUS_KEYS)
-
-
-def operator_status_keys() -> list[str]:
-    """Wire names of the status keys only the operator may change: all but the trainer's."""
-    keys = [field.alias or name for name, field in FineTuneJobStatus.model_fields.items()]
-    return [key for key in keys if key not in TRAINER_STATUS_KEYS]
 
 
 def _unchanged(key: str) -> str:
@@ -105,7 +100,7 @@ def validating_admission_policy() -> dict[str, Any]:
             _unchanged(key),
             f"status.{key} is the operator's: a trainer may change only {_TRAINER_KEYS}",
         )
-        for key in operator_status_keys()
+        for key in OPERATOR_STATUS_KEYS
     ]
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",

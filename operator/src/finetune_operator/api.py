@@ -16,6 +16,17 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 from pydantic.alias_generators import to_camel, to_snake
 
+# The operator/trainer contract is part of this API: its names are re-exported from here.
+from finetune_trainer.contract import *  # noqa: F403
+from finetune_trainer.contract import (
+    MAX_EVALUATIONS,
+    TRAINER_STATUS_KEYS,
+    BestResult,
+    EvaluationRecord,
+    Progress,
+    StatusModel,
+    wire_keys,
+)
 from finetune_trainer.exitcodes import PERMANENT, TABLE
 from finetune_trainer.spec import (
     TRAINING_RULES,
@@ -25,15 +36,6 @@ from finetune_trainer.spec import (
     SpecModel,
     TrainingSpec,
 )
-
-GROUP = "finetune.dev"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "FineTuneJob"
-PLURAL = "finetunejobs"
-SINGULAR = "finetunejob"
-SHORT_NAMES = ("ftj",)
-CATEGORIES = ("finetune",)
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/finetune-trainer:0.1.0"
 QUANTITY_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
@@ -314,15 +316,6 @@ KUEUE_HOLDS = (QUEUED, INADMISSIBLE, PREEMPTED)
 Phase = Literal["Pending", "Running", "Suspended", "Stalled", "Succeeded", "EarlyStopped", "Pruned", "Failed"]
 
 
-class StatusModel(BaseModel):
-    """Base of status models: camelCase; unknown fields ignored (written by several writers)."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
-
-    def to_wire(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
-
-
 class Condition(StatusModel):
     """A Kubernetes-convention condition (metav1.Condition shape)."""
 
@@ -332,54 +325,6 @@ class Condition(StatusModel):
     message: Annotated[str, StringConstraints(max_length=32768)] = Field("", description="Human-readable detail.")
     last_transition_time: datetime = Field(description="When status last changed.")
     observed_generation: int | None = Field(None, description="metadata.generation this condition was computed from.")
-
-
-class Progress(StatusModel):
-    """Live training progress reported by the trainer."""
-
-    step: int = Field(0, description="Optimizer steps done.")
-    total_steps: int | None = Field(None, description="Optimizer steps planned.")
-    epoch: float = Field(0.0, description="Fractional epoch reached.")
-    total_epochs: float | None = Field(None, description="Epochs planned.")
-    percent: float = Field(0.0, description="step / totalSteps in percent.")
-    eta_seconds: int | None = Field(None, description="Estimated seconds to the end of training.")
-    samples_per_second: float | None = Field(None, description="Training throughput.")
-    train_loss: float | None = Field(None, description="Recent training loss.")
-    learning_rate: float | None = Field(None, description="Current learning rate.")
-    last_heartbeat_time: datetime | None = Field(None, description="When the trainer last reported.")
-    finalizing: bool | None = Field(
-        None,
-        description="True while the trainer restores the best weights and saves the final model after training: "
-        "a stop is then enforced only after twice stopGracePeriodSeconds.",
-    )
-
-
-class EvaluationRecord(StatusModel):
-    """One evaluation's results."""
-
-    step: int = Field(description="Step at which the evaluation ran.")
-    epoch: float | None = Field(None, description="Epoch at which the evaluation ran.")
-    metrics: dict[str, float] = Field(description="Metric name to value (loss, accuracy, f1, perplexity).")
-    time: datetime | None = Field(None, description="When the evaluation finished.")
-    train_loss: float | None = Field(
-        None,
-        description="The mean training loss of the steps since the previous evaluation, logged or not (for the "
-        "diagnosis).",
-    )
-
-
-class BestResult(StatusModel):
-    """The best evaluation so far and where its weights are."""
-
-    metric: str = Field(description="Monitored metric.")
-    value: float = Field(description="Best value.")
-    step: int = Field(description="Step of the best evaluation.")
-    epoch: float | None = Field(None, description="Epoch of the best evaluation.")
-    checkpoint: str | None = Field(None, description="URI of the checkpoint holding the best weights.")
-    majority_baseline: float | None = Field(
-        None,
-        description="Classification: accuracy of always predicting the most frequent validation label.",
-    )
 
 
 class Diagnosis(StatusModel):
@@ -422,18 +367,10 @@ class WorkloadRefs(StatusModel):
     service_account: str | None = Field(None, description="ServiceAccount the trainer runs as.")
 
 
-TRAINER_STATUS_KEYS: tuple[str, ...] = ("progress", "evaluations", "best")
-"""The status keys the trainer writes (wire names); every other status key is the operator's.
-The API server enforces the split: ``finetune_operator.admission`` generates its policy from this."""
 EVICTED = "Evicted"
 """Failed reason when the trainer's pods were evicted (ephemeral storage, node pressure) too often."""
 STOP_ENFORCED = "StopEnforced"
 """Complete reason when the trainer did not stop on request and the operator stopped its workload."""
-MAX_EVALUATIONS = 200
-"""Evaluations kept in status (the trainer sends its most recent ones)."""
-MAX_METRICS_PER_EVALUATION = 16
-MAX_METRIC_NAME_LENGTH = 63
-MAX_CHECKPOINT_URI_LENGTH = 2048
 
 
 class FineTuneJobStatus(StatusModel):
@@ -466,6 +403,12 @@ class FineTuneJobStatus(StatusModel):
         default_factory=list, max_length=16, description="What the learning curves say (operator-written)."
     )
     message: str | None = Field(None, description="Latest human-readable summary.")
+
+
+OPERATOR_STATUS_KEYS: tuple[str, ...] = tuple(
+    key for key in wire_keys(FineTuneJobStatus) if key not in TRAINER_STATUS_KEYS
+)
+"""The status keys only the operator writes: all but the trainer's (the admission policy keeps them so)."""
 
 
 class ObjectMeta(BaseModel):

@@ -14,7 +14,7 @@ from typing import Any
 
 import kopf
 
-from finetune_operator.api import DEFAULT_TRAINER_IMAGE
+from finetune_operator.api import DEFAULT_METRICS_PORT, DEFAULT_REPORT_INTERVAL_SECONDS, DEFAULT_TRAINER_IMAGE
 from finetune_operator.clients import Kube, login
 from finetune_operator.crd import render_crd
 from finetune_operator.handlers import Reconciler, register
@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", choices=["plain", "json"], default="plain", help="json for clusters")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.add_argument("--trainer-image", default=DEFAULT_TRAINER_IMAGE, help="image of the training pods")
-    run.add_argument("--trainer-metrics-port", type=int, default=9400, help="port the trainer serves /metrics on")
+    run.add_argument(
+        "--trainer-metrics-port", type=int, default=DEFAULT_METRICS_PORT, help="port the trainer serves /metrics on"
+    )
     run.add_argument("--resync-seconds", type=float, default=30.0, help="how often each job is re-checked")
     run.add_argument(
         "--api-concurrency", type=int, default=32, help="connections to the API server (calls in flight at once)"
@@ -48,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--report-interval-seconds",
         type=int,
-        default=10,
+        default=DEFAULT_REPORT_INTERVAL_SECONDS,
         help="trainer progress heartbeat interval (evaluations are reported at once)",
     )
     commands.add_parser("crd", help="print the FineTuneJob CRD")

@@ -19,7 +19,7 @@ from finetune_operator.api import FAILURE_REASONS, FineTuneJobStatus
 from finetune_operator.sweep_api import FineTuneSweepStatus
 
 PHASES = ("Pending", "Running", "Suspended", "Stalled", "Succeeded", "EarlyStopped", "Pruned", "Failed")
-SWEEP_TRIAL_STATES = ("running", "succeeded", "pruned", "failed")
+SWEEP_TRIAL_STATES = ("running", "succeeded", "pruned", "stopped", "failed")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 
@@ -74,7 +74,7 @@ class OperatorMetrics:
         )
         self.sweep_trials = Gauge(
             "finetune_sweep_trials",
-            "Trials of a FineTuneSweep by state (running, succeeded, pruned, failed).",
+            "Trials of a FineTuneSweep by state (running, succeeded, pruned, stopped, failed).",
             [*per_job, "state"],
             registry=r,
         )

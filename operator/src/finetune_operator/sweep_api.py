@@ -33,6 +33,10 @@ PARAMETERS_ANNOTATION = "finetune.dev/parameters"
 """Annotation on every trial: its parameters as JSON (name to value, or preset label), from which
 the study is rebuilt."""
 
+RUNGS_ANNOTATION = "finetune.dev/rungs"
+"""Annotation on a trial, written by its sweep: the successive-halving / hyperband verdicts made for it (rung
+to the value it was judged on, JSON), so a rebuilt study never judges a rung twice."""
+
 MAX_TRIALS = 1000
 """Upper bound of spec.maxTrials; status.trials holds one compact entry per trial, so it stays far
 below etcd's object size limit."""
@@ -129,20 +133,39 @@ class Preset(SpecModel):
 
     label: ParameterName = Field(description="What the trial table shows for this choice.")
     set: dict[Path, Scalar | None] = Field(
-        min_length=1,
+        default_factory=dict,
         max_length=16,
-        description="FineTuneJob spec path (e.g. freeze.layers) to value; null removes the template's value.",
+        description="FineTuneJob spec path (e.g. freeze.strategy) to value. To remove a template field, use unset "
+        "(a null here is refused: kubectl drops it on the way in).",
+    )
+    unset: list[Path] = Field(
+        default_factory=list,
+        max_length=16,
+        description="FineTuneJob spec paths to remove from the template (e.g. freeze.layers for head-only).",
     )
 
-    # Free-form values are invisible to CEL, so the operator checks these (Failed/InvalidSpec naming the field).
+    # A free-form map is invisible to CEL (the API server drops it from the rules' types), so the operator
+    # checks these (Failed/InvalidSpec naming the field).
     @model_validator(mode="after")
     def _known_paths(self) -> Self:
-        unknown = [key for key in self.set if key not in SWEEPABLE_PATHS]
-        if unknown:
+        for name, paths in (("set", list(self.set)), ("unset", self.unset)):
+            unknown = [key for key in paths if key not in SWEEPABLE_PATHS]
+            if unknown:
+                raise ValueError(
+                    f"{name}: {', '.join(unknown)} is not a FineTuneJob spec field such as freeze.strategy "
+                    "(output.location and suspend cannot be set)"
+                )
+        nulls = [key for key, value in self.set.items() if value is None]
+        if nulls:
             raise ValueError(
-                f"set: {', '.join(unknown)} is not a FineTuneJob spec field such as freeze.strategy "
-                "(output.location and suspend cannot be set)"
+                f"set: {', '.join(nulls)} is null; kubectl and GitOps tools drop a null before it reaches the API "
+                "server, so it cannot remove a template field: list the path in unset instead"
             )
+        if not self.set and not self.unset:
+            raise ValueError("set: a preset must set or unset at least one path")
+        both = sorted(set(self.unset) & set(self.set))
+        if both:
+            raise ValueError(f"unset: {', '.join(both)} cannot be both set and unset")
         return self
 
 
@@ -314,7 +337,7 @@ FineTuneSweepSpec.rules = (
 )
 
 
-TrialPhase = Literal["Pending", "Running", "Succeeded", "Pruned", "Failed"]
+TrialPhase = Literal["Pending", "Running", "Succeeded", "Pruned", "Stopped", "Failed"]
 SweepPhase = Literal["Running", "Suspended", "Complete", "Failed"]
 
 
@@ -325,7 +348,12 @@ class TrialCounts(StatusModel):
     running: int = Field(0, description="Created and not finished (pending or running).")
     succeeded: int = Field(0, description="Finished with an objective value (not pruned).")
     pruned: int = Field(0, description="Stopped early as unpromising (Complete/Pruned).")
-    failed: int = Field(0, description="Failed, or finished with no evaluation of the objective metric.")
+    stopped: int = Field(
+        0, description="Stopped because the sweep finished (goal reached, too many failed); not failures."
+    )
+    failed: int = Field(
+        0, description="Failed, or finished with no evaluation of the objective metric (never one the sweep stopped)."
+    )
 
 
 class BestTrial(StatusModel):
@@ -342,7 +370,9 @@ class TrialSummary(StatusModel):
     """One trial, compactly."""
 
     name: str = Field(description="The trial FineTuneJob.")
-    phase: TrialPhase = Field(description="Pending, Running, Succeeded, Pruned or Failed.")
+    phase: TrialPhase = Field(
+        description="Pending, Running, Succeeded, Pruned, Stopped (by its finished sweep) or Failed."
+    )
     value: float | None = Field(None, description="Its best objective value so far.")
     parameters: dict[str, Scalar] = Field(default_factory=dict, description="Its parameters.")
 
@@ -363,6 +393,11 @@ class FineTuneSweepStatus(StatusModel):
         default_factory=list, max_length=MAX_TRIALS, description="Every trial, by index (compact, bounded)."
     )
     message: str | None = Field(None, description="Latest human-readable summary.")
+    hyperband_max_resource: int | None = Field(
+        None,
+        description="Hyperband's max resource (evaluations' worth of training), estimated once from the first "
+        "trial that ran to its end and kept, so trials keep their brackets.",
+    )
 
 
 class FineTuneSweep(BaseModel):
@@ -385,7 +420,7 @@ class FineTuneSweep(BaseModel):
 
 
 def set_path(spec: dict[str, Any], path: str, value: Any) -> None:
-    """Set a dotted camelCase path in a FineTuneJob spec dict, creating parents; None removes it."""
+    """Set a dotted camelCase path in a FineTuneJob spec dict, creating parents; None removes it (unset)."""
     *parents, leaf = path.split(".")
     node = spec
     for part in parents:
@@ -400,10 +435,11 @@ def set_path(spec: dict[str, Any], path: str, value: Any) -> None:
 
 
 def assignments(parameter: Parameter, value: Any) -> dict[str, Any]:
-    """The spec paths and values one parameter value sets (a preset's label sets all its paths)."""
+    """The spec paths and values one parameter value sets (a preset's label sets all its paths); None
+    for a path the preset unsets."""
     if parameter.categorical is not None and parameter.categorical.presets is not None:
         preset = next(p for p in parameter.categorical.presets if p.label == value)
-        return dict(preset.set)
+        return {**dict(preset.set), **dict.fromkeys(preset.unset)}
     assert parameter.path is not None
     return {parameter.path: value}
 
@@ -454,9 +490,14 @@ def invalid_trial_values(spec: FineTuneSweepSpec) -> list[str]:
             except ValidationError as error:
                 first = error.errors()[0]
                 where = ".".join(str(part) for part in first["loc"])
+                hint = (
+                    " (a preset removes a template field by listing it in unset)"
+                    if parameter.categorical is not None and parameter.categorical.presets is not None
+                    else ""
+                )
                 problems.append(
                     f"spec.parameters[{index}] ({parameter.name}): value {json.dumps(value)} makes an invalid "
-                    f"FineTuneJob: {where}: {first['msg']}"
+                    f"FineTuneJob: {where}: {first['msg']}{hint}"
                 )
                 break
     return problems

@@ -11,6 +11,7 @@ same decision again and duplicates nothing.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from finetune_operator.api import GROUP, KIND, VERSION
+from finetune_operator.api import GROUP, KIND, PLURAL, VERSION
 from finetune_operator.clients import CONFLICT_RETRIES, ApiError, ConflictError, Kube
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.reconcile.children import controller_of, job_label_value
@@ -29,9 +30,16 @@ from finetune_operator.reconcile.sweep import (
     SweepDecision,
     decide_sweep,
     invalid_sweep,
-    observe_trial,
 )
-from finetune_operator.sweep_api import SWEEP_KIND, SWEEP_LABEL, SWEEP_PLURAL, FineTuneSweep, FineTuneSweepStatus
+from finetune_operator.reconcile.trials import observe_trial
+from finetune_operator.sweep_api import (
+    RUNGS_ANNOTATION,
+    SWEEP_KIND,
+    SWEEP_LABEL,
+    SWEEP_PLURAL,
+    FineTuneSweep,
+    FineTuneSweepStatus,
+)
 
 log = logging.getLogger("finetune_operator.sweeps")
 Manifest = dict[str, Any]
@@ -107,9 +115,14 @@ class SweepReconciler:
             if trial is not None:
                 trials.append(trial)
         decision = decide_sweep(sweep, trials, now)
-        for trial_name in decision.prune:
-            log.info("%s/%s: pruning trial %s", namespace, name, trial_name)
-            await self.kube.annotate(KIND, namespace, trial_name, PRUNE_ANNOTATIONS)
+        for trial_name in sorted({*decision.prune, *decision.rungs}):
+            # A rung verdict is recorded on its trial in the same patch as the prune it may lead to.
+            annotations = dict(PRUNE_ANNOTATIONS) if trial_name in decision.prune else {}
+            if trial_name in decision.rungs:
+                annotations[RUNGS_ANNOTATION] = json.dumps(decision.rungs[trial_name], sort_keys=True)
+            if trial_name in decision.prune:
+                log.info("%s/%s: pruning trial %s", namespace, name, trial_name)
+            await self.kube.annotate(KIND, namespace, trial_name, annotations)
         for trial_name in decision.stop:
             log.info("%s/%s: the sweep has finished: stopping trial %s", namespace, name, trial_name)
             await self.kube.annotate(KIND, namespace, trial_name, FINISHED_ANNOTATIONS)
@@ -170,7 +183,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: SweepReconciler, resyn
         else:
             await reconciler.reconcile(namespace, name)
 
-    @kopf.on.event(GROUP, VERSION, "finetunejobs", labels={SWEEP_LABEL: kopf.PRESENT}, registry=registry)
+    @kopf.on.event(GROUP, VERSION, PLURAL, labels={SWEEP_LABEL: kopf.PRESENT}, registry=registry)
     async def trial_event(body: kopf.Body, **_: Any) -> None:
         owner = controller_of(dict(body))
         if owner is not None and owner.get("kind") == SWEEP_KIND:

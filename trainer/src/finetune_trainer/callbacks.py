@@ -18,6 +18,14 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from finetune_trainer.atomic import atomic_directory
 from finetune_trainer.config import location_uri
+from finetune_trainer.contract import (
+    EARLY_STOPPED,
+    MAX_EVALUATIONS,
+    BestResult,
+    EvaluationRecord,
+    Progress,
+    TrainerStatus,
+)
 from finetune_trainer.distributed import max_across_ranks
 from finetune_trainer.early_stopping import EarlyStoppingState, Evaluated, explain, improves, observe
 from finetune_trainer.freeze import count_parameters
@@ -29,7 +37,6 @@ COMPLETE_MARKER = "finetune-complete"
 """Written last into a checkpoint directory: directories without it are partial and never resumed from."""
 EARLY_STOPPING_FILE = "early_stopping.json"
 RUN_STATE_FILE = "run_state.json"
-MAX_EVALUATIONS = 50
 
 
 class Wire(BaseModel):
@@ -39,28 +46,11 @@ class Wire(BaseModel):
         return self.model_dump(mode="json", by_alias=True)
 
 
-class Best(Wire):
-    metric: str
-    value: float
-    step: int
-    epoch: float
-    checkpoint: str | None = None
-    majority_baseline: float | None = None
-
-
-class EvaluationRecord(Wire):
-    step: int
-    epoch: float
-    metrics: dict[str, float]
-    time: str
-    train_loss: float | None = None
-
-
 class RunState(Wire):
     """What a checkpoint must carry beyond the Trainer's own state for an exact resume."""
 
     early_stopping: EarlyStoppingState | None = None
-    best: Best | None = None
+    best: BestResult | None = None
     evaluations: list[EvaluationRecord] = []
     thawed_units: int = 0
     losses: LossWatch = Field(default_factory=LossWatch)
@@ -102,12 +92,12 @@ class RunContext:
         return location_uri(self.checkpoint_dir(step), self.spec.output.location, self.pvc_root)
 
 
-def history_status(ctx: RunContext) -> dict[str, Any]:
+def history_status(ctx: RunContext) -> TrainerStatus:
     """The status keys holding the run's evaluation history: the latest evaluations and the best result."""
-    status: dict[str, Any] = {"evaluations": [e.to_wire() for e in ctx.state.evaluations[-MAX_EVALUATIONS:]]}
+    history = TrainerStatus(evaluations=ctx.state.evaluations[-MAX_EVALUATIONS:])
     if ctx.state.best is not None:
-        status["best"] = ctx.state.best.to_wire()
-    return status
+        history.best = ctx.state.best
+    return history
 
 
 FULL = "full"
@@ -189,7 +179,7 @@ class EarlyStoppingCallback(TrainerCallback):
         if fired:
             control.should_training_stop = True
         if improved and value is not None:
-            run.best = Best(
+            run.best = BestResult(
                 metric=rule.metric,
                 value=value,
                 step=step,
@@ -303,7 +293,7 @@ class StopCallback(TrainerCallback):
         reporter = self.ctx.reporter
         if reporter is not None and reporter.stop_request is not None:
             self.ctx.stop_message = reporter.stop_request.get("message", "")
-            return "EarlyStopped" if reporter.stop_request.get("reason") == "EarlyStopped" else "Stopped"
+            return "EarlyStopped" if reporter.stop_request.get("reason") == EARLY_STOPPED else "Stopped"
         return None
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
@@ -369,33 +359,32 @@ class ProgressCallback(TrainerCallback):
         self.start_step = state.global_step
         self.batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
 
-    def progress(self, state: TrainerState) -> dict[str, Any]:
+    def progress(self, state: TrainerState) -> Progress:
         step, total = state.global_step, max(state.max_steps, 1)
         elapsed = max(time.monotonic() - self.start_time, 1e-9)
         done = step - self.start_step
         steps_per_second = done / elapsed if done > 0 else None
         eta = (total - step) / steps_per_second if steps_per_second else None
-        return {
-            "step": step,
-            "totalSteps": state.max_steps,
-            "epoch": round(float(state.epoch or 0.0), 4),
-            "totalEpochs": float(state.num_train_epochs),
-            "percent": round(100.0 * step / total, 2),
-            "etaSeconds": round(eta) if eta is not None else None,
-            "samplesPerSecond": round(steps_per_second * self.batch, 3) if steps_per_second else None,
-            "trainLoss": self.train_loss,
-            "learningRate": self.learning_rate,
-            "lastHeartbeatTime": utc_now(),
-        }
+        return Progress(
+            step=step,
+            total_steps=state.max_steps,
+            epoch=round(float(state.epoch or 0.0), 4),
+            total_epochs=float(state.num_train_epochs),
+            percent=round(100.0 * step / total, 2),
+            eta_seconds=round(eta) if eta is not None else None,
+            samples_per_second=round(steps_per_second * self.batch, 3) if steps_per_second else None,
+            train_loss=self.train_loss,
+            learning_rate=self.learning_rate,
+            last_heartbeat_time=utc_now(),
+        )
 
-    def _publish(self, state: TrainerState, urgent: bool, with_evaluations: bool = False) -> dict[str, Any]:
+    def _publish(self, state: TrainerState, urgent: bool, with_evaluations: bool = False) -> Progress:
         progress = self.progress(state)
         if self.ctx.metrics is not None:
             self.ctx.metrics.update_progress(progress)
         if self.ctx.reporter is not None:
-            status: dict[str, Any] = {"progress": progress}
-            if with_evaluations:
-                status.update(history_status(self.ctx))
+            status = history_status(self.ctx) if with_evaluations else TrainerStatus()
+            status.progress = progress
             self.ctx.reporter.update(status, urgent=urgent)
         return progress
 
@@ -410,14 +399,14 @@ class ProgressCallback(TrainerCallback):
         self.ctx.log.emit(
             "log",
             step=state.global_step,
-            epoch=progress["epoch"],
+            epoch=progress.epoch,
             loss=self.train_loss,
             learningRate=self.learning_rate,
             taskLoss=logs.get("task_loss"),
             l1Penalty=logs.get("l1_penalty"),
             gradNorm=logs.get("grad_norm"),
-            samplesPerSecond=progress["samplesPerSecond"],
-            percent=progress["percent"],
+            samplesPerSecond=progress.samples_per_second,
+            percent=progress.percent,
         )
 
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
@@ -434,7 +423,7 @@ class ProgressCallback(TrainerCallback):
             epoch=last.epoch,
             metrics=last.metrics,
             trainLoss=last.train_loss,
-            best=self.ctx.state.best.to_wire() if self.ctx.state.best else None,
+            best=self.ctx.state.best.to_patch() if self.ctx.state.best else None,
             earlyStopping=es.model_dump(mode="json", by_alias=True) if es else None,
         )
         if es is not None and es.triggered and state.global_step == es.last_step:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,21 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from finetune_trainer.contract import (
+    DEFAULT_LOG_EVERY_STEPS,
+    DEFAULT_METRICS_PORT,
+    DEFAULT_PVC_ROOT,
+    DEFAULT_REPORT_INTERVAL_SECONDS,
+    HF_TOKEN_ENV,
+    JOB_NAME_ENV,
+    JOB_NAMESPACE_ENV,
+    JOB_UID_ENV,
+    LOG_EVERY_STEPS_ENV,
+    METRICS_ADDRESS_ENV,
+    METRICS_PORT_ENV,
+    PVC_ROOT_ENV,
+    REPORT_INTERVAL_ENV,
+)
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.spec import TrainingSpec
 
@@ -27,8 +43,6 @@ KUBERNETES_ONLY_FIELDS = frozenset(
 )
 """FineTuneJob spec fields that belong to the operator; the trainer ignores them."""
 
-DEFAULT_PVC_ROOT = "/mnt/pvc"
-
 
 @dataclass(frozen=True)
 class RuntimeEnv:
@@ -38,36 +52,37 @@ class RuntimeEnv:
     job_namespace: str | None = None
     job_uid: str | None = None
     """The FineTuneJob's uid: checkpoints of another uid at the same output location are not resumed."""
-    report_interval_seconds: float = 10.0
-    metrics_port: int = 9400
+    report_interval_seconds: float = DEFAULT_REPORT_INTERVAL_SECONDS
+    metrics_port: int = DEFAULT_METRICS_PORT
     metrics_address: str = ""
     """Where /metrics listens: the pod IP (downward API) so pods sharing a network never collide; empty: all."""
     pvc_root: Path = Path(DEFAULT_PVC_ROOT)
     hf_token: str | None = field(default=None, repr=False)
-    log_every_steps: int = 10
+    log_every_steps: int = DEFAULT_LOG_EVERY_STEPS
 
     @property
     def in_cluster_reporting(self) -> bool:
         return bool(self.job_name and self.job_namespace)
 
     @classmethod
-    def from_environ(cls, environ: dict[str, str] | None = None) -> RuntimeEnv:
-        env = dict(os.environ if environ is None else environ)
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> RuntimeEnv:
+        """The trainer's side of the environment contract (``finetune_trainer.contract``)."""
+        env = os.environ if environ is None else environ
         try:
-            interval = float(env.get("FINETUNE_REPORT_INTERVAL_SECONDS", "10"))
-            port = int(env.get("FINETUNE_METRICS_PORT", "9400"))
-            log_every = int(env.get("FINETUNE_LOG_EVERY_STEPS", "10"))
+            interval = float(env.get(REPORT_INTERVAL_ENV, str(DEFAULT_REPORT_INTERVAL_SECONDS)))
+            port = int(env.get(METRICS_PORT_ENV, str(DEFAULT_METRICS_PORT)))
+            log_every = int(env.get(LOG_EVERY_STEPS_ENV, str(DEFAULT_LOG_EVERY_STEPS)))
         except ValueError as exc:
             raise ConfigError(f"environment: {exc}") from exc
         return cls(
-            job_name=env.get("FINETUNE_JOB_NAME") or None,
-            job_namespace=env.get("FINETUNE_JOB_NAMESPACE") or None,
-            job_uid=env.get("FINETUNE_JOB_UID") or None,
+            job_name=env.get(JOB_NAME_ENV) or None,
+            job_namespace=env.get(JOB_NAMESPACE_ENV) or None,
+            job_uid=env.get(JOB_UID_ENV) or None,
             report_interval_seconds=max(interval, 0.0),
             metrics_port=port,
-            metrics_address=env.get("FINETUNE_METRICS_ADDRESS", ""),
-            pvc_root=Path(env.get("FINETUNE_PVC_ROOT") or DEFAULT_PVC_ROOT),
-            hf_token=env.get("HF_TOKEN") or None,
+            metrics_address=env.get(METRICS_ADDRESS_ENV, ""),
+            pvc_root=Path(env.get(PVC_ROOT_ENV) or DEFAULT_PVC_ROOT),
+            hf_token=env.get(HF_TOKEN_ENV) or None,
             log_every_steps=max(log_every, 1),
         )
 

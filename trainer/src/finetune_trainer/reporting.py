@@ -13,10 +13,9 @@ from typing import Any, TextIO
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
+from finetune_trainer.contract import GROUP, PLURAL, STOP_ANNOTATION, VERSION, Progress, TrainerStatus
 from finetune_trainer.errors import MetricsUnavailableError
 
-GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
-STOP_ANNOTATION = "finetune.dev/stop-requested"
 RETRYABLE_STATUS = frozenset({409, 429, 500, 502, 503, 504})
 
 
@@ -77,16 +76,16 @@ class PrometheusMetrics:
                     "port; give trainers a free one (operator --trainer-metrics-port, chart value trainerMetricsPort)"
                 ) from exc
 
-    def update_progress(self, progress: dict[str, Any]) -> None:
-        self.step.set(progress["step"])
-        self.epoch.set(progress["epoch"])
-        self.progress.set(progress["percent"] / 100.0)
-        if progress.get("samplesPerSecond") is not None:
-            self.samples_per_second.set(progress["samplesPerSecond"])
-        if progress.get("trainLoss") is not None:
-            self.train_loss.set(progress["trainLoss"])
-        if progress.get("learningRate") is not None:
-            self.learning_rate.set(progress["learningRate"])
+    def update_progress(self, progress: Progress) -> None:
+        self.step.set(progress.step)
+        self.epoch.set(progress.epoch)
+        self.progress.set(progress.percent / 100.0)
+        if progress.samples_per_second is not None:
+            self.samples_per_second.set(progress.samples_per_second)
+        if progress.train_loss is not None:
+            self.train_loss.set(progress.train_loss)
+        if progress.learning_rate is not None:
+            self.learning_rate.set(progress.learning_rate)
 
     def update_evaluation(self, metrics: dict[str, float]) -> None:
         for name, value in metrics.items():
@@ -163,10 +162,11 @@ class StatusReporter:
         self._thread = threading.Thread(target=self._loop, name="status-reporter", daemon=True)
         self._thread.start()
 
-    def update(self, status: dict[str, Any], urgent: bool = False) -> None:
-        """Queue keys of ``status`` (merged with anything not yet sent); ``urgent`` skips the throttle."""
+    def update(self, status: TrainerStatus, urgent: bool = False) -> None:
+        """Queue what ``status`` sets (merged with anything not yet sent); ``urgent`` skips the throttle."""
+        patch = status.to_patch()
         with self._cond:
-            merge(self._pending, json.loads(json.dumps(status)))
+            merge(self._pending, patch)
             self._urgent = self._urgent or urgent
             self._cond.notify_all()
 
@@ -289,7 +289,7 @@ def heartbeats(reporter: StatusReporter | None) -> Iterator[None]:
 
     def beat() -> None:
         while True:
-            reporter.update({"progress": {"lastHeartbeatTime": utc_now()}})
+            reporter.update(TrainerStatus(progress=Progress(last_heartbeat_time=utc_now())))
             if done.wait(reporter.interval):
                 return
 

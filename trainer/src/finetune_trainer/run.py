@@ -44,6 +44,7 @@ from finetune_trainer.callbacks import (
 )
 from finetune_trainer.checkpointing import enable_activation_checkpointing
 from finetune_trainer.config import RuntimeEnv, local_path, location_uri
+from finetune_trainer.contract import Progress, TrainerStatus
 from finetune_trainer.distributed import same_on_every_rank
 from finetune_trainer.divergence import DivergenceCallback
 from finetune_trainer.errors import ConfigError
@@ -455,7 +456,7 @@ def _report_finalizing(ctx: RunContext, finalizing: bool) -> None:
     """Tell the operator the final save (restore best, write the model) is under way, so that a stop
     request does not cut it short; cleared (merge-patch null) once the result is written."""
     if ctx.reporter is not None:
-        ctx.reporter.update({"progress": {"finalizing": True if finalizing else None}}, urgent=True)
+        ctx.reporter.update(TrainerStatus(progress=Progress(finalizing=True if finalizing else None)), urgent=True)
 
 
 def _publish_history(ctx: RunContext) -> None:
@@ -466,7 +467,7 @@ def _publish_history(ctx: RunContext) -> None:
 
 
 def _best(ctx: RunContext) -> dict[str, Any] | None:
-    return ctx.state.best.to_wire() if ctx.state.best is not None else None
+    return ctx.state.best.to_patch() if ctx.state.best is not None else None
 
 
 def _close(ctx: RunContext) -> None:

@@ -14,6 +14,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from finetune_trainer.contract import CPU_REQUEST_ENV
+
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
@@ -95,10 +97,6 @@ def data_loading(cpus: int | None, device: Device) -> Loading:
         return Loading(0, False, False, None)
     workers = max(0, min((cpus or 1) - 1, MAX_WORKERS))
     return Loading(workers, True, workers > 0, 8)
-
-
-CPU_REQUEST_ENV = "FINETUNE_CPU_REQUEST"
-"""The pod's CPU request in whole cores (rounded up), set by the operator through the downward API."""
 
 
 def available_cpus(environ: Mapping[str, str] | None = None) -> int | None:

@@ -15,11 +15,24 @@ import yaml
 
 from finetune_operator.api import (
     API_VERSION,
+    CPU_REQUEST_ENV,
+    DEFAULT_METRICS_PORT,
+    DEFAULT_PVC_ROOT,
+    DEFAULT_REPORT_INTERVAL_SECONDS,
     DEFAULT_TRAINER_IMAGE,
+    GROUP,
+    HF_TOKEN_ENV,
+    JOB_NAME_ENV,
+    JOB_NAMESPACE_ENV,
+    JOB_UID_ENV,
     KIND,
     KUEUE_PRIORITY_LABEL,
     KUEUE_QUEUE_LABEL,
+    METRICS_ADDRESS_ENV,
+    METRICS_PORT_ENV,
     PLURAL,
+    PVC_ROOT_ENV,
+    REPORT_INTERVAL_ENV,
     FineTuneJob,
     quantity_value,
 )
@@ -45,12 +58,12 @@ class Settings:
     """Operator-wide settings that shape the children (flags of `finetune-operator run`)."""
 
     trainer_image: str = DEFAULT_TRAINER_IMAGE
-    trainer_metrics_port: int = 9400
+    trainer_metrics_port: int = DEFAULT_METRICS_PORT
     rendezvous_port: int = 29500
     config_dir: str = "/etc/finetune"
-    pvc_root: str = "/mnt/pvc"
+    pvc_root: str = DEFAULT_PVC_ROOT
     run_as_user: int = 65532
-    report_interval_seconds: int = 10
+    report_interval_seconds: int = DEFAULT_REPORT_INTERVAL_SECONDS
     """Each running trainer's progress heartbeat is a status write; evaluations go out at once.
     At 5 s, 500 running jobs kept a 2-core API server saturated (benchmarks/operator_scale.py)."""
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -197,9 +210,9 @@ def role(job: FineTuneJob) -> Manifest:
             "kind": "Role",
             "metadata": _metadata(job, names.role),
             "rules": [
-                {"apiGroups": ["finetune.dev"], "resources": [PLURAL], "resourceNames": own, "verbs": ["get"]},
+                {"apiGroups": [GROUP], "resources": [PLURAL], "resourceNames": own, "verbs": ["get"]},
                 {
-                    "apiGroups": ["finetune.dev"],
+                    "apiGroups": [GROUP],
                     "resources": [f"{PLURAL}/status"],
                     "resourceNames": own,
                     "verbs": ["get", "patch"],
@@ -252,28 +265,28 @@ def _claims(job: FineTuneJob) -> list[str]:
 
 def _env(job: FineTuneJob, settings: Settings, names: Names) -> list[Manifest]:
     env: list[Manifest] = [
-        {"name": "FINETUNE_JOB_NAME", "value": job.metadata.name},
-        {"name": "FINETUNE_JOB_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": JOB_NAME_ENV, "value": job.metadata.name},
+        {"name": JOB_NAMESPACE_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         # The trainer resumes only checkpoints of this uid: a re-applied job with the same name starts fresh.
-        {"name": "FINETUNE_JOB_UID", "value": job.metadata.uid or ""},
-        {"name": "FINETUNE_METRICS_PORT", "value": str(settings.trainer_metrics_port)},
+        {"name": JOB_UID_ENV, "value": job.metadata.uid or ""},
+        {"name": METRICS_PORT_ENV, "value": str(settings.trainer_metrics_port)},
         # The pod's own IP: where a cluster (or the local node, which gives each pod one) routes the scrape.
-        {"name": "FINETUNE_METRICS_ADDRESS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-        {"name": "FINETUNE_REPORT_INTERVAL_SECONDS", "value": str(settings.report_interval_seconds)},
-        {"name": "FINETUNE_PVC_ROOT", "value": settings.pvc_root},
+        {"name": METRICS_ADDRESS_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": REPORT_INTERVAL_ENV, "value": str(settings.report_interval_seconds)},
+        {"name": PVC_ROOT_ENV, "value": settings.pvc_root},
         {"name": "HF_HOME", "value": "/tmp/hf-home"},
         {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
     ]
     if job.spec.resources.cpu is not None:  # data loader workers follow it (finetune_trainer.speed)
         env.append(
             {
-                "name": "FINETUNE_CPU_REQUEST",
+                "name": CPU_REQUEST_ENV,
                 "valueFrom": {"resourceFieldRef": {"resource": "requests.cpu", "divisor": "1"}},
             }
         )
     secret = job.spec.model.token_secret_ref
     if secret is not None:
-        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})
+        env.append({"name": HF_TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})
     if job.spec.resources.nodes > 1:
         env += [
             {"name": "MASTER_ADDR", "value": f"{names.job}-0.{names.service}"},

@@ -16,6 +16,7 @@ own conditions, so the two layers change independently:
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Protocol
 
 from finetune_operator.api import KUEUE_HOLDS, Condition, ConditionType, FineTuneJob, FineTuneJobStatus
 from finetune_operator.reconcile import status as core
@@ -24,16 +25,29 @@ from finetune_operator.reconcile.status import Decision, Observed, set_condition
 NO_PROGRESS = "NoProgress"
 
 
-def _true(status: FineTuneJobStatus, type_: ConditionType) -> Condition | None:
+class Health(Protocol):
+    """A status with conditions and a message: a FineTuneJob's or a FineTuneSweep's."""
+
+    conditions: list[Condition]
+    message: str | None
+
+
+def _true(status: Health, type_: ConditionType) -> Condition | None:
     return next((c for c in status.conditions if c.type == type_ and c.status == "True"), None)
 
 
-def _find(status: FineTuneJobStatus, type_: ConditionType) -> Condition | None:
+def _find(status: Health, type_: ConditionType) -> Condition | None:
     return next((c for c in status.conditions if c.type == type_), None)
 
 
-def derive_health(status: FineTuneJobStatus, generation: int | None, now: datetime) -> None:
-    """Set Ready, Reconciling and Stalled in ``status`` from its other conditions (in place)."""
+def derive_health(
+    status: Health, generation: int | None, now: datetime, paused: bool | None = None, progressing: str = "Pending"
+) -> None:
+    """Set Ready, Reconciling and Stalled in ``status`` from its other conditions (in place).
+
+    ``paused``: whether a Suspended=True status is at rest (Ready) rather than in progress; by default a
+    user's suspend is, Kueue's hold is not (a sweep says: suspended with no trial still running).
+    ``progressing``: the reason in progress when neither Suspended nor Running says one."""
 
     def put(type_: ConditionType, value: bool, reason: str, message: str) -> None:
         # A message explains a True condition; False ones keep just the reason, so that
@@ -43,7 +57,8 @@ def derive_health(status: FineTuneJobStatus, generation: int | None, now: dateti
     failed, complete = _true(status, "Failed"), _true(status, "Complete")
     stalled, suspended = _true(status, "Stalled"), _true(status, "Suspended")
     # a user's pause, not Kueue's hold: it ends a missing-heartbeat stall
-    paused = suspended is not None and suspended.reason not in KUEUE_HOLDS
+    if paused is None:
+        paused = suspended is not None and suspended.reason not in KUEUE_HOLDS
     if failed is not None:
         put("Stalled", True, failed.reason, failed.message)
         put("Reconciling", False, failed.reason, failed.message)
@@ -62,7 +77,7 @@ def derive_health(status: FineTuneJobStatus, generation: int | None, now: dateti
         put("Stalled", False, suspended.reason, message)
     else:
         running = _find(status, "Running")
-        reason = suspended.reason if suspended is not None else running.reason if running is not None else "Pending"
+        reason = suspended.reason if suspended is not None else running.reason if running is not None else progressing
         message = status.message or ""
         put("Reconciling", True, reason, message)
         put("Ready", False, reason, message)

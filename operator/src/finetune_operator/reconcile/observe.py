@@ -6,28 +6,15 @@ import json
 from datetime import datetime
 from typing import Any
 
-from finetune_operator.api import EVICTED, FineTuneJobStatus
+from finetune_operator.api import EVICTED, OPERATOR_STATUS_KEYS, SHARED_STATUS_KEYS, FineTuneJobStatus
 from finetune_operator.reconcile.children import SPEC_HASH_ANNOTATION, TRAINER_CONTAINER
 from finetune_operator.reconcile.status import ObservedAdmission, ObservedJob, ObservedPod
 
 Manifest = dict[str, Any]
 
-OPERATOR_STATUS_KEYS = (
-    "observedGeneration",
-    "phase",
-    "conditions",
-    "startTime",
-    "completionTime",
-    "earlyStopping",
-    "stopRequest",
-    "workload",
-    "restarts",
-    "message",
-    "best",
-    "diagnosis",
-)
-"""Status keys the operator writes. progress and evaluations belong to the trainer; ``best`` is
-shared: the operator fills it only until the trainer reports one with its checkpoint."""
+OPERATOR_WRITES = (*OPERATOR_STATUS_KEYS, *SHARED_STATUS_KEYS)
+"""Status keys the operator writes: its own and ``best``, which it fills only until the trainer
+reports one with its checkpoint. progress and evaluations are the trainer's alone."""
 
 
 def _time(value: str | None) -> datetime | None:
@@ -177,4 +164,4 @@ def spec_hash_of(manifest: Manifest) -> str | None:
 def status_patch(before: FineTuneJobStatus, after: FineTuneJobStatus) -> Manifest:
     """The merge patch that takes the operator-owned status keys from ``before`` to ``after``."""
     old, new = before.to_wire(), after.to_wire()
-    return {key: new.get(key) for key in OPERATOR_STATUS_KEYS if old.get(key) != new.get(key)}
+    return {key: new.get(key) for key in OPERATOR_WRITES if old.get(key) != new.get(key)}

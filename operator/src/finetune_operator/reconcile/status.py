@@ -16,12 +16,18 @@ from pydantic import ValidationError
 
 from finetune_operator.api import (
     CREATE_FAILED,
+    EARLY_STOPPED,
     EVICTED,
     INADMISSIBLE,
     OWNERSHIP_CONFLICT,
     PREEMPTED,
+    PRUNED,
     QUEUED,
+    STOP_ANNOTATION,
     STOP_ENFORCED,
+    STOP_REASON_ANNOTATION,
+    SWEEP_FINISHED,
+    USER_REQUESTED,
     VERSION_SKEW,
     BestResult,
     Condition,
@@ -38,22 +44,11 @@ from finetune_operator.reconcile.diagnosis import diagnose
 from finetune_trainer import exitcodes
 from finetune_trainer.early_stopping import EarlyStoppingState, Evaluated, explain, observe_all
 
-STOP_ANNOTATION = "finetune.dev/stop-requested"
 STUCK_TERMINATING = timedelta(minutes=2)
 KUEUE_DEACTIVATED = "Deactivated"
 """Kueue's eviction reason for a Workload made inactive (the operator does that for the user's suspend)."""
 WAITING = (OWNERSHIP_CONFLICT, CREATE_FAILED)
 """Stalled reasons that end by themselves when the obstacle goes."""
-EARLY_STOPPED = "EarlyStopped"
-USER_REQUESTED = "UserRequested"
-PRUNED = "Pruned"
-"""Stop reason and Complete reason of a sweep trial its sweep judged unpromising."""
-SWEEP_FINISHED = "SweepFinished"
-"""Stop reason of a trial still running when its sweep ended (goal reached, too many failed trials): it
-completes as Stopped, keeping its best checkpoint, instead of burning its GPUs for a finished search."""
-STOP_REASON_ANNOTATION = "finetune.dev/stop-reason"
-"""Set by a sweep beside ``finetune.dev/stop-requested: "true"``: Pruned or SweepFinished (anything else is a
-user's stop)."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,224 @@
+"""The contract between the operator and the trainer: everything both sides must agree on, once.
+
+Torch-free (pydantic only), so the operator imports it: the API's names, the annotations and
+labels, the environment the operator gives a trainer pod, the status the trainer writes (its wire
+models, the keys it owns and their bounds) and the reasons a stop request may carry. The operator's
+``finetune_operator.api`` embeds these; the trainer produces them. The training spec lives in
+``spec``, the exit codes in ``exitcodes``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Final
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+__all__ = [
+    "API_VERSION",
+    "CATEGORIES",
+    "CPU_REQUEST_ENV",
+    "DEFAULT_LOG_EVERY_STEPS",
+    "DEFAULT_METRICS_PORT",
+    "DEFAULT_PVC_ROOT",
+    "DEFAULT_REPORT_INTERVAL_SECONDS",
+    "EARLY_STOPPED",
+    "GROUP",
+    "HF_TOKEN_ENV",
+    "JOB_NAMESPACE_ENV",
+    "JOB_NAME_ENV",
+    "JOB_UID_ENV",
+    "KIND",
+    "LOG_EVERY_STEPS_ENV",
+    "MAX_CHECKPOINT_URI_LENGTH",
+    "MAX_EVALUATIONS",
+    "MAX_METRICS_PER_EVALUATION",
+    "MAX_METRIC_NAME_LENGTH",
+    "METRICS_ADDRESS_ENV",
+    "METRICS_PORT_ENV",
+    "OPERATOR_ENV",
+    "PLURAL",
+    "PRUNED",
+    "PVC_ROOT_ENV",
+    "REPORT_INTERVAL_ENV",
+    "SHARED_STATUS_KEYS",
+    "SHORT_NAMES",
+    "SINGULAR",
+    "STOP_ANNOTATION",
+    "STOP_REASON_ANNOTATION",
+    "SWEEP_FINISHED",
+    "TRAINER_STATUS_KEYS",
+    "USER_ENV",
+    "USER_REQUESTED",
+    "VERSION",
+    "BestResult",
+    "EvaluationRecord",
+    "Progress",
+    "StatusModel",
+    "TrainerStatus",
+    "wire_keys",
+]
+
+# The API's names.
+GROUP: Final = "finetune.dev"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+KIND: Final = "FineTuneJob"
+PLURAL: Final = "finetunejobs"
+SINGULAR: Final = "finetunejob"
+SHORT_NAMES: Final = ("ftj",)
+CATEGORIES: Final = ("finetune",)
+
+# Annotations.
+STOP_ANNOTATION: Final = f"{GROUP}/stop-requested"
+"""``"true"`` asks the job to stop (a user, ``kubectl finetune stop``, a sweep); the trainer reads it too."""
+STOP_REASON_ANNOTATION: Final = f"{GROUP}/stop-reason"
+"""Set by a sweep beside ``finetune.dev/stop-requested: "true"``: Pruned or SweepFinished (anything else is a
+user's stop)."""
+
+# Stop reasons: what status.stopRequest.reason says (the operator writes it, the trainer reads it).
+EARLY_STOPPED: Final = "EarlyStopped"
+"""The early-stopping rule fired (the trainer stops as EarlyStopped; anything else is a plain stop)."""
+USER_REQUESTED: Final = "UserRequested"
+"""The stop annotation is set."""
+PRUNED: Final = "Pruned"
+"""Stop reason and Complete reason of a sweep trial its sweep judged unpromising."""
+SWEEP_FINISHED: Final = "SweepFinished"
+"""Stop reason of a trial still running when its sweep ended (goal reached, too many failed trials): it
+completes as Stopped, keeping its best checkpoint, instead of burning its GPUs for a finished search."""
+
+# The environment of a trainer pod.
+JOB_NAME_ENV: Final = "FINETUNE_JOB_NAME"
+JOB_NAMESPACE_ENV: Final = "FINETUNE_JOB_NAMESPACE"
+"""With the name: the FineTuneJob whose status the trainer reports to (without them it reports nowhere)."""
+JOB_UID_ENV: Final = "FINETUNE_JOB_UID"
+"""The FineTuneJob's uid: checkpoints of another uid at the same output location are not resumed."""
+METRICS_PORT_ENV: Final = "FINETUNE_METRICS_PORT"
+METRICS_ADDRESS_ENV: Final = "FINETUNE_METRICS_ADDRESS"
+"""Where /metrics listens: the pod IP (downward API) so pods sharing a network never collide; empty: all."""
+REPORT_INTERVAL_ENV: Final = "FINETUNE_REPORT_INTERVAL_SECONDS"
+PVC_ROOT_ENV: Final = "FINETUNE_PVC_ROOT"
+"""Where ``pvc://claim`` is mounted: ``<root>/claim``."""
+CPU_REQUEST_ENV: Final = "FINETUNE_CPU_REQUEST"
+"""The pod's CPU request in whole cores (rounded up), set by the operator through the downward API."""
+HF_TOKEN_ENV: Final = "HF_TOKEN"
+"""The model's token Secret (``spec.model.tokenSecretRef``)."""
+LOG_EVERY_STEPS_ENV: Final = "FINETUNE_LOG_EVERY_STEPS"
+
+DEFAULT_METRICS_PORT: Final = 9400
+DEFAULT_REPORT_INTERVAL_SECONDS: Final = 10
+DEFAULT_PVC_ROOT: Final = "/mnt/pvc"
+DEFAULT_LOG_EVERY_STEPS: Final = 10
+
+OPERATOR_ENV: Final = frozenset(
+    {
+        JOB_NAME_ENV,
+        JOB_NAMESPACE_ENV,
+        JOB_UID_ENV,
+        METRICS_PORT_ENV,
+        METRICS_ADDRESS_ENV,
+        REPORT_INTERVAL_ENV,
+        PVC_ROOT_ENV,
+        CPU_REQUEST_ENV,
+        HF_TOKEN_ENV,
+    }
+)
+"""What the operator sets on a trainer container (the last two only when the spec names a CPU request
+or a token Secret)."""
+USER_ENV: Final = frozenset({LOG_EVERY_STEPS_ENV})
+"""What the trainer also reads but the operator never sets (a user's ``extraEnv``, a laptop run)."""
+
+
+class StatusModel(BaseModel):
+    """Base of status models: camelCase; unknown fields ignored (written by several writers)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    def to_wire(self) -> dict[str, Any]:
+        """As stored: the fields that have a value."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    def to_patch(self) -> dict[str, Any]:
+        """As a JSON merge patch: every field given, ``None`` as ``null`` (which deletes a stored value);
+        fields not given keep what is stored."""
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+
+class Progress(StatusModel):
+    """Live training progress reported by the trainer."""
+
+    step: int = Field(0, description="Optimizer steps done.")
+    total_steps: int | None = Field(None, description="Optimizer steps planned.")
+    epoch: float = Field(0.0, description="Fractional epoch reached.")
+    total_epochs: float | None = Field(None, description="Epochs planned.")
+    percent: float = Field(0.0, description="step / totalSteps in percent.")
+    eta_seconds: int | None = Field(None, description="Estimated seconds to the end of training.")
+    samples_per_second: float | None = Field(None, description="Training throughput.")
+    train_loss: float | None = Field(None, description="Recent training loss.")
+    learning_rate: float | None = Field(None, description="Current learning rate.")
+    last_heartbeat_time: datetime | None = Field(None, description="When the trainer last reported.")
+    finalizing: bool | None = Field(
+        None,
+        description="True while the trainer restores the best weights and saves the final model after training: "
+        "a stop is then enforced only after twice stopGracePeriodSeconds.",
+    )
+
+
+class EvaluationRecord(StatusModel):
+    """One evaluation's results."""
+
+    step: int = Field(description="Step at which the evaluation ran.")
+    epoch: float | None = Field(None, description="Epoch at which the evaluation ran.")
+    metrics: dict[str, float] = Field(description="Metric name to value (loss, accuracy, f1, perplexity).")
+    time: datetime | None = Field(None, description="When the evaluation finished.")
+    train_loss: float | None = Field(
+        None,
+        description="The mean training loss of the steps since the previous evaluation, logged or not (for the "
+        "diagnosis).",
+    )
+
+
+class BestResult(StatusModel):
+    """The best evaluation so far and where its weights are."""
+
+    metric: str = Field(description="Monitored metric.")
+    value: float = Field(description="Best value.")
+    step: int = Field(description="Step of the best evaluation.")
+    epoch: float | None = Field(None, description="Epoch of the best evaluation.")
+    checkpoint: str | None = Field(None, description="URI of the checkpoint holding the best weights.")
+    majority_baseline: float | None = Field(
+        None,
+        description="Classification: accuracy of always predicting the most frequent validation label.",
+    )
+
+
+MAX_EVALUATIONS: Final = 200
+"""Evaluations kept in status: the trainer sends its most recent ones, the CRD and the admission policy
+allow no more. 200 (not the trainer's former 50): the API has always allowed 200, and a longer curve
+serves the diagnosis, ``kubectl finetune plot`` and a sweep's pruner; at most ~32 KB a patch."""
+MAX_METRICS_PER_EVALUATION: Final = 16
+MAX_METRIC_NAME_LENGTH: Final = 63
+MAX_CHECKPOINT_URI_LENGTH: Final = 2048
+
+
+class TrainerStatus(StatusModel):
+    """The status keys the trainer writes, as one merge patch (a key left unset keeps its stored value).
+    Every other status key is the operator's; the API server enforces the split with an admission
+    policy generated from ``TRAINER_STATUS_KEYS`` and the bounds above."""
+
+    progress: Progress | None = None
+    evaluations: list[EvaluationRecord] | None = Field(None, max_length=MAX_EVALUATIONS)
+    best: BestResult | None = None
+
+
+def wire_keys(model: type[BaseModel]) -> tuple[str, ...]:
+    """A model's field names as they are on the wire (camelCase), in order."""
+    return tuple(field.alias or name for name, field in model.model_fields.items())
+
+
+TRAINER_STATUS_KEYS: Final = wire_keys(TrainerStatus)
+"""The status keys the trainer writes (wire names); every other status key is the operator's."""
+SHARED_STATUS_KEYS: Final = ("best",)
+"""Trainer keys the operator writes too: it fills ``best`` from the evaluations only until the trainer
+reports one with its checkpoint (a trainer image that reports no best still gets one)."""
