@@ -143,8 +143,8 @@ def test_each_rank_caches_a_fixed_shard_and_a_run_resumed_mid_epoch_replays_it_i
     reports = [e["activationCache"] for e in events if e.get("event") == "freeze"]
     shards = [report["rankShard"] for report in reports]
     assert len(shards) == 2 and all(s["ranks"] == 2 and s["trainExamples"] == 96 // 2 for s in shards), shards
+    assert [r["storage"] for r in reports] == ["disk"] * 2, "the ranks together would take more than the budget"
     assert [r["memoryBudget"] for r in reports] == [spare // 2 // 2] * 2, "half the spare memory, shared by 2 ranks"
-    assert [r["storage"] for r in reports] == ["disk"] * 2
     weights = [torch.load(tmp_path / "whole" / f"rank-{rank}.pt") for rank in (0, 1)]
     differ = [name for name in weights[0] if not torch.equal(weights[0][name], weights[1][name])]
     assert differ == [], f"the ranks' weights diverged: {differ[:5]}"
