@@ -173,7 +173,9 @@ class EvaluationRecord(StatusModel):
     metrics: dict[str, float] = Field(description="Metric name to value (loss, accuracy, f1, perplexity).")
     time: datetime | None = Field(None, description="When the evaluation finished.")
     train_loss: float | None = Field(
-        None, description="The last logged training loss at this evaluation (for the diagnosis)."
+        None,
+        description="The mean training loss of the steps since the previous evaluation, logged or not (for the "
+        "diagnosis).",
     )
 
 
