@@ -21,11 +21,10 @@ from kubernetes import client
 from finetune_localcluster import procs
 from finetune_localcluster.kubeconfig import install_objects
 from finetune_localcluster.pytest_plugin import LocalCluster, own_cluster
-from finetune_operator.api import GROUP, VERSION
 from finetune_operator.crd import chart_api_objects
 from finetune_trainer import exitcodes
 from finetune_trainer.launch import GRACE_MARGIN_SECONDS
-from tests.e2e.conftest import Jobs, Operator, container_pid, running_operator
+from tests.e2e.conftest import Jobs, Operator, container_pid, real_job, running_operator
 from tests.trainer import tiny
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -92,22 +91,14 @@ def _shared_volumes(cluster: LocalCluster, core: client.CoreV1Api, namespace: st
 
 
 def _ddp_job(name: str, **spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"source": "pvc://models/tiny-bert", "task": "sequence-classification", "numLabels": 2},
-            "dataset": {"source": "pvc://datasets/sentiment", "validation": "validation.jsonl", "maxSeqLength": 32},
-            "freeze": {"strategy": "head-only", "gradualUnfreezing": {"startEpoch": 2, "layersPerEpoch": 1}},
-            "hyperparameters": {"learningRate": 1e-3, "batchSize": 8, "epochs": 4, "weightDecay": 0.0},
-            "evaluation": {"strategy": "epoch", "metrics": ["loss", "accuracy"]},
-            "output": {"location": f"pvc://outputs/{name}"},
-            "resources": {"nodes": 2, "gpusPerNode": 1},
-            **spec,
-        },
-    }
-    return body
+    """``real_job`` on two nodes, four epochs, thawing a layer an epoch from the second."""
+    return real_job(
+        name,
+        freeze={"strategy": "head-only", "layers": None, "gradualUnfreezing": {"startEpoch": 2, "layersPerEpoch": 1}},
+        hyperparameters={"epochs": 4},
+        resources={"nodes": 2, "gpusPerNode": 1},
+        **spec,
+    )
 
 
 def test_two_nodes_train_one_job_with_torchrun(two_nodes: tuple[LocalCluster, Operator]) -> None:
