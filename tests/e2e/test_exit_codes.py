@@ -116,7 +116,7 @@ def trainer_image() -> str | None:
     where the local node cannot run containers."""
     if not mountns.available():
         return None
-    (built,) = images.build_images(("trainer",))
+    (built,) = [image for image in images.build_images(("trainer",)) if image.target == "trainer"]
     return built.ref
 
 
