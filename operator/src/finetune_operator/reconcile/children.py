@@ -36,6 +36,7 @@ from finetune_operator.api import (
     PLURAL,
     PVC_ROOT_ENV,
     REPORT_INTERVAL_ENV,
+    TERMINATION_GRACE_ENV,
     FineTuneJob,
     quantity_value,
 )
@@ -52,6 +53,9 @@ CONFIG_HASH_ANNOTATION = "finetune.dev/config-hash"
 """On the pod template: a config edited while suspended changes the Job's hash, so it is replaced."""
 TRAINER_CONTAINER = "trainer"
 CONFIG_FILE = "config.yaml"
+TERMINATION_GRACE_SECONDS = 120
+"""The trainer pod's terminationGracePeriodSeconds: the time it has to save a checkpoint after SIGTERM.
+The trainer gets it in ``TERMINATION_GRACE_ENV`` too, so that torchrun waits as long for its workers."""
 _YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 """libyaml's dumper when PyYAML has it: the same YAML, an order of magnitude less CPU per job."""
 
@@ -280,6 +284,7 @@ def _env(job: FineTuneJob, settings: Settings, names: Names) -> list[Manifest]:
         {"name": METRICS_ADDRESS_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": REPORT_INTERVAL_ENV, "value": str(settings.report_interval_seconds)},
         {"name": PVC_ROOT_ENV, "value": settings.pvc_root},
+        {"name": TERMINATION_GRACE_ENV, "value": str(TERMINATION_GRACE_SECONDS)},
         {"name": "HF_HOME", "value": "/tmp/hf-home"},
         {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
     ]
@@ -410,7 +415,7 @@ def pod_template(job: FineTuneJob, settings: Settings) -> Manifest:
             "fsGroup": settings.run_as_user,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "terminationGracePeriodSeconds": 120,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "containers": [container],
         "volumes": volumes,
     }
