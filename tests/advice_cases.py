@@ -3,7 +3,6 @@ and the integration test (the generated ValidatingAdmissionPolicy on a real API 
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -12,7 +11,6 @@ from dataclasses import dataclass
 import yaml
 
 from finetune_localcluster.pytest_plugin import LocalCluster
-from finetune_operator.advice_policy import POLICY_NAME, build_policy
 from tests.manifests import Manifest, baseline
 
 
@@ -108,21 +106,12 @@ def warning_lines(stderr: str) -> list[str]:
 
 
 @contextmanager
-def advice_policy_bound(cluster: LocalCluster, namespace: str) -> Iterator[None]:
-    """The generated advice policy, bound to ``namespace`` alone (the rest of the suite never sees it), in force."""
-    policy, binding = copy.deepcopy(build_policy())
-    name = f"{POLICY_NAME}-{namespace}"
-    policy["metadata"]["name"] = binding["metadata"]["name"] = binding["spec"]["policyName"] = name
-    binding["spec"]["matchResources"] = {
-        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
-    }
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([policy, binding]))
+def advice_in_force(cluster: LocalCluster, namespace: str) -> Iterator[None]:
+    """The chart's advice policy (the ``crd`` fixture installs it cluster-wide, as the chart does) in force
+    in ``namespace``: a policy is type-checked before its binding takes effect everywhere."""
     probe = manifest(next(c for c in CASES if c.reason == "HighLearningRate"))
     deadline = time.monotonic() + 60
     while not warning_lines(apply_dry_run(cluster, namespace, probe)[1]):
         assert time.monotonic() < deadline, "the advice policy never took effect"
         time.sleep(0.5)
-    try:
-        yield
-    finally:
-        cluster.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", name, check=False)
+    yield

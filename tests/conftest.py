@@ -9,9 +9,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from kubernetes import client
 
-from finetune_localcluster.kubeconfig import install_admission_policy, install_crd
-from finetune_operator import admission
-from finetune_operator.crd import build_crd, build_sweep_crd
+from finetune_localcluster.kubeconfig import install_objects
+from finetune_operator.crd import build_crd, build_sweep_crd, chart_api_objects
 
 pytest_plugins = ["finetune_localcluster.pytest_plugin"]
 
@@ -21,12 +20,10 @@ if TYPE_CHECKING:
 
 @pytest.fixture(scope="session")
 def crd(local_cluster: LocalCluster) -> dict[str, Any]:
-    """The generated CRD applied to the API server and Established, with the admission policy that
-    keeps trainers to their own status keys (as the chart installs them together)."""
+    """The generated CRDs applied to the API server and Established, with every admission policy the chart
+    installs (trainers' own status keys, apply-time advice), in force."""
     with local_cluster.api_client() as api:
-        install_crd(api, build_crd())
-        install_crd(api, build_sweep_crd())  # with it, as the chart installs them: the operator watches both
-        install_admission_policy(api, admission.manifests())
+        install_objects(api, chart_api_objects())
     return build_crd()
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from finetune_trainer.early_stopping import EarlyStoppingState, Evaluated, explain, observe_all
+from finetune_trainer.spec import TrainingSpec
 from tests.manifests import baseline
 
 Manifest = dict[str, Any]
@@ -55,9 +57,20 @@ def running_status() -> Manifest:
     }
 
 
+def _stopped_reason() -> str:
+    """What the operator writes when the baseline's rule fires: the shared rule's own words."""
+    rule = TrainingSpec.model_validate(baseline("demo")["spec"]).early_stopping
+    assert rule is not None
+    evaluated = [Evaluated(r["step"], r["metrics"]["accuracy"]) for r in evaluations()]
+    evaluated.append(Evaluated(200, 0.85))
+    state = observe_all(rule, EarlyStoppingState(), evaluated)
+    assert state.triggered
+    return explain(rule, state)
+
+
 def early_stopped_status() -> Manifest:
     status = running_status()
-    reason = "accuracy did not improve on 0.86 (step 100) for 2 evaluations"
+    reason = _stopped_reason()
     status["phase"] = "EarlyStopped"
     status["conditions"] = [
         condition("Running", "False", "EarlyStopped", reason),

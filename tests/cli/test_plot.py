@@ -25,10 +25,14 @@ def _xy(line: Line2D) -> tuple[list[float], list[float]]:
     return np.asarray(line.get_xdata()).tolist(), np.asarray(line.get_ydata()).tolist()
 
 
-def test_two_panels_eval_loss_and_metrics_with_the_best_point_marked() -> None:
-    fig = curves_figure(parse_job(job(status=early_stopped_status())))
+def test_two_panels_losses_and_metrics_with_the_best_point_marked() -> None:
+    status = early_stopped_status()
+    for record, train_loss in zip(status["evaluations"], (0.66, 0.38, 0.29, 0.2), strict=True):
+        record["trainLoss"] = train_loss
+    fig = curves_figure(parse_job(job(status=status)))
     loss_ax, metric_ax = fig.axes
-    assert set(_curves(loss_ax)) == {"eval loss"}
+    assert set(_curves(loss_ax)) == {"eval loss", "train loss"}
+    assert _xy(_curves(loss_ax)["train loss"]) == ([50, 100, 150, 200], [0.66, 0.38, 0.29, 0.2])
     metric_curves = _curves(metric_ax)
     assert set(metric_curves) == {"eval accuracy", "eval f1", "best accuracy 0.86 @ step 100"}
     assert _xy(metric_curves["eval accuracy"]) == ([50, 100, 150, 200], [0.71, 0.86, 0.84, 0.85])

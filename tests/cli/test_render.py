@@ -102,7 +102,8 @@ def test_describe_covers_spec_status_conditions_evaluations_why_and_best() -> No
         "lr=3e-05 linear, batch=16x1, epochs=3",
         "Early stopping:   accuracy (max), patience 2, minDelta 0, restore best",
         "Outcome:    Complete (EarlyStopped)",
-        "Why it stopped: Early stopping: accuracy did not improve on 0.86 (step 100) for 2 evaluations",
+        "Why it stopped: Early stopping: accuracy did not improve by more than 0.0 (max) for 2 evaluations; "
+        "best 0.86 at step 100",
         "accuracy=0.86 at step 100: file:///out/ckpt-100",
     ):
         assert " ".join(expected.split()) in " ".join(text.split()), f"{expected!r} not in:\n{text}"
@@ -112,6 +113,7 @@ def test_describe_covers_spec_status_conditions_evaluations_why_and_best() -> No
     assert evaluations[2].rstrip().endswith("*") and not evaluations[3].rstrip().endswith("*")
     assert "Regularization: maxGradNorm=1" in " ".join(text.split())
     assert "  TYPE       STATUS   REASON" in text
+    assert "early stopping: early stopping" not in text.lower(), "the rule's words do not repeat the label"
 
 
 def test_describe_of_a_failed_job_says_why() -> None:

@@ -35,6 +35,7 @@ def test_watch_redraws_in_place_on_a_tty_and_ends_with_the_outcome() -> None:
     text = out.getvalue()
     assert text.count("\r") == 3 and text.count("\x1b[K") == 3
     assert text.endswith(
-        "\ndemo Complete (EarlyStopped): accuracy did not improve on 0.86 (step 100) for 2 evaluations\n"
+        "\ndemo Complete (EarlyStopped): accuracy did not improve by more than 0.0 (max) for 2 evaluations; "
+        "best 0.86 at step 100\n"
     )
     assert "\n" not in text.split("\r")[1], "progress updates stay on one line"

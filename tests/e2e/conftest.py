@@ -18,6 +18,7 @@ import pytest
 import yaml
 from kubernetes import client
 
+from finetune_localcluster import procs
 from finetune_localcluster.cluster import free_port
 from finetune_localcluster.kubeconfig import service_account_kubeconfig
 from finetune_localcluster.pytest_plugin import LocalCluster
@@ -26,6 +27,7 @@ from finetune_operator.rbac import cluster_role
 from tests.trainer import tiny
 
 FAKE_TRAINER = Path(__file__).with_name("fake_trainer.py")
+BROKEN_ENV_TRAINER = Path(__file__).with_name("broken_env_trainer.py")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -54,6 +56,13 @@ def pytest_configure(config: pytest.Config) -> None:
                     "entrypoint": [sys.executable, str(FAKE_TRAINER), "exit", str(code)],
                 }
                 for code in (0, 1, 2, 3, 4, 6)
+            ]
+            + [
+                {
+                    "match": rf"finetune-test/real-{mode}(:|$)",
+                    "entrypoint": [sys.executable, str(BROKEN_ENV_TRAINER), mode],
+                }
+                for mode in ("no-cuda", "port-taken")
             ]
         )
     )
@@ -224,6 +233,15 @@ class Jobs:
 def jobs(local_cluster: LocalCluster, operator: Operator, namespace: str) -> Iterator[Jobs]:
     with local_cluster.api_client() as api:
         yield Jobs(api, namespace, operator)
+
+
+def container_pid(cluster: LocalCluster, pod: client.V1Pod, container: str = "trainer") -> int:
+    """The pid of a running pod's container process on its local node: what kubelet signals (SIGTERM)."""
+    node = pod.spec.node_name
+    pids = cluster.state_dir / "run" / ("pods" if node == "local-node" else f"pods-{node}")
+    pid = procs.read_pidfile(pids / f"{pod.metadata.uid}_{container}.pid")
+    assert pid is not None, f"{pod.metadata.name} runs no {container} container"
+    return pid
 
 
 def fake_job(name: str, image: str, tmp: Path, **spec: Any) -> dict[str, Any]:

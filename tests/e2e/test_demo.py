@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from finetune_localcluster.cluster import Cluster, free_port
+from finetune_localcluster.pytest_plugin import LocalCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -67,6 +68,16 @@ def test_demo_fine_tunes_minilm_and_reports_everywhere(tmp_path: Path) -> None:
         assert best["metric"] == "accuracy"
         assert best["value"] >= majority + 0.15, f"accuracy {best['value']} vs majority baseline {majority}"
         print(f"best accuracy {best['value']:.3f} vs majority baseline {majority:.3f}")
+
+        too_fast = yaml.safe_load(
+            (Path(__file__).resolve().parents[2] / "examples" / "minilm-rotten-tomatoes.yaml").read_text()
+        )
+        too_fast["metadata"] = {"name": "too-fast", "namespace": "finetune-demo"}
+        too_fast["spec"]["hyperparameters"]["learningRate"] = 0.1
+        applied = LocalCluster(Cluster(state)).kubectl(
+            "apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump(too_fast), check=False
+        )
+        assert applied.returncode == 0 and "Warning:" in applied.stderr, applied.stderr  # the README's promise
 
         png = (output / "curves.png").read_bytes()
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000

@@ -7,8 +7,8 @@ GPU (tests/e2e/fake_trainer.py ``resumable``: 40 steps in ~10 s,
 an evaluation every 5, a checkpoint on SIGTERM). Prints the figures the docs quote: time from
 Kueue's admission to the first training step, and the steps lost to one preemption.
 
-The four scenarios run at once (``scenarios``), each in a namespace and ClusterQueue of its own
-(2 + 1 + 1 + 1 GPUs of the node's 5): the trainers only sleep, so the module takes as long as its
+The five scenarios run at once (``scenarios``), each in a namespace and ClusterQueue of its own
+(2 + 1 + 1 + 1 + 1 GPUs of the node's 6): the trainers only sleep, so the module takes as long as its
 longest scenario rather than their sum. Each test reports its own scenario's outcome.
 """
 
@@ -25,10 +25,9 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from finetune_localcluster.kubeconfig import install_admission_policy, install_crd
+from finetune_localcluster.kubeconfig import install_objects
 from finetune_localcluster.pytest_plugin import LocalCluster
-from finetune_operator import admission
-from finetune_operator.crd import build_crd
+from finetune_operator.crd import chart_api_objects
 from finetune_operator.reconcile.children import Names
 from tests.e2e.conftest import Jobs, Operator, fake_job, running_operator
 
@@ -45,8 +44,7 @@ def kueue_operator(kueue_cluster: LocalCluster, tmp_path_factory: pytest.TempPat
     resync in the module's time: every status change Kueue causes (queued and why, inadmissible, admitted,
     preempted) must reach the job through watch events, the Workload's and the trainer Job's."""
     with kueue_cluster.api_client() as api:
-        install_crd(api, build_crd())
-        install_admission_policy(api, admission.manifests())
+        install_objects(api, chart_api_objects())
     with running_operator(kueue_cluster, tmp_path_factory.mktemp("kueue-operator"), resync_seconds=3600) as running:
         yield running
 
@@ -73,6 +71,7 @@ def scenarios(
         "preemption": _preemption,
         "user-suspend": _user_suspend,
         "stopped-in-queue": _stopped_in_queue,
+        "one-after-the-other": _one_after_the_other,
     }
     with ThreadPoolExecutor(len(runs)) as pool:
         futures = {
@@ -86,8 +85,8 @@ def scenarios(
 
 
 def kueue_objects(api: client.ApiClient, namespace: str, queue: str, gpus: int, preempt: bool = False) -> None:
-    """A ResourceFlavor, a ClusterQueue with ``gpus`` GPUs (CPU, memory and scratch space plenty),
-    and a LocalQueue ``queue`` for it in ``namespace``."""
+    """A ResourceFlavor, a ClusterQueue with ``gpus`` GPUs (CPU and memory plenty) covering what Kueue's own
+    examples cover (cpu, memory, the GPU; no ephemeral-storage), and a LocalQueue ``queue`` for it in ``namespace``."""
     custom = client.CustomObjectsApi(api)
 
     def create(plural: str, body: dict[str, Any], namespaced: bool = False) -> None:
@@ -99,7 +98,7 @@ def kueue_objects(api: client.ApiClient, namespace: str, queue: str, gpus: int, 
 
     flavor = f"{queue}-flavor"
     create("resourceflavors", {"kind": "ResourceFlavor", "metadata": {"name": flavor}})
-    resources = {"cpu": 64, "memory": "256Gi", "ephemeral-storage": "1Ti", "nvidia.com/gpu": gpus}
+    resources = {"cpu": 64, "memory": "256Gi", "nvidia.com/gpu": gpus}
     spec: dict[str, Any] = {
         "namespaceSelector": {},
         "resourceGroups": [
@@ -213,6 +212,27 @@ def _queueing(cluster: LocalCluster, jobs: Jobs, tmp_path: Path) -> None:
         f"\nKueue admission -> first training step: {waiter_run['started'] + 0.25 - admitted.timestamp():.1f} s "
         "(admission time has 1 s resolution)"
     )
+
+
+def _one_after_the_other(cluster: LocalCluster, jobs: Jobs, tmp_path: Path) -> None:
+    """Two 1-GPU jobs on a 1-GPU ClusterQueue that covers cpu, memory and GPUs only: both run, one after the
+    other (trainer pods once requested ephemeral-storage, and neither was ever admitted). A job that sets
+    resources.ephemeralStorage asks for what the queue does not cover: Inadmissible, with the fix."""
+    kueue_objects(jobs.api, jobs.namespace, "plain", gpus=1)
+    one = {"image": RESUMABLE, "gpusPerNode": 1}
+    for name in ("one", "two"):
+        jobs.create(fake_job(name, RESUMABLE, tmp_path, queueName="plain", resources=one))
+    scratch = {**one, "ephemeralStorage": "5Gi"}
+    jobs.create(fake_job("scratch", RESUMABLE, tmp_path, queueName="plain", resources=scratch))
+    stalled = jobs.wait_condition("scratch", "Stalled", "Inadmissible", timeout=60)
+    assert "resource ephemeral-storage unavailable in ClusterQueue" in stalled["status"]["message"], stalled
+    assert "unset spec.resources.ephemeralStorage" in stalled["status"]["message"]
+    done = {n: jobs.wait_condition(n, "Complete", "Succeeded", timeout=120) for n in ("one", "two")}
+    second = max(done, key=lambda n: admitted_at(jobs.api, jobs.namespace, Names.of(n).job))
+    (first,) = done.keys() - {second}
+    first_done = datetime.fromisoformat(done[first]["status"]["completionTime"])
+    assert admitted_at(jobs.api, jobs.namespace, Names.of(second).job) >= first_done.replace(microsecond=0)
+    assert runs(tmp_path / "scratch") == [] and condition(jobs.get("scratch"), "Stalled")["status"] == "True"
 
 
 def _preemption(cluster: LocalCluster, jobs: Jobs, tmp_path: Path) -> None:
@@ -336,3 +356,9 @@ def test_a_job_stopped_in_the_queue_never_runs_and_a_suspended_one_is_not_admitt
     scenarios: dict[str, Future[None]],
 ) -> None:
     scenarios["stopped-in-queue"].result()
+
+
+def test_two_jobs_run_one_after_the_other_on_a_queue_without_ephemeral_storage(
+    scenarios: dict[str, Future[None]],
+) -> None:
+    scenarios["one-after-the-other"].result()

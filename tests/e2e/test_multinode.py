@@ -19,12 +19,12 @@ import pytest
 from kubernetes import client
 
 from finetune_localcluster import procs
-from finetune_localcluster.kubeconfig import install_admission_policy, install_crd
+from finetune_localcluster.kubeconfig import install_objects
 from finetune_localcluster.pytest_plugin import LocalCluster, own_cluster
-from finetune_operator import admission
-from finetune_operator.api import GROUP, VERSION
-from finetune_operator.crd import build_crd
-from tests.e2e.conftest import Jobs, Operator, running_operator
+from finetune_operator.crd import chart_api_objects
+from finetune_trainer import exitcodes
+from finetune_trainer.launch import GRACE_MARGIN_SECONDS
+from tests.e2e.conftest import Jobs, Operator, container_pid, real_job, running_operator
 from tests.trainer import tiny
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -34,8 +34,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalCluster, Operator]]:
     with own_cluster(tmp_path_factory.mktemp("two-nodes"), nodes=2, gpus=1) as cluster:
         with cluster.api_client() as api:
-            install_crd(api, build_crd())
-            install_admission_policy(api, admission.manifests())
+            install_objects(api, chart_api_objects())
         with running_operator(cluster, tmp_path_factory.mktemp("two-nodes-operator")) as operator:
             yield cluster, operator
 
@@ -47,15 +46,24 @@ def _kill_rank(cluster: LocalCluster, core: client.CoreV1Api, namespace: str, in
         for p in core.list_namespaced_pod(namespace, label_selector="batch.kubernetes.io/job-name=ddp-trainer").items
         if p.metadata.annotations["batch.kubernetes.io/job-completion-index"] == index and p.status.phase == "Running"
     ]
-    node = pod.spec.node_name
-    pids = cluster.state_dir / "run" / ("pods" if node == "local-node" else f"pods-{node}")
-    container = procs.read_pidfile(pids / f"{pod.metadata.uid}_trainer.pid")
-    assert container is not None, f"{pod.metadata.name} runs no trainer"
+    container = container_pid(cluster, pod)
     rank = [pid for pid in procs.descendants(container) if _is_rank(pid)]  # torchrun: own session
     assert rank, f"{pod.metadata.name}: no trainer process under torchrun"
     for pid in rank:  # the rank and any helper it forked (data loader workers)
         os.kill(pid, signal.SIGKILL)
     return str(pod.metadata.name)
+
+
+def _group_commands(pgid: int) -> list[list[str]]:
+    """The command lines of process group ``pgid`` (a container's: the launcher and torchrun)."""
+    commands = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                commands.append((d / "cmdline").read_bytes().decode().split("\0"))
+        except OSError:
+            continue
+    return commands
 
 
 def _is_rank(pid: int) -> bool:
@@ -66,6 +74,33 @@ def _is_rank(pid: int) -> bool:
     return b"finetune_trainer.cli" in argv and not {b"torch.distributed.run", b"finetune_trainer.launch"} & set(argv)
 
 
+def _shared_volumes(cluster: LocalCluster, core: client.CoreV1Api, namespace: str) -> Path:
+    """ReadWriteMany claims models (tiny-bert), datasets (sentiment) and outputs; their host directory."""
+    volumes = cluster.state_dir / "volumes" / namespace
+    for claim in ("models", "datasets", "outputs"):
+        core.create_namespaced_persistent_volume_claim(
+            namespace,
+            {
+                "metadata": {"name": claim},
+                "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
+            },
+        )
+    tiny.save_model(volumes / "models" / "tiny-bert")
+    tiny.write_sentiment(volumes / "datasets" / "sentiment", n_train=64, n_val=32)
+    return volumes
+
+
+def _ddp_job(name: str, **spec: Any) -> dict[str, Any]:
+    """``real_job`` on two nodes, four epochs, thawing a layer an epoch from the second."""
+    return real_job(
+        name,
+        freeze={"strategy": "head-only", "layers": None, "gradualUnfreezing": {"startEpoch": 2, "layersPerEpoch": 1}},
+        hyperparameters={"epochs": 4},
+        resources={"nodes": 2, "gpusPerNode": 1},
+        **spec,
+    )
+
+
 def test_two_nodes_train_one_job_with_torchrun(two_nodes: tuple[LocalCluster, Operator]) -> None:
     cluster, operator = two_nodes
     nodes = client.CoreV1Api(cluster.api_client()).list_node().items
@@ -74,35 +109,11 @@ def test_two_nodes_train_one_job_with_torchrun(two_nodes: tuple[LocalCluster, Op
         ("local-node-2", "1"),
     ]
     namespace = cluster.create_namespace("multinode")
-    volumes = cluster.state_dir / "volumes" / namespace
     with cluster.api_client() as api:
         core = client.CoreV1Api(api)
-        for claim in ("models", "datasets", "outputs"):
-            core.create_namespaced_persistent_volume_claim(
-                namespace,
-                {
-                    "metadata": {"name": claim},
-                    "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
-                },
-            )
-        tiny.save_model(volumes / "models" / "tiny-bert")
-        tiny.write_sentiment(volumes / "datasets" / "sentiment", n_train=64, n_val=32)
+        volumes = _shared_volumes(cluster, core, namespace)
         jobs = Jobs(api, namespace, operator)
-        body: dict[str, Any] = {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "FineTuneJob",
-            "metadata": {"name": "ddp"},
-            "spec": {
-                "model": {"source": "pvc://models/tiny-bert", "task": "sequence-classification", "numLabels": 2},
-                "dataset": {"source": "pvc://datasets/sentiment", "validation": "validation.jsonl", "maxSeqLength": 32},
-                "freeze": {"strategy": "head-only", "gradualUnfreezing": {"startEpoch": 2, "layersPerEpoch": 1}},
-                "hyperparameters": {"learningRate": 1e-3, "batchSize": 8, "epochs": 4, "weightDecay": 0.0},
-                "evaluation": {"strategy": "epoch", "metrics": ["loss", "accuracy"]},
-                "output": {"location": "pvc://outputs/ddp"},
-                "resources": {"nodes": 2, "gpusPerNode": 1},
-            },
-        }
-        jobs.create(body)
+        jobs.create(_ddp_job("ddp"))
         # Rank 1 dies once rank 0 has written the first checkpoint (step 4 of 16) and while they train on.
         first = volumes / "outputs" / "ddp" / "checkpoints" / "checkpoint-4" / "finetune-complete"
         deadline = time.monotonic() + 300
@@ -139,3 +150,53 @@ def test_two_nodes_train_one_job_with_torchrun(two_nodes: tuple[LocalCluster, Op
     assert not {"log", "evaluation", "checkpoint", "result"} & {e["event"] for e in events["1"]}, (
         "rank 1 reports nothing"
     )
+
+
+def test_a_drained_node_exits_terminated_on_every_node_index(two_nodes: tuple[LocalCluster, Operator]) -> None:
+    """SIGTERM to node index 1's pod (a drain, a preemption: kubelet signals the container's process, the
+    launcher) ends both pods with 75, which the podFailurePolicy ignores: with backoffLimit 0 the Job goes on
+    with new pods. torchrun gives its workers the pod's grace period to save, not its default 30 s."""
+    cluster, operator = two_nodes
+    namespace = cluster.create_namespace("drain")
+    with cluster.api_client() as api:
+        core = client.CoreV1Api(api)
+        _shared_volumes(cluster, core, namespace)
+        jobs = Jobs(api, namespace, operator)
+        jobs.create(_ddp_job("drained", backoffLimit=0))
+        jobs.wait(
+            "drained", "training", lambda j: ((j.get("status") or {}).get("progress") or {}).get("step", 0) >= 1, 300
+        )
+        selector = "batch.kubernetes.io/job-name=drained-trainer"
+        first = {
+            p.metadata.annotations["batch.kubernetes.io/job-completion-index"]: p
+            for p in core.list_namespaced_pod(namespace, label_selector=selector).items
+        }
+        launcher = container_pid(cluster, first["1"])
+        grace = first["1"].spec.termination_grace_period_seconds
+        torchrun = [argv for argv in _group_commands(launcher) if "torch.distributed.run" in argv]
+        assert [a for argv in torchrun for a in argv if a.startswith("--shutdown")] == [
+            f"--shutdown-timeout={grace - GRACE_MARGIN_SECONDS}"
+        ], "torchrun SIGKILLs its workers when the pod's grace period ends, not after its default 30 s"
+        os.kill(launcher, signal.SIGTERM)
+
+        def exit_codes() -> dict[str, int | None]:
+            codes: dict[str, int | None] = {}
+            for index, pod in first.items():
+                (status,) = core.read_namespaced_pod(pod.metadata.name, namespace).status.container_statuses
+                codes[index] = status.state.terminated.exit_code if status.state.terminated else None
+            return codes
+
+        deadline = time.monotonic() + 200
+        while None in exit_codes().values():
+            assert time.monotonic() < deadline, f"pods still running: {exit_codes()}\n{operator.tail()}"
+            time.sleep(0.5)
+        assert exit_codes() == {"0": exitcodes.TERMINATED.code, "1": exitcodes.TERMINATED.code}
+        deadline = time.monotonic() + 120
+        while not {p.metadata.name for p in core.list_namespaced_pod(namespace, label_selector=selector).items} - {
+            p.metadata.name for p in first.values()
+        }:
+            assert time.monotonic() < deadline, "the Job made no new pods"
+            time.sleep(0.5)
+        conditions = (jobs.get("drained").get("status") or {}).get("conditions", [])
+        assert not [c for c in conditions if c["type"] == "Failed" and c["status"] == "True"], conditions
+        jobs.delete("drained")

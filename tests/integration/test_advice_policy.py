@@ -1,7 +1,7 @@
 """The generated advice policy on a real API server: each warning appears on `kubectl apply`, none for examples.
 
-The policy is bound to this module's namespace only (a namespaceSelector), so the rest of the suite,
-sharing the control plane, never sees it.
+The policy is installed cluster-wide by the ``crd`` fixture, as the chart installs it (its warnings never
+reject, so the rest of the suite is unaffected).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from kubernetes import client
 from finetune_localcluster.pytest_plugin import LocalCluster
 from finetune_operator.advice_policy import POLICY_NAME
 from finetune_trainer.advice import RULES
-from tests.advice_cases import CASES, Case, advice_policy_bound, apply_dry_run, manifest, warning_lines
+from tests.advice_cases import CASES, Case, advice_in_force, apply_dry_run, manifest, warning_lines
 from tests.manifests import EXAMPLES, example
 
 pytestmark = pytest.mark.integration
@@ -25,10 +25,10 @@ MESSAGES = {rule.reason: rule.message for rule in RULES}
 
 @pytest.fixture(scope="module")
 def advised(local_cluster: LocalCluster, crd: Any) -> Iterator[str]:
-    """A namespace with the advice policy bound to it alone; returns once the policy is in force."""
+    """A namespace of its own; returns once the advice policy is in force there."""
     namespace = local_cluster.create_namespace("advice")
     try:
-        with advice_policy_bound(local_cluster, namespace):
+        with advice_in_force(local_cluster, namespace):
             yield namespace
     finally:
         with local_cluster.api_client() as api:

@@ -1,5 +1,5 @@
 """Manifest fuzzing on the real API server: pydantic and the CRD agree, the core never crashes, and the advice
-policy (bound to the test's namespace) warns exactly what `kubectl finetune advise` prints, never rejecting.
+policy (installed as the chart does) warns exactly what `kubectl finetune advise` prints, never rejecting.
 
 Seeded and capped here (FINETUNE_FUZZ_EXAMPLES, default 200); ``benchmarks/manifest_fuzz.py`` runs more."""
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from finetune_localcluster.pytest_plugin import LocalCluster
-from tests.advice_cases import advice_policy_bound
+from tests.advice_cases import advice_in_force
 from tests.fuzz_manifests import Verdicts, judge, spec_strategy
 
 pytestmark = pytest.mark.integration
@@ -22,7 +22,7 @@ EXAMPLES = int(os.environ.get("FINETUNE_FUZZ_EXAMPLES", "200"))
 
 def test_generated_manifests(local_cluster: LocalCluster, crd: Any, namespace: str) -> None:
     verdicts = Verdicts()
-    with local_cluster.api_client() as api, advice_policy_bound(local_cluster, namespace):
+    with local_cluster.api_client() as api, advice_in_force(local_cluster, namespace):
 
         @settings(
             max_examples=EXAMPLES,

@@ -1,4 +1,5 @@
-"""The rendered trainer Job on a real API server: its podFailurePolicy and scratch limits are valid as written."""
+"""The rendered trainer Job on a real API server: its podFailurePolicy and scratch limits are valid as written,
+and a job that sets no scratch size requests no ephemeral-storage once stored."""
 
 from __future__ import annotations
 
@@ -30,4 +31,6 @@ def test_the_api_server_accepts_the_trainer_job(
     rules = created.spec.pod_failure_policy.rules
     assert [rule.action for rule in rules] == ["FailJob", "Ignore", "Count", "Ignore"]
     container = created.spec.template.spec.containers[0]
-    assert "ephemeral-storage" in container.resources.limits
+    asked = "ephemeralStorage" in resources  # unset: no limit the API server would copy into a request
+    limits, requests = container.resources.limits or {}, container.resources.requests or {}
+    assert ("ephemeral-storage" in limits) == asked and ("ephemeral-storage" in requests) == asked

@@ -6,8 +6,8 @@ to ``<output>/rank-<RANK>.pt`` and its result to ``<output>/rank-<RANK>.json``. 
 way one rank's verdict could differ from the others'. With ``PRIVATE_OUTPUT_RANK=N``, rank N
 writes to an output location of its own (storage the nodes do not share). With ``COUNT_FROZEN_CALLS=1``, the
 result also says how often the tiny BERT's lowest (frozen) block ran in training and in evaluation; it always lists
-the example indices of each training batch (when the activation cache indexes them). ``ACTIVATION_MEMORY_BUDGET=N``
-makes the activation cache see N bytes of memory to spare (a small N: it spills to disk). With
+the example indices of each training batch (when the activation cache indexes them). ``ACTIVATION_SPARE_MEMORY=N``
+makes the activation cache see N bytes of memory to spare in the pod (a small N: it spills to disk). With
 ``TERMINATE_AT_STEP=N``, every rank sees SIGTERM's stop at step N (checkpoint and leave). Trainer errors exit
 with their exit code and one line, as the CLI does.
 """
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from finetune_trainer import callbacks, run, trainer
+from finetune_trainer import activation_cache, callbacks, run, trainer
 from finetune_trainer.activation_cache import EXAMPLE_INDEX
 from finetune_trainer.config import RuntimeEnv
 from finetune_trainer.early_stopping import EarlyStoppingState
@@ -64,8 +64,8 @@ def main() -> None:
             return result
 
         run.apply_freeze = hooked  # type: ignore[assignment]
-    if "ACTIVATION_MEMORY_BUDGET" in os.environ:
-        run.memory_budget = lambda: int(os.environ["ACTIVATION_MEMORY_BUDGET"])  # type: ignore[attr-defined]
+    if "ACTIVATION_SPARE_MEMORY" in os.environ:
+        activation_cache.spare_memory = lambda: int(os.environ["ACTIVATION_SPARE_MEMORY"])
     if "TERMINATE_AT_STEP" in os.environ:
         on_step_end = callbacks.StopCallback.on_step_end
 

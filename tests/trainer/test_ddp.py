@@ -100,14 +100,33 @@ def _cached_wire(assets: dict[str, Path], out: Path) -> dict[str, Any]:
     return wire
 
 
+def _cache_bytes(assets: dict[str, Path], wire: dict[str, Any]) -> int:
+    """What caching every training and validation example of ``wire`` takes (float32, hidden size 32)."""
+    from transformers import AutoTokenizer
+
+    from finetune_trainer import data
+    from finetune_trainer.config import RuntimeEnv
+    from finetune_trainer.spec import TrainingSpec
+
+    processor = AutoTokenizer.from_pretrained(str(assets["bert"]))
+    prepared = data.prepare(TrainingSpec.model_validate(wire), RuntimeEnv.from_environ({}), processor, None)
+    assert prepared.validation is not None
+    return sum(len(ids) for rows in (prepared.train, prepared.validation) for ids in rows["input_ids"]) * 32 * 4
+
+
 def test_each_rank_caches_a_fixed_shard_and_a_run_resumed_mid_epoch_replays_it_in_the_same_order(
     assets: dict[str, Path], tmp_path: Path
 ) -> None:
     """Epoch 1 runs the frozen block on each rank's 3 batches; epochs 2-3 replay them all from the rank's
-    cache (spilled to disk: the budget is tiny). Stopped at step 4 (epoch 2's first step) and resumed: the
-    batches of the uninterrupted run, and every rank (not only the one that writes checkpoints) replays its
-    shard from the disk cache the first run left."""
-    spill = {"ACTIVATION_MEMORY_BUDGET": "1000", "COUNT_FROZEN_CALLS": "1"}
+    cache (spilled to disk: the pod's memory budget is smaller than the cache). Stopped at step 4 (epoch 2's
+    first step) and resumed: the batches of the uninterrupted run, and every rank (not only the one that writes
+    checkpoints) replays its shard from the disk cache the first run left."""
+    # Pod-wide, the cache (all examples) fits the spare memory but not half of it: one budget for the pod spills
+    # to disk. Each rank measuring its half of the cache against half of the spare memory kept it in memory, and
+    # with N ranks a pod took N/2 times the budget.
+    whole_cache = _cache_bytes(assets, _cached_wire(assets, tmp_path / "sizing"))
+    spare = whole_cache * 3 // 2
+    spill = {"ACTIVATION_SPARE_MEMORY": str(spare), "COUNT_FROZEN_CALLS": "1"}
 
     def ranks(out: Path, **env: str) -> list[dict[str, Any]]:
         return torchrun(tmp_path, _cached_wire(assets, out), **spill, **env)
@@ -121,8 +140,11 @@ def test_each_rank_caches_a_fixed_shard_and_a_run_resumed_mid_epoch_replays_it_i
         "the frozen prefix ran again after the first epoch"
     )
     events = [json.loads(line) for line in output.splitlines() if line.startswith('{"')]
-    shards = [e["activationCache"]["rankShard"] for e in events if e.get("event") == "freeze"]
-    assert shards and all(s["ranks"] == 2 and s["trainExamples"] == 96 // 2 for s in shards), shards
+    reports = [e["activationCache"] for e in events if e.get("event") == "freeze"]
+    shards = [report["rankShard"] for report in reports]
+    assert len(shards) == 2 and all(s["ranks"] == 2 and s["trainExamples"] == 96 // 2 for s in shards), shards
+    assert [r["storage"] for r in reports] == ["disk"] * 2, "the ranks together would take more than the budget"
+    assert [r["memoryBudget"] for r in reports] == [spare // 2 // 2] * 2, "half the spare memory, shared by 2 ranks"
     weights = [torch.load(tmp_path / "whole" / f"rank-{rank}.pt") for rank in (0, 1)]
     differ = [name for name in weights[0] if not torch.equal(weights[0][name], weights[1][name])]
     assert differ == [], f"the ranks' weights diverged: {differ[:5]}"

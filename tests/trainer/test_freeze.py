@@ -355,6 +355,74 @@ def test_frozen_dropout_is_off_and_trainable_dropout_on() -> None:
     assert all(on for n, on in dropouts.items() if n.startswith(("bert.encoder.layer.1.", "dropout")))
 
 
+def _dropout_modes_in_a_training_forward(model: torch.nn.Module) -> dict[str, bool]:
+    """Each dropout module's training flag as it ran in one forward of ``model.train()``."""
+    seen: dict[str, bool] = {}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            seen.setdefault(name, module.training)
+
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.register_forward_hook(record(name))
+    model.train()
+    ids = torch.randint(4, 30, (2, 8))
+    model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return seen
+
+
+def _gpt2() -> torch.nn.Module:
+    return tiny.build("gpt2", "causal-lm", layers=2)
+
+
+def _phi() -> torch.nn.Module:
+    """A tiny Phi: its embedding dropout is registered after its layers (only the order it runs in tells)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.PhiConfig(
+        vocab_size=len(tiny.VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=64, embd_pdrop=0.1, resid_pdrop=0.1,
+    )  # fmt: skip
+    return tf.PhiForCausalLM(config)
+
+
+@pytest.mark.parametrize(
+    ("build", "frozen", "trained"),
+    [
+        (_gpt2, ("transformer.drop", "transformer.h.0."), ("transformer.h.1.",)),
+        (_phi, ("model.embed_dropout", "model.layers.0."), ("model.layers.1.",)),
+    ],
+    ids=["gpt2", "phi"],
+)  # fmt: skip
+def test_parameter_free_dropout_in_the_frozen_prefix_is_off(
+    build: Callable[[], torch.nn.Module], frozen: tuple[str, ...], trained: tuple[str, ...]
+) -> None:
+    """A dropout that owns no parameters between the frozen embeddings and the first frozen block runs in eval mode,
+    as the frozen modules around it do; the trainable block's dropout still trains."""
+    model, _ = apply_freeze(build(), FreezeSpec(strategy="bottom-layers", layers=1), "causal-lm")
+    modes = _dropout_modes_in_a_training_forward(model)
+    assert any(name in modes for name in frozen if not name.endswith("."))
+    assert not [n for n, on in modes.items() if on and n.startswith(frozen)]
+    assert [n for n in modes if n.startswith(trained)] and all(modes[n] for n in modes if n.startswith(trained))
+
+
+def test_the_prefix_shrinks_when_gradual_unfreezing_thaws_its_blocks() -> None:
+    """Thawing every frozen block and the embeddings leaves no prefix: the embedding dropout trains again."""
+    model = tiny.build("gpt2", "causal-lm", layers=2)
+    spec = FreezeSpec(strategy="bottom-layers", layers=2, gradualUnfreezing={"startEpoch": 1, "layersPerEpoch": 1})
+    model, plan = apply_freeze(model, spec, "causal-lm")
+    assert _dropout_modes_in_a_training_forward(model)["transformer.drop"] is False
+    named = dict(model.named_parameters())
+    for unit in plan.thaw_units:
+        for name in unit:
+            named[name].requires_grad_(True)
+    assert _dropout_modes_in_a_training_forward(model)["transformer.drop"] is True
+
+
 def test_head_only_on_tied_embeddings_trains_an_untied_head() -> None:
     """GPT-2 ties lm_head to wte: head-only must not train the input embeddings through it."""
     model = tiny.build("gpt2", "causal-lm", layers=2)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from finetune_trainer import run as run_mod
 from finetune_trainer.cli import main
@@ -188,29 +188,34 @@ def test_tokenized_datasets_are_reused_from_the_output_volume(
 
 
 def _cache_run(
-    tmp_path: Path, assets: dict[str, Path], name: str, freeze: dict[str, Any], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    assets: dict[str, Path],
+    name: str,
+    freeze: dict[str, Any],
+    capsys: pytest.CaptureFixture[str],
+    kind: str = "bert",
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """3 epochs with the model's own dropout (0.1): equal weights with and without the cache mean equal
+    dropout masks in the trainable part too. They are: the frozen prefix runs in eval mode in both runs (see
+    freeze.PrefixEvalMode), so it draws no random numbers, and the seeded stream reaches the trainable layers
+    in the same order whether or not the prefix runs."""
     out = tmp_path / name
+    causal = kind != "bert"
     wire = tiny.spec(
-        assets["bert"],
-        assets["sentiment"],
+        assets[kind],
+        assets["text" if causal else "sentiment"],
         out,
+        task="causal-lm" if causal else "sequence-classification",
         freeze=freeze,
-        hyperparameters={
-            "learningRate": 1e-2,
-            "batchSize": 16,
-            "epochs": 3,
-            "seed": 0,
-            "weightDecay": 0.0,
-            "dropout": 0.0,
-        },
-        evaluation={"strategy": "epoch", "metrics": ["loss", "accuracy"]},
+        hyperparameters={"learningRate": 1e-2, "batchSize": 16, "epochs": 3, "seed": 0, "weightDecay": 0.0},
+        evaluation={"strategy": "epoch", "metrics": ["loss"] if causal else ["loss", "accuracy"]},
     )
     config = tmp_path / f"{name}.json"
     config.write_text(json.dumps(wire))
     assert main(["--config", str(config)]) == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    return AutoModelForSequenceClassification.from_pretrained(str(out / "model")).state_dict(), events
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    return auto.from_pretrained(str(out / "model")).state_dict(), events
 
 
 def _count_lowest_attention(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -259,6 +264,19 @@ def test_the_activation_cache_trains_the_same_weights_and_skips_the_frozen_layer
         assert len(attention_calls) == batches, "the frozen layers ran again after the first epoch"
     before = AutoModelForSequenceClassification.from_pretrained(str(assets["bert"])).state_dict()
     assert any(not torch.equal(before[n], plain[n]) for n in plain)
+    for name, value in plain.items():
+        torch.testing.assert_close(cached[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_activation_cache_replays_no_dropout_noise_of_the_frozen_prefix(
+    tmp_path: Path, assets: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """GPT-2's embedding dropout owns no parameters and sits in the frozen prefix: were it on, the cache would
+    replay epoch 1's mask in every epoch and train other weights than the run without the cache."""
+    freeze = {"strategy": "bottom-layers", "layers": 1}
+    plain, _ = _cache_run(tmp_path, assets, "plain", freeze, capsys, kind="gpt2")
+    cached, events = _cache_run(tmp_path, assets, "cached", {**freeze, "cacheActivations": True}, capsys, kind="gpt2")
+    assert next(e for e in events if e["event"] == "freeze")["activationCache"]["enabled"]
     for name, value in plain.items():
         torch.testing.assert_close(cached[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
@@ -349,6 +367,27 @@ def test_a_disk_store_trusts_only_what_was_persisted_for_the_same_key(tmp_path: 
     assert DiskStore(tmp_path / "rank-0", lengths, 4, "another model or data").reused == 3
     other.clear()
     assert not (tmp_path / "rank-0").exists()
+
+
+def test_a_rank_cleans_only_its_own_leftovers_in_the_shared_cache_folder(tmp_path: Path) -> None:
+    """Ranks of a pod start their disk stores side by side: rank 0 (a new key) must not delete the store rank 1 is
+    writing right now, only what its own killed predecessor left."""
+    from finetune_trainer.activation_cache import DiskStore
+
+    parent = tmp_path / "cache" / "activations"
+    writing = parent / ".tmp-rank-1-0123abcd"  # rank 1, inside atomic_directory
+    writing.mkdir(parents=True)
+    (writing / "activations.npy").write_bytes(b"rows")
+    tenth = parent / ".tmp-rank-10-0123abcd"
+    tenth.mkdir()
+    mine = parent / ".tmp-rank-0-89abcdef"  # rank 0's, from a killed run
+    mine.mkdir()
+    moved_aside = parent / ".tmp-rank-0-old-76543210"  # a replaced store of rank 0 whose successor never arrived
+    moved_aside.mkdir()
+    DiskStore(parent / "rank-0", [2, 1], 4, "key")
+    assert writing.is_dir() and (writing / "activations.npy").read_bytes() == b"rows" and tenth.is_dir()
+    assert not mine.exists() and not moved_aside.exists()
+    assert (parent / "rank-0" / "meta.json").is_file()
 
 
 def test_an_activation_cache_over_the_memory_budget_spills_to_disk_and_trains_the_same_weights(

@@ -14,7 +14,7 @@ import yaml
 
 from finetune_localcluster.helm import ensure_helm
 from finetune_operator.api import FineTuneJob
-from finetune_operator.crd import build_crd, build_sweep_crd
+from finetune_operator.crd import build_crd, build_sweep_crd, chart_api_objects
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.rbac import CLUSTER_SCOPED_RESOURCES, split_by_scope, user_cluster_roles
 from finetune_operator.reconcile.children import Settings, batch_job
@@ -180,3 +180,14 @@ def test_pod_monitor_selects_the_trainer_pods_and_their_metrics_port(helm: Path)
     )
     scoped_monitor = next(o for o in scoped if o["kind"] == "PodMonitor")
     assert scoped_monitor["spec"]["namespaceSelector"] == {"matchNames": ["ml-team", "research"]}
+
+
+def test_the_demo_and_the_tests_install_every_crd_and_admission_policy_the_chart_does(helm: Path) -> None:
+    """``chart_api_objects`` is what `make demo` and the test fixtures install: without the advice policy
+    there, the README's "kubectl apply warns" was not true on the demo's cluster."""
+    api_kinds = ("CustomResourceDefinition", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
+    rendered = {(o["kind"], o["metadata"]["name"]): o for o in _objects(helm) if o["kind"] in api_kinds}
+    installed = {(o["kind"], o["metadata"]["name"]): o for o in chart_api_objects()}
+    assert set(installed) == set(rendered)
+    for key, obj in installed.items():
+        assert rendered[key]["spec"] == obj["spec"], key

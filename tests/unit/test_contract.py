@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from finetune_operator.api import OPERATOR_STATUS_KEYS, FineTuneJob, FineTuneJobStatus
 from finetune_operator.crd import build_crd, render_policy
 from finetune_operator.reconcile import Settings
-from finetune_operator.reconcile.children import batch_job
+from finetune_operator.reconcile.children import TERMINATION_GRACE_SECONDS, batch_job
 from finetune_operator.reconcile.observe import OPERATOR_WRITES, status_patch
 from finetune_trainer import contract
 from finetune_trainer.config import RuntimeEnv
@@ -32,6 +32,7 @@ from finetune_trainer.contract import (
     TrainerStatus,
     wire_keys,
 )
+from finetune_trainer.launch import GRACE_MARGIN_SECONDS, shutdown_timeout
 from finetune_trainer.reporting import merge
 from tests.manifests import baseline, trainer_status_at_the_bounds
 
@@ -139,6 +140,7 @@ def test_every_env_name_the_operator_sets_the_trainer_reads_and_back() -> None:
     values = {e["name"]: e.get("value", f"<{e['name']}>") for e in rendered} | {contract.CPU_REQUEST_ENV: "4"}
     environ = Recording(values)
     env = RuntimeEnv.from_environ(environ)
+    assert shutdown_timeout(environ) == TERMINATION_GRACE_SECONDS - GRACE_MARGIN_SECONDS  # the torchrun launcher's
     # FINETUNE_CPU_REQUEST is the data loaders' (finetune_trainer.speed.available_cpus, tests/trainer/test_speed.py)
     assert environ.read | {contract.CPU_REQUEST_ENV} == OPERATOR_ENV | USER_ENV
     assert (env.job_name, env.job_namespace, env.job_uid) == ("envs", f"<{contract.JOB_NAMESPACE_ENV}>", "uid-1")

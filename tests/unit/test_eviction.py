@@ -14,16 +14,22 @@ from finetune_trainer import exitcodes
 from tests.unit.test_reconcile import NOW, conditions, job
 
 
-def test_scratch_space_is_requested_limited_and_sized() -> None:
+def test_scratch_space_is_bounded_and_requested_only_when_asked_for() -> None:
+    """Unset, the pod requests no ephemeral-storage (nor a limit, which the API server would copy to a
+    request): a Kueue ClusterQueue covering cpu, memory and GPUs admits it. The scratch volume stays bounded."""
     pod = batch_job(job(), Settings())["spec"]["template"]["spec"]
-    resources = pod["containers"][0]["resources"]
-    assert resources["limits"]["ephemeral-storage"] == "20Gi"
-    assert resources["requests"]["ephemeral-storage"] == "1Gi"
+    resources = pod["containers"][0].get("resources") or {}
+    assert "ephemeral-storage" not in resources.get("limits", {})
+    assert "ephemeral-storage" not in resources.get("requests", {})
     tmp = next(v for v in pod["volumes"] if v["name"] == "tmp")
-    assert tmp["emptyDir"] == {"sizeLimit": "20Gi"}
+    assert tmp["emptyDir"] == {"sizeLimit": "20Gi"}, "outgrowing it is still an eviction"
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
     assert env["HF_HOME"].startswith("/tmp/"), "the Hugging Face cache lives in the bounded volume"
 
+    large = batch_job(job(resources={"ephemeralStorage": "50Gi"}), Settings())["spec"]["template"]["spec"]
+    assert large["containers"][0]["resources"]["limits"]["ephemeral-storage"] == "50Gi"
+    assert large["containers"][0]["resources"]["requests"]["ephemeral-storage"] == "1Gi"
+    assert next(v for v in large["volumes"] if v["name"] == "tmp")["emptyDir"] == {"sizeLimit": "50Gi"}
     small = batch_job(job(resources={"ephemeralStorage": "500Mi"}), Settings())["spec"]["template"]["spec"]
     assert small["containers"][0]["resources"]["requests"]["ephemeral-storage"] == "500Mi", "request <= limit"
 
@@ -48,7 +54,8 @@ def _evicted_pod(name: str) -> dict[str, object]:
         "status": {
             "phase": "Failed",
             "reason": "Evicted",
-            "message": "Pod ephemeral local storage usage exceeds the total limit of containers 20Gi.",
+            # The kubelet's words for the scratch volume's sizeLimit (the pod sets no ephemeral-storage limit)
+            "message": 'Usage of EmptyDir volume "tmp" exceeds the limit "20Gi". ',
             "containerStatuses": [
                 {"name": "trainer", "state": {"terminated": {"exitCode": 137, "reason": "Error"}}},
             ],
@@ -58,7 +65,7 @@ def _evicted_pod(name: str) -> dict[str, object]:
 
 def test_repeated_evictions_fail_the_job_saying_so() -> None:
     pods = tuple(observe_pod(_evicted_pod(f"p{i}")) for i in range(3))
-    assert pods[0].reason == "Evicted" and "exceeds the total limit" in pods[0].message
+    assert pods[0].reason == "Evicted" and 'volume "tmp" exceeds the limit' in pods[0].message
     failed = ObservedJob(failed=3, failed_condition=True, failed_reason="BackoffLimitExceeded")
     decision = decide(job(backoffLimit=2), Observed(job=failed, pods=pods), NOW)
     assert conditions(decision.status)["Failed"] == ("True", "Evicted")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
 from finetune_operator.api import KUEUE_HOLDS, REASONS, FineTuneJob
 from finetune_operator.reconcile import Observed, ObservedJob, decide
 from finetune_operator.reconcile.children import batch_job
@@ -84,6 +86,33 @@ def test_no_such_queue_and_too_large_for_the_quota_are_stalled_with_kueues_reaso
         assert "Failed" not in got
         assert admission.message in (decision.status.message or "")
         assert [e.reason for e in decision.events if e.type == "Warning"] == ["Inadmissible"]
+
+
+@pytest.mark.parametrize(
+    ("resources", "resource", "fix"),
+    [
+        ({"ephemeralStorage": "5Gi"}, "ephemeral-storage", "unset spec.resources.ephemeralStorage"),
+        ({"cpu": 4}, "cpu", "unset spec.resources.cpu"),
+        ({}, "nvidia.com/gpu", "set spec.resources.gpuResourceName"),
+    ],
+)
+def test_a_resource_the_cluster_queue_does_not_cover_is_inadmissible_with_the_fix(
+    resources: dict[str, object], resource: str, fix: str
+) -> None:
+    """Kueue says so as a Pending reason: it would stay Queued forever, where nothing but a change helps."""
+    said = f"couldn't assign flavors to pod set main: resource {resource} unavailable in ClusterQueue"
+    admission = ObservedAdmission(reason="Pending", message=said)
+    decision = decide(
+        job(queueName="q", resources=resources), Observed(job=ObservedJob(suspended=True), admission=admission), NOW
+    )
+    got = conditions(decision.status)
+    assert got["Suspended"] == ("True", "Inadmissible") and got["Stalled"] == ("True", "Inadmissible")
+    message = decision.status.message or ""
+    assert (
+        said in message
+        and fix in message
+        and f"have {resource} added to the ClusterQueue's coveredResources" in message
+    )
 
 
 def test_a_preempted_job_is_suspended_not_failed_and_resumes_when_readmitted() -> None:

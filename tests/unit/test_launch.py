@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 
 from finetune_trainer import exitcodes
-from finetune_trainer.launch import EXIT_CODE_DIR_ENV, container_exit_code, record_exit_code, recorded_exit_codes
+from finetune_trainer.contract import TERMINATION_GRACE_ENV
+from finetune_trainer.launch import (
+    EXIT_CODE_DIR_ENV,
+    container_exit_code,
+    record_exit_code,
+    recorded_exit_codes,
+    shutdown_timeout,
+    torchrun_args,
+)
 
 
 @pytest.mark.parametrize(
@@ -27,6 +35,30 @@ from finetune_trainer.launch import EXIT_CODE_DIR_ENV, container_exit_code, reco
 )
 def test_container_exit_code(torchrun: int, workers: dict[int, int], expected: int) -> None:
     assert container_exit_code(torchrun, workers) == expected
+
+
+@pytest.mark.parametrize(
+    ("torchrun", "workers", "expected"),
+    [
+        (1, {2: 75, 3: 75}, exitcodes.TERMINATED.code),  # node index 1 of a drained job: ranks 2 and 3 saved nothing
+        (1, {}, exitcodes.TERMINATED.code),  # workers SIGKILLed at the end of the grace period
+        (1, {2: 3}, exitcodes.DATA_ERROR.code),  # a permanent error still wins
+        (0, {2: 0}, 0),  # finished before the signal
+    ],
+)
+def test_a_pod_that_got_sigterm_exits_terminated_on_every_node(
+    torchrun: int, workers: dict[int, int], expected: int
+) -> None:
+    assert container_exit_code(torchrun, workers, terminated=True) == expected
+
+
+def test_torchrun_waits_for_the_workers_as_long_as_the_pod_may() -> None:
+    args = ["--nnodes=2", "-m", "finetune_trainer.cli", "--config", "c.yaml"]
+    assert torchrun_args(args, {TERMINATION_GRACE_ENV: "120"}) == ["--shutdown-timeout=110", *args]
+    assert shutdown_timeout({TERMINATION_GRACE_ENV: "5"}) == 1
+    assert shutdown_timeout({}) == 30, "torchrun's own default without a grace period"
+    given = ["--shutdown-timeout=7", *args]
+    assert torchrun_args(given, {TERMINATION_GRACE_ENV: "120"}) == given
 
 
 def test_workers_record_their_codes(tmp_path: Path) -> None:

@@ -31,6 +31,8 @@ from finetune_operator.reconcile.observe import (
     trainer_job_essentials,
 )
 from finetune_operator.reconcile.status import not_understood
+from finetune_trainer.contract import TERMINATION_GRACE_ENV
+from finetune_trainer.launch import GRACE_MARGIN_SECONDS, shutdown_timeout
 from finetune_trainer.reporting import stop_request_of
 from finetune_trainer.spec import TrainingSpec
 from tests.manifests import baseline
@@ -132,6 +134,14 @@ def test_multi_node_is_an_indexed_job_with_a_headless_service() -> None:
     assert container["command"] == ["python", "-m", "finetune_trainer.launch"], "torchrun, keeping the exit codes"
     assert "--node-rank=$(NODE_RANK)" in container["args"]
     assert spec["template"]["spec"]["subdomain"] == Names.of("sentiment").service
+
+
+def test_the_trainer_knows_its_grace_period() -> None:
+    """torchrun's shutdown timeout comes from the pod's own grace period (one value, not two)."""
+    pod = batch_job(job(resources={"nodes": 2}), SETTINGS)["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env[TERMINATION_GRACE_ENV] == str(pod["terminationGracePeriodSeconds"])
+    assert shutdown_timeout(env) == pod["terminationGracePeriodSeconds"] - GRACE_MARGIN_SECONDS
 
 
 def test_long_names_stay_valid() -> None:

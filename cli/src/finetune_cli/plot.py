@@ -1,8 +1,9 @@
 """Learning curves of a FineTuneJob from ``status.evaluations``.
 
 ``status.progress.trainLoss`` is only the latest value (status is not a time series), so
-the curves are the evaluation history: eval loss in one panel, the other metrics
-(accuracy, f1, perplexity) in a second, the best evaluation marked with a star.
+the curves are the evaluation history: eval loss and the training loss recorded at each
+evaluation in one panel (the gap between them is overfitting), the other metrics (accuracy,
+f1, perplexity) in a second, the best evaluation marked with a star.
 Uses ``matplotlib.figure.Figure`` directly (never pyplot): no global state and no GUI
 backend, so it works headless and in threads.
 """
@@ -30,13 +31,15 @@ class NothingToPlotError(Exception):
 
 
 def curves_figure(job: Job) -> Figure:
-    """A figure with one panel for eval loss and one for the other metrics, best point starred."""
+    """A figure with one panel for the losses (eval and training) and one for the other metrics, best point
+    starred."""
     records = job.status.evaluations
     if not records:
         raise NothingToPlotError(f"finetunejob {job.name} has no evaluations in its status yet")
     seen = {k for r in records for k in r.metrics}
     others = [m for m in METRIC_ORDER if m in seen and m != "loss"] + sorted(seen - set(METRIC_ORDER))
-    panels = ([["loss"]] if "loss" in seen else []) + ([others] if others else [])
+    train = [(r.step, r.train_loss) for r in records if r.train_loss is not None]
+    panels = ([["loss"]] if "loss" in seen or train else []) + ([others] if others else [])
     fig = Figure(figsize=(8, 1.5 + 3 * len(panels)), layout="constrained")
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     best = best_point(job)
@@ -44,6 +47,8 @@ def curves_figure(job: Job) -> Figure:
         for metric in metrics:
             points = [(r.step, r.metrics[metric]) for r in records if metric in r.metrics]
             ax.plot([s for s, _ in points], [v for _, v in points], marker="o", markersize=3, label=f"eval {metric}")
+        if metrics == ["loss"] and train:
+            ax.plot([s for s, _ in train], [v for _, v in train], marker=".", linestyle="--", label="train loss")
         if best is not None and best.metric in metrics:
             _mark_best(ax, best.metric, best.value, best.step)
         ax.set_ylabel("loss" if metrics == ["loss"] else "metric")

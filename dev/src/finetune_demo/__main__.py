@@ -3,7 +3,7 @@
     python -m finetune_demo [--train 544 --val 200] [--output demo-output]   # run the demo
     python -m finetune_demo --down                                          # stop everything it started
 
-1. starts (or reuses) the local control plane and installs the FineTuneJob CRD;
+1. starts (or reuses) the local control plane and installs the CRDs and admission policies the chart installs;
 2. starts the operator and a Prometheus that scrapes it and the trainer;
 3. puts real MiniLM-L6 weights and labelled Rotten Tomatoes reviews onto PersistentVolumeClaims;
 4. applies examples/minilm-rotten-tomatoes.yaml and follows it with `kubectl finetune watch`;
@@ -36,10 +36,9 @@ from finetune_localcluster import images, procs
 from finetune_localcluster.build import BuildError
 from finetune_localcluster.cluster import Cluster, default_state_dir, free_port
 from finetune_localcluster.helm import ensure_helm, find_helm
-from finetune_localcluster.kubeconfig import api_client, install_admission_policy, install_crd
-from finetune_operator import admission
+from finetune_localcluster.kubeconfig import api_client, install_objects
 from finetune_operator.api import GROUP, PLURAL, VERSION
-from finetune_operator.crd import build_crd, build_sweep_crd
+from finetune_operator.crd import chart_api_objects
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE = ROOT / "examples" / "minilm-rotten-tomatoes.yaml"
@@ -374,11 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     cluster = Cluster(state).start(reuse=True)
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     with api_client(cluster.kubeconfig) as api:
-        say("FineTuneJob CRD")
-        install_crd(api, build_crd())
-        install_crd(api, build_sweep_crd())
-        say("admission policy: trainers may change only their own status keys")
-        install_admission_policy(api, admission.manifests())
+        say("CRDs and admission policies, as the chart installs them (trainers' status keys, apply-time advice)")
+        install_objects(api, chart_api_objects())
         say("operator (kopf)")
         operator = Background(state, "operator")
         operator.stop()

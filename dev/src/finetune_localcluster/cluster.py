@@ -66,6 +66,10 @@ CONTROLLERS = [
     "persistentvolume-protection-controller",
     # Reports each ValidatingAdmissionPolicy's type checking in its status (the trainer-status policy).
     "validatingadmissionpolicy-status-controller",
+    # A node whose agent stops renewing its Lease (kube-node-lease) turns Ready=Unknown and is tainted
+    # unreachable, so nothing new is scheduled there; its pods are evicted after their toleration (5 min).
+    "node-lifecycle-controller",
+    "taint-eviction-controller",
 ]
 
 
@@ -235,6 +239,26 @@ class Cluster:
             return False
         conds = json.loads(body).get("status", {}).get("conditions", [])
         return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
+
+    def _remove_departed_nodes(self, ports: dict[str, int]) -> None:
+        """Delete the Nodes of local agents this cluster no longer runs (it ran more nodes before, in this
+        state dir): left in place, they would look Ready until the node lifecycle controller's grace
+        period ends. Their pods are then orphans, which the pod garbage collector deletes."""
+        base = f"https://127.0.0.1:{ports['apiserver']}/api/v1/nodes"
+        code, body = self._get(f"{base}?labelSelector=finetune.dev%2Flocal-node%3Dtrue", self._ssl(True))
+        if code != 200:
+            raise ClusterError(f"could not list the nodes ({code}): {body[:200]}")
+        for item in json.loads(body).get("items", []):
+            name = str(item["metadata"]["name"])
+            if name in self.node_names():
+                continue
+            request = urllib.request.Request(f"{base}/{name}", method="DELETE")
+            try:
+                urllib.request.urlopen(request, timeout=5, context=self._ssl(True)).close()
+            except urllib.error.HTTPError as e:
+                if e.code != 404:
+                    raise
+            self._say(f"removed node {name}: this cluster runs {self.node_count()} node(s)")
 
     # ---------------------------------------------------------------- start
 
@@ -418,6 +442,7 @@ class Cluster:
         self._say(f"etcd healthy ({time.monotonic() - t0:.1f} s)")
         self._wait("kube-apiserver", ports, deadline)
         self._say(f"kube-apiserver ready ({time.monotonic() - t0:.1f} s)")
+        self._remove_departed_nodes(ports)
 
         server = f"https://127.0.0.1:{ports['apiserver']}"
 

@@ -103,6 +103,15 @@ def install_crd(api: client.ApiClient, manifest: dict[str, Any], timeout: float 
     raise TimeoutError(f"CRD {name} not Established after {timeout:.0f}s")
 
 
+def install_objects(api: client.ApiClient, manifests: list[dict[str, Any]]) -> None:
+    """Create or replace CRDs (waiting until Established) and admission policies with their bindings
+    (waiting until type-checked), in the order given."""
+    crds = [m for m in manifests if m["kind"] == "CustomResourceDefinition"]
+    for crd in crds:
+        install_crd(api, crd)
+    install_admission_policy(api, [m for m in manifests if m["kind"] != "CustomResourceDefinition"])
+
+
 def install_admission_policy(api: client.ApiClient, manifests: list[dict[str, Any]], timeout: float = 30.0) -> None:
     """Create or replace ValidatingAdmissionPolicies and their bindings; wait until each policy is
     type-checked (the API server reports the generation it has compiled in its status)."""

@@ -39,7 +39,8 @@ def _arch() -> str:
 
 
 class NodeRegistration:
-    """Creates (or adopts) one Node, keeps it Ready with status updates and a Lease."""
+    """Creates (or adopts) one Node, keeps it Ready with status updates and a Lease: the node lifecycle
+    controller turns a Node whose Lease is not renewed Ready=Unknown, as in a real cluster."""
 
     def __init__(self, api: Rest, node_name: str, allocatable: dict[str, str]) -> None:
         self.api = api
@@ -111,7 +112,8 @@ class NodeRegistration:
                 raise
             self.node = self.api.patch(f"/api/v1/nodes/{self.node_name}", {"metadata": {"labels": labels}})
         # The TaintNodesByCondition admission plugin adds node.kubernetes.io/not-ready at
-        # creation; the node-lifecycle controller (not run here) would lift it once Ready.
+        # creation; the node-lifecycle controller lifts it once Ready, a few seconds later: lifted
+        # here at once, so the first pods need not wait for its next pass.
         taints = self.node.get("spec", {}).get("taints") or []
         kept = [t for t in taints if t.get("key") != "node.kubernetes.io/not-ready"]
         if kept != taints:

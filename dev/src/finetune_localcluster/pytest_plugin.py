@@ -112,9 +112,9 @@ def own_cluster(state_dir: Path, nodes: int = 1, gpus: int = 4) -> Iterator[Loca
 @pytest.fixture(scope="module")
 def kueue_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """A control plane of its own with the real Kueue running against it: Kueue's CRDs, queues and
-    cluster-wide objects never meet the other tests (its manager is built once per machine). Five GPUs: one
-    for each queue of tests/e2e/test_kueue.py's scenarios, which run at once."""
-    with own_cluster(tmp_path_factory.mktemp("kueue-cluster"), gpus=5) as cluster:
+    cluster-wide objects never meet the other tests (its manager is built once per machine). Six GPUs: the
+    quota of every queue of tests/e2e/test_kueue.py's scenarios, which run at once."""
+    with own_cluster(tmp_path_factory.mktemp("kueue-cluster"), gpus=6) as cluster:
         kueue = Kueue(cluster.state_dir)
         kueue.up()
         try:

@@ -93,6 +93,12 @@ class Toleration(SpecModel):
     )
 
 
+DEFAULT_SCRATCH = "20Gi"
+"""Size limit of the trainer's scratch volume when spec.resources.ephemeralStorage is unset."""
+MAX_NODES = 1024
+"""Upper bound of spec.resources.nodes: child names leave room for the largest pod index it allows."""
+
+
 class Resources(SpecModel):
     """Compute for the training workload and where it may run."""
 
@@ -107,16 +113,18 @@ class Resources(SpecModel):
     nodes: int = Field(
         1,
         ge=1,
-        le=1024,
+        le=MAX_NODES,
         description="Training pods (one per node). More than 1 runs an Indexed Job with torchrun rendezvous.",
     )
     cpu: Quantity | None = Field(None, description="CPU request and limit per pod, e.g. 8 or 7500m.")
     memory: Quantity | None = Field(None, description="Memory request and limit per pod, e.g. 64Gi.")
-    ephemeral_storage: Quantity = Field(
-        "20Gi",
+    ephemeral_storage: Quantity | None = Field(
+        None,
         description="Local scratch space per pod: /tmp and the Hugging Face cache under it (an hf:// model is "
-        "downloaded there). It is the pod's ephemeral-storage limit and the size limit of that volume; a pod "
-        "that outgrows it is evicted, and evictions count against backoffLimit.",
+        f"downloaded there). That volume is bounded either way (at {DEFAULT_SCRATCH} when unset): a pod that "
+        "outgrows it is evicted, and evictions count against backoffLimit. Set, it is also the pod's "
+        "ephemeral-storage limit, and the pod requests ephemeral-storage (at most 1Gi), so a Kueue ClusterQueue "
+        "must then cover ephemeral-storage; unset, the pod requests none.",
     )
     gpu_resource_name: Annotated[str, StringConstraints(max_length=253, pattern=r"^[a-z0-9.-]+/[a-z0-9._-]+$")] = Field(
         "nvidia.com/gpu",
@@ -308,7 +316,8 @@ VERSION_SKEW = "SpecNotUnderstood"
 QUEUED = "Queued"
 """Suspended: Kueue holds the Job until it admits it (Kueue's message)."""
 INADMISSIBLE = "Inadmissible"
-"""Suspended and Stalled: Kueue says it cannot admit the job as it stands (no such queue, too large)."""
+"""Suspended and Stalled: Kueue says it cannot admit the job as it stands (no such queue, too large, a
+resource its ClusterQueue does not cover); the message is Kueue's, with the fix where we know it."""
 PREEMPTED = "Preempted"
 """Suspended: Kueue evicted the running job; it resumes from its checkpoint when readmitted."""
 KUEUE_HOLDS = (QUEUED, INADMISSIBLE, PREEMPTED)

@@ -1,19 +1,21 @@
 """The frozen-prefix activation cache (``freeze.cacheActivations``): compute the frozen bottom once per example.
 
 Under bottom-layers and head-only, the embeddings and the lowest blocks are frozen and run in eval mode (no
-dropout, see freeze.keep_frozen_in_eval), so their output for an example is the same in every epoch. The first
-time an example passes, the last frozen block's output is kept per example, unpadded (only the positions its
-attention mask marks). When every example of a batch is cached, the frozen blocks do not run: the lower ones pass
-their input through and the last one returns the cached activations, padded into the batch's shape (the padding
-positions are masked out of attention and loss, so their values do not matter). Everything above — attention masks,
-position embeddings, the trainable blocks, the head — runs as usual.
+dropout, not even a parameter-free one between them: see freeze.keep_frozen_in_eval and freeze.PrefixEvalMode),
+so their output for an example is the same in every epoch. The first time an example passes, the last frozen
+block's output is kept per example, unpadded (only the positions its attention mask marks). When every example
+of a batch is cached, the frozen blocks do not run: the lower ones pass their input through and the last one
+returns the cached activations, padded into the batch's shape (the padding positions are masked out of attention
+and loss, so their values do not matter). Everything above — attention masks, position embeddings, the trainable
+blocks, the head — runs as usual.
 
 Examples are told apart by an index column the collator turns into a tensor (``IndexedCollator``); validation
 examples get their own range. Each rank caches the examples it sees: under several ranks, training deals each rank
 a fixed shard of the examples (``FixedShardSampler``; the usual sampler deals them anew each epoch, so a rank would
-rarely replay a batch), shuffled within the shard each epoch. The cache lives in memory when it fits half of
-the memory to spare; otherwise on disk next to the checkpoints (``DiskStore``: one memory-mapped float32 array of
-every example's rows, end to end), where a restart finds what the run before it had filled and reuses it. Gradual
+rarely replay a batch), shuffled within the shard each epoch. The cache lives in memory when it fits the rank's
+share of half the memory to spare (the ranks of a pod share one budget); otherwise on disk next to the checkpoints
+(``DiskStore``: one memory-mapped float32 array of every example's rows, end to end, in a folder of the rank's own),
+where a restart finds what the run before it had filled and reuses it. Gradual
 unfreezing that thaws a frozen block drops the cache.
 """
 
@@ -37,7 +39,7 @@ from torch.utils.data import Sampler
 
 from finetune_trainer.atomic import atomic_directory, remove_leftovers
 from finetune_trainer.data import PreparedData
-from finetune_trainer.freeze import layer_map
+from finetune_trainer.freeze import cached_prefix, layer_map
 from finetune_trainer.token_cache import rows_digest
 
 CACHE_DIR = "cache/activations"
@@ -159,7 +161,7 @@ class DiskStore:
         meta = {"key": key, "shape": list(shape), "examples": len(lengths)}
         if not self._matches(meta):
             shutil.rmtree(directory, ignore_errors=True)
-            remove_leftovers(directory.parent)
+            remove_leftovers(directory.parent, only=directory.name)  # the other ranks' are theirs to clean
             with atomic_directory(directory) as tmp:
                 np.lib.format.open_memmap(tmp / "activations.npy", mode="w+", dtype=np.float32, shape=shape).flush()
                 np.save(tmp / "filled.npy", np.zeros(len(lengths), dtype=bool))
@@ -310,47 +312,8 @@ class ActivationCache:
         return run
 
 
-def prefix_blocks(model: nn.Module, block_params: list[list[nn.Parameter]]) -> list[nn.Module]:
-    """The block modules whose parameters are exactly each of ``block_params`` (bottom first)."""
-    owners: list[nn.Module] = []
-    for params in block_params:
-        wanted = {id(p) for p in params}
-        owner = next(
-            (m for m in model.modules() if {id(p) for p in m.parameters()} == wanted and list(m.children())), None
-        )
-        if owner is None:
-            raise ValueError("a frozen block is not a single module")
-        owners.append(owner)
-    return owners
-
-
-def frozen_prefix(model: nn.Module, block_params: list[list[nn.Parameter]]) -> int:
-    """How many blocks from the bottom are frozen whole (0: nothing to cache)."""
-    count = 0
-    for params in block_params:
-        if any(p.requires_grad for p in params):
-            break
-        count += 1
-    return count
-
-
-def cached_prefix(
-    model: nn.Module, embeddings: tuple[str, ...], blocks: tuple[tuple[str, ...], ...]
-) -> tuple[list[nn.Module], list[nn.Parameter]] | None:
-    """The frozen embeddings' and whole frozen blocks' (modules, parameters); None when nothing is frozen so."""
-    named = dict(model.named_parameters())
-    if not embeddings or any(named[name].requires_grad for name in embeddings):
-        return None  # trainable embeddings change the prefix's output every step
-    block_params = [[named[name] for name in block] for block in blocks]
-    count = frozen_prefix(model, block_params)
-    if count == 0:
-        return None
-    params = [named[name] for name in embeddings] + [p for block in block_params[:count] for p in block]
-    return prefix_blocks(model, block_params[:count]), params
-
-
-def memory_budget() -> int | None:
-    """Half of the memory this process may still use: the cgroup's limit (a pod's) or the host's available."""
+def spare_memory() -> int | None:
+    """The memory this pod may still use: the cgroup's limit (a pod's) less its use, or the host's available."""
     candidates = []
     try:
         used = int(Path("/sys/fs/cgroup/memory.current").read_text())
@@ -361,7 +324,19 @@ def memory_budget() -> int | None:
         pass
     with contextlib.suppress(OSError, ValueError):
         candidates.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    return min(candidates) // 2 if candidates else None
+    return min(candidates) if candidates else None
+
+
+def memory_budget(local_ranks: int | None = None) -> int | None:
+    """This rank's share of half the memory its pod may still use.
+
+    The ranks of a pod (torchrun's ``LOCAL_WORLD_SIZE``) measure at the same time, before any has filled its
+    cache, and fill their caches from the same memory: each gets ``1/local_ranks`` of one budget, or together
+    they would take ``local_ranks`` times it (and the pod be OOM-killed on every retry).
+    """
+    ranks = local_ranks if local_ranks is not None else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    spare = spare_memory()
+    return spare // 2 // max(ranks, 1) if spare is not None else None
 
 
 def install(
@@ -404,6 +379,8 @@ def install(
         report.update(storage="disk", location=str(spill), reusedExamples=disk.reused)
     if estimate is not None:
         report["estimatedBytes"] = estimate
+    if budget is not None:
+        report["memoryBudget"] = budget
     train = with_example_index(prepared.train, 0)
     validation = None
     if prepared.validation is not None:

@@ -49,11 +49,13 @@ def is_temporary(path: Path) -> bool:
     return path.name.startswith(TEMP_PREFIX)
 
 
-def remove_leftovers(parent: Path) -> list[Path]:
+def remove_leftovers(parent: Path, only: str | None = None) -> list[Path]:
     """Clean up after an interrupted write under `parent`; returns what was removed.
 
     Unfinished new directories are deleted. A previous directory that was moved aside but
-    whose replacement never arrived (a kill between the two renames) is put back.
+    whose replacement never arrived (a kill between the two renames) is put back. With ``only``,
+    just the leftovers of writes to ``parent / only``: another process may be writing its own
+    sibling there right now (each rank its activation cache).
     """
     removed = []
     if parent.is_dir():
@@ -61,6 +63,9 @@ def remove_leftovers(parent: Path) -> list[Path]:
             if not is_temporary(child):
                 continue
             name, sep, _ = child.name[len(TEMP_PREFIX) :].rpartition(_OLD_MARK)
+            target = name if sep else child.name[len(TEMP_PREFIX) :].rpartition("-")[0]
+            if only is not None and target != only:
+                continue
             if sep and not (parent / name).exists():
                 os.replace(child, parent / name)
                 continue

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -29,6 +29,7 @@ from finetune_trainer.contract import (
 from finetune_trainer.distributed import max_across_ranks
 from finetune_trainer.early_stopping import EarlyStoppingState, Evaluated, explain, improves, observe
 from finetune_trainer.freeze import count_parameters
+from finetune_trainer.loss_watch import LossWatch
 from finetune_trainer.reporting import JsonLines, PrometheusMetrics, StatusReporter, utc_now
 from finetune_trainer.spec import EarlyStopping, TrainingSpec
 
@@ -52,6 +53,8 @@ class RunState(Wire):
     best: BestResult | None = None
     evaluations: list[EvaluationRecord] = []
     thawed_units: int = 0
+    losses: LossWatch = Field(default_factory=LossWatch)
+    """The divergence rule's references and the training loss since the last evaluation."""
 
 
 @dataclass
@@ -74,6 +77,8 @@ class RunContext:
     stop_message: str = ""
     majority_baseline: float | None = None
     """Classification: accuracy of always predicting the most frequent validation label (for the diagnosis)."""
+    chance_loss: float | None = None
+    """The loss of a uniform prediction (see ``loss_watch.chance_loss``): a divergence reference."""
     best_rule: EarlyStopping = field(init=False)
 
     def __post_init__(self) -> None:
@@ -135,15 +140,6 @@ def load_run_state(checkpoint: Path) -> RunState:
     return state
 
 
-def last_train_loss(state: TrainerState) -> float | None:
-    """The most recent finite logged training loss (the Trainer keeps its logs in ``log_history``)."""
-    for entry in reversed(state.log_history):
-        loss = entry.get("loss")
-        if isinstance(loss, int | float) and math.isfinite(loss):
-            return float(loss)
-    return None
-
-
 class EarlyStoppingCallback(TrainerCallback):
     """Applies the shared pure rule on each evaluation; the state rides along in every checkpoint."""
 
@@ -162,8 +158,10 @@ class EarlyStoppingCallback(TrainerCallback):
         run = self.ctx.state
         # keyed by step: a resumed run replaces what the lost run had recorded past its checkpoint
         run.evaluations = [e for e in run.evaluations if e.step < step][-(MAX_EVALUATIONS - 1) :]
+        # the mean training loss since the previous evaluation, whether or not the steps were logged
+        train_loss = run.losses.close_window()
         run.evaluations.append(
-            EvaluationRecord(step=step, epoch=epoch, metrics=metrics, time=utc_now(), train_loss=last_train_loss(state))
+            EvaluationRecord(step=step, epoch=epoch, metrics=metrics, time=utc_now(), train_loss=train_loss)
         )
         control.should_save = True  # every evaluation is a checkpoint: the best one must exist on disk
         rule = self.ctx.best_rule
@@ -424,6 +422,7 @@ class ProgressCallback(TrainerCallback):
             step=last.step,
             epoch=last.epoch,
             metrics=last.metrics,
+            trainLoss=last.train_loss,
             best=self.ctx.state.best.to_patch() if self.ctx.state.best else None,
             earlyStopping=es.model_dump(mode="json", by_alias=True) if es else None,
         )

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
+from types import FrameType
+from typing import NoReturn
 
 from finetune_trainer import exitcodes
 from finetune_trainer.config import RuntimeEnv, load_spec
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.launch import record_exit_code
 from finetune_trainer.preflight import preflight
-from finetune_trainer.reporting import JsonLines
+from finetune_trainer.reporting import JsonLines, stop_background
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,10 +41,52 @@ def fail(log: JsonLines, error: TrainerError) -> int:
     return error.exit_code
 
 
+class _Terminated(BaseException):
+    """SIGTERM outside the training loop (loading, the final save): nothing to checkpoint there."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    code = _main(argv)
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (embedded use): the caller handles signals
+        previous = None
+    try:
+        code = _main(argv)
+    except _Terminated:
+        # A preemption or drain while the model loads (minutes for a large one) is no failure: 75 is
+        # resumable and not counted against backoffLimit. The training loop has its own handler (run.py),
+        # which stops at the next step and saves a checkpoint first.
+        JsonLines().emit("terminated", step=None, checkpoint=None, exitCode=exitcodes.TERMINATED.code)
+        code = exitcodes.TERMINATED.code
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        stop_background()  # whatever ended the run: no thread of ours outlives it (see stop_background)
     record_exit_code(code)  # under torchrun: for finetune_trainer.launch, which exits with it
     return code
+
+
+def entry() -> NoReturn:
+    """The process's entry point (the ``finetune-trainer`` script, ``python -m finetune_trainer.cli``).
+
+    Exits with ``os._exit`` once output is flushed: the exit code is the pod's only word on why the
+    run ended (the podFailurePolicy fails the Job on it), and interpreter finalization can still
+    replace it. ``main`` stops our own threads, but libraries start daemon threads too (a data
+    loader's pin-memory thread, a /metrics request handler), and CPython 3.11 ends any daemon thread
+    that wakes during finalization with ``pthread_exit``, which aborts the process (exit 134). Nothing
+    is left to do by then: results are written, reporters have sent their last patch, and data
+    loader workers exit when their parent does.
+    """
+    code = main()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken stream: the exit code still goes out
+            stream.flush()
+    os._exit(code)
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -73,4 +121,4 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -48,6 +48,7 @@ __all__ = [
     "STOP_ANNOTATION",
     "STOP_REASON_ANNOTATION",
     "SWEEP_FINISHED",
+    "TERMINATION_GRACE_ENV",
     "TRAINER_STATUS_KEYS",
     "USER_ENV",
     "USER_REQUESTED",
@@ -102,6 +103,9 @@ PVC_ROOT_ENV: Final = "FINETUNE_PVC_ROOT"
 """Where ``pvc://claim`` is mounted: ``<root>/claim``."""
 CPU_REQUEST_ENV: Final = "FINETUNE_CPU_REQUEST"
 """The pod's CPU request in whole cores (rounded up), set by the operator through the downward API."""
+TERMINATION_GRACE_ENV: Final = "FINETUNE_TERMINATION_GRACE_SECONDS"
+"""The pod's terminationGracePeriodSeconds: how long torchrun lets its workers save after SIGTERM
+(``finetune_trainer.launch``)."""
 HF_TOKEN_ENV: Final = "HF_TOKEN"
 """The model's token Secret (``spec.model.tokenSecretRef``)."""
 LOG_EVERY_STEPS_ENV: Final = "FINETUNE_LOG_EVERY_STEPS"
@@ -121,6 +125,7 @@ OPERATOR_ENV: Final = frozenset(
         REPORT_INTERVAL_ENV,
         PVC_ROOT_ENV,
         CPU_REQUEST_ENV,
+        TERMINATION_GRACE_ENV,
         HF_TOKEN_ENV,
     }
 )
@@ -173,7 +178,9 @@ class EvaluationRecord(StatusModel):
     metrics: dict[str, float] = Field(description="Metric name to value (loss, accuracy, f1, perplexity).")
     time: datetime | None = Field(None, description="When the evaluation finished.")
     train_loss: float | None = Field(
-        None, description="The last logged training loss at this evaluation (for the diagnosis)."
+        None,
+        description="The mean training loss of the steps since the previous evaluation, logged or not (for the "
+        "diagnosis).",
     )
 
 

@@ -1,4 +1,4 @@
-"""Divergence caught early: stop at a NaN/infinite training loss or a sustained explosion, exit 6.
+"""Divergence caught early: stop at a NaN/infinite loss or an explosion (see ``loss_watch``), exit 6.
 
 A diverged run never recovers on its own, and a retry diverges again: every further step is a
 wasted GPU-minute, and its weights must not become a checkpoint, the best model or the final one.
@@ -6,82 +6,70 @@ wasted GPU-minute, and its weights must not become a checkpoint, the best model 
 
 from __future__ import annotations
 
-import math
 import shutil
-from dataclasses import dataclass
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from finetune_trainer.callbacks import RunContext, complete_checkpoints
 from finetune_trainer.errors import DivergedError
 
-EXPLOSION_FACTOR: Final = 10.0
-"""A logged training loss above this many times the first logged loss counts as exploded."""
-EXPLOSION_LOGS: Final = 3
-"""Exploded logs in a row that mean divergence (one spike, e.g. after a thaw or a restart, is forgiven)."""
-
-
-@dataclass
-class DivergenceWatch:
-    """Pure rule over the logged training losses; ``observe`` returns why the run diverged, or None."""
-
-    first_loss: float | None = None
-    exploded_since: int | None = None
-    """Step of the first log of the current run of exploded logs (the weights from there on are suspect)."""
-    exploded: int = 0
-
-    def observe(self, step: int, loss: float) -> str | None:
-        if not math.isfinite(loss):
-            self.exploded_since = step if self.exploded_since is None else self.exploded_since
-            return f"the training loss is {loss}"
-        if self.first_loss is None:
-            self.first_loss = loss
-            return None
-        if self.first_loss > 0 and loss > EXPLOSION_FACTOR * self.first_loss:
-            self.exploded += 1
-            self.exploded_since = step if self.exploded_since is None else self.exploded_since
-            if self.exploded >= EXPLOSION_LOGS:
-                return (
-                    f"the training loss {loss:.4g} stayed above {EXPLOSION_FACTOR:g}x the first logged loss "
-                    f"{self.first_loss:.4g} for {self.exploded} logs"
-                )
-            return None
-        self.exploded, self.exploded_since = 0, None
-        return None
-
 
 class DivergenceCallback(TrainerCallback):
-    """Watches every logged loss; on divergence removes checkpoints written since the loss first exploded and
-    raises ``DivergedError`` (exit 6, not retried) before this step is evaluated, saved or published."""
+    """Judges every step's training loss (logged or not) and every evaluation loss; on divergence removes the
+    checkpoints written since the loss first exploded and raises ``DivergedError`` (exit 6, not retried) before
+    the step is logged, evaluated, saved or published.
 
-    def __init__(self, ctx: RunContext) -> None:
+    ``step_loss`` returns the loss of the step that just ended, the same on every rank (see
+    ``FineTuneTrainer.take_step_loss``), so every rank reaches the same verdict at the same step.
+    """
+
+    def __init__(self, ctx: RunContext, step_loss: Callable[[], float | None]) -> None:
         self.ctx = ctx
-        self.watch = DivergenceWatch()
+        self.step_loss = step_loss
+        self.rate: float | None = None
 
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        logs = kwargs.get("logs") or {}
-        if "loss" not in logs:
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        scheduler = kwargs.get("lr_scheduler")
+        if scheduler is not None:  # before the scheduler steps: the rate this step used
+            self.rate = float(scheduler.get_last_lr()[0])
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        loss = self.step_loss()
+        if loss is None:
             return
-        step = state.global_step
-        why = self.watch.observe(step, float(logs["loss"]))
-        if why is None:
+        why = self.ctx.state.losses.observe_step(state.global_step, loss, self.ctx.chance_loss)
+        if why is not None:
+            self._stop(args, state.global_step, why)
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        loss = (kwargs.get("metrics") or {}).get("eval_loss")
+        if not isinstance(loss, int | float):
             return
-        # Raising leaves the Trainer's loop here: this step is neither evaluated nor saved.
-        rate = float(logs.get("learning_rate", args.learning_rate))
+        why = self.ctx.state.losses.observe_evaluation(state.global_step, float(loss), self.ctx.chance_loss)
+        if why is not None:
+            self._stop(args, state.global_step, why)
+
+    def _stop(self, args: TrainingArguments, step: int, why: str) -> None:
+        # Raising leaves the Trainer's loop here: this step is neither logged, evaluated nor saved.
         peak = float(args.learning_rate)
+        rate = self.rate if self.rate is not None else peak
         # the schedule's rate at this step; the user wrote the peak, so name that too when they differ
         said = f"learning rate {rate:.3g}" + (
             f" on the schedule from hyperparameters.learningRate {peak:.3g}" if f"{rate:.3g}" != f"{peak:.3g}" else ""
         )
-        removed = self._remove_suspect_checkpoints(self.watch.exploded_since or step)
+        since = self.ctx.state.losses.exploded_since
+        removed = self._remove_suspect_checkpoints(step if since is None else since)
         self.ctx.log.emit("diverged", step=step, learningRate=rate, message=why, removedCheckpoints=removed)
         if self.ctx.reporter is not None:
             self.ctx.reporter.close()  # send the pending status before the process exits
         raise DivergedError(f"training diverged at step {step} ({said}): {why}; lower hyperparameters.learningRate")
 
     def _remove_suspect_checkpoints(self, since: int) -> list[str]:
-        """Checkpoints saved at or after the first exploded log hold diverged weights: never resume from them."""
+        """Checkpoints saved at or after the first exploded loss hold diverged weights: never resume from them."""
         if not self.ctx.is_main:
             return []
         removed = []

@@ -77,14 +77,15 @@ def observe_all(rule: EarlyStopping, state: EarlyStoppingState, evaluations: Ite
 
 
 def explain(rule: EarlyStopping, state: EarlyStoppingState) -> str:
-    """A one-line human reason, for conditions, events and logs."""
+    """A one-line human reason, for conditions, events and logs: each says it is early stopping (a reason
+    EarlyStopped, a label), so the text does not repeat it."""
     if not state.triggered:
         return (
             f"{rule.metric} best {state.best_value} at step {state.best_step}; "
             f"{state.evaluations_without_improvement}/{rule.patience} evaluations without improvement"
         )
     return (
-        f"early stopping: {rule.metric} did not improve by more than {rule.min_delta} "
+        f"{rule.metric} did not improve by more than {rule.min_delta} "
         f"({rule.effective_mode}) for {rule.patience} evaluations; "
         f"best {state.best_value:.6g} at step {state.best_step}"
     )

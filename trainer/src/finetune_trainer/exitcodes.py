@@ -35,7 +35,9 @@ DIVERGED: Final = ExitCode(6, "Diverged", False, "the training loss became NaN, 
 METRICS_UNAVAILABLE: Final = ExitCode(
     7, "MetricsUnavailable", False, "/metrics cannot listen on its port (taken): no curve would reach Prometheus"
 )
-TERMINATED: Final = ExitCode(75, "Terminated", True, "stopped by a signal after saving a checkpoint; resumes")
+TERMINATED: Final = ExitCode(
+    75, "Terminated", True, "stopped by SIGTERM (after saving a checkpoint, if it was training); resumes"
+)
 
 TABLE: Final[tuple[ExitCode, ...]] = (
     OK,

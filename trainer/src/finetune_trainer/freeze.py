@@ -282,6 +282,104 @@ def untie_output_embeddings(model: nn.Module) -> str:
     return next(name for name, param in model.named_parameters() if param is output.weight)
 
 
+def prefix_blocks(model: nn.Module, block_params: list[list[nn.Parameter]]) -> list[nn.Module]:
+    """The block modules whose parameters are exactly each of ``block_params`` (bottom first)."""
+    owners: list[nn.Module] = []
+    for params in block_params:
+        wanted = {id(p) for p in params}
+        owner = next(
+            (m for m in model.modules() if {id(p) for p in m.parameters()} == wanted and list(m.children())), None
+        )
+        if owner is None:
+            raise ValueError("a frozen block is not a single module")
+        owners.append(owner)
+    return owners
+
+
+def frozen_prefix(model: nn.Module, block_params: list[list[nn.Parameter]]) -> int:
+    """How many blocks from the bottom are frozen whole (0: nothing to cache)."""
+    count = 0
+    for params in block_params:
+        if any(p.requires_grad for p in params):
+            break
+        count += 1
+    return count
+
+
+def cached_prefix(
+    model: nn.Module, embeddings: tuple[str, ...], blocks: tuple[tuple[str, ...], ...]
+) -> tuple[list[nn.Module], list[nn.Parameter]] | None:
+    """The frozen embeddings' and whole frozen blocks' (modules, parameters); None when nothing is frozen so."""
+    named = dict(model.named_parameters())
+    if not embeddings or any(named[name].requires_grad for name in embeddings):
+        return None  # trainable embeddings change the prefix's output every step
+    block_params = [[named[name] for name in block] for block in blocks]
+    count = frozen_prefix(model, block_params)
+    if count == 0:
+        return None
+    params = [named[name] for name in embeddings] + [p for block in block_params[:count] for p in block]
+    return prefix_blocks(model, block_params[:count]), params
+
+
+class PrefixEvalMode:
+    """Runs the frozen prefix's parameter-free modules in eval mode, as ``eval_frozen`` does for those that own
+    parameters: GPT-2's ``transformer.drop`` between the embeddings and the first block (GPT-Neo's, Phi's
+    ``embed_dropout``) would otherwise add fresh noise to frozen activations every step, and the activation
+    cache would replay its first epoch's mask for ever (and train different weights than a run without it).
+
+    Which parameter-free modules feed the prefix shows only in the order they run (Phi registers its dropout
+    after its layers), so forward hooks decide on each call: a module outside the blocks that runs after the
+    model's forward began and before the last fully frozen block (bottom up, under frozen embeddings) returned
+    is in the prefix. That block is found again on every forward: gradual unfreezing moves it down.
+    """
+
+    def __init__(self, model: nn.Module, embeddings: list[nn.Parameter], blocks: list[nn.Module]) -> None:
+        self.embeddings = embeddings
+        self.blocks = blocks
+        self.end: nn.Module | None = None
+        """The block whose return closes the prefix in the forward under way (None: not inside the prefix)."""
+        inside = {id(m) for block in blocks for m in block.modules()}
+        model.register_forward_pre_hook(self._begin)
+        for block in blocks:
+            block.register_forward_hook(self._finish)
+        for module in model.modules():
+            if id(module) not in inside and next(module.parameters(), None) is None:
+                module.register_forward_pre_hook(self._enter)
+
+    def last_frozen(self) -> nn.Module | None:
+        if any(p.requires_grad for p in self.embeddings):
+            return None
+        last = None
+        for block in self.blocks:
+            if any(p.requires_grad for p in block.parameters()):
+                break
+            last = block
+        return last
+
+    def _begin(self, module: nn.Module, args: Any) -> None:
+        self.end = self.last_frozen() if module.training else None
+
+    def _finish(self, module: nn.Module, args: Any, output: Any) -> None:
+        if module is self.end:
+            self.end = None
+
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        if self.end is not None and module.training:
+            module.eval()  # before its forward: this call already runs in eval mode
+
+
+def eval_frozen_prefix(model: nn.Module, layers: LayerMap) -> PrefixEvalMode | None:
+    """Install ``PrefixEvalMode`` when ``model`` has a frozen prefix (frozen embeddings and bottom block)."""
+    named = dict(model.named_parameters())
+    try:
+        if cached_prefix(model, layers.embeddings, layers.blocks) is None:
+            return None
+        blocks = prefix_blocks(model, [[named[name] for name in block] for block in layers.blocks])
+    except ValueError:  # blocks that are not single modules (stages of a CNN): only eval_frozen applies
+        return None
+    return PrefixEvalMode(model, [named[name] for name in layers.embeddings], blocks)
+
+
 def eval_frozen(module: nn.Module) -> None:
     """Put every fully frozen submodule in eval mode: BatchNorm keeps its running statistics, dropout is off."""
     for child in module.children():
@@ -345,6 +443,7 @@ def apply_freeze(model: nn.Module, spec: FreezeSpec, task: Task) -> tuple[nn.Mod
     frozen: set[str] = set()
     thaw_order: list[tuple[str, ...]] = []
     untied: str | None = None
+    layers: LayerMap | None = None
     if spec.strategy in MAPPED_STRATEGIES or spec.embeddings:
         layers = layer_map(model)
         if spec.layers is not None and spec.layers > layers.num_blocks:
@@ -363,6 +462,8 @@ def apply_freeze(model: nn.Module, spec: FreezeSpec, task: Task) -> tuple[nn.Mod
     trainable_count, total = count_parameters(model)
     if trainable_count < total:  # thawing only adds trainable parameters: nothing frozen now, nothing ever
         keep_frozen_in_eval(model)
+        if layers is not None and spec.strategy != "lora":
+            eval_frozen_prefix(model, layers)
     thaw_units = [u for u in units if u] if spec.gradual_unfreezing else []
     return model, FreezePlan(trainable_count, total, thaw_units, untied)
 

@@ -18,6 +18,21 @@ from finetune_trainer.errors import MetricsUnavailableError
 
 RETRYABLE_STATUS = frozenset({409, 429, 500, 502, 503, 504})
 
+_running: set[StatusReporter | PrometheusMetrics] = set()
+"""Reporters and /metrics servers whose threads still run: ``stop_background`` stops them."""
+
+
+def stop_background() -> None:
+    """Stop every status reporter (sending what is pending) and /metrics server still running, and join their threads.
+
+    The trainer's exit path calls this whatever ended the run. A daemon thread still running when
+    CPython 3.11 finalizes is ended with ``pthread_exit`` as soon as it wakes (the answer to a status
+    patch arrives, the server polls), and that unwinding aborts the process: SIGABRT, exit 134 instead
+    of the trainer's exit code, so a ModelError was retried as a crash.
+    """
+    for service in list(_running):
+        service.close()
+
 
 def utc_now() -> str:
     """RFC 3339, UTC, with a Z."""
@@ -65,16 +80,28 @@ class PrometheusMetrics:
             "finetune_trainer_eval_metric", "Last evaluation metrics.", ["metric"], registry=self.registry
         )
         self.port: int | None = None
+        self._server: tuple[Any, threading.Thread] | None = None
         if port > 0:
             try:
-                start_http_server(port, addr=address or "0.0.0.0", registry=self.registry)
+                self._server = start_http_server(port, addr=address or "0.0.0.0", registry=self.registry)
                 self.port = port
+                _running.add(self)
             except OSError as exc:
                 where = f"{address}:{port}" if address else f"port {port}"
                 raise MetricsUnavailableError(
                     f"/metrics cannot listen on {where} ({exc.strerror}): another process in the pod uses the "
                     "port; give trainers a free one (operator --trainer-metrics-port, chart value trainerMetricsPort)"
                 ) from exc
+
+    def close(self) -> None:
+        """Stop serving and join the server's thread (see ``stop_background``)."""
+        _running.discard(self)
+        if self._server is not None:
+            server, thread = self._server
+            self._server = None
+            server.shutdown()
+            server.server_close()
+            thread.join()
 
     def update_progress(self, progress: Progress) -> None:
         self.step.set(progress.step)
@@ -161,6 +188,7 @@ class StatusReporter:
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="status-reporter", daemon=True)
         self._thread.start()
+        _running.add(self)
 
     def update(self, status: TrainerStatus, urgent: bool = False) -> None:
         """Queue what ``status`` sets (merged with anything not yet sent); ``urgent`` skips the throttle."""
@@ -172,6 +200,7 @@ class StatusReporter:
 
     def close(self, timeout: float = 15.0) -> None:
         """Send what is pending now, then stop the thread."""
+        _running.discard(self)
         with self._cond:
             self._urgent = True
             self._closing = True

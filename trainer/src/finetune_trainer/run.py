@@ -49,6 +49,7 @@ from finetune_trainer.distributed import same_on_every_rank
 from finetune_trainer.divergence import DivergenceCallback
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.freeze import FreezePlan, apply_freeze, layer_map
+from finetune_trainer.loss_watch import chance_loss
 from finetune_trainer.metrics import classification_metrics, probabilities
 from finetune_trainer.models import align_pad_token, load_config, load_model, load_processor, resolve_source
 from finetune_trainer.ownership import claim_checkpoints
@@ -126,7 +127,7 @@ def training_arguments(
         logging_strategy="steps",
         logging_steps=log_every,
         logging_first_step=True,
-        logging_nan_inf_filter=False,  # a NaN loss must reach the logs: DivergenceCallback stops on it
+        logging_nan_inf_filter=False,  # the logged mean stays true (DivergenceCallback stops on a NaN step first)
         prediction_loss_only=not classify,
         report_to="none",
         disable_tqdm=True,
@@ -268,7 +269,7 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None, check
     has_eval = loaded.prepared.validation is not None
     spec = _without_validation(spec, has_eval, log)
     frozen = _freeze(spec, env, log, loaded, output_dir, where)
-    ctx = _context(spec, env, log, frozen.prepared, output_dir, reporter, where)
+    ctx = _context(spec, env, log, loaded.model, frozen.prepared, output_dir, reporter, where)
     resume = _find_resume(ctx, env)
     trainer = _trainer(ctx, env, frozen, loaded.processor, resume, where)
     train_loss = _train(ctx, trainer, resume, frozen.prepared)
@@ -382,15 +383,19 @@ def _context(
     spec: TrainingSpec,
     env: RuntimeEnv,
     log: JsonLines,
+    model: PreTrainedModel,
     prepared: data_mod.PreparedData,
     output_dir: Path,
     reporter: StatusReporter | None,
     where: Placement,
 ) -> RunContext:
-    """What the callbacks share: the spec, the locations, the reporter, /metrics and the majority baseline."""
+    """What the callbacks share: the spec, the locations, the reporter, /metrics, the majority baseline and
+    the loss of a chance predictor (the divergence rule's floor)."""
     ctx = RunContext(spec, output_dir, output_dir / "checkpoints", env.pvc_root, log, is_main=where.is_main)
     if spec.model.task in CLASSIFICATION_TASKS:
         ctx.majority_baseline = validation_baseline(prepared.validation)
+    vocab = getattr(model.config.get_text_config(), "vocab_size", None)
+    ctx.chance_loss = chance_loss(spec.model.task, spec.model.effective_num_labels, vocab)
     ctx.reporter = reporter
     if where.is_main:
         ctx.metrics = PrometheusMetrics(env.metrics_port, log, env.metrics_address)
@@ -453,7 +458,7 @@ def _trainer(
     trainer.activation_cache = frozen.activation_cache
     trainer.remove_callback(PrinterCallback)  # our JSON lines replace its prints
     for callback in (
-        DivergenceCallback(ctx),  # first: a NaN loss stops the run before it is published or checkpointed
+        DivergenceCallback(ctx, trainer.take_step_loss),  # first: stops before anything is published or saved
         EarlyStoppingCallback(ctx),
         CheckpointCallback(ctx),
         StopCallback(ctx),

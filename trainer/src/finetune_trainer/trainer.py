@@ -48,6 +48,8 @@ class FineTuneTrainer(Trainer):
         self.activation_cache: ActivationCache | None = None
         self.fixed_shard: FixedShardSampler | None = None
         """This rank's training examples when it caches activations among several ranks (see _get_train_sampler)."""
+        self._step_loss: torch.Tensor | None = None
+        """This optimizer step's loss so far (summed over its micro-batches on the device: no sync)."""
         self.unsynced: list[nn.Parameter] = []
         """Parameters thawed after DDP wrapped the model: DDP does not reduce their gradients; training_step does."""
 
@@ -176,7 +178,21 @@ class FineTuneTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.unsynced and self.accelerator.sync_gradients:
             average_gradients(self.unsynced)
+        self._step_loss = loss if self._step_loss is None else self._step_loss + loss
         return loss
+
+    def take_step_loss(self) -> float | None:
+        """The loss of the optimizer step that just ended, as the Trainer logs it (its micro-batches' sum, the
+        mean over ranks: the same value on every rank), then forgets it. One sync per step: the divergence
+        rule judges every step, not only the logged ones."""
+        loss, self._step_loss = self._step_loss, None
+        if loss is None:
+            return None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss)
+            loss = loss / torch.distributed.get_world_size()
+        return float(loss)
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """The batch for the model: the activation cache takes the example indices out (see activation_cache)."""

@@ -20,6 +20,7 @@ from finetune_operator.api import (
     DEFAULT_METRICS_PORT,
     DEFAULT_PVC_ROOT,
     DEFAULT_REPORT_INTERVAL_SECONDS,
+    DEFAULT_SCRATCH,
     DEFAULT_TRAINER_IMAGE,
     GROUP,
     HF_TOKEN_ENV,
@@ -29,11 +30,13 @@ from finetune_operator.api import (
     KIND,
     KUEUE_PRIORITY_LABEL,
     KUEUE_QUEUE_LABEL,
+    MAX_NODES,
     METRICS_ADDRESS_ENV,
     METRICS_PORT_ENV,
     PLURAL,
     PVC_ROOT_ENV,
     REPORT_INTERVAL_ENV,
+    TERMINATION_GRACE_ENV,
     FineTuneJob,
     quantity_value,
 )
@@ -50,6 +53,9 @@ CONFIG_HASH_ANNOTATION = "finetune.dev/config-hash"
 """On the pod template: a config edited while suspended changes the Job's hash, so it is replaced."""
 TRAINER_CONTAINER = "trainer"
 CONFIG_FILE = "config.yaml"
+TERMINATION_GRACE_SECONDS = 120
+"""The trainer pod's terminationGracePeriodSeconds: the time it has to save a checkpoint after SIGTERM.
+The trainer gets it in ``TERMINATION_GRACE_ENV`` too, so that torchrun waits as long for its workers."""
 _YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 """libyaml's dumper when PyYAML has it: the same YAML, an order of magnitude less CPU per job."""
 
@@ -69,8 +75,9 @@ class Settings:
     At 5 s, 500 running jobs kept a 2-core API server saturated (benchmarks/operator_scale.py)."""
     extra_env: dict[str, str] = field(default_factory=dict)
     ephemeral_storage_request: str = "1Gi"
-    """What the scheduler reserves of a node's local disk per trainer pod (at most the pod's limit,
-    ``spec.resources.ephemeralStorage``): reserving the whole limit would leave most nodes' disks idle."""
+    """What the scheduler reserves of a node's local disk per trainer pod that sets
+    ``spec.resources.ephemeralStorage`` (at most that limit): reserving the whole limit would leave most
+    nodes' disks idle."""
 
 
 @dataclass(frozen=True)
@@ -86,8 +93,10 @@ class Names:
     @classmethod
     def of(cls, ftj_name: str, multi_node: bool = False) -> Names:
         """Multi-node children are DNS labels (no dots): the Service's name and the pods' hostnames
-        (``<job>-<index>``) must be. Single-node names keep their dots, as they always had."""
-        base = _bounded(ftj_name, 63 - len("-trainer"), dns_label=multi_node)
+        (``<job>-<index>``) must be, for the largest index any node count allows, so no edit of
+        ``nodes`` can make a pod uncreatable. Single-node names keep their dots, as they always had."""
+        limit = 63 - len("-trainer") - (len(f"-{MAX_NODES - 1}") if multi_node else 0)
+        base = bounded_name(ftj_name, limit, dns_label=multi_node)
         return cls(
             job=f"{base}-trainer",
             config_map=f"{base}-config",
@@ -101,7 +110,7 @@ class Names:
         return cls.of(job.metadata.name, multi_node=job.spec.resources.nodes > 1)
 
 
-def _bounded(name: str, limit: int, dns_label: bool = False) -> str:
+def bounded_name(name: str, limit: int, dns_label: bool = False) -> str:
     """``name`` within ``limit`` characters (and without dots for a DNS label). A name that had to
     change gets a hash of the original, so ``a.b`` and ``a-b`` never share children."""
     shaped = name.replace(".", "-") if dns_label else name
@@ -114,7 +123,7 @@ def _bounded(name: str, limit: int, dns_label: bool = False) -> str:
 def job_label_value(ftj_name: str) -> str:
     """The value of ``finetune.dev/job`` on children and pods: the name, hashed beyond the 63
     characters a label value may hold. Child events find their FineTuneJob by owner reference."""
-    return ftj_name if len(ftj_name) <= 63 else _bounded(ftj_name, 63)
+    return ftj_name if len(ftj_name) <= 63 else bounded_name(ftj_name, 63)
 
 
 def labels(job: FineTuneJob) -> dict[str, str]:
@@ -275,6 +284,7 @@ def _env(job: FineTuneJob, settings: Settings, names: Names) -> list[Manifest]:
         {"name": METRICS_ADDRESS_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": REPORT_INTERVAL_ENV, "value": str(settings.report_interval_seconds)},
         {"name": PVC_ROOT_ENV, "value": settings.pvc_root},
+        {"name": TERMINATION_GRACE_ENV, "value": str(TERMINATION_GRACE_SECONDS)},
         {"name": "HF_HOME", "value": "/tmp/hf-home"},
         {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
     ]
@@ -340,10 +350,12 @@ def _resources(job: FineTuneJob, settings: Settings) -> Manifest:
     if spec.memory is not None:
         requests["memory"] = str(spec.memory)
     limits = dict(requests)
-    limits["ephemeral-storage"] = str(spec.ephemeral_storage)
-    requests["ephemeral-storage"] = min(
-        (str(spec.ephemeral_storage), settings.ephemeral_storage_request), key=quantity_value
-    )
+    if spec.ephemeral_storage is not None:  # opt-in: a request (or a limit, copied to it) that a ClusterQueue
+        # without ephemeral-storage would never admit; the scratch volume's sizeLimit bounds the disk either way
+        limits["ephemeral-storage"] = str(spec.ephemeral_storage)
+        requests["ephemeral-storage"] = min(
+            (str(spec.ephemeral_storage), settings.ephemeral_storage_request), key=quantity_value
+        )
     if spec.gpus_per_node:
         limits[spec.gpu_resource_name] = str(spec.gpus_per_node)
         requests[spec.gpu_resource_name] = str(spec.gpus_per_node)
@@ -361,7 +373,7 @@ def pod_template(job: FineTuneJob, settings: Settings) -> Manifest:
     volumes: list[Manifest] = [
         {"name": "config", "configMap": {"name": names.config_map}},
         # /tmp holds the Hugging Face cache (HF_HOME): bounded, so a runaway download ends in an eviction.
-        {"name": "tmp", "emptyDir": {"sizeLimit": str(spec.ephemeral_storage)}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": str(spec.ephemeral_storage or DEFAULT_SCRATCH)}},
     ]
     for index, claim in enumerate(_claims(job)):
         mounts.append({"name": f"pvc-{index}", "mountPath": f"{settings.pvc_root}/{claim}"})
@@ -403,7 +415,7 @@ def pod_template(job: FineTuneJob, settings: Settings) -> Manifest:
             "fsGroup": settings.run_as_user,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "terminationGracePeriodSeconds": 120,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "containers": [container],
         "volumes": volumes,
     }

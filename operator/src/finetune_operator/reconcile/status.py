@@ -8,6 +8,7 @@ replayed event never turns a finished job back into a running one.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal, Protocol
@@ -113,8 +114,28 @@ class ObservedAdmission:
 
     @property
     def inadmissible(self) -> bool:
-        """Kueue cannot admit it as it stands: no such queue, or larger than the queue's whole quota."""
-        return self.reason == INADMISSIBLE or "maximum capacity" in self.message
+        """Kueue cannot admit it as it stands: no such queue, larger than the queue's whole quota, or
+        asking for a resource the ClusterQueue does not cover."""
+        return self.reason == INADMISSIBLE or "maximum capacity" in self.message or self.uncovered is not None
+
+    @property
+    def uncovered(self) -> str | None:
+        """The resource Kueue says its ClusterQueue does not cover, if that is why it waits."""
+        found = _UNCOVERED.search(self.message)
+        return found.group(1) if found else None
+
+
+_UNCOVERED = re.compile(r"resource (\S+) unavailable in ClusterQueue")
+"""Kueue's words (flavor assignment) for a resource that none of the ClusterQueue's groups covers."""
+
+
+def _uncovered_fix(job: FineTuneJob, resource: str) -> str:
+    """How to get a job admitted whose pods request a resource the ClusterQueue does not cover."""
+    add = f"have {resource} added to the ClusterQueue's coveredResources"
+    if resource == job.spec.resources.gpu_resource_name:
+        return f"set spec.resources.gpuResourceName to the GPU resource the queue covers, or {add}"
+    field = {"cpu": "cpu", "memory": "memory", "ephemeral-storage": "ephemeralStorage"}.get(resource)
+    return f"unset spec.resources.{field}, or {add}" if field else add
 
 
 @dataclass(frozen=True)
@@ -368,7 +389,7 @@ def _diagnose(job: FineTuneJob, status: FineTuneJobStatus, finished: bool = True
 
 
 def _kueue_hold(
-    status: FineTuneJobStatus, queue: str, trainer: ObservedJob, admission: ObservedAdmission | None
+    job: FineTuneJob, status: FineTuneJobStatus, queue: str, trainer: ObservedJob, admission: ObservedAdmission | None
 ) -> tuple[str, str]:
     """(reason, message) of a queued Job that Kueue keeps suspended: waiting for admission,
     inadmissible, or preempted (it ran before). Kueue owns ``suspend`` here; we repeat its words."""
@@ -384,7 +405,8 @@ def _kueue_hold(
     if admission.admitted:
         return QUEUED, f"{waits_for}: admitted; Kueue is starting it"
     reason = INADMISSIBLE if admission.inadmissible else QUEUED
-    return reason, f"{waits_for}: {admission.message or 'waiting for admission'}"
+    fix = f"; {_uncovered_fix(job, admission.uncovered)}" if admission.uncovered else ""
+    return reason, f"{waits_for}: {admission.message or 'waiting for admission'}{fix}"
 
 
 def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
@@ -496,7 +518,7 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
     queue = job.queue_name
     held = queue is not None and not suspended and stop is None and trainer is not None and trainer.suspended
     if held and queue is not None and trainer is not None:
-        reason, message = _kueue_hold(status, queue, trainer, observed.admission)
+        reason, message = _kueue_hold(job, status, queue, trainer, observed.admission)
         status.phase = "Suspended"
         status.message = message
         transition("Suspended", True, reason, message)

@@ -25,7 +25,7 @@ from finetune_operator.api import (
     Condition,
     ConditionType,
 )
-from finetune_operator.reconcile.children import MANAGED_BY, MANAGED_BY_LABEL, job_label_value
+from finetune_operator.reconcile.children import MANAGED_BY, MANAGED_BY_LABEL, bounded_name, job_label_value
 from finetune_operator.reconcile.health import derive_health
 from finetune_operator.reconcile.status import Event, set_condition
 from finetune_operator.reconcile.sweep_engine import estimated_max_resource, grid, judge, rebuild_study, suggest
@@ -75,7 +75,9 @@ FINISHED_ANNOTATIONS = {STOP_ANNOTATION: "true", STOP_REASON_ANNOTATION: SWEEP_F
 
 
 def trial_name(sweep_name: str, index: int) -> str:
-    return f"{sweep_name}-t{index:03d}"
+    """``<sweep>-t<index>``, within the 253 characters of an object name for any sweep name and index."""
+    suffix = f"-t{index:03d}"
+    return bounded_name(sweep_name, 253 - len(f"-t{MAX_TRIALS - 1:03d}")) + suffix
 
 
 def _counts(trials: Sequence[ObservedTrial]) -> TrialCounts:
