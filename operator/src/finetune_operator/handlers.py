@@ -10,9 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -31,7 +28,7 @@ from finetune_operator.api import (
     FineTuneJobStatus,
     read_stored,
 )
-from finetune_operator.clients import CONFLICT_RETRIES, ApiError, ConflictError, Kube
+from finetune_operator.clients import ApiError, ConflictError, Kube
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.reconcile import Observed, Settings, decide, desired_children
 from finetune_operator.reconcile.children import (
@@ -57,7 +54,7 @@ from finetune_operator.reconcile.observe import (
     status_patch,
     trainer_job_essentials,
 )
-from finetune_operator.reconcile.status import Decision, Event, describe_validation
+from finetune_operator.reconcile.status import Decision, describe_validation
 from finetune_operator.reconcile.steer import (
     children_wanted,
     conflict,
@@ -69,11 +66,9 @@ from finetune_operator.reconcile.steer import (
     trainer_job_to_read,
     unreadable_spec,
 )
+from finetune_operator.shell import Key, Manifest, ObjectLoop, register_kind
 
 log = logging.getLogger("finetune_operator")
-Manifest = dict[str, Any]
-Key = tuple[str, str]
-"""(namespace, name) of a FineTuneJob."""
 OWNED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY},{JOB_LABEL}"
 
 
@@ -99,8 +94,8 @@ def _expected_children(body: Manifest) -> list[tuple[str, str]]:
     return [(kind, name) for kind, name in refs if kind != TRAINER_JOB.kind]
 
 
-class Reconciler:
-    """Owns the per-job locks, the caches, the API client, the metrics and the settings.
+class Reconciler(ObjectLoop):
+    """A FineTuneJob's observe, decide and execute, in the shared shell (locks, retries, resync).
 
     The caches hold the newest FineTuneJob and trainer Job the watches (and our own writes)
     delivered, so a reconcile costs no reads; they keep only the parts a reconcile reads. A cache
@@ -121,14 +116,10 @@ class Reconciler:
         anything: a burst of a thousand new jobs would otherwise hold a thousand sets of child
         manifests and API answers at once (the process's memory never shrinks back from such a
         peak), while the API connections are the bottleneck anyway."""
-        self.kube = kube
+        super().__init__(kube, metrics, kind=KIND, log=log, max_concurrent=max_concurrent_reconciles)
         self.namespaces = frozenset(namespaces)
         """The namespaces watched (empty: all of them)."""
         self.settings = settings
-        self.metrics = metrics
-        self.known: set[Key] = set()
-        self._locks: dict[Key, asyncio.Lock] = {}
-        self._slots = asyncio.Semaphore(max_concurrent_reconciles)
         self._bodies: dict[Key, Manifest] = {}
         self._trainer_jobs: dict[Key, Manifest] = {}
         self._owners: dict[Key, Key] = {}
@@ -138,15 +129,8 @@ class Reconciler:
         self._desired_hashes: dict[Key, tuple[tuple[str | None, int | None], str | None]] = {}
         """((uid, generation), spec hash) of the Job a job's spec asks for: the spec changes only with
         the generation, and rendering the Job to hash it was a third of a reconcile's CPU."""
-        self.resync_task: asyncio.Task[None] | None = None
 
-    @asynccontextmanager
-    async def _locked(self, key: Key) -> AsyncIterator[None]:
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            yield
-
-    def saw_finetunejob(self, body: Manifest) -> bool:
+    def saw(self, body: Manifest) -> bool:
         """Cache a FineTuneJob from its watch event; False when it is our own write coming back."""
         metadata = body["metadata"]
         key = (metadata["namespace"], metadata["name"])
@@ -173,26 +157,20 @@ class Reconciler:
         """The job whose trainer Job this is (None before the Job's first watch event)."""
         return self._owners.get((namespace, trainer_job))
 
-    def forget(self, namespace: str, name: str) -> None:
-        """Drop everything about a job; call with its lock held (``drop`` takes it)."""
-        key = (namespace, name)
-        self.known.discard(key)
+    def forget_key(self, key: Key) -> None:
+        namespace = key[0]
         trainer_job = self._trainer_jobs.get(key)
         if trainer_job is not None:
             self._owners.pop((namespace, trainer_job["metadata"]["name"]), None)
         for cache in (self._bodies, self._trainer_jobs, self._written, self._desired_hashes):
             cache.pop(key, None)
-        self.metrics.forget_job(namespace, name)
+        self.metrics.forget_job(*key)
 
-    async def drop(self, namespace: str, name: str) -> None:
-        """Forget a deleted job after any reconcile of it in flight: one finishing after ``forget``
-        would put its caches and metrics series back."""
-        key = (namespace, name)
-        async with self._locked(key):
-            self.forget(namespace, name)
-        lock = self._locks.get(key)
-        if lock is not None and not lock.locked():
-            self._locks.pop(key, None)
+    async def before_resync(self) -> set[Key]:
+        return await self.verify_caches()
+
+    async def reconcile_key(self, key: Key, flagged: bool) -> None:
+        await self.reconcile(*key, ensure_children=flagged)
 
     async def verify_caches(self) -> set[Key]:
         """Check the watches' caches against the API server; return the jobs missing a child.
@@ -238,54 +216,25 @@ class Reconciler:
                 missing.add(key)
         return missing
 
-    async def resync_forever(self, interval: float, concurrency: int = 16) -> None:
-        """Stall detection, stop enforcement after the grace period, and drift repair for every job:
-        nothing stays wrong longer than one round."""
-        limit = asyncio.Semaphore(concurrency)
-
-        async def one(namespace: str, name: str, ensure: bool) -> None:
-            async with limit:
-                try:
-                    await self.reconcile(namespace, name, ensure_children=ensure)
-                except Exception:
-                    log.exception("resync of %s/%s failed; retrying next round", namespace, name)
-
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                missing = await self.verify_caches()
-            except Exception:
-                log.exception("checking the caches failed; retrying next round")
-                missing = set()
-            await asyncio.gather(*(one(ns, name, (ns, name) in missing) for ns, name in sorted(self.known)))
-
     async def reconcile(self, namespace: str, name: str, *, ensure_children: bool = False) -> None:
         """Bring one FineTuneJob and its children in line with the world as it is now."""
         key = (namespace, name)
-        async with self._locked(key), self._slots:
-            started = time.perf_counter()
-            try:
-                for attempt in range(CONFLICT_RETRIES):
-                    body = self._bodies.get(key)
-                    if body is None:
-                        read = await self.kube.read_finetunejob(namespace, name)
-                        body = None if read is None else finetunejob_essentials(read)
-                    if body is None or body["metadata"].get("deletionTimestamp"):
-                        self.forget(namespace, name)
-                        return
-                    self._bodies[key] = body
-                    try:
-                        await self._reconcile(body, ensure_children)
-                        return
-                    except ConflictError:
-                        self._bodies.pop(key, None)  # decided on a stale copy: read it afresh
-                        if attempt == CONFLICT_RETRIES - 1:
-                            raise
-            except Exception:
-                self.metrics.reconcile_errors.inc()
-                raise
-            finally:
-                self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+
+        async def attempt() -> None:
+            body = self._bodies.get(key)
+            if body is None:
+                read = await self.kube.read_finetunejob(namespace, name)
+                body = None if read is None else finetunejob_essentials(read)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                self.forget(namespace, name)
+                return
+            self._bodies[key] = body
+            await self._reconcile(body, ensure_children)
+
+        def stale() -> None:
+            self._bodies.pop(key, None)  # decided on a stale copy: read it afresh
+
+        await self.serially(key, attempt, stale)
 
     async def _reconcile(self, body: Manifest, ensure_children: bool) -> None:
         """Gather one observation, call the pure core once, carry out its ``Decision``."""
@@ -446,14 +395,12 @@ class Reconciler:
         metadata = body["metadata"]
         namespace, name = metadata["namespace"], metadata["name"]
         patch = status_patch(current, decision.status)
+        stored = await self.record(body, patch, decision.events, now)
+        if stored is None:
+            return
         if patch:
-            stored = await self.kube.patch_status(namespace, name, patch, metadata.get("resourceVersion"))
-            if stored is None:
-                self.forget(namespace, name)  # deleted meanwhile: nothing to record
-                return
             self._bodies[(namespace, name)] = finetunejob_essentials(stored)
             self._written[(namespace, name)] = stored["metadata"]["resourceVersion"]
-        await asyncio.gather(*(self._post(body, event, now) for event in decision.events))
         created = datetime.fromisoformat(metadata.get("creationTimestamp", now.isoformat()).replace("Z", "+00:00"))
         self.metrics.record_transitions(
             [e.reason for e in decision.events],
@@ -462,14 +409,6 @@ class Reconciler:
             first_run=current.start_time is None,
         )
         self.metrics.observe_job(namespace, name, decision.status)
-
-    async def _post(self, body: Manifest, event: Event, now: datetime) -> None:
-        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        log.info("%s/%s %s: %s", namespace, name, event.reason, event.message)
-        try:
-            await self.kube.post_event(body, event.type, event.reason, event.message, now)
-        except ApiError as error:  # an event is best effort; the status already says it
-            log.warning("could not post event %s on %s/%s: %s", event.reason, namespace, name, error.reason)
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -491,13 +430,7 @@ class NoDiffBase(kopf.DiffBaseStorage):
 def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync_seconds: float) -> None:
     """Attach the handlers to a kopf registry (one per operator instance, so tests can run several)."""
 
-    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    async def finetunejob_event(type: str, body: kopf.Body, **_: Any) -> None:
-        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        if type == "DELETED" or body["metadata"].get("deletionTimestamp"):
-            await reconciler.drop(namespace, name)
-        elif reconciler.saw_finetunejob(dict(body)):  # else the echo of our own status write
-            await reconciler.reconcile(namespace, name)
+    register_kind(registry, reconciler, GROUP, VERSION, PLURAL, resync_seconds)
 
     @kopf.on.startup(registry=registry)
     async def skip_diff_base(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -510,17 +443,6 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync_sec
         # be sent to the operator and remembered by kopf.
         for child_kind in CHILD_KINDS:
             settings.watching.label_selectors[child_kind.group, child_kind.plural] = OWNED_SELECTOR
-
-    @kopf.on.startup(registry=registry)
-    async def start_resync(**_: Any) -> None:
-        # One loop for all jobs instead of a kopf timer per job: timers need a finalizer on
-        # every FineTuneJob, and ownerReferences already make deletion clean without one.
-        reconciler.resync_task = asyncio.create_task(reconciler.resync_forever(resync_seconds))
-
-    @kopf.on.cleanup(registry=registry)
-    async def stop_resync(**_: Any) -> None:
-        if reconciler.resync_task is not None:
-            reconciler.resync_task.cancel()
 
     owned: dict[str, Any] = {MANAGED_BY_LABEL: MANAGED_BY, JOB_LABEL: kopf.PRESENT}
 

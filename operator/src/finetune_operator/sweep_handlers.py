@@ -10,7 +10,6 @@ same decision again and duplicates nothing.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from datetime import UTC, datetime
@@ -20,7 +19,7 @@ import kopf
 from pydantic import ValidationError
 
 from finetune_operator.api import GROUP, KIND, PLURAL, VERSION
-from finetune_operator.clients import CONFLICT_RETRIES, ApiError, ConflictError, Kube
+from finetune_operator.clients import ApiError, Kube
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.reconcile.children import controller_of, job_label_value
 from finetune_operator.reconcile.status import Event, describe_validation
@@ -31,7 +30,8 @@ from finetune_operator.reconcile.sweep import (
     decide_sweep,
     invalid_sweep,
 )
-from finetune_operator.reconcile.trials import observe_trial
+from finetune_operator.reconcile.trials import ObservedTrial, observe_trial
+from finetune_operator.shell import Key, Manifest, ObjectLoop, register_kind
 from finetune_operator.sweep_api import (
     RUNGS_ANNOTATION,
     SWEEP_KIND,
@@ -42,54 +42,26 @@ from finetune_operator.sweep_api import (
 )
 
 log = logging.getLogger("finetune_operator.sweeps")
-Manifest = dict[str, Any]
-Key = tuple[str, str]
 
 
-class SweepReconciler:
-    """Per-sweep locks and a dirty flag: a burst of trial events costs one or two reconciles, not one each."""
+class SweepReconciler(ObjectLoop):
+    """A FineTuneSweep's observe, decide and execute, in the shared shell. Reconciles coalesce: a burst of
+    trial events costs one or two reconciles, not one each (each reads the sweep and its trials afresh)."""
 
     def __init__(self, kube: Kube, metrics: OperatorMetrics) -> None:
-        self.kube = kube
-        self.metrics = metrics
-        self.known: set[Key] = set()
-        self._locks: dict[Key, asyncio.Lock] = {}
-        self._dirty: set[Key] = set()
-        self.resync_task: asyncio.Task[None] | None = None
+        super().__init__(kube, metrics, kind=SWEEP_KIND, log=log, coalesce=True, resync_concurrency=1)
 
     async def reconcile(self, namespace: str, name: str) -> None:
-        key = (namespace, name)
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        if lock.locked():
-            self._dirty.add(key)  # the reconcile in flight goes round once more
-            return
-        async with lock:
-            self._dirty.add(key)
-            while key in self._dirty:
-                self._dirty.discard(key)
-                await self._reconcile_with_retries(namespace, name)
+        await self.serially((namespace, name), lambda: self._reconcile(namespace, name))
 
-    async def _reconcile_with_retries(self, namespace: str, name: str) -> None:
-        started = asyncio.get_running_loop().time()
-        try:
-            for attempt in range(CONFLICT_RETRIES):
-                try:
-                    await self._reconcile(namespace, name)
-                    return
-                except ConflictError:
-                    if attempt == CONFLICT_RETRIES - 1:
-                        raise
-        except Exception:
-            self.metrics.reconcile_errors.inc()
-            raise
-        finally:
-            self.metrics.reconcile_seconds.observe(asyncio.get_running_loop().time() - started)
+    async def reconcile_key(self, key: Key, flagged: bool) -> None:
+        await self.reconcile(*key)
 
-    def forget(self, namespace: str, name: str) -> None:
-        self.known.discard((namespace, name))
-        self.metrics.forget_sweep(namespace, name)
+    def forget_key(self, key: Key) -> None:
+        self.metrics.forget_sweep(*key)
 
     async def _reconcile(self, namespace: str, name: str) -> None:
+        """Read the sweep and its trials, call the pure core once, carry out its decision."""
         now = datetime.now(UTC)
         body = await self.kube.read(SWEEP_KIND, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
@@ -105,16 +77,25 @@ class SweepReconciler:
             await self._write(body, current, decision, now)
             return
         sweep.status = current
-        listed = await self.kube.list_in(KIND, namespace, f"{SWEEP_LABEL}={job_label_value(name)}")
+        decision = decide_sweep(sweep, await self._trials(sweep, body), now)
+        await self._execute(namespace, name, decision)
+        await self._write(body, current, decision, now)
+
+    async def _trials(self, sweep: FineTuneSweep, body: Manifest) -> list[ObservedTrial]:
+        """The sweep's own trials, listed afresh (a quorum read: a trial just created is never missed)."""
+        namespace, name, uid = body["metadata"]["namespace"], body["metadata"]["name"], body["metadata"].get("uid")
         trials = []
-        for item in listed:
+        for item in await self.kube.list_in(KIND, namespace, f"{SWEEP_LABEL}={job_label_value(name)}"):
             owner = controller_of(item)
-            if owner is None or owner.get("kind") != SWEEP_KIND or owner.get("uid") != metadata.get("uid"):
+            if owner is None or owner.get("kind") != SWEEP_KIND or owner.get("uid") != uid:
                 continue  # a namesake's trial, or a FineTuneJob someone labelled by hand
             trial = observe_trial(sweep, item)
             if trial is not None:
                 trials.append(trial)
-        decision = decide_sweep(sweep, trials, now)
+        return trials
+
+    async def _execute(self, namespace: str, name: str, decision: SweepDecision) -> None:
+        """Carry out the decision on the trials; a refused create becomes an event on the decision."""
         for trial_name in sorted({*decision.prune, *decision.rungs}):
             # A rung verdict is recorded on its trial in the same patch as the prune it may lead to.
             annotations = dict(PRUNE_ANNOTATIONS) if trial_name in decision.prune else {}
@@ -135,65 +116,27 @@ class SweepReconciler:
                 break
             if created is not None:
                 log.info("%s/%s: created trial %s", namespace, name, manifest["metadata"]["name"])
-        await self._write(body, current, decision, now)
 
     async def _write(
         self, body: Manifest, current: FineTuneSweepStatus, decision: SweepDecision, now: datetime
     ) -> None:
-        metadata = body["metadata"]
-        namespace, name = metadata["namespace"], metadata["name"]
-        if decision.status.to_wire() != current.to_wire():
-            wire = decision.status.to_wire()
-            # A merge patch leaves out what is None: say so explicitly for what went away.
-            patch = {key: wire.get(key) for key in {*wire, *current.to_wire()}}
-            stored = await self.kube.patch_status(
-                namespace, name, patch, metadata.get("resourceVersion"), kind=SWEEP_KIND
-            )
-            if stored is None:
-                self.forget(namespace, name)
-                return
-        for event in decision.events:
-            log.info("%s/%s %s: %s", namespace, name, event.reason, event.message)
-            try:
-                await self.kube.post_event(body, event.type, event.reason, event.message, now)
-            except ApiError as error:
-                log.warning("could not post event %s on %s/%s: %s", event.reason, namespace, name, error.reason)
+        wire, before = decision.status.to_wire(), current.to_wire()
+        # A merge patch leaves out what is None: say so explicitly for what went away.
+        patch = {key: wire.get(key) for key in {*wire, *before}} if wire != before else {}
+        if await self.record(body, patch, decision.events, now) is None:
+            return
         metric = ((body.get("spec") or {}).get("objective") or {}).get("metric")
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         self.metrics.observe_sweep(namespace, name, metric if isinstance(metric, str) else None, decision.status)
-
-    async def resync_forever(self, interval: float) -> None:
-        """Drift repair: nothing stays wrong longer than one round (a missed event, a restart)."""
-        while True:
-            await asyncio.sleep(interval)
-            for namespace, name in sorted(self.known):
-                try:
-                    await self.reconcile(namespace, name)
-                except Exception:
-                    log.exception("resync of sweep %s/%s failed; retrying next round", namespace, name)
 
 
 def register(registry: kopf.OperatorRegistry, reconciler: SweepReconciler, resync_seconds: float) -> None:
     """Attach the sweep handlers to a kopf registry."""
 
-    @kopf.on.event(GROUP, VERSION, SWEEP_PLURAL, registry=registry)
-    async def sweep_event(type: str, body: kopf.Body, **_: Any) -> None:
-        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        if type == "DELETED":
-            reconciler.forget(namespace, name)
-        else:
-            await reconciler.reconcile(namespace, name)
+    register_kind(registry, reconciler, GROUP, VERSION, SWEEP_PLURAL, resync_seconds)
 
     @kopf.on.event(GROUP, VERSION, PLURAL, labels={SWEEP_LABEL: kopf.PRESENT}, registry=registry)
     async def trial_event(body: kopf.Body, **_: Any) -> None:
         owner = controller_of(dict(body))
         if owner is not None and owner.get("kind") == SWEEP_KIND:
             await reconciler.reconcile(body["metadata"]["namespace"], str(owner["name"]))
-
-    @kopf.on.startup(registry=registry)
-    async def start_sweep_resync(**_: Any) -> None:
-        reconciler.resync_task = asyncio.create_task(reconciler.resync_forever(resync_seconds))
-
-    @kopf.on.cleanup(registry=registry)
-    async def stop_sweep_resync(**_: Any) -> None:
-        if reconciler.resync_task is not None:
-            reconciler.resync_task.cancel()
