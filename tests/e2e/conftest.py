@@ -212,6 +212,14 @@ class Jobs:
         )
         return [event.reason for event in listed.items]
 
+    def wait_event(self, name: str, reason: str, timeout: float = 30) -> None:
+        """Wait for an Event with ``reason`` about ``name``: the operator posts it after the status write."""
+        deadline = time.monotonic() + timeout
+        while reason not in (seen := self.events(name)):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name}: no {reason} event within {timeout} s (events: {seen})")
+            time.sleep(0.5)
+
     def children(self, name: str) -> dict[str, int]:
         selector = f"finetune.dev/job={name}"
         core, batch, rbac = (

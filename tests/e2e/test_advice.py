@@ -28,7 +28,7 @@ def test_diverged_trainer_fails_the_job_as_diverged_without_retries(jobs: Jobs, 
     failed = jobs.wait_condition("diverging", "Failed", "Diverged", timeout=90)
     status = _status(failed)
     assert status["phase"] == "Failed" and "exit code 6" in status["message"]
-    assert "Diverged" in jobs.events("diverging")
+    jobs.wait_event("diverging", "Diverged")
     job = client.BatchV1Api(jobs.api).read_namespaced_job("diverging-trainer", jobs.namespace)
     assert (job.status.failed or 0) == 1, "a diverged run is not retried"
 

@@ -90,7 +90,7 @@ def test_a_foreign_child_is_never_adopted_and_the_job_waits(jobs: Jobs, tmp_path
         "foreign", "Stalled=OwnershipConflict", lambda b: _condition(b, "Stalled").get("reason") == "OwnershipConflict"
     )
     assert "ConfigMap foreign-config" in _condition(stalled, "Stalled")["message"]
-    assert "OwnershipConflict" in jobs.events("foreign")
+    jobs.wait_event("foreign", "OwnershipConflict")
     assert core.read_namespaced_config_map("foreign-config", jobs.namespace).data == {"config.yaml": "not ours"}
     assert jobs.children("foreign")["Job"] == 0, "no Job mounts a config that is not ours"
     core.delete_namespaced_config_map("foreign-config", jobs.namespace)
@@ -171,7 +171,7 @@ def test_a_refused_child_is_a_condition_and_a_warning(jobs: Jobs, tmp_path: Path
         )
         assert "Job refused-trainer" in stalled["status"]["message"]
         assert "quota" in stalled["status"]["message"], stalled["status"]["message"]
-        assert "CreateFailed" in jobs.events("refused")
+        jobs.wait_event("refused", "CreateFailed")
     finally:
         core.delete_namespaced_resource_quota("no-jobs", jobs.namespace)
     jobs.wait_condition("refused", "Suspended", timeout=30)

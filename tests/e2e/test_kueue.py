@@ -320,7 +320,13 @@ def _stopped_in_queue(cluster: LocalCluster, jobs: Jobs, tmp_path: Path) -> None
         assert runs(tmp_path / "waiter") == [], "a stopped job's trainer ran when quota freed"
         assert batch.read_namespaced_job(Names.of("paused").job, jobs.namespace).spec.suspend is True
         time.sleep(0.5)
-    assert _kueue_workloads_of(jobs.api, jobs.namespace, Names.of("waiter").job) == []
+    with pytest.raises(client.ApiException) as gone:  # nothing Kueue could unsuspend
+        batch.read_namespaced_job(Names.of("waiter").job, jobs.namespace)
+    assert gone.value.status == 404
+    deadline = time.monotonic() + 60  # its Workload follows the Job through the garbage collector
+    while _kueue_workloads_of(jobs.api, jobs.namespace, Names.of("waiter").job):
+        assert time.monotonic() < deadline, "the stopped job's Kueue Workload outlived its Job by a minute"
+        time.sleep(0.5)
     paused = batch.read_namespaced_job(Names.of("paused").job, jobs.namespace)
     assert "kueue.x-k8s.io/queue-name" not in paused.metadata.labels, paused.metadata.labels
     assert _kueue_workloads_of(jobs.api, jobs.namespace, Names.of("paused").job) == [], "nothing Kueue could admit"

@@ -76,9 +76,8 @@ def test_stubborn_trainer_is_early_stopped_by_the_operator(started: Started) -> 
     assert status["best"]["step"] == 20
     assert "best 0.6 at step 20" in status["message"]
     assert _job(jobs, "stubborn").spec.suspend is True, "the operator halted the workload itself"
-    events = jobs.events("stubborn")
-    assert "EarlyStopped" in events
-    assert "StopEnforced" in events
+    jobs.wait_event("stubborn", "EarlyStopped")
+    jobs.wait_event("stubborn", "StopEnforced")
     jobs.wait("stubborn", "trainer pods gone", lambda _: jobs.children("stubborn")["Pod"] == 0, timeout=60)
 
 
@@ -87,7 +86,7 @@ def test_permanent_trainer_error_fails_at_once_with_its_reason(jobs: Jobs, tmp_p
     failed = jobs.wait_condition("bad-data", "Failed", "DataError", timeout=90)
     assert "scripted failure with exit code 3" in _status(failed)["message"]
     assert _job(jobs, "bad-data").status.failed == 1, "configuration/data errors are not retried"
-    assert "DataError" in jobs.events("bad-data")
+    jobs.wait_event("bad-data", "DataError")
 
 
 def test_crashing_trainer_is_retried_and_resumes(started: Started) -> None:
@@ -117,7 +116,7 @@ def test_invalid_spec_fails_without_workload(jobs: Jobs, tmp_path: Path) -> None
     message = _status(failed)["message"]
     assert "spec.freeze.frozenModules.0" in message and "regular expression" in message, message
     assert jobs.children("bad-regex")["Job"] == 0
-    assert "InvalidSpec" in jobs.events("bad-regex")
+    jobs.wait_event("bad-regex", "InvalidSpec")
 
 
 def test_operator_kill9_loses_nothing_and_duplicates_nothing(

@@ -169,7 +169,7 @@ def test_max_failed_trials_fails_the_sweep(jobs: Jobs, tmp_path: Path) -> None:
     failed = sweeps.wait("failing", "Failed", lambda b: condition(b, "Failed") == ("True", "TooManyFailedTrials"))
     assert failed["status"]["trialCounts"]["failed"] == 2 and len(sweeps.trials("failing")) == 2
     assert condition(failed, "Stalled") == ("True", "TooManyFailedTrials")
-    assert "TooManyFailedTrials" in jobs.events("failing")
+    jobs.wait_event("failing", "TooManyFailedTrials")
 
 
 def test_a_value_that_makes_an_invalid_trial_fails_the_sweep_before_any_trial(jobs: Jobs, tmp_path: Path) -> None:
@@ -179,7 +179,7 @@ def test_a_value_that_makes_an_invalid_trial_fails_the_sweep_before_any_trial(jo
     failed = sweeps.wait("invalid", "Failed", lambda b: condition(b, "Failed") == ("True", "InvalidSpec"), timeout=60)
     assert "spec.parameters[0] (batch): value 0" in failed["status"]["message"], failed["status"]["message"]
     assert sweeps.trials("invalid") == []
-    assert "InvalidSpec" in jobs.events("invalid")
+    jobs.wait_event("invalid", "InvalidSpec")
 
 
 def test_a_head_only_preset_applied_with_kubectl_runs_and_the_goal_ends_the_sweep_complete(
