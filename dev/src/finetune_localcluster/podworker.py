@@ -22,23 +22,20 @@ import subprocess
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING
 
 from . import poddns, podspec, procs
 from .agentlog import log, now
+from .podhost import PodHost
 from .probes import ContainerProbes
 from .projection import NotReadyError, PodProjection
 from .rest import ApiError, Obj
 from .runtime import BACKOFF_MAX, USE_MOUNT_NAMESPACES, Container, PodContext
 
-if TYPE_CHECKING:
-    from .node import Agent
-
 
 class PodWorker(threading.Thread):
     """Runs one pod to completion (or deletion), reporting status as it goes."""
 
-    def __init__(self, agent: Agent, pod: Obj) -> None:
+    def __init__(self, agent: PodHost, pod: Obj) -> None:
         meta = pod["metadata"]
         super().__init__(name=f"pod-{meta['namespace']}/{meta['name']}", daemon=True)
         self.agent = agent
