@@ -438,8 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     outputs = generated_files(args.dir, args.rules)
     if args.check:
         stale = [str(path) for path, text in outputs.items() if not path.exists() or path.read_text() != text]
-        for path in stale:
-            print(f"{path} is out of date: run `make crds`", file=sys.stderr)
+        for name in stale:
+            print(f"{name} is out of date: run `make crds`", file=sys.stderr)
         return 1 if stale else 0
     for path, text in outputs.items():
         path.parent.mkdir(parents=True, exist_ok=True)
