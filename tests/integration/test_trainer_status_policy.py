@@ -44,6 +44,8 @@ OPERATOR_STATUS = {
         "triggered": True,
     },
     "restarts": 1,
+    # the identity the operator records; only that ServiceAccount may write the status
+    "workload": {"serviceAccount": Names.of(NAME).service_account},
 }
 
 
