@@ -162,9 +162,10 @@ def _search_validation(guard: Guard) -> dict[str, Any] | None:
     leaf = _cel(path)
     any_value = "false" if guard.check is Check.SECRET else "variables.mayCreatePods"
     each_value = _value_ok(guard.check, "string(v)")
-    values = f"(has(p.categorical) ? p.categorical.?values.orValue([]).all(v, {each_value}) : {any_value})"
-    in_preset = f"{leaf} in s.?set.orValue({{}})"
-    preset_value = _value_ok(guard.check, f"string(s.set[{leaf}])")
+    # values and set hold free-form scalars, which the schema's CEL types leave out: dyn() reaches them
+    values = f"(has(p.categorical) ? dyn(p.categorical).?values.orValue([]).all(v, {each_value}) : {any_value})"
+    in_preset = f"{leaf} in dyn(s).?set.orValue({{}})"
+    preset_value = _value_ok(guard.check, f"string(dyn(s).set[{leaf}])")
     presets = f"p.?categorical.?presets.orValue([]).all(s, !({in_preset}) || {preset_value})"
     bad = f"!((!has(p.path) || p.path != {leaf} || {values}) && {presets})"
     changed = "request.operation == 'CREATE' || object.spec.parameters != oldObject.spec.parameters"
