@@ -113,6 +113,36 @@ def _identity() -> dict[str, Any]:
     }
 
 
+def policy(
+    name: str,
+    rule: tuple[list[str], str, str],
+    match_conditions: list[dict[str, str]],
+    validations: list[dict[str, Any]],
+    variables: list[dict[str, str]] | None = None,
+) -> dict[str, Any]:
+    """A ValidatingAdmissionPolicy of ours: ``rule`` is (operations, resource, apiVersion) in our group; a
+    rule that cannot be evaluated denies (failurePolicy Fail)."""
+    operations, resource, version = rule
+    spec: dict[str, Any] = {
+        "failurePolicy": "Fail",
+        "matchConstraints": {
+            "resourceRules": [
+                {"apiGroups": [GROUP], "apiVersions": [version], "operations": operations, "resources": [resource]}
+            ]
+        },
+        "matchConditions": match_conditions,
+    }
+    if variables:
+        spec["variables"] = variables
+    spec["validations"] = validations
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "finetune-operator"}},
+        "spec": spec,
+    }
+
+
 def validating_admission_policy() -> dict[str, Any]:
     """The ValidatingAdmissionPolicy: only the job's own trainer identity writes its status, and only the
     trainer's status keys."""
@@ -123,67 +153,39 @@ def validating_admission_policy() -> dict[str, Any]:
         )
         for key in OPERATOR_STATUS_KEYS
     ]
-    return {
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "ValidatingAdmissionPolicy",
-        "metadata": {"name": POLICY_NAME, "labels": {"app.kubernetes.io/name": "finetune-operator"}},
-        "spec": {
-            "failurePolicy": "Fail",
-            "matchConstraints": {
-                "resourceRules": [
-                    {
-                        "apiGroups": [GROUP],
-                        "apiVersions": ["*"],
-                        "operations": ["UPDATE"],
-                        "resources": [f"{PLURAL}/status"],
-                    }
-                ]
+    return policy(
+        POLICY_NAME,
+        (["UPDATE"], f"{PLURAL}/status", "*"),
+        [{"name": "trainer-identity", "expression": TRAINER_IDENTITY}],
+        [_identity(), *ownership, *_trainer_bounds()],
+        variables=[
+            {
+                "name": "output",
+                "expression": "object.spec.output.location.endsWith('/') ? object.spec.output.location : "
+                "object.spec.output.location + '/'",
             },
-            "matchConditions": [{"name": "trainer-identity", "expression": TRAINER_IDENTITY}],
-            "variables": [
-                {
-                    "name": "output",
-                    "expression": "object.spec.output.location.endsWith('/') ? object.spec.output.location : "
-                    "object.spec.output.location + '/'",
-                },
-                {"name": "checkpoint", "expression": "object.?status.?best.?checkpoint.orValue('')"},
-            ],
-            "validations": [_identity(), *ownership, *_trainer_bounds()],
-        },
-    }
+            {"name": "checkpoint", "expression": "object.?status.?best.?checkpoint.orValue('')"},
+        ],
+    )
 
 
 def identity_policy() -> dict[str, Any]:
     """The ValidatingAdmissionPolicy: a job's trainer identity never writes the FineTuneJob itself."""
-    return {
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "ValidatingAdmissionPolicy",
-        "metadata": {"name": IDENTITY_POLICY_NAME, "labels": {"app.kubernetes.io/name": "finetune-operator"}},
-        "spec": {
-            "failurePolicy": "Fail",
-            "matchConstraints": {
-                "resourceRules": [
-                    {
-                        "apiGroups": [GROUP],
-                        "apiVersions": ["*"],
-                        "operations": ["UPDATE", "DELETE"],
-                        "resources": [PLURAL],
-                    }
-                ]
-            },
-            "matchConditions": [{"name": "trainer-identity", "expression": TRAINER_IDENTITY}],
-            "validations": [
-                {
-                    "expression": f"!({_IS_RECORDED})",
-                    "messageExpression": "'metadata/spec: ' + request.userInfo.username + ' is the trainer identity "
-                    "of this job (status.workload.serviceAccount): it may write only its status, not the FineTuneJob "
-                    "itself'",
-                    "message": "a job's trainer identity may not write the FineTuneJob itself, only its status",
-                    "reason": "Forbidden",
-                }
-            ],
-        },
-    }
+    return policy(
+        IDENTITY_POLICY_NAME,
+        (["UPDATE", "DELETE"], PLURAL, "*"),
+        [{"name": "trainer-identity", "expression": TRAINER_IDENTITY}],
+        [
+            {
+                "expression": f"!({_IS_RECORDED})",
+                "messageExpression": "'metadata/spec: ' + request.userInfo.username + ' is the trainer identity "
+                "of this job (status.workload.serviceAccount): it may write only its status, not the FineTuneJob "
+                "itself'",
+                "message": "a job's trainer identity may not write the FineTuneJob itself, only its status",
+                "reason": "Forbidden",
+            }
+        ],
+    )
 
 
 def policy_binding(name: str = POLICY_NAME) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from typing import Any, Final
 
 import yaml
 
+from finetune_operator import admission
 from finetune_operator.api import DEFAULT_TRAINER_IMAGE, GROUP, PLURAL, VERSION
 from finetune_operator.sweep_api import SWEEP_PLURAL
 
@@ -185,47 +186,21 @@ def _search_validation(guard: Guard) -> dict[str, Any] | None:
 def _policy(
     name: str, plural: str, validations: list[dict[str, Any]], images: Sequence[str], operator: str
 ) -> dict[str, Any]:
-    return {
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "ValidatingAdmissionPolicy",
-        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "finetune-operator"}},
-        "spec": {
-            "failurePolicy": "Fail",
-            "matchConstraints": {
-                "resourceRules": [
-                    {
-                        "apiGroups": [GROUP],
-                        "apiVersions": [VERSION],
-                        "operations": ["CREATE", "UPDATE"],
-                        "resources": [plural],
-                    }
-                ]
-            },
-            "matchConditions": [
-                # trials and stop annotations: the author was checked when the sweep was admitted
-                {"name": "not-the-operator", "expression": f"{_WHO} != {_cel(operator)}"},
-                # finalizers, labels, annotations: nothing to check, nothing spent on the hot path
-                {
-                    "name": "spec-written",
-                    "expression": "request.operation == 'CREATE' || object.spec != oldObject.spec",
-                },
-            ],
-            "variables": [
-                {"name": "trainerImages", "expression": "[" + ", ".join(_cel(image) for image in images) + "]"},
-                {"name": "mayCreatePods", "expression": _MAY_CREATE_PODS},
-            ],
-            "validations": validations,
-        },
-    }
-
-
-def _binding(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "ValidatingAdmissionPolicyBinding",
-        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "finetune-operator"}},
-        "spec": {"policyName": name, "validationActions": ["Deny"]},
-    }
+    return admission.policy(
+        name,
+        (["CREATE", "UPDATE"], plural, VERSION),
+        [
+            # trials and stop annotations: the author was checked when the sweep was admitted
+            {"name": "not-the-operator", "expression": f"{_WHO} != {_cel(operator)}"},
+            # finalizers, labels, annotations: nothing to check, nothing spent on the hot path
+            {"name": "spec-written", "expression": "request.operation == 'CREATE' || object.spec != oldObject.spec"},
+        ],
+        validations,
+        variables=[
+            {"name": "trainerImages", "expression": "[" + ", ".join(_cel(image) for image in images) + "]"},
+            {"name": "mayCreatePods", "expression": _MAY_CREATE_PODS},
+        ],
+    )
 
 
 def manifests(
@@ -238,9 +213,9 @@ def manifests(
     sweep_rules += [rule for g in GUARDED if (rule := _search_validation(g)) is not None]
     return [
         _policy(JOB_POLICY_NAME, PLURAL, job_rules, trainer_images, operator),
-        _binding(JOB_POLICY_NAME),
+        admission.policy_binding(JOB_POLICY_NAME),
         _policy(SWEEP_POLICY_NAME, SWEEP_PLURAL, sweep_rules, trainer_images, operator),
-        _binding(SWEEP_POLICY_NAME),
+        admission.policy_binding(SWEEP_POLICY_NAME),
     ]
 
 
