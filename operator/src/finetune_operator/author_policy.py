@@ -112,13 +112,14 @@ def _needs(check: Check) -> str:
 
 
 def _field_ok(guard: Guard, root: str) -> str:
-    """CEL: the field at ``guard.path`` below ``root`` (a job spec) is unset or allowed."""
-    outer, _, inner = guard.path.partition("[]")
-    leaf = _leaf(Guard(inner, guard.check)) if inner else ""
-    if not inner:
+    """CEL: the field at ``guard.path`` below ``root`` (a job spec) is unset or allowed; for a list
+    (``sources[].credentialsSecretRef``, ``images[]``), each of its elements."""
+    outer, listed, inner = guard.path.partition("[]")
+    if not listed:
         value = _optional(root, _leaf(guard))
         return f"(!{value}.hasValue() || {_value_ok(guard.check, value + '.value()')})"
-    value = _optional("x", leaf)
+    leaf = _leaf(Guard(inner, guard.check)).strip(".")
+    value = _optional("x", leaf) if leaf else "optional.of(x)"
     each = f"(!{value}.hasValue() || {_value_ok(guard.check, value + '.value()')})"
     return f"{_optional(root, outer)}.orValue([]).all(x, {each})"
 
