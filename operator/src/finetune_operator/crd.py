@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from finetune_operator import admission, advice_policy
+from finetune_operator import admission, advice_policy, author_policy
 from finetune_operator.api import (
     CATEGORIES,
     GROUP,
@@ -376,9 +376,15 @@ def render_sweep_crd() -> str:
 
 def chart_api_objects() -> list[dict[str, Any]]:
     """What the chart installs besides the operator itself: both CRDs and every admission policy
-    (trainers' status keys, apply-time advice) with its binding. The demo and the tests install this,
+    (trainers' status keys, apply-time advice, authors' rights) with its binding. The demo and the tests install this,
     so they see what a user of the chart sees (``kubectl apply`` warnings included)."""
-    return [build_crd(), build_sweep_crd(), *admission.manifests(), *advice_policy.build_policy()]
+    return [
+        build_crd(),
+        build_sweep_crd(),
+        *admission.manifests(),
+        *advice_policy.build_policy(),
+        *author_policy.manifests(),
+    ]
 
 
 def render_rules() -> tuple[str, str]:
@@ -426,6 +432,9 @@ def generated_files(crd_dir: Path = Path("crds"), rules: Path = CHART_RULES_FILE
         # apply-time advice
         advice_policy.POLICY_FILE: advice_policy.render_policy(),
         advice_policy.CHART_POLICY_FILE: advice_policy.render_policy(),
+        # what a spec may name only with its author's rights
+        author_policy.POLICY_FILE: author_policy.render_policy(),
+        author_policy.CHART_POLICY_FILE: author_policy.render_chart_policy(),
     }
 
 

@@ -266,11 +266,16 @@ def headless_service(job: FineTuneJob, settings: Settings) -> Manifest:
     )
 
 
-def _claims(job: FineTuneJob) -> list[str]:
-    """PersistentVolumeClaims the spec reads or writes, in a stable order."""
-    sources = [job.spec.model.source, job.spec.dataset.source, job.spec.output.location]
-    claims = [s.removeprefix("pvc://").split("/", 1)[0] for s in sources if s.startswith("pvc://")]
-    return sorted(set(claims))
+def _claim(uri: str) -> str | None:
+    return uri.removeprefix("pvc://").split("/", 1)[0] if uri.startswith("pvc://") else None
+
+
+def _claims(job: FineTuneJob) -> list[tuple[str, bool]]:
+    """PersistentVolumeClaims the spec reads or writes, in a stable order, each with whether it is
+    only read (a source and not the output: mounted read-only, so the trainer cannot alter it)."""
+    read = {_claim(job.spec.model.source), _claim(job.spec.dataset.source)} - {None}
+    written = _claim(job.spec.output.location)
+    return sorted((claim, claim != written) for claim in read | {written} if claim is not None)
 
 
 def _env(job: FineTuneJob, settings: Settings, names: Names) -> list[Manifest]:
@@ -375,8 +380,9 @@ def pod_template(job: FineTuneJob, settings: Settings) -> Manifest:
         # /tmp holds the Hugging Face cache (HF_HOME): bounded, so a runaway download ends in an eviction.
         {"name": "tmp", "emptyDir": {"sizeLimit": str(spec.ephemeral_storage or DEFAULT_SCRATCH)}},
     ]
-    for index, claim in enumerate(_claims(job)):
-        mounts.append({"name": f"pvc-{index}", "mountPath": f"{settings.pvc_root}/{claim}"})
+    for index, (claim, read_only) in enumerate(_claims(job)):
+        mount = {"name": f"pvc-{index}", "mountPath": f"{settings.pvc_root}/{claim}"}
+        mounts.append({**mount, "readOnly": True} if read_only else mount)
         volumes.append({"name": f"pvc-{index}", "persistentVolumeClaim": {"claimName": claim}})
     if spec.gpus_per_node > 1 or spec.nodes > 1:
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
@@ -413,6 +419,8 @@ def pod_template(job: FineTuneJob, settings: Settings) -> Manifest:
             "runAsUser": settings.run_as_user,
             "runAsGroup": settings.run_as_user,
             "fsGroup": settings.run_as_user,
+            # re-group a claim's files only when its root is not the group's yet: not on every start
+            "fsGroupChangePolicy": "OnRootMismatch",
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
