@@ -209,6 +209,16 @@ class DatasetFields(SpecModel):
     )
 
 
+def _hub_only(field: str, name: str) -> Rule:
+    """``field`` (Python ``name``) of a dataset is set only for an hf://datasets source."""
+    return Rule(
+        field,
+        f"{field} is only meaningful for hf://datasets sources",
+        f"!has(self.{field}) || self.source.startsWith('hf://')",
+        lambda d: getattr(d, name) is None or bool(d.source.startswith("hf://")),
+    )
+
+
 class DatasetSpec(SpecModel):
     """Training and validation data."""
 
@@ -219,15 +229,9 @@ class DatasetSpec(SpecModel):
             "!(has(self.validation) && has(self.validationFraction))",
             lambda d: d.validation is None or d.validation_fraction is None,
         ),
-        *(
-            Rule(
-                field,
-                f"{field} is only meaningful for hf://datasets sources",
-                f"!has(self.{field}) || self.source.startsWith('hf://')",
-                lambda d, name=name: getattr(d, name) is None or d.source.startswith("hf://"),
-            )
-            for field, name in (("subset", "subset"), ("revision", "revision"), ("tokenSecretRef", "token_secret_ref"))
-        ),
+        _hub_only("subset", "subset"),
+        _hub_only("revision", "revision"),
+        _hub_only("tokenSecretRef", "token_secret_ref"),
     )
 
     source: Location = Field(
