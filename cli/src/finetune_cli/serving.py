@@ -134,7 +134,9 @@ def serving(
     if not chosen:
         what = "no published artifacts" if not artifacts else f"no artifact of kind {', '.join(sorted(kinds or ()))}"
         raise ExportError(f"FineTuneJob {namespace}/{name} has {what} (status.artifacts)")
-    services, vllm, prepare = [], [], []
+    services: list[dict[str, Any]] = []
+    vllm: list[str] = []
+    prepare: list[str] = []
     for artifact in chosen:
         if artifact.kind == "adapter":
             path = _local_path(artifact.uri, prepare, f"{name}-adapter")
