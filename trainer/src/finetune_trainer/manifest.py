@@ -22,6 +22,8 @@ from typing import Final
 
 from pydantic import BaseModel, ConfigDict
 
+from finetune_trainer.atomic import atomic_file
+
 __all__ = [
     "MANIFEST_NAME",
     "FileEntry",
@@ -119,12 +121,7 @@ def merge(parts: Iterable[Manifest]) -> Manifest:
 def write_manifest(directory: Path, manifest: Manifest | None = None) -> Manifest:
     """Write ``directory``'s manifest last (flushed, then renamed into place); returns it."""
     manifest = manifest if manifest is not None else build_manifest(directory)
-    temporary = directory / f".{MANIFEST_NAME}.tmp"
-    with temporary.open("wb") as stream:
-        stream.write(manifest.serialise())
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, directory / MANIFEST_NAME)
+    atomic_file(directory / MANIFEST_NAME, manifest.serialise())
     return manifest
 
 

@@ -26,12 +26,11 @@ from finetune_trainer.accelerator import require_accelerator
 from finetune_trainer.activation_cache import CACHE_DIR as ACTIVATION_CACHE_DIR
 from finetune_trainer.activation_cache import FixedShardSampler, memory_budget
 from finetune_trainer.activation_cache import install as install_activation_cache
-from finetune_trainer.atomic import remove_leftovers
+from finetune_trainer.atomic import atomic_file, remove_leftovers
 from finetune_trainer.baseline import validation_baseline
 from finetune_trainer.callbacks import (
     FULL,
     CheckpointCallback,
-    Checkpointer,
     EarlyStoppingCallback,
     GradualUnfreezingCallback,
     ProgressCallback,
@@ -491,11 +490,11 @@ def _trainer(
         spec=spec,
         layers=frozen.layers,
         plan=frozen.plan,
+        run=ctx,
+        activation_cache=frozen.activation_cache,
+        thaw_on_create=ctx.state.thawed_units,
     )
     _check_same_checkpoint(resume, where.rank, trainer.args.device)
-    trainer.thaw_on_create = ctx.state.thawed_units
-    trainer.checkpointer = Checkpointer(ctx, trainer.write_checkpoint)
-    trainer.activation_cache = frozen.activation_cache
     trainer.remove_callback(PrinterCallback)  # our JSON lines replace its prints
     for callback in (
         DivergenceCallback(ctx, trainer.take_step_loss),  # first: stops before anything is published or saved
@@ -596,9 +595,7 @@ def _finish(
             "restoredBest": restored,
             "message": ctx.stop_message or None,
         }
-        written = output_dir / ".result.json.tmp"
-        written.write_text(json.dumps(body, indent=2) + "\n")
-        os.replace(written, output_dir / "result.json")
+        atomic_file(output_dir / "result.json", (json.dumps(body, indent=2) + "\n").encode())
         log.emit("result", **body)
     _report_finalizing(ctx, False)
     _close(ctx)
