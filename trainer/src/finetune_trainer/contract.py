@@ -10,9 +10,9 @@ models, the keys it owns and their bounds) and the reasons a stop request may ca
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Final, Literal, get_args
+from typing import Annotated, Any, Final, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
 
 __all__ = [
@@ -228,13 +228,15 @@ ARTIFACT_KINDS: Final = get_args(ArtifactKind)
 fine-tuned model (no adapter)."""
 
 
+LineageText = Annotated[str, StringConstraints(max_length=MAX_LINEAGE_LENGTH)]
+
+
 class BaseModelLineage(StatusModel):
     """Which base model an artifact was trained from."""
 
     source: str = Field(description="spec.model.source as written.")
-    revision: str | None = Field(
+    revision: LineageText | None = Field(
         None,
-        max_length=MAX_LINEAGE_LENGTH,
         description="hf:// sources: the Hub commit the weights were read at. Other sources: sha256:<hex>, the hash "
         "of the manifest (path, size, sha256 of each file) of the base's config and weight files.",
     )
@@ -256,9 +258,8 @@ class Artifact(StatusModel):
     )
     dtype: str | None = Field(None, max_length=16, description="Weight dtype it was saved in (bf16, fp16, fp32).")
     base_model: BaseModelLineage | None = Field(None, description="The base model it was trained from.")
-    dataset_fingerprint: str | None = Field(
+    dataset_fingerprint: LineageText | None = Field(
         None,
-        max_length=MAX_LINEAGE_LENGTH,
         description="sha256:<hex> of the training and validation rows used (after reading, splitting and limiting; "
         "the content hash the tokenized-data cache keys on), the split names and the dataset's columns.",
     )
