@@ -212,6 +212,14 @@ def test_trainer_cannot_touch_the_operators_keys(
             "status.best.checkpoint",
         ),
         ({"best": {"metric": "a" * 500, "value": 1.0, "step": 1}}, "status.best.metric"),
+        (
+            {"artifacts": [{"uri": "file:///etc", "kind": "model", "sizeBytes": 1, "sha256": "0" * 64}]},
+            "status.artifacts",
+        ),
+        (
+            {"artifacts": [{"uri": f"{OUTPUT}/../x", "kind": "model", "sizeBytes": 1, "sha256": "0" * 64}]},
+            "status.artifacts",
+        ),
     ],
     ids=[
         "too-many-evaluations",
@@ -221,6 +229,8 @@ def test_trainer_cannot_touch_the_operators_keys(
         "checkpoint-sibling",
         "checkpoint-dotdot",
         "long-best-metric",
+        "artifact-elsewhere",
+        "artifact-dotdot",
     ],
 )
 def test_trainer_keys_are_bounded(

@@ -122,6 +122,22 @@ def test_pvc_sources_are_mounted_and_token_comes_from_the_secret() -> None:
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
     assert "value" not in env["HF_TOKEN"]
+    assert "FINETUNE_DATASET_HF_TOKEN" not in env, "no dataset token Secret: the model's token serves both"
+
+
+def test_a_hub_dataset_gets_a_token_of_its_own() -> None:
+    manifest = baseline("hubdata")
+    manifest["spec"]["dataset"] = {
+        "source": "hf://datasets/org/private",
+        "subset": "sst2",
+        "revision": "v1.0",
+        "tokenSecretRef": {"name": "data-token", "key": "hf"},
+        "train": "train",
+    }
+    pod = batch_job(FineTuneJob.model_validate(manifest), SETTINGS)["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["FINETUNE_DATASET_HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "data-token", "key": "hf"}
+    assert "HF_TOKEN" not in env and "value" not in env["FINETUNE_DATASET_HF_TOKEN"]
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,8 @@ from urllib3.exceptions import HTTPError
 from finetune_cli import kube as k
 from finetune_cli import sweeps
 from finetune_cli.render import describe, final_line, list_table, outcome, parse_job, progress_line
-from finetune_operator.api import STOP_ANNOTATION
+from finetune_cli.serving import ExportError, serving
+from finetune_operator.api import ARTIFACT_KINDS, STOP_ANNOTATION
 from finetune_operator.redact import printable
 from finetune_operator.sweep_api import SWEEP_KIND
 from finetune_trainer.advice import advise
@@ -71,6 +72,22 @@ def cmd_describe(kube: k.Kube, args: argparse.Namespace) -> int:
         _dump(obj, args.output)
     else:
         sys.stdout.write(printable(describe(parse_job(obj), _now())))
+    return 0
+
+
+def cmd_export(kube: k.Kube, args: argparse.Namespace) -> int:
+    """Serving config for what the job published: KServe InferenceService YAML and vLLM command lines."""
+    job = parse_job(kube.get_job(args.name, _namespace(kube, args)))
+    try:
+        config = serving(job.name, job.namespace, job.spec, job.status.artifacts, set(args.artifact or ()) or None)
+    except ExportError as error:
+        print(f"error: {printable(str(error))}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.format == "vllm":
+        text = "".join(f"{line}\n" for line in (*config.prepare, *config.vllm))
+    else:
+        text = config.yaml(comments=args.format == "all")
+    sys.stdout.write(printable(text))
     return 0
 
 
@@ -253,6 +270,7 @@ COMMANDS: dict[str, Callable[[k.Kube, argparse.Namespace], int]] = {
     "plot": cmd_plot,
     "logs": cmd_logs,
     "stop": cmd_stop,
+    "export": cmd_export,
     "sweep list": cmd_sweep_list,
     "sweep describe": cmd_sweep_describe,
     "sweep plot": cmd_sweep_plot,
@@ -314,6 +332,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--container", default=k.TRAINER_CONTAINER, help="container (default trainer)")
     p.add_argument("--pod", help="a specific trainer pod (default: the newest)")
     command("stop", "ask the trainer to save and stop (sets the stop annotation)")
+    p = command("export", "serving config for the published model: KServe InferenceService YAML, vLLM command lines")
+    p.add_argument(
+        "--format",
+        choices=("all", "kserve", "vllm"),
+        default="all",
+        help="all (default): InferenceService YAML with the vLLM lines as comments; kserve; vllm (shell lines)",
+    )
+    p.add_argument(
+        "--artifact",
+        action="append",
+        choices=ARTIFACT_KINDS,
+        help="only artifacts of this kind (repeatable; default: every published artifact)",
+    )
     _sweep_commands(sub)
     p = sub.add_parser("advise", help=ADVISE_HELP, description=ADVISE_HELP)
     p.add_argument("-f", "--filename", required=True, help="FineTuneJob manifest or TrainingSpec (YAML/JSON)")

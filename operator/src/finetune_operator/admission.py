@@ -29,6 +29,7 @@ from typing import Any
 
 from finetune_operator.api import (
     GROUP,
+    MAX_ARTIFACTS,
     MAX_CHECKPOINT_URI_LENGTH,
     MAX_EVALUATIONS,
     MAX_METRIC_NAME_LENGTH,
@@ -98,6 +99,14 @@ def _trainer_bounds() -> list[dict[str, Any]]:
             "variables.checkpoint.startsWith(variables.output) && "
             "!variables.checkpoint.matches('(^|/)[.][.](/|$)'))",
             "status.best.checkpoint must lie inside the job's spec.output.location",
+        ),
+        _validation(
+            "object.?status.?artifacts == oldObject.?status.?artifacts || "
+            f"(size(object.?status.?artifacts.orValue([])) <= {MAX_ARTIFACTS} && "
+            "object.?status.?artifacts.orValue([]).all(a, "
+            f"size(a.uri) <= {MAX_CHECKPOINT_URI_LENGTH} && a.uri.startsWith(variables.output) && "
+            "!a.uri.matches('(^|/)[.][.](/|$)')))",
+            f"status.artifacts: at most {MAX_ARTIFACTS}, each uri inside the job's spec.output.location",
         ),
     ]
 

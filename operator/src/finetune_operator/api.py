@@ -19,8 +19,10 @@ from pydantic.alias_generators import to_camel, to_snake
 # The operator/trainer contract is part of this API: its names are re-exported from here.
 from finetune_trainer.contract import *  # noqa: F403
 from finetune_trainer.contract import (
+    MAX_ARTIFACTS,
     MAX_EVALUATIONS,
     TRAINER_STATUS_KEYS,
+    Artifact,
     BestResult,
     EvaluationRecord,
     Progress,
@@ -404,6 +406,12 @@ class FineTuneJobStatus(StatusModel):
         description="Most recent evaluations (bounded; oldest dropped first).",
     )
     best: BestResult | None = Field(None, description="Best evaluation and its checkpoint.")
+    artifacts: list[Artifact] = Field(
+        default_factory=list,
+        max_length=MAX_ARTIFACTS,
+        description="Published outputs (the final model; a LoRA job's adapter and merged model), each with its "
+        "manifest's sha256 and its lineage (trainer-written).",
+    )
     early_stopping: EarlyStoppingStatus | None = Field(None, description="Early-stopping rule state.")
     stop_request: StopRequest | None = Field(None, description="Set when the trainer has been asked to stop.")
     workload: WorkloadRefs | None = Field(None, description="Children created for this job.")

@@ -13,6 +13,7 @@ import yaml
 from pydantic import ValidationError
 
 from finetune_trainer.contract import (
+    DATASET_HF_TOKEN_ENV,
     DEFAULT_LOG_EVERY_STEPS,
     DEFAULT_METRICS_PORT,
     DEFAULT_PVC_ROOT,
@@ -58,6 +59,8 @@ class RuntimeEnv:
     """Where /metrics listens: the pod IP (downward API) so pods sharing a network never collide; empty: all."""
     pvc_root: Path = Path(DEFAULT_PVC_ROOT)
     hf_token: str | None = field(default=None, repr=False)
+    dataset_hf_token: str | None = field(default=None, repr=False)
+    """``spec.dataset.tokenSecretRef``'s token; a hub dataset falls back to ``hf_token`` without it."""
     log_every_steps: int = DEFAULT_LOG_EVERY_STEPS
 
     @property
@@ -83,6 +86,7 @@ class RuntimeEnv:
             metrics_address=env.get(METRICS_ADDRESS_ENV, ""),
             pvc_root=Path(env.get(PVC_ROOT_ENV) or DEFAULT_PVC_ROOT),
             hf_token=env.get(HF_TOKEN_ENV) or None,
+            dataset_hf_token=env.get(DATASET_HF_TOKEN_ENV) or None,
             log_every_steps=max(log_every, 1),
         )
 

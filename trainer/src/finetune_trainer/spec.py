@@ -209,6 +209,16 @@ class DatasetFields(SpecModel):
     )
 
 
+def _hub_only(field: str, name: str) -> Rule:
+    """``field`` (Python ``name``) of a dataset is set only for an hf://datasets source."""
+    return Rule(
+        field,
+        f"{field} is only meaningful for hf://datasets sources",
+        f"!has(self.{field}) || self.source.startsWith('hf://')",
+        lambda d: getattr(d, name) is None or bool(d.source.startswith("hf://")),
+    )
+
+
 class DatasetSpec(SpecModel):
     """Training and validation data."""
 
@@ -219,11 +229,26 @@ class DatasetSpec(SpecModel):
             "!(has(self.validation) && has(self.validationFraction))",
             lambda d: d.validation is None or d.validation_fraction is None,
         ),
+        _hub_only("subset", "subset"),
+        _hub_only("revision", "revision"),
+        _hub_only("tokenSecretRef", "token_secret_ref"),
     )
 
     source: Location = Field(
         pattern=DATASET_SOURCE_PATTERN,
         description="Base location: pvc://claim/dir, file:///dir, or hf://datasets/org/name.",
+    )
+    subset: ShortText | None = Field(
+        None,
+        description="hf://datasets sources: the dataset's configuration (subset) name, e.g. sst2 of glue.",
+    )
+    revision: ShortText | None = Field(
+        None, description="hf://datasets sources: the Hub revision (branch, tag or commit) to read."
+    )
+    token_secret_ref: SecretKeyRef | None = Field(
+        None,
+        description="hf://datasets sources: Secret holding a Hub token for a private dataset (unset: the model's "
+        "tokenSecretRef, if any); never copied into status or logs.",
     )
     format: Literal["jsonl", "csv", "parquet"] | None = Field(
         None,
@@ -616,6 +641,30 @@ class EarlyStopping(SpecModel):
         return "min" if self.metric in LOWER_IS_BETTER else "max"
 
 
+ExportFormat = Literal["adapter", "merged"]
+
+
+class Export(SpecModel):
+    """Which forms of the final model are published, and in which dtype (always safetensors)."""
+
+    formats: list[ExportFormat] | None = Field(
+        None,
+        min_length=1,
+        max_length=2,
+        description=(
+            "adapter: the LoRA adapter in peft's format (adapter/; served beside a shared base, e.g. vLLM "
+            "--lora-modules); merged: a plain model (model/; for LoRA the adapter merged into the base). "
+            "Unset: both for the lora strategy, merged otherwise."
+        ),
+    )
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="Weight dtype of the published model: auto is the training compute dtype (the resolved "
+        "hyperparameters.precision: bf16 or fp16 when training ran in it, else fp32). A LoRA merge is computed "
+        "in fp32, then cast.",
+    )
+
+
 class Output(SpecModel):
     """Where checkpoints and the final model go."""
 
@@ -642,6 +691,11 @@ class Output(SpecModel):
     save_final_model: bool = Field(
         True,
         description="Save the final (or best, with restoreBest) model and tokenizer to model/.",
+    )
+    export: Export | None = Field(
+        None,
+        description="What form the final model is published in (adapter, merged, dtype); unset: the defaults of "
+        "each field.",
     )
 
 
@@ -692,6 +746,15 @@ TRAINING_RULES: tuple[Rule, ...] = (
         lambda t: t.early_stopping is None or t.early_stopping.metric in t.evaluation.metrics,
     ),
     Rule(
+        "output.export.formats",
+        "adapter export needs the lora freeze strategy",
+        "!has(self.output.export) || !has(self.output.export.formats) || !('adapter' in self.output.export.formats) "
+        "|| (has(self.freeze) && self.freeze.strategy == 'lora')",
+        lambda t: (
+            t.output.export is None or "adapter" not in (t.output.export.formats or ()) or t.freeze.strategy == "lora"
+        ),
+    ),
+    Rule(
         "earlyStopping",
         "earlyStopping needs evaluation (evaluation.strategy must not be no)",
         "!has(self.earlyStopping) || self.evaluation.strategy != 'no'",
@@ -714,3 +777,10 @@ class TrainingSpec(SpecModel):
     evaluation: Evaluation = Field(default_factory=Evaluation, description="When and what to evaluate.")
     early_stopping: EarlyStopping | None = Field(None, description="Early stopping; absent means train to the end.")
     output: Output = Field(description="Where checkpoints and the final model go.")
+
+
+def export_plan(spec: TrainingSpec) -> tuple[frozenset[ExportFormat], str]:
+    """The formats to publish (unset: adapter and merged for LoRA, merged otherwise) and the requested dtype."""
+    export = spec.output.export or Export()
+    default: tuple[ExportFormat, ...] = ("adapter", "merged") if spec.freeze.strategy == "lora" else ("merged",)
+    return frozenset(export.formats or default), export.dtype

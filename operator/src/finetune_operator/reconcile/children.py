@@ -17,6 +17,7 @@ import yaml
 from finetune_operator.api import (
     API_VERSION,
     CPU_REQUEST_ENV,
+    DATASET_HF_TOKEN_ENV,
     DEFAULT_METRICS_PORT,
     DEFAULT_PVC_ROOT,
     DEFAULT_REPORT_INTERVAL_SECONDS,
@@ -300,9 +301,12 @@ def _env(job: FineTuneJob, settings: Settings, names: Names) -> list[Manifest]:
                 "valueFrom": {"resourceFieldRef": {"resource": "requests.cpu", "divisor": "1"}},
             }
         )
-    secret = job.spec.model.token_secret_ref
-    if secret is not None:
-        env.append({"name": HF_TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})
+    for name, secret in (
+        (HF_TOKEN_ENV, job.spec.model.token_secret_ref),
+        (DATASET_HF_TOKEN_ENV, job.spec.dataset.token_secret_ref),
+    ):
+        if secret is not None:
+            env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})
     if job.spec.resources.nodes > 1:
         env += [
             {"name": "MASTER_ADDR", "value": f"{names.job}-0.{names.service}"},
