@@ -22,6 +22,7 @@ from finetune_trainer.contract import (
     MAX_METRICS_PER_EVALUATION,
     BestResult,
     EvaluationRecord,
+    MemoryPlan,
     Progress,
     TrainerStatus,
 )
@@ -219,4 +220,5 @@ def trainer_status_at_the_bounds(output: str) -> TrainerStatus:
     checkpoint = f"{output}/checkpoints/" + "c" * (MAX_CHECKPOINT_URI_LENGTH - len(output) - len("/checkpoints/"))
     best = BestResult(metric=names[0], value=0.5, step=3, epoch=0.3, checkpoint=checkpoint, majority_baseline=None)
     progress = Progress(step=7, total_steps=70, epoch=0.7, percent=10.0, last_heartbeat_time="2026-12-04T23:39:22Z")
-    return TrainerStatus(progress=progress, evaluations=evaluations, best=best)
+    memory = MemoryPlan(strategy="fsdp", requested="auto", world_size=8, gpu_memory_gi_b=24.0, per_gpu_gi_b=17.95)
+    return TrainerStatus(progress=progress, evaluations=evaluations, best=best, memory_plan=memory)

@@ -307,6 +307,9 @@ def test_lora_run_saves_a_merged_model(assets: dict[str, Path], tmp_path: Path) 
     result, events = train(wire)
     freeze = of(events, "freeze")[0]
     assert result.reason == "Succeeded" and freeze["trainable"] < freeze["total"] / 5
+    # the memory plan: no GPU memory known on CPU, so auto is ddp; the estimate is there all the same
+    assert freeze["memoryPlan"]["strategy"] == "ddp" and freeze["memoryPlan"]["gpuMemoryGiB"] is None
+    assert set(freeze["memoryPlan"]["perGpuGiBByStrategy"]) == {"ddp", "fsdp"}
     model = AutoModelForSequenceClassification.from_pretrained(str(out / "model"))
     assert not any("lora" in n for n, _ in model.named_parameters())
 

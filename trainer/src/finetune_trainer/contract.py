@@ -10,7 +10,7 @@ models, the keys it owns and their bounds) and the reasons a stop request may ca
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_PVC_ROOT",
     "DEFAULT_REPORT_INTERVAL_SECONDS",
     "EARLY_STOPPED",
+    "GPU_MEMORY_ENV",
     "GROUP",
     "HF_TOKEN_ENV",
     "JOB_NAMESPACE_ENV",
@@ -55,6 +56,7 @@ __all__ = [
     "VERSION",
     "BestResult",
     "EvaluationRecord",
+    "MemoryPlan",
     "Progress",
     "StatusModel",
     "TrainerStatus",
@@ -109,6 +111,9 @@ TERMINATION_GRACE_ENV: Final = "FINETUNE_TERMINATION_GRACE_SECONDS"
 HF_TOKEN_ENV: Final = "HF_TOKEN"
 """The model's token Secret (``spec.model.tokenSecretRef``)."""
 LOG_EVERY_STEPS_ENV: Final = "FINETUNE_LOG_EVERY_STEPS"
+GPU_MEMORY_ENV: Final = "FINETUNE_GPU_MEMORY"
+"""Bytes of each GPU the job asked for (``spec.resources.gpuMemory`` or a known ``nvidia.com/gpu.product``):
+what the memory plan checks against where CUDA cannot say (set only for GPU jobs whose GPU memory is known)."""
 
 DEFAULT_METRICS_PORT: Final = 9400
 DEFAULT_REPORT_INTERVAL_SECONDS: Final = 10
@@ -127,10 +132,11 @@ OPERATOR_ENV: Final = frozenset(
         CPU_REQUEST_ENV,
         TERMINATION_GRACE_ENV,
         HF_TOKEN_ENV,
+        GPU_MEMORY_ENV,
     }
 )
-"""What the operator sets on a trainer container (the last two only when the spec names a CPU request
-or a token Secret)."""
+"""What the operator sets on a trainer container (CPU_REQUEST_ENV, HF_TOKEN_ENV and GPU_MEMORY_ENV only when
+the spec names a CPU request, a token Secret or its GPUs' memory)."""
 USER_ENV: Final = frozenset({LOG_EVERY_STEPS_ENV})
 """What the trainer also reads but the operator never sets (a user's ``extraEnv``, a laptop run)."""
 
@@ -198,6 +204,23 @@ class BestResult(StatusModel):
     )
 
 
+class MemoryPlan(StatusModel):
+    """The memory plan the trainer ran with (``finetune_trainer.memory_plan``): small, the details are in its
+    freeze event and ``finetune-trainer --plan``."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(description="The strategy the run uses: ddp or fsdp.")
+    requested: Literal["ddp", "fsdp", "auto"] | None = Field(
+        None, description="spec.distributed.strategy: ddp, fsdp or auto."
+    )
+    world_size: int | None = Field(None, description="GPUs (ranks) in all.")
+    gpu_memory_gi_b: float | None = Field(
+        None, alias="gpuMemoryGiB", description="Memory of each GPU in GiB; unset when unknown."
+    )
+    per_gpu_gi_b: float | None = Field(
+        None, alias="perGpuGiB", description="Estimated peak memory per GPU in GiB for the chosen strategy."
+    )
+
+
 MAX_EVALUATIONS: Final = 200
 """Evaluations kept in status: the trainer sends its most recent ones, the CRD and the admission policy
 allow no more. 200 (not the trainer's former 50): the API has always allowed 200, and a longer curve
@@ -215,6 +238,7 @@ class TrainerStatus(StatusModel):
     progress: Progress | None = None
     evaluations: list[EvaluationRecord] | None = Field(None, max_length=MAX_EVALUATIONS)
     best: BestResult | None = None
+    memory_plan: MemoryPlan | None = None
 
 
 def wire_keys(model: type[BaseModel]) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Literal, Self, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
@@ -34,6 +35,26 @@ def _compiles(pattern: str) -> str:
 # CEL cannot check that a regex compiles; pydantic can, so such a spec fails as InvalidSpec.
 Regex = Annotated[str, StringConstraints(min_length=1, max_length=256), AfterValidator(_compiles)]
 Location = Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+
+QUANTITY_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+"""A Kubernetes quantity: 4, 500m, 16Gi (the API server's own syntax, without exponents)."""
+_QUANTITY_FACTORS: dict[str, Decimal] = {
+    "": Decimal(1),
+    "m": Decimal("0.001"),
+    **{suffix: Decimal(1000) ** (power + 1) for power, suffix in enumerate("kMGTPE")},
+    **{f"{suffix}i": Decimal(1024) ** (power + 1) for power, suffix in enumerate("KMGTPE")},
+}
+
+
+def quantity_value(value: int | str) -> Decimal:
+    """A quantity (``4``, ``500m``, ``16Gi``) as a number, to compare two of them."""
+    text = str(value)
+    match = QUANTITY_PATTERN.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not a Kubernetes quantity: {value!r}")
+    suffix = match.group(2) or ""
+    return Decimal(text[: len(text) - len(suffix)]) * _QUANTITY_FACTORS[suffix]
+
 
 MODEL_SOURCE_PATTERN = r"^(hf://[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|file:///.*|/.*)$"
 DATASET_SOURCE_PATTERN = r"^(hf://datasets/[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|file:///.*|/.*)$"
@@ -296,6 +317,14 @@ class LoraSpec(SpecModel):
         ),
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train alongside the adapters.")
+    quantization: Literal["4bit"] | None = Field(
+        None,
+        description=(
+            "QLoRA: load the frozen base in 4 bits (bitsandbytes nf4, double quantization, bf16 compute), about "
+            "0.5 bytes a parameter. Needs a CUDA GPU: without one the run fails as InvalidConfig, never trains "
+            "in fp32 instead."
+        ),
+    )
 
 
 class GradualUnfreezing(SpecModel):
@@ -413,6 +442,19 @@ class FreezeSpec(SpecModel):
             "bottom-layers; about tokens x hidden size x 4 bytes (reported in the freeze event), in memory when "
             "that fits half the memory to spare, otherwise memory-mapped on disk next to the checkpoints, where a "
             "restart reuses it; gradual unfreezing that thaws a cached layer drops it."
+        ),
+    )
+
+
+class Distributed(SpecModel):
+    """How the ranks of a multi-GPU or multi-node run share the model."""
+
+    strategy: Literal["ddp", "fsdp", "auto"] = Field(
+        "auto",
+        description=(
+            "ddp: every GPU holds the whole model, its gradients and optimizer state. fsdp: they are sharded "
+            "across all GPUs (PyTorch FSDP2). auto: ddp when the memory plan says the job fits one GPU, else "
+            "fsdp; ddp when the GPU memory is unknown (no resources.gpuMemory, no known GPU product label, CPU)."
         ),
     )
 
@@ -710,6 +752,9 @@ class TrainingSpec(SpecModel):
     dataset: DatasetSpec = Field(description="Training and validation data.")
     freeze: FreezeSpec = Field(default_factory=FreezeSpec, description="Which parameters train.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Optimisation settings.")
+    distributed: Distributed = Field(
+        default_factory=Distributed, description="How ranks share the model: ddp, fsdp or auto (the memory plan)."
+    )
     augmentation: Augmentation | None = Field(None, description="Image augmentation (image-classification only).")
     evaluation: Evaluation = Field(default_factory=Evaluation, description="When and what to evaluate.")
     early_stopping: EarlyStopping | None = Field(None, description="Early stopping; absent means train to the end.")
