@@ -63,10 +63,8 @@ def test_qlora_without_cuda_is_invalid_config_naming_the_field(
     config.write_text(json.dumps(wire))
     assert main(["--config", str(config)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("finetune-trainer: error:")]
-    assert errors == [
-        "finetune-trainer: error: freeze.lora.quantization: 4bit (QLoRA) needs a CUDA GPU and this process sees none; "
-        "remove it to train LoRA on an unquantized base"
-    ]
+    assert len(errors) == 1  # (the fsdp branch's qlora.require says the same, and whether bitsandbytes is there)
+    assert errors[0].startswith("finetune-trainer: error: freeze.lora.quantization: 4bit (QLoRA) needs a CUDA GPU")
 
 
 def test_a_known_gpu_too_small_for_every_strategy_fails_before_the_weights_load(

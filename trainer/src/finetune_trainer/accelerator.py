@@ -40,6 +40,6 @@ def require_cuda_for_quantization(quantization: str | None, cuda_available: bool
     """QLoRA's 4-bit base (bitsandbytes) runs only on CUDA: refuse at once rather than train in fp32 instead."""
     if quantization is not None and not cuda_available:
         raise ConfigError(
-            f"freeze.lora.quantization: {quantization} (QLoRA) needs a CUDA GPU and this process sees none; "
-            "remove it to train LoRA on an unquantized base"
+            f"freeze.lora.quantization: {quantization} (QLoRA) needs a CUDA GPU (resources.gpusPerNode >= 1); "
+            "this pod has none"
         )

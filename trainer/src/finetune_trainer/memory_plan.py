@@ -34,7 +34,7 @@ from typing import Any, Literal, TextIO
 from finetune_trainer.config import RuntimeEnv, local_path
 from finetune_trainer.contract import GPU_MEMORY_ENV
 from finetune_trainer.errors import ConfigError
-from finetune_trainer.spec import TrainingSpec, quantity_value
+from finetune_trainer.spec import TRAINING_RULES, TrainingSpec, quantity_value
 
 GIB = 1024**3
 USABLE_FRACTION = 0.9
@@ -244,15 +244,15 @@ class Estimate:
         return self.parameters + self.gradients + self.optimizer + acts + self.overhead
 
 
-def compute_bytes(spec: TrainingSpec) -> int:
+def compute_bytes(precision: str) -> int:
     """Bytes of the dtype the GPU computes in: auto is bf16 on a GPU (``speed.resolve_precision``)."""
-    return 4 if spec.hyperparameters.precision == "fp32" else 2
+    return 4 if precision == "fp32" else 2
 
 
-def activation_bytes(shape: Shape, spec: TrainingSpec, checkpointing: bool) -> float:
+def activation_bytes(shape: Shape, spec: TrainingSpec, checkpointing: bool, precision: str) -> float:
     """Activations kept for the backward pass of one micro-batch on one GPU."""
     tokens = spec.hyperparameters.batch_size * spec.dataset.max_seq_length
-    c = compute_bytes(spec)
+    c = compute_bytes(precision)
     mlp = (4 if shape.gated else 2) * shape.intermediate
     per_layer = tokens * (10 * shape.hidden + mlp) * c  # norms, q/k/v, attention output, projections, residuals
     layers = tokens * shape.hidden * c * shape.layers + per_layer if checkpointing else per_layer * shape.layers
@@ -260,9 +260,13 @@ def activation_bytes(shape: Shape, spec: TrainingSpec, checkpointing: bool) -> f
     return float(layers + logits)
 
 
-def estimate(shape: Shape, counts: Counts, spec: TrainingSpec, world: int) -> dict[Strategy, Estimate]:
-    """Per-GPU bytes for each strategy with ``world`` GPUs in all."""
-    c = compute_bytes(spec)
+def estimate(
+    shape: Shape, counts: Counts, spec: TrainingSpec, world: int, precision: str | None = None
+) -> dict[Strategy, Estimate]:
+    """Per-GPU bytes for each strategy with ``world`` GPUs in all, in ``precision`` (default: the spec's, auto
+    meaning bf16 as on a GPU; the trainer passes the precision it resolved)."""
+    precision = precision or spec.hyperparameters.precision
+    c = compute_bytes(precision)
     half = c == 2
     lora_half = spec.freeze.strategy == "lora" and half
     frozen = counts.total - counts.trainable
@@ -271,8 +275,8 @@ def estimate(shape: Shape, counts: Counts, spec: TrainingSpec, world: int) -> di
     gradients = counts.trainable * 4.0
     optimizer = counts.trainable * 8.0
     fp32_params = counts.trainable + (0 if lora_half or counts.quantized else frozen)
-    acts = activation_bytes(shape, spec, False)
-    ckpt = activation_bytes(shape, spec, True)
+    acts = activation_bytes(shape, spec, False, precision)
+    ckpt = activation_bytes(shape, spec, True, precision)
     casts = fp32_params * c if half else 0  # autocast's half copies of fp32 weights, kept for the step
     buckets = gradients if world > 1 else 0
     ddp = Estimate("ddp", parameters, gradients, optimizer, acts, ckpt, casts + buckets)
@@ -350,6 +354,8 @@ class Plan:
     counts: Counts | None
     estimates: dict[Strategy, Estimate]
     checkpointing: bool
+    fsdp_refused: str | None = None
+    """Why this spec cannot run with fsdp (``fsdp_refusal``); None when it can."""
 
     def per_gpu_gib(self, strategy: Strategy) -> float | None:
         found = self.estimates.get(strategy)
@@ -375,25 +381,37 @@ class Plan:
         }
 
 
-def plan(spec: TrainingSpec, config: Mapping[str, Any], gpus: Gpus) -> Plan:
+def fsdp_refusal(spec: TrainingSpec) -> str | None:
+    """Why the spec cannot run with fsdp (the spec's own ``distributed.strategy`` rules, e.g. with gradual
+    unfreezing), so auto never picks a strategy the run would refuse; None when it can."""
+    as_fsdp = spec.model_copy(update={"distributed": spec.distributed.model_copy(update={"strategy": "fsdp"})})
+    for rule in TRAINING_RULES:
+        if rule.field == "distributed.strategy" and rule.holds is not None and not rule.holds(as_fsdp):
+            return rule.message
+    return None
+
+
+def plan(spec: TrainingSpec, config: Mapping[str, Any], gpus: Gpus, precision: str | None = None) -> Plan:
     """Estimate each strategy and pick one: the spec's, or for ``auto`` ddp when it fits (or the memory or the
-    model's family is unknown), else fsdp."""
+    model's family is unknown), else fsdp. ``precision``: what the run resolved ``auto`` to (unset: bf16)."""
     checkpointing = spec.hyperparameters.gradient_checkpointing
     requested = spec.distributed.strategy
     shape = shape_of(config)
     counts = count(shape, spec) if shape is not None else None
-    estimates = estimate(shape, counts, spec, gpus.world) if shape is not None and counts is not None else {}
-    draft = Plan(requested, "ddp", gpus, counts, estimates, checkpointing)
+    estimates = estimate(shape, counts, spec, gpus.world, precision) if shape is not None and counts else {}
+    refused = fsdp_refusal(spec)
+    draft = Plan(requested, "ddp", gpus, counts, estimates, checkpointing, refused)
     if requested != "auto":
-        return Plan(requested, requested, gpus, counts, estimates, checkpointing)
-    if draft.fits("ddp") is False and draft.fits("fsdp"):
-        return Plan(requested, "fsdp", gpus, counts, estimates, checkpointing)
+        return Plan(requested, requested, gpus, counts, estimates, checkpointing, refused)
+    if draft.fits("ddp") is False and draft.fits("fsdp") and refused is None:
+        return Plan(requested, "fsdp", gpus, counts, estimates, checkpointing, refused)
     return draft
 
 
 def check_fits(found: Plan) -> None:
     """InvalidConfig with the numbers when the GPU memory is known and no strategy fits."""
-    if found.gpus.memory is None or not found.estimates or any(found.fits(s) for s in STRATEGIES):
+    allowed = [s for s in STRATEGIES if s == "ddp" or found.fsdp_refused is None]
+    if found.gpus.memory is None or not found.estimates or any(found.fits(s) for s in allowed):
         return
     gib = found.gpus.memory / GIB
     need = ", ".join(f"{s} {found.per_gpu_gib(s):.1f} GiB" for s in STRATEGIES)
@@ -430,11 +448,14 @@ def format_plan(found: Plan) -> list[str]:
     )
     for strategy, e in found.estimates.items():
         fits = {True: "yes", False: "no", None: "?"}[found.fits(strategy)]
+        fits = "refused" if strategy == "fsdp" and found.fsdp_refused else fits
         lines.append(
             f"{strategy:<8}  {_gib(e.parameters):>7}  {_gib(e.gradients):>7}  {_gib(e.optimizer):>7}  "
             f"{_gib(e.activations):>7}  {_gib(e.checkpointed_activations):>8}  {_gib(e.overhead):>7}  "
             f"{_gib(e.total(found.checkpointing)):>7}  {fits}"
         )
+    if found.fsdp_refused:
+        lines.append(f"fsdp refused: {found.fsdp_refused}")
     why = "auto: " if found.requested == "auto" else ""
     lines.append(f"strategy: {why}{found.strategy} (GiB per GPU; TOTAL with gradientCheckpointing {gc})")
     return lines

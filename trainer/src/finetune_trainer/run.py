@@ -337,7 +337,7 @@ def _memory_plan(
     )
     memory = gpu_memory or env.gpu_memory
     source = "the GPU" if gpu_memory else (GPU_MEMORY_ENV if memory else "unknown GPU memory")
-    found = plan_memory(spec, config, Gpus(where.ranks, memory, source))
+    found = plan_memory(spec, config, Gpus(where.ranks, memory, source), where.precision)
     check_fits(found)
     if reporter is not None:
         reporter.update(TrainerStatus(memory_plan=MemoryPlan.model_validate(found.summary())))

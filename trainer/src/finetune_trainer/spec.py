@@ -320,9 +320,8 @@ class LoraSpec(SpecModel):
     quantization: Literal["4bit"] | None = Field(
         None,
         description=(
-            "QLoRA: load the frozen base in 4 bits (bitsandbytes nf4, double quantization, bf16 compute), about "
-            "0.5 bytes a parameter. Needs a CUDA GPU: without one the run fails as InvalidConfig, never trains "
-            "in fp32 instead."
+            "QLoRA: 4bit loads the frozen base in 4-bit NF4 with double quantization (bitsandbytes) and computes "
+            "in bf16; the adapters train in fp32. Needs a CUDA GPU."
         ),
     )
 
@@ -442,19 +441,6 @@ class FreezeSpec(SpecModel):
             "bottom-layers; about tokens x hidden size x 4 bytes (reported in the freeze event), in memory when "
             "that fits half the memory to spare, otherwise memory-mapped on disk next to the checkpoints, where a "
             "restart reuses it; gradual unfreezing that thaws a cached layer drops it."
-        ),
-    )
-
-
-class Distributed(SpecModel):
-    """How the ranks of a multi-GPU or multi-node run share the model."""
-
-    strategy: Literal["ddp", "fsdp", "auto"] = Field(
-        "auto",
-        description=(
-            "ddp: every GPU holds the whole model, its gradients and optimizer state. fsdp: they are sharded "
-            "across all GPUs (PyTorch FSDP2). auto: ddp when the memory plan says the job fits one GPU, else "
-            "fsdp; ddp when the GPU memory is unknown (no resources.gpuMemory, no known GPU product label, CPU)."
         ),
     )
 
@@ -687,6 +673,21 @@ class Output(SpecModel):
     )
 
 
+class Distributed(SpecModel):
+    """How the ranks of a multi-rank run share the model."""
+
+    strategy: Literal["ddp", "fsdp", "auto"] = Field(
+        "auto",
+        description=(
+            "ddp: every rank holds the whole model, optimizer state included. fsdp: parameters, gradients and "
+            "optimizer state are sharded across the ranks (PyTorch FSDP2, one unit per transformer block; bf16 "
+            "mixed precision on GPU), checkpoints are sharded and resume on the same number of ranks, the final "
+            "model is consolidated. auto: ddp when the model fits one GPU, else fsdp (ddp when the GPU memory "
+            "is unknown)."
+        ),
+    )
+
+
 TRAINING_RULES: tuple[Rule, ...] = (
     Rule(
         "augmentation",
@@ -752,10 +753,10 @@ class TrainingSpec(SpecModel):
     dataset: DatasetSpec = Field(description="Training and validation data.")
     freeze: FreezeSpec = Field(default_factory=FreezeSpec, description="Which parameters train.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Optimisation settings.")
-    distributed: Distributed = Field(
-        default_factory=Distributed, description="How ranks share the model: ddp, fsdp or auto (the memory plan)."
-    )
     augmentation: Augmentation | None = Field(None, description="Image augmentation (image-classification only).")
     evaluation: Evaluation = Field(default_factory=Evaluation, description="When and what to evaluate.")
     early_stopping: EarlyStopping | None = Field(None, description="Early stopping; absent means train to the end.")
     output: Output = Field(description="Where checkpoints and the final model go.")
+    distributed: Distributed = Field(
+        default_factory=Distributed, description="How the ranks share the model (DDP or sharded FSDP)."
+    )
