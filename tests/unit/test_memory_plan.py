@@ -23,7 +23,7 @@ def _spec(freeze: dict[str, Any] | None = None, **hyperparameters: Any) -> Train
             "dataset": {"source": "/data", "maxSeqLength": 2048},
             "output": {"location": "/out"},
             "freeze": freeze or {"strategy": "none"},
-            "hyperparameters": {"batchSize": 4, "gradientCheckpointing": True, **hyperparameters},
+            "hyperparameters": {"batchSize": 2, "gradientCheckpointing": True, **hyperparameters},
         }
     )
 

@@ -14,7 +14,7 @@ What it counts per GPU (GiB = 2**30 bytes), as the trainer trains:
 - under autocast, the half-precision copies of fp32 weights it keeps for the step;
 - activations at ``batchSize`` x ``maxSeqLength`` (a standard per-layer count, SDPA attention: no
   sequence-squared term), all layers' or, with gradient checkpointing, each layer's input plus one layer's;
-  a causal LM's logits (compute dtype, their fp32 upcast and its gradient);
+  a causal LM's logits (compute dtype, their fp32 upcast, the saved log-softmax and a gradient);
 - ddp: all of it on every GPU, plus DDP's gradient buckets (a second copy of the gradients) over 1 rank;
 - fsdp: parameters, gradients and optimizer state divided by the world size, plus the gathered half-precision
   blocks in flight (two blocks) and the unsharded root (embeddings, head).
@@ -253,10 +253,12 @@ def activation_bytes(shape: Shape, spec: TrainingSpec, checkpointing: bool, prec
     """Activations kept for the backward pass of one micro-batch on one GPU."""
     tokens = spec.hyperparameters.batch_size * spec.dataset.max_seq_length
     c = compute_bytes(precision)
-    mlp = (4 if shape.gated else 2) * shape.intermediate
+    # gated: gate, up, activation, product; GPT-2's gelu_new is tanh-GELU in pointwise ops, each saving its input
+    mlp = (4 if shape.gated else 6 if shape.family == "gpt2" else 2) * shape.intermediate
     per_layer = tokens * (10 * shape.hidden + mlp) * c  # norms, q/k/v, attention output, projections, residuals
     layers = tokens * shape.hidden * c * shape.layers + per_layer if checkpointing else per_layer * shape.layers
-    logits = tokens * shape.vocab * (c + 4 + 4) if spec.model.task == "causal-lm" else 0
+    # logits, their fp32 upcast, cross-entropy's saved log-softmax, and a gradient
+    logits = tokens * shape.vocab * (c + 4 + 4 + 4) if spec.model.task == "causal-lm" else 0
     return float(layers + logits)
 
 
