@@ -8,9 +8,14 @@ from typing import Any
 
 import pytest
 
+from finetune_operator.api import FineTuneJob
+from finetune_operator.reconcile import Settings
+from finetune_operator.reconcile.children import batch_job
+from finetune_trainer.contract import GPU_MEMORY_ENV
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.memory_plan import GIB, Gpus, check_fits, count, job_gpus, plan, shape_of
 from finetune_trainer.spec import TrainingSpec
+from tests.manifests import baseline
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA_3_8B = json.loads((ROOT / "examples/models/llama-3-8b/config.json").read_text())
@@ -107,3 +112,19 @@ def test_the_gpus_a_job_asks_for(resources: dict[str, Any], world: int, gib: int
     assert (gpus.world, gpus.memory) == (world, gib * GIB if gib else None)
     if source is not None:
         assert gpus.source == source
+
+
+@pytest.mark.parametrize(
+    ("resources", "expected"),
+    [
+        ({"nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}}, str(80 * GIB)),
+        ({"gpusPerNode": 0, "gpuMemory": "80Gi"}, None),  # a CPU job has no GPU memory
+        ({}, None),  # unknown: the trainer's auto means ddp
+    ],
+)
+def test_the_operator_passes_the_gpu_memory_the_job_asks_for(resources: dict[str, Any], expected: str | None) -> None:
+    manifest = baseline("gpus")
+    manifest["spec"]["resources"] = resources
+    pod = batch_job(FineTuneJob.model_validate(manifest), Settings())["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env.get(GPU_MEMORY_ENV) == expected
