@@ -53,6 +53,8 @@ def test_auto_picks_ddp_on_one_80g_gpu_and_fsdp_on_eight_24g_gpus() -> None:
     assert (eight.strategy, eight.fits("ddp"), eight.fits("fsdp")) == ("fsdp", False, True)
     assert eight.estimates["fsdp"].parameters == pytest.approx(eight.estimates["ddp"].parameters / 8)
     assert eight.summary()["perGpuGiB"] == eight.per_gpu_gib("fsdp") < 24
+    tight = plan(_spec(), LLAMA_3_8B, Gpus(1, 150 * GIB, "1x150"))  # fsdp's total is below ddp's on one GPU...
+    assert tight.fits("ddp") is False and tight.fits("fsdp") and tight.strategy == "ddp"  # ...but nothing to shard
 
 
 def test_a_full_fine_tune_of_8b_fits_no_strategy_on_one_gpu_and_says_so_with_numbers() -> None:

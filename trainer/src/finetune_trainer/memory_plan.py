@@ -405,7 +405,7 @@ def plan(spec: TrainingSpec, config: Mapping[str, Any], gpus: Gpus, precision: s
     draft = Plan(requested, "ddp", gpus, counts, estimates, checkpointing, refused)
     if requested != "auto":
         return Plan(requested, requested, gpus, counts, estimates, checkpointing, refused)
-    if draft.fits("ddp") is False and draft.fits("fsdp") and refused is None:
+    if draft.fits("ddp") is False and draft.fits("fsdp") and refused is None and gpus.world > 1:  # 1: no shards
         return Plan(requested, "fsdp", gpus, counts, estimates, checkpointing, refused)
     return draft
 
