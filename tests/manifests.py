@@ -26,6 +26,7 @@ from finetune_trainer.contract import (
     BaseModelLineage,
     BestResult,
     EvaluationRecord,
+    MemoryPlan,
     Progress,
     TrainerStatus,
 )
@@ -241,4 +242,5 @@ def trainer_status_at_the_bounds(output: str) -> TrainerStatus:
         )
         for i in range(MAX_ARTIFACTS)
     ]
-    return TrainerStatus(progress=progress, evaluations=evaluations, best=best, artifacts=artifacts)
+    memory = MemoryPlan(strategy="fsdp", requested="auto", world_size=8, gpu_memory_gi_b=24.0, per_gpu_gi_b=17.95)
+    return TrainerStatus(progress=progress, evaluations=evaluations, best=best, artifacts=artifacts, memory_plan=memory)

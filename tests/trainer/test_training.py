@@ -337,6 +337,9 @@ def test_a_bf16_lora_run_publishes_an_adapter_and_a_merged_model_that_agree(
     result, events = train(wire, job_name="job", job_namespace="ns", report_interval_seconds=0.2)
     freeze = of(events, "freeze")[0]
     assert result.reason == "Succeeded" and freeze["trainable"] < freeze["total"] / 5
+    # the memory plan: no GPU memory known on CPU, so auto is ddp; the estimate is there all the same
+    assert freeze["memoryPlan"]["strategy"] == "ddp" and freeze["memoryPlan"]["gpuMemoryGiB"] is None
+    assert set(freeze["memoryPlan"]["perGpuGiBByStrategy"]) == {"ddp", "fsdp"}
 
     # Both published, in bf16, each with its manifest; status.artifacts names them by the manifests' hashes.
     stored: dict[str, Any] = {}

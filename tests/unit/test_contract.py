@@ -133,7 +133,7 @@ def _trainer_env(settings: Settings) -> list[dict[str, Any]]:
     manifest["metadata"].update({"namespace": "ml", "uid": "uid-1"})
     manifest["spec"]["model"].update({"source": "hf://org/model", "tokenSecretRef": {"name": "hf"}})
     manifest["spec"]["dataset"].update({"source": "hf://datasets/org/data", "tokenSecretRef": {"name": "hf-data"}})
-    manifest["spec"]["resources"] = {"cpu": 4}
+    manifest["spec"]["resources"] = {"cpu": 4, "gpuMemory": "24Gi"}
     env: list[dict[str, Any]] = batch_job(FineTuneJob.model_validate(manifest), settings)["spec"]["template"]["spec"][
         "containers"
     ][0]["env"]
@@ -153,6 +153,7 @@ def test_every_env_name_the_operator_sets_the_trainer_reads_and_back() -> None:
     assert environ.read | {contract.CPU_REQUEST_ENV} == OPERATOR_ENV | USER_ENV
     assert (env.job_name, env.job_namespace, env.job_uid) == ("envs", f"<{contract.JOB_NAMESPACE_ENV}>", "uid-1")
     assert (env.metrics_port, env.report_interval_seconds, env.pvc_root) == (9911, 7.0, Path("/claims"))
+    assert env.gpu_memory == 24 * 2**30  # the memory plan's GPU, from resources.gpuMemory
 
 
 def test_both_sides_default_alike() -> None:

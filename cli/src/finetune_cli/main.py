@@ -33,8 +33,9 @@ from finetune_operator.api import ARTIFACT_KINDS, STOP_ANNOTATION
 from finetune_operator.redact import printable
 from finetune_operator.sweep_api import SWEEP_KIND
 from finetune_trainer.advice import advise
-from finetune_trainer.config import RuntimeEnv, load_spec, local_path
+from finetune_trainer.config import RuntimeEnv, load_spec, local_path, resources_of
 from finetune_trainer.errors import TrainerError
+from finetune_trainer.memory_plan import GIB, Gpus, plan, print_memory_plan, read_config
 from finetune_trainer.spec import TrainingSpec
 
 EXIT_FAILED = 1
@@ -403,9 +404,33 @@ def cmd_advise(path: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr, la
         print(f"Warning: {item.message}", file=out)
     if not found:
         print(f"{path}: no advice: the spec follows the fine-tuning practices we check", file=out)
+    print_memory_plans(spec, resources_of(path), out)
     if layer_map:
         print_layer_map(spec, out)
     return 0
+
+
+WEIGHTS = ("*.safetensors", "*.bin")
+"""What a model directory holds its weights in (the layer map loads them; the memory plan does not)."""
+OTHER_GPUS: tuple[tuple[int, int], ...] = ((1, 24), (1, 80), (8, 24), (8, 80))
+"""(GPUs, GiB each) that advise also plans for, so a user sees what the job would need elsewhere."""
+
+
+def print_memory_plans(spec: TrainingSpec, resources: dict[str, Any], out: TextIO) -> None:
+    """The memory plan for the GPUs the job asks for, then the strategy auto would pick on common setups."""
+    env = RuntimeEnv.from_environ()
+    print_memory_plan(spec, env, resources, out)
+    source = spec.model.source
+    config = None if source.startswith("hf://") else read_config(local_path(source, env.pvc_root))
+    if config is None:
+        return
+    for world, gib in OTHER_GPUS:
+        found = plan(spec, config, Gpus(world, gib * GIB, f"{world}x{gib} GiB"))
+        need = found.per_gpu_gib(found.strategy)
+        if need is None:  # a family the plan does not know (it said so above)
+            return
+        fits = "fits" if found.fits(found.strategy) else "fits no strategy"
+        print(f"on {world} x {gib} GiB: auto picks {found.strategy} ({need:.1f} GiB per GPU, {fits})", file=out)
 
 
 def print_layer_map(spec: TrainingSpec, out: TextIO) -> None:
@@ -426,6 +451,8 @@ def print_layer_map(spec: TrainingSpec, out: TextIO) -> None:
             hint = "; FINETUNE_PVC_ROOT says where the claims are mounted" if source.startswith("pvc://") else ""
             where = f"model.source {source} is not reachable here ({directory} is not a directory{hint})"
             why = "" if directory.is_dir() else where
+            if not why and not any(next(directory.glob(pattern), None) for pattern in WEIGHTS):
+                why = f"{directory} holds no weights (the memory plan above needs only its config.json)"
     if not why:
         try:
             from finetune_trainer.plan import print_plan  # noqa: PLC0415  (torch: the trainer's [train] extra)

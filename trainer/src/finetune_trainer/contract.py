@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_PVC_ROOT",
     "DEFAULT_REPORT_INTERVAL_SECONDS",
     "EARLY_STOPPED",
+    "GPU_MEMORY_ENV",
     "GROUP",
     "HF_TOKEN_ENV",
     "JOB_NAMESPACE_ENV",
@@ -62,6 +63,7 @@ __all__ = [
     "BaseModelLineage",
     "BestResult",
     "EvaluationRecord",
+    "MemoryPlan",
     "Progress",
     "StatusModel",
     "TrainerStatus",
@@ -119,6 +121,9 @@ DATASET_HF_TOKEN_ENV: Final = "FINETUNE_DATASET_HF_TOKEN"
 """The dataset's own token Secret (``spec.dataset.tokenSecretRef``); without it a hub dataset is read with the
 model's token, as before."""
 LOG_EVERY_STEPS_ENV: Final = "FINETUNE_LOG_EVERY_STEPS"
+GPU_MEMORY_ENV: Final = "FINETUNE_GPU_MEMORY"
+"""Bytes of each GPU the job asked for (``spec.resources.gpuMemory`` or a known ``nvidia.com/gpu.product``):
+what the memory plan checks against where CUDA cannot say (set only for GPU jobs whose GPU memory is known)."""
 
 DEFAULT_METRICS_PORT: Final = 9400
 DEFAULT_REPORT_INTERVAL_SECONDS: Final = 10
@@ -138,10 +143,11 @@ OPERATOR_ENV: Final = frozenset(
         TERMINATION_GRACE_ENV,
         HF_TOKEN_ENV,
         DATASET_HF_TOKEN_ENV,
+        GPU_MEMORY_ENV,
     }
 )
-"""What the operator sets on a trainer container (the last three only when the spec names a CPU request
-or a token Secret)."""
+"""What the operator sets on a trainer container (CPU_REQUEST_ENV, the two token variables and GPU_MEMORY_ENV
+only when the spec names a CPU request, a token Secret or its GPUs' memory)."""
 USER_ENV: Final = frozenset({LOG_EVERY_STEPS_ENV})
 """What the trainer also reads but the operator never sets (a user's ``extraEnv``, a laptop run)."""
 
@@ -206,6 +212,23 @@ class BestResult(StatusModel):
     majority_baseline: float | None = Field(
         None,
         description="Classification: accuracy of always predicting the most frequent validation label.",
+    )
+
+
+class MemoryPlan(StatusModel):
+    """The memory plan the trainer ran with (``finetune_trainer.memory_plan``): small, the details are in its
+    freeze event and ``finetune-trainer --plan``."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(description="The strategy the run uses: ddp or fsdp.")
+    requested: Literal["ddp", "fsdp", "auto"] | None = Field(
+        None, description="spec.distributed.strategy: ddp, fsdp or auto."
+    )
+    world_size: int | None = Field(None, description="GPUs (ranks) in all.")
+    gpu_memory_gi_b: float | None = Field(
+        None, alias="gpuMemoryGiB", description="Memory of each GPU in GiB; unset when unknown."
+    )
+    per_gpu_gi_b: float | None = Field(
+        None, alias="perGpuGiB", description="Estimated peak memory per GPU in GiB for the chosen strategy."
     )
 
 
@@ -274,6 +297,7 @@ class TrainerStatus(StatusModel):
     evaluations: list[EvaluationRecord] | None = Field(None, max_length=MAX_EVALUATIONS)
     best: BestResult | None = None
     artifacts: list[Artifact] | None = Field(None, max_length=MAX_ARTIFACTS)
+    memory_plan: MemoryPlan | None = None
 
 
 def wire_keys(model: type[BaseModel]) -> tuple[str, ...]:

@@ -22,7 +22,7 @@ from transformers.utils import logging as hf_logging
 
 from finetune_trainer import data as data_mod
 from finetune_trainer import exitcodes
-from finetune_trainer.accelerator import require_accelerator
+from finetune_trainer.accelerator import require_accelerator, require_cuda_for_quantization
 from finetune_trainer.activation_cache import CACHE_DIR as ACTIVATION_CACHE_DIR
 from finetune_trainer.activation_cache import FixedShardSampler, memory_budget
 from finetune_trainer.activation_cache import install as install_activation_cache
@@ -43,7 +43,15 @@ from finetune_trainer.callbacks import (
 )
 from finetune_trainer.checkpointing import enable_activation_checkpointing
 from finetune_trainer.config import RuntimeEnv, local_path, location_uri
-from finetune_trainer.contract import Artifact, ArtifactKind, BaseModelLineage, Progress, TrainerStatus
+from finetune_trainer.contract import (
+    GPU_MEMORY_ENV,
+    Artifact,
+    ArtifactKind,
+    BaseModelLineage,
+    MemoryPlan,
+    Progress,
+    TrainerStatus,
+)
 from finetune_trainer.distributed import same_on_every_rank
 from finetune_trainer.divergence import DivergenceCallback
 from finetune_trainer.errors import ConfigError
@@ -58,6 +66,8 @@ from finetune_trainer.export import (
 )
 from finetune_trainer.freeze import FreezePlan, apply_freeze, layer_map
 from finetune_trainer.loss_watch import chance_loss
+from finetune_trainer.memory_plan import Gpus, Plan, check_fits
+from finetune_trainer.memory_plan import plan as plan_memory
 from finetune_trainer.metrics import classification_metrics, probabilities
 from finetune_trainer.models import (
     ModelSource,
@@ -279,6 +289,8 @@ class Loaded:
     source: ModelSource
     commit: str | None
     """The Hub commit the weights were read at (None for a directory)."""
+    memory: Plan
+    """The memory plan: per-GPU estimates and the strategy ``distributed.strategy`` resolves to."""
 
 
 @dataclass
@@ -317,6 +329,8 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None, check
 def _placement(spec: TrainingSpec, log: JsonLines) -> Placement:
     """Rank, device and precision; a GPU pod without CUDA or bf16 without support fails before anything loads."""
     require_accelerator(os.environ, torch.cuda.is_available())
+    lora = spec.freeze.lora
+    require_cuda_for_quantization(lora.quantization if lora is not None else None, torch.cuda.is_available())
     hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     datasets.disable_progress_bars()
@@ -345,9 +359,11 @@ def _load(
     hp = spec.hyperparameters
     with heartbeats(reporter):  # downloads and tokenizing can outlast the stall timeout
         source = resolve_source(spec.model, env)
+        config = load_config(spec.model, source, hp.dropout)
+        memory = _memory_plan(spec, env, config.to_dict(), where, reporter)  # no weights loaded when it fails
         processor = load_processor(spec.model, source)
         # The data (read and checked by preflight) is encoded before the weights load: minutes sooner on errors.
-        prepared = data_mod.prepare(spec, env, processor, load_config(spec.model, source, hp.dropout), checked)
+        prepared = data_mod.prepare(spec, env, processor, config, checked)
         if prepared.cached_splits:
             log.emit("tokenized_cache", reused=list(prepared.cached_splits))
         model: PreTrainedModel = load_model(
@@ -355,7 +371,24 @@ def _load(
         )
     align_pad_token(model, processor)
     commit = getattr(model.config, "_commit_hash", None)
-    return Loaded(model, processor, data_mod.drop_unused_inputs(prepared, model), source, commit)
+    return Loaded(model, processor, data_mod.drop_unused_inputs(prepared, model), source, commit, memory)
+
+
+def _memory_plan(
+    spec: TrainingSpec, env: RuntimeEnv, config: dict[str, Any], where: Placement, reporter: StatusReporter | None
+) -> Plan:
+    """The memory plan for this world size and GPU (the device's own memory on CUDA, else the operator's hint);
+    InvalidConfig with the numbers when the GPU memory is known and no strategy fits."""
+    gpu_memory = (
+        torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if where.device.cuda else None
+    )
+    memory = gpu_memory or env.gpu_memory
+    source = "the GPU" if gpu_memory else (GPU_MEMORY_ENV if memory else "unknown GPU memory")
+    found = plan_memory(spec, config, Gpus(where.ranks, memory, source), where.precision)
+    check_fits(found)
+    if reporter is not None:
+        reporter.update(TrainerStatus(memory_plan=MemoryPlan.model_validate(found.summary())))
+    return found
 
 
 def _without_validation(spec: TrainingSpec, has_eval: bool, log: JsonLines) -> TrainingSpec:
@@ -414,6 +447,7 @@ def _freeze(
         percent=round(plan.percent, 3),
         thawUnits=len(plan.thaw_units),
         untiedEmbeddings=plan.untied,
+        memoryPlan=loaded.memory.summary(),
     )
     return Frozen(wrapped, plan, layers, activation_cache, prepared)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Literal, Self, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
@@ -34,6 +35,26 @@ def _compiles(pattern: str) -> str:
 # CEL cannot check that a regex compiles; pydantic can, so such a spec fails as InvalidSpec.
 Regex = Annotated[str, StringConstraints(min_length=1, max_length=256), AfterValidator(_compiles)]
 Location = Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+
+QUANTITY_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+"""A Kubernetes quantity: 4, 500m, 16Gi (the API server's own syntax, without exponents)."""
+_QUANTITY_FACTORS: dict[str, Decimal] = {
+    "": Decimal(1),
+    "m": Decimal("0.001"),
+    **{suffix: Decimal(1000) ** (power + 1) for power, suffix in enumerate("kMGTPE")},
+    **{f"{suffix}i": Decimal(1024) ** (power + 1) for power, suffix in enumerate("KMGTPE")},
+}
+
+
+def quantity_value(value: int | str) -> Decimal:
+    """A quantity (``4``, ``500m``, ``16Gi``) as a number, to compare two of them."""
+    text = str(value)
+    match = QUANTITY_PATTERN.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not a Kubernetes quantity: {value!r}")
+    suffix = match.group(2) or ""
+    return Decimal(text[: len(text) - len(suffix)]) * _QUANTITY_FACTORS[suffix]
+
 
 MODEL_SOURCE_PATTERN = r"^(hf://[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|file:///.*|/.*)$"
 DATASET_SOURCE_PATTERN = r"^(hf://datasets/[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|file:///.*|/.*)$"
@@ -321,6 +342,13 @@ class LoraSpec(SpecModel):
         ),
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train alongside the adapters.")
+    quantization: Literal["4bit"] | None = Field(
+        None,
+        description=(
+            "QLoRA: 4bit loads the frozen base in 4-bit NF4 with double quantization (bitsandbytes) and computes "
+            "in bf16; the adapters train in fp32. Needs a CUDA GPU."
+        ),
+    )
 
 
 class GradualUnfreezing(SpecModel):
@@ -699,6 +727,21 @@ class Output(SpecModel):
     )
 
 
+class Distributed(SpecModel):
+    """How the ranks of a multi-rank run share the model."""
+
+    strategy: Literal["ddp", "fsdp", "auto"] = Field(
+        "auto",
+        description=(
+            "ddp: every rank holds the whole model, optimizer state included. fsdp: parameters, gradients and "
+            "optimizer state are sharded across the ranks (PyTorch FSDP2, one unit per transformer block; bf16 "
+            "mixed precision on GPU), checkpoints are sharded and resume on the same number of ranks, the final "
+            "model is consolidated. auto: ddp when the model fits one GPU, else fsdp (ddp when the GPU memory "
+            "is unknown)."
+        ),
+    )
+
+
 TRAINING_RULES: tuple[Rule, ...] = (
     Rule(
         "augmentation",
@@ -777,6 +820,9 @@ class TrainingSpec(SpecModel):
     evaluation: Evaluation = Field(default_factory=Evaluation, description="When and what to evaluate.")
     early_stopping: EarlyStopping | None = Field(None, description="Early stopping; absent means train to the end.")
     output: Output = Field(description="Where checkpoints and the final model go.")
+    distributed: Distributed = Field(
+        default_factory=Distributed, description="How the ranks share the model (DDP or sharded FSDP)."
+    )
 
 
 def export_plan(spec: TrainingSpec) -> tuple[frozenset[ExportFormat], str]:

@@ -23,6 +23,7 @@ from finetune_operator.api import (
     DEFAULT_REPORT_INTERVAL_SECONDS,
     DEFAULT_SCRATCH,
     DEFAULT_TRAINER_IMAGE,
+    GPU_MEMORY_ENV,
     GROUP,
     HF_TOKEN_ENV,
     JOB_NAME_ENV,
@@ -39,10 +40,10 @@ from finetune_operator.api import (
     REPORT_INTERVAL_ENV,
     TERMINATION_GRACE_ENV,
     FineTuneJob,
-    quantity_value,
 )
 from finetune_trainer import exitcodes
-from finetune_trainer.spec import TrainingSpec
+from finetune_trainer.memory_plan import job_gpus
+from finetune_trainer.spec import TrainingSpec, quantity_value
 
 Manifest = dict[str, Any]
 
@@ -301,6 +302,9 @@ def _env(job: FineTuneJob, settings: Settings, names: Names) -> list[Manifest]:
                 "valueFrom": {"resourceFieldRef": {"resource": "requests.cpu", "divisor": "1"}},
             }
         )
+    gpus = job_gpus(job.spec.resources.to_wire())
+    if gpus.memory is not None:  # what the trainer's memory plan checks against where CUDA cannot say
+        env.append({"name": GPU_MEMORY_ENV, "value": str(gpus.memory)})
     for name, secret in (
         (HF_TOKEN_ENV, job.spec.model.token_secret_ref),
         (DATASET_HF_TOKEN_ENV, job.spec.dataset.token_secret_ref),
