@@ -279,30 +279,34 @@ class Profiler:
             stderr=subprocess.DEVNULL,
         )
 
-    def stop(self) -> tuple[dict[str, int], dict[str, int]]:
+    def stop(self) -> dict[str, dict[str, int]]:
+        """Samples by stage, by function (self time) and by our own function (inclusive time)."""
         self._process.send_signal(signal.SIGINT)
         self._process.wait(timeout=120)
-        stages: dict[str, int] = {}
-        leaves: dict[str, int] = {}
+        found: dict[str, dict[str, int]] = {"stage": {}, "self": {}, "ours": {}}
+
+        def add(table: str, key: str, count: int) -> None:
+            found[table][key] = found[table].get(key, 0) + count
+
         for line in self._output.read_text().splitlines():
             stack, _, count = line.rpartition(" ")
             frames = stack.split(";")
-            stages[_stage(frames)] = stages.get(_stage(frames), 0) + int(count)
-            leaves[frames[-1]] = leaves.get(frames[-1], 0) + int(count)
-        return stages, leaves
+            add("stage", _stage(frames), int(count))
+            add("self", frames[-1], int(count))
+            for frame in {f.split(" (")[0] for f in frames if "finetune_operator/" in f}:
+                add("ours", frame, int(count))
+        return found
 
 
-def _print_profile(stages: dict[str, int], leaves: dict[str, int], jobs: int, reports: int) -> None:
-    total = sum(stages.values()) or 1
-    print(f"   operator profile, phases 2 and 3 ({total} samples at 200/s = {total / 200:.1f} CPU s):")
-    for stage, count in sorted(stages.items(), key=lambda item: -item[1]):
-        print(
-            f"     {stage:15} {100 * count / total:5.1f} %  {count / 200 / max(jobs + reports, 1) * 1000:6.2f} ms"
-            " per job or report"
-        )
-    print("   hottest functions (self time):")
-    for frame, count in sorted(leaves.items(), key=lambda item: -item[1])[:15]:
-        print(f"     {100 * count / total:5.1f} %  {frame[:140]}")
+def _print_profile(phase: str, found: dict[str, dict[str, int]], per: int, unit: str) -> None:
+    total = sum(found["stage"].values()) or 1
+    print(f"      profile of {phase} ({total} samples holding the GIL, 200/s: {total / 200:.1f} CPU s):")
+    for stage, count in sorted(found["stage"].items(), key=lambda item: -item[1]):
+        print(f"        {stage:15} {100 * count / total:5.1f} %  {count / 200 / max(per, 1) * 1000:6.2f} ms per {unit}")
+    for table, title in (("self", "hottest functions, self time"), ("ours", "the operator's functions, inclusive")):
+        print(f"      {title}:")
+        for frame, count in sorted(found[table].items(), key=lambda item: -item[1])[:12]:
+            print(f"        {100 * count / total:5.1f} %  {frame.replace(str(Path(sys.prefix)), '')[:120]}")
 
 
 def _reconciles(metrics_port: int) -> float:
@@ -392,7 +396,7 @@ def run(args: argparse.Namespace, policies: bool) -> None:
             _latency("1. create -> Job, one at a time", sequential)
             print(cpu.lap(args.sequential, "job"))
 
-            profiler = Profiler(operator.pid, state / "profile.txt") if args.profile else None
+            profiler = Profiler(operator.pid, state / "profile-2.txt") if args.profile else None
             reconciles_before = _reconciles(metrics_port)
             names = [f"burst-{i}" for i in range(args.jobs)]
             begin = time.monotonic()
@@ -412,12 +416,15 @@ def run(args: argparse.Namespace, policies: bool) -> None:
             time.sleep(2)  # the burst's last status writes and events
             print(cpu.lap(args.jobs, "job"))
             print(f"      reconciles per job: {(_reconciles(metrics_port) - reconciles_before) / args.jobs:.1f}")
+            if profiler is not None:
+                _print_profile("phase 2", profiler.stop(), args.jobs, "job")
 
             fleet = None
             if args.report_interval > 0:
                 fleet = TrainerFleet(cluster.kubeconfig, namespace, names[: args.in_flight], args.report_interval)
                 time.sleep(2 * args.report_interval)  # the reports reach a steady rate
             cpu.lap(1, "job")
+            profiler = Profiler(operator.pid, state / "profile-3.txt") if args.profile else None
             sent_before, fleet_begin = fleet.sent if fleet else 0, time.monotonic()
             arrivals, arrival_starts = [f"arrival-{i}" for i in range(args.arrivals)], {}
             for name in arrivals:
@@ -439,7 +446,7 @@ def run(args: argparse.Namespace, policies: bool) -> None:
             )
             print(cpu.lap(reports + args.arrivals, "report or new job") + f" ({reports} reports)")
             if profiler is not None:
-                _print_profile(*profiler.stop(), args.jobs + args.arrivals, reports)
+                _print_profile("phase 3", profiler.stop(), reports + args.arrivals, "report or new job")
             time.sleep(3)
             total = args.sequential + args.jobs + args.arrivals
             print(f"4. operator RSS with {total} jobs: {_rss_mb(operator.pid):.0f} MB ({idle_rss:.0f} MB with none)")

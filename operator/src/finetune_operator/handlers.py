@@ -341,6 +341,7 @@ class Reconciler(ObjectLoop):
 
         Returns (the trainer Job as stored, ownership conflicts, refusals)."""
         children = desired_children(job, self.settings)
+        self._desired_hash(job, next(c for c in children if c["kind"] == TRAINER_JOB.kind))
         created: Manifest | None = None
         conflicts: list[str] = []
         errors: list[str] = []
@@ -381,13 +382,14 @@ class Reconciler(ObjectLoop):
             log.warning("could not create %s %s/%s: %s", kind, namespace, name, error)
             return None, None, f"{kind} {name}: {_api_message(error)}"
 
-    def _desired_hash(self, job: FineTuneJob) -> str | None:
-        """The spec hash of the Job the spec asks for, rendered once per generation."""
+    def _desired_hash(self, job: FineTuneJob, rendered: Manifest | None = None) -> str | None:
+        """The spec hash of the Job the spec asks for, rendered once per generation (``rendered``: that Job,
+        when the caller has just built it)."""
         key, version = (job.metadata.namespace, job.metadata.name), (job.metadata.uid, job.metadata.generation)
         cached = self._desired_hashes.get(key)
         if cached is not None and cached[0] == version and job.metadata.generation is not None:
             return cached[1]
-        spec_hash = spec_hash_of(batch_job(job, self.settings))  # suspend is not part of the hash
+        spec_hash = spec_hash_of(rendered or batch_job(job, self.settings))  # suspend is not part of the hash
         self._desired_hashes[key] = (version, spec_hash)
         return spec_hash
 
