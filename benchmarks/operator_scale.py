@@ -318,6 +318,17 @@ def _reconciles(metrics_port: int) -> float:
     return float("nan")
 
 
+def _job_series(metrics_port: int, namespace: str) -> int:
+    """The operator's metric series of single jobs in ``namespace`` (each job's progress, loss, ...)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    return sum(
+        1
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.labels.get("namespace") == namespace and "name" in sample.labels
+    )
+
+
 def _api_requests(metrics_port: int) -> dict[tuple[str, str], float]:
     """The operator's own count of its API requests, by (verb, kind)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
@@ -454,6 +465,16 @@ def run(args: argparse.Namespace, policies: bool) -> None:
             print(f"   operator API requests per job: {sum(requests.values()) / total:.1f}")
             for (verb, kind), value in sorted(requests.items()):
                 print(f"     {verb:6} {kind:15} {value:8.0f}")
+            series = _job_series(metrics_port, namespace)
+            custom.delete_collection_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+            deleted = time.monotonic()
+            while _job_series(metrics_port, namespace) and time.monotonic() - deleted < 120:
+                time.sleep(0.5)
+            time.sleep(5)  # the garbage collector's deletions of the children reach the operator too
+            print(
+                f"5. every job deleted: {_job_series(metrics_port, namespace)} of {series} per-job metric series left"
+                f" after {time.monotonic() - deleted:.0f} s; operator RSS {_rss_mb(operator.pid):.0f} MB"
+            )
             watcher.stop()
     finally:
         if operator is not None:
