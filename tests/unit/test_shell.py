@@ -171,10 +171,10 @@ def test_a_reconcile_of_an_object_no_longer_known_leaves_no_lock_behind() -> Non
     for coalesce in (False, True):
         loop = Loop(coalesce=coalesce)
 
-        async def gone() -> None:
+        async def gone(loop: Loop = loop) -> None:
             loop.forget("ml", "gone")
 
-        async def there() -> None:
+        async def there(loop: Loop = loop) -> None:
             loop.known.add(("ml", "a"))
 
         run(loop.serially(("ml", "gone"), gone))
