@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
+import pytest
+
+from finetune_operator import handlers
 from finetune_operator.clients import Kube
 from finetune_operator.handlers import Reconciler
 from finetune_operator.metrics import OperatorMetrics
@@ -38,18 +41,30 @@ def test_a_trainer_job_event_is_worth_a_reconcile_only_when_the_reconcile_would_
     assert reconciler.saw_trainer_job(KEY, _trainer_job(active=1), deleted=True), "deleted"
 
 
-def test_a_forgotten_job_leaves_nothing_in_the_reconcilers_caches() -> None:
-    reconciler = _reconciler()
-    body = {
+def _body(name: str = "a") -> dict[str, Any]:
+    return {
         "apiVersion": "finetune.dev/v1alpha1",
         "kind": "FineTuneJob",
-        "metadata": {"name": "a", "namespace": "ml", "uid": "u0", "generation": 1, "resourceVersion": "5"},
+        "metadata": {"name": name, "namespace": "ml", "uid": "u0", "generation": 1, "resourceVersion": "5"},
         "spec": {
             "model": {"source": "file:///models/m", "task": "sequence-classification", "numLabels": 2},
             "dataset": {"source": "file:///data/d"},
             "output": {"location": "file:///out/a"},
         },
     }
+
+
+def test_parsed_specs_are_kept_for_the_jobs_seen_last_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(handlers, "PARSED_JOBS", 2)
+    reconciler = _reconciler()
+    for name in ("a", "b", "a", "c"):
+        reconciler._parse(("ml", name), _body(name))
+    assert list(reconciler._parsed) == [("ml", "a"), ("ml", "c")]
+
+
+def test_a_forgotten_job_leaves_nothing_in_the_reconcilers_caches() -> None:
+    reconciler = _reconciler()
+    body = _body()
     reconciler.saw(body)
     reconciler.saw_trainer_job(KEY, _trainer_job())
     parsed = reconciler._parse(KEY, body)

@@ -95,6 +95,8 @@ def _expected_children(body: Manifest) -> list[tuple[str, str]]:
     return [(kind, name) for kind, name in refs if kind != TRAINER_JOB.kind]
 
 
+PARSED_JOBS = 512
+"""Jobs whose parsed spec the reconciler keeps (``Reconciler._parse``)."""
 _PARSED_METADATA = tuple(field.alias or name for name, field in ObjectMeta.model_fields.items())
 """The metadata a parsed FineTuneJob keeps."""
 
@@ -142,7 +144,9 @@ class Reconciler(ObjectLoop):
         the generation, and rendering the Job to hash it was a third of a reconcile's CPU."""
         self._parsed: dict[Key, tuple[tuple[Any, ...], FineTuneJob]] = {}
         """The FineTuneJob parsed from a job's body (status aside), with what it was parsed from: a
-        progress report changes the status alone, and parsing the spec afresh was a tenth of its CPU."""
+        progress report changes the status alone, and parsing the spec afresh was a tenth of its CPU.
+        Least recently used first, at most ``PARSED_JOBS``: a parsed job is ~10 KB, and only the jobs
+        whose trainers report (running ones) come back often."""
 
     def saw(self, body: Manifest) -> bool:
         """Cache a FineTuneJob from its watch event; False when it is our own write coming back."""
@@ -323,11 +327,11 @@ class Reconciler(ObjectLoop):
         what ``read_stored`` reads of it changed. Raises ``ValidationError`` for a spec that is wrong."""
         metadata = body["metadata"]
         source = (body.get("apiVersion"), body.get("kind"), body.get("spec"), *map(metadata.get, _PARSED_METADATA))
-        cached = self._parsed.get(key)
-        if cached is not None and cached[0] == source:
-            return cached[1]
-        job = read_stored({**body, "status": {}})
+        cached = self._parsed.pop(key, None)
+        job = cached[1] if cached is not None and cached[0] == source else read_stored({**body, "status": {}})
         self._parsed[key] = (source, job)
+        if len(self._parsed) > PARSED_JOBS:
+            del self._parsed[next(iter(self._parsed))]
         return job
 
     async def _execute(
