@@ -1,6 +1,7 @@
 """Operator scale benchmark on the local control plane (prints figures; asserts nothing).
 
     .venv/bin/python benchmarks/operator_scale.py [--jobs 1000] [--in-flight 500] [--sequential 20]
+        [--policies chart|none|both] [--profile]
 
 With the operator (kopf), the control plane and this load generator sharing the machine:
 1. create -> Job created latency (p50/p99), one FineTuneJob at a time;
@@ -10,6 +11,14 @@ With the operator (kopf), the control plane and this load generator sharing the 
    as trainers do, while new jobs arrive at ``--arrival-rate`` per second; their create -> Job
    latency (p50/p99) is the operator's latency under that load;
 4. the operator's resident memory (RSS), and the API requests it made per job.
+Beside the wall-clock figures, each phase prints the CPU seconds the operator (and the API server
+and etcd) spent in it, per job or per progress report: those do not inflate when other work shares
+the machine, so they compare runs on a loaded machine where the latencies do not.
+As deployed, the API server runs every admission policy the chart ships (``chart_api_objects``:
+the trainer-status policy checks each progress report, the advice policy each create);
+``--policies none`` runs without them, ``--policies both`` runs twice (fresh control planes) and
+prints both. ``--profile`` samples the running operator with py-spy through phases 2 and 3 and
+prints where its CPU went by stage (observe, decide, serialise, API calls, metrics, logging, kopf).
 As deployed, the operator runs with the Helm chart's ClusterRole and a ServiceAccount token, and
 each simulated trainer with its job's own ServiceAccount token (the API server's fairness and
 authorisation then treat them as in a cluster, not as one administrator).
@@ -43,10 +52,10 @@ from kubernetes import client, watch
 from prometheus_client.parser import text_string_to_metric_families
 
 from finetune_localcluster.cluster import Cluster, free_port
-from finetune_localcluster.kubeconfig import api_client, install_crd, service_account_kubeconfig
+from finetune_localcluster.kubeconfig import api_client, install_objects, service_account_kubeconfig
 from finetune_operator.api import GROUP, PLURAL, VERSION
 from finetune_operator.clients import ApiError, Kube
-from finetune_operator.crd import build_crd
+from finetune_operator.crd import chart_api_objects
 from finetune_operator.rbac import cluster_role
 from finetune_operator.reconcile.children import Names, Settings
 
@@ -183,6 +192,143 @@ class TrainerFleet:
         self._thread.join(timeout=30)
 
 
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds a process has used (``/proc/PID/stat``): unlike wall-clock time, not
+    inflated by other work on the machine."""
+    if pid is None:
+        return float("nan")
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds of the operator, the API server and etcd between two calls of ``lap``."""
+
+    def __init__(self, pids: dict[str, int | None]) -> None:
+        self._pids = pids
+        self._last = self._now()
+
+    def _now(self) -> dict[str, float]:
+        return {name: _cpu_seconds(pid) for name, pid in self._pids.items()}
+
+    def lap(self, per: int, unit: str) -> str:
+        now = self._now()
+        used = {name: now[name] - self._last[name] for name in now}
+        self._last = now
+        each = ", ".join(f"{name} {used[name]:.1f} s" for name in used)
+        per_unit = ", ".join(f"{name} {used[name] / max(per, 1) * 1000:.1f}" for name in used)
+        return f"      CPU: {each}; ms per {unit}: {per_unit}"
+
+
+STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("logging", ("/logging/", "pythonjsonlogger", "kopf/_core/engines/posting", "kopf/_cogs/helpers/loggers")),
+    ("metrics", ("prometheus_client/", "finetune_operator/metrics.py")),
+    ("serialise", ("/json/", "yaml/", "model_dump", "_serializ")),
+    ("api calls", ("aiohttp/", "yarl/", "multidict/", "ssl.py", "finetune_operator/clients.py", "asyncio/sslproto")),
+    (
+        "decide",
+        (
+            "finetune_operator/reconcile/status.py",
+            "finetune_operator/reconcile/steer.py",
+            "finetune_operator/reconcile/children.py",
+            "finetune_operator/reconcile/health.py",
+            "finetune_operator/reconcile/diagnosis.py",
+        ),
+    ),
+    ("observe", ("finetune_operator/reconcile/observe.py", "finetune_operator/api.py", "pydantic")),
+    ("operator shell", ("finetune_operator/",)),
+    ("kopf", ("kopf/",)),
+    ("event loop", ("asyncio/", "selectors.py")),
+)
+"""A sample's stage: the first of these its stack matches, from the innermost frame outwards."""
+
+
+def _stage(stack: list[str]) -> str:
+    for frame in reversed(stack):
+        for stage, marks in STAGES:
+            if any(mark in frame for mark in marks):
+                return stage
+    return "other"
+
+
+class Profiler:
+    """py-spy sampling the running operator (no change to it); ``stop`` returns samples by stage and
+    the hottest functions (self time)."""
+
+    def __init__(self, pid: int, output: Path) -> None:
+        self._output = output
+        spy = Path(sys.executable).with_name("py-spy")
+        self._process = subprocess.Popen(
+            [
+                str(spy),
+                "record",
+                "--pid",
+                str(pid),
+                "--format",
+                "raw",
+                "--full-filenames",
+                "--nolineno",
+                "--rate",
+                "200",
+                "--nonblocking",
+                "--gil",
+                "--output",
+                str(output),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> dict[str, dict[str, int]]:
+        """Samples by stage, by function (self time) and by our own function (inclusive time)."""
+        self._process.send_signal(signal.SIGINT)
+        self._process.wait(timeout=120)
+        found: dict[str, dict[str, int]] = {"stage": {}, "self": {}, "ours": {}}
+
+        def add(table: str, key: str, count: int) -> None:
+            found[table][key] = found[table].get(key, 0) + count
+
+        for line in self._output.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            frames = stack.split(";")
+            add("stage", _stage(frames), int(count))
+            add("self", frames[-1], int(count))
+            for frame in {f.split(" (")[0] for f in frames if "finetune_operator/" in f}:
+                add("ours", frame, int(count))
+        return found
+
+
+def _print_profile(phase: str, found: dict[str, dict[str, int]], per: int, unit: str) -> None:
+    total = sum(found["stage"].values()) or 1
+    print(f"      profile of {phase} ({total} samples holding the GIL, 200/s: {total / 200:.1f} CPU s):")
+    for stage, count in sorted(found["stage"].items(), key=lambda item: -item[1]):
+        print(f"        {stage:15} {100 * count / total:5.1f} %  {count / 200 / max(per, 1) * 1000:6.2f} ms per {unit}")
+    for table, title in (("self", "hottest functions, self time"), ("ours", "the operator's functions, inclusive")):
+        print(f"      {title}:")
+        for frame, count in sorted(found[table].items(), key=lambda item: -item[1])[:12]:
+            print(f"        {100 * count / total:5.1f} %  {frame.replace(str(Path(sys.prefix)), '')[:120]}")
+
+
+def _reconciles(metrics_port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "finetune_reconcile_duration_seconds_count":
+                return sample.value
+    return float("nan")
+
+
+def _job_series(metrics_port: int, namespace: str) -> int:
+    """The operator's metric series of single jobs in ``namespace`` (each job's progress, loss, ...)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    return sum(
+        1
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.labels.get("namespace") == namespace and "name" in sample.labels
+    )
+
+
 def _api_requests(metrics_port: int) -> dict[tuple[str, str], float]:
     """The operator's own count of its API requests, by (verb, kind)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
@@ -196,28 +342,20 @@ def _api_requests(metrics_port: int) -> dict[tuple[str, str], float]:
     return counts
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", type=int, default=1000, help="FineTuneJobs in the burst")
-    parser.add_argument("--in-flight", type=int, default=500, help="jobs reporting progress in step 3")
-    parser.add_argument(
-        "--report-interval",
-        type=float,
-        default=Settings().report_interval_seconds,
-        help="seconds between a trainer's reports (default: the operator's; 0: none)",
-    )
-    parser.add_argument("--arrival-rate", type=float, default=2.0, help="new jobs per second in step 3")
-    parser.add_argument("--arrivals", type=int, default=100, help="new jobs created in step 3")
-    parser.add_argument("--sequential", type=int, default=20, help="jobs created one at a time in step 1")
-    args = parser.parse_args()
-
+def run(args: argparse.Namespace, policies: bool) -> None:
+    """One whole benchmark on a fresh control plane, with or without the chart's admission policies."""
     state = Path(tempfile.mkdtemp(prefix="ftj-bench-"))
     cluster = Cluster(state)
     cluster.start(reuse=False)
     operator: subprocess.Popen[bytes] | None = None
     try:
         with api_client(cluster.kubeconfig) as api:
-            install_crd(api, build_crd())
+            installed = [o for o in chart_api_objects() if policies or o["kind"] == "CustomResourceDefinition"]
+            install_objects(api, installed)
+            print(
+                f"== admission policies: {'as the chart ships them' if policies else 'none'}"
+                f" ({', '.join(o['metadata']['name'] for o in installed if o['kind'] == 'ValidatingAdmissionPolicy')})"
+            )
             core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
             namespace = "bench"
             core.create_namespace({"metadata": {"name": namespace}})
@@ -249,6 +387,10 @@ def main() -> int:
             )
             time.sleep(3)
             idle_rss = _rss_mb(operator.pid)
+            pids = cluster.pids()
+            cpu = CpuMeter(
+                {"operator": operator.pid, "apiserver": pids.get("kube-apiserver"), "etcd": pids.get("etcd")}
+            )
             watcher = JobWatcher(api, namespace)
 
             def create(name: str) -> float:
@@ -263,7 +405,10 @@ def main() -> int:
                 watcher.wait([name], 60)
                 sequential.append(watcher.seen[name] - started)
             _latency("1. create -> Job, one at a time", sequential)
+            print(cpu.lap(args.sequential, "job"))
 
+            profiler = Profiler(operator.pid, state / "profile-2.txt") if args.profile else None
+            reconciles_before = _reconciles(metrics_port)
             names = [f"burst-{i}" for i in range(args.jobs)]
             begin = time.monotonic()
             with ThreadPoolExecutor(max_workers=16) as pool:
@@ -279,11 +424,18 @@ def main() -> int:
                 f"   create -> Job across the burst ({args.jobs / created_in:.0f} creates/s)",
                 [watcher.seen[n] - starts[n] for n in names if n in watcher.seen],
             )
+            time.sleep(2)  # the burst's last status writes and events
+            print(cpu.lap(args.jobs, "job"))
+            print(f"      reconciles per job: {(_reconciles(metrics_port) - reconciles_before) / args.jobs:.1f}")
+            if profiler is not None:
+                _print_profile("phase 2", profiler.stop(), args.jobs, "job")
 
             fleet = None
             if args.report_interval > 0:
                 fleet = TrainerFleet(cluster.kubeconfig, namespace, names[: args.in_flight], args.report_interval)
                 time.sleep(2 * args.report_interval)  # the reports reach a steady rate
+            cpu.lap(1, "job")
+            profiler = Profiler(operator.pid, state / "profile-3.txt") if args.profile else None
             sent_before, fleet_begin = fleet.sent if fleet else 0, time.monotonic()
             arrivals, arrival_starts = [f"arrival-{i}" for i in range(args.arrivals)], {}
             for name in arrivals:
@@ -291,9 +443,10 @@ def main() -> int:
                 arrival_starts[name] = create(name)
                 time.sleep(max(0.0, due - time.monotonic()))
             watcher.wait(arrivals, 120)
-            report_rate = 0.0
+            report_rate, reports = 0.0, 0
             if fleet is not None:
-                report_rate = (fleet.sent - sent_before) / (time.monotonic() - fleet_begin)
+                reports = fleet.sent - sent_before
+                report_rate = reports / (time.monotonic() - fleet_begin)
                 if fleet.failed:
                     print(f"   ({fleet.failed} progress reports were refused)")
                 fleet.stop()
@@ -302,19 +455,64 @@ def main() -> int:
                 f"{args.arrival_rate:g} new jobs/s)",
                 [watcher.seen[n] - arrival_starts[n] for n in arrivals if n in watcher.seen],
             )
+            print(cpu.lap(reports + args.arrivals, "report or new job") + f" ({reports} reports)")
+            if profiler is not None:
+                _print_profile("phase 3", profiler.stop(), reports + args.arrivals, "report or new job")
             time.sleep(3)
             total = args.sequential + args.jobs + args.arrivals
+            all_names = [f"seq-{i}" for i in range(args.sequential)] + names + arrivals
             print(f"4. operator RSS with {total} jobs: {_rss_mb(operator.pid):.0f} MB ({idle_rss:.0f} MB with none)")
             requests = _api_requests(metrics_port)
             print(f"   operator API requests per job: {sum(requests.values()) / total:.1f}")
             for (verb, kind), value in sorted(requests.items()):
                 print(f"     {verb:6} {kind:15} {value:8.0f}")
+            series = _job_series(metrics_port, namespace)
+            deleted = time.monotonic()  # one by one: a deletecollection of a thousand times out at the API server
+            with ThreadPoolExecutor(max_workers=16) as pool:
+                list(
+                    pool.map(
+                        lambda n: custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, n),
+                        all_names,
+                    )
+                )
+            while _job_series(metrics_port, namespace) and time.monotonic() - deleted < 120:
+                time.sleep(0.5)
+            time.sleep(5)  # the garbage collector's deletions of the children reach the operator too
+            print(
+                f"5. every job deleted: {_job_series(metrics_port, namespace)} of {series} per-job metric series left"
+                f" after {time.monotonic() - deleted:.0f} s; operator RSS {_rss_mb(operator.pid):.0f} MB"
+            )
             watcher.stop()
     finally:
         if operator is not None:
             os.killpg(operator.pid, signal.SIGTERM)
             operator.wait(timeout=30)
         cluster.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=1000, help="FineTuneJobs in the burst")
+    parser.add_argument("--in-flight", type=int, default=500, help="jobs reporting progress in step 3")
+    parser.add_argument(
+        "--report-interval",
+        type=float,
+        default=Settings().report_interval_seconds,
+        help="seconds between a trainer's reports (default: the operator's; 0: none)",
+    )
+    parser.add_argument("--arrival-rate", type=float, default=2.0, help="new jobs per second in step 3")
+    parser.add_argument("--arrivals", type=int, default=100, help="new jobs created in step 3")
+    parser.add_argument("--sequential", type=int, default=20, help="jobs created one at a time in step 1")
+    parser.add_argument(
+        "--policies",
+        choices=("chart", "none", "both"),
+        default="chart",
+        help="admission policies installed: the chart's (as deployed), none, or one run of each",
+    )
+    parser.add_argument("--profile", action="store_true", help="sample the operator with py-spy in phases 2-3")
+    args = parser.parse_args()
+    for policies in {"chart": (True,), "none": (False,), "both": (True, False)}[args.policies]:
+        run(args, policies)
     return 0
 
 

@@ -164,6 +164,25 @@ def test_drop_waits_for_the_reconcile_in_flight() -> None:
     assert loop.known == set() and loop.forgotten == [("ml", "a")] and loop._locks == {}
 
 
+def test_a_reconcile_of_an_object_no_longer_known_leaves_no_lock_behind() -> None:
+    """A trainer Job's DELETED event comes after its FineTuneJob's (the garbage collector deletes it): its
+    reconcile finds the job gone and forgets it, and its lock must go too, else one stays per deleted job.
+    A known object keeps its lock (bounded by the objects there are)."""
+    for coalesce in (False, True):
+        loop = Loop(coalesce=coalesce)
+
+        async def gone(loop: Loop = loop) -> None:
+            loop.forget("ml", "gone")
+
+        async def there(loop: Loop = loop) -> None:
+            loop.known.add(("ml", "a"))
+
+        run(loop.serially(("ml", "gone"), gone))
+        run(loop.serially(("ml", "a"), there))
+        assert set(loop._locks) == {("ml", "a")}, f"coalesce={coalesce}"
+        assert loop._lock_users == {}
+
+
 def test_record_writes_conditionally_then_posts_the_events() -> None:
     kube = FakeKube()
     loop = Loop(kube)

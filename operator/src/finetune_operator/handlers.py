@@ -26,6 +26,7 @@ from finetune_operator.api import (
     VERSION,
     FineTuneJob,
     FineTuneJobStatus,
+    ObjectMeta,
     read_stored,
 )
 from finetune_operator.clients import ApiError, ConflictError, Kube
@@ -94,6 +95,18 @@ def _expected_children(body: Manifest) -> list[tuple[str, str]]:
     return [(kind, name) for kind, name in refs if kind != TRAINER_JOB.kind]
 
 
+PARSED_JOBS = 512
+"""Jobs whose parsed spec the reconciler keeps (``Reconciler._parse``)."""
+_PARSED_METADATA = tuple(field.alias or name for name, field in ObjectMeta.model_fields.items())
+"""The metadata a parsed FineTuneJob keeps."""
+
+
+def _as_reconciled(trainer_job: Manifest) -> tuple[Any, ...]:
+    """What a reconcile reads of a cached trainer Job: its identity, owner and observation."""
+    metadata = trainer_job["metadata"]
+    return metadata.get("uid"), metadata.get("ownerReferences"), observe_job(trainer_job)
+
+
 class Reconciler(ObjectLoop):
     """A FineTuneJob's observe, decide and execute, in the shared shell (locks, retries, resync).
 
@@ -129,6 +142,11 @@ class Reconciler(ObjectLoop):
         self._desired_hashes: dict[Key, tuple[tuple[str | None, int | None], str | None]] = {}
         """((uid, generation), spec hash) of the Job a job's spec asks for: the spec changes only with
         the generation, and rendering the Job to hash it was a third of a reconcile's CPU."""
+        self._parsed: dict[Key, tuple[tuple[Any, ...], FineTuneJob]] = {}
+        """The FineTuneJob parsed from a job's body (status aside), with what it was parsed from: a
+        progress report changes the status alone, and parsing the spec afresh was a tenth of its CPU.
+        Least recently used first, at most ``PARSED_JOBS``: a parsed job is ~10 KB, and only the jobs
+        whose trainers report (running ones) come back often."""
 
     def saw(self, body: Manifest) -> bool:
         """Cache a FineTuneJob from its watch event; False when it is our own write coming back."""
@@ -139,11 +157,15 @@ class Reconciler(ObjectLoop):
         version = metadata.get("resourceVersion")
         return version is None or self._written.get(key) != version
 
-    def saw_trainer_job(self, key: Key, body: Manifest, deleted: bool = False) -> None:
+    def saw_trainer_job(self, key: Key, body: Manifest, deleted: bool = False) -> bool:
         """Cache the trainer Job from its watch event. A deleted Job that had finished (its TTL, say)
-        is kept with a mark: its final state is the job's result and must be recorded, not re-run."""
+        is kept with a mark: its final state is the job's result and must be recorded, not re-run.
+
+        Returns False when a reconcile would see nothing new: the Job as cached already looked the same
+        to it (the Job we just created coming back as ADDED, a status change it does not read)."""
         essentials = trainer_job_essentials(body)
         trainer_job = (essentials["metadata"]["namespace"], essentials["metadata"]["name"])
+        before = self._trainer_jobs.get(key)
         if not deleted:
             self._trainer_jobs[key] = essentials
             self._owners[trainer_job] = key
@@ -152,6 +174,8 @@ class Reconciler(ObjectLoop):
         else:
             self._trainer_jobs.pop(key, None)
             self._owners.pop(trainer_job, None)
+        after = self._trainer_jobs.get(key)
+        return before is None or after is None or _as_reconciled(before) != _as_reconciled(after)
 
     def owner_of(self, namespace: str, trainer_job: str) -> Key | None:
         """The job whose trainer Job this is (None before the Job's first watch event)."""
@@ -162,7 +186,7 @@ class Reconciler(ObjectLoop):
         trainer_job = self._trainer_jobs.get(key)
         if trainer_job is not None:
             self._owners.pop((namespace, trainer_job["metadata"]["name"]), None)
-        for cache in (self._bodies, self._trainer_jobs, self._written, self._desired_hashes):
+        for cache in (self._bodies, self._trainer_jobs, self._written, self._desired_hashes, self._parsed):
             cache.pop(key, None)
         self.metrics.forget_job(*key)
 
@@ -244,8 +268,7 @@ class Reconciler(ObjectLoop):
         key = (namespace, name)
         current = FineTuneJobStatus.model_validate(body.get("status") or {})
         try:
-            job = read_stored({**body, "status": {}})  # the status is parsed once, above
-            job.status = current  # decide() works on a copy
+            job = self._parse(key, body).model_copy(update={"status": current})  # decide() works on a copy
         except ValidationError as error:
             unreadable = unreadable_spec(current, describe_validation(error), metadata.get("generation"), now)
             if unreadable is not None:
@@ -267,6 +290,7 @@ class Reconciler(ObjectLoop):
             trainer = None
         observed_job = observe_job(trainer) if trainer is not None else None
         errors: list[str] = []
+        stored: Manifest | None = None
         if children_wanted(current, observed_job, ensure_children, conflicts):
             stored, conflicts, errors = await self._create_children(job)
             trainer = stored or trainer
@@ -290,7 +314,25 @@ class Reconciler(ObjectLoop):
             kueue_workloads=observe_kueue_workloads(queued),
             desired_hash=desired_hash,
         )
-        await self._execute(job, body, current, decide(job, observed, now), now, uid)
+        decision = decide(job, observed, now)
+        await self._execute(job, body, current, decision, now, uid)
+        deleted = decision.replace_trainer_job or decision.delete_trainer_job
+        if stored is not None and key not in self._trainer_jobs and not deleted:
+            # The Job just created, cached once its decision is carried out: its ADDED event then brings
+            # nothing new (a failed reconcile leaves it uncached, so that event still reconciles again).
+            self.saw_trainer_job(key, stored)
+
+    def _parse(self, key: Key, body: Manifest) -> FineTuneJob:
+        """The FineTuneJob (status aside: the caller parses it) read from ``body``, parsed again only when
+        what ``read_stored`` reads of it changed. Raises ``ValidationError`` for a spec that is wrong."""
+        metadata = body["metadata"]
+        source = (body.get("apiVersion"), body.get("kind"), body.get("spec"), *map(metadata.get, _PARSED_METADATA))
+        cached = self._parsed.pop(key, None)
+        job = cached[1] if cached is not None and cached[0] == source else read_stored({**body, "status": {}})
+        self._parsed[key] = (source, job)
+        if len(self._parsed) > PARSED_JOBS:
+            del self._parsed[next(iter(self._parsed))]
+        return job
 
     async def _execute(
         self,
@@ -341,6 +383,7 @@ class Reconciler(ObjectLoop):
 
         Returns (the trainer Job as stored, ownership conflicts, refusals)."""
         children = desired_children(job, self.settings)
+        self._desired_hash(job, next(c for c in children if c["kind"] == TRAINER_JOB.kind))
         created: Manifest | None = None
         conflicts: list[str] = []
         errors: list[str] = []
@@ -381,13 +424,14 @@ class Reconciler(ObjectLoop):
             log.warning("could not create %s %s/%s: %s", kind, namespace, name, error)
             return None, None, f"{kind} {name}: {_api_message(error)}"
 
-    def _desired_hash(self, job: FineTuneJob) -> str | None:
-        """The spec hash of the Job the spec asks for, rendered once per generation."""
+    def _desired_hash(self, job: FineTuneJob, rendered: Manifest | None = None) -> str | None:
+        """The spec hash of the Job the spec asks for, rendered once per generation (``rendered``: that Job,
+        when the caller has just built it)."""
         key, version = (job.metadata.namespace, job.metadata.name), (job.metadata.uid, job.metadata.generation)
         cached = self._desired_hashes.get(key)
         if cached is not None and cached[0] == version and job.metadata.generation is not None:
             return cached[1]
-        spec_hash = spec_hash_of(batch_job(job, self.settings))  # suspend is not part of the hash
+        spec_hash = spec_hash_of(rendered or batch_job(job, self.settings))  # suspend is not part of the hash
         self._desired_hashes[key] = (version, spec_hash)
         return spec_hash
 
@@ -427,6 +471,27 @@ class NoDiffBase(kopf.DiffBaseStorage):
         return None
 
 
+class NoProgress(kopf.ProgressStorage):
+    """kopf's handler progress is for on.create/on.update handlers, retried until done; ours are all
+    on.event, which kopf never retries. The default storage still deep-copies (and scans) every
+    event's essence to clear its own stanza from it."""
+
+    def fetch(self, *, key: str, body: kopf.Body) -> kopf.ProgressRecord | None:
+        return None
+
+    def store(self, *, key: str, record: kopf.ProgressRecord, body: kopf.Body, patch: kopf.Patch) -> None:
+        return None
+
+    def purge(self, *, key: str, body: kopf.Body, patch: kopf.Patch) -> None:
+        return None
+
+    def touch(self, *, body: kopf.Body, patch: kopf.Patch, value: str | None) -> None:
+        return None
+
+    def clear(self, *, essence: kopf.BodyEssence) -> kopf.BodyEssence:
+        return essence
+
+
 def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync_seconds: float) -> None:
     """Attach the handlers to a kopf registry (one per operator instance, so tests can run several)."""
 
@@ -435,6 +500,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync_sec
     @kopf.on.startup(registry=registry)
     async def skip_diff_base(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.persistence.diffbase_storage = NoDiffBase()
+        settings.persistence.progress_storage = NoProgress()
 
     @kopf.on.startup(registry=registry)
     async def watch_only_our_children(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -451,8 +517,8 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync_sec
         key = _key_of_child(dict(body))
         if key is None:
             return
-        reconciler.saw_trainer_job(key, dict(body), deleted=type == "DELETED")
-        await reconciler.reconcile(*key, ensure_children=type == "DELETED")
+        if reconciler.saw_trainer_job(key, dict(body), deleted=type == "DELETED") or type == "DELETED":
+            await reconciler.reconcile(*key, ensure_children=type == "DELETED")
 
     @kopf.on.event(KUEUE_GROUP, KUEUE_VERSION, KUEUE_WORKLOADS, registry=registry)
     async def kueue_workload_event(body: kopf.Body, **_: Any) -> None:

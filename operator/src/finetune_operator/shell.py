@@ -59,6 +59,8 @@ class ObjectLoop:
         self.resync_task: asyncio.Task[None] | None = None
         self._coalesce = coalesce
         self._locks: dict[Key, asyncio.Lock] = {}
+        self._lock_users: dict[Key, int] = {}
+        """Coroutines holding or awaiting each lock: it goes once none do and the object is not known."""
         self._dirty: set[Key] = set()
         self._slots = asyncio.Semaphore(max_concurrent)
         self._resync_concurrency = resync_concurrency
@@ -83,10 +85,24 @@ class ObjectLoop:
     # The shell.
 
     @asynccontextmanager
+    async def _lock_of(self, key: Key) -> AsyncIterator[asyncio.Lock]:
+        """The object's lock, kept while anyone uses it; one of an object no longer known goes after its last
+        use (a Job's DELETED event after its FineTuneJob was deleted would otherwise leave a lock behind)."""
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        self._lock_users[key] = self._lock_users.get(key, 0) + 1
+        try:
+            yield lock
+        finally:
+            self._lock_users[key] -= 1
+            if not self._lock_users[key]:
+                del self._lock_users[key]
+                if key not in self.known:
+                    self._locks.pop(key, None)
+
+    @asynccontextmanager
     async def locked(self, key: Key) -> AsyncIterator[None]:
         """Hold the object's lock: no reconcile of it runs meanwhile."""
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
+        async with self._lock_of(key) as lock, lock:
             yield
 
     async def serially(
@@ -101,16 +117,16 @@ class ObjectLoop:
             async with self.locked(key), self._slots:
                 await self._timed(attempt, stale)
             return
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        if lock.locked():
-            self._dirty.add(key)  # the reconcile in flight goes round once more
-            return
-        async with lock:
-            self._dirty.add(key)
-            while key in self._dirty:
-                self._dirty.discard(key)
-                async with self._slots:
-                    await self._timed(attempt, stale)
+        async with self._lock_of(key) as lock:
+            if lock.locked():
+                self._dirty.add(key)  # the reconcile in flight goes round once more
+                return
+            async with lock:
+                self._dirty.add(key)
+                while key in self._dirty:
+                    self._dirty.discard(key)
+                    async with self._slots:
+                        await self._timed(attempt, stale)
 
     async def _timed(self, attempt: Callable[[], Awaitable[None]], stale: Callable[[], None]) -> None:
         started = time.perf_counter()
@@ -142,9 +158,6 @@ class ObjectLoop:
         key = (namespace, name)
         async with self.locked(key):
             self.forget(namespace, name)
-        lock = self._locks.get(key)
-        if lock is not None and not lock.locked():
-            self._locks.pop(key, None)
 
     async def record(self, body: Manifest, patch: Manifest, events: Iterable[Event], now: datetime) -> Manifest | None:
         """Write a status patch (if any) conditional on the body's resourceVersion, then post the events.

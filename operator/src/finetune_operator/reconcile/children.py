@@ -195,14 +195,15 @@ def training_config(job: FineTuneJob) -> str:
     return yaml.dump(training.to_wire(), Dumper=_YAML_DUMPER, sort_keys=False)
 
 
-def config_map(job: FineTuneJob) -> Manifest:
+def config_map(job: FineTuneJob, config: str | None = None) -> Manifest:
+    """``config``: ``training_config(job)`` when the caller has it already (it is a third of a job's rendering)."""
     names = Names.for_job(job)
     return _stamped(
         {
             "apiVersion": "v1",
             "kind": "ConfigMap",
             "metadata": _metadata(job, names.config_map),
-            "data": {CONFIG_FILE: training_config(job)},
+            "data": {CONFIG_FILE: training_config(job) if config is None else config},
         }
     )
 
@@ -375,8 +376,9 @@ def _resources(job: FineTuneJob, settings: Settings) -> Manifest:
     return {k: v for k, v in {"requests": requests, "limits": limits}.items() if v}
 
 
-def pod_template(job: FineTuneJob, settings: Settings) -> Manifest:
-    """A pod that passes the `restricted` Pod Security Standard and runs the trainer."""
+def pod_template(job: FineTuneJob, settings: Settings, config: str | None = None) -> Manifest:
+    """A pod that passes the `restricted` Pod Security Standard and runs the trainer (``config``: as in
+    ``config_map``)."""
     names = Names.for_job(job)
     spec = job.spec.resources
     mounts = [
@@ -445,11 +447,13 @@ def pod_template(job: FineTuneJob, settings: Settings) -> Manifest:
         pod["priorityClassName"] = spec.priority_class_name
     if spec.nodes > 1:
         pod["subdomain"] = names.service
-    config_hash = hashlib.sha256(training_config(job).encode()).hexdigest()[:16]
+    config_hash = hashlib.sha256((training_config(job) if config is None else config).encode()).hexdigest()[:16]
     return {"metadata": {"labels": labels(job), "annotations": {CONFIG_HASH_ANNOTATION: config_hash}}, "spec": pod}
 
 
-def batch_job(job: FineTuneJob, settings: Settings, *, suspend: bool | None = None) -> Manifest:
+def batch_job(
+    job: FineTuneJob, settings: Settings, *, suspend: bool | None = None, config: str | None = None
+) -> Manifest:
     """The batch/v1 Job: retries, deadlines, suspend and podFailurePolicy come from the Job controller."""
     names = Names.for_job(job)
     nodes = job.spec.resources.nodes
@@ -489,7 +493,7 @@ def batch_job(job: FineTuneJob, settings: Settings, *, suspend: bool | None = No
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
             ]
         },
-        "template": pod_template(job, settings),
+        "template": pod_template(job, settings, config),
     }
     if nodes > 1:
         spec["completionMode"] = "Indexed"
@@ -532,14 +536,16 @@ def child_refs(ftj_name: str, *, nodes: int, service_account_name: str | None) -
 
 
 def desired_children(job: FineTuneJob, settings: Settings) -> list[Manifest]:
-    """Everything a FineTuneJob owns, in creation order (config and RBAC before the Job)."""
+    """Everything a FineTuneJob owns, in creation order (config and RBAC before the Job). The training
+    config is rendered once for the ConfigMap and the Job's config hash."""
+    config = training_config(job)
     build: dict[str, Callable[[], Manifest]] = {
-        "ConfigMap": lambda: config_map(job),
+        "ConfigMap": lambda: config_map(job, config),
         "ServiceAccount": lambda: service_account(job),
         "Role": lambda: role(job),
         "RoleBinding": lambda: role_binding(job),
         "Service": lambda: headless_service(job, settings),
-        "Job": lambda: batch_job(job, settings),
+        "Job": lambda: batch_job(job, settings, config=config),
     }
     resources = job.spec.resources
     refs = child_refs(job.metadata.name, nodes=resources.nodes, service_account_name=resources.service_account_name)

@@ -1,0 +1,83 @@
+"""What the FineTuneJob reconciler keeps per job, and when an event is worth a reconcile
+(``finetune_operator.handlers.Reconciler``, without an API server: nothing here talks to one)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+import pytest
+
+from finetune_operator import handlers
+from finetune_operator.clients import Kube
+from finetune_operator.handlers import Reconciler
+from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.reconcile import Settings
+
+KEY = ("ml", "a")
+
+
+def _trainer_job(**status: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "a-trainer", "namespace": "ml", "uid": "u1", "resourceVersion": "1", "labels": {}},
+        "spec": {"suspend": True, "template": {"spec": {"containers": []}}},
+        "status": status,
+    }
+
+
+def _reconciler() -> Reconciler:
+    return Reconciler(cast(Kube, None), Settings(), OperatorMetrics())
+
+
+def test_a_trainer_job_event_is_worth_a_reconcile_only_when_the_reconcile_would_see_something_new() -> None:
+    reconciler = _reconciler()
+    reconciler.known.add(KEY)
+    assert reconciler.saw_trainer_job(KEY, _trainer_job()), "the first sight of it"
+    same = {**_trainer_job(), "metadata": {**_trainer_job()["metadata"], "resourceVersion": "2"}}
+    assert not reconciler.saw_trainer_job(KEY, same), "the Job we created, coming back as ADDED"
+    suspended = [{"type": "Suspended", "status": "True"}]
+    assert not reconciler.saw_trainer_job(KEY, _trainer_job(conditions=suspended)), "a condition it does not read"
+    assert reconciler.saw_trainer_job(KEY, _trainer_job(active=1)), "a pod started"
+    assert reconciler.saw_trainer_job(KEY, _trainer_job(active=1), deleted=True), "deleted"
+
+
+def _body(name: str = "a") -> dict[str, Any]:
+    return {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": "ml", "uid": "u0", "generation": 1, "resourceVersion": "5"},
+        "spec": {
+            "model": {"source": "file:///models/m", "task": "sequence-classification", "numLabels": 2},
+            "dataset": {"source": "file:///data/d"},
+            "output": {"location": "file:///out/a"},
+        },
+    }
+
+
+def test_parsed_specs_are_kept_for_the_jobs_seen_last_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(handlers, "PARSED_JOBS", 2)
+    reconciler = _reconciler()
+    for name in ("a", "b", "a", "c"):
+        reconciler._parse(("ml", name), _body(name))
+    assert list(reconciler._parsed) == [("ml", "a"), ("ml", "c")]
+
+
+def test_a_forgotten_job_leaves_nothing_in_the_reconcilers_caches() -> None:
+    reconciler = _reconciler()
+    body = _body()
+    reconciler.saw(body)
+    reconciler.saw_trainer_job(KEY, _trainer_job())
+    parsed = reconciler._parse(KEY, body)
+    assert reconciler._parse(KEY, {**body, "status": {"progress": {"step": 3}}}) is parsed, "status alone changed"
+    assert reconciler._parse(KEY, {**body, "metadata": {**body["metadata"], "generation": 2}}) is not parsed
+
+    async def drop() -> None:
+        await reconciler.drop(*KEY)
+
+    asyncio.run(drop())
+    held = {
+        name: value
+        for name, value in vars(reconciler).items()
+        if isinstance(value, dict | set) and name != "namespaces" and value
+    }
+    assert held == {}, "a deleted job leaves nothing behind"
