@@ -179,20 +179,17 @@ class Reconciler(ObjectLoop):
         children deleted while the operator was down send nothing at all: FineTuneJobs no longer
         there are dropped (with their metrics series), Jobs no longer there leave the cache, and a
         job missing any child is reconciled with its children ensured. Seven LISTs per round,
-        whatever the number of jobs (metadata only, except for the trainer Jobs' status)."""
+        whatever the number of jobs (metadata only, except for the trainer Jobs' status), in each watched
+        namespace when there is a list of them: namespaced RBAC allows no cluster-wide LIST."""
         known_before = set(self.known)  # one seen while the list was under way is not a ghost
-        listed = await self.kube.list_everywhere(KIND, metadata_only=True)
-        present = {
-            (o["metadata"]["namespace"], o["metadata"]["name"])
-            for o in listed
-            if not self.namespaces or o["metadata"]["namespace"] in self.namespaces
-        }
+        listed = await self.kube.list_watched(KIND, self.namespaces, metadata_only=True)
+        present = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in listed}
         for namespace, name in sorted(known_before - present):
             log.info("%s/%s is gone (missed while the watch relisted): forgetting it", namespace, name)
             await self.drop(namespace, name)
         self.known |= present
         jobs: dict[Key, Manifest] = {}
-        for trainer in await self.kube.list_everywhere(TRAINER_JOB.kind, OWNED_SELECTOR):
+        for trainer in await self.kube.list_watched(TRAINER_JOB.kind, self.namespaces, OWNED_SELECTOR):
             key = _key_of_child(trainer)
             if key is not None:
                 jobs[key] = trainer
@@ -205,7 +202,7 @@ class Reconciler(ObjectLoop):
         children: set[tuple[str, str, str]] = set()
         for child_kind in SUPPORTING_KINDS:
             kind = child_kind.kind
-            for item in await self.kube.list_everywhere(kind, OWNED_SELECTOR, metadata_only=True):
+            for item in await self.kube.list_watched(kind, self.namespaces, OWNED_SELECTOR, metadata_only=True):
                 children.add((kind, item["metadata"]["namespace"], item["metadata"]["name"]))
         missing: set[Key] = set()
         for key in present:
