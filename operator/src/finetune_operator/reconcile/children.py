@@ -40,6 +40,7 @@ from finetune_operator.api import (
     FineTuneJob,
     quantity_value,
 )
+from finetune_operator.reconcile.kinds import BY_KIND
 from finetune_trainer import exitcodes
 from finetune_trainer.spec import TrainingSpec
 
@@ -182,6 +183,21 @@ def spec_hash(manifest: Manifest) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def content_hash(child: Manifest) -> str | None:
+    """Hash of what a child holds (``kinds.ChildKind.content``), the same for the child as rendered and as
+    stored: how an edit that keeps the spec-hash annotation is still seen. None for a kind with no content."""
+    paths = BY_KIND[child["kind"]].content
+    if not paths:
+        return None
+    held: dict[str, Any] = {}
+    for path in paths:
+        value: Any = child
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        held[path] = value
+    return spec_hash(held)
+
+
 def _stamped(manifest: Manifest) -> Manifest:
     manifest["metadata"].setdefault("annotations", {})[SPEC_HASH_ANNOTATION] = spec_hash(manifest)
     return manifest
@@ -255,11 +271,17 @@ def headless_service(job: FineTuneJob, settings: Settings) -> Manifest:
             "kind": "Service",
             "metadata": _metadata(job, names.service),
             "spec": {
+                "type": "ClusterIP",  # stated, not defaulted: part of what drift is checked on
                 "clusterIP": "None",
                 "publishNotReadyAddresses": True,
                 "selector": {JOB_LABEL: job_label_value(job.metadata.name)},
                 "ports": [
-                    {"name": "rendezvous", "port": settings.rendezvous_port, "targetPort": settings.rendezvous_port}
+                    {
+                        "name": "rendezvous",
+                        "protocol": "TCP",
+                        "port": settings.rendezvous_port,
+                        "targetPort": settings.rendezvous_port,
+                    }
                 ],
             },
         }
@@ -515,8 +537,9 @@ def child_refs(ftj_name: str, *, nodes: int, service_account_name: str | None) -
     return [*refs, ("Job", names.job)]
 
 
-def desired_children(job: FineTuneJob, settings: Settings) -> list[Manifest]:
-    """Everything a FineTuneJob owns, in creation order (config and RBAC before the Job)."""
+def desired_children(job: FineTuneJob, settings: Settings, *, trainer_job: bool = True) -> list[Manifest]:
+    """Everything a FineTuneJob owns, in creation order (config and RBAC before the Job); without the
+    trainer Job (the costly one to render) when only the others' content is wanted."""
     build: dict[str, Callable[[], Manifest]] = {
         "ConfigMap": lambda: config_map(job),
         "ServiceAccount": lambda: service_account(job),
@@ -527,4 +550,10 @@ def desired_children(job: FineTuneJob, settings: Settings) -> list[Manifest]:
     }
     resources = job.spec.resources
     refs = child_refs(job.metadata.name, nodes=resources.nodes, service_account_name=resources.service_account_name)
-    return [build[kind]() for kind, _ in refs]
+    return [build[kind]() for kind, _ in refs if trainer_job or kind != "Job"]
+
+
+def content_hashes(children: list[Manifest]) -> dict[tuple[str, str], str]:
+    """``content_hash`` of each child that has content, by (kind, name)."""
+    hashes = {(c["kind"], c["metadata"]["name"]): content_hash(c) for c in children}
+    return {ref: held for ref, held in hashes.items() if held is not None}
