@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import timedelta
 
-from finetune_operator.api import FineTuneJob, FineTuneJobStatus, WorkloadRefs
+from finetune_operator.api import REASONS, FineTuneJob, FineTuneJobStatus, WorkloadRefs
 from finetune_operator.reconcile import KueueWorkload, Observed, ObservedJob, ObservedPod, decide
 from finetune_operator.reconcile.children import (
     batch_job,
@@ -24,10 +24,13 @@ from finetune_operator.reconcile.steer import (
     content_drifted,
     kueue_wanted,
     pods_wanted,
+    refused_in_operator_namespace,
     repair,
     trainer_job_patch,
     unreadable_spec,
 )
+from finetune_operator.reconcile.sweep import refused_sweep
+from finetune_operator.sweep_api import FineTuneSweepStatus
 from tests.unit.test_reconcile import NOW, SETTINGS, conditions, job
 
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -242,3 +245,24 @@ def test_an_unreadable_spec_fails_a_new_job_spares_a_started_one_and_leaves_a_fi
     spared = unreadable_spec(started, "invalid spec: x", 1, NOW)
     assert spared is not None and "Failed" not in conditions(spared.status)
     assert unreadable_spec(new.status, "invalid spec: x", 1, NOW) is None
+
+
+# --- issue 25 item 3: nothing runs in the operator's own namespace ---------------------------
+
+
+def test_a_job_or_sweep_in_the_operators_namespace_fails_and_creates_nothing() -> None:
+    """On main a job there ran, and `serviceAccountName: finetune-operator` gave its pod the operator's token."""
+    refused = refused_in_operator_namespace(FineTuneJobStatus(), "finetune-system", "finetune-system", 1, NOW)
+    assert refused is not None and not refused.trainer_job_wanted
+    assert conditions(refused.status)["Failed"] == ("True", "OperatorNamespace") and "OperatorNamespace" in REASONS
+    assert "operator's own namespace" in str(refused.status.message)
+    assert [(e.type, e.reason) for e in refused.events] == [("Warning", "OperatorNamespace")]
+    again = refused_in_operator_namespace(refused.status, "finetune-system", "finetune-system", 1, NOW)
+    assert again is None, "a finished job stays as it is (and its Event is posted once)"
+    assert refused_in_operator_namespace(FineTuneJobStatus(), "ml", "finetune-system", 1, NOW) is None
+    assert refused_in_operator_namespace(FineTuneJobStatus(), "ml", None, 1, NOW) is None
+    sweep = refused_sweep(FineTuneSweepStatus(), "finetune-system", "finetune-system", 1, NOW)
+    assert sweep is not None and not sweep.create and sweep.status.phase == "Failed"
+    assert [(e.type, e.reason) for e in sweep.events] == [("Warning", "OperatorNamespace")]
+    assert refused_sweep(sweep.status, "finetune-system", "finetune-system", 1, NOW) is None
+    assert refused_sweep(FineTuneSweepStatus(), "ml", "finetune-system", 1, NOW) is None

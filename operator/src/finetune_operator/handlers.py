@@ -65,6 +65,7 @@ from finetune_operator.reconcile.steer import (
     desired_hash_wanted,
     kueue_wanted,
     pods_wanted,
+    refused_in_operator_namespace,
     repair,
     trainer_job_patch,
     trainer_job_to_read,
@@ -296,6 +297,12 @@ class Reconciler(ObjectLoop):
                 await self._write(body, current, unreadable, now)
             return
 
+        refused = refused_in_operator_namespace(
+            current, namespace, self.settings.operator_namespace, metadata.get("generation"), now
+        )
+        if refused is not None:
+            await self._write(body, current, refused, now)
+            return
         names = Names.for_job(job)
         trainer = self._trainer_jobs.get(key)
         if trainer_job_to_read(trainer, current):

@@ -75,6 +75,8 @@ class Settings:
     """Each running trainer's progress heartbeat is a status write; evaluations go out at once.
     At 5 s, 500 running jobs kept a 2-core API server saturated (benchmarks/operator_scale.py)."""
     extra_env: dict[str, str] = field(default_factory=dict)
+    operator_namespace: str | None = None
+    """The operator's own namespace (its ServiceAccount lives there): jobs and sweeps there are refused."""
     ephemeral_storage_request: str = "1Gi"
     """What the scheduler reserves of a node's local disk per trainer pod that sets
     ``spec.resources.ephemeralStorage`` (at most that limit): reserving the whole limit would leave most

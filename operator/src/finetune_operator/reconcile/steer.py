@@ -14,7 +14,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from finetune_operator.api import KUEUE_QUEUE_LABEL, FineTuneJob, FineTuneJobStatus
+from finetune_operator.api import KIND, KUEUE_QUEUE_LABEL, OPERATOR_NAMESPACE, FineTuneJob, FineTuneJobStatus
 from finetune_operator.reconcile import health
 from finetune_operator.reconcile.children import content_hash, controller_of, owned_by
 from finetune_operator.reconcile.kinds import BY_KIND
@@ -26,6 +26,7 @@ from finetune_operator.reconcile.status import (
     ObservedPod,
     is_finished,
     not_understood,
+    operator_namespace_refusal,
 )
 
 Manifest = dict[str, Any]
@@ -158,6 +159,17 @@ def trainer_job_patch(decision: Decision) -> Manifest | None:
     if decision.add_queue_label is not None:
         patch["metadata"] = {"labels": {KUEUE_QUEUE_LABEL: decision.add_queue_label}}
     return patch or None
+
+
+def refused_in_operator_namespace(
+    status: FineTuneJobStatus, namespace: str, operator_namespace: str | None, generation: int | None, now: datetime
+) -> Decision | None:
+    """A FineTuneJob in the operator's own namespace fails (``OperatorNamespace``) unless finished already;
+    None when it is elsewhere."""
+    message = operator_namespace_refusal(namespace, operator_namespace, KIND)
+    if message is None or is_finished(status):
+        return None
+    return health.invalid_spec(status, message, generation, now, OPERATOR_NAMESPACE)
 
 
 def unreadable_spec(status: FineTuneJobStatus, message: str, generation: int | None, now: datetime) -> Decision | None:
