@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from finetune_operator import admission, advice_policy
+from finetune_operator import admission, advice_policy, operator_policy
 from finetune_operator.api import (
     CATEGORIES,
     GROUP,
@@ -376,9 +376,15 @@ def render_sweep_crd() -> str:
 
 def chart_api_objects() -> list[dict[str, Any]]:
     """What the chart installs besides the operator itself: both CRDs and every admission policy
-    (trainers' status keys, apply-time advice) with its binding. The demo and the tests install this,
-    so they see what a user of the chart sees (``kubectl apply`` warnings included)."""
-    return [build_crd(), build_sweep_crd(), *admission.manifests(), *advice_policy.build_policy()]
+    (trainers' status keys, apply-time advice, the operator's own writes) with its binding. The demo and the
+    tests install this, so they see what a user of the chart sees (``kubectl apply`` warnings included)."""
+    return [
+        build_crd(),
+        build_sweep_crd(),
+        *admission.manifests(),
+        *advice_policy.build_policy(),
+        *operator_policy.manifests(),
+    ]
 
 
 def render_rules() -> tuple[str, str]:
@@ -426,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
         # apply-time advice
         advice_policy.POLICY_FILE: advice_policy.render_policy(),
         advice_policy.CHART_POLICY_FILE: advice_policy.render_policy(),
+        # the operator's own writes
+        operator_policy.POLICY_FILE: operator_policy.render_policy(),
+        operator_policy.CHART_POLICY_FILE: operator_policy.render_policy(),
     }
     if args.check:
         stale = [str(path) for path, text in outputs.items() if not path.exists() or path.read_text() != text]
