@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from finetune_localcluster.helm import ensure_helm
+from finetune_operator import operator_policy
 from finetune_operator.api import FineTuneJob
 from finetune_operator.crd import build_crd, build_sweep_crd, chart_api_objects
 from finetune_operator.metrics import OperatorMetrics
@@ -191,3 +192,16 @@ def test_the_demo_and_the_tests_install_every_crd_and_admission_policy_the_chart
     assert set(installed) == set(rendered)
     for key, obj in installed.items():
         assert rendered[key]["spec"] == obj["spec"], key
+
+
+def test_the_operator_writes_policy_names_the_releases_account_and_the_operator_its_namespace(helm: Path) -> None:
+    """The plain YAML names the default identity (finetune-system/finetune-operator); the chart its own."""
+    objs = _objects(helm, "-n", "platform")
+    policy = next(o for o in objs if o["metadata"]["name"] == operator_policy.POLICY_NAME)
+    condition = policy["spec"]["matchConditions"][0]["expression"]
+    assert condition == "request.userInfo.username == 'system:serviceaccount:platform:finetune-operator'"
+    deployment = next(o for o in objs if o["kind"] == "Deployment")
+    assert deployment["metadata"]["namespace"] == "platform"
+    assert "--operator-namespace=platform" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    disabled = _objects(helm, "--set", "operatorWritesPolicy.enabled=false")
+    assert not [o for o in disabled if o["metadata"]["name"] == operator_policy.POLICY_NAME]
