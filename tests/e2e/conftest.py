@@ -78,6 +78,8 @@ class Operator:
     metrics_port: int
     health_port: int
     resync_seconds: float = 2
+    extra_args: tuple[str, ...] = ()
+    """More flags of `finetune-operator run` (``--namespace``, ``--operator-namespace``)."""
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -96,6 +98,7 @@ class Operator:
             str(self.resync_seconds),
             "--report-interval-seconds",
             "1",
+            *self.extra_args,
         ]
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         with self.log.open("ab") as out:

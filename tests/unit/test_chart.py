@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from finetune_localcluster.helm import ensure_helm
-from finetune_operator import operator_policy
+from finetune_operator import admission, operator_policy
 from finetune_operator.api import FineTuneJob
 from finetune_operator.crd import build_crd, build_sweep_crd, chart_api_objects
 from finetune_operator.metrics import OperatorMetrics
@@ -200,6 +200,9 @@ def test_the_operator_writes_policy_names_the_releases_account_and_the_operator_
     policy = next(o for o in objs if o["metadata"]["name"] == operator_policy.POLICY_NAME)
     condition = policy["spec"]["matchConditions"][0]["expression"]
     assert condition == "request.userInfo.username == 'system:serviceaccount:platform:finetune-operator'"
+    status_policy = next(o for o in objs if o["metadata"]["name"] == admission.POLICY_NAME)
+    exempt = {c["name"]: c["expression"] for c in status_policy["spec"]["matchConditions"]}["not-the-operator"]
+    assert exempt == "request.userInfo.username != 'system:serviceaccount:platform:finetune-operator'"
     deployment = next(o for o in objs if o["kind"] == "Deployment")
     assert deployment["metadata"]["namespace"] == "platform"
     assert "--operator-namespace=platform" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]

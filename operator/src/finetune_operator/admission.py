@@ -10,8 +10,8 @@ every identity a pod next to the job can run as (pods can only use ServiceAccoun
 own namespace), so the per-job account and ``spec.resources.serviceAccountName`` are both
 covered, and nothing about naming conventions has to hold. The operator runs as a
 ServiceAccount of its own namespace (``finetune-system`` in the chart) and users as
-themselves, so neither is matched. Consequence: do not run FineTuneJobs in the operator's
-namespace (the operator's own writes there would be held to the trainer's rules).
+themselves, so neither is matched; the operator's own writes in its namespace (where it refuses
+every job) are exempt by name.
 
 ``python -m finetune_operator.crd`` writes the policy to ``deploy/`` and the chart;
 ``--check`` fails when those files drift from this module.
@@ -33,6 +33,7 @@ from finetune_operator.api import (
     TRAINER_STATUS_KEYS,
     FineTuneJobStatus,
 )
+from finetune_operator.operator_policy import OPERATOR_USERNAME
 
 POLICY_NAME = f"finetune-trainer-status.{GROUP}"
 TRAINER_IDENTITY = "request.userInfo.username.startsWith('system:serviceaccount:' + request.namespace + ':')"
@@ -118,7 +119,11 @@ def validating_admission_policy() -> dict[str, Any]:
                     }
                 ]
             },
-            "matchConditions": [{"name": "trainer-identity", "expression": TRAINER_IDENTITY}],
+            "matchConditions": [
+                {"name": "trainer-identity", "expression": TRAINER_IDENTITY},
+                # The operator's writes in its own namespace, where it refuses jobs: the refusal is a status write.
+                {"name": "not-the-operator", "expression": f"request.userInfo.username != '{OPERATOR_USERNAME}'"},
+            ],
             "variables": [
                 {
                     "name": "output",
