@@ -15,11 +15,17 @@ from finetune_operator.sweep_api import SWEEP_PLURAL
 READ = ["get", "list", "watch"]
 
 OPERATOR_RULES: list[dict[str, Any]] = [
+    # Every verb is justified in docs/security.md ("The operator's rights, verb by verb"); the e2e tests run the
+    # operator with exactly these (cluster-wide, and split as the chart's namespaced mode grants them).
+    # get: a job read afresh after a conflict; list/watch: kopf's watch and the resync's check;
     # create: a sweep's trials; patch: the stop annotations with which a sweep prunes one.
     {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": [*READ, "create", "patch"]},
     {"apiGroups": [GROUP], "resources": [SWEEP_PLURAL], "verbs": READ},
-    {"apiGroups": [GROUP], "resources": [f"{SWEEP_PLURAL}/status"], "verbs": ["get", "patch"]},
+    # patch only: status is written as a merge patch, never read through the subresource.
+    {"apiGroups": [GROUP], "resources": [f"{SWEEP_PLURAL}/status"], "verbs": ["patch"]},
     {"apiGroups": [GROUP], "resources": [f"{SWEEP_PLURAL}/finalizers"], "verbs": ["update"]},
+    # get: not used by the operator, but the per-job Role grants it to the trainer, and RBAC lets a Role be
+    # created only by someone who holds what it grants.
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
     # Children carry `blockOwnerDeletion: true`; setting it needs `update` on the owner's finalizers
     # where the OwnerReferencesPermissionEnforcement admission plugin runs (OpenShift, the local tests).
