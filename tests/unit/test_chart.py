@@ -208,3 +208,31 @@ def test_the_operator_writes_policy_names_the_releases_account_and_the_operator_
     assert "--operator-namespace=platform" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     disabled = _objects(helm, "--set", "operatorWritesPolicy.enabled=false")
     assert not [o for o in disabled if o["metadata"]["name"] == operator_policy.POLICY_NAME]
+
+
+def test_network_policies_select_the_pods_the_operator_renders_and_their_ports(helm: Path) -> None:
+    """The local cluster has no CNI, so nothing enforces them there: their selectors and ports are checked
+    against the pods as rendered (here) and the objects by the API server's dry-run (tests/integration)."""
+    objs = _objects(helm, "--set", "metrics.networkPolicy.enabled=true", "--set-json", 'namespaces=["ml-team"]')
+    policies = {(o["metadata"]["namespace"], o["metadata"]["name"]): o for o in objs if o["kind"] == "NetworkPolicy"}
+    assert set(policies) == {
+        ("finetune-system", "finetune-operator-metrics"),
+        ("ml-team", "finetune-operator-trainers"),
+    }
+    manifest = yaml.safe_load((ROOT / "examples" / "minilm-rotten-tomatoes.yaml").read_text())
+    manifest.setdefault("metadata", {}).setdefault("namespace", "ml-team")
+    pod = batch_job(FineTuneJob.model_validate(manifest), Settings())["spec"]["template"]
+    trainers = policies["ml-team", "finetune-operator-trainers"]["spec"]
+    assert trainers["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    peers, scrapers = trainers["ingress"]
+    assert peers == {"from": [{"podSelector": trainers["podSelector"]}]}, "all ports, from this namespace's trainers"
+    assert scrapers["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    trainer_ports = {p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+    assert {p["port"] for p in scrapers["ports"]} == {"metrics"} <= trainer_ports
+    deployment = next(o for o in objs if o["kind"] == "Deployment")
+    operator = policies["finetune-system", "finetune-operator-metrics"]["spec"]
+    operator_pod = deployment["spec"]["template"]
+    assert operator["podSelector"]["matchLabels"].items() <= operator_pod["metadata"]["labels"].items()
+    operator_ports = {p["name"] for c in operator_pod["spec"]["containers"] for p in c.get("ports", [])}
+    assert {p["port"] for p in operator["ingress"][0]["ports"]} == {"metrics"} <= operator_ports
+    assert not [o for o in _objects(helm) if o["kind"] == "NetworkPolicy"], "off by default"

@@ -21,6 +21,7 @@ from finetune_operator.clients import Kube, login
 from finetune_operator.crd import render_crd
 from finetune_operator.handlers import Reconciler, register
 from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.metrics_auth import KubernetesAuth
 from finetune_operator.reconcile import Settings
 from finetune_operator.sweep_handlers import SweepReconciler
 from finetune_operator.sweep_handlers import register as register_sweeps
@@ -37,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
         "-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable; default: all)"
     )
     run.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port (0: off)")
+    run.add_argument(
+        "--metrics-auth",
+        choices=["none", "kubernetes"],
+        default="none",
+        help="kubernetes: /metrics only for bearer tokens allowed to get /metrics (TokenReview + SubjectAccessReview)",
+    )
     run.add_argument("--health-port", type=int, default=8081, help="liveness/readiness /healthz port (0: off)")
     run.add_argument("--bind-address", default="0.0.0.0", help="address for the metrics and health servers")
     run.add_argument("--log-format", choices=["plain", "json"], default="plain", help="json for clusters")
@@ -83,7 +90,8 @@ def run(args: argparse.Namespace) -> None:
     )
     metrics = OperatorMetrics()
     if args.metrics_port:
-        metrics.serve(args.metrics_port, args.bind_address)
+        auth = KubernetesAuth(login) if args.metrics_auth == "kubernetes" else None
+        metrics.serve(args.metrics_port, args.bind_address, auth)
     asyncio.run(_operate(args, settings, metrics))
 
 

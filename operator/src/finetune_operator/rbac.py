@@ -46,6 +46,10 @@ OPERATOR_RULES: list[dict[str, Any]] = [
     # live; patch flips spec.active only, to keep a job the user suspended (or a stop being enforced) from being
     # admitted and unsuspended again.
     {"apiGroups": [KUEUE_GROUP], "resources": [KUEUE_WORKLOADS], "verbs": ["list", "watch", "patch"]},
+    # /metrics behind authentication (--metrics-auth=kubernetes): who holds a scraper's token, and may it get
+    # /metrics. The built-in system:auth-delegator grants the same; it reads no object.
+    {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+    {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]},
     # kopf discovers resources and namespaces at start-up.
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
