@@ -1,7 +1,7 @@
 """Private telemetry. ``/metrics`` behind Kubernetes authentication (``--metrics-auth=kubernetes``), against
-the real API server: the operator asks it with its own token (the chart's ClusterRole) who holds a scraper's bearer token
-(TokenReview) and whether that identity may get ``/metrics`` (SubjectAccessReview). On main every
-caller got every tenant's series."""
+the real API server: the operator asks it with its own token (the chart's ClusterRole) who holds a
+scraper's bearer token (TokenReview) and whether that identity may get ``/metrics`` (SubjectAccessReview).
+On main every caller got every tenant's series."""
 
 from __future__ import annotations
 
