@@ -22,8 +22,7 @@ from finetune_localcluster.cluster import free_port
 from finetune_localcluster.kubeconfig import install_objects, service_account_kubeconfig
 from finetune_localcluster.pytest_plugin import LocalCluster, own_cluster
 from finetune_operator.crd import chart_api_objects
-from finetune_operator.operator_policy import OPERATOR_ACCOUNT
-from finetune_operator.rbac import cluster_role, split_by_scope
+from finetune_operator.rbac import OPERATOR_ACCOUNT, cluster_role, split_by_scope
 
 from .conftest import Jobs, Operator, fake_job
 

@@ -15,8 +15,7 @@ from kubernetes import client
 from finetune_localcluster.kubeconfig import api_client, service_account_kubeconfig
 from finetune_localcluster.pytest_plugin import LocalCluster
 from finetune_operator.api import GROUP, PLURAL, VERSION, FineTuneJob, read_stored
-from finetune_operator.operator_policy import OPERATOR_ACCOUNT
-from finetune_operator.rbac import cluster_role
+from finetune_operator.rbac import OPERATOR_ACCOUNT, cluster_role
 from finetune_operator.reconcile import Settings, desired_children
 from tests.manifests import baseline
 

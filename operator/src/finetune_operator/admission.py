@@ -33,7 +33,7 @@ from finetune_operator.api import (
     TRAINER_STATUS_KEYS,
     FineTuneJobStatus,
 )
-from finetune_operator.operator_policy import OPERATOR_USERNAME
+from finetune_operator.rbac import OPERATOR_USERNAME
 
 POLICY_NAME = f"finetune-trainer-status.{GROUP}"
 TRAINER_IDENTITY = "request.userInfo.username.startsWith('system:serviceaccount:' + request.namespace + ':')"
@@ -137,13 +137,13 @@ def validating_admission_policy() -> dict[str, Any]:
     }
 
 
-def policy_binding() -> dict[str, Any]:
-    """Binds the policy cluster-wide with Deny: a forged write is rejected, not just audited."""
+def policy_binding(name: str = POLICY_NAME) -> dict[str, Any]:
+    """Binds the policy ``name`` cluster-wide with Deny: a forged write is rejected, not just audited."""
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingAdmissionPolicyBinding",
-        "metadata": {"name": POLICY_NAME, "labels": {"app.kubernetes.io/name": "finetune-operator"}},
-        "spec": {"policyName": POLICY_NAME, "validationActions": ["Deny"]},
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "finetune-operator"}},
+        "spec": {"policyName": name, "validationActions": ["Deny"]},
     }
 
 

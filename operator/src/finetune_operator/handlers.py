@@ -230,8 +230,8 @@ class Reconciler(ObjectLoop):
             log.info("%s/%s is gone (missed while the watch relisted): forgetting it", namespace, name)
             await self.drop(namespace, name)
         self.known |= present
-        for key in set(self._held_contents) - self.known:
-            del self._held_contents[key]  # children of a job already gone (their events outlive it)
+        for gone in set(self._held_contents) - self.known:
+            del self._held_contents[gone]  # children of a job already gone (their events outlive it)
         jobs: dict[Key, Manifest] = {}
         for trainer in await self.kube.list_watched(TRAINER_JOB.kind, self.namespaces, OWNED_SELECTOR):
             key = _key_of_child(trainer)

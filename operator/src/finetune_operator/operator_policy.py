@@ -21,7 +21,9 @@ from typing import Any, Final
 
 import yaml
 
+from finetune_operator.admission import policy_binding
 from finetune_operator.api import GROUP, KIND, PLURAL
+from finetune_operator.rbac import OPERATOR_USERNAME
 from finetune_operator.reconcile.children import JOB_LABEL, MANAGED_BY, MANAGED_BY_LABEL
 from finetune_operator.reconcile.kinds import CHILD_KINDS
 from finetune_operator.sweep_api import SWEEP_KIND
@@ -29,10 +31,6 @@ from finetune_operator.sweep_api import SWEEP_KIND
 POLICY_NAME: Final = f"finetune-operator-writes.{GROUP}"
 POLICY_FILE: Final = Path("deploy") / "operator-writes-policy.yaml"
 CHART_POLICY_FILE: Final = Path("charts") / "finetune-operator" / "files" / "operator-writes-policy.yaml"
-OPERATOR_ACCOUNT: Final = ("finetune-system", "finetune-operator")
-"""(namespace, name) of the operator's ServiceAccount as the chart installs it by default; the chart's
-template replaces the username with its release's."""
-OPERATOR_USERNAME: Final = f"system:serviceaccount:{OPERATOR_ACCOUNT[0]}:{OPERATOR_ACCOUNT[1]}"
 
 GUARDED: Final[tuple[tuple[str, str, tuple[str, ...], str], ...]] = (
     *((k.group, k.plural, ("CREATE", "UPDATE", "DELETE"), KIND) for k in CHILD_KINDS),
@@ -51,64 +49,56 @@ def _validation(expression: str, message: str) -> dict[str, Any]:
     return {"expression": expression, "message": message, "reason": "Forbidden"}
 
 
+_VALIDATIONS = [
+    _validation(
+        f"variables.target.metadata.?labels[?'{MANAGED_BY_LABEL}'].orValue('') == '{MANAGED_BY}'",
+        f"the operator may write only objects labelled {MANAGED_BY_LABEL}={MANAGED_BY}",
+    ),
+    _validation(
+        # a trainer pod (deleted only when stuck terminating) is its Job's: its label says whose
+        "request.resource.resource == 'pods' ? "
+        f"variables.target.metadata.?labels[?'{JOB_LABEL}'].hasValue() : "
+        "variables.target.metadata.?ownerReferences.orValue([]).exists(r, r.?controller.orValue(false)"
+        f" && r.apiVersion.startsWith('{GROUP}/') && r.kind == variables.ownerKind)",
+        f"the operator may write only objects controlled by a {KIND} (a trial: by a {SWEEP_KIND}) of their namespace",
+    ),
+    _validation(
+        "request.resource.resource != 'rolebindings' || request.operation == 'DELETE' || "
+        "(object.roleRef.kind == 'Role' && object.subjects.all(s, s.kind == 'ServiceAccount' && "
+        "s.namespace == request.namespace))",
+        "the operator may bind only a Role of the namespace to ServiceAccounts of the namespace",
+    ),
+]
+
+
 def validating_admission_policy(username: str = OPERATOR_USERNAME) -> dict[str, Any]:
     """The policy, matched on the operator's identity only: users and controllers are not concerned."""
     rules = [
         {"apiGroups": [group], "apiVersions": ["*"], "operations": list(operations), "resources": [resource]}
         for group, resource, operations, _ in GUARDED
     ]
+    spec = {
+        "failurePolicy": "Fail",
+        "matchConstraints": {"resourceRules": rules},
+        "matchConditions": [{"name": "operator-identity", "expression": f"request.userInfo.username == '{username}'"}],
+        "variables": [
+            # A deletion has no new object: the one being deleted must be ours.
+            {"name": "target", "expression": "request.operation == 'DELETE' ? oldObject : object"},
+            {"name": "ownerKind", "expression": _OWNER_KIND},
+        ],
+        "validations": _VALIDATIONS,
+    }
+    metadata = {"name": POLICY_NAME, "labels": {"app.kubernetes.io/name": "finetune-operator"}}
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingAdmissionPolicy",
-        "metadata": {"name": POLICY_NAME, "labels": {"app.kubernetes.io/name": "finetune-operator"}},
-        "spec": {
-            "failurePolicy": "Fail",
-            "matchConstraints": {"resourceRules": rules},
-            "matchConditions": [
-                {"name": "operator-identity", "expression": f"request.userInfo.username == '{username}'"}
-            ],
-            "variables": [
-                # A deletion has no new object: the one being deleted must be ours.
-                {"name": "target", "expression": "request.operation == 'DELETE' ? oldObject : object"},
-                {"name": "ownerKind", "expression": _OWNER_KIND},
-            ],
-            "validations": [
-                _validation(
-                    f"variables.target.metadata.?labels[?'{MANAGED_BY_LABEL}'].orValue('') == '{MANAGED_BY}'",
-                    f"the operator may write only objects labelled {MANAGED_BY_LABEL}={MANAGED_BY}",
-                ),
-                _validation(
-                    # a trainer pod (deleted only when stuck terminating) is its Job's: its label says whose
-                    "request.resource.resource == 'pods' ? "
-                    f"variables.target.metadata.?labels[?'{JOB_LABEL}'].hasValue() : "
-                    "variables.target.metadata.?ownerReferences.orValue([]).exists(r, r.?controller.orValue(false)"
-                    f" && r.apiVersion.startsWith('{GROUP}/') && r.kind == variables.ownerKind)",
-                    f"the operator may write only objects controlled by a {KIND} (a trial: by a {SWEEP_KIND}) "
-                    "of their namespace",
-                ),
-                _validation(
-                    "request.resource.resource != 'rolebindings' || request.operation == 'DELETE' || "
-                    "(object.roleRef.kind == 'Role' && object.subjects.all(s, s.kind == 'ServiceAccount' && "
-                    "s.namespace == request.namespace))",
-                    "the operator may bind only a Role of the namespace to ServiceAccounts of the namespace",
-                ),
-            ],
-        },
-    }
-
-
-def policy_binding() -> dict[str, Any]:
-    """Binds the policy cluster-wide with Deny."""
-    return {
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "ValidatingAdmissionPolicyBinding",
-        "metadata": {"name": POLICY_NAME, "labels": {"app.kubernetes.io/name": "finetune-operator"}},
-        "spec": {"policyName": POLICY_NAME, "validationActions": ["Deny"]},
+        "metadata": metadata,
+        "spec": spec,
     }
 
 
 def manifests(username: str = OPERATOR_USERNAME) -> list[dict[str, Any]]:
-    return [validating_admission_policy(username), policy_binding()]
+    return [validating_admission_policy(username), policy_binding(POLICY_NAME)]
 
 
 def render_policy() -> str:

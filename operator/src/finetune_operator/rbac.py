@@ -13,6 +13,10 @@ from finetune_operator.api import GROUP, KUEUE_GROUP, KUEUE_WORKLOADS, PLURAL
 from finetune_operator.sweep_api import SWEEP_PLURAL
 
 READ = ["get", "list", "watch"]
+OPERATOR_ACCOUNT = ("finetune-system", "finetune-operator")
+"""(namespace, name) of the operator's ServiceAccount as the chart installs it by default: the admission
+policies' plain YAML names it; the chart's templates put their release's in."""
+OPERATOR_USERNAME = f"system:serviceaccount:{OPERATOR_ACCOUNT[0]}:{OPERATOR_ACCOUNT[1]}"
 
 OPERATOR_RULES: list[dict[str, Any]] = [
     # Every verb is justified in docs/security.md ("The operator's rights, verb by verb"); the e2e tests run the
