@@ -59,6 +59,7 @@ def test_namespaced_mode_repairs_drift_restores_children_after_a_restart_and_ref
         metrics_port=free_port(),
         health_port=free_port(),
         extra_args=("--namespace", tenant, "--namespace", SYSTEM, "--operator-namespace", SYSTEM),
+        resync_seconds=600,  # no resync round until the restart: the edit must be reverted by its own event
     )
     operator.start()
     with cluster.api_client() as api:
@@ -84,6 +85,7 @@ def test_namespaced_mode_repairs_drift_restores_children_after_a_restart_and_ref
 
             operator.kill(signal.SIGTERM)
             core.delete_namespaced_config_map("scoped-config", tenant)
+            operator.resync_seconds = 2  # a deletion while stopped sends no event: the resync finds it
             operator.start()
             jobs.wait(
                 "scoped",
