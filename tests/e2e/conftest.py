@@ -131,7 +131,9 @@ class Operator:
 
 
 @contextlib.contextmanager
-def running_operator(cluster: LocalCluster, directory: Path, resync_seconds: float = 2) -> Iterator[Operator]:
+def running_operator(
+    cluster: LocalCluster, directory: Path, resync_seconds: float = 2, extra_args: tuple[str, ...] = ()
+) -> Iterator[Operator]:
     """The operator on ``cluster``, running with only the permissions the Helm chart grants it."""
     running = Operator(
         kubeconfig=service_account_kubeconfig(
@@ -141,6 +143,7 @@ def running_operator(cluster: LocalCluster, directory: Path, resync_seconds: flo
         metrics_port=free_port(),
         health_port=free_port(),
         resync_seconds=resync_seconds,
+        extra_args=extra_args,
     )
     running.start()
     try:
