@@ -79,6 +79,7 @@ class Operator:
     health_port: int
     resync_seconds: float = 2
     extra_args: tuple[str, ...] = ()
+    """More flags of `finetune-operator run` (``--namespace``, ``--operator-namespace``)."""
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from finetune_localcluster.helm import ensure_helm
+from finetune_operator import admission, operator_policy
 from finetune_operator.api import FineTuneJob
 from finetune_operator.crd import build_crd, build_sweep_crd, chart_api_objects
 from finetune_operator.metrics import OperatorMetrics
@@ -191,3 +192,47 @@ def test_the_demo_and_the_tests_install_every_crd_and_admission_policy_the_chart
     assert set(installed) == set(rendered)
     for key, obj in installed.items():
         assert rendered[key]["spec"] == obj["spec"], key
+
+
+def test_the_operator_writes_policy_names_the_releases_account_and_the_operator_its_namespace(helm: Path) -> None:
+    """The plain YAML names the default identity (finetune-system/finetune-operator); the chart its own."""
+    objs = _objects(helm, "-n", "platform")
+    policy = next(o for o in objs if o["metadata"]["name"] == operator_policy.POLICY_NAME)
+    condition = policy["spec"]["matchConditions"][0]["expression"]
+    assert condition == "request.userInfo.username == 'system:serviceaccount:platform:finetune-operator'"
+    status_policy = next(o for o in objs if o["metadata"]["name"] == admission.POLICY_NAME)
+    exempt = {c["name"]: c["expression"] for c in status_policy["spec"]["matchConditions"]}["not-the-operator"]
+    assert exempt == "request.userInfo.username != 'system:serviceaccount:platform:finetune-operator'"
+    deployment = next(o for o in objs if o["kind"] == "Deployment")
+    assert deployment["metadata"]["namespace"] == "platform"
+    assert "--operator-namespace=platform" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    disabled = _objects(helm, "--set", "operatorWritesPolicy.enabled=false")
+    assert not [o for o in disabled if o["metadata"]["name"] == operator_policy.POLICY_NAME]
+
+
+def test_network_policies_select_the_pods_the_operator_renders_and_their_ports(helm: Path) -> None:
+    """The local cluster has no CNI, so nothing enforces them there: their selectors and ports are checked
+    against the pods as rendered (here) and the objects by the API server's dry-run (tests/integration)."""
+    objs = _objects(helm, "--set", "metrics.networkPolicy.enabled=true", "--set-json", 'namespaces=["ml-team"]')
+    policies = {(o["metadata"]["namespace"], o["metadata"]["name"]): o for o in objs if o["kind"] == "NetworkPolicy"}
+    assert set(policies) == {
+        ("finetune-system", "finetune-operator-metrics"),
+        ("ml-team", "finetune-operator-trainers"),
+    }
+    manifest = yaml.safe_load((ROOT / "examples" / "minilm-rotten-tomatoes.yaml").read_text())
+    manifest.setdefault("metadata", {}).setdefault("namespace", "ml-team")
+    pod = batch_job(FineTuneJob.model_validate(manifest), Settings())["spec"]["template"]
+    trainers = policies["ml-team", "finetune-operator-trainers"]["spec"]
+    assert trainers["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    peers, scrapers = trainers["ingress"]
+    assert peers == {"from": [{"podSelector": trainers["podSelector"]}]}, "all ports, from this namespace's trainers"
+    assert scrapers["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    trainer_ports = {p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+    assert {p["port"] for p in scrapers["ports"]} == {"metrics"} <= trainer_ports
+    deployment = next(o for o in objs if o["kind"] == "Deployment")
+    operator = policies["finetune-system", "finetune-operator-metrics"]["spec"]
+    operator_pod = deployment["spec"]["template"]
+    assert operator["podSelector"]["matchLabels"].items() <= operator_pod["metadata"]["labels"].items()
+    operator_ports = {p["name"] for c in operator_pod["spec"]["containers"] for p in c.get("ports", [])}
+    assert {p["port"] for p in operator["ingress"][0]["ports"]} == {"metrics"} <= operator_ports
+    assert not [o for o in _objects(helm) if o["kind"] == "NetworkPolicy"], "off by default"

@@ -6,18 +6,31 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import timedelta
 
-from finetune_operator.api import FineTuneJob, FineTuneJobStatus, WorkloadRefs
+from finetune_operator.api import REASONS, FineTuneJob, FineTuneJobStatus, WorkloadRefs
 from finetune_operator.reconcile import KueueWorkload, Observed, ObservedJob, ObservedPod, decide
-from finetune_operator.reconcile.children import batch_job, config_map, role
+from finetune_operator.reconcile.children import (
+    batch_job,
+    config_map,
+    content_hash,
+    content_hashes,
+    desired_children,
+    headless_service,
+    role,
+    role_binding,
+)
 from finetune_operator.reconcile.observe import observe_job, spec_hash_of, trainer_job_essentials
 from finetune_operator.reconcile.steer import (
     children_wanted,
+    content_drifted,
     kueue_wanted,
     pods_wanted,
+    refused_in_operator_namespace,
     repair,
     trainer_job_patch,
     unreadable_spec,
 )
+from finetune_operator.reconcile.sweep import refused_sweep
+from finetune_operator.sweep_api import FineTuneSweepStatus
 from tests.unit.test_reconcile import NOW, SETTINGS, conditions, job
 
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -185,6 +198,46 @@ def test_an_existing_child_is_adopted_repaired_or_a_conflict() -> None:
     assert repair(role(job()), role(job()), job()) == "keep"
 
 
+# --- issue 25 item 5: drift is judged by content, not by the spec-hash annotation --------------
+
+
+def test_an_edit_that_keeps_the_spec_hash_annotation_is_still_drift() -> None:
+    """`kubectl edit cm <job>-config` keeps the annotation: on main the edited config was kept ("keep"),
+    so a running job's model source or trustRemoteCode could be changed around the CRD's rules."""
+    ftj = job(resources={"nodes": 2})
+    edited_config = config_map(ftj)
+    edited_config["data"] = {"config.yaml": "model: {source: hf://evil/model, trustRemoteCode: true}\n"}
+    extra_key = config_map(ftj)
+    extra_key["data"] = {**extra_key["data"], "other.yaml": "x"}
+    wider_role = role(ftj)
+    wider_role["rules"] = [*wider_role["rules"], {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
+    other_subject = role_binding(ftj)
+    other_subject["subjects"] = [{"kind": "ServiceAccount", "name": "someone", "namespace": "ml"}]
+    exposed = headless_service(ftj, SETTINGS)
+    exposed["spec"] = {**exposed["spec"], "externalIPs": ["10.0.0.1"]}
+    for edited, desired_child in (
+        (edited_config, config_map(ftj)),
+        (extra_key, config_map(ftj)),
+        (wider_role, role(ftj)),
+        (other_subject, role_binding(ftj)),
+        (exposed, headless_service(ftj, SETTINGS)),
+    ):
+        assert repair(desired_child, edited, ftj) == "replace", edited["kind"]
+        ref = (edited["kind"], edited["metadata"]["name"])
+        assert content_drifted({ref: str(content_hash(edited))}, content_hashes(desired_children(ftj, SETTINGS)))
+
+
+def test_content_ignores_what_the_api_server_fills_in_and_labels() -> None:
+    ftj = job(resources={"nodes": 2})
+    service = headless_service(ftj, SETTINGS)
+    stored = {**service, "spec": {**service["spec"], "clusterIPs": ["None"], "sessionAffinity": "None"}}
+    stored["metadata"] = {**stored["metadata"], "resourceVersion": "7", "labels": {"x": "y"}}
+    assert content_hash(stored) == content_hash(service)
+    assert repair(service, {**stored, "metadata": service["metadata"]}, ftj) == "keep"
+    assert not content_drifted({("Service", "x"): "h"}, {}), "a child the spec does not ask for is not ours to judge"
+    assert "Job" not in {kind for kind, _ in content_hashes(desired_children(ftj, SETTINGS, trainer_job=False))}
+
+
 def test_an_unreadable_spec_fails_a_new_job_spares_a_started_one_and_leaves_a_finished_one() -> None:
     new = unreadable_spec(FineTuneJobStatus(), "invalid spec: x", 1, NOW)
     assert new is not None and conditions(new.status)["Failed"] == ("True", "InvalidSpec")
@@ -192,3 +245,24 @@ def test_an_unreadable_spec_fails_a_new_job_spares_a_started_one_and_leaves_a_fi
     spared = unreadable_spec(started, "invalid spec: x", 1, NOW)
     assert spared is not None and "Failed" not in conditions(spared.status)
     assert unreadable_spec(new.status, "invalid spec: x", 1, NOW) is None
+
+
+# --- issue 25 item 3: nothing runs in the operator's own namespace ---------------------------
+
+
+def test_a_job_or_sweep_in_the_operators_namespace_fails_and_creates_nothing() -> None:
+    """On main a job there ran, and `serviceAccountName: finetune-operator` gave its pod the operator's token."""
+    refused = refused_in_operator_namespace(FineTuneJobStatus(), "finetune-system", "finetune-system", 1, NOW)
+    assert refused is not None and not refused.trainer_job_wanted
+    assert conditions(refused.status)["Failed"] == ("True", "OperatorNamespace") and "OperatorNamespace" in REASONS
+    assert "operator's own namespace" in str(refused.status.message)
+    assert [(e.type, e.reason) for e in refused.events] == [("Warning", "OperatorNamespace")]
+    again = refused_in_operator_namespace(refused.status, "finetune-system", "finetune-system", 1, NOW)
+    assert again is None, "a finished job stays as it is (and its Event is posted once)"
+    assert refused_in_operator_namespace(FineTuneJobStatus(), "ml", "finetune-system", 1, NOW) is None
+    assert refused_in_operator_namespace(FineTuneJobStatus(), "ml", None, 1, NOW) is None
+    sweep = refused_sweep(FineTuneSweepStatus(), "finetune-system", "finetune-system", 1, NOW)
+    assert sweep is not None and not sweep.create and sweep.status.phase == "Failed"
+    assert [(e.type, e.reason) for e in sweep.events] == [("Warning", "OperatorNamespace")]
+    assert refused_sweep(sweep.status, "finetune-system", "finetune-system", 1, NOW) is None
+    assert refused_sweep(FineTuneSweepStatus(), "ml", "finetune-system", 1, NOW) is None

@@ -32,23 +32,45 @@ def write(path: Path, server: str, ca: Path, *, cert: Path, key: Path, user: str
 
 
 def service_account_kubeconfig(
-    admin: Path, cluster_role: dict[str, Any], namespace: str, path: Path, expiration_seconds: int = 86400
+    admin: Path,
+    cluster_role: dict[str, Any],
+    namespace: str,
+    path: Path,
+    expiration_seconds: int = 86400,
+    *,
+    role_rules: list[dict[str, Any]] | None = None,
+    role_namespaces: tuple[str, ...] = (),
 ) -> Path:
     """A kubeconfig for a ServiceAccount bound to exactly ``cluster_role`` (named after both),
-    as a pod running under that account would be; created with the ``admin`` kubeconfig."""
+    as a pod running under that account would be; created with the ``admin`` kubeconfig. With
+    ``role_rules``, it is also bound to a Role of those rules in each of ``role_namespaces`` (the
+    chart's namespaced mode)."""
     name = cluster_role["metadata"]["name"]
+    subjects = [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]
     with api_client(admin) as api:
         core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
         binding = {
             "metadata": {"name": name},
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
-            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+            "subjects": subjects,
         }
+        roles: list[tuple[Any, dict[str, Any]]] = []
+        for watched in role_namespaces if role_rules is not None else ():
+            metadata = {"name": name, "namespace": watched}
+            role_ref = {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}
+            roles += [
+                (lambda b, ns=watched: rbac.create_namespaced_role(ns, b), {"metadata": metadata, "rules": role_rules}),
+                (
+                    lambda b, ns=watched: rbac.create_namespaced_role_binding(ns, b),
+                    {"metadata": metadata, "roleRef": role_ref, "subjects": subjects},
+                ),
+            ]
         for create, body in (
             (core.create_namespace, {"metadata": {"name": namespace}}),
             (lambda b: core.create_namespaced_service_account(namespace, b), {"metadata": {"name": name}}),
             (rbac.create_cluster_role, cluster_role),
             (rbac.create_cluster_role_binding, binding),
+            *roles,
         ):
             try:
                 create(body)

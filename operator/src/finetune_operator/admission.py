@@ -15,8 +15,8 @@ recorded in the job's ``status.workload.serviceAccount`` (the per-job account or
 and the operator's record is the source) may write the job's status at all, and it may not write
 the FineTuneJob itself (spec, metadata, deletion): a pod cannot take another job's identity, nor
 change its own job around the spec's validation. Jobs that share a user-chosen ServiceAccount
-share its rights (docs/security.md). Consequence: do not run FineTuneJobs in the operator's
-namespace (the operator's own writes there would be held to the trainer's rules).
+share its rights (docs/security.md). The operator's own status writes in its namespace (where it
+refuses every job, which is a status write) are exempt by name.
 
 ``python -m finetune_operator.crd`` writes the policies to ``deploy/`` and the chart;
 ``--check`` fails when those files drift from this module.
@@ -39,6 +39,7 @@ from finetune_operator.api import (
     TRAINER_STATUS_KEYS,
     FineTuneJobStatus,
 )
+from finetune_operator.rbac import OPERATOR_USERNAME
 
 POLICY_NAME = f"finetune-trainer-status.{GROUP}"
 IDENTITY_POLICY_NAME = f"finetune-trainer-identity.{GROUP}"
@@ -165,7 +166,11 @@ def validating_admission_policy() -> dict[str, Any]:
     return policy(
         POLICY_NAME,
         (["UPDATE"], f"{PLURAL}/status", "*"),
-        [{"name": "trainer-identity", "expression": TRAINER_IDENTITY}],
+        [
+            {"name": "trainer-identity", "expression": TRAINER_IDENTITY},
+            # The operator's writes in its own namespace, where it refuses jobs: the refusal is a status write.
+            {"name": "not-the-operator", "expression": f"request.userInfo.username != '{OPERATOR_USERNAME}'"},
+        ],
         [_identity(), *ownership, *_trainer_bounds()],
         variables=[
             {

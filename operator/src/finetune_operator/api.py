@@ -277,6 +277,8 @@ REASONS: dict[str, str] = {
     "TooManyFailedTrials": "spec.maxFailedTrials trials of the sweep failed; no more trials are created.",
     # failed
     "InvalidSpec": "the spec passed the API server but not the operator's models; nothing was created.",
+    "OperatorNamespace": "the job or sweep is in the operator's own namespace, where a pod could run as the "
+    "operator's ServiceAccount; nothing was created (run it in another namespace).",
     "BackoffLimitExceeded": "the trainer failed more than spec.backoffLimit times.",
     "DeadlineExceeded": "spec.activeDeadlineSeconds passed.",
     "JobFailed": "the training Job failed for a reason Kubernetes did not name.",
@@ -292,6 +294,7 @@ reasons elsewhere (a unit test checks that every reason the reconcile core write
 
 FAILURE_REASONS: tuple[str, ...] = (
     "InvalidSpec",
+    "OperatorNamespace",
     "BackoffLimitExceeded",
     "DeadlineExceeded",
     "JobFailed",
@@ -300,6 +303,8 @@ FAILURE_REASONS: tuple[str, ...] = (
 )
 """Reasons of the Failed condition that the operator names itself (a Job may add its own)."""
 
+OPERATOR_NAMESPACE = "OperatorNamespace"
+"""Failed: a job or sweep in the operator's own namespace (refused, nothing created)."""
 OWNERSHIP_CONFLICT = "OwnershipConflict"
 """Stalled: a child's name is taken by an object another owner controls (never adopted nor deleted)."""
 CREATE_FAILED = "CreateFailed"

@@ -1,6 +1,7 @@
 """`finetune-operator`: run the controller, or print the CRD it serves.
 
-finetune-operator run [--namespace NS ...] [--metrics-port 8080] [--health-port 8081] [--log-format json]
+finetune-operator run [--namespace NS ...] [--operator-namespace NS] [--metrics-port 8080] [--health-port 8081]
+                      [--log-format json]
 finetune-operator crd
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from typing import Any
 
@@ -19,9 +21,13 @@ from finetune_operator.clients import Kube, login
 from finetune_operator.crd import render_crd
 from finetune_operator.handlers import Reconciler, register
 from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.metrics_auth import KubernetesAuth
 from finetune_operator.reconcile import Settings
 from finetune_operator.sweep_handlers import SweepReconciler
 from finetune_operator.sweep_handlers import register as register_sweeps
+
+OPERATOR_NAMESPACE_ENV = "FINETUNE_OPERATOR_NAMESPACE"
+"""Where the operator's namespace comes from when the flag is not given (the chart sets it from the pod's)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
         "-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable; default: all)"
     )
     run.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port (0: off)")
+    run.add_argument(
+        "--metrics-auth",
+        choices=["none", "kubernetes"],
+        default="none",
+        help="kubernetes: /metrics only for bearer tokens allowed to get /metrics (TokenReview + SubjectAccessReview)",
+    )
     run.add_argument("--health-port", type=int, default=8081, help="liveness/readiness /healthz port (0: off)")
     run.add_argument("--bind-address", default="0.0.0.0", help="address for the metrics and health servers")
     run.add_argument("--log-format", choices=["plain", "json"], default="plain", help="json for clusters")
@@ -39,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--trainer-image", default=DEFAULT_TRAINER_IMAGE, help="image of the training pods")
     run.add_argument(
         "--trainer-metrics-port", type=int, default=DEFAULT_METRICS_PORT, help="port the trainer serves /metrics on"
+    )
+    run.add_argument(
+        "--operator-namespace",
+        default=os.environ.get(OPERATOR_NAMESPACE_ENV) or None,
+        help=f"the operator's own namespace, where jobs and sweeps are refused (default: ${OPERATOR_NAMESPACE_ENV})",
     )
     run.add_argument("--resync-seconds", type=float, default=30.0, help="how often each job is re-checked")
     run.add_argument(
@@ -69,10 +86,12 @@ def run(args: argparse.Namespace) -> None:
         trainer_image=args.trainer_image,
         trainer_metrics_port=args.trainer_metrics_port,
         report_interval_seconds=args.report_interval_seconds,
+        operator_namespace=args.operator_namespace,
     )
     metrics = OperatorMetrics()
     if args.metrics_port:
-        metrics.serve(args.metrics_port, args.bind_address)
+        auth = KubernetesAuth(login) if args.metrics_auth == "kubernetes" else None
+        metrics.serve(args.metrics_port, args.bind_address, auth)
     asyncio.run(_operate(args, settings, metrics))
 
 
@@ -82,7 +101,7 @@ async def _operate(args: argparse.Namespace, settings: Settings, metrics: Operat
     registry = kopf.OperatorRegistry()
     reconciler = Reconciler(kube, settings, metrics, args.max_concurrent_reconciles, tuple(args.namespace))
     register(registry, reconciler, args.resync_seconds)
-    register_sweeps(registry, SweepReconciler(kube, metrics), args.resync_seconds)
+    register_sweeps(registry, SweepReconciler(kube, metrics, settings.operator_namespace), args.resync_seconds)
 
     @kopf.on.login(registry=registry)
     def kopf_login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime
 from typing import Any, cast
 from urllib.parse import quote
@@ -179,15 +179,24 @@ class Kube:
         body = {**manifest, "metadata": {**metadata, "resourceVersion": resource_version}}
         await self._request("PUT", manifest["kind"], metadata["namespace"], metadata["name"], body=body)
 
-    async def list_everywhere(
-        self, kind: str, selector: str | None = None, *, metadata_only: bool = False
+    async def list_watched(
+        self,
+        kind: str,
+        namespaces: Collection[str] = (),
+        selector: str | None = None,
+        *,
+        metadata_only: bool = False,
     ) -> list[Manifest]:
-        """Every object of a kind in all namespaces (the resync's check of the watches' caches);
-        ``metadata_only``: names, labels and owners, not the (large) rest."""
+        """Every object of a kind in the watched ``namespaces`` (empty: all of them, one cluster-wide
+        LIST; otherwise one LIST per namespace, all that namespaced RBAC allows): the resync's check of
+        the watches' caches. ``metadata_only``: names, labels and owners, not the (large) rest."""
         params = {"labelSelector": selector} if selector else None
         accept = PARTIAL_METADATA if metadata_only else "application/json"
-        listed = await self._request("GET", kind, "", params=params, accept=accept)
-        return cast(list[Manifest], listed.get("items") or [])  # a metadata list of nothing has "items": null
+        items: list[Manifest] = []
+        for namespace in sorted(namespaces) or [""]:
+            listed = await self._request("GET", kind, namespace, params=params, accept=accept)
+            items += listed.get("items") or []  # a metadata list of nothing has "items": null
+        return items
 
     async def list_in(self, kind: str, namespace: str, selector: str) -> list[Manifest]:
         """Every object of a kind in one namespace that the label selector matches (a fresh, quorum read)."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from finetune_operator import admission, advice_policy, author_policy
+from finetune_operator import admission, advice_policy, author_policy, operator_policy
 from finetune_operator.api import (
     CATEGORIES,
     GROUP,
@@ -376,14 +376,16 @@ def render_sweep_crd() -> str:
 
 def chart_api_objects() -> list[dict[str, Any]]:
     """What the chart installs besides the operator itself: both CRDs and every admission policy
-    (trainers' status keys, apply-time advice, authors' rights) with its binding. The demo and the tests install this,
-    so they see what a user of the chart sees (``kubectl apply`` warnings included)."""
+    (trainers' status keys, apply-time advice, authors' rights, the operator's own writes) with its binding. The
+    demo and the tests install this, so they see what a user of the chart sees (``kubectl apply`` warnings
+    included)."""
     return [
         build_crd(),
         build_sweep_crd(),
         *admission.manifests(),
         *advice_policy.build_policy(),
         *author_policy.manifests(),
+        *operator_policy.manifests(),
     ]
 
 
@@ -435,6 +437,9 @@ def generated_files(crd_dir: Path = Path("crds"), rules: Path = CHART_RULES_FILE
         # what a spec may name only with its author's rights
         author_policy.POLICY_FILE: author_policy.render_policy(),
         author_policy.CHART_POLICY_FILE: author_policy.render_chart_policy(),
+        # the operator's own writes
+        operator_policy.POLICY_FILE: operator_policy.render_policy(),
+        operator_policy.CHART_POLICY_FILE: operator_policy.render_policy(),
     }
 
 

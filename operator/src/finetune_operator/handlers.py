@@ -31,7 +31,7 @@ from finetune_operator.api import (
 )
 from finetune_operator.clients import ApiError, ConflictError, Kube
 from finetune_operator.metrics import OperatorMetrics
-from finetune_operator.reconcile import Observed, Settings, decide, desired_children
+from finetune_operator.reconcile import Observed, Settings, decide
 from finetune_operator.reconcile.children import (
     JOB_LABEL,
     MANAGED_BY,
@@ -39,6 +39,9 @@ from finetune_operator.reconcile.children import (
     Names,
     batch_job,
     child_refs,
+    content_hash,
+    content_hashes,
+    desired_children,
     job_label_value,
     owned_by,
     owner_name,
@@ -59,9 +62,11 @@ from finetune_operator.reconcile.status import Decision, describe_validation
 from finetune_operator.reconcile.steer import (
     children_wanted,
     conflict,
+    content_drifted,
     desired_hash_wanted,
     kueue_wanted,
     pods_wanted,
+    refused_in_operator_namespace,
     repair,
     trainer_job_patch,
     trainer_job_to_read,
@@ -147,6 +152,11 @@ class Reconciler(ObjectLoop):
         progress report changes the status alone, and parsing the spec afresh was a tenth of its CPU.
         Least recently used first, at most ``PARSED_JOBS``: a parsed job is ~10 KB, and only the jobs
         whose trainers report (running ones) come back often."""
+        self._desired_contents: dict[Key, tuple[tuple[str | None, int | None], dict[tuple[str, str], str]]] = {}
+        """((uid, generation), content hash by (kind, name)) of the children beside the trainer Job that the
+        spec asks for, rendered once per generation: a child's event is checked against it."""
+        self._held_contents: dict[Key, dict[tuple[str, str], str]] = {}
+        """Content hash by (kind, name) of each child as its last watch event showed it."""
 
     def saw(self, body: Manifest) -> bool:
         """Cache a FineTuneJob from its watch event; False when it is our own write coming back."""
@@ -186,9 +196,41 @@ class Reconciler(ObjectLoop):
         trainer_job = self._trainer_jobs.get(key)
         if trainer_job is not None:
             self._owners.pop((namespace, trainer_job["metadata"]["name"]), None)
-        for cache in (self._bodies, self._trainer_jobs, self._written, self._desired_hashes, self._parsed):
+        caches = (self._bodies, self._trainer_jobs, self._written, self._desired_hashes, self._parsed)
+        for cache in (*caches, self._desired_contents, self._held_contents):
             cache.pop(key, None)
         self.metrics.forget_job(*key)
+
+    def saw_child(self, key: Key, body: Manifest, deleted: bool = False) -> bool:
+        """Note a child's content from its watch event; True when it differs from what the spec asks for
+        (an edit: its children are to be ensured, which replaces it)."""
+        ref = (body["kind"], body["metadata"]["name"])
+        value = None if deleted else content_hash(body)
+        if value is None:
+            self._held_contents.get(key, {}).pop(ref, None)
+            return False
+        self._held_contents.setdefault(key, {})[ref] = value
+        desired = self._desired_content(key)
+        return desired is not None and content_drifted({ref: value}, desired)
+
+    def _desired_content(self, key: Key) -> dict[tuple[str, str], str] | None:
+        """The content hashes of the children the cached spec asks for (None before the job is seen, or
+        while its spec does not parse: its reconcile says why)."""
+        body = self._bodies.get(key)
+        if body is None:
+            return None
+        metadata = body["metadata"]
+        version = (metadata.get("uid"), metadata.get("generation"))
+        cached = self._desired_contents.get(key)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        try:
+            job = read_stored({**body, "status": {}})
+        except ValidationError:
+            return None
+        desired = content_hashes(desired_children(job, self.settings, trainer_job=False))
+        self._desired_contents[key] = (version, desired)
+        return desired
 
     async def before_resync(self) -> set[Key]:
         return await self.verify_caches()
@@ -203,20 +245,19 @@ class Reconciler(ObjectLoop):
         children deleted while the operator was down send nothing at all: FineTuneJobs no longer
         there are dropped (with their metrics series), Jobs no longer there leave the cache, and a
         job missing any child is reconciled with its children ensured. Seven LISTs per round,
-        whatever the number of jobs (metadata only, except for the trainer Jobs' status)."""
+        whatever the number of jobs (metadata only, except for the trainer Jobs' status), in each watched
+        namespace when there is a list of them: namespaced RBAC allows no cluster-wide LIST."""
         known_before = set(self.known)  # one seen while the list was under way is not a ghost
-        listed = await self.kube.list_everywhere(KIND, metadata_only=True)
-        present = {
-            (o["metadata"]["namespace"], o["metadata"]["name"])
-            for o in listed
-            if not self.namespaces or o["metadata"]["namespace"] in self.namespaces
-        }
+        listed = await self.kube.list_watched(KIND, self.namespaces, metadata_only=True)
+        present = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in listed}
         for namespace, name in sorted(known_before - present):
             log.info("%s/%s is gone (missed while the watch relisted): forgetting it", namespace, name)
             await self.drop(namespace, name)
         self.known |= present
+        for gone in set(self._held_contents) - self.known:
+            del self._held_contents[gone]  # children of a job already gone (their events outlive it)
         jobs: dict[Key, Manifest] = {}
-        for trainer in await self.kube.list_everywhere(TRAINER_JOB.kind, OWNED_SELECTOR):
+        for trainer in await self.kube.list_watched(TRAINER_JOB.kind, self.namespaces, OWNED_SELECTOR):
             key = _key_of_child(trainer)
             if key is not None:
                 jobs[key] = trainer
@@ -229,7 +270,7 @@ class Reconciler(ObjectLoop):
         children: set[tuple[str, str, str]] = set()
         for child_kind in SUPPORTING_KINDS:
             kind = child_kind.kind
-            for item in await self.kube.list_everywhere(kind, OWNED_SELECTOR, metadata_only=True):
+            for item in await self.kube.list_watched(kind, self.namespaces, OWNED_SELECTOR, metadata_only=True):
                 children.add((kind, item["metadata"]["namespace"], item["metadata"]["name"]))
         missing: set[Key] = set()
         for key in present:
@@ -238,6 +279,10 @@ class Reconciler(ObjectLoop):
                 (kind, key[0], name) not in children for kind, name in _expected_children(body)
             ):
                 missing.add(key)
+            held = self._held_contents.get(key)
+            desired = self._desired_content(key) if held else None
+            if held and desired is not None and content_drifted(held, desired):
+                missing.add(key)  # edited while we were not looking (e.g. before its job's first event)
         return missing
 
     async def reconcile(self, namespace: str, name: str, *, ensure_children: bool = False) -> None:
@@ -275,6 +320,12 @@ class Reconciler(ObjectLoop):
                 await self._write(body, current, unreadable, now)
             return
 
+        refused = refused_in_operator_namespace(
+            current, namespace, self.settings.operator_namespace, metadata.get("generation"), now
+        )
+        if refused is not None:
+            await self._write(body, current, refused, now)
+            return
         names = Names.for_job(job)
         trainer = self._trainer_jobs.get(key)
         if trainer_job_to_read(trainer, current):
@@ -384,6 +435,8 @@ class Reconciler(ObjectLoop):
         Returns (the trainer Job as stored, ownership conflicts, refusals)."""
         children = desired_children(job, self.settings)
         self._desired_hash(job, next(c for c in children if c["kind"] == TRAINER_JOB.kind))
+        version = (job.metadata.uid, job.metadata.generation)
+        self._desired_contents[(job.metadata.namespace, job.metadata.name)] = (version, content_hashes(children))
         created: Manifest | None = None
         conflicts: list[str] = []
         errors: list[str] = []
@@ -536,5 +589,8 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync_sec
         @kopf.on.event(child_kind.group, child_kind.version, child_kind.plural, labels=owned, registry=registry)
         async def child_event(type: str, body: kopf.Body, **_: Any) -> None:
             key = _key_of_child(dict(body))
-            if type == "DELETED" and key is not None and key in reconciler.known:
+            if key is None:
+                return
+            drifted = reconciler.saw_child(key, dict(body), deleted=type == "DELETED")
+            if (type == "DELETED" or drifted) and key in reconciler.known:
                 await reconciler.reconcile(*key, ensure_children=True)

@@ -9,14 +9,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import threading
 from collections.abc import Iterable
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app, start_http_server
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.metrics import MetricWrapperBase
 
 from finetune_operator.api import FAILURE_REASONS, FineTuneJobStatus
+from finetune_operator.metrics_auth import KubernetesAuth, guarded
 from finetune_operator.sweep_api import FineTuneSweepStatus
 from finetune_trainer.spec import Metric
 
@@ -29,6 +33,13 @@ PHASES = ("Pending", "Running", "Suspended", "Stalled", "Succeeded", "EarlyStopp
 SWEEP_TRIAL_STATES = ("running", "succeeded", "pruned", "stopped", "failed")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line per scrape."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
 
 
 class OperatorMetrics:
@@ -104,8 +115,14 @@ class OperatorMetrics:
         """Every metric object, in the order they were declared."""
         return [value for value in vars(self).values() if isinstance(value, MetricWrapperBase)]
 
-    def serve(self, port: int, address: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=address, registry=self.registry)
+    def serve(self, port: int, address: str = "0.0.0.0", auth: KubernetesAuth | None = None) -> None:
+        """Serve ``/metrics`` in a daemon thread; with ``auth``, only to callers the API server vouches for."""
+        if auth is None:
+            start_http_server(port, addr=address, registry=self.registry)
+            return
+        app = guarded(make_wsgi_app(self.registry), auth)
+        server = make_server(address, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
 
     def observe_job(self, namespace: str, name: str, status: FineTuneJobStatus) -> None:
         """Refresh the per-job gauges and the phase count from a job's status."""

@@ -13,13 +13,23 @@ from finetune_operator.api import GROUP, KUEUE_GROUP, KUEUE_WORKLOADS, PLURAL
 from finetune_operator.sweep_api import SWEEP_PLURAL
 
 READ = ["get", "list", "watch"]
+OPERATOR_ACCOUNT = ("finetune-system", "finetune-operator")
+"""(namespace, name) of the operator's ServiceAccount as the chart installs it by default: the admission
+policies' plain YAML names it; the chart's templates put their release's in."""
+OPERATOR_USERNAME = f"system:serviceaccount:{OPERATOR_ACCOUNT[0]}:{OPERATOR_ACCOUNT[1]}"
 
 OPERATOR_RULES: list[dict[str, Any]] = [
+    # Every verb is justified in docs/security.md ("The operator's rights, verb by verb"); the e2e tests run the
+    # operator with exactly these (cluster-wide, and split as the chart's namespaced mode grants them).
+    # get: a job read afresh after a conflict; list/watch: kopf's watch and the resync's check;
     # create: a sweep's trials; patch: the stop annotations with which a sweep prunes one.
     {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": [*READ, "create", "patch"]},
     {"apiGroups": [GROUP], "resources": [SWEEP_PLURAL], "verbs": READ},
-    {"apiGroups": [GROUP], "resources": [f"{SWEEP_PLURAL}/status"], "verbs": ["get", "patch"]},
+    # patch only: status is written as a merge patch, never read through the subresource.
+    {"apiGroups": [GROUP], "resources": [f"{SWEEP_PLURAL}/status"], "verbs": ["patch"]},
     {"apiGroups": [GROUP], "resources": [f"{SWEEP_PLURAL}/finalizers"], "verbs": ["update"]},
+    # get: not used by the operator, but the per-job Role grants it to the trainer, and RBAC lets a Role be
+    # created only by someone who holds what it grants.
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
     # Children carry `blockOwnerDeletion: true`; setting it needs `update` on the owner's finalizers
     # where the OwnerReferencesPermissionEnforcement admission plugin runs (OpenShift, the local tests).
@@ -40,6 +50,10 @@ OPERATOR_RULES: list[dict[str, Any]] = [
     # live; patch flips spec.active only, to keep a job the user suspended (or a stop being enforced) from being
     # admitted and unsuspended again.
     {"apiGroups": [KUEUE_GROUP], "resources": [KUEUE_WORKLOADS], "verbs": ["list", "watch", "patch"]},
+    # /metrics behind authentication (--metrics-auth=kubernetes): who holds a scraper's token, and may it get
+    # /metrics. The built-in system:auth-delegator grants the same; it reads no object.
+    {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+    {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]},
     # kopf discovers resources and namespaces at start-up.
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},

@@ -29,6 +29,7 @@ from finetune_operator.reconcile.sweep import (
     SweepDecision,
     decide_sweep,
     invalid_sweep,
+    refused_sweep,
 )
 from finetune_operator.reconcile.trials import ObservedTrial, observe_trial
 from finetune_operator.shell import Key, Manifest, ObjectLoop, register_kind
@@ -48,8 +49,10 @@ class SweepReconciler(ObjectLoop):
     """A FineTuneSweep's observe, decide and execute, in the shared shell. Reconciles coalesce: a burst of
     trial events costs one or two reconciles, not one each (each reads the sweep and its trials afresh)."""
 
-    def __init__(self, kube: Kube, metrics: OperatorMetrics) -> None:
+    def __init__(self, kube: Kube, metrics: OperatorMetrics, operator_namespace: str | None = None) -> None:
         super().__init__(kube, metrics, kind=SWEEP_KIND, log=log, coalesce=True, resync_concurrency=1)
+        self.operator_namespace = operator_namespace
+        """The operator's own namespace: sweeps there are refused."""
 
     async def reconcile(self, namespace: str, name: str) -> None:
         await self.serially((namespace, name), lambda: self._reconcile(namespace, name))
@@ -77,6 +80,10 @@ class SweepReconciler(ObjectLoop):
             await self._write(body, current, decision, now)
             return
         sweep.status = current
+        refused = refused_sweep(current, namespace, self.operator_namespace, metadata.get("generation"), now)
+        if refused is not None:
+            await self._write(body, current, refused, now)
+            return
         decision = decide_sweep(sweep, await self._trials(sweep, body), now)
         await self._execute(namespace, name, decision)
         await self._write(body, current, decision, now)

@@ -41,6 +41,7 @@ from finetune_operator.api import (
     TERMINATION_GRACE_ENV,
     FineTuneJob,
 )
+from finetune_operator.reconcile.kinds import BY_KIND
 from finetune_trainer import exitcodes
 from finetune_trainer.memory_plan import job_gpus
 from finetune_trainer.spec import TrainingSpec, quantity_value
@@ -76,6 +77,8 @@ class Settings:
     """Each running trainer's progress heartbeat is a status write; evaluations go out at once.
     At 5 s, 500 running jobs kept a 2-core API server saturated (benchmarks/operator_scale.py)."""
     extra_env: dict[str, str] = field(default_factory=dict)
+    operator_namespace: str | None = None
+    """The operator's own namespace (its ServiceAccount lives there): jobs and sweeps there are refused."""
     ephemeral_storage_request: str = "1Gi"
     """What the scheduler reserves of a node's local disk per trainer pod that sets
     ``spec.resources.ephemeralStorage`` (at most that limit): reserving the whole limit would leave most
@@ -184,6 +187,21 @@ def spec_hash(manifest: Manifest) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def content_hash(child: Manifest) -> str | None:
+    """Hash of what a child holds (``kinds.ChildKind.content``), the same for the child as rendered and as
+    stored: how an edit that keeps the spec-hash annotation is still seen. None for a kind with no content."""
+    paths = BY_KIND[child["kind"]].content
+    if not paths:
+        return None
+    held: dict[str, Any] = {}
+    for path in paths:
+        value: Any = child
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        held[path] = value
+    return spec_hash(held)
+
+
 def _stamped(manifest: Manifest) -> Manifest:
     manifest["metadata"].setdefault("annotations", {})[SPEC_HASH_ANNOTATION] = spec_hash(manifest)
     return manifest
@@ -258,11 +276,17 @@ def headless_service(job: FineTuneJob, settings: Settings) -> Manifest:
             "kind": "Service",
             "metadata": _metadata(job, names.service),
             "spec": {
+                "type": "ClusterIP",  # stated, not defaulted: part of what drift is checked on
                 "clusterIP": "None",
                 "publishNotReadyAddresses": True,
                 "selector": {JOB_LABEL: job_label_value(job.metadata.name)},
                 "ports": [
-                    {"name": "rendezvous", "port": settings.rendezvous_port, "targetPort": settings.rendezvous_port}
+                    {
+                        "name": "rendezvous",
+                        "protocol": "TCP",
+                        "port": settings.rendezvous_port,
+                        "targetPort": settings.rendezvous_port,
+                    }
                 ],
             },
         }
@@ -535,8 +559,9 @@ def child_refs(ftj_name: str, *, nodes: int, service_account_name: str | None) -
     return [*refs, ("Job", names.job)]
 
 
-def desired_children(job: FineTuneJob, settings: Settings) -> list[Manifest]:
-    """Everything a FineTuneJob owns, in creation order (config and RBAC before the Job). The training
+def desired_children(job: FineTuneJob, settings: Settings, *, trainer_job: bool = True) -> list[Manifest]:
+    """Everything a FineTuneJob owns, in creation order (config and RBAC before the Job); without the
+    trainer Job (the costly one to render) when only the others' content is wanted. The training
     config is rendered once for the ConfigMap and the Job's config hash."""
     config = training_config(job)
     build: dict[str, Callable[[], Manifest]] = {
@@ -549,4 +574,10 @@ def desired_children(job: FineTuneJob, settings: Settings) -> list[Manifest]:
     }
     resources = job.spec.resources
     refs = child_refs(job.metadata.name, nodes=resources.nodes, service_account_name=resources.service_account_name)
-    return [build[kind]() for kind, _ in refs]
+    return [build[kind]() for kind, _ in refs if trainer_job or kind != "Job"]
+
+
+def content_hashes(children: list[Manifest]) -> dict[tuple[str, str], str]:
+    """``content_hash`` of each child that has content, by (kind, name)."""
+    hashes = {(c["kind"], c["metadata"]["name"]): content_hash(c) for c in children}
+    return {ref: held for ref, held in hashes.items() if held is not None}

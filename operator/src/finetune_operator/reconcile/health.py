@@ -92,8 +92,10 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
     return decision
 
 
-def invalid_spec(job_status: FineTuneJobStatus, message: str, generation: int | None, now: datetime) -> Decision:
+def invalid_spec(
+    job_status: FineTuneJobStatus, message: str, generation: int | None, now: datetime, reason: str = "InvalidSpec"
+) -> Decision:
     """``status.invalid_spec`` with the health conditions derived from its result."""
-    decision = core.invalid_spec(job_status, message, generation, now)
+    decision = core.invalid_spec(job_status, message, generation, now, reason)
     derive_health(decision.status, generation, now)
     return decision

@@ -16,6 +16,9 @@ class ChildKind:
     """Children are created in waves, all of one wave at once, lowest first."""
     content_free: bool = False
     """Nothing to drift: never rewritten (the operator may not update it)."""
+    content: tuple[str, ...] = ()
+    """Dotted paths of what the child holds: an edit of any of them is drift, reverted on the child's next
+    event. Only fields the API server never defaults, so a child as stored hashes as it was rendered."""
 
     @property
     def collection(self) -> str:
@@ -26,12 +29,22 @@ class ChildKind:
 
 RBAC = "rbac.authorization.k8s.io"
 CHILD_KINDS = (
-    ChildKind("ConfigMap", "", "v1", "configmaps"),
+    ChildKind("ConfigMap", "", "v1", "configmaps", content=("data", "binaryData", "immutable")),
     ChildKind("ServiceAccount", "", "v1", "serviceaccounts", content_free=True),
-    ChildKind("Service", "", "v1", "services"),
-    ChildKind("Role", RBAC, "v1", "roles"),
+    ChildKind(
+        "Service",
+        "",
+        "v1",
+        "services",
+        # Not clusterIPs, ipFamilies, sessionAffinity...: the API server fills those in.
+        content=tuple(
+            f"spec.{field}"
+            for field in ("type", "clusterIP", "selector", "ports", "publishNotReadyAddresses", "externalIPs")
+        ),
+    ),
+    ChildKind("Role", RBAC, "v1", "roles", content=("rules",)),
     # The API server checks that a binder without ``bind`` holds what the Role grants: the Role must exist.
-    ChildKind("RoleBinding", RBAC, "v1", "rolebindings", wave=1),
+    ChildKind("RoleBinding", RBAC, "v1", "rolebindings", wave=1, content=("roleRef", "subjects")),
     # The trainer Job is last: its pods need the rest.
     ChildKind("Job", "batch", "v1", "jobs", wave=2),
 )

@@ -256,17 +256,31 @@ def describe_validation(error: ValidationError) -> str:
     return "invalid spec: " + "; ".join(parts)
 
 
-def invalid_spec(job_status: FineTuneJobStatus, message: str, generation: int | None, now: datetime) -> Decision:
-    """A spec the API server accepted but the models reject (e.g. an older CRD): fail, create nothing."""
+def invalid_spec(
+    job_status: FineTuneJobStatus, message: str, generation: int | None, now: datetime, reason: str = "InvalidSpec"
+) -> Decision:
+    """A spec the API server accepted but the models reject (e.g. an older CRD), or one the operator refuses
+    (``reason``): fail, create nothing."""
     status = job_status.model_copy(deep=True)
     status.observed_generation = generation
     status.phase = "Failed"
     status.message = message
-    became = set_condition(status, "Failed", True, "InvalidSpec", message, now, generation)
-    set_condition(status, "Running", False, "InvalidSpec", message, now, generation)
+    became = set_condition(status, "Failed", True, reason, message, now, generation)
+    set_condition(status, "Running", False, reason, message, now, generation)
     status.completion_time = status.completion_time or now
-    events = [Event("Warning", "InvalidSpec", message)] if became else []
+    events = [Event("Warning", reason, message)] if became else []
     return Decision(status=status, events=events, trainer_job_wanted=False)
+
+
+def operator_namespace_refusal(namespace: str, operator_namespace: str | None, kind: str) -> str | None:
+    """Why a job or sweep in ``namespace`` is refused: the operator's own namespace holds its ServiceAccount
+    (``serviceAccountName: finetune-operator`` would give a trainer pod the operator's token). None: fine."""
+    if operator_namespace is None or namespace != operator_namespace:
+        return None
+    return (
+        f"namespace {namespace} is the operator's own namespace: a {kind} there could run pods as the "
+        "operator's ServiceAccount, so the operator refuses it and creates nothing; use another namespace"
+    )
 
 
 def not_understood(job_status: FineTuneJobStatus, problem: str, now: datetime) -> Decision:

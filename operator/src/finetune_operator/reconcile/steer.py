@@ -14,9 +14,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from finetune_operator.api import KUEUE_QUEUE_LABEL, FineTuneJob, FineTuneJobStatus
+from finetune_operator.api import KIND, KUEUE_QUEUE_LABEL, OPERATOR_NAMESPACE, FineTuneJob, FineTuneJobStatus
 from finetune_operator.reconcile import health
-from finetune_operator.reconcile.children import controller_of, owned_by
+from finetune_operator.reconcile.children import content_hash, controller_of, owned_by
 from finetune_operator.reconcile.kinds import BY_KIND
 from finetune_operator.reconcile.observe import spec_hash_of
 from finetune_operator.reconcile.status import (
@@ -26,6 +26,7 @@ from finetune_operator.reconcile.status import (
     ObservedPod,
     is_finished,
     not_understood,
+    operator_namespace_refusal,
 )
 
 Manifest = dict[str, Any]
@@ -117,15 +118,24 @@ def kueue_wanted(job: FineTuneJob, status: FineTuneJobStatus, trainer: ObservedJ
 
 def repair(desired: Manifest, existing: Manifest, job: FineTuneJob) -> Literal["conflict", "adopt", "replace", "keep"]:
     """A child that already exists: another owner's (a conflict: never adopted, never deleted), the trainer
-    Job (observed as it is; its drift is ``steer``'s), drifted from the spec (its content is replaced), or fine."""
+    Job (observed as it is; its drift is ``steer``'s), drifted from the spec (its content is replaced), or fine.
+    Drift is judged by what the child holds, not only by its spec-hash annotation, which an edit can keep."""
     if not owned_by(existing, job):
         return "conflict"
     kind = desired["kind"]
     if kind == "Job":
         return "adopt"
-    if BY_KIND[kind].content_free or spec_hash_of(existing) == spec_hash_of(desired):
+    if BY_KIND[kind].content_free:
+        return "keep"
+    if spec_hash_of(existing) == spec_hash_of(desired) and content_hash(existing) == content_hash(desired):
         return "keep"
     return "replace"
+
+
+def content_drifted(held: dict[tuple[str, str], str], desired: dict[tuple[str, str], str]) -> bool:
+    """Whether a child holds other content than the spec asks for (both by (kind, name) -> ``content_hash``):
+    its children are then ensured, and the drifted one replaced (``repair``)."""
+    return any(ref in desired and desired[ref] != value for ref, value in held.items())
 
 
 def conflict(kind: str, name: str, existing: Manifest) -> str:
@@ -149,6 +159,17 @@ def trainer_job_patch(decision: Decision) -> Manifest | None:
     if decision.add_queue_label is not None:
         patch["metadata"] = {"labels": {KUEUE_QUEUE_LABEL: decision.add_queue_label}}
     return patch or None
+
+
+def refused_in_operator_namespace(
+    status: FineTuneJobStatus, namespace: str, operator_namespace: str | None, generation: int | None, now: datetime
+) -> Decision | None:
+    """A FineTuneJob in the operator's own namespace fails (``OperatorNamespace``) unless finished already;
+    None when it is elsewhere."""
+    message = operator_namespace_refusal(namespace, operator_namespace, KIND)
+    if message is None or is_finished(status):
+        return None
+    return health.invalid_spec(status, message, generation, now, OPERATOR_NAMESPACE)
 
 
 def unreadable_spec(status: FineTuneJobStatus, message: str, generation: int | None, now: datetime) -> Decision | None:

@@ -18,6 +18,7 @@ from typing import Any
 from finetune_operator.api import (
     API_VERSION,
     KIND,
+    OPERATOR_NAMESPACE,
     PRUNED,
     STOP_ANNOTATION,
     STOP_REASON_ANNOTATION,
@@ -27,7 +28,7 @@ from finetune_operator.api import (
 )
 from finetune_operator.reconcile.children import MANAGED_BY, MANAGED_BY_LABEL, bounded_name, job_label_value
 from finetune_operator.reconcile.health import derive_health
-from finetune_operator.reconcile.status import Event, set_condition
+from finetune_operator.reconcile.status import Event, operator_namespace_refusal, set_condition
 from finetune_operator.reconcile.sweep_engine import estimated_max_resource, grid, judge, rebuild_study, suggest
 from finetune_operator.reconcile.trials import ObservedTrial
 from finetune_operator.sweep_api import (
@@ -238,15 +239,34 @@ def decide_sweep(sweep: FineTuneSweep, trials: Sequence[ObservedTrial], now: dat
     return decision
 
 
+def refused_sweep(
+    sweep_status: FineTuneSweepStatus,
+    namespace: str,
+    operator_namespace: str | None,
+    generation: int | None,
+    now: datetime,
+) -> SweepDecision | None:
+    """A sweep in the operator's own namespace fails (``OperatorNamespace``) before any trial; None elsewhere."""
+    message = operator_namespace_refusal(namespace, operator_namespace, SWEEP_KIND)
+    if message is None or sweep_status.phase in ("Complete", "Failed"):
+        return None
+    return invalid_sweep(sweep_status, message, generation, now, OPERATOR_NAMESPACE)
+
+
 def invalid_sweep(
-    sweep_status: FineTuneSweepStatus, message: str, generation: int | None, now: datetime
+    sweep_status: FineTuneSweepStatus,
+    message: str,
+    generation: int | None,
+    now: datetime,
+    reason: str = INVALID_SPEC,
 ) -> SweepDecision:
-    """A sweep the API server accepted but the models reject: fail, create nothing."""
+    """A sweep the API server accepted but the models reject, or one the operator refuses (``reason``):
+    fail, create nothing."""
     status = sweep_status.model_copy(deep=True)
     status.observed_generation = generation
     status.phase = "Failed"
     status.message = message
-    became = set_condition(status, "Failed", True, INVALID_SPEC, message, now, generation)
+    became = set_condition(status, "Failed", True, reason, message, now, generation)
     derive_health(status, generation, now)
-    events = [Event("Warning", INVALID_SPEC, message)] if became else []
+    events = [Event("Warning", reason, message)] if became else []
     return SweepDecision(status=status, events=events)
