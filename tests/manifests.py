@@ -23,6 +23,7 @@ from finetune_trainer.contract import (
     BestResult,
     EvaluationRecord,
     Progress,
+    TrackingStatus,
     TrainerStatus,
 )
 
@@ -219,4 +220,14 @@ def trainer_status_at_the_bounds(output: str) -> TrainerStatus:
     checkpoint = f"{output}/checkpoints/" + "c" * (MAX_CHECKPOINT_URI_LENGTH - len(output) - len("/checkpoints/"))
     best = BestResult(metric=names[0], value=0.5, step=3, epoch=0.3, checkpoint=checkpoint, majority_baseline=None)
     progress = Progress(step=7, total_steps=70, epoch=0.7, percent=10.0, last_heartbeat_time="2026-12-04T23:39:22Z")
-    return TrainerStatus(progress=progress, evaluations=evaluations, best=best)
+    tracking = TrackingStatus(
+        run_id="r" * 64,
+        url="h" * 2048,
+        experiment_id="e" * 64,
+        parent_run_id="p" * 64,
+        registered_model="m" * 256,
+        registered_version="9" * 64,
+        behind=True,
+        message="x" * 1024,
+    )
+    return TrainerStatus(progress=progress, evaluations=evaluations, best=best, tracking=tracking)

@@ -21,7 +21,7 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
 
 from finetune_trainer import data as data_mod
-from finetune_trainer import exitcodes
+from finetune_trainer import exitcodes, tracking
 from finetune_trainer.accelerator import require_accelerator
 from finetune_trainer.activation_cache import CACHE_DIR as ACTIVATION_CACHE_DIR
 from finetune_trainer.activation_cache import FixedShardSampler, memory_budget
@@ -68,6 +68,7 @@ from finetune_trainer.speed import (
     upcast_trainable,
     use_tf32,
 )
+from finetune_trainer.token_cache import rows_digest
 from finetune_trainer.trainer import FineTuneTrainer
 
 SCHEDULERS = {
@@ -265,15 +266,40 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None, check
     output_dir = local_path(spec.output.location, env.pvc_root)
     where = _placement(spec, log)
     reporter = _start_reporter(env, log) if where.is_main else None
-    loaded = _load(spec, env, log, checked, reporter, where)
-    has_eval = loaded.prepared.validation is not None
-    spec = _without_validation(spec, has_eval, log)
-    frozen = _freeze(spec, env, log, loaded, output_dir, where)
-    ctx = _context(spec, env, log, loaded.model, frozen.prepared, output_dir, reporter, where)
-    resume = _find_resume(ctx, env)
-    trainer = _trainer(ctx, env, frozen, loaded.processor, resume, where)
-    train_loss = _train(ctx, trainer, resume, frozen.prepared)
-    return _finish(ctx, trainer, loaded.processor, train_loss, has_eval)
+    tracker = tracking.start(spec, env, reporter, log) if where.is_main else None
+    try:
+        loaded = _load(spec, env, log, checked, reporter, where)
+        has_eval = loaded.prepared.validation is not None
+        spec = _without_validation(spec, has_eval, log)
+        frozen = _freeze(spec, env, log, loaded, output_dir, where)
+        tracking.log_freeze(tracker, frozen.plan.trainable, frozen.plan.total)
+        ctx = _context(spec, env, log, loaded.model, frozen.prepared, output_dir, reporter, where)
+        resume = _find_resume(ctx, env)
+        trainer = _trainer(ctx, env, frozen, loaded.processor, resume, where)
+        if tracker is not None:
+            trainer.add_callback(tracking.TrackingCallback(tracker, lambda: ctx.state.evaluations))
+        train_loss = _train(ctx, trainer, resume, frozen.prepared)
+        lineage = _lineage(spec, loaded.prepared) if tracker is not None and spec.tracking is not None else {}
+        return _finish(ctx, trainer, loaded.processor, train_loss, has_eval, tracker, lineage)
+    except BaseException as error:
+        reason = getattr(error, "reason", type(error).__name__)
+        tracking.finish(tracker, reporter, str(reason), None, None, {}, failed=True, wait=TRACKING_FAILURE_WAIT)
+        raise
+
+
+TRACKING_FAILURE_WAIT = 15.0
+"""How long a failing trainer waits for MLflow to take its outcome (a retry or a resume logs on regardless)."""
+
+
+def _lineage(spec: TrainingSpec, prepared: data_mod.PreparedData) -> dict[str, str]:
+    """Tags of a registered model version: the base model and its revision, the training data's fingerprint."""
+    if spec.tracking is None or spec.tracking.register_as is None:
+        return {}
+    lineage = {"base.model": spec.model.source, "dataset.source": spec.dataset.source}
+    if spec.model.revision is not None:
+        lineage["base.revision"] = spec.model.revision
+    lineage["dataset.fingerprint"] = rows_digest(prepared.train)
+    return lineage
 
 
 def _placement(spec: TrainingSpec, log: JsonLines) -> Placement:
@@ -501,12 +527,19 @@ def _train(
 
 
 def _finish(
-    ctx: RunContext, trainer: FineTuneTrainer, processor: Any, train_loss: float | None, has_eval: bool
+    ctx: RunContext,
+    trainer: FineTuneTrainer,
+    processor: Any,
+    train_loss: float | None,
+    has_eval: bool,
+    tracker: tracking.Tracker | None = None,
+    lineage: dict[str, str] | None = None,
 ) -> RunResult:
     """Terminated: report the checkpoint. Otherwise restore the best, save the model, write ``result.json``."""
     spec, log, is_main, output_dir = ctx.spec, ctx.log, ctx.is_main, ctx.output_dir
     final_step = trainer.state.global_step
-    if ctx.stopped_by == "Terminated":
+    if ctx.stopped_by == "Terminated":  # the run goes on when the trainer resumes
+        tracking.finish(tracker, ctx.reporter, "Terminated", _best(ctx), None, {}, wait=TRACKING_FAILURE_WAIT)
         _close(ctx)
         log.emit(
             "terminated", step=final_step, checkpoint=ctx.checkpoint_uri(final_step), exitCode=exitcodes.TERMINATED.code
@@ -552,6 +585,7 @@ def _finish(
         os.replace(written, output_dir / "result.json")
         log.emit("result", **body)
     _report_finalizing(ctx, False)
+    tracking.finish(tracker, ctx.reporter, reason, result.best, model_uri, lineage or {})
     _close(ctx)
     return result
 

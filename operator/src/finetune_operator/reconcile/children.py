@@ -37,6 +37,7 @@ from finetune_operator.api import (
     PVC_ROOT_ENV,
     REPORT_INTERVAL_ENV,
     TERMINATION_GRACE_ENV,
+    TRACKING_SECRET_KEYS,
     FineTuneJob,
     quantity_value,
 )
@@ -298,6 +299,15 @@ def _env(job: FineTuneJob, settings: Settings, names: Names) -> list[Manifest]:
     secret = job.spec.model.token_secret_ref
     if secret is not None:
         env.append({"name": HF_TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})
+    tracking = job.spec.tracking
+    if tracking is not None and tracking.credentials_secret_ref is not None:
+        # Only the keys the MLflow client reads, each optional (user + password, or a token): the trainer's
+        # environment never takes a key it does not expect from the Secret.
+        name = tracking.credentials_secret_ref.name
+        env += [
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": name, "key": key, "optional": True}}}
+            for key in TRACKING_SECRET_KEYS
+        ]
     if job.spec.resources.nodes > 1:
         env += [
             {"name": "MASTER_ADDR", "value": f"{names.job}-0.{names.service}"},
