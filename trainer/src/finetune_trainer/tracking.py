@@ -132,14 +132,15 @@ class Tracker:
         log: JsonLines,
         *,
         max_points: int = MAX_QUEUED_POINTS,
-        flush_seconds: float = FLUSH_SECONDS,
+        flush_seconds: float | None = None,
         backoff: float = 1.0,
         max_backoff: float = 15.0,
         client_factory: Callable[[str], Any] | None = None,
     ) -> None:
         self.spec, self.identity, self.report, self.log = spec, identity, report, log
         self.experiment = spec.experiment or identity.namespace
-        self.max_points, self.flush_seconds = max_points, flush_seconds
+        self.max_points = max_points
+        self.flush_seconds = FLUSH_SECONDS if flush_seconds is None else flush_seconds
         self.backoff, self.max_backoff = backoff, max_backoff
         self.client_factory = client_factory
         self.dropped = 0
@@ -286,7 +287,6 @@ class Tracker:
         if self._client is None:
             # Our own retries with backoff, not the client's (up to minutes per call against a server that is down).
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
             os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # stdout is our JSON lines
             if self.client_factory is not None:
                 self._client = self.client_factory(self.spec.uri)
