@@ -151,6 +151,8 @@ def test_a_job_is_logged_once_with_its_spec_and_evaluations_and_registered_once(
     assert tags["finetune.dev/outcome"] == "Succeeded"
     assert tags["finetune.dev/best.step"] == str(status["best"]["step"])
 
+    files = rest.get("artifacts/list", run_id=tracking["runId"]).get("files", [])
+    assert "curves.png" in {f["path"] for f in files}, files
     steps = [e["step"] for e in status["evaluations"]]
     assert steps == [4, 8, 12, 16]
     for key in ("eval_accuracy", "eval_loss"):

@@ -585,7 +585,7 @@ def _finish(
         os.replace(written, output_dir / "result.json")
         log.emit("result", **body)
     _report_finalizing(ctx, False)
-    tracking.finish(tracker, ctx.reporter, reason, result.best, model_uri, lineage or {})
+    tracking.finish(tracker, ctx.reporter, reason, result.best, model_uri, lineage or {}, ctx.state.evaluations)
     _close(ctx)
     return result
 

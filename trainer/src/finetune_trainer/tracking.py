@@ -20,11 +20,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -180,6 +182,9 @@ class Tracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         self._put(("text", (text, artifact_file)))
 
+    def log_file(self, content: bytes, artifact_file: str) -> None:
+        self._put(("file", (content, artifact_file)))
+
     def register(self, source: str, tags: Mapping[str, str]) -> None:
         """Make ``source`` a version of ``spec.registerAs`` (once for this job's uid), after what is queued."""
         if self.spec.register_as is not None:
@@ -275,6 +280,11 @@ class Tracker:
             client.log_batch(run_id, tags=[_tag(k, v) for k, v in value.items()])
         elif kind == "text":
             client.log_text(run_id, value[0], value[1])
+        elif kind == "file":
+            with tempfile.TemporaryDirectory() as directory:
+                path = Path(directory) / value[1]
+                path.write_bytes(value[0])
+                client.log_artifact(run_id, str(path))
         elif kind == "register":
             self._register(*value)
         elif kind == "end":
@@ -467,6 +477,21 @@ def start(spec: TrainingSpec, env: RuntimeEnv, reporter: StatusReporter | None, 
     return tracker
 
 
+def _log_curves(
+    tracker: Tracker, evaluations: Sequence[EvaluationRecord], best: Mapping[str, Any] | None, title: str
+) -> None:
+    """``curves.png``: the figure of ``kubectl finetune plot`` (skipped where matplotlib is not installed)."""
+    try:
+        from finetune_trainer import curves  # noqa: PLC0415 (matplotlib: only a tracked run's end pays for it)
+    except ImportError as missing:
+        tracker.log.emit("warning", message=f"tracking: no curves.png ({missing})")
+        return
+    point = (str(best["metric"]), float(best["value"]), int(best["step"])) if best else None
+    order = (tracker.identity.spec.get("evaluation") or {}).get("metrics") or []
+    figure = curves.curves_figure(evaluations, point, title, [str(m) for m in order])
+    tracker.log_file(curves.png(figure), "curves.png")
+
+
 def log_freeze(tracker: Tracker | None, trainable: int, total: int) -> None:
     if tracker is not None:
         tracker.log_params({"freeze.trainableParameters": str(trainable), "freeze.totalParameters": str(total)})
@@ -479,6 +504,7 @@ def finish(
     best: Mapping[str, Any] | None,
     model_uri: str | None,
     lineage: Mapping[str, str],
+    evaluations: Sequence[EvaluationRecord] = (),
     *,
     failed: bool = False,
     wait: float | None = None,
@@ -496,6 +522,8 @@ def finish(
         if isinstance(best.get("value"), int | float):
             tracker.log_metrics({f"best_{best.get('metric')}": float(best["value"])}, int(best.get("step") or 0))
     tracker.set_tags(tags)
+    if evaluations:
+        _log_curves(tracker, evaluations, best, f"{tracker.identity.name}: {tags[OUTCOME_TAG]}")
     job = read_job(reporter)
     diagnosis = ((job or {}).get("status") or {}).get("diagnosis")
     if diagnosis:
