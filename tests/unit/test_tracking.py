@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from finetune_operator.api import FineTuneJob, TrackingStatus
 from finetune_operator.reconcile import Observed, ObservedJob, Settings, decide
 from finetune_operator.reconcile.children import batch_job
-from finetune_operator.sweep_api import SWEEPABLE_PATHS
+from finetune_operator.sweep_api import NOT_SWEEPABLE, SWEEPABLE_PATHS
 from finetune_trainer.contract import TRACKING_SECRET_KEYS
 from finetune_trainer.tracking import JobIdentity, flatten
 from tests.manifests import baseline
@@ -71,10 +71,11 @@ def test_tracking_behind_is_a_condition_and_a_warning_even_after_the_job_finishe
 def test_params_are_the_spec_fields_by_the_paths_a_sweep_sets() -> None:
     spec = job(tracking=TRACKING).spec.to_wire()
     flat = flatten(spec)
-    set_paths = [p for p in SWEEPABLE_PATHS if _has(spec, p)]
-    assert set_paths and set(set_paths) <= set(flat)
+    lists = {key for key, value in flat.items() if value.startswith("[")}
+    assert set(flat) - lists <= set(SWEEPABLE_PATHS) | NOT_SWEEPABLE, "every scalar param is a sweepable path"
+    assert {"hyperparameters.learningRate", "freeze.strategy", "tracking.registerAs"} <= set(flat)
     assert flat["hyperparameters.learningRate"] == str(spec["hyperparameters"]["learningRate"])
-    assert flat["evaluation.metrics"] == '["loss", "accuracy"]' or flat["evaluation.metrics"].startswith("[")
+    assert flat["evaluation.metrics"] == '["loss", "accuracy"]'
 
 
 def test_a_trial_knows_its_sweep_from_its_owner() -> None:
@@ -95,12 +96,3 @@ def test_a_trial_knows_its_sweep_from_its_owner() -> None:
     )
     alone = JobIdentity.of({"metadata": {}, "spec": {"a": 1}}, "j", "ml", "u", {})
     assert alone.sweep_uid is None and not alone.trial_parameters
-
-
-def _has(tree: dict[str, Any], path: str) -> bool:
-    node: Any = tree
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
