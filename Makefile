@@ -147,3 +147,10 @@ demo-down: venv ## stop what `make demo` and `make demo-helm` left running (oper
 .PHONY: clean
 clean: ## remove the venv and caches inside the checkout (not ~/.cache/finetune-operator)
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+.PHONY: mlflow-up mlflow-down
+mlflow-up: venv ## an MLflow tracking server (SQLite, artifacts proxied) on 127.0.0.1:15500; prints MLFLOW_TRACKING_URI=... last
+	@$(PY) -m finetune_localcluster mlflow-up
+
+mlflow-down: venv ## stop the server of `make mlflow-up` (its runs stay in the state dir)
+	@$(PY) -m finetune_localcluster mlflow-down

@@ -28,6 +28,7 @@ from finetune_trainer.contract import (
     EvaluationRecord,
     MemoryPlan,
     Progress,
+    TrackingStatus,
     TrainerStatus,
 )
 
@@ -243,4 +244,21 @@ def trainer_status_at_the_bounds(output: str) -> TrainerStatus:
         for i in range(MAX_ARTIFACTS)
     ]
     memory = MemoryPlan(strategy="fsdp", requested="auto", world_size=8, gpu_memory_gi_b=24.0, per_gpu_gi_b=17.95)
-    return TrainerStatus(progress=progress, evaluations=evaluations, best=best, artifacts=artifacts, memory_plan=memory)
+    tracking = TrackingStatus(
+        run_id="r" * 64,
+        url="h" * 2048,
+        experiment_id="e" * 64,
+        parent_run_id="p" * 64,
+        registered_model="m" * 256,
+        registered_version="9" * 64,
+        behind=True,
+        message="x" * 1024,
+    )
+    return TrainerStatus(
+        progress=progress,
+        evaluations=evaluations,
+        best=best,
+        artifacts=artifacts,
+        memory_plan=memory,
+        tracking=tracking,
+    )

@@ -128,3 +128,25 @@ def test_an_unparseable_spec_still_renders_from_status() -> None:
     assert parsed.spec is None and parsed.parse_error
     assert "<could not be read:" in describe(parsed, NOW + timedelta(days=1))
     assert list_row(parsed, NOW)[2] == "50%"
+
+
+def test_describe_shows_the_mlflow_run_and_why_tracking_is_behind() -> None:
+    body = job(status=running_status())
+    body["status"]["tracking"] = {
+        "runId": "abc123",
+        "url": "http://mlflow:5000/#/experiments/1/runs/abc123",
+        "registeredModel": "sentiment",
+        "registeredVersion": "3",
+        "behind": True,
+        "message": "MLflow at http://mlflow:5000: ConnectionError",
+    }
+    text = describe(parse_job(body), NOW)
+    tracking = text.split("Tracking (MLflow):\n")[1]
+    for expected in (
+        "Run:         abc123",
+        "URL:         http://mlflow:5000/#/experiments/1/runs/abc123",
+        "Registered:  sentiment version 3",
+        "Behind:      MLflow at http://mlflow:5000: ConnectionError",
+    ):
+        assert " ".join(expected.split()) in " ".join(tracking.split()), f"{expected!r} not in:\n{text}"
+    assert "Tracking (MLflow):" not in describe(parse_job(job(status=running_status())), NOW)

@@ -14,16 +14,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from finetune_cli.render import METRIC_ORDER, Job, best_point, num, outcome, phase, step_text
 from finetune_cli.sweeps import Sweep, Trial, parameter_names, state
 from finetune_operator.reconcile.trials import FINISHED_PHASES
+from finetune_trainer import curves
 
-BEST_GID = "best"
-"""``gid`` of the best-point marker, so callers (and tests) can find it among the lines."""
+BEST_GID = curves.BEST_GID
+_star = curves.star
 
 
 class NothingToPlotError(Exception):
@@ -32,44 +32,19 @@ class NothingToPlotError(Exception):
 
 def curves_figure(job: Job) -> Figure:
     """A figure with one panel for the losses (eval and training) and one for the other metrics, best point
-    starred."""
+    starred (the trainer logs the same figure to MLflow)."""
     records = job.status.evaluations
     if not records:
         raise NothingToPlotError(f"finetunejob {job.name} has no evaluations in its status yet")
-    seen = {k for r in records for k in r.metrics}
-    others = [m for m in METRIC_ORDER if m in seen and m != "loss"] + sorted(seen - set(METRIC_ORDER))
-    train = [(r.step, r.train_loss) for r in records if r.train_loss is not None]
-    panels = ([["loss"]] if "loss" in seen or train else []) + ([others] if others else [])
-    fig = Figure(figsize=(8, 1.5 + 3 * len(panels)), layout="constrained")
-    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     best = best_point(job)
-    for ax, metrics in zip(axes, panels, strict=True):
-        for metric in metrics:
-            points = [(r.step, r.metrics[metric]) for r in records if metric in r.metrics]
-            ax.plot([s for s, _ in points], [v for _, v in points], marker="o", markersize=3, label=f"eval {metric}")
-        if metrics == ["loss"] and train:
-            ax.plot([s for s, _ in train], [v for _, v in train], marker=".", linestyle="--", label="train loss")
-        if best is not None and best.metric in metrics:
-            _mark_best(ax, best.metric, best.value, best.step)
-        ax.set_ylabel("loss" if metrics == ["loss"] else "metric")
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="best", fontsize="small")
-    axes[-1].set_xlabel("step")
     done = outcome(job.status)
     state = str(done) if done is not None else f"{phase(job)}, step {step_text(job)}"
-    fig.suptitle(f"{job.name}: {state}")
-    return fig
-
-
-def _mark_best(ax: Axes, metric: str, value: float, step: int) -> None:
-    _star(ax, step, value, f"best {metric} {num(value)} @ step {step}")
-    ax.axvline(step, color="crimson", linestyle=":", linewidth=1)
-
-
-def _star(ax: Axes, x: float, y: float, label: str) -> None:
-    """The best point: a crimson star, findable by its ``gid``."""
-    (marker,) = ax.plot([x], [y], linestyle="none", marker="*", markersize=15, color="crimson", zorder=5, label=label)
-    marker.set_gid(BEST_GID)
+    return curves.curves_figure(
+        records,
+        (best.metric, best.value, best.step) if best is not None else None,
+        f"{job.name}: {state}",
+        METRIC_ORDER,
+    )
 
 
 def save_png(fig: Figure, path: Path) -> None:

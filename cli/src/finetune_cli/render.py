@@ -20,6 +20,7 @@ from finetune_operator.api import (
     FineTuneJob,
     FineTuneJobSpec,
     FineTuneJobStatus,
+    TrackingStatus,
 )
 from finetune_trainer.spec import LOWER_IS_BETTER
 
@@ -507,4 +508,19 @@ def describe(job: Job, now: datetime) -> str:
         lines.append("Diagnosis:")
         for d in status.diagnosis:
             lines += [f"  {d.severity} {d.code}: {d.message}", f"    evidence: {d.evidence}"]
+    lines += tracking_lines(status.tracking)
     return "\n".join(lines) + "\n"
+
+
+def tracking_lines(tracking: TrackingStatus | None) -> list[str]:
+    """The MLflow run of ``status.tracking``: run id, URL, model version, and why logging is behind."""
+    if tracking is None:
+        return []
+    pairs = [("Run", tracking.run_id or "<not created yet>"), ("URL", tracking.url or "-")]
+    if tracking.parent_run_id:
+        pairs.append(("Sweep run", tracking.parent_run_id))
+    if tracking.registered_model:
+        pairs.append(("Registered", f"{tracking.registered_model} version {tracking.registered_version or '-'}"))
+    if tracking.behind:
+        pairs.append(("Behind", tracking.message or "yes"))
+    return ["Tracking (MLflow):", *_fields(pairs, "  ")]

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import build, images
+from . import build, images, mlflow_server
 from .cluster import Cluster, ClusterError, default_state_dir
 from .helm import ensure_helm
 from .kueue import Kueue
@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("helm", help="build (or find cached) helm and print its path")
     sub.add_parser("kueue-up", help="install Kueue's CRDs and start its manager against the running cluster")
     sub.add_parser("kueue-down", help="stop Kueue's manager (its CRDs and queues stay)")
+    sub.add_parser("mlflow-up", help="start an MLflow tracking server (SQLite) in STATE/mlflow; print its URI last")
+    sub.add_parser("mlflow-down", help="stop the MLflow tracking server of mlflow-up (its data stays)")
     im = sub.add_parser(
         "images", help="build (or find) the operator and trainer images with podman; print refs and sizes"
     )
@@ -115,9 +117,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"kueue {kueue.version} running; log: {kueue.log}")
         elif a.cmd == "kueue-down":
             print("kueue stopped" if Kueue(state).down() else "kueue was not running")
+        elif a.cmd == "mlflow-up":
+            print(f"MLFLOW_TRACKING_URI={mlflow_server.up(state / 'mlflow')}")
+        elif a.cmd == "mlflow-down":
+            mlflow_server.down(state / "mlflow")
         elif a.cmd == "images":
             images.main(tuple(a.targets) or ("operator", "trainer"))
-    except (ClusterError, build.BuildError) as e:
+    except (ClusterError, build.BuildError, mlflow_server.MlflowServerError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

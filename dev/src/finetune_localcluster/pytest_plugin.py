@@ -26,6 +26,7 @@ from kubernetes import client
 from . import build, kubeconfig
 from .cluster import Cluster, default_state_dir
 from .kueue import Kueue
+from .mlflow_server import MlflowServer
 
 
 class KubectlError(subprocess.CalledProcessError):
@@ -134,3 +135,15 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
     # Unix sockets and log paths stay short: use a short base dir.
     with own_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A real MLflow tracking server (SQLite, artifacts proxied) on a free port, for the session; a test may
+    ``stop()`` and ``start()`` it (same port, same database) to take it away mid-run."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

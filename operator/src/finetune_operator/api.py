@@ -26,6 +26,7 @@ from finetune_trainer.contract import (
     MemoryPlan,
     Progress,
     StatusModel,
+    TrackingStatus,
     wire_keys,
 )
 from finetune_trainer.exitcodes import PERMANENT, TABLE
@@ -227,7 +228,9 @@ FineTuneJobSpec.rules = (
     ),
 )
 
-ConditionType = Literal["Running", "Complete", "Failed", "Suspended", "Stalled", "Ready", "Reconciling"]
+ConditionType = Literal[
+    "Running", "Complete", "Failed", "Suspended", "Stalled", "Ready", "Reconciling", "TrackingBehind"
+]
 
 CONDITION_TYPES: dict[ConditionType, str] = {
     "Running": "a trainer pod is running (True) or why not (False: Pending, Suspended, a final reason).",
@@ -239,6 +242,8 @@ CONDITION_TYPES: dict[ConditionType, str] = {
     "Ready": "kstatus' summary: True when the job is where its spec wants it (complete, or suspended by the user).",
     "Reconciling": "kstatus' abnormal-true condition: True while the job works towards its spec "
     "(pending, queued, running).",
+    "TrackingBehind": "spec.tracking only: True while the trainer's MLflow logging or model registration is behind "
+    "(server unreachable, a refusal; the trainer's status.tracking.message says which). Training never waits for it.",
 }
 """Every condition type the operator writes. GitOps tools (kstatus in Flux and kubectl tooling,
 Argo CD's health.lua) read Ready/Reconciling/Stalled; people and `kubectl wait` read the rest."""
@@ -275,6 +280,9 @@ REASONS: dict[str, str] = {
     "MaxTrialsReached": "the sweep ran spec.maxTrials trials; raising maxTrials resumes it.",
     "SearchSpaceExhausted": "the grid sweep tried every combination.",
     "TooManyFailedTrials": "spec.maxFailedTrials trials of the sweep failed; no more trials are created.",
+    # tracking (TrackingBehind)
+    "TrackingBehind": "the trainer cannot log to (or register in) MLflow for now; it retries, training goes on.",
+    "TrackingSynced": "everything the trainer logged reached MLflow.",
     # failed
     "InvalidSpec": "the spec passed the API server but not the operator's models; nothing was created.",
     "OperatorNamespace": "the job or sweep is in the operator's own namespace, where a pod could run as the "
@@ -421,6 +429,7 @@ class FineTuneJobStatus(StatusModel):
         default_factory=list, max_length=16, description="What the learning curves say (operator-written)."
     )
     message: str | None = Field(None, description="Latest human-readable summary.")
+    tracking: TrackingStatus | None = Field(None, description="The MLflow run (trainer-written; spec.tracking only).")
 
 
 OPERATOR_STATUS_KEYS: tuple[str, ...] = tuple(

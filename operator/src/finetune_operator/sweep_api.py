@@ -17,10 +17,16 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
-from finetune_operator.api import Condition, FineTuneJobSpec, ObjectMeta, StatusModel
+from finetune_operator.api import (
+    Condition,
+    FineTuneJobSpec,
+    ObjectMeta,
+    StatusModel,
+)
+from finetune_trainer import contract
 from finetune_trainer.spec import Metric, Rule, SpecModel
 
-SWEEP_KIND = "FineTuneSweep"
+SWEEP_KIND = contract.SWEEP_KIND
 SWEEP_PLURAL = "finetunesweeps"
 SWEEP_SINGULAR = "finetunesweep"
 SWEEP_SHORT_NAMES = ("fts",)
@@ -29,9 +35,8 @@ SWEEP_LABEL = "finetune.dev/sweep"
 """Label on every trial: the name of its sweep (``kubectl get ftj -l finetune.dev/sweep=NAME``)."""
 TRIAL_INDEX_LABEL = "finetune.dev/trial-index"
 """Label on every trial: its index in the sweep (0, 1, ...)."""
-PARAMETERS_ANNOTATION = "finetune.dev/parameters"
-"""Annotation on every trial: its parameters as JSON (name to value, or preset label), from which
-the study is rebuilt."""
+PARAMETERS_ANNOTATION = contract.PARAMETERS_ANNOTATION
+"""Annotation on every trial: its parameters as JSON (the trainer logs them to MLflow too: in the contract)."""
 
 RUNGS_ANNOTATION = "finetune.dev/rungs"
 """Annotation on a trial, written by its sweep: the successive-halving / hyperband verdicts made for it (rung

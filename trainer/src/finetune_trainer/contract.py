@@ -43,6 +43,7 @@ __all__ = [
     "METRICS_ADDRESS_ENV",
     "METRICS_PORT_ENV",
     "OPERATOR_ENV",
+    "PARAMETERS_ANNOTATION",
     "PLURAL",
     "PRUNED",
     "PVC_ROOT_ENV",
@@ -53,7 +54,9 @@ __all__ = [
     "STOP_ANNOTATION",
     "STOP_REASON_ANNOTATION",
     "SWEEP_FINISHED",
+    "SWEEP_KIND",
     "TERMINATION_GRACE_ENV",
+    "TRACKING_SECRET_KEYS",
     "TRAINER_STATUS_KEYS",
     "USER_ENV",
     "USER_REQUESTED",
@@ -66,6 +69,7 @@ __all__ = [
     "MemoryPlan",
     "Progress",
     "StatusModel",
+    "TrackingStatus",
     "TrainerStatus",
     "wire_keys",
 ]
@@ -124,6 +128,16 @@ LOG_EVERY_STEPS_ENV: Final = "FINETUNE_LOG_EVERY_STEPS"
 GPU_MEMORY_ENV: Final = "FINETUNE_GPU_MEMORY"
 """Bytes of each GPU the job asked for (``spec.resources.gpuMemory`` or a known ``nvidia.com/gpu.product``):
 what the memory plan checks against where CUDA cannot say (set only for GPU jobs whose GPU memory is known)."""
+TRACKING_SECRET_KEYS: Final = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+"""The keys of ``spec.tracking.credentialsSecretRef`` the trainer gets (each optional), as the MLflow client
+reads them from its environment."""
+
+# Sweeps: what a trial FineTuneJob carries of its FineTuneSweep (the trainer reads it to log a child run).
+SWEEP_KIND: Final = "FineTuneSweep"
+"""The kind of a trial's controlling owner."""
+PARAMETERS_ANNOTATION: Final = f"{GROUP}/parameters"
+"""Annotation on every trial: its parameters as JSON (name to value, or preset label), from which
+the study is rebuilt."""
 
 DEFAULT_METRICS_PORT: Final = 9400
 DEFAULT_REPORT_INTERVAL_SECONDS: Final = 10
@@ -147,7 +161,8 @@ OPERATOR_ENV: Final = frozenset(
     }
 )
 """What the operator sets on a trainer container (CPU_REQUEST_ENV, the two token variables and GPU_MEMORY_ENV
-only when the spec names a CPU request, a token Secret or its GPUs' memory)."""
+only when the spec names a CPU request, a token Secret or its GPUs' memory). With
+``spec.tracking.credentialsSecretRef`` it also sets TRACKING_SECRET_KEYS, which the MLflow client reads itself."""
 USER_ENV: Final = frozenset({LOG_EVERY_STEPS_ENV})
 """What the trainer also reads but the operator never sets (a user's ``extraEnv``, a laptop run)."""
 
@@ -288,6 +303,23 @@ class Artifact(StatusModel):
     )
 
 
+class TrackingStatus(StatusModel):
+    """Where the run is in MLflow, and whether the trainer's logging is behind (the operator makes it a condition)."""
+
+    run_id: str | None = Field(None, max_length=64, description="MLflow run id.")
+    url: str | None = Field(None, max_length=2048, description="The run in the MLflow UI.")
+    experiment_id: str | None = Field(None, max_length=64, description="MLflow experiment id.")
+    parent_run_id: str | None = Field(None, max_length=64, description="A sweep trial: the sweep's run.")
+    registered_model: str | None = Field(None, max_length=256, description="Registered model name.")
+    registered_version: str | None = Field(None, max_length=64, description="The model version this job made.")
+    behind: bool = Field(
+        False,
+        description="True while the tracking server cannot be reached or refuses what the trainer logs (training "
+        "goes on; logging is retried), and when logging or registration gave up at the end.",
+    )
+    message: str | None = Field(None, max_length=1024, description="Why tracking is behind.")
+
+
 class TrainerStatus(StatusModel):
     """The status keys the trainer writes, as one merge patch (a key left unset keeps its stored value).
     Every other status key is the operator's; the API server enforces the split with an admission
@@ -298,6 +330,7 @@ class TrainerStatus(StatusModel):
     best: BestResult | None = None
     artifacts: list[Artifact] | None = Field(None, max_length=MAX_ARTIFACTS)
     memory_plan: MemoryPlan | None = None
+    tracking: TrackingStatus | None = None
 
 
 def wire_keys(model: type[BaseModel]) -> tuple[str, ...]:

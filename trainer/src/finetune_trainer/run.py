@@ -21,7 +21,7 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
 
 from finetune_trainer import data as data_mod
-from finetune_trainer import exitcodes
+from finetune_trainer import exitcodes, tracking
 from finetune_trainer.accelerator import require_accelerator, require_cuda_for_quantization
 from finetune_trainer.activation_cache import CACHE_DIR as ACTIVATION_CACHE_DIR
 from finetune_trainer.activation_cache import FixedShardSampler, memory_budget
@@ -315,15 +315,42 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None, check
     output_dir = local_path(spec.output.location, env.pvc_root)
     where = _placement(spec, log)
     reporter = _start_reporter(env, log) if where.is_main else None
-    loaded = _load(spec, env, log, checked, reporter, where)
-    has_eval = loaded.prepared.validation is not None
-    spec = _without_validation(spec, has_eval, log)
-    frozen = _freeze(spec, env, log, loaded, output_dir, where)
-    ctx = _context(spec, env, log, loaded.model, frozen.prepared, output_dir, reporter, where)
-    resume = _find_resume(ctx, env)
-    trainer = _trainer(ctx, env, frozen, loaded.processor, resume, where)
-    train_loss = _train(ctx, trainer, resume, frozen.prepared)
-    return _finish(ctx, trainer, loaded, where.precision, train_loss, has_eval)
+    tracker = tracking.start(spec, env, reporter, log) if where.is_main else None
+    try:
+        loaded = _load(spec, env, log, checked, reporter, where)
+        has_eval = loaded.prepared.validation is not None
+        spec = _without_validation(spec, has_eval, log)
+        frozen = _freeze(spec, env, log, loaded, output_dir, where)
+        tracking.log_freeze(tracker, frozen.plan.trainable, frozen.plan.total)
+        ctx = _context(spec, env, log, loaded.model, frozen.prepared, output_dir, reporter, where)
+        resume = _find_resume(ctx, env)
+        trainer = _trainer(ctx, env, frozen, loaded.processor, resume, where)
+        if tracker is not None:
+            trainer.add_callback(tracking.TrackingCallback(tracker, lambda: ctx.state.evaluations))
+        train_loss = _train(ctx, trainer, resume, frozen.prepared)
+        return _finish(ctx, trainer, loaded, where.precision, train_loss, has_eval, tracker)
+    except BaseException as error:
+        reason = getattr(error, "reason", type(error).__name__)
+        tracking.finish(tracker, reporter, str(reason), None, None, {}, failed=True, wait=TRACKING_FAILURE_WAIT)
+        raise
+
+
+TRACKING_FAILURE_WAIT = 15.0
+"""How long a failing trainer waits for MLflow to take its outcome (a retry or a resume logs on regardless)."""
+
+
+def _lineage(spec: TrainingSpec, artifacts: list[Artifact]) -> dict[str, str]:
+    """Tags of a registered model version: the base model and its revision, the training data's fingerprint
+    (as ``status.artifacts`` records them)."""
+    if spec.tracking is None or spec.tracking.register_as is None or not artifacts:
+        return {}
+    first = artifacts[0]
+    lineage = {"base.model": spec.model.source, "dataset.source": spec.dataset.source}
+    if first.base_model is not None and first.base_model.revision is not None:
+        lineage["base.revision"] = first.base_model.revision
+    if first.dataset_fingerprint is not None:
+        lineage["dataset.fingerprint"] = first.dataset_fingerprint
+    return lineage
 
 
 def _placement(spec: TrainingSpec, log: JsonLines) -> Placement:
@@ -580,11 +607,13 @@ def _finish(
     precision: Precision,
     train_loss: float | None,
     has_eval: bool,
+    tracker: tracking.Tracker | None = None,
 ) -> RunResult:
     """Terminated: report the checkpoint. Otherwise restore the best, save the model, write ``result.json``."""
     spec, log, is_main, output_dir = ctx.spec, ctx.log, ctx.is_main, ctx.output_dir
     final_step = trainer.state.global_step
-    if ctx.stopped_by == "Terminated":
+    if ctx.stopped_by == "Terminated":  # the run goes on when the trainer resumes
+        tracking.finish(tracker, ctx.reporter, "Terminated", _best(ctx), None, {}, wait=TRACKING_FAILURE_WAIT)
         _close(ctx)
         log.emit(
             "terminated", step=final_step, checkpoint=ctx.checkpoint_uri(final_step), exitCode=exitcodes.TERMINATED.code
@@ -632,6 +661,8 @@ def _finish(
         atomic_file(output_dir / "result.json", (json.dumps(body, indent=2) + "\n").encode())
         log.emit("result", **body)
     _report_finalizing(ctx, False)
+    lineage = _lineage(spec, artifacts)
+    tracking.finish(tracker, ctx.reporter, reason, result.best, model_uri, lineage, ctx.state.evaluations)
     _close(ctx)
     return result
 

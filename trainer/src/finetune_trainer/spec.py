@@ -742,6 +742,32 @@ class Distributed(SpecModel):
     )
 
 
+class SecretRef(SpecModel):
+    """A whole Secret of the job's namespace (its keys become the trainer's environment)."""
+
+    name: Name = Field(description="Name of the Secret in the FineTuneJob's namespace.")
+
+
+class TrackingSpec(SpecModel):
+    """Experiment tracking in MLflow: where the trainer logs the run, and the registered model it publishes to."""
+
+    uri: Location = Field(
+        pattern=r"^https?://.+",
+        description="MLflow tracking server (http:// or https://); the registry is the same server.",
+    )
+    experiment: ShortText | None = Field(None, description="MLflow experiment; default: the job's namespace.")
+    register_as: ShortText | None = Field(
+        None,
+        description="Registered model name: after the final model is saved, it becomes a new version of this model "
+        "(once per job uid), tagged with its lineage (base model and revision, dataset, best metric).",
+    )
+    credentials_secret_ref: SecretRef | None = Field(
+        None,
+        description="Secret with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN "
+        "(only those keys are read); mounted into the trainer only, never read by the operator.",
+    )
+
+
 TRAINING_RULES: tuple[Rule, ...] = (
     Rule(
         "augmentation",
@@ -803,6 +829,12 @@ TRAINING_RULES: tuple[Rule, ...] = (
         "!has(self.earlyStopping) || self.evaluation.strategy != 'no'",
         lambda t: t.early_stopping is None or t.evaluation.strategy != "no",
     ),
+    Rule(
+        "tracking.registerAs",
+        "tracking.registerAs needs output.saveFinalModel (there is no model to register otherwise)",
+        "!has(self.tracking) || !has(self.tracking.registerAs) || self.output.saveFinalModel",
+        lambda t: t.tracking is None or t.tracking.register_as is None or t.output.save_final_model,
+    ),
 )
 """Cross-field CEL rules of TrainingSpec (also applied by the subclass that extends it)."""
 
@@ -820,6 +852,9 @@ class TrainingSpec(SpecModel):
     evaluation: Evaluation = Field(default_factory=Evaluation, description="When and what to evaluate.")
     early_stopping: EarlyStopping | None = Field(None, description="Early stopping; absent means train to the end.")
     output: Output = Field(description="Where checkpoints and the final model go.")
+    tracking: TrackingSpec | None = Field(
+        None, description="Log the run to MLflow (a sweep's trials become child runs) and register the final model."
+    )
     distributed: Distributed = Field(
         default_factory=Distributed, description="How the ranks share the model (DDP or sharded FSDP)."
     )

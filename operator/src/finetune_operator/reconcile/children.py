@@ -39,6 +39,7 @@ from finetune_operator.api import (
     PVC_ROOT_ENV,
     REPORT_INTERVAL_ENV,
     TERMINATION_GRACE_ENV,
+    TRACKING_SECRET_KEYS,
     FineTuneJob,
 )
 from finetune_operator.reconcile.kinds import BY_KIND
@@ -336,6 +337,15 @@ def _env(job: FineTuneJob, settings: Settings, names: Names) -> list[Manifest]:
     ):
         if secret is not None:
             env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})
+    tracking = job.spec.tracking
+    if tracking is not None and tracking.credentials_secret_ref is not None:
+        # Only the keys the MLflow client reads, each optional (user + password, or a token): the trainer's
+        # environment never takes a key it does not expect from the Secret.
+        name = tracking.credentials_secret_ref.name
+        env += [
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": name, "key": key, "optional": True}}}
+            for key in TRACKING_SECRET_KEYS
+        ]
     if job.spec.resources.nodes > 1:
         env += [
             {"name": "MASTER_ADDR", "value": f"{names.job}-0.{names.service}"},

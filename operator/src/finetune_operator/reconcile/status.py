@@ -423,6 +423,19 @@ def _kueue_hold(
     return reason, f"{waits_for}: {admission.message or 'waiting for admission'}{fix}"
 
 
+def _tracking(status: FineTuneJobStatus, now: datetime, generation: int | None) -> list[Event]:
+    """The trainer's ``status.tracking`` as the TrackingBehind condition, with a Warning when it falls behind
+    (also after the job finished: registration is the trainer's last stage)."""
+    tracking = status.tracking
+    if tracking is None:
+        return []
+    reason = "TrackingBehind" if tracking.behind else "TrackingSynced"
+    message = (tracking.message or "MLflow logging is behind") if tracking.behind else ""
+    if set_condition(status, "TrackingBehind", tracking.behind, reason, message, now, generation):
+        return [Event("Warning", reason, message)]
+    return []
+
+
 def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
     """The next status of ``job`` given what exists, and what to do about it."""
     generation = job.metadata.generation
@@ -435,10 +448,10 @@ def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
         service_account=job.spec.resources.service_account_name or names.service_account,
         service=names.service if job.spec.resources.nodes > 1 else None,
     )
+    events: list[Event] = _tracking(status, now, generation)
     if is_finished(status):
-        return Decision(status=status, trainer_job_wanted=False)
+        return Decision(status=status, events=events, trainer_job_wanted=False)
 
-    events: list[Event] = []
     decision = Decision(status=status, events=events)
 
     def transition(type_: ConditionType, value: bool, reason: str, message: str, event: bool = True) -> None:
