@@ -61,6 +61,7 @@ GUARDED: Final = (
     Guard("resources.serviceAccountName", Check.POD_IDENTITY),
     Guard("model.tokenSecretRef", Check.SECRET),
     Guard("dataset.tokenSecretRef", Check.SECRET),
+    Guard("tracking.credentialsSecretRef", Check.SECRET),
 )
 """Every spec field that hands the trainer's pod something a pod's author needs rights for."""
 
