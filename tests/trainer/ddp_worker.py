@@ -4,7 +4,8 @@ It runs the trainer as a pod would and, for the test to compare, saves this rank
 to ``<output>/rank-<RANK>.pt`` and its result to ``<output>/rank-<RANK>.json``. With
 ``FORCE_EARLY_STOP_RANK=N``, rank N alone sees early stopping fire at its first evaluation: the
 way one rank's verdict could differ from the others'. With ``PRIVATE_OUTPUT_RANK=N``, rank N
-writes to an output location of its own (storage the nodes do not share). With ``COUNT_FROZEN_CALLS=1``, the
+writes to an output location of its own (storage the nodes do not share). A sharded (FSDP) run dumps the whole
+model gathered on rank 0 only; run without torchrun, the worker is the one process of a single-process run. With ``COUNT_FROZEN_CALLS=1``, the
 result also says how often the tiny BERT's lowest (frozen) block ran in training and in evaluation; it always lists
 the example indices of each training batch (when the activation cache indexes them). ``ACTIVATION_SPARE_MEMORY=N``
 makes the activation cache see N bytes of memory to spare in the pod (a small N: it spills to disk). With
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from finetune_trainer import activation_cache, callbacks, run, trainer
+from finetune_trainer import activation_cache, callbacks, run, sharding, trainer
 from finetune_trainer.activation_cache import EXAMPLE_INDEX
 from finetune_trainer.config import RuntimeEnv
 from finetune_trainer.early_stopping import EarlyStoppingState
@@ -32,7 +33,7 @@ from finetune_trainer.spec import TrainingSpec
 
 def main() -> None:
     wire = json.loads(Path(sys.argv[1]).read_text())
-    rank = int(os.environ["RANK"])
+    rank = int(os.environ.get("RANK", "0"))
     out = Path(wire["output"]["location"])
     if os.environ.get("PRIVATE_OUTPUT_RANK") == str(rank):
         wire["output"]["location"] = str(out / f"rank-{rank}-private")
@@ -47,7 +48,12 @@ def main() -> None:
     save_final = run._save_final
 
     def save_and_dump(ctx: Any, trainer: Any, processor: Any) -> str:
-        torch.save({k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}, out / f"rank-{rank}.pt")
+        if trainer.sharded:  # the whole model, gathered on rank 0
+            state = sharding.full_state_dict(trainer.model)
+            if state is not None:
+                torch.save(state, out / f"rank-{rank}.pt")
+        else:
+            torch.save({k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}, out / f"rank-{rank}.pt")
         return save_final(ctx, trainer, processor)
 
     run._save_final = save_and_dump  # type: ignore[assignment]

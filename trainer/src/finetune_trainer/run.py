@@ -21,7 +21,7 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
 
 from finetune_trainer import data as data_mod
-from finetune_trainer import exitcodes
+from finetune_trainer import exitcodes, sharding
 from finetune_trainer.accelerator import require_accelerator
 from finetune_trainer.activation_cache import CACHE_DIR as ACTIVATION_CACHE_DIR
 from finetune_trainer.activation_cache import FixedShardSampler, memory_budget
@@ -150,6 +150,9 @@ def check_precision(precision: str) -> None:
 
 def load_weights(model: Any, directory: Path) -> None:
     """Put the weights a checkpoint holds into ``model`` (a LoRA model: its adapters), with public APIs only."""
+    if sharding.is_sharded(model):  # every rank reads its shards
+        sharding.load(directory, model, None)
+        return
     if isinstance(model, PeftModel):
         model.load_adapter(str(directory), adapter_name=model.active_adapter, is_trainable=True)
         return
@@ -194,9 +197,20 @@ def _final_metrics(ctx: RunContext, trainer: FineTuneTrainer, restored: bool, ha
     return {}
 
 
+def final_model(trainer: FineTuneTrainer) -> Any:
+    """The model to save: the trained one, or (sharded) one plain model gathered on rank 0 (None elsewhere)."""
+    model: Any = trainer.model
+    if not trainer.sharded:
+        return model
+    state = sharding.full_state_dict(model)  # every rank sends its shards
+    return sharding.unsharded(model, state) if state is not None else None
+
+
 def _save_final(ctx: RunContext, trainer: FineTuneTrainer, processor: Any) -> str:
     target = ctx.output_dir / "model"
-    model: Any = trainer.model
+    model: Any = final_model(trainer)
+    if model is None:  # a rank of a sharded model: its part is gathered on rank 0
+        return location_uri(target, ctx.spec.output.location, ctx.pvc_root)
     if hasattr(model, "merge_and_unload"):  # LoRA: ship a plain model with the adapters merged in
         model = model.float().merge_and_unload()  # in fp32: a bf16 base would round the adapters' update away
     if ctx.is_main:
@@ -439,9 +453,13 @@ def _trainer(
     """The Trainer with our callbacks (every rank checked to resume from the same step)."""
     spec, log, prepared = ctx.spec, ctx.log, frozen.prepared
     compute_metrics = classification_metrics(spec.evaluation.metrics, spec.model.effective_num_labels or 0)
+    args = training_arguments(spec, ctx.checkpoints_dir, env.log_every_steps, where.device, where.precision)
+    strategy = _shard(ctx, frozen.model, where)  # after the arguments: they start the process group
+    if resume is not None:
+        sharding.check_resumable(resume, strategy, where.ranks)
     trainer = FineTuneTrainer(
         model=frozen.model,
-        args=training_arguments(spec, ctx.checkpoints_dir, env.log_every_steps, where.device, where.precision),
+        args=args,
         data_collator=pad_for_tensor_cores(prepared.collator, where.device),
         train_dataset=prepared.train,
         eval_dataset=prepared.validation,
@@ -454,7 +472,7 @@ def _trainer(
     )
     _check_same_checkpoint(resume, where.rank, trainer.args.device)
     trainer.thaw_on_create = ctx.state.thawed_units
-    trainer.checkpointer = Checkpointer(ctx, trainer.write_checkpoint)
+    trainer.checkpointer = Checkpointer(ctx, trainer.write_checkpoint, every_rank=strategy == "fsdp")
     trainer.activation_cache = frozen.activation_cache
     trainer.remove_callback(PrinterCallback)  # our JSON lines replace its prints
     for callback in (
@@ -476,6 +494,31 @@ def _trainer(
             thawedUnits=ctx.state.thawed_units,
         )
     return trainer
+
+
+def _shard(ctx: RunContext, model: Any, where: Placement) -> sharding.Strategy:
+    """``distributed.strategy`` resolved; fsdp shards ``model`` across the ranks (one process: nothing to shard)."""
+    strategy = sharding.resolve_strategy(ctx.spec)
+    if strategy != "fsdp":
+        return strategy
+    if not torch.distributed.is_initialized():
+        ctx.log.emit("warning", message="distributed.strategy: fsdp in a single process: the model is not sharded")
+        return "ddp"
+    if where.precision == "fp16":
+        raise ConfigError(
+            "hyperparameters.precision: fp16 with distributed.strategy fsdp is not supported (its loss scaling "
+            "does not cover sharded gradients); use bf16 or fp32"
+        )
+    compute = torch.bfloat16 if where.device.cuda and where.precision == "bf16" else None
+    blocks = sharding.shard(model, compute)
+    ctx.log.emit(
+        "sharding",
+        strategy="fsdp",
+        ranks=where.ranks,
+        blocks=blocks,
+        mixedPrecision=str(compute).removeprefix("torch.") if compute is not None else None,
+    )
+    return strategy
 
 
 def _train(

@@ -296,6 +296,13 @@ class LoraSpec(SpecModel):
         ),
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train alongside the adapters.")
+    quantization: Literal["4bit"] | None = Field(
+        None,
+        description=(
+            "QLoRA: 4bit loads the frozen base in 4-bit NF4 with double quantization (bitsandbytes) and computes "
+            "in bf16; the adapters train in fp32. Needs a CUDA GPU."
+        ),
+    )
 
 
 class GradualUnfreezing(SpecModel):
@@ -645,6 +652,21 @@ class Output(SpecModel):
     )
 
 
+class Distributed(SpecModel):
+    """How the ranks of a multi-rank run share the model."""
+
+    strategy: Literal["ddp", "fsdp", "auto"] = Field(
+        "auto",
+        description=(
+            "ddp: every rank holds the whole model, optimizer state included. fsdp: parameters, gradients and "
+            "optimizer state are sharded across the ranks (PyTorch FSDP2, one unit per transformer block; bf16 "
+            "mixed precision on GPU), checkpoints are sharded and resume on the same number of ranks, the final "
+            "model is consolidated. auto: ddp when the model fits one GPU, else fsdp (ddp when the GPU memory "
+            "is unknown)."
+        ),
+    )
+
+
 TRAINING_RULES: tuple[Rule, ...] = (
     Rule(
         "augmentation",
@@ -697,6 +719,29 @@ TRAINING_RULES: tuple[Rule, ...] = (
         "!has(self.earlyStopping) || self.evaluation.strategy != 'no'",
         lambda t: t.early_stopping is None or t.evaluation.strategy != "no",
     ),
+    Rule(
+        "distributed.strategy",
+        "fsdp cannot thaw layers (freeze.gradualUnfreezing): FSDP2 fixes each block's trainable parameters when it "
+        "shards them, so a layer thawed later would never be reduced across ranks; use ddp",
+        "!has(self.distributed) || self.distributed.strategy != 'fsdp' || !has(self.freeze) "
+        "|| !has(self.freeze.gradualUnfreezing)",
+        lambda t: t.distributed.strategy != "fsdp" or t.freeze.gradual_unfreezing is None,
+    ),
+    Rule(
+        "distributed.strategy",
+        "fsdp cannot cache activations (freeze.cacheActivations): the cache replaces the frozen bottom of the "
+        "model that FSDP2 shards; use ddp",
+        "!has(self.distributed) || self.distributed.strategy != 'fsdp' || !has(self.freeze) "
+        "|| !self.freeze.cacheActivations",
+        lambda t: t.distributed.strategy != "fsdp" or not t.freeze.cache_activations,
+    ),
+    Rule(
+        "distributed.strategy",
+        "fsdp cannot shard a 4-bit base (freeze.lora.quantization): QLoRA runs with ddp",
+        "!has(self.distributed) || self.distributed.strategy != 'fsdp' || !has(self.freeze) "
+        "|| !has(self.freeze.lora) || !has(self.freeze.lora.quantization)",
+        lambda t: t.distributed.strategy != "fsdp" or t.freeze.lora is None or t.freeze.lora.quantization is None,
+    ),
 )
 """Cross-field CEL rules of TrainingSpec (also applied by the subclass that extends it)."""
 
@@ -714,3 +759,6 @@ class TrainingSpec(SpecModel):
     evaluation: Evaluation = Field(default_factory=Evaluation, description="When and what to evaluate.")
     early_stopping: EarlyStopping | None = Field(None, description="Early stopping; absent means train to the end.")
     output: Output = Field(description="Where checkpoints and the final model go.")
+    distributed: Distributed = Field(
+        default_factory=Distributed, description="How the ranks share the model (DDP or sharded FSDP)."
+    )
