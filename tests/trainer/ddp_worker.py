@@ -1,15 +1,17 @@
 """One rank of a real DDP run under torchrun (``torchrun ... ddp_worker.py SPEC.json``).
 
-It runs the trainer as a pod would and, for the test to compare, saves this rank's final weights
-to ``<output>/rank-<RANK>.pt`` and its result to ``<output>/rank-<RANK>.json``. With
-``FORCE_EARLY_STOP_RANK=N``, rank N alone sees early stopping fire at its first evaluation: the
-way one rank's verdict could differ from the others'. With ``PRIVATE_OUTPUT_RANK=N``, rank N
-writes to an output location of its own (storage the nodes do not share). A sharded (FSDP) run dumps the whole
-model gathered on rank 0 only; run without torchrun, the worker is the one process of a single-process run. With ``COUNT_FROZEN_CALLS=1``, the
-result also says how often the tiny BERT's lowest (frozen) block ran in training and in evaluation; it always lists
-the example indices of each training batch (when the activation cache indexes them). ``ACTIVATION_SPARE_MEMORY=N``
-makes the activation cache see N bytes of memory to spare in the pod (a small N: it spills to disk). With
-``TERMINATE_AT_STEP=N``, every rank sees SIGTERM's stop at step N (checkpoint and leave). Trainer errors exit
+It runs the trainer as a pod would and, for the test to compare, saves this rank's final weights to
+``<output>/rank-<RANK>.pt`` and its result to ``<output>/rank-<RANK>.json``. With ``FORCE_EARLY_STOP_RANK=N``, rank
+N alone sees early stopping fire at its first evaluation: the way one rank's verdict could differ from the others'.
+With ``PRIVATE_OUTPUT_RANK=N``, rank N writes to an output location of its own (storage the nodes do not share). A
+sharded (FSDP) run dumps the whole model gathered on rank 0 only; run without torchrun, the worker is the one
+process of a single-process run. With ``COUNT_FROZEN_CALLS=1``, the result also says how often the tiny BERT's
+lowest (frozen) block ran in training and in evaluation; it always lists the example indices of each training batch
+(when the activation cache indexes them). ``ACTIVATION_SPARE_MEMORY=N`` makes the activation cache see N bytes of
+memory to spare in the pod (a small N: it spills to disk). With ``TERMINATE_AT_STEP=N``, every rank sees SIGTERM's
+stop at step N (checkpoint and leave). With ``HANG_AFTER_CHECKPOINT=N``, every rank stops (sleeps, printing a
+``hanging`` line) once the checkpoint of step N is written: a run to kill after a checkpoint. ``EXTRA_SPECS=A:B``:
+the ranks then run those specs too, one after the other (one torchrun start for several runs). Trainer errors exit
 with their exit code and one line, as the CLI does.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +83,16 @@ def main() -> None:
             on_step_end(self, args, state, control, **kwargs)
 
         callbacks.StopCallback.on_step_end = terminate  # type: ignore[method-assign]
+    if "HANG_AFTER_CHECKPOINT" in os.environ:
+        save = callbacks.Checkpointer.save
+
+        def save_and_hang(self: Any, state: Any, control: Any) -> None:
+            save(self, state, control)
+            if state.global_step == int(os.environ["HANG_AFTER_CHECKPOINT"]):
+                print(json.dumps({"event": "hanging", "step": state.global_step}), flush=True)
+                time.sleep(600)  # until the test kills the ranks
+
+        callbacks.Checkpointer.save = save_and_hang  # type: ignore[method-assign]
     batches: list[list[int]] = []
     training_step = trainer.FineTuneTrainer.training_step
 
@@ -90,16 +103,19 @@ def main() -> None:
 
     trainer.FineTuneTrainer.training_step = record  # type: ignore[method-assign]
     torch.set_num_threads(1)
-    try:
-        result = run.run(TrainingSpec.model_validate(wire), RuntimeEnv(metrics_port=0, log_every_steps=1))
-    except TrainerError as error:
-        print(f"finetune-trainer: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(error.exit_code)
-    (out / f"rank-{rank}.json").write_text(
-        json.dumps(
-            {"reason": result.reason, "finalStep": result.final_step, "frozenCalls": frozen_calls, "batches": batches}
-        )
-    )
+    extra = [path for path in os.environ.get("EXTRA_SPECS", "").split(os.pathsep) if path]
+    for index, path in enumerate([sys.argv[1], *extra]):  # more runs, one after the other, in the same ranks
+        if index:
+            wire = json.loads(Path(path).read_text())
+            out = Path(wire["output"]["location"])
+            batches.clear()
+        try:
+            result = run.run(TrainingSpec.model_validate(wire), RuntimeEnv(metrics_port=0, log_every_steps=1))
+        except TrainerError as error:
+            print(f"finetune-trainer: error: {error}", file=sys.stderr, flush=True)
+            sys.exit(error.exit_code)
+        summary = {"reason": result.reason, "finalStep": result.final_step, "frozenCalls": frozen_calls}
+        (out / f"rank-{rank}.json").write_text(json.dumps({**summary, "batches": batches}))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from peft import get_peft_model
 from torch import distributed as dist
 from torch import nn
 from torch.distributed import checkpoint as dcp
@@ -152,13 +153,11 @@ def unsharded(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     to save it (``save_pretrained``, ``merge_and_unload``).
     """
     base = _base(model)
-    config: Any = getattr(base, "config")
+    config: Any = base.config
     with torch.device("meta"):
         plain: Any = _plain_class(base)(config)
     peft_config = getattr(model, "peft_config", None)
     if peft_config is not None:
-        from peft import get_peft_model
-
         adapter = getattr(model, "active_adapter", "default")
         plain = get_peft_model(plain, peft_config[adapter], adapter_name=adapter)
     plain.load_state_dict(state, strict=False, assign=True)
