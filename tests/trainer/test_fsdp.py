@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -165,3 +166,36 @@ def test_a_sharded_checkpoint_resumes_only_on_the_strategy_and_ranks_that_wrote_
         check_resumable(sharded, "ddp", 2)
     with pytest.raises(ConfigError, match="written by ddp, this run uses fsdp"):
         check_resumable(whole, "fsdp", 2)
+
+
+@pytest.mark.parametrize(
+    ("freeze", "refusal"),
+    [
+        ({"strategy": "head-only", "gradualUnfreezing": {}}, "fsdp cannot thaw layers (freeze.gradualUnfreezing)"),
+        ({"strategy": "head-only", "cacheActivations": True}, "fsdp cannot cache activations"),
+        ({"strategy": "lora", "lora": {"quantization": "4bit"}}, "fsdp cannot shard a 4-bit base"),
+    ],
+)
+def test_what_fsdp_cannot_do_is_refused_with_the_reason(
+    assets: dict[str, Path], tmp_path: Path, freeze: dict[str, Any], refusal: str
+) -> None:
+    from pydantic import ValidationError
+
+    from finetune_trainer.spec import TrainingSpec
+
+    wire = _wire(assets, tmp_path, "lora", "fsdp")
+    TrainingSpec.model_validate(wire)
+    with pytest.raises(ValidationError, match=re.escape(refusal)):
+        TrainingSpec.model_validate({**wire, "freeze": freeze})
+    TrainingSpec.model_validate({**wire, "freeze": freeze, "distributed": {"strategy": "ddp"}})
+
+
+def test_qlora_without_a_gpu_is_a_config_error_naming_the_field() -> None:
+    from finetune_trainer import qlora
+    from finetune_trainer.errors import ConfigError
+    from finetune_trainer.spec import FreezeSpec
+
+    qlora.require(FreezeSpec.model_validate({"strategy": "lora"}), cuda=False)
+    with pytest.raises(ConfigError, match=r"freeze\.lora\.quantization: 4bit \(QLoRA\) needs a CUDA GPU") as error:
+        qlora.require(FreezeSpec.model_validate({"strategy": "lora", "lora": {"quantization": "4bit"}}), cuda=False)
+    assert error.value.exit_code == 2

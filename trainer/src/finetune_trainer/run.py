@@ -21,7 +21,7 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
 
 from finetune_trainer import data as data_mod
-from finetune_trainer import exitcodes, sharding
+from finetune_trainer import exitcodes, qlora, sharding
 from finetune_trainer.accelerator import require_accelerator
 from finetune_trainer.activation_cache import CACHE_DIR as ACTIVATION_CACHE_DIR
 from finetune_trainer.activation_cache import FixedShardSampler, memory_budget
@@ -211,7 +211,9 @@ def _save_final(ctx: RunContext, trainer: FineTuneTrainer, processor: Any) -> st
     model: Any = final_model(trainer)
     if model is None:  # a rank of a sharded model: its part is gathered on rank 0
         return location_uri(target, ctx.spec.output.location, ctx.pvc_root)
-    if hasattr(model, "merge_and_unload"):  # LoRA: ship a plain model with the adapters merged in
+    if hasattr(model, "merge_and_unload") and getattr(model, "is_loaded_in_4bit", False):
+        model = qlora.merged(model)  # QLoRA
+    elif hasattr(model, "merge_and_unload"):  # LoRA: ship a plain model with the adapters merged in
         model = model.float().merge_and_unload()  # in fp32: a bf16 base would round the adapters' update away
     if ctx.is_main:
         # Whole or absent: a kill mid-save leaves the previous model (or none), never half of one.
@@ -303,6 +305,7 @@ def _placement(spec: TrainingSpec, log: JsonLines) -> Placement:
     check_precision(hp.precision)
     set_seed(hp.seed)
     device = detect_device()
+    qlora.require(spec.freeze, device.cuda)
     precision, precision_warning = resolve_precision(hp.precision, device)
     if precision_warning:
         log.emit("warning", message=precision_warning)
@@ -327,7 +330,11 @@ def _load(
         if prepared.cached_splits:
             log.emit("tokenized_cache", reused=list(prepared.cached_splits))
         model: PreTrainedModel = load_model(
-            spec.model, source, hp.dropout, base_dtype(spec.freeze.strategy, where.precision)
+            spec.model,
+            source,
+            hp.dropout,
+            base_dtype(spec.freeze.strategy, where.precision),
+            qlora.load_kwargs(spec.freeze, where.device.cuda),
         )
     align_pad_token(model, processor)
     return Loaded(model, processor, data_mod.drop_unused_inputs(prepared, model))
@@ -349,7 +356,7 @@ def _freeze(
     """Apply the freeze policy (and activation checkpointing, the activation cache); report what trains."""
     hp = spec.hyperparameters
     model, prepared, rank, ranks = loaded.model, loaded.prepared, where.rank, where.ranks
-    wrapped, plan = apply_freeze(model, spec.freeze, spec.model.task)
+    wrapped, plan = apply_freeze(qlora.prepare(model, spec.freeze), spec.freeze, spec.model.task)
     if plan.trainable == 0:
         raise ConfigError(
             f"freeze: strategy {spec.freeze.strategy} leaves no trainable parameter "
