@@ -10,9 +10,9 @@ lowest (frozen) block ran in training and in evaluation; it always lists the exa
 (when the activation cache indexes them). ``ACTIVATION_SPARE_MEMORY=N`` makes the activation cache see N bytes of
 memory to spare in the pod (a small N: it spills to disk). With ``TERMINATE_AT_STEP=N``, every rank sees SIGTERM's
 stop at step N (checkpoint and leave). With ``HANG_AFTER_CHECKPOINT=N``, every rank stops (sleeps, printing a
-``hanging`` line) once the checkpoint of step N is written: a run to kill after a checkpoint. ``EXTRA_SPECS=A:B``:
-the ranks then run those specs too, one after the other (one torchrun start for several runs). Trainer errors exit
-with their exit code and one line, as the CLI does.
+``hanging`` line with its pid) once the checkpoint of step N is written: a run to kill after a checkpoint.
+``EXTRA_SPECS=A:B``: the ranks then run those specs too, one after the other (one torchrun start for several
+runs). Trainer errors exit with their exit code and one line, as the CLI does.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def main() -> None:
         def save_and_hang(self: Any, state: Any, control: Any) -> None:
             save(self, state, control)
             if state.global_step == int(os.environ["HANG_AFTER_CHECKPOINT"]):
-                print(json.dumps({"event": "hanging", "step": state.global_step}), flush=True)
+                print(json.dumps({"event": "hanging", "step": state.global_step, "pid": os.getpid()}), flush=True)
                 time.sleep(600)  # until the test kills the ranks
 
         callbacks.Checkpointer.save = save_and_hang  # type: ignore[method-assign]

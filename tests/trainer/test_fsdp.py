@@ -130,15 +130,20 @@ def test_a_killed_fsdp_run_resumes_from_its_sharded_checkpoint(
         start_new_session=True,
     )  # fmt: skip
     assert process.stdout is not None
+    hanging: list[int] = []
     try:
         for line in process.stdout:
             if line.startswith('{"event": "hanging"'):
-                break
+                hanging.append(json.loads(line)["pid"])
+                if len(hanging) == 2:
+                    break
         else:
             raise AssertionError("the run ended without its first checkpoint")
     finally:
+        for pid in hanging:  # torchrun starts its workers in sessions of their own
+            os.kill(pid, signal.SIGKILL)
         os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
+        process.communicate(timeout=60)
     assert not (out / "result.json").exists(), "killed before the end"
 
     code, output = run_ranks(tmp_path, wire)

@@ -46,7 +46,7 @@ def load_kwargs(freeze: FreezeSpec, cuda: bool) -> dict[str, Any]:
     if quantization(freeze) is None:
         return {}
     require(freeze, cuda)
-    config = BitsAndBytesConfig(
+    config = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
@@ -61,7 +61,7 @@ def prepare(model: nn.Module, freeze: FreezeSpec) -> nn.Module:
     Activation checkpointing stays ours (non-reentrant, see checkpointing.py), not peft's reentrant default."""
     if quantization(freeze) is None:
         return model
-    prepared: nn.Module = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    prepared: nn.Module = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # type: ignore[no-untyped-call]
     return prepared
 
 

@@ -21,7 +21,6 @@ import torch
 from peft import get_peft_model
 from torch import distributed as dist
 from torch import nn
-from torch.distributed import checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -29,6 +28,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from finetune_trainer.errors import ConfigError
@@ -97,7 +98,7 @@ def save(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | N
     else:
         model_state, optimizer_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.save(state, checkpoint_id=str(directory / SHARDED_DIR))
+    dcp_save(state, checkpoint_id=str(directory / SHARDED_DIR))
     if dist.get_rank() == 0:
         (directory / SHARDING_FILE).write_text(json.dumps({"strategy": "fsdp", "worldSize": dist.get_world_size()}))
 
@@ -122,19 +123,18 @@ def load(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | N
     """Read this rank's shards of the model (and the optimizer state) back; collective."""
     if optimizer is None:
         model_state = get_model_state_dict(model)
-        dcp.load({"model": model_state}, checkpoint_id=str(directory / SHARDED_DIR))
+        dcp_load({"model": model_state}, checkpoint_id=str(directory / SHARDED_DIR))
         set_model_state_dict(model, model_state)
         return
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=str(directory / SHARDED_DIR))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    dcp_load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory / SHARDED_DIR))
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """The whole model's weights on the CPU of rank 0 (None on the others); collective."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(model, options=options)
+    state: dict[str, Any] = get_model_state_dict(model, options=options)
     return state if dist.get_rank() == 0 else None
 
 
@@ -143,7 +143,8 @@ def _plain_class(module: nn.Module) -> type[nn.Module]:
     cls = type(module)
     if not issubclass(cls, FSDPModule):
         return cls
-    return next(base for base in cls.__bases__ if not issubclass(base, FSDPModule))
+    plain: type[nn.Module] = next(base for base in cls.__bases__ if issubclass(base, nn.Module) and base is not cls)
+    return plain
 
 
 def unsharded(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:

@@ -122,8 +122,11 @@ class FineTuneTrainer(Trainer):
         self.state.save_to_json(str(directory / TRAINER_STATE_NAME))
 
     def _bare_optimizer(self) -> torch.optim.Optimizer:
-        optimizer: torch.optim.Optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
-        return optimizer
+        optimizer: Any = getattr(self.optimizer, "optimizer", self.optimizer)
+        if optimizer is None:
+            raise RuntimeError("the trainer has no optimizer")
+        bare: torch.optim.Optimizer = optimizer
+        return bare
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Sharded: the weights come back with the optimizer state (``_load_optimizer_and_scheduler``)."""
