@@ -1,5 +1,9 @@
-"""One table for a GPU: causal-LM tokens/s and MFU (ours vs plain transformers.Trainer, +/- torch.compile), and
-MiniLM sequence-classification samples/s with and without the frozen-prefix activation cache.
+"""One table for a GPU: causal-LM tokens/s and MFU (ours vs plain transformers.Trainer, +/- torch.compile),
+MiniLM sequence-classification samples/s with and without the frozen-prefix activation cache, and the memory rows
+(issue 27): a ~0.9B Llama fully fine-tuned with distributed.strategy ddp vs fsdp on one GPU, LoRA vs QLoRA (4-bit
+base) of the ~150M one, each with its peak ``max_memory_allocated`` beside the memory plan's estimate
+(``finetune_trainer.memory_plan``). A memory row that fails (no bitsandbytes, a strategy not built yet) prints
+why and the table goes on; QLoRA is skipped without CUDA.
 
 The causal LM is a Llama built from a config (~150M parameters; no weights ship on PyPI except as GGUF) with
 MiniLM's tokenizer, trained on packed Rotten Tomatoes text in bf16 (fp32 on CPU). ``--tiny`` shrinks everything
@@ -26,12 +30,18 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
 
 LM_ROWS = ["lm:plain", "lm:ours", "lm:plain+compile", "lm:ours+compile"]
 CLS_ROWS = ["minilm:ours", "minilm:ours+cache"]
+MEM_ROWS = ["mem:ddp", "mem:fsdp", "mem:lora", "mem:qlora"]
+"""Not at --tiny unless asked (``--only mem``): they would only lengthen the CPU test."""
 
 
-def lm_config(tiny: bool, vocab: int) -> Any:
+BILLION = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 16, "num_attention_heads": 16}
+"""~0.9B parameters with MiniLM's 30522-token vocabulary (tied embeddings)."""
+
+
+def lm_config(tiny: bool, vocab: int, size: dict[str, int] | None = None) -> Any:
     from transformers import LlamaConfig
 
-    size = (
+    size = size or (
         {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
         if tiny
         else {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12}
@@ -48,7 +58,7 @@ def lm_config(tiny: bool, vocab: int) -> Any:
     )
 
 
-def prepare_lm(root: Path, tiny: bool) -> tuple[Path, Path]:
+def prepare_lm(root: Path, tiny: bool, size: dict[str, int] | None = None) -> tuple[Path, Path]:
     """A from-config Llama with MiniLM's tokenizer, and a train.jsonl of review text."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -56,7 +66,7 @@ def prepare_lm(root: Path, tiny: bool) -> tuple[Path, Path]:
 
     tokenizer = AutoTokenizer.from_pretrained(str(finetune_assets.minilm_dir()))
     model_dir = root / "llama"
-    LlamaForCausalLM(lm_config(tiny, len(tokenizer))).save_pretrained(str(model_dir))
+    LlamaForCausalLM(lm_config(tiny, len(tokenizer), size)).save_pretrained(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
     train, _ = finetune_assets.rotten_tomatoes(n_train=400 if tiny else 4000, n_val=16, seed=0)
     return model_dir, train
@@ -104,9 +114,14 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
     kind, _, variant = args.row.partition(":")
     gpu = torch.cuda.is_available()
     precision = "bf16" if gpu else "fp32"
+    estimate = None
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp, step_clock() as step_ends:
         root = Path(tmp)
-        if kind == "lm":
+        if kind == "mem":
+            model_dir, train = prepare_lm(root, args.tiny, None if args.tiny or variant.endswith("lora") else BILLION)
+            estimate = ours_mem(args, model_dir, train, root / "out", precision, variant)
+            params, unit = 0, args.batch * args.seq
+        elif kind == "lm":
             model_dir, train = prepare_lm(root, args.tiny)
             who, _, extra = variant.partition("+")
             compile_ = extra == "compile"
@@ -135,11 +150,41 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "row": args.row,
         "rate": rate,
-        "unit": "tokens/s" if kind == "lm" else "samples/s",
+        "unit": "tokens/s" if kind in ("lm", "mem") else "samples/s",
         "mfu": 6 * params * rate / peak if peak and kind == "lm" else None,
         "params": params,
         "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if gpu else None,
+        "estimate_mib": estimate,
     }
+
+
+def ours_mem(
+    args: argparse.Namespace, model_dir: Path, train: Path, out: Path, precision: str, variant: str
+) -> float | None:
+    """Train one memory row with our trainer; the memory plan's per-GPU estimate (MiB) for it, on this GPU."""
+    import torch
+
+    from finetune_trainer.memory_plan import Gpus, plan, read_config
+    from finetune_trainer.spec import TrainingSpec
+
+    spec = _common(args, out, precision, False)
+    spec["hyperparameters"]["maxSteps"] = args.steps
+    if variant in ("ddp", "fsdp"):
+        spec["distributed"] = {"strategy": variant}
+    else:
+        lora: dict[str, Any] = {"r": 16, "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+        spec["freeze"] = {"strategy": "lora", "lora": {**lora, "quantization": "4bit"} if variant == "qlora" else lora}
+    wire = {
+        "model": {"source": str(model_dir), "task": "causal-lm"},
+        "dataset": {"source": str(train.parent), "train": train.name, "maxSeqLength": args.seq, "packing": True},
+        **spec,
+    }
+    _run_ours(wire)
+    config = read_config(model_dir)
+    memory = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    found = plan(TrainingSpec.model_validate(wire), config or {}, Gpus(1, memory, "this GPU"), precision)
+    gib = found.per_gpu_gib(found.strategy)
+    return gib * 1024 if gib is not None else None
 
 
 def _run_ours(spec: dict[str, Any]) -> None:
@@ -232,6 +277,12 @@ def plain_lm(args: argparse.Namespace, model_dir: Path, train: Path, out: Path, 
     Trainer(model=model, args=training_args, train_dataset=data, data_collator=collator).train()
 
 
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny sizes that run on CPU in about a minute")
@@ -239,16 +290,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=0)
     parser.add_argument("--batch", type=int, default=0)
     parser.add_argument("--seq", type=int, default=0)
+    parser.add_argument("--only", help="run only the rows whose name starts with this (lm, minilm, mem)")
     args = parser.parse_args(argv)
     if args.row:
         print("RESULT " + json.dumps(run_row(args)), flush=True)
         return
-    rows = [r for r in LM_ROWS + CLS_ROWS if not (args.tiny and r.endswith("+compile"))]  # no compiler on CPU CI
+    rows = [r for r in LM_ROWS + CLS_ROWS + MEM_ROWS if not (args.tiny and r.endswith("+compile"))]  # no CPU compiler
+    rows = (
+        [r for r in rows if r.startswith(args.only)]
+        if args.only
+        else [r for r in rows if not (args.tiny and r.startswith("mem:"))]
+    )
     results = []
     for row in rows:
-        lm = row.startswith("lm:")
+        lm = row.startswith(("lm:", "mem:"))
         steps, batch, seq = (6, 4, 32) if args.tiny else ((60, 8, 1024) if lm else (30, 64, 64))
+        if row.startswith("mem:") and not args.tiny:
+            steps, batch = 12, 4
         flags = [f"--steps={steps}", f"--batch={batch}", f"--seq={seq}"]
+        if row == "mem:qlora" and not cuda_available():
+            print(f"{row}: skipped: QLoRA (bitsandbytes 4-bit) needs CUDA", file=sys.stderr)
+            continue
         if args.tiny:  # one process for every row: the torch and transformers imports are most of a tiny row
             results.append(run_row(parser.parse_args(["--tiny", "--row", row, *flags])))
             continue
@@ -259,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             print(f"{row}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+            if row.startswith("mem:"):  # they need parts other work builds (FSDP2, bitsandbytes): the table goes on
+                continue
             sys.exit(1)
         results.append(json.loads(line.removeprefix("RESULT ")))
     print(f"{'row':<20}{'rate':>14}  {'unit':<10}{'MFU':>7}{'peak MiB':>10}")
@@ -266,6 +330,14 @@ def main(argv: list[str] | None = None) -> None:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
         print(f"{r['row']:<20}{r['rate']:>14.1f}  {r['unit']:<10}{mfu:>7}{peak:>10}")
+    memory = [r for r in results if r["row"].startswith("mem:")]
+    if memory:
+        print(f"{'memory row':<20}{'tokens/s':>10}{'peak MiB':>10}{'plan MiB':>10}{'plan/peak':>10}")
+    for r in memory:
+        peak, plan_mib = r["peak_mib"], r["estimate_mib"]
+        ratio = f"{plan_mib / peak:.2f}" if peak and plan_mib else "n/a"
+        shown = [f"{v:.0f}" if v is not None else "n/a" for v in (peak, plan_mib)]
+        print(f"{r['row']:<20}{r['rate']:>10.1f}{shown[0]:>10}{shown[1]:>10}{ratio:>10}")
     rate = {r["row"]: r["rate"] for r in results}
     for row, anchor in (
         ("lm:ours", "lm:plain"),

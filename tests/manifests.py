@@ -16,12 +16,17 @@ import yaml
 
 from finetune_operator.sweep_api import FineTuneSweepSpec, choices
 from finetune_trainer.contract import (
+    MAX_ARTIFACTS,
     MAX_CHECKPOINT_URI_LENGTH,
     MAX_EVALUATIONS,
+    MAX_LINEAGE_LENGTH,
     MAX_METRIC_NAME_LENGTH,
     MAX_METRICS_PER_EVALUATION,
+    Artifact,
+    BaseModelLineage,
     BestResult,
     EvaluationRecord,
+    MemoryPlan,
     Progress,
     TrainerStatus,
 )
@@ -135,6 +140,11 @@ INVALID: list[Invalid] = [
     Invalid("early-stop-metric-not-evaluated", _set("earlyStopping.metric", "f1"), "earlyStopping.metric"),
     Invalid("perplexity-on-classifier", _set("evaluation.metrics", ["loss", "perplexity"]), "evaluation.metrics"),
     Invalid("missing-labels", _delete("model.numLabels"), "model.numLabels"),
+    Invalid("dataset-subset-on-files", _set("dataset.subset", "sst2"), "dataset.subset"),
+    Invalid("dataset-revision-on-files", _set("dataset.revision", "main"), "dataset.revision"),
+    Invalid("dataset-token-on-files", _set("dataset.tokenSecretRef", {"name": "hf"}), "dataset.tokenSecretRef"),
+    Invalid("adapter-export-without-lora", _set("output.export", {"formats": ["adapter"]}), "output.export.formats"),
+    Invalid("unknown-export-dtype", _set("output.export", {"dtype": "int4"}), "output.export.dtype"),
     Invalid("bad-cpu-quantity", _set("resources.cpu", "lots"), "resources.cpu"),
     Invalid("nodes-zero", _set("resources.nodes", 0), "resources.nodes"),
     Invalid(
@@ -219,4 +229,18 @@ def trainer_status_at_the_bounds(output: str) -> TrainerStatus:
     checkpoint = f"{output}/checkpoints/" + "c" * (MAX_CHECKPOINT_URI_LENGTH - len(output) - len("/checkpoints/"))
     best = BestResult(metric=names[0], value=0.5, step=3, epoch=0.3, checkpoint=checkpoint, majority_baseline=None)
     progress = Progress(step=7, total_steps=70, epoch=0.7, percent=10.0, last_heartbeat_time="2026-12-04T23:39:22Z")
-    return TrainerStatus(progress=progress, evaluations=evaluations, best=best)
+    lineage = BaseModelLineage(source="pvc://models/base", revision="r" * MAX_LINEAGE_LENGTH)
+    artifacts = [
+        Artifact(
+            uri=f"{output}/a{i}/" + "u" * (MAX_CHECKPOINT_URI_LENGTH - len(output) - len(f"/a{i}/")),
+            kind="adapter",
+            size_bytes=2**40,
+            sha256="f" * 64,
+            dtype="bf16",
+            base_model=lineage,
+            dataset_fingerprint="d" * MAX_LINEAGE_LENGTH,
+        )
+        for i in range(MAX_ARTIFACTS)
+    ]
+    memory = MemoryPlan(strategy="fsdp", requested="auto", world_size=8, gpu_memory_gi_b=24.0, per_gpu_gi_b=17.95)
+    return TrainerStatus(progress=progress, evaluations=evaluations, best=best, artifacts=artifacts, memory_plan=memory)

@@ -237,3 +237,46 @@ def test_kubectl_finds_the_plugin_on_path(
     res = kubectl_finetune(local_cluster, "list", "-n", namespace)
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines()[1].split()[:3] == ["viaplugin", "Running", "50%"]
+
+
+@pytest.fixture(scope="session")
+def inferenceservice_crd(local_cluster: LocalCluster) -> None:
+    """KServe's InferenceService CRD (from the Go module proxy, cached): the API server then validates exports."""
+    from finetune_localcluster.kserve import ensure_inferenceservice_crd
+    from finetune_localcluster.kubeconfig import install_crd
+
+    with local_cluster.api_client() as api:
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # 1 MB of schema: the C loader parses it in a second
+        install_crd(api, yaml.load(ensure_inferenceservice_crd().read_text(), Loader=loader))
+
+
+def test_export_prints_an_inferenceservice_the_api_server_accepts_and_vllm_lines(
+    local_cluster: LocalCluster,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+    inferenceservice_crd: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tests.cli.test_serving import COMMIT, lora_job
+
+    manifest = lora_job()
+    manifest["metadata"] = {"name": manifest["metadata"]["name"], "namespace": namespace}
+    status = manifest.pop("status")
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
+    _patch_status(custom, namespace, "sentiment-lora", status)
+
+    assert _run(local_cluster, "export", "sentiment-lora", "-n", namespace) == 0
+    exported = capsys.readouterr().out
+    applied = local_cluster.kubectl("apply", "--dry-run=server", "-o", "json", "-f", "-", input=exported)
+    isvc = json.loads(applied.stdout)
+    assert (isvc["kind"], isvc["metadata"]["namespace"]) == ("InferenceService", namespace)
+    assert isvc["spec"]["predictor"]["model"]["storageUri"] == "pvc://models/sentiment-lora/model"
+
+    assert _run(local_cluster, "export", "sentiment-lora", "-n", namespace, "--format", "vllm") == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"vllm serve org/base --revision {COMMIT} --enable-lora "
+        "--lora-modules sentiment-lora=/mnt/pvc/models/sentiment-lora/adapter --max-lora-rank 8",
+        "vllm serve /mnt/pvc/models/sentiment-lora/model --served-model-name sentiment-lora --dtype bfloat16",
+    ]
+    assert _run(local_cluster, "export", "sentiment-lora", "-n", namespace, "--artifact", "model") == 1
+    assert "no artifact of kind model" in capsys.readouterr().err

@@ -78,6 +78,7 @@ class Operator:
     metrics_port: int
     health_port: int
     resync_seconds: float = 2
+    extra_args: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -96,6 +97,7 @@ class Operator:
             str(self.resync_seconds),
             "--report-interval-seconds",
             "1",
+            *self.extra_args,
         ]
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         with self.log.open("ab") as out:
@@ -128,7 +130,9 @@ class Operator:
 
 
 @contextlib.contextmanager
-def running_operator(cluster: LocalCluster, directory: Path, resync_seconds: float = 2) -> Iterator[Operator]:
+def running_operator(
+    cluster: LocalCluster, directory: Path, resync_seconds: float = 2, extra_args: tuple[str, ...] = ()
+) -> Iterator[Operator]:
     """The operator on ``cluster``, running with only the permissions the Helm chart grants it."""
     running = Operator(
         kubeconfig=service_account_kubeconfig(
@@ -138,6 +142,7 @@ def running_operator(cluster: LocalCluster, directory: Path, resync_seconds: flo
         metrics_port=free_port(),
         health_port=free_port(),
         resync_seconds=resync_seconds,
+        extra_args=extra_args,
     )
     running.start()
     try:

@@ -13,6 +13,7 @@ import time
 import pytest
 from kubernetes import client
 
+from finetune_trainer.manifest import verify
 from tests.e2e.conftest import Jobs, RealNamespace, real_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -60,6 +61,11 @@ def test_real_trainer_reports_progress_and_completes(started: RealNamespace) -> 
     result = json.loads((volumes / "tiny" / "result.json").read_text())
     assert result["reason"] == "Succeeded"
     assert (volumes / "tiny" / "model" / "config.json").exists()
+    # What the trainer published, through the API server and the status policy, named by the manifest on disk.
+    (artifact,) = status["artifacts"]
+    assert (artifact["uri"], artifact["kind"], artifact["dtype"]) == ("pvc://outputs/tiny/model", "model", "fp32")
+    assert artifact["sha256"] == verify(volumes / "tiny" / "model").sha256
+    assert artifact["baseModel"]["revision"].startswith("sha256:")
 
     # Re-run from Git: delete, wait for the old children to go, apply the same manifest (same output
     # location, new uid). It must train again, not resume (or instantly "finish") the old run.

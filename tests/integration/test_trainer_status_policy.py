@@ -44,10 +44,12 @@ OPERATOR_STATUS = {
         "triggered": True,
     },
     "restarts": 1,
+    # the identity the operator records; only that ServiceAccount may write the status
+    "workload": {"serviceAccount": Names.of(NAME).service_account},
 }
 
 
-def _token_client(local_cluster: LocalCluster, namespace: str, account: str) -> client.ApiClient:
+def token_client(local_cluster: LocalCluster, namespace: str, account: str) -> client.ApiClient:
     """An API client holding a fresh token of ``account``: the identity the trainer pod runs as."""
     with local_cluster.api_client() as api:
         token = (
@@ -92,7 +94,7 @@ def trainer(local_cluster: LocalCluster, crd: Any, namespace: str) -> Iterator[c
                 except client.ApiException as error:  # an operator running in this session made it first
                     if error.status != 409:
                         raise
-    with _token_client(local_cluster, namespace, Names.of(NAME).service_account) as api:
+    with token_client(local_cluster, namespace, Names.of(NAME).service_account) as api:
         yield client.CustomObjectsApi(api)
 
 
@@ -210,6 +212,14 @@ def test_trainer_cannot_touch_the_operators_keys(
             "status.best.checkpoint",
         ),
         ({"best": {"metric": "a" * 500, "value": 1.0, "step": 1}}, "status.best.metric"),
+        (
+            {"artifacts": [{"uri": "file:///etc", "kind": "model", "sizeBytes": 1, "sha256": "0" * 64}]},
+            "status.artifacts",
+        ),
+        (
+            {"artifacts": [{"uri": f"{OUTPUT}/../x", "kind": "model", "sizeBytes": 1, "sha256": "0" * 64}]},
+            "status.artifacts",
+        ),
     ],
     ids=[
         "too-many-evaluations",
@@ -219,6 +229,8 @@ def test_trainer_cannot_touch_the_operators_keys(
         "checkpoint-sibling",
         "checkpoint-dotdot",
         "long-best-metric",
+        "artifact-elsewhere",
+        "artifact-dotdot",
     ],
 )
 def test_trainer_keys_are_bounded(

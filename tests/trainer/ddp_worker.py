@@ -50,14 +50,14 @@ def main() -> None:
         callbacks.observe = fire  # type: ignore[assignment]
     save_final = run._save_final
 
-    def save_and_dump(ctx: Any, trainer: Any, processor: Any) -> str:
+    def save_and_dump(ctx: Any, trainer: Any, *args: Any) -> Any:
         if trainer.sharded:  # the whole model, gathered on rank 0
             state = sharding.full_state_dict(trainer.model)
             if state is not None:
                 torch.save(state, out / f"rank-{rank}.pt")
         else:
             torch.save({k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}, out / f"rank-{rank}.pt")
-        return save_final(ctx, trainer, processor)
+        return save_final(ctx, trainer, *args)
 
     run._save_final = save_and_dump  # type: ignore[assignment]
     frozen_calls = {"train": 0, "eval": 0}

@@ -64,3 +64,51 @@ def test_env_defaults_and_token_never_in_repr() -> None:
     assert not env.in_cluster_reporting and "hf_secret" not in repr(env)
     with pytest.raises(ConfigError):
         RuntimeEnv.from_environ({"FINETUNE_METRICS_PORT": "x"})
+
+
+@pytest.mark.parametrize(
+    ("environ", "token"),
+    [
+        ({"HF_TOKEN": "model-token", "FINETUNE_DATASET_HF_TOKEN": "data-token"}, "data-token"),
+        ({"HF_TOKEN": "model-token"}, "model-token"),  # no token of its own: the model's, as before
+    ],
+)
+def test_a_hub_dataset_is_loaded_with_its_subset_revision_and_token(
+    environ: dict[str, str], token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Hub is not reachable here: the arguments ``datasets.load_dataset`` gets are the proof."""
+    from datasets import Dataset
+
+    from finetune_trainer.data import splits
+    from finetune_trainer.spec import TrainingSpec
+
+    calls: list[tuple[tuple[object, ...], dict[str, object]]] = []
+
+    def load_dataset(*args: object, **kwargs: object) -> Dataset:
+        calls.append((args, kwargs))
+        return Dataset.from_dict({"text": ["a"], "label": [0]})
+
+    monkeypatch.setattr(splits, "load_dataset", load_dataset)
+    spec = TrainingSpec.model_validate(
+        {
+            "model": {"source": "/models/m", "task": "sequence-classification", "numLabels": 2},
+            "dataset": {
+                "source": "hf://datasets/nyu-mll/glue",
+                "subset": "sst2",
+                "revision": "bcdcba79d07bc864c1c254ccfcedcce55bcc9a8c",
+                "tokenSecretRef": {"name": "data-token"},
+                "train": "train",
+            },
+            "output": {"location": "/out"},
+        }
+    )
+    env = RuntimeEnv.from_environ(environ)
+    assert "data-token" not in repr(env)
+    split = splits.read_hub(spec, env, "train", "dataset.train")
+    assert len(split) == 1
+    assert calls == [
+        (
+            ("nyu-mll/glue", "sst2"),
+            {"split": "train", "revision": "bcdcba79d07bc864c1c254ccfcedcce55bcc9a8c", "token": token},
+        )
+    ]

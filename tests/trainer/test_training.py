@@ -292,23 +292,90 @@ def test_images_are_resized_and_center_cropped_by_the_image_processor(tmp_path: 
     assert torch.allclose(prepared.train[0]["pixel_values"], pixels.flip(-1), atol=0.05)
 
 
-def test_lora_run_saves_a_merged_model(assets: dict[str, Path], tmp_path: Path) -> None:
-    from transformers import AutoModelForSequenceClassification
+def _predictions(model: Any, rows: Any) -> list[int]:
+    with torch.no_grad():
+        return [
+            int(model(**{k: torch.as_tensor(v)[None] for k, v in row.items() if k != "labels"}).logits.argmax(-1))
+            for row in rows
+        ]
 
+
+def test_a_bf16_lora_run_publishes_an_adapter_and_a_merged_model_that_agree(
+    assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 26: the adapter (peft's format, loadable onto the base) and the merged model, both in the compute dtype
+    (bf16: precision bf16 on the CPU), predict the same labels; status.artifacts names both by their manifests."""
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from finetune_trainer import data
+    from finetune_trainer import run as run_mod
+    from finetune_trainer.config import RuntimeEnv
+    from finetune_trainer.export import base_revision
+    from finetune_trainer.manifest import verify
+    from finetune_trainer.spec import TrainingSpec
+    from tests.trainer.test_reporting import FakeApi
+
+    api = FakeApi()
+    monkeypatch.setattr(run_mod, "load_kube_api", lambda: api)
     out = tmp_path / "out"
     wire = tiny.spec(
         assets["bert"],
         assets["sentiment"],
         out,
-        hyperparameters={"maxSteps": 4, "learningRate": 1e-2, "layerwiseLrDecay": 0.8, "gradientAccumulationSteps": 2},
+        hyperparameters={
+            "maxSteps": 48,
+            "batchSize": 8,
+            "learningRate": 5e-2,
+            "precision": "bf16",
+            "layerwiseLrDecay": 0.8,
+        },
         freeze={"strategy": "lora", "lora": {"r": 4, "alpha": 8}},
         evaluation={"strategy": "no", "metrics": ["loss"]},
     )
-    result, events = train(wire)
+    result, events = train(wire, job_name="job", job_namespace="ns", report_interval_seconds=0.2)
     freeze = of(events, "freeze")[0]
     assert result.reason == "Succeeded" and freeze["trainable"] < freeze["total"] / 5
-    model = AutoModelForSequenceClassification.from_pretrained(str(out / "model"))
-    assert not any("lora" in n for n, _ in model.named_parameters())
+    # the memory plan: no GPU memory known on CPU, so auto is ddp; the estimate is there all the same
+    assert freeze["memoryPlan"]["strategy"] == "ddp" and freeze["memoryPlan"]["gpuMemoryGiB"] is None
+    assert set(freeze["memoryPlan"]["perGpuGiBByStrategy"]) == {"ddp", "fsdp"}
+
+    # Both published, in bf16, each with its manifest; status.artifacts names them by the manifests' hashes.
+    stored: dict[str, Any] = {}
+    for patch in api.patches:
+        stored.update(patch["status"])
+    artifacts = {a["kind"]: a for a in stored["artifacts"]}
+    assert artifacts.keys() == {"adapter", "merged"} and result_json(out)["artifacts"] == stored["artifacts"]
+    for kind, directory in (("adapter", out / "adapter"), ("merged", out / "model")):
+        manifest = verify(directory)
+        listed = artifacts[kind]
+        assert listed["uri"] == str(directory) and listed["dtype"] == "bf16"
+        assert (listed["sha256"], listed["sizeBytes"]) == (manifest.sha256, manifest.total_size)
+        revision = base_revision(str(assets["bert"]), None)
+        assert listed["baseModel"] == {"source": str(assets["bert"]), "revision": revision}
+        assert listed["datasetFingerprint"].startswith("sha256:")
+        weights = next(directory.glob("*.safetensors"))
+        with safe_open(str(weights), "pt") as tensors:
+            dtypes = {tensors.get_slice(name).get_dtype() for name in tensors.keys()}  # noqa: SIM118
+        assert dtypes == {"BF16"}, (kind, dtypes)
+    assert not any("lora" in path.path for path in verify(out / "model").files)
+
+    # peft loads the adapter onto the base; the merged model is a plain model; they predict the same labels.
+    base = AutoModelForSequenceClassification.from_pretrained(str(assets["bert"]), num_labels=2, dtype=torch.bfloat16)
+    adapted = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    plain = AutoModelForSequenceClassification.from_pretrained(str(out / "model")).eval()
+    assert plain.dtype == torch.bfloat16 and not any("lora" in n for n, _ in plain.named_parameters())
+    processor = AutoTokenizer.from_pretrained(str(out / "adapter"))
+    prepared = data.prepare(TrainingSpec.model_validate(wire), RuntimeEnv(), processor, plain.config)
+    assert prepared.validation is not None
+    labels = [int(row["labels"]) for row in prepared.validation]
+    on_base, merged = _predictions(adapted, prepared.validation), _predictions(plain, prepared.validation)
+    agree = sum(a == b for a, b in zip(on_base, merged, strict=True)) / len(labels)
+    accuracy = sum(a == b for a, b in zip(merged, labels, strict=True)) / len(labels)
+    print(f"adapter-on-base vs merged agreement {agree:.3f} on {len(labels)} examples; merged accuracy {accuracy:.3f}")
+    assert agree >= 0.99
+    assert accuracy > 0.65, "the adapter learned nothing: agreement would be trivial"
 
 
 def test_pvc_locations_resolve_under_the_mount_root_and_are_reported_as_pvc_uris(

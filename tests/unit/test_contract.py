@@ -21,6 +21,7 @@ from finetune_operator.reconcile.observe import OPERATOR_WRITES, status_patch
 from finetune_trainer import contract
 from finetune_trainer.config import RuntimeEnv
 from finetune_trainer.contract import (
+    MAX_ARTIFACTS,
     MAX_CHECKPOINT_URI_LENGTH,
     MAX_EVALUATIONS,
     MAX_METRIC_NAME_LENGTH,
@@ -87,7 +88,13 @@ def test_the_key_split_is_the_contracts_in_the_policy_and_in_the_operators_write
     assert guarded == every - set(TRAINER_STATUS_KEYS) == set(OPERATOR_STATUS_KEYS)
     assert set(OPERATOR_WRITES) == (every - set(TRAINER_STATUS_KEYS)) | set(SHARED_STATUS_KEYS)
     bounds = " ".join(v["expression"] + v["message"] for v in policy["spec"]["validations"])
-    for bound in (MAX_EVALUATIONS, MAX_METRICS_PER_EVALUATION, MAX_METRIC_NAME_LENGTH, MAX_CHECKPOINT_URI_LENGTH):
+    for bound in (
+        MAX_EVALUATIONS,
+        MAX_METRICS_PER_EVALUATION,
+        MAX_METRIC_NAME_LENGTH,
+        MAX_CHECKPOINT_URI_LENGTH,
+        MAX_ARTIFACTS,
+    ):
         assert str(bound) in bounds
 
 
@@ -125,7 +132,8 @@ def _trainer_env(settings: Settings) -> list[dict[str, Any]]:
     manifest = baseline("envs")
     manifest["metadata"].update({"namespace": "ml", "uid": "uid-1"})
     manifest["spec"]["model"].update({"source": "hf://org/model", "tokenSecretRef": {"name": "hf"}})
-    manifest["spec"]["resources"] = {"cpu": 4}
+    manifest["spec"]["dataset"].update({"source": "hf://datasets/org/data", "tokenSecretRef": {"name": "hf-data"}})
+    manifest["spec"]["resources"] = {"cpu": 4, "gpuMemory": "24Gi"}
     env: list[dict[str, Any]] = batch_job(FineTuneJob.model_validate(manifest), settings)["spec"]["template"]["spec"][
         "containers"
     ][0]["env"]
@@ -145,6 +153,7 @@ def test_every_env_name_the_operator_sets_the_trainer_reads_and_back() -> None:
     assert environ.read | {contract.CPU_REQUEST_ENV} == OPERATOR_ENV | USER_ENV
     assert (env.job_name, env.job_namespace, env.job_uid) == ("envs", f"<{contract.JOB_NAMESPACE_ENV}>", "uid-1")
     assert (env.metrics_port, env.report_interval_seconds, env.pvc_root) == (9911, 7.0, Path("/claims"))
+    assert env.gpu_memory == 24 * 2**30  # the memory plan's GPU, from resources.gpuMemory
 
 
 def test_both_sides_default_alike() -> None:

@@ -16,6 +16,7 @@ from finetune_operator.crd import (
     CRD_FILE,
     USER_ROLES_FILE,
     build_crd,
+    generated_files,
     render_crd,
     render_rules,
     render_user_roles,
@@ -37,6 +38,11 @@ def _nodes(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str
         yield from _nodes(node["items"], f"{path}[]")
     if isinstance(node.get("additionalProperties"), dict):
         yield from _nodes(node["additionalProperties"], f"{path}{{}}")
+
+
+def test_every_generated_file_is_current() -> None:
+    stale = [str(path) for path, text in generated_files().items() if (ROOT / path).read_text() != text]
+    assert not stale, f"stale generated files (run `make crds`): {stale}"
 
 
 def test_checked_in_crd_matches_the_models() -> None:

@@ -118,9 +118,55 @@ def test_pvc_sources_are_mounted_and_token_comes_from_the_secret() -> None:
     pod = batch_job(FineTuneJob.model_validate(manifest), SETTINGS)["spec"]["template"]["spec"]
     claims = sorted(v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v)
     assert claims == ["data", "models"]
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
     assert "value" not in env["HF_TOKEN"]
+    assert "FINETUNE_DATASET_HF_TOKEN" not in env, "no dataset token Secret: the model's token serves both"
+
+
+def test_a_hub_dataset_gets_a_token_of_its_own() -> None:
+    manifest = baseline("hubdata")
+    manifest["spec"]["dataset"] = {
+        "source": "hf://datasets/org/private",
+        "subset": "sst2",
+        "revision": "v1.0",
+        "tokenSecretRef": {"name": "data-token", "key": "hf"},
+        "train": "train",
+    }
+    pod = batch_job(FineTuneJob.model_validate(manifest), SETTINGS)["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["FINETUNE_DATASET_HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "data-token", "key": "hf"}
+    assert "HF_TOKEN" not in env and "value" not in env["FINETUNE_DATASET_HF_TOKEN"]
+
+
+@pytest.mark.parametrize(
+    ("model", "dataset", "output", "read_only"),
+    [
+        ("pvc://models/base", "pvc://data/rt", "pvc://runs/out", {"models": True, "data": True, "runs": False}),
+        ("pvc://shared/base", "pvc://shared/rt", "pvc://shared/out", {"shared": False}),  # source and output
+        ("pvc://models/base", "file:///data/rt", "pvc://models/out", {"models": False}),
+    ],
+    ids=["sources-read-only", "one-claim-for-all", "model-claim-is-the-output"],
+)
+def test_a_claim_only_read_is_mounted_read_only(
+    model: str, dataset: str, output: str, read_only: dict[str, bool]
+) -> None:
+    """On main every claim was mounted read-write: a trainer could alter its (and its neighbours') sources."""
+    manifest = baseline("claims")
+    manifest["spec"]["model"]["source"] = model
+    manifest["spec"]["dataset"]["source"] = dataset
+    manifest["spec"]["output"]["location"] = output
+    pod = batch_job(FineTuneJob.model_validate(manifest), SETTINGS)["spec"]["template"]["spec"]
+    volumes = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v
+    }
+    mounts = {
+        volumes[m["name"]]: m.get("readOnly", False)
+        for m in pod["containers"][0]["volumeMounts"]
+        if m["name"] in volumes
+    }
+    assert mounts == read_only
 
 
 def test_multi_node_is_an_indexed_job_with_a_headless_service() -> None:

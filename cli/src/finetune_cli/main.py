@@ -28,12 +28,14 @@ from urllib3.exceptions import HTTPError
 from finetune_cli import kube as k
 from finetune_cli import sweeps
 from finetune_cli.render import describe, final_line, list_table, outcome, parse_job, progress_line
-from finetune_operator.api import STOP_ANNOTATION
+from finetune_cli.serving import ExportError, serving
+from finetune_operator.api import ARTIFACT_KINDS, STOP_ANNOTATION
 from finetune_operator.redact import printable
 from finetune_operator.sweep_api import SWEEP_KIND
 from finetune_trainer.advice import advise
-from finetune_trainer.config import RuntimeEnv, load_spec, local_path
+from finetune_trainer.config import RuntimeEnv, load_spec, local_path, resources_of
 from finetune_trainer.errors import TrainerError
+from finetune_trainer.memory_plan import GIB, Gpus, plan, print_memory_plan, read_config
 from finetune_trainer.spec import TrainingSpec
 
 EXIT_FAILED = 1
@@ -71,6 +73,22 @@ def cmd_describe(kube: k.Kube, args: argparse.Namespace) -> int:
         _dump(obj, args.output)
     else:
         sys.stdout.write(printable(describe(parse_job(obj), _now())))
+    return 0
+
+
+def cmd_export(kube: k.Kube, args: argparse.Namespace) -> int:
+    """Serving config for what the job published: KServe InferenceService YAML and vLLM command lines."""
+    job = parse_job(kube.get_job(args.name, _namespace(kube, args)))
+    try:
+        config = serving(job.name, job.namespace, job.spec, job.status.artifacts, set(args.artifact or ()) or None)
+    except ExportError as error:
+        print(f"error: {printable(str(error))}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.format == "vllm":
+        text = "".join(f"{line}\n" for line in (*config.prepare, *config.vllm))
+    else:
+        text = config.yaml(comments=args.format == "all")
+    sys.stdout.write(printable(text))
     return 0
 
 
@@ -253,6 +271,7 @@ COMMANDS: dict[str, Callable[[k.Kube, argparse.Namespace], int]] = {
     "plot": cmd_plot,
     "logs": cmd_logs,
     "stop": cmd_stop,
+    "export": cmd_export,
     "sweep list": cmd_sweep_list,
     "sweep describe": cmd_sweep_describe,
     "sweep plot": cmd_sweep_plot,
@@ -314,6 +333,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--container", default=k.TRAINER_CONTAINER, help="container (default trainer)")
     p.add_argument("--pod", help="a specific trainer pod (default: the newest)")
     command("stop", "ask the trainer to save and stop (sets the stop annotation)")
+    p = command("export", "serving config for the published model: KServe InferenceService YAML, vLLM command lines")
+    p.add_argument(
+        "--format",
+        choices=("all", "kserve", "vllm"),
+        default="all",
+        help="all (default): InferenceService YAML with the vLLM lines as comments; kserve; vllm (shell lines)",
+    )
+    p.add_argument(
+        "--artifact",
+        action="append",
+        choices=ARTIFACT_KINDS,
+        help="only artifacts of this kind (repeatable; default: every published artifact)",
+    )
     _sweep_commands(sub)
     p = sub.add_parser("advise", help=ADVISE_HELP, description=ADVISE_HELP)
     p.add_argument("-f", "--filename", required=True, help="FineTuneJob manifest or TrainingSpec (YAML/JSON)")
@@ -372,9 +404,33 @@ def cmd_advise(path: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr, la
         print(f"Warning: {item.message}", file=out)
     if not found:
         print(f"{path}: no advice: the spec follows the fine-tuning practices we check", file=out)
+    print_memory_plans(spec, resources_of(path), out)
     if layer_map:
         print_layer_map(spec, out)
     return 0
+
+
+WEIGHTS = ("*.safetensors", "*.bin")
+"""What a model directory holds its weights in (the layer map loads them; the memory plan does not)."""
+OTHER_GPUS: tuple[tuple[int, int], ...] = ((1, 24), (1, 80), (8, 24), (8, 80))
+"""(GPUs, GiB each) that advise also plans for, so a user sees what the job would need elsewhere."""
+
+
+def print_memory_plans(spec: TrainingSpec, resources: dict[str, Any], out: TextIO) -> None:
+    """The memory plan for the GPUs the job asks for, then the strategy auto would pick on common setups."""
+    env = RuntimeEnv.from_environ()
+    print_memory_plan(spec, env, resources, out)
+    source = spec.model.source
+    config = None if source.startswith("hf://") else read_config(local_path(source, env.pvc_root))
+    if config is None:
+        return
+    for world, gib in OTHER_GPUS:
+        found = plan(spec, config, Gpus(world, gib * GIB, f"{world}x{gib} GiB"))
+        need = found.per_gpu_gib(found.strategy)
+        if need is None:  # a family the plan does not know (it said so above)
+            return
+        fits = "fits" if found.fits(found.strategy) else "fits no strategy"
+        print(f"on {world} x {gib} GiB: auto picks {found.strategy} ({need:.1f} GiB per GPU, {fits})", file=out)
 
 
 def print_layer_map(spec: TrainingSpec, out: TextIO) -> None:
@@ -395,6 +451,8 @@ def print_layer_map(spec: TrainingSpec, out: TextIO) -> None:
             hint = "; FINETUNE_PVC_ROOT says where the claims are mounted" if source.startswith("pvc://") else ""
             where = f"model.source {source} is not reachable here ({directory} is not a directory{hint})"
             why = "" if directory.is_dir() else where
+            if not why and not any(next(directory.glob(pattern), None) for pattern in WEIGHTS):
+                why = f"{directory} holds no weights (the memory plan above needs only its config.json)"
     if not why:
         try:
             from finetune_trainer.plan import print_plan  # noqa: PLC0415  (torch: the trainer's [train] extra)

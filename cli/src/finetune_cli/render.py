@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from finetune_operator.api import (
+    Artifact,
     Condition,
     ConditionType,
     FineTuneJob,
@@ -417,6 +418,29 @@ def evaluations_table(job: Job, indent: str = "  ") -> str:
     return table(["STEP", "EPOCH", *(m.upper() for m in metrics), *extra, "BEST"], rows, indent)
 
 
+def _size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def artifact_lines(artifacts: list[Artifact]) -> list[str]:
+    """Each published output: kind, dtype, size, where, its manifest's sha256 and its lineage."""
+    rows = [[a.kind, a.dtype or "-", _size(a.size_bytes), a.uri] for a in artifacts]
+    lines = [table(["KIND", "DTYPE", "SIZE", "URI"], rows, "  ")]
+    for a in artifacts:
+        base = a.base_model
+        lines.append(f"  {a.kind}: sha256 {a.sha256}")
+        if base is not None:
+            lines.append(f"    base {base.source} @ {base.revision or '<unknown revision>'}")
+        if a.dataset_fingerprint:
+            lines.append(f"    data {a.dataset_fingerprint}")
+    return lines
+
+
 def describe(job: Job, now: datetime) -> str:
     """``kubectl describe``-style text."""
     status = job.status
@@ -476,6 +500,9 @@ def describe(job: Job, now: datetime) -> str:
             lines.append(f"  majority-class baseline accuracy {num(baseline)}")
     else:
         lines.append("  <none yet>")
+    if status.artifacts:
+        lines.append("Artifacts:")
+        lines += artifact_lines(status.artifacts)
     if status.diagnosis:
         lines.append("Diagnosis:")
         for d in status.diagnosis:

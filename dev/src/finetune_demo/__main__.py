@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster = Cluster(state).start(reuse=True)
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     with api_client(cluster.kubeconfig) as api:
-        say("CRDs and admission policies, as the chart installs them (trainers' status keys, apply-time advice)")
+        say("CRDs and admission policies, as the chart installs them (trainers' status, authors' rights, advice)")
         install_objects(api, chart_api_objects())
         say("operator (kopf)")
         operator = Background(state, "operator")

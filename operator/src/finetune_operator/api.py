@@ -8,9 +8,7 @@ The CRD in ``crds/`` is generated from these classes by ``finetune_operator.crd`
 from __future__ import annotations
 
 import copy
-import re
 from datetime import datetime
-from decimal import Decimal
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
@@ -19,48 +17,34 @@ from pydantic.alias_generators import to_camel, to_snake
 # The operator/trainer contract is part of this API: its names are re-exported from here.
 from finetune_trainer.contract import *  # noqa: F403
 from finetune_trainer.contract import (
+    MAX_ARTIFACTS,
     MAX_EVALUATIONS,
     TRAINER_STATUS_KEYS,
+    Artifact,
     BestResult,
     EvaluationRecord,
+    MemoryPlan,
     Progress,
     StatusModel,
     wire_keys,
 )
 from finetune_trainer.exitcodes import PERMANENT, TABLE
 from finetune_trainer.spec import (
+    QUANTITY_PATTERN,
     TRAINING_RULES,
     Name,
     Rule,
     ShortText,
     SpecModel,
     TrainingSpec,
+    quantity_value,  # noqa: F401  (re-exported: children.py compares quantities)
 )
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/finetune-trainer:0.1.0"
-QUANTITY_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 LabelValue = Annotated[str, StringConstraints(max_length=63)]
 QueueName = Annotated[str, StringConstraints(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
 """A LocalQueue's name as the Job's queue label carries it (a DNS label)."""
 Quantity = Annotated[int | str, Field(description="A Kubernetes quantity such as 4, 500m or 16Gi.")]
-
-
-_QUANTITY_FACTORS: dict[str, Decimal] = {
-    "": Decimal(1),
-    "m": Decimal("0.001"),
-    **{suffix: Decimal(1000) ** (power + 1) for power, suffix in enumerate("kMGTPE")},
-    **{f"{suffix}i": Decimal(1024) ** (power + 1) for power, suffix in enumerate("KMGTPE")},
-}
-
-
-def quantity_value(value: int | str) -> Decimal:
-    """A quantity (``4``, ``500m``, ``16Gi``) as a number, to compare two of them."""
-    text = str(value)
-    match = QUANTITY_PATTERN.fullmatch(text)
-    if match is None:
-        raise ValueError(f"not a Kubernetes quantity: {value!r}")
-    suffix = match.group(2) or ""
-    return Decimal(text[: len(text) - len(suffix)]) * _QUANTITY_FACTORS[suffix]
 
 
 def _is_quantity(value: int | str | None) -> bool:
@@ -102,7 +86,12 @@ MAX_NODES = 1024
 class Resources(SpecModel):
     """Compute for the training workload and where it may run."""
 
-    rules = (_quantity_rule("cpu"), _quantity_rule("memory"), _quantity_rule("ephemeralStorage"))
+    rules = (
+        _quantity_rule("cpu"),
+        _quantity_rule("memory"),
+        _quantity_rule("ephemeralStorage"),
+        _quantity_rule("gpuMemory"),
+    )
 
     gpus_per_node: int = Field(
         1,
@@ -125,6 +114,12 @@ class Resources(SpecModel):
         "outgrows it is evicted, and evictions count against backoffLimit. Set, it is also the pod's "
         "ephemeral-storage limit, and the pod requests ephemeral-storage (at most 1Gi), so a Kueue ClusterQueue "
         "must then cover ephemeral-storage; unset, the pod requests none.",
+    )
+    gpu_memory: Quantity | None = Field(
+        None,
+        description="Memory of each GPU, e.g. 80Gi: what the memory plan checks the job against (distributed."
+        "strategy auto). Unset: read from a known nvidia.com/gpu.product in nodeSelector, else unknown (ddp). "
+        "On the GPU, the trainer checks against the device's own memory.",
     )
     gpu_resource_name: Annotated[str, StringConstraints(max_length=253, pattern=r"^[a-z0-9.-]+/[a-z0-9._-]+$")] = Field(
         "nvidia.com/gpu",
@@ -404,6 +399,15 @@ class FineTuneJobStatus(StatusModel):
         description="Most recent evaluations (bounded; oldest dropped first).",
     )
     best: BestResult | None = Field(None, description="Best evaluation and its checkpoint.")
+    artifacts: list[Artifact] = Field(
+        default_factory=list,
+        max_length=MAX_ARTIFACTS,
+        description="Published outputs (the final model; a LoRA job's adapter and merged model), each with its "
+        "manifest's sha256 and its lineage (trainer-written).",
+    )
+    memory_plan: MemoryPlan | None = Field(
+        None, description="The trainer's memory plan: the strategy it chose and its per-GPU estimate."
+    )
     early_stopping: EarlyStoppingStatus | None = Field(None, description="Early-stopping rule state.")
     stop_request: StopRequest | None = Field(None, description="Set when the trainer has been asked to stop.")
     workload: WorkloadRefs | None = Field(None, description="Children created for this job.")

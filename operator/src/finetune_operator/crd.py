@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from finetune_operator import admission, advice_policy
+from finetune_operator import admission, advice_policy, author_policy
 from finetune_operator.api import (
     CATEGORIES,
     GROUP,
@@ -376,9 +376,15 @@ def render_sweep_crd() -> str:
 
 def chart_api_objects() -> list[dict[str, Any]]:
     """What the chart installs besides the operator itself: both CRDs and every admission policy
-    (trainers' status keys, apply-time advice) with its binding. The demo and the tests install this,
+    (trainers' status keys, apply-time advice, authors' rights) with its binding. The demo and the tests install this,
     so they see what a user of the chart sees (``kubectl apply`` warnings included)."""
-    return [build_crd(), build_sweep_crd(), *admission.manifests(), *advice_policy.build_policy()]
+    return [
+        build_crd(),
+        build_sweep_crd(),
+        *admission.manifests(),
+        *advice_policy.build_policy(),
+        *author_policy.manifests(),
+    ]
 
 
 def render_rules() -> tuple[str, str]:
@@ -405,32 +411,44 @@ def render_policy() -> str:
     return header + yaml.safe_dump_all(admission.manifests(), sort_keys=False, width=120)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", type=Path, default=Path("crds"), help="CRD output directory (default: ./crds)")
-    parser.add_argument("--rules", type=Path, default=CHART_RULES_FILE, help="where the chart's RBAC rules go")
-    parser.add_argument("--check", action="store_true", help="fail when the files differ instead of writing them")
-    args = parser.parse_args(argv)
+def generated_files(crd_dir: Path = Path("crds"), rules: Path = CHART_RULES_FILE) -> dict[Path, str]:
+    """The one table of generated files: each path (relative to the repository) and its text.
+
+    ``make crds`` writes them, ``--check`` and the drift test compare them; a new generator adds
+    its files here and is covered by both.
+    """
     namespaced_rules, cluster_rules = render_rules()
     user_roles, chart_user_roles = render_user_roles()
-    outputs = {
-        args.dir / CRD_FILE: render_crd(),
+    return {
+        crd_dir / CRD_FILE: render_crd(),
         CHART_CRD_DIR / CRD_FILE: render_crd(),
-        args.dir / SWEEP_CRD_FILE: render_sweep_crd(),
+        crd_dir / SWEEP_CRD_FILE: render_sweep_crd(),
         CHART_CRD_DIR / SWEEP_CRD_FILE: render_sweep_crd(),
-        args.rules: namespaced_rules,
-        args.rules.with_name(CLUSTER_RULES_NAME): cluster_rules,
+        rules: namespaced_rules,
+        rules.with_name(CLUSTER_RULES_NAME): cluster_rules,
         **{path: render_policy() for path in POLICY_FILES},
         USER_ROLES_FILE: user_roles,
         CHART_USER_ROLES_FILE: chart_user_roles,
         # apply-time advice
         advice_policy.POLICY_FILE: advice_policy.render_policy(),
         advice_policy.CHART_POLICY_FILE: advice_policy.render_policy(),
+        # what a spec may name only with its author's rights
+        author_policy.POLICY_FILE: author_policy.render_policy(),
+        author_policy.CHART_POLICY_FILE: author_policy.render_chart_policy(),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", type=Path, default=Path("crds"), help="CRD output directory (default: ./crds)")
+    parser.add_argument("--rules", type=Path, default=CHART_RULES_FILE, help="where the chart's RBAC rules go")
+    parser.add_argument("--check", action="store_true", help="fail when the files differ instead of writing them")
+    args = parser.parse_args(argv)
+    outputs = generated_files(args.dir, args.rules)
     if args.check:
         stale = [str(path) for path, text in outputs.items() if not path.exists() or path.read_text() != text]
-        for path in stale:
-            print(f"{path} is out of date: run `make crds`", file=sys.stderr)
+        for name in stale:
+            print(f"{name} is out of date: run `make crds`", file=sys.stderr)
         return 1 if stale else 0
     for path, text in outputs.items():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from finetune_trainer.errors import NoAcceleratorError
+from finetune_trainer.errors import ConfigError, NoAcceleratorError
 
 SIMULATED_GPUS_ENV = "FINETUNE_SIMULATED_GPUS"
 """Set (to the device ids) by a node whose GPUs are simulated: CPU training there is intended."""
@@ -33,4 +33,13 @@ def require_accelerator(environ: Mapping[str, str], cuda_available: bool) -> Non
         raise NoAcceleratorError(
             f"the pod was given GPUs (NVIDIA_VISIBLE_DEVICES={','.join(devices)}) but CUDA is unavailable: "
             "check the node's NVIDIA driver and container runtime; not falling back to CPU"
+        )
+
+
+def require_cuda_for_quantization(quantization: str | None, cuda_available: bool) -> None:
+    """QLoRA's 4-bit base (bitsandbytes) runs only on CUDA: refuse at once rather than train in fp32 instead."""
+    if quantization is not None and not cuda_available:
+        raise ConfigError(
+            f"freeze.lora.quantization: {quantization} (QLoRA) needs a CUDA GPU (resources.gpusPerNode >= 1); "
+            "this pod has none"
         )

@@ -44,6 +44,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def atomic_file(target: Path, data: bytes) -> None:
+    """Write one small file whole or not at all: a hidden sibling, flushed, renamed into place."""
+    temporary = target.parent / f".{target.name}.tmp"
+    with temporary.open("wb") as stream:
+        stream.write(data)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, target)
+    _fsync_dir(target.parent)
+
+
 def is_temporary(path: Path) -> bool:
     """True for a leftover of an interrupted write (never a real checkpoint)."""
     return path.name.startswith(TEMP_PREFIX)

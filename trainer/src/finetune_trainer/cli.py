@@ -14,9 +14,10 @@ from types import FrameType
 from typing import NoReturn
 
 from finetune_trainer import exitcodes
-from finetune_trainer.config import RuntimeEnv, load_spec
+from finetune_trainer.config import RuntimeEnv, load_spec, resources_of
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.launch import record_exit_code
+from finetune_trainer.memory_plan import print_memory_plan
 from finetune_trainer.preflight import preflight
 from finetune_trainer.reporting import JsonLines, stop_background
 
@@ -28,7 +29,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML/JSON TrainingSpec, or a whole FineTuneJob manifest")
     p.add_argument("--output", help="override output.location (pvc://claim/path, file:///path or /path)")
     p.add_argument(
-        "--plan", action="store_true", help="print the model's layer map and what the freeze policy trains; no training"
+        "--plan",
+        action="store_true",
+        help="print the model's layer map, what the freeze policy trains and the memory plan (GiB per GPU for ddp "
+        "and fsdp, the strategy auto picks); no training",
     )
     return p
 
@@ -100,7 +104,9 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.plan:
             from finetune_trainer.plan import print_plan  # noqa: PLC0415
 
-            return print_plan(spec, env, sys.stdout)
+            code = print_plan(spec, env, sys.stdout)
+            print_memory_plan(spec, env, resources_of(args.config), sys.stdout)
+            return code
         checked = preflight(spec, env)  # data and run-level config errors, before the training stack loads
         from finetune_trainer.run import run  # noqa: PLC0415
 

@@ -13,10 +13,12 @@ import yaml
 from pydantic import ValidationError
 
 from finetune_trainer.contract import (
+    DATASET_HF_TOKEN_ENV,
     DEFAULT_LOG_EVERY_STEPS,
     DEFAULT_METRICS_PORT,
     DEFAULT_PVC_ROOT,
     DEFAULT_REPORT_INTERVAL_SECONDS,
+    GPU_MEMORY_ENV,
     HF_TOKEN_ENV,
     JOB_NAME_ENV,
     JOB_NAMESPACE_ENV,
@@ -58,7 +60,11 @@ class RuntimeEnv:
     """Where /metrics listens: the pod IP (downward API) so pods sharing a network never collide; empty: all."""
     pvc_root: Path = Path(DEFAULT_PVC_ROOT)
     hf_token: str | None = field(default=None, repr=False)
+    dataset_hf_token: str | None = field(default=None, repr=False)
+    """``spec.dataset.tokenSecretRef``'s token; a hub dataset falls back to ``hf_token`` without it."""
     log_every_steps: int = DEFAULT_LOG_EVERY_STEPS
+    gpu_memory: int | None = None
+    """Bytes of each GPU the job asked for (the memory plan's check where CUDA cannot tell); None: unknown."""
 
     @property
     def in_cluster_reporting(self) -> bool:
@@ -72,6 +78,7 @@ class RuntimeEnv:
             interval = float(env.get(REPORT_INTERVAL_ENV, str(DEFAULT_REPORT_INTERVAL_SECONDS)))
             port = int(env.get(METRICS_PORT_ENV, str(DEFAULT_METRICS_PORT)))
             log_every = int(env.get(LOG_EVERY_STEPS_ENV, str(DEFAULT_LOG_EVERY_STEPS)))
+            gpu_memory = int(env.get(GPU_MEMORY_ENV) or 0) or None
         except ValueError as exc:
             raise ConfigError(f"environment: {exc}") from exc
         return cls(
@@ -83,7 +90,9 @@ class RuntimeEnv:
             metrics_address=env.get(METRICS_ADDRESS_ENV, ""),
             pvc_root=Path(env.get(PVC_ROOT_ENV) or DEFAULT_PVC_ROOT),
             hf_token=env.get(HF_TOKEN_ENV) or None,
+            dataset_hf_token=env.get(DATASET_HF_TOKEN_ENV) or None,
             log_every_steps=max(log_every, 1),
+            gpu_memory=gpu_memory,
         )
 
 
@@ -110,17 +119,30 @@ def spec_from_document(document: Any) -> TrainingSpec:
         raise ConfigError(_validation_message(exc)) from exc
 
 
-def load_spec(path: str | Path, output_override: str | None = None) -> TrainingSpec:
-    """Read YAML or JSON from ``path``; ``output_override`` replaces ``output.location``."""
+def read_document(path: str | Path) -> Any:
+    """The YAML or JSON document at ``path``."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"config: cannot read {path}: {exc.strerror or exc}") from exc
     try:
-        document = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        return json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
         raise ConfigError(f"config: {path} is not valid YAML/JSON: {exc}") from exc
-    spec = spec_from_document(document)
+
+
+def resources_of(path: str | Path) -> dict[str, Any]:
+    """A FineTuneJob manifest's ``spec.resources`` (wire form; empty for a bare TrainingSpec): what the memory
+    plan reads for the GPUs a job asks for."""
+    document = read_document(path)
+    spec = document.get("spec") if isinstance(document, dict) and "kind" in document else None
+    resources = spec.get("resources") if isinstance(spec, dict) else None
+    return resources if isinstance(resources, dict) else {}
+
+
+def load_spec(path: str | Path, output_override: str | None = None) -> TrainingSpec:
+    """Read YAML or JSON from ``path``; ``output_override`` replaces ``output.location``."""
+    spec = spec_from_document(read_document(path))
     if output_override is not None:
         wire = spec.to_wire()
         wire["output"]["location"] = output_override

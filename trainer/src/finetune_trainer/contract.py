@@ -10,20 +10,23 @@ models, the keys it owns and their bounds) and the reasons a stop request may ca
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Final
+from typing import Annotated, Any, Final, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
 
 __all__ = [
     "API_VERSION",
+    "ARTIFACT_KINDS",
     "CATEGORIES",
     "CPU_REQUEST_ENV",
+    "DATASET_HF_TOKEN_ENV",
     "DEFAULT_LOG_EVERY_STEPS",
     "DEFAULT_METRICS_PORT",
     "DEFAULT_PVC_ROOT",
     "DEFAULT_REPORT_INTERVAL_SECONDS",
     "EARLY_STOPPED",
+    "GPU_MEMORY_ENV",
     "GROUP",
     "HF_TOKEN_ENV",
     "JOB_NAMESPACE_ENV",
@@ -31,8 +34,10 @@ __all__ = [
     "JOB_UID_ENV",
     "KIND",
     "LOG_EVERY_STEPS_ENV",
+    "MAX_ARTIFACTS",
     "MAX_CHECKPOINT_URI_LENGTH",
     "MAX_EVALUATIONS",
+    "MAX_LINEAGE_LENGTH",
     "MAX_METRICS_PER_EVALUATION",
     "MAX_METRIC_NAME_LENGTH",
     "METRICS_ADDRESS_ENV",
@@ -53,8 +58,12 @@ __all__ = [
     "USER_ENV",
     "USER_REQUESTED",
     "VERSION",
+    "Artifact",
+    "ArtifactKind",
+    "BaseModelLineage",
     "BestResult",
     "EvaluationRecord",
+    "MemoryPlan",
     "Progress",
     "StatusModel",
     "TrainerStatus",
@@ -108,7 +117,13 @@ TERMINATION_GRACE_ENV: Final = "FINETUNE_TERMINATION_GRACE_SECONDS"
 (``finetune_trainer.launch``)."""
 HF_TOKEN_ENV: Final = "HF_TOKEN"
 """The model's token Secret (``spec.model.tokenSecretRef``)."""
+DATASET_HF_TOKEN_ENV: Final = "FINETUNE_DATASET_HF_TOKEN"
+"""The dataset's own token Secret (``spec.dataset.tokenSecretRef``); without it a hub dataset is read with the
+model's token, as before."""
 LOG_EVERY_STEPS_ENV: Final = "FINETUNE_LOG_EVERY_STEPS"
+GPU_MEMORY_ENV: Final = "FINETUNE_GPU_MEMORY"
+"""Bytes of each GPU the job asked for (``spec.resources.gpuMemory`` or a known ``nvidia.com/gpu.product``):
+what the memory plan checks against where CUDA cannot say (set only for GPU jobs whose GPU memory is known)."""
 
 DEFAULT_METRICS_PORT: Final = 9400
 DEFAULT_REPORT_INTERVAL_SECONDS: Final = 10
@@ -127,10 +142,12 @@ OPERATOR_ENV: Final = frozenset(
         CPU_REQUEST_ENV,
         TERMINATION_GRACE_ENV,
         HF_TOKEN_ENV,
+        DATASET_HF_TOKEN_ENV,
+        GPU_MEMORY_ENV,
     }
 )
-"""What the operator sets on a trainer container (the last two only when the spec names a CPU request
-or a token Secret)."""
+"""What the operator sets on a trainer container (CPU_REQUEST_ENV, the two token variables and GPU_MEMORY_ENV
+only when the spec names a CPU request, a token Secret or its GPUs' memory)."""
 USER_ENV: Final = frozenset({LOG_EVERY_STEPS_ENV})
 """What the trainer also reads but the operator never sets (a user's ``extraEnv``, a laptop run)."""
 
@@ -198,6 +215,23 @@ class BestResult(StatusModel):
     )
 
 
+class MemoryPlan(StatusModel):
+    """The memory plan the trainer ran with (``finetune_trainer.memory_plan``): small, the details are in its
+    freeze event and ``finetune-trainer --plan``."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(description="The strategy the run uses: ddp or fsdp.")
+    requested: Literal["ddp", "fsdp", "auto"] | None = Field(
+        None, description="spec.distributed.strategy: ddp, fsdp or auto."
+    )
+    world_size: int | None = Field(None, description="GPUs (ranks) in all.")
+    gpu_memory_gi_b: float | None = Field(
+        None, alias="gpuMemoryGiB", description="Memory of each GPU in GiB; unset when unknown."
+    )
+    per_gpu_gi_b: float | None = Field(
+        None, alias="perGpuGiB", description="Estimated peak memory per GPU in GiB for the chosen strategy."
+    )
+
+
 MAX_EVALUATIONS: Final = 200
 """Evaluations kept in status: the trainer sends its most recent ones, the CRD and the admission policy
 allow no more. 200 (not the trainer's former 50): the API has always allowed 200, and a longer curve
@@ -205,6 +239,53 @@ serves the diagnosis, ``kubectl finetune plot`` and a sweep's pruner; at most ~3
 MAX_METRICS_PER_EVALUATION: Final = 16
 MAX_METRIC_NAME_LENGTH: Final = 63
 MAX_CHECKPOINT_URI_LENGTH: Final = 2048
+
+
+MAX_ARTIFACTS: Final = 8
+"""Published outputs listed in ``status.artifacts`` (a LoRA job publishes two: adapter and merged)."""
+MAX_LINEAGE_LENGTH: Final = 256
+"""Longest base revision or dataset fingerprint (a commit, or ``sha256:`` and 64 hex digits)."""
+ArtifactKind = Literal["adapter", "merged", "model"]
+ARTIFACT_KINDS: Final = get_args(ArtifactKind)
+"""adapter: peft's LoRA adapter (load it onto the base); merged: the adapter merged into the base; model: a
+fine-tuned model (no adapter)."""
+
+
+LineageText = Annotated[str, StringConstraints(max_length=MAX_LINEAGE_LENGTH)]
+
+
+class BaseModelLineage(StatusModel):
+    """Which base model an artifact was trained from."""
+
+    source: str = Field(description="spec.model.source as written.")
+    revision: LineageText | None = Field(
+        None,
+        description="hf:// sources: the Hub commit the weights were read at. Other sources: sha256:<hex>, the hash "
+        "of the manifest (path, size, sha256 of each file) of the base's config and weight files.",
+    )
+
+
+class Artifact(StatusModel):
+    """One published output: where it is, what it is, its identity and its lineage."""
+
+    uri: str = Field(
+        max_length=MAX_CHECKPOINT_URI_LENGTH, description="Where it was published (inside output.location)."
+    )
+    kind: ArtifactKind = Field(
+        description="adapter (peft LoRA adapter: load it onto baseModel), merged (the adapter merged into the "
+        "base) or model (a fine-tuned model without adapters)."
+    )
+    size_bytes: int = Field(description="Total size of its files.")
+    sha256: str = Field(
+        max_length=64, description="sha256 of its manifest (finetune-manifest.json): the artifact's identity."
+    )
+    dtype: str | None = Field(None, max_length=16, description="Weight dtype it was saved in (bf16, fp16, fp32).")
+    base_model: BaseModelLineage | None = Field(None, description="The base model it was trained from.")
+    dataset_fingerprint: LineageText | None = Field(
+        None,
+        description="sha256:<hex> of the training and validation rows used (after reading, splitting and limiting; "
+        "the content hash the tokenized-data cache keys on), the split names and the dataset's columns.",
+    )
 
 
 class TrainerStatus(StatusModel):
@@ -215,6 +296,8 @@ class TrainerStatus(StatusModel):
     progress: Progress | None = None
     evaluations: list[EvaluationRecord] | None = Field(None, max_length=MAX_EVALUATIONS)
     best: BestResult | None = None
+    artifacts: list[Artifact] | None = Field(None, max_length=MAX_ARTIFACTS)
+    memory_plan: MemoryPlan | None = None
 
 
 def wire_keys(model: type[BaseModel]) -> tuple[str, ...]:

@@ -14,6 +14,7 @@ SIGKILLs them, not its default 30 s.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from pathlib import Path
 from types import FrameType
 
 from finetune_trainer import exitcodes
+from finetune_trainer.atomic import atomic_file
 from finetune_trainer.contract import TERMINATION_GRACE_ENV
 
 EXIT_CODE_DIR_ENV = "FINETUNE_EXIT_CODE_DIR"
@@ -39,12 +41,8 @@ def record_exit_code(code: int, environ: Mapping[str, str] | None = None) -> Non
     if not directory:
         return
     rank = env.get("RANK", "0")
-    try:
-        tmp = Path(directory) / f".rank-{rank}.tmp"
-        tmp.write_text(f"{code}\n")
-        os.replace(tmp, Path(directory) / f"rank-{rank}")
-    except OSError:
-        pass  # the launcher then falls back to torchrun's own code
+    with contextlib.suppress(OSError):  # the launcher then falls back to torchrun's own code
+        atomic_file(Path(directory) / f"rank-{rank}", f"{code}\n".encode())
 
 
 def recorded_exit_codes(directory: Path) -> dict[int, int]:

@@ -10,9 +10,10 @@ the old one (atomically) only at its end. Torch-free.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
+
+from finetune_trainer.atomic import atomic_file
 
 OWNER_FILE = "owner.json"
 
@@ -43,7 +44,5 @@ def claim_checkpoints(checkpoints_dir: Path, uid: str | None, *, remove: bool) -
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
-        tmp = checkpoints_dir / f".{OWNER_FILE}.tmp"
-        tmp.write_text(json.dumps({"uid": uid}) + "\n")
-        os.replace(tmp, checkpoints_dir / OWNER_FILE)
+        atomic_file(checkpoints_dir / OWNER_FILE, (json.dumps({"uid": uid}) + "\n").encode())
     return foreign

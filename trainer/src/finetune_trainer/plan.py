@@ -1,7 +1,10 @@
-"""``finetune-trainer --config job.yaml --plan``: the model's layer map and what the freeze policy trains.
+"""``finetune-trainer --config job.yaml --plan``: the model's layer map, what the freeze policy trains, and the
+memory plan (per-GPU GiB for ddp and fsdp, and the strategy the job would run with).
 
 Know the model before you freeze it: loads the weights, applies the same policy a run would
 (``freeze.apply_freeze``, ``freeze.layer_map``), prints a table and exits without touching data or output.
+The memory plan needs only the model's config.json (``memory_plan``, torch-free: ``kubectl finetune advise``
+prints it too).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ def plan_rows(spec: TrainingSpec, env: RuntimeEnv) -> list[tuple[str, int, int]]
 
 
 def print_plan(spec: TrainingSpec, env: RuntimeEnv, out: TextIO) -> int:
+    """The layer map (loads the model)."""
     rows = plan_rows(spec, env)
     freeze = spec.freeze
     detail = f", layers {freeze.layers}" if freeze.layers is not None else ""

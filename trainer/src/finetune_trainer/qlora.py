@@ -18,6 +18,7 @@ from peft import prepare_model_for_kbit_training
 from torch import nn
 from transformers import BitsAndBytesConfig
 
+from finetune_trainer.accelerator import require_cuda_for_quantization
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.spec import FreezeSpec
 
@@ -30,12 +31,9 @@ def quantization(freeze: FreezeSpec) -> str | None:
 
 
 def require(freeze: FreezeSpec, cuda: bool) -> None:
-    """4bit needs CUDA and bitsandbytes: checked before the data and the weights load."""
-    if quantization(freeze) is None:
-        return
-    if not cuda:
-        raise ConfigError(f"{FIELD}: 4bit (QLoRA) needs a CUDA GPU (resources.gpusPerNode >= 1); this pod has none")
-    if importlib.util.find_spec("bitsandbytes") is None:
+    """4bit needs CUDA (the refusal the run checks at start) and bitsandbytes: checked before the weights load."""
+    require_cuda_for_quantization(quantization(freeze), cuda)
+    if quantization(freeze) is not None and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(
             f"{FIELD}: 4bit needs bitsandbytes, which this trainer image lacks (install finetune-trainer[qlora])"
         )

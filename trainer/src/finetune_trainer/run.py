@@ -22,16 +22,15 @@ from transformers.utils import logging as hf_logging
 
 from finetune_trainer import data as data_mod
 from finetune_trainer import exitcodes, qlora, sharding
-from finetune_trainer.accelerator import require_accelerator
+from finetune_trainer.accelerator import require_accelerator, require_cuda_for_quantization
 from finetune_trainer.activation_cache import CACHE_DIR as ACTIVATION_CACHE_DIR
 from finetune_trainer.activation_cache import FixedShardSampler, memory_budget
 from finetune_trainer.activation_cache import install as install_activation_cache
-from finetune_trainer.atomic import atomic_directory, remove_leftovers
+from finetune_trainer.atomic import atomic_file, remove_leftovers
 from finetune_trainer.baseline import validation_baseline
 from finetune_trainer.callbacks import (
     FULL,
     CheckpointCallback,
-    Checkpointer,
     EarlyStoppingCallback,
     GradualUnfreezingCallback,
     ProgressCallback,
@@ -44,18 +43,44 @@ from finetune_trainer.callbacks import (
 )
 from finetune_trainer.checkpointing import enable_activation_checkpointing
 from finetune_trainer.config import RuntimeEnv, local_path, location_uri
-from finetune_trainer.contract import Progress, TrainerStatus
+from finetune_trainer.contract import (
+    GPU_MEMORY_ENV,
+    Artifact,
+    ArtifactKind,
+    BaseModelLineage,
+    MemoryPlan,
+    Progress,
+    TrainerStatus,
+)
 from finetune_trainer.distributed import same_on_every_rank
 from finetune_trainer.divergence import DivergenceCallback
 from finetune_trainer.errors import ConfigError
+from finetune_trainer.export import (
+    ADAPTER_DIR,
+    MODEL_DIR,
+    base_revision,
+    export_dtype,
+    merged,
+    save_adapter,
+    save_model,
+)
 from finetune_trainer.freeze import FreezePlan, apply_freeze, layer_map
 from finetune_trainer.loss_watch import chance_loss
+from finetune_trainer.memory_plan import Gpus, Plan, check_fits
+from finetune_trainer.memory_plan import plan as plan_memory
 from finetune_trainer.metrics import classification_metrics, probabilities
-from finetune_trainer.models import align_pad_token, load_config, load_model, load_processor, resolve_source
+from finetune_trainer.models import (
+    ModelSource,
+    align_pad_token,
+    load_config,
+    load_model,
+    load_processor,
+    resolve_source,
+)
 from finetune_trainer.ownership import claim_checkpoints
 from finetune_trainer.preflight import Checked, preflight
 from finetune_trainer.reporting import JsonLines, PrometheusMetrics, StatusReporter, heartbeats, load_kube_api
-from finetune_trainer.spec import CLASSIFICATION_METRICS, CLASSIFICATION_TASKS, TrainingSpec
+from finetune_trainer.spec import CLASSIFICATION_METRICS, CLASSIFICATION_TASKS, TrainingSpec, export_plan
 from finetune_trainer.speed import (
     Device,
     Precision,
@@ -206,21 +231,37 @@ def final_model(trainer: FineTuneTrainer) -> Any:
     return sharding.unsharded(model, state) if state is not None else None
 
 
-def _save_final(ctx: RunContext, trainer: FineTuneTrainer, processor: Any) -> str:
-    target = ctx.output_dir / "model"
-    model: Any = final_model(trainer)
-    if model is None:  # a rank of a sharded model: its part is gathered on rank 0
-        return location_uri(target, ctx.spec.output.location, ctx.pvc_root)
-    if hasattr(model, "merge_and_unload") and getattr(model, "is_loaded_in_4bit", False):
-        model = qlora.merged(model)  # QLoRA
-    elif hasattr(model, "merge_and_unload"):  # LoRA: ship a plain model with the adapters merged in
-        model = model.float().merge_and_unload()  # in fp32: a bf16 base would round the adapters' update away
-    if ctx.is_main:
-        # Whole or absent: a kill mid-save leaves the previous model (or none), never half of one.
-        with atomic_directory(target) as partial:
-            model.save_pretrained(str(partial))
-            processor.save_pretrained(str(partial))
-    return location_uri(target, ctx.spec.output.location, ctx.pvc_root)
+def _save_final(ctx: RunContext, trainer: FineTuneTrainer, loaded: Loaded, precision: Precision) -> list[Artifact]:
+    """Publish the final model as ``output.export`` asks (rank 0): each directory whole or absent, its manifest
+    last, listed with its identity and lineage (the base's revision, the data's fingerprint)."""
+    model: Any = final_model(trainer)  # sharded: every rank sends its shards to rank 0
+    if not ctx.is_main or model is None:
+        return []
+    formats, requested = export_plan(ctx.spec)
+    dtype = export_dtype(requested, precision)
+    lora = isinstance(model, PeftModel)
+    published = []
+    if lora and "adapter" in formats:  # before the merge, which folds the adapters into the base in place
+        published.append(save_adapter(model, loaded.processor, ctx.output_dir / ADAPTER_DIR, dtype))
+    if "merged" in formats:
+        plain = qlora.merged(model) if getattr(model, "is_loaded_in_4bit", False) else merged(model, dtype)
+        kind: ArtifactKind = "merged" if lora else "model"
+        published.append(save_model(plain, loaded.processor, ctx.output_dir / MODEL_DIR, kind, dtype))
+    base = BaseModelLineage(
+        source=ctx.spec.model.source, revision=base_revision(loaded.source.name_or_path, loaded.commit)
+    )
+    return [
+        Artifact(
+            uri=location_uri(item.path, ctx.spec.output.location, ctx.pvc_root),
+            kind=item.kind,
+            size_bytes=item.manifest.total_size,
+            sha256=item.manifest.sha256,
+            dtype=item.dtype,
+            base_model=base,
+            dataset_fingerprint=loaded.prepared.fingerprint,
+        )
+        for item in published
+    ]
 
 
 def _start_reporter(env: RuntimeEnv, log: JsonLines) -> StatusReporter | None:
@@ -257,6 +298,11 @@ class Loaded:
     model: PreTrainedModel
     processor: Any
     prepared: data_mod.PreparedData
+    source: ModelSource
+    commit: str | None
+    """The Hub commit the weights were read at (None for a directory)."""
+    memory: Plan
+    """The memory plan: per-GPU estimates and the strategy ``distributed.strategy`` resolves to."""
 
 
 @dataclass
@@ -287,14 +333,16 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None, check
     frozen = _freeze(spec, env, log, loaded, output_dir, where)
     ctx = _context(spec, env, log, loaded.model, frozen.prepared, output_dir, reporter, where)
     resume = _find_resume(ctx, env)
-    trainer = _trainer(ctx, env, frozen, loaded.processor, resume, where)
+    trainer = _trainer(ctx, env, frozen, loaded.processor, resume, where, loaded.memory.strategy)
     train_loss = _train(ctx, trainer, resume, frozen.prepared)
-    return _finish(ctx, trainer, loaded.processor, train_loss, has_eval)
+    return _finish(ctx, trainer, loaded, where.precision, train_loss, has_eval)
 
 
 def _placement(spec: TrainingSpec, log: JsonLines) -> Placement:
     """Rank, device and precision; a GPU pod without CUDA or bf16 without support fails before anything loads."""
     require_accelerator(os.environ, torch.cuda.is_available())
+    lora = spec.freeze.lora
+    require_cuda_for_quantization(lora.quantization if lora is not None else None, torch.cuda.is_available())
     hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     datasets.disable_progress_bars()
@@ -305,7 +353,6 @@ def _placement(spec: TrainingSpec, log: JsonLines) -> Placement:
     check_precision(hp.precision)
     set_seed(hp.seed)
     device = detect_device()
-    qlora.require(spec.freeze, device.cuda)
     precision, precision_warning = resolve_precision(hp.precision, device)
     if precision_warning:
         log.emit("warning", message=precision_warning)
@@ -324,9 +371,11 @@ def _load(
     hp = spec.hyperparameters
     with heartbeats(reporter):  # downloads and tokenizing can outlast the stall timeout
         source = resolve_source(spec.model, env)
+        config = load_config(spec.model, source, hp.dropout)
+        memory = _memory_plan(spec, env, config.to_dict(), where, reporter)  # no weights loaded when it fails
         processor = load_processor(spec.model, source)
         # The data (read and checked by preflight) is encoded before the weights load: minutes sooner on errors.
-        prepared = data_mod.prepare(spec, env, processor, load_config(spec.model, source, hp.dropout), checked)
+        prepared = data_mod.prepare(spec, env, processor, config, checked)
         if prepared.cached_splits:
             log.emit("tokenized_cache", reused=list(prepared.cached_splits))
         model: PreTrainedModel = load_model(
@@ -337,7 +386,25 @@ def _load(
             qlora.load_kwargs(spec.freeze, where.device.cuda),
         )
     align_pad_token(model, processor)
-    return Loaded(model, processor, data_mod.drop_unused_inputs(prepared, model))
+    commit = getattr(model.config, "_commit_hash", None)
+    return Loaded(model, processor, data_mod.drop_unused_inputs(prepared, model), source, commit, memory)
+
+
+def _memory_plan(
+    spec: TrainingSpec, env: RuntimeEnv, config: dict[str, Any], where: Placement, reporter: StatusReporter | None
+) -> Plan:
+    """The memory plan for this world size and GPU (the device's own memory on CUDA, else the operator's hint);
+    InvalidConfig with the numbers when the GPU memory is known and no strategy fits."""
+    gpu_memory = (
+        torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if where.device.cuda else None
+    )
+    memory = gpu_memory or env.gpu_memory
+    source = "the GPU" if gpu_memory else (GPU_MEMORY_ENV if memory else "unknown GPU memory")
+    found = plan_memory(spec, config, Gpus(where.ranks, memory, source), where.precision)
+    check_fits(found)
+    if reporter is not None:
+        reporter.update(TrainerStatus(memory_plan=MemoryPlan.model_validate(found.summary())))
+    return found
 
 
 def _without_validation(spec: TrainingSpec, has_eval: bool, log: JsonLines) -> TrainingSpec:
@@ -396,6 +463,7 @@ def _freeze(
         percent=round(plan.percent, 3),
         thawUnits=len(plan.thaw_units),
         untiedEmbeddings=plan.untied,
+        memoryPlan=loaded.memory.summary(),
     )
     return Frozen(wrapped, plan, layers, activation_cache, prepared)
 
@@ -455,13 +523,20 @@ def _find_resume(ctx: RunContext, env: RuntimeEnv) -> Path | None:
 
 
 def _trainer(
-    ctx: RunContext, env: RuntimeEnv, frozen: Frozen, processor: Any, resume: Path | None, where: Placement
+    ctx: RunContext,
+    env: RuntimeEnv,
+    frozen: Frozen,
+    processor: Any,
+    resume: Path | None,
+    where: Placement,
+    chosen: sharding.Strategy,
 ) -> FineTuneTrainer:
-    """The Trainer with our callbacks (every rank checked to resume from the same step)."""
+    """The Trainer with our callbacks (every rank checked to resume from the same step); ``chosen``: the strategy
+    the memory plan resolved ``distributed.strategy`` to."""
     spec, log, prepared = ctx.spec, ctx.log, frozen.prepared
     compute_metrics = classification_metrics(spec.evaluation.metrics, spec.model.effective_num_labels or 0)
     args = training_arguments(spec, ctx.checkpoints_dir, env.log_every_steps, where.device, where.precision)
-    strategy = _shard(ctx, frozen.model, where)  # after the arguments: they start the process group
+    strategy = _shard(ctx, frozen.model, where, chosen)  # after the arguments: they start the process group
     if resume is not None:
         sharding.check_resumable(resume, strategy, where.ranks)
     trainer = FineTuneTrainer(
@@ -476,11 +551,13 @@ def _trainer(
         spec=spec,
         layers=frozen.layers,
         plan=frozen.plan,
+        run=ctx,
+        activation_cache=frozen.activation_cache,
+        thaw_on_create=ctx.state.thawed_units,
     )
     _check_same_checkpoint(resume, where.rank, trainer.args.device)
-    trainer.thaw_on_create = ctx.state.thawed_units
-    trainer.checkpointer = Checkpointer(ctx, trainer.write_checkpoint, every_rank=strategy == "fsdp")
-    trainer.activation_cache = frozen.activation_cache
+    if trainer.checkpointer is not None:
+        trainer.checkpointer.every_rank = strategy == "fsdp"  # sharded: each rank writes its shards
     trainer.remove_callback(PrinterCallback)  # our JSON lines replace its prints
     for callback in (
         DivergenceCallback(ctx, trainer.take_step_loss),  # first: stops before anything is published or saved
@@ -503,9 +580,8 @@ def _trainer(
     return trainer
 
 
-def _shard(ctx: RunContext, model: Any, where: Placement) -> sharding.Strategy:
-    """``distributed.strategy`` resolved; fsdp shards ``model`` across the ranks (one process: nothing to shard)."""
-    strategy = sharding.resolve_strategy(ctx.spec)
+def _shard(ctx: RunContext, model: Any, where: Placement, strategy: sharding.Strategy) -> sharding.Strategy:
+    """The strategy trained with; fsdp shards ``model`` across the ranks (one process: nothing to shard)."""
     if strategy != "fsdp":
         return strategy
     if not torch.distributed.is_initialized():
@@ -551,7 +627,12 @@ def _train(
 
 
 def _finish(
-    ctx: RunContext, trainer: FineTuneTrainer, processor: Any, train_loss: float | None, has_eval: bool
+    ctx: RunContext,
+    trainer: FineTuneTrainer,
+    loaded: Loaded,
+    precision: Precision,
+    train_loss: float | None,
+    has_eval: bool,
 ) -> RunResult:
     """Terminated: report the checkpoint. Otherwise restore the best, save the model, write ``result.json``."""
     spec, log, is_main, output_dir = ctx.spec, ctx.log, ctx.is_main, ctx.output_dir
@@ -583,7 +664,10 @@ def _finish(
             log.emit("restore_best", step=best.step, metric=best.metric, value=best.value, checkpoint=best.checkpoint)
     metrics = _final_metrics(ctx, trainer, restored, has_eval)
     metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
-    model_uri = _save_final(ctx, trainer, processor) if spec.output.save_final_model else None
+    artifacts = _save_final(ctx, trainer, loaded, precision) if spec.output.save_final_model else []
+    model_uri = next((a.uri for a in artifacts if a.kind != "adapter"), None)
+    if artifacts and ctx.reporter is not None:
+        ctx.reporter.update(TrainerStatus(artifacts=artifacts), urgent=True)
 
     result = RunResult(exitcodes.OK.code, reason, final_step, _best(ctx), metrics)
     if is_main:
@@ -594,12 +678,11 @@ def _finish(
             "metrics": metrics,
             "trainLoss": train_loss,
             "model": model_uri,
+            "artifacts": [artifact.to_wire() for artifact in artifacts],
             "restoredBest": restored,
             "message": ctx.stop_message or None,
         }
-        written = output_dir / ".result.json.tmp"
-        written.write_text(json.dumps(body, indent=2) + "\n")
-        os.replace(written, output_dir / "result.json")
+        atomic_file(output_dir / "result.json", (json.dumps(body, indent=2) + "\n").encode())
         log.emit("result", **body)
     _report_finalizing(ctx, False)
     _close(ctx)

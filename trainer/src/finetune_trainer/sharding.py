@@ -33,18 +33,12 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from finetune_trainer.errors import ConfigError
-from finetune_trainer.spec import TrainingSpec
 
 Strategy = Literal["ddp", "fsdp"]
 SHARDED_DIR = "sharded"
 """A checkpoint's torch distributed checkpoint: one ``__<rank>_0.distcp`` per rank and ``.metadata``."""
 SHARDING_FILE = "sharding.json"
 """Which strategy and how many ranks wrote a checkpoint (absent: DDP, written by rank 0 alone)."""
-
-
-def resolve_strategy(spec: TrainingSpec) -> Strategy:
-    """The strategy this run trains with. ``auto`` means DDP until the memory plan picks (issue 27)."""
-    return "fsdp" if spec.distributed.strategy == "fsdp" else "ddp"
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Literal, Self, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
@@ -34,6 +35,26 @@ def _compiles(pattern: str) -> str:
 # CEL cannot check that a regex compiles; pydantic can, so such a spec fails as InvalidSpec.
 Regex = Annotated[str, StringConstraints(min_length=1, max_length=256), AfterValidator(_compiles)]
 Location = Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+
+QUANTITY_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+"""A Kubernetes quantity: 4, 500m, 16Gi (the API server's own syntax, without exponents)."""
+_QUANTITY_FACTORS: dict[str, Decimal] = {
+    "": Decimal(1),
+    "m": Decimal("0.001"),
+    **{suffix: Decimal(1000) ** (power + 1) for power, suffix in enumerate("kMGTPE")},
+    **{f"{suffix}i": Decimal(1024) ** (power + 1) for power, suffix in enumerate("KMGTPE")},
+}
+
+
+def quantity_value(value: int | str) -> Decimal:
+    """A quantity (``4``, ``500m``, ``16Gi``) as a number, to compare two of them."""
+    text = str(value)
+    match = QUANTITY_PATTERN.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not a Kubernetes quantity: {value!r}")
+    suffix = match.group(2) or ""
+    return Decimal(text[: len(text) - len(suffix)]) * _QUANTITY_FACTORS[suffix]
+
 
 MODEL_SOURCE_PATTERN = r"^(hf://[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|file:///.*|/.*)$"
 DATASET_SOURCE_PATTERN = r"^(hf://datasets/[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|file:///.*|/.*)$"
@@ -209,6 +230,16 @@ class DatasetFields(SpecModel):
     )
 
 
+def _hub_only(field: str, name: str) -> Rule:
+    """``field`` (Python ``name``) of a dataset is set only for an hf://datasets source."""
+    return Rule(
+        field,
+        f"{field} is only meaningful for hf://datasets sources",
+        f"!has(self.{field}) || self.source.startsWith('hf://')",
+        lambda d: getattr(d, name) is None or bool(d.source.startswith("hf://")),
+    )
+
+
 class DatasetSpec(SpecModel):
     """Training and validation data."""
 
@@ -219,11 +250,26 @@ class DatasetSpec(SpecModel):
             "!(has(self.validation) && has(self.validationFraction))",
             lambda d: d.validation is None or d.validation_fraction is None,
         ),
+        _hub_only("subset", "subset"),
+        _hub_only("revision", "revision"),
+        _hub_only("tokenSecretRef", "token_secret_ref"),
     )
 
     source: Location = Field(
         pattern=DATASET_SOURCE_PATTERN,
         description="Base location: pvc://claim/dir, file:///dir, or hf://datasets/org/name.",
+    )
+    subset: ShortText | None = Field(
+        None,
+        description="hf://datasets sources: the dataset's configuration (subset) name, e.g. sst2 of glue.",
+    )
+    revision: ShortText | None = Field(
+        None, description="hf://datasets sources: the Hub revision (branch, tag or commit) to read."
+    )
+    token_secret_ref: SecretKeyRef | None = Field(
+        None,
+        description="hf://datasets sources: Secret holding a Hub token for a private dataset (unset: the model's "
+        "tokenSecretRef, if any); never copied into status or logs.",
     )
     format: Literal["jsonl", "csv", "parquet"] | None = Field(
         None,
@@ -623,6 +669,30 @@ class EarlyStopping(SpecModel):
         return "min" if self.metric in LOWER_IS_BETTER else "max"
 
 
+ExportFormat = Literal["adapter", "merged"]
+
+
+class Export(SpecModel):
+    """Which forms of the final model are published, and in which dtype (always safetensors)."""
+
+    formats: list[ExportFormat] | None = Field(
+        None,
+        min_length=1,
+        max_length=2,
+        description=(
+            "adapter: the LoRA adapter in peft's format (adapter/; served beside a shared base, e.g. vLLM "
+            "--lora-modules); merged: a plain model (model/; for LoRA the adapter merged into the base). "
+            "Unset: both for the lora strategy, merged otherwise."
+        ),
+    )
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="Weight dtype of the published model: auto is the training compute dtype (the resolved "
+        "hyperparameters.precision: bf16 or fp16 when training ran in it, else fp32). A LoRA merge is computed "
+        "in fp32, then cast.",
+    )
+
+
 class Output(SpecModel):
     """Where checkpoints and the final model go."""
 
@@ -649,6 +719,11 @@ class Output(SpecModel):
     save_final_model: bool = Field(
         True,
         description="Save the final (or best, with restoreBest) model and tokenizer to model/.",
+    )
+    export: Export | None = Field(
+        None,
+        description="What form the final model is published in (adapter, merged, dtype); unset: the defaults of "
+        "each field.",
     )
 
 
@@ -714,6 +789,15 @@ TRAINING_RULES: tuple[Rule, ...] = (
         lambda t: t.early_stopping is None or t.early_stopping.metric in t.evaluation.metrics,
     ),
     Rule(
+        "output.export.formats",
+        "adapter export needs the lora freeze strategy",
+        "!has(self.output.export) || !has(self.output.export.formats) || !('adapter' in self.output.export.formats) "
+        "|| (has(self.freeze) && self.freeze.strategy == 'lora')",
+        lambda t: (
+            t.output.export is None or "adapter" not in (t.output.export.formats or ()) or t.freeze.strategy == "lora"
+        ),
+    ),
+    Rule(
         "earlyStopping",
         "earlyStopping needs evaluation (evaluation.strategy must not be no)",
         "!has(self.earlyStopping) || self.evaluation.strategy != 'no'",
@@ -762,3 +846,10 @@ class TrainingSpec(SpecModel):
     distributed: Distributed = Field(
         default_factory=Distributed, description="How the ranks share the model (DDP or sharded FSDP)."
     )
+
+
+def export_plan(spec: TrainingSpec) -> tuple[frozenset[ExportFormat], str]:
+    """The formats to publish (unset: adapter and merged for LoRA, merged otherwise) and the requested dtype."""
+    export = spec.output.export or Export()
+    default: tuple[ExportFormat, ...] = ("adapter", "merged") if spec.freeze.strategy == "lora" else ("merged",)
+    return frozenset(export.formats or default), export.dtype

@@ -25,8 +25,9 @@ CACHE_DIR = "cache/tokenized"
 """Under the output location, next to the checkpoints."""
 
 
-def cache_key(spec: TrainingSpec, rows: Dataset, processor: Any) -> str:
-    """Content hash of the rows, the tokenizer (vocabulary, special tokens, template) and the encoding settings."""
+def cache_key(spec: TrainingSpec, rows: Dataset, processor: Any, digest: str | None = None) -> str:
+    """Content hash of the rows (``digest``: their ``rows_digest``, when known), the tokenizer (vocabulary, special
+    tokens, template) and the encoding settings."""
     settings = {
         "task": spec.model.task,
         "maxSeqLength": spec.dataset.max_seq_length,
@@ -44,7 +45,7 @@ def cache_key(spec: TrainingSpec, rows: Dataset, processor: Any) -> str:
         hasher.update(Hasher.hash(processor))
     hasher.update(json.dumps(processor.special_tokens_map, sort_keys=True, default=str))
     hasher.update(str(getattr(processor, "chat_template", None)))
-    hasher.update(rows_digest(rows))
+    hasher.update(digest if digest is not None else rows_digest(rows))
     key: str = hasher.hexdigest()
     return key
 
@@ -59,12 +60,31 @@ def rows_digest(rows: Dataset) -> str:
     return hashlib.sha256(features.encode() + sink.getvalue().to_pybytes()).hexdigest()
 
 
+def dataset_fingerprint(spec: TrainingSpec, digests: dict[str, str]) -> str:
+    """The data a run trained and validated on: each split's ``rows_digest`` (the content the cache keys on), the
+    split names and the columns read; ``sha256:<hex>`` (``status.artifacts[].datasetFingerprint``)."""
+    ds = spec.dataset
+    described = {
+        "splits": digests,
+        "train": ds.train,
+        "validation": ds.validation,
+        "validationFraction": ds.validation_fraction,
+        "fields": ds.fields.model_dump(mode="json", by_alias=True),
+    }
+    return "sha256:" + hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
 def cached_encode(
-    root: Path, spec: TrainingSpec, rows: Dataset, processor: Any, encode: Callable[[], Dataset]
+    root: Path,
+    spec: TrainingSpec,
+    rows: Dataset,
+    processor: Any,
+    encode: Callable[[], Dataset],
+    digest: str | None = None,
 ) -> tuple[Dataset, bool]:
     """The encoded rows from the cache under ``root``, or ``encode()`` saved there. Returns (rows, was cached)."""
     parent = root / CACHE_DIR
-    entry = parent / cache_key(spec, rows, processor)
+    entry = parent / cache_key(spec, rows, processor, digest)
     if entry.is_dir():
         try:
             return load_from_disk(str(entry)), True

@@ -6,7 +6,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Sized
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from accelerate.data_loader import BatchSamplerShard
@@ -17,37 +17,45 @@ from transformers.trainer import SCHEDULER_NAME, TRAINER_STATE_NAME
 
 from finetune_trainer import sharding
 from finetune_trainer.activation_cache import EXAMPLE_INDEX, ActivationCache, FixedShardSampler
+from finetune_trainer.callbacks import Checkpointer, RunContext
 from finetune_trainer.distributed import average_gradients
 from finetune_trainer.freeze import FreezePlan, LayerMap, thawed_units
 from finetune_trainer.optim import l1_norm, param_groups
 from finetune_trainer.spec import TrainingSpec
-
-if TYPE_CHECKING:
-    from finetune_trainer.callbacks import Checkpointer
 
 
 class FineTuneTrainer(Trainer):
     """Only trainable parameters reach the optimizer; thawed ones join later as new parameter groups."""
 
     def __init__(
-        self, *args: Any, spec: TrainingSpec, layers: LayerMap | None, plan: FreezePlan, **kwargs: Any
+        self,
+        *args: Any,
+        spec: TrainingSpec,
+        layers: LayerMap | None,
+        plan: FreezePlan,
+        run: RunContext | None = None,
+        activation_cache: ActivationCache | None = None,
+        thaw_on_create: int = 0,
+        **kwargs: Any,
     ) -> None:
+        """``run`` routes checkpoint saves through our atomic Checkpointer (without it: the Trainer's own);
+        ``thaw_on_create`` units are thawed while building the optimizer (those thawed when the resumed
+        checkpoint was saved)."""
         super().__init__(*args, **kwargs)
         self.spec = spec
         self.layers = layers
         self.plan = plan
         self.thawed = 0
-        self.thaw_on_create = 0
-        """Units to thaw while building the optimizer: those thawed when the resumed checkpoint was saved."""
+        self.thaw_on_create = thaw_on_create
         self.want_perplexity = "perplexity" in spec.evaluation.metrics
         self._l1_logged: torch.Tensor | None = None
         """The L1 term's share of the logged training loss since the last log (summed on the device: no sync)."""
         self._l1_logged_step = 0
         """The step the sum started after."""
         self._decay_names: set[str] | None = None
-        self.checkpointer: Checkpointer | None = None
+        self.checkpointer = Checkpointer(run, self.write_checkpoint) if run is not None else None
         self._eval_nll: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.activation_cache: ActivationCache | None = None
+        self.activation_cache = activation_cache
         self.fixed_shard: FixedShardSampler | None = None
         """This rank's training examples when it caches activations among several ranks (see _get_train_sampler)."""
         self._step_loss: torch.Tensor | None = None

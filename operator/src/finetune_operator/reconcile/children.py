@@ -17,11 +17,13 @@ import yaml
 from finetune_operator.api import (
     API_VERSION,
     CPU_REQUEST_ENV,
+    DATASET_HF_TOKEN_ENV,
     DEFAULT_METRICS_PORT,
     DEFAULT_PVC_ROOT,
     DEFAULT_REPORT_INTERVAL_SECONDS,
     DEFAULT_SCRATCH,
     DEFAULT_TRAINER_IMAGE,
+    GPU_MEMORY_ENV,
     GROUP,
     HF_TOKEN_ENV,
     JOB_NAME_ENV,
@@ -38,10 +40,10 @@ from finetune_operator.api import (
     REPORT_INTERVAL_ENV,
     TERMINATION_GRACE_ENV,
     FineTuneJob,
-    quantity_value,
 )
 from finetune_trainer import exitcodes
-from finetune_trainer.spec import TrainingSpec
+from finetune_trainer.memory_plan import job_gpus
+from finetune_trainer.spec import TrainingSpec, quantity_value
 
 Manifest = dict[str, Any]
 
@@ -266,11 +268,16 @@ def headless_service(job: FineTuneJob, settings: Settings) -> Manifest:
     )
 
 
-def _claims(job: FineTuneJob) -> list[str]:
-    """PersistentVolumeClaims the spec reads or writes, in a stable order."""
-    sources = [job.spec.model.source, job.spec.dataset.source, job.spec.output.location]
-    claims = [s.removeprefix("pvc://").split("/", 1)[0] for s in sources if s.startswith("pvc://")]
-    return sorted(set(claims))
+def _claim(uri: str) -> str | None:
+    return uri.removeprefix("pvc://").split("/", 1)[0] if uri.startswith("pvc://") else None
+
+
+def _claims(job: FineTuneJob) -> list[tuple[str, bool]]:
+    """PersistentVolumeClaims the spec reads or writes, in a stable order, each with whether it is
+    only read (a source and not the output: mounted read-only, so the trainer cannot alter it)."""
+    read = {_claim(job.spec.model.source), _claim(job.spec.dataset.source)} - {None}
+    written = _claim(job.spec.output.location)
+    return sorted((claim, claim != written) for claim in read | {written} if claim is not None)
 
 
 def _env(job: FineTuneJob, settings: Settings, names: Names) -> list[Manifest]:
@@ -295,9 +302,15 @@ def _env(job: FineTuneJob, settings: Settings, names: Names) -> list[Manifest]:
                 "valueFrom": {"resourceFieldRef": {"resource": "requests.cpu", "divisor": "1"}},
             }
         )
-    secret = job.spec.model.token_secret_ref
-    if secret is not None:
-        env.append({"name": HF_TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})
+    gpus = job_gpus(job.spec.resources.to_wire())
+    if gpus.memory is not None:  # what the trainer's memory plan checks against where CUDA cannot say
+        env.append({"name": GPU_MEMORY_ENV, "value": str(gpus.memory)})
+    for name, secret in (
+        (HF_TOKEN_ENV, job.spec.model.token_secret_ref),
+        (DATASET_HF_TOKEN_ENV, job.spec.dataset.token_secret_ref),
+    ):
+        if secret is not None:
+            env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})
     if job.spec.resources.nodes > 1:
         env += [
             {"name": "MASTER_ADDR", "value": f"{names.job}-0.{names.service}"},
@@ -375,8 +388,9 @@ def pod_template(job: FineTuneJob, settings: Settings) -> Manifest:
         # /tmp holds the Hugging Face cache (HF_HOME): bounded, so a runaway download ends in an eviction.
         {"name": "tmp", "emptyDir": {"sizeLimit": str(spec.ephemeral_storage or DEFAULT_SCRATCH)}},
     ]
-    for index, claim in enumerate(_claims(job)):
-        mounts.append({"name": f"pvc-{index}", "mountPath": f"{settings.pvc_root}/{claim}"})
+    for index, (claim, read_only) in enumerate(_claims(job)):
+        mount = {"name": f"pvc-{index}", "mountPath": f"{settings.pvc_root}/{claim}"}
+        mounts.append({**mount, "readOnly": True} if read_only else mount)
         volumes.append({"name": f"pvc-{index}", "persistentVolumeClaim": {"claimName": claim}})
     if spec.gpus_per_node > 1 or spec.nodes > 1:
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
@@ -413,6 +427,8 @@ def pod_template(job: FineTuneJob, settings: Settings) -> Manifest:
             "runAsUser": settings.run_as_user,
             "runAsGroup": settings.run_as_user,
             "fsGroup": settings.run_as_user,
+            # re-group a claim's files only when its root is not the group's yet: not on every start
+            "fsGroupChangePolicy": "OnRootMismatch",
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -31,7 +31,7 @@ from finetune_trainer.errors import DataError
 from finetune_trainer.preflight import Checked, check_data, read_checked
 from finetune_trainer.reader import RawSplit, check_columns, label_ids
 from finetune_trainer.spec import TrainingSpec
-from finetune_trainer.token_cache import cached_encode
+from finetune_trainer.token_cache import cached_encode, dataset_fingerprint, rows_digest
 
 __all__ = [
     "CausalLMCollator",
@@ -63,6 +63,8 @@ class PreparedData:
     collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
     cached_splits: tuple[str, ...] = ()
     """Splits whose tokens came from the cache on the output volume (see token_cache)."""
+    fingerprint: str | None = None
+    """What data this is (``token_cache.dataset_fingerprint``): an artifact's lineage."""
 
 
 def tokenize_text(spec: TrainingSpec, rows: Dataset, processor: Any) -> Dataset:
@@ -95,7 +97,7 @@ def drop_unused_inputs(prepared: PreparedData, model: Any) -> PreparedData:
 
     train = prune(prepared.train)
     assert train is not None
-    return PreparedData(train, prune(prepared.validation), prepared.collator)
+    return replace(prepared, train=train, validation=prune(prepared.validation))
 
 
 def prepare(
@@ -121,26 +123,32 @@ def prepare(
     train = limit(train, ds.max_train_samples, spec.hyperparameters.seed, shuffle=True)
     if validation is not None:
         validation = limit(validation, ds.max_eval_samples, spec.hyperparameters.seed, shuffle=False)
+    digests = {
+        name: rows_digest(rows) for name, rows in (("train", train), ("validation", validation)) if rows is not None
+    }
+    fingerprint = dataset_fingerprint(spec, digests)
     if task == "image-classification":
         train = attach_images(spec, train, train_raw.base, image_pipeline(processor, spec.augmentation))
         if validation is not None:
             base = val_raw.base if val_raw is not None else train_raw.base
             validation = attach_images(spec, validation, base, image_pipeline(processor, None))
-        return PreparedData(train, validation, image_collator)
+        return PreparedData(train, validation, image_collator, fingerprint=fingerprint)
     root = local_path(spec.output.location, env.pvc_root)
     cached: list[str] = []
     encoded: dict[str, Dataset] = {}
     for name, rows in (("train", train), ("validation", validation)):
         if rows is not None:
             encoded[name], hit = cached_encode(
-                root, spec, rows, processor, partial(tokenize_text, spec, rows, processor)
+                root, spec, rows, processor, partial(tokenize_text, spec, rows, processor), digests[name]
             )
             cached += [name] if hit else []
     train, validation = encoded["train"], encoded.get("validation")
     if len(train) == 0:
         raise DataError("dataset.train: no training examples left after encoding")
     if task == "causal-lm" and ds.packing:
-        return PreparedData(train, validation, PackingCollator())
+        return PreparedData(train, validation, PackingCollator(), tuple(cached), fingerprint)
     if task == "causal-lm":
-        return PreparedData(train, validation, CausalLMCollator(int(processor.pad_token_id)), tuple(cached))
-    return PreparedData(train, validation, DataCollatorWithPadding(processor), tuple(cached))
+        return PreparedData(
+            train, validation, CausalLMCollator(int(processor.pad_token_id)), tuple(cached), fingerprint
+        )
+    return PreparedData(train, validation, DataCollatorWithPadding(processor), tuple(cached), fingerprint)

@@ -13,9 +13,12 @@ from finetune_trainer.spec import TrainingSpec
 
 def read_hub(spec: TrainingSpec, env: RuntimeEnv, split: str, where: str) -> RawSplit:
     """One split of an ``hf://datasets`` source (downloaded), with at least one row."""
-    repo = spec.dataset.source[len("hf://datasets/") :]
+    ds = spec.dataset
+    repo = ds.source[len("hf://datasets/") :]
     try:
-        rows = load_dataset(repo, split=split, token=env.hf_token)
+        rows = load_dataset(
+            repo, ds.subset, split=split, revision=ds.revision, token=env.dataset_hf_token or env.hf_token
+        )
     except Exception as exc:  # hub, network and format errors all mean "cannot get this data"
         raise DataError(
             f"{where}: cannot load split {split!r} of {spec.dataset.source}: {str(exc).splitlines()[0]}"
