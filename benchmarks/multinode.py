@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.trainer import tiny
 
 
-def measure(ranks: int, spec: dict[str, Any], work: Path, threads: int) -> dict[str, float]:
-    out = work / f"out-{ranks}"
-    config = work / f"spec-{ranks}.json"
+def measure(ranks: int, spec: dict[str, Any], work: Path, threads: int, tag: str = "") -> dict[str, float]:
+    out = work / f"out-{ranks}{tag}"
+    config = work / f"spec-{ranks}{tag}.json"
     config.write_text(json.dumps({**spec, "output": {"location": str(out)}}))
     env = {
         **os.environ,
@@ -62,6 +62,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
+    p.add_argument(
+        "--strategies", default="ddp", help="distributed.strategy of the N-rank runs, comma-separated: ddp,fsdp"
+    )
     a = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="multinode-bench-") as tmp:
         work = Path(tmp)
@@ -79,13 +82,18 @@ def main() -> None:
             "evaluation": {"strategy": "no", "metrics": ["loss"]},
         }
         one = measure(1, spec, work, a.threads)
-        many = measure(a.ranks, spec, work, a.threads)
+        many = {
+            strategy: measure(a.ranks, {**spec, "distributed": {"strategy": strategy}}, work, a.threads, strategy)
+            for strategy in a.strategies.split(",")
+        }
     shape = f"{a.layers} layers, hidden {a.hidden}"
     print(f"model: bert, {shape}; {a.train} examples x {a.epochs} epochs, batch {a.batch}/rank")
-    print(f"{'ranks':>5} {'steps':>6} {'samples/s':>10} {'wall s':>7}")
-    for ranks, row in ((1, one), (a.ranks, many)):
-        print(f"{ranks:>5} {row['steps']:>6.0f} {row['samples/s']:>10.1f} {row['wall s']:>7.1f}")
-    print(f"{a.ranks} ranks / 1 rank: {many['samples/s'] / one['samples/s']:.2f}x samples/s (cpus: {os.cpu_count()})")
+    print(f"{'ranks':>5} {'strategy':>8} {'steps':>6} {'samples/s':>10} {'wall s':>7}")
+    for ranks, strategy, row in ((1, "-", one), *((a.ranks, s, r) for s, r in many.items())):
+        print(f"{ranks:>5} {strategy:>8} {row['steps']:>6.0f} {row['samples/s']:>10.1f} {row['wall s']:>7.1f}")
+    for strategy, row in many.items():
+        ratio = row["samples/s"] / one["samples/s"]
+        print(f"{a.ranks} ranks ({strategy}) / 1 rank: {ratio:.2f}x samples/s (cpus: {os.cpu_count()})")
 
 
 if __name__ == "__main__":

@@ -39,11 +39,11 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalC
             yield cluster, operator
 
 
-def _kill_rank(cluster: LocalCluster, core: client.CoreV1Api, namespace: str, index: str) -> str:
+def _kill_rank(cluster: LocalCluster, core: client.CoreV1Api, namespace: str, index: str, job: str = "ddp") -> str:
     """SIGKILL the trainer process (the rank, not torchrun) in the Job's pod ``index``, as the OOM killer would."""
     (pod,) = [
         p
-        for p in core.list_namespaced_pod(namespace, label_selector="batch.kubernetes.io/job-name=ddp-trainer").items
+        for p in core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job}-trainer").items
         if p.metadata.annotations["batch.kubernetes.io/job-completion-index"] == index and p.status.phase == "Running"
     ]
     container = container_pid(cluster, pod)
@@ -200,3 +200,65 @@ def test_a_drained_node_exits_terminated_on_every_node_index(two_nodes: tuple[Lo
         conditions = (jobs.get("drained").get("status") or {}).get("conditions", [])
         assert not [c for c in conditions if c["type"] == "Failed" and c["status"] == "True"], conditions
         jobs.delete("drained")
+
+
+def test_fsdp_on_two_nodes_resumes_from_its_shards_and_saves_one_model(
+    two_nodes: tuple[LocalCluster, Operator],
+) -> None:
+    """``distributed.strategy: fsdp`` with ``nodes: 2``: a tiny Llama sharded across the two pods, rank 1 killed once
+    the first (sharded) checkpoint is complete; the retried Job resumes from both ranks' shards, completes, and the
+    consolidated model loads with ``from_pretrained`` (no torch.distributed) and predicts."""
+    import torch
+    import transformers as tf
+
+    cluster, operator = two_nodes
+    namespace = cluster.create_namespace("fsdp")
+    with cluster.api_client() as api:
+        core = client.CoreV1Api(api)
+        volumes = _shared_volumes(cluster, core, namespace)
+        tiny.save_model(volumes / "models" / "tiny-llama", "llama", "causal-lm")
+        tiny.write_text(volumes / "datasets" / "text")
+        body = real_job(
+            "fsdp",
+            hyperparameters={"epochs": 3, "batchSize": 4, "learningRate": 1e-2},
+            evaluation={"strategy": "epoch", "metrics": ["loss"]},
+            resources={"nodes": 2, "gpusPerNode": 1},
+            distributed={"strategy": "fsdp"},
+        )
+        body["spec"]["model"] = {"source": "pvc://models/tiny-llama", "task": "causal-lm"}
+        body["spec"]["dataset"] = {
+            "source": "pvc://datasets/text",
+            "validation": "validation.jsonl",
+            "maxSeqLength": 32,
+        }
+        jobs = Jobs(api, namespace, operator)
+        jobs.create(body)
+        steps_per_epoch = 48 // (4 * 2)
+        first = volumes / "outputs" / "fsdp" / "checkpoints" / f"checkpoint-{steps_per_epoch}"
+        deadline = time.monotonic() + 300
+        while not (first / "finetune-complete").exists():
+            assert time.monotonic() < deadline, f"no first checkpoint:\n{operator.tail()}"
+            time.sleep(0.2)
+        assert sorted(p.name for p in (first / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+        _kill_rank(cluster, core, namespace, index="1", job="fsdp")
+        done = jobs.wait_condition("fsdp", "Complete", "Succeeded", timeout=400)
+        pods = core.list_namespaced_pod(namespace, label_selector="batch.kubernetes.io/job-name=fsdp-trainer").items
+    status = done["status"]
+    assert status["progress"]["step"] == 3 * steps_per_epoch
+    assert [e["step"] for e in status["evaluations"]] == [steps_per_epoch * k for k in (1, 2, 3)]
+    assert status["restarts"] >= 1
+    (rank0,) = [
+        p
+        for p in pods
+        if p.status.phase == "Succeeded" and p.metadata.annotations["batch.kubernetes.io/job-completion-index"] == "0"
+    ]
+    log = cluster.kubectl("logs", "-n", namespace, rank0.metadata.name).stdout
+    events = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert [e["step"] for e in events if e["event"] == "resume"] == [steps_per_epoch], "resumed from the shards"
+    assert [e["ranks"] for e in events if e["event"] == "sharding"] == [2]
+    model_dir = volumes / "outputs" / "fsdp" / "model"
+    model = tf.AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    tokenizer = tf.AutoTokenizer.from_pretrained(str(model_dir))
+    with torch.no_grad():
+        logits = model(**tokenizer(["the movie was"], return_tensors="pt")).logits
+    assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()

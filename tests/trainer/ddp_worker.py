@@ -1,15 +1,18 @@
 """One rank of a real DDP run under torchrun (``torchrun ... ddp_worker.py SPEC.json``).
 
-It runs the trainer as a pod would and, for the test to compare, saves this rank's final weights
-to ``<output>/rank-<RANK>.pt`` and its result to ``<output>/rank-<RANK>.json``. With
-``FORCE_EARLY_STOP_RANK=N``, rank N alone sees early stopping fire at its first evaluation: the
-way one rank's verdict could differ from the others'. With ``PRIVATE_OUTPUT_RANK=N``, rank N
-writes to an output location of its own (storage the nodes do not share). With ``COUNT_FROZEN_CALLS=1``, the
-result also says how often the tiny BERT's lowest (frozen) block ran in training and in evaluation; it always lists
-the example indices of each training batch (when the activation cache indexes them). ``ACTIVATION_SPARE_MEMORY=N``
-makes the activation cache see N bytes of memory to spare in the pod (a small N: it spills to disk). With
-``TERMINATE_AT_STEP=N``, every rank sees SIGTERM's stop at step N (checkpoint and leave). Trainer errors exit
-with their exit code and one line, as the CLI does.
+It runs the trainer as a pod would and, for the test to compare, saves this rank's final weights to
+``<output>/rank-<RANK>.pt`` and its result to ``<output>/rank-<RANK>.json``. With ``FORCE_EARLY_STOP_RANK=N``, rank
+N alone sees early stopping fire at its first evaluation: the way one rank's verdict could differ from the others'.
+With ``PRIVATE_OUTPUT_RANK=N``, rank N writes to an output location of its own (storage the nodes do not share). A
+sharded (FSDP) run dumps the whole model gathered on rank 0 only; run without torchrun, the worker is the one
+process of a single-process run. With ``COUNT_FROZEN_CALLS=1``, the result also says how often the tiny BERT's
+lowest (frozen) block ran in training and in evaluation; it always lists the example indices of each training batch
+(when the activation cache indexes them). ``ACTIVATION_SPARE_MEMORY=N`` makes the activation cache see N bytes of
+memory to spare in the pod (a small N: it spills to disk). With ``TERMINATE_AT_STEP=N``, every rank sees SIGTERM's
+stop at step N (checkpoint and leave). With ``HANG_AFTER_CHECKPOINT=N``, every rank stops (sleeps, printing a
+``hanging`` line with its pid) once the checkpoint of step N is written: a run to kill after a checkpoint.
+``EXTRA_SPECS=A:B``: the ranks then run those specs too, one after the other (one torchrun start for several
+runs). Trainer errors exit with their exit code and one line, as the CLI does.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from finetune_trainer import activation_cache, callbacks, run, trainer
+from finetune_trainer import activation_cache, callbacks, run, sharding, trainer
 from finetune_trainer.activation_cache import EXAMPLE_INDEX
 from finetune_trainer.config import RuntimeEnv
 from finetune_trainer.early_stopping import EarlyStoppingState
@@ -32,7 +36,7 @@ from finetune_trainer.spec import TrainingSpec
 
 def main() -> None:
     wire = json.loads(Path(sys.argv[1]).read_text())
-    rank = int(os.environ["RANK"])
+    rank = int(os.environ.get("RANK", "0"))
     out = Path(wire["output"]["location"])
     if os.environ.get("PRIVATE_OUTPUT_RANK") == str(rank):
         wire["output"]["location"] = str(out / f"rank-{rank}-private")
@@ -46,9 +50,14 @@ def main() -> None:
         callbacks.observe = fire  # type: ignore[assignment]
     save_final = run._save_final
 
-    def save_and_dump(ctx: Any, trainer: Any, processor: Any) -> str:
-        torch.save({k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}, out / f"rank-{rank}.pt")
-        return save_final(ctx, trainer, processor)
+    def save_and_dump(ctx: Any, trainer: Any, *args: Any) -> Any:
+        if trainer.sharded:  # the whole model, gathered on rank 0
+            state = sharding.full_state_dict(trainer.model)
+            if state is not None:
+                torch.save(state, out / f"rank-{rank}.pt")
+        else:
+            torch.save({k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}, out / f"rank-{rank}.pt")
+        return save_final(ctx, trainer, *args)
 
     run._save_final = save_and_dump  # type: ignore[assignment]
     frozen_calls = {"train": 0, "eval": 0}
@@ -74,6 +83,16 @@ def main() -> None:
             on_step_end(self, args, state, control, **kwargs)
 
         callbacks.StopCallback.on_step_end = terminate  # type: ignore[method-assign]
+    if "HANG_AFTER_CHECKPOINT" in os.environ:
+        save = callbacks.Checkpointer.save
+
+        def save_and_hang(self: Any, state: Any, control: Any) -> None:
+            save(self, state, control)
+            if state.global_step == int(os.environ["HANG_AFTER_CHECKPOINT"]):
+                print(json.dumps({"event": "hanging", "step": state.global_step, "pid": os.getpid()}), flush=True)
+                time.sleep(600)  # until the test kills the ranks
+
+        callbacks.Checkpointer.save = save_and_hang  # type: ignore[method-assign]
     batches: list[list[int]] = []
     training_step = trainer.FineTuneTrainer.training_step
 
@@ -84,16 +103,19 @@ def main() -> None:
 
     trainer.FineTuneTrainer.training_step = record  # type: ignore[method-assign]
     torch.set_num_threads(1)
-    try:
-        result = run.run(TrainingSpec.model_validate(wire), RuntimeEnv(metrics_port=0, log_every_steps=1))
-    except TrainerError as error:
-        print(f"finetune-trainer: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(error.exit_code)
-    (out / f"rank-{rank}.json").write_text(
-        json.dumps(
-            {"reason": result.reason, "finalStep": result.final_step, "frozenCalls": frozen_calls, "batches": batches}
-        )
-    )
+    extra = [path for path in os.environ.get("EXTRA_SPECS", "").split(os.pathsep) if path]
+    for index, path in enumerate([sys.argv[1], *extra]):  # more runs, one after the other, in the same ranks
+        if index:
+            wire = json.loads(Path(path).read_text())
+            out = Path(wire["output"]["location"])
+            batches.clear()
+        try:
+            result = run.run(TrainingSpec.model_validate(wire), RuntimeEnv(metrics_port=0, log_every_steps=1))
+        except TrainerError as error:
+            print(f"finetune-trainer: error: {error}", file=sys.stderr, flush=True)
+            sys.exit(error.exit_code)
+        summary = {"reason": result.reason, "finalStep": result.final_step, "frozenCalls": frozen_calls}
+        (out / f"rank-{rank}.json").write_text(json.dumps({**summary, "batches": batches}))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from finetune_trainer.contract import (
     Progress,
     TrainerStatus,
 )
-from finetune_trainer.distributed import max_across_ranks
+from finetune_trainer.distributed import barrier, from_main, max_across_ranks
 from finetune_trainer.early_stopping import EarlyStoppingState, Evaluated, explain, improves, observe
 from finetune_trainer.freeze import count_parameters
 from finetune_trainer.loss_watch import LossWatch
@@ -230,12 +230,16 @@ class Checkpointer:
     set; then only the interval, a stop and the end of training write it, and an evaluation in between
     writes the weights of a new best (or nothing: its record rides in the next checkpoint).
     Under DDP only the main process writes (the others' RNG state is not kept; resume warns and goes on).
+    Sharded (FSDP), every rank writes its shards into the directory rank 0 chose; rank 0 waits for them all
+    before it marks the checkpoint complete: the output location must be storage that every node shares.
     """
 
-    def __init__(self, ctx: RunContext, write: Callable[[Path, bool], None]) -> None:
+    def __init__(self, ctx: RunContext, write: Callable[[Path, bool], None], every_rank: bool = False) -> None:
         self.ctx = ctx
         self.write = write
         """Writes the Trainer's files into a directory; the flag asks for the full (resumable) state."""
+        self.every_rank = every_rank
+        """Each rank writes its part (sharded checkpoints); else the main process alone writes."""
         self.saved_step: int | None = None
 
     def kind(self, state: TrainerState, control: TrainerControl) -> str | None:
@@ -250,12 +254,20 @@ class Checkpointer:
     def save(self, state: TrainerState, control: TrainerControl) -> None:
         step = state.global_step
         kind = self.kind(state, control)
-        if step == self.saved_step or kind is None or not self.ctx.is_main:
+        if step == self.saved_step or kind is None or not (self.ctx.is_main or self.every_rank):
             return  # a stop saved this step, then the epoch ended on it: never write it twice
         self.saved_step = step
+        if not self.ctx.is_main:  # a shard of a checkpoint rank 0 writes
+            self.write(Path(from_main(None)), kind == FULL)
+            barrier()
+            return
         run = self.ctx.state
         with atomic_directory(self.ctx.checkpoint_dir(step)) as directory:
+            if self.every_rank:
+                from_main(str(directory))
             self.write(directory, kind == FULL)
+            if self.every_rank:
+                barrier()  # every rank's shards are in before the checkpoint is marked complete
             if run.early_stopping is not None:
                 (directory / EARLY_STOPPING_FILE).write_text(
                     json.dumps(run.early_stopping.model_dump(mode="json", by_alias=True))

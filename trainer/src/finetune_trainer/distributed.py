@@ -50,3 +50,22 @@ def average_gradients(parameters: Sequence[torch.nn.Parameter]) -> None:
     for grad in grads:
         grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
         offset += grad.numel()
+
+
+def from_main(value: str | None) -> str:
+    """Rank 0's ``value`` on every rank (a path only rank 0 could choose: a temporary directory's name)."""
+    if not multi_process():
+        if value is None:
+            raise RuntimeError("from_main: rank 0 has no value")
+        return value
+    box: list[str | None] = [value]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is None:
+        raise RuntimeError("from_main: rank 0 has no value")
+    return box[0]
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if multi_process():
+        dist.barrier()

@@ -108,11 +108,15 @@ def load_config(spec: ModelSpec, source: ModelSource, dropout: float | None) -> 
 
 
 def load_model(
-    spec: ModelSpec, source: ModelSource, dropout: float | None = None, dtype: torch.dtype = torch.float32
+    spec: ModelSpec,
+    source: ModelSource,
+    dropout: float | None = None,
+    dtype: torch.dtype = torch.float32,
+    quantized: dict[str, Any] | None = None,
 ) -> PreTrainedModel:
     """Weights in ``dtype``: fp32 unless all of them stay frozen (mixed precision is autocast); a new
     classification head when the label count differs. Attention is SDPA where the model supports it (the
-    transformers default), else eager."""
+    transformers default), else eager. ``quantized``: QLoRA's loading arguments (see qlora.load_kwargs)."""
     config = load_config(spec, source, dropout)
     auto = AUTO_CLASSES[spec.task]
     extra: dict[str, Any] = {"ignore_mismatched_sizes": True} if spec.task != "causal-lm" else {}
@@ -123,6 +127,7 @@ def load_model(
             dtype=dtype,
             trust_remote_code=spec.trust_remote_code,
             **extra,
+            **(quantized or {}),
             **source.kwargs(),
         )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

@@ -21,7 +21,7 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
 
 from finetune_trainer import data as data_mod
-from finetune_trainer import exitcodes, tracking
+from finetune_trainer import exitcodes, qlora, sharding, tracking
 from finetune_trainer.accelerator import require_accelerator, require_cuda_for_quantization
 from finetune_trainer.activation_cache import CACHE_DIR as ACTIVATION_CACHE_DIR
 from finetune_trainer.activation_cache import FixedShardSampler, memory_budget
@@ -175,6 +175,9 @@ def check_precision(precision: str) -> None:
 
 def load_weights(model: Any, directory: Path) -> None:
     """Put the weights a checkpoint holds into ``model`` (a LoRA model: its adapters), with public APIs only."""
+    if sharding.is_sharded(model):  # every rank reads its shards
+        sharding.load(directory, model, None)
+        return
     if isinstance(model, PeftModel):
         model.load_adapter(str(directory), adapter_name=model.active_adapter, is_trainable=True)
         return
@@ -219,20 +222,29 @@ def _final_metrics(ctx: RunContext, trainer: FineTuneTrainer, restored: bool, ha
     return {}
 
 
+def final_model(trainer: FineTuneTrainer) -> Any:
+    """The model to save: the trained one, or (sharded) one plain model gathered on rank 0 (None elsewhere)."""
+    model: Any = trainer.model
+    if not trainer.sharded:
+        return model
+    state = sharding.full_state_dict(model)  # every rank sends its shards
+    return sharding.unsharded(model, state) if state is not None else None
+
+
 def _save_final(ctx: RunContext, trainer: FineTuneTrainer, loaded: Loaded, precision: Precision) -> list[Artifact]:
     """Publish the final model as ``output.export`` asks (rank 0): each directory whole or absent, its manifest
     last, listed with its identity and lineage (the base's revision, the data's fingerprint)."""
-    if not ctx.is_main:
+    model: Any = final_model(trainer)  # sharded: every rank sends its shards to rank 0
+    if not ctx.is_main or model is None:
         return []
     formats, requested = export_plan(ctx.spec)
     dtype = export_dtype(requested, precision)
-    model: Any = trainer.model
     lora = isinstance(model, PeftModel)
     published = []
     if lora and "adapter" in formats:  # before the merge, which folds the adapters into the base in place
         published.append(save_adapter(model, loaded.processor, ctx.output_dir / ADAPTER_DIR, dtype))
     if "merged" in formats:
-        plain = merged(model, dtype)
+        plain = qlora.merged(model) if getattr(model, "is_loaded_in_4bit", False) else merged(model, dtype)
         kind: ArtifactKind = "merged" if lora else "model"
         published.append(save_model(plain, loaded.processor, ctx.output_dir / MODEL_DIR, kind, dtype))
     base = BaseModelLineage(
@@ -324,7 +336,7 @@ def run(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines | None = None, check
         tracking.log_freeze(tracker, frozen.plan.trainable, frozen.plan.total)
         ctx = _context(spec, env, log, loaded.model, frozen.prepared, output_dir, reporter, where)
         resume = _find_resume(ctx, env)
-        trainer = _trainer(ctx, env, frozen, loaded.processor, resume, where)
+        trainer = _trainer(ctx, env, frozen, loaded.processor, resume, where, loaded.memory.strategy)
         if tracker is not None:
             trainer.add_callback(tracking.TrackingCallback(tracker, lambda: ctx.state.evaluations))
         train_loss = _train(ctx, trainer, resume, frozen.prepared)
@@ -394,7 +406,11 @@ def _load(
         if prepared.cached_splits:
             log.emit("tokenized_cache", reused=list(prepared.cached_splits))
         model: PreTrainedModel = load_model(
-            spec.model, source, hp.dropout, base_dtype(spec.freeze.strategy, where.precision)
+            spec.model,
+            source,
+            hp.dropout,
+            base_dtype(spec.freeze.strategy, where.precision),
+            qlora.load_kwargs(spec.freeze, where.device.cuda),
         )
     align_pad_token(model, processor)
     commit = getattr(model.config, "_commit_hash", None)
@@ -434,7 +450,7 @@ def _freeze(
     """Apply the freeze policy (and activation checkpointing, the activation cache); report what trains."""
     hp = spec.hyperparameters
     model, prepared, rank, ranks = loaded.model, loaded.prepared, where.rank, where.ranks
-    wrapped, plan = apply_freeze(model, spec.freeze, spec.model.task)
+    wrapped, plan = apply_freeze(qlora.prepare(model, spec.freeze), spec.freeze, spec.model.task)
     if plan.trainable == 0:
         raise ConfigError(
             f"freeze: strategy {spec.freeze.strategy} leaves no trainable parameter "
@@ -534,14 +550,25 @@ def _find_resume(ctx: RunContext, env: RuntimeEnv) -> Path | None:
 
 
 def _trainer(
-    ctx: RunContext, env: RuntimeEnv, frozen: Frozen, processor: Any, resume: Path | None, where: Placement
+    ctx: RunContext,
+    env: RuntimeEnv,
+    frozen: Frozen,
+    processor: Any,
+    resume: Path | None,
+    where: Placement,
+    chosen: sharding.Strategy,
 ) -> FineTuneTrainer:
-    """The Trainer with our callbacks (every rank checked to resume from the same step)."""
+    """The Trainer with our callbacks (every rank checked to resume from the same step); ``chosen``: the strategy
+    the memory plan resolved ``distributed.strategy`` to."""
     spec, log, prepared = ctx.spec, ctx.log, frozen.prepared
     compute_metrics = classification_metrics(spec.evaluation.metrics, spec.model.effective_num_labels or 0)
+    args = training_arguments(spec, ctx.checkpoints_dir, env.log_every_steps, where.device, where.precision)
+    strategy = _shard(ctx, frozen.model, where, chosen)  # after the arguments: they start the process group
+    if resume is not None:
+        sharding.check_resumable(resume, strategy, where.ranks)
     trainer = FineTuneTrainer(
         model=frozen.model,
-        args=training_arguments(spec, ctx.checkpoints_dir, env.log_every_steps, where.device, where.precision),
+        args=args,
         data_collator=pad_for_tensor_cores(prepared.collator, where.device),
         train_dataset=prepared.train,
         eval_dataset=prepared.validation,
@@ -556,6 +583,8 @@ def _trainer(
         thaw_on_create=ctx.state.thawed_units,
     )
     _check_same_checkpoint(resume, where.rank, trainer.args.device)
+    if trainer.checkpointer is not None:
+        trainer.checkpointer.every_rank = strategy == "fsdp"  # sharded: each rank writes its shards
     trainer.remove_callback(PrinterCallback)  # our JSON lines replace its prints
     for callback in (
         DivergenceCallback(ctx, trainer.take_step_loss),  # first: stops before anything is published or saved
@@ -576,6 +605,30 @@ def _trainer(
             thawedUnits=ctx.state.thawed_units,
         )
     return trainer
+
+
+def _shard(ctx: RunContext, model: Any, where: Placement, strategy: sharding.Strategy) -> sharding.Strategy:
+    """The strategy trained with; fsdp shards ``model`` across the ranks (one process: nothing to shard)."""
+    if strategy != "fsdp":
+        return strategy
+    if not torch.distributed.is_initialized():
+        ctx.log.emit("warning", message="distributed.strategy: fsdp in a single process: the model is not sharded")
+        return "ddp"
+    if where.precision == "fp16":
+        raise ConfigError(
+            "hyperparameters.precision: fp16 with distributed.strategy fsdp is not supported (its loss scaling "
+            "does not cover sharded gradients); use bf16 or fp32"
+        )
+    compute = torch.bfloat16 if where.device.cuda and where.precision == "bf16" else None
+    blocks = sharding.shard(model, compute)
+    ctx.log.emit(
+        "sharding",
+        strategy="fsdp",
+        ranks=where.ranks,
+        blocks=blocks,
+        mixedPrecision=str(compute).removeprefix("torch.") if compute is not None else None,
+    )
+    return strategy
 
 
 def _train(

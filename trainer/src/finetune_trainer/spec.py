@@ -835,6 +835,29 @@ TRAINING_RULES: tuple[Rule, ...] = (
         "!has(self.tracking) || !has(self.tracking.registerAs) || self.output.saveFinalModel",
         lambda t: t.tracking is None or t.tracking.register_as is None or t.output.save_final_model,
     ),
+    Rule(
+        "distributed.strategy",
+        "fsdp cannot thaw layers (freeze.gradualUnfreezing): FSDP2 fixes each block's trainable parameters when it "
+        "shards them, so a layer thawed later would never be reduced across ranks; use ddp",
+        "!has(self.distributed) || self.distributed.strategy != 'fsdp' || !has(self.freeze) "
+        "|| !has(self.freeze.gradualUnfreezing)",
+        lambda t: t.distributed.strategy != "fsdp" or t.freeze.gradual_unfreezing is None,
+    ),
+    Rule(
+        "distributed.strategy",
+        "fsdp cannot cache activations (freeze.cacheActivations): the cache replaces the frozen bottom of the "
+        "model that FSDP2 shards; use ddp",
+        "!has(self.distributed) || self.distributed.strategy != 'fsdp' || !has(self.freeze) "
+        "|| !self.freeze.cacheActivations",
+        lambda t: t.distributed.strategy != "fsdp" or not t.freeze.cache_activations,
+    ),
+    Rule(
+        "distributed.strategy",
+        "fsdp cannot shard a 4-bit base (freeze.lora.quantization): QLoRA runs with ddp",
+        "!has(self.distributed) || self.distributed.strategy != 'fsdp' || !has(self.freeze) "
+        "|| !has(self.freeze.lora) || !has(self.freeze.lora.quantization)",
+        lambda t: t.distributed.strategy != "fsdp" or t.freeze.lora is None or t.freeze.lora.quantization is None,
+    ),
 )
 """Cross-field CEL rules of TrainingSpec (also applied by the subclass that extends it)."""
 

@@ -97,4 +97,7 @@ def cached_encode(
             encoded.save_to_disk(str(tmp))
     except OSError:
         return encoded, False  # a full or read-only volume: training goes on without the cache
-    return load_from_disk(str(entry)), False
+    try:
+        return load_from_disk(str(entry)), False
+    except (OSError, ValueError):  # another rank replaced the entry meanwhile (moved aside for a moment)
+        return encoded, False

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sized
+from collections.abc import Iterator, Sized
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,9 @@ from accelerate.data_loader import BatchSamplerShard
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import Trainer
-from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer import SCHEDULER_NAME, TRAINER_STATE_NAME
 
+from finetune_trainer import sharding
 from finetune_trainer.activation_cache import EXAMPLE_INDEX, ActivationCache, FixedShardSampler
 from finetune_trainer.callbacks import Checkpointer, RunContext
 from finetune_trainer.distributed import average_gradients
@@ -101,14 +103,58 @@ class FineTuneTrainer(Trainer):
             self.store_flos()
             self.checkpointer.save(self.state, self.control)
 
+    @property
+    def sharded(self) -> bool:
+        """The model is sharded with FSDP2 (``distributed.strategy: fsdp``): every rank takes part in saves."""
+        return self.model is not None and sharding.is_sharded(self.model)
+
     def write_checkpoint(self, directory: Path, full: bool) -> None:
-        """The Trainer's own files, as its ``_save_checkpoint`` writes them; the optimizer etc. only if ``full``."""
+        """The Trainer's own files, as its ``_save_checkpoint`` writes them; the optimizer etc. only if ``full``.
+
+        Sharded: every rank writes its shards (a torch distributed checkpoint) and its RNG state."""
+        if self.sharded:
+            optimizer = self._bare_optimizer() if full else None
+            sharding.save(directory, self._model(), optimizer)
+            if full:
+                self._save_rng_state(str(directory))
+            if self.args.should_save:
+                if full and self.lr_scheduler is not None:
+                    torch.save(self.lr_scheduler.state_dict(), directory / SCHEDULER_NAME)
+                self.state.save_to_json(str(directory / TRAINER_STATE_NAME))
+            return
         self.save_model(str(directory), _internal_call=True)
         if full:
             self._save_optimizer_and_scheduler(str(directory))
             self._save_scaler(str(directory))
             self._save_rng_state(str(directory))
         self.state.save_to_json(str(directory / TRAINER_STATE_NAME))
+
+    def _bare_optimizer(self) -> torch.optim.Optimizer:
+        optimizer: Any = getattr(self.optimizer, "optimizer", self.optimizer)
+        if optimizer is None:
+            raise RuntimeError("the trainer has no optimizer")
+        bare: torch.optim.Optimizer = optimizer
+        return bare
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Sharded: the weights come back with the optimizer state (``_load_optimizer_and_scheduler``)."""
+        if not self.sharded:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Sharded: this rank's shards of the weights and the optimizer state, then the scheduler."""
+        if not self.sharded or checkpoint is None:
+            super()._load_optimizer_and_scheduler(checkpoint)
+            return
+        sharding.load(Path(checkpoint), self._model(), self._bare_optimizer())
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / SCHEDULER_NAME, weights_only=True))
+
+    @contextlib.contextmanager
+    def _defer_fsdp_gradient_reduction(self) -> Iterator[None]:
+        """Gradient accumulation on our sharded model (the Trainer's own reads a transformers DistributedConfig)."""
+        with sharding.deferred_reduction(self._model()):
+            yield
 
     def _model(self) -> nn.Module:
         """The bare model (``self.model``; the Trainer keeps DDP and other wrappers in ``model_wrapped``)."""
