@@ -41,6 +41,7 @@ from finetune_operator.api import (
     quantity_value,
 )
 from finetune_trainer import exitcodes
+from finetune_trainer.contract import S3_CREDENTIAL_KEYS, s3_env_prefix
 from finetune_trainer.spec import TrainingSpec
 
 Manifest = dict[str, Any]
@@ -269,8 +270,40 @@ def headless_service(job: FineTuneJob, settings: Settings) -> Manifest:
 def _claims(job: FineTuneJob) -> list[str]:
     """PersistentVolumeClaims the spec reads or writes, in a stable order."""
     sources = [job.spec.model.source, job.spec.dataset.source, job.spec.output.location]
+    if job.spec.storage.cache is not None:
+        sources.append(job.spec.storage.cache.location)
     claims = [s.removeprefix("pvc://").split("/", 1)[0] for s in sources if s.startswith("pvc://")]
     return sorted(set(claims))
+
+
+def s3_secrets(job: FineTuneJob) -> dict[str, str]:
+    """The S3 credentials Secret of each role (model, dataset, output) whose URI is s3://: a source's own
+    ``s3`` block, else ``spec.storage.s3``. Roles without a Secret use the pod's identity (IRSA)."""
+    spec = job.spec
+    found: dict[str, str] = {}
+    for role, uri, own in (
+        ("model", spec.model.source, spec.model.s3),
+        ("dataset", spec.dataset.source, spec.dataset.s3),
+        ("output", spec.output.location, spec.output.s3),
+    ):
+        settings = own or spec.storage.s3
+        if uri.startswith("s3://") and settings is not None and settings.credentials_secret_ref is not None:
+            found[role] = settings.credentials_secret_ref.name
+    return found
+
+
+def _s3_credentials_env(job: FineTuneJob) -> list[Manifest]:
+    """Each role's keys from its Secret, under its own prefix (``finetune_trainer.contract.s3_env_prefix``)."""
+    return [
+        {
+            "name": s3_env_prefix(role) + key,
+            "valueFrom": {
+                "secretKeyRef": {"name": name, "key": key, **({"optional": True} if key == "AWS_SESSION_TOKEN" else {})}
+            },
+        }
+        for role, name in s3_secrets(job).items()
+        for key in S3_CREDENTIAL_KEYS
+    ]
 
 
 def _env(job: FineTuneJob, settings: Settings, names: Names) -> list[Manifest]:
@@ -298,6 +331,7 @@ def _env(job: FineTuneJob, settings: Settings, names: Names) -> list[Manifest]:
     secret = job.spec.model.token_secret_ref
     if secret is not None:
         env.append({"name": HF_TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})
+    env += _s3_credentials_env(job)
     if job.spec.resources.nodes > 1:
         env += [
             {"name": "MASTER_ADDR", "value": f"{names.job}-0.{names.service}"},
