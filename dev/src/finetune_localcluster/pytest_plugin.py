@@ -26,6 +26,7 @@ from kubernetes import client
 from . import build, kubeconfig
 from .cluster import Cluster, default_state_dir
 from .kueue import Kueue
+from .seaweedfs import S3Endpoint, SeaweedFS
 
 
 class KubectlError(subprocess.CalledProcessError):
@@ -134,3 +135,13 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
     # Unix sockets and log paths stay short: use a short base dir.
     with own_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
+    """The project's S3 server (SeaweedFS, authentication on) for the session, built once per machine."""
+    server = SeaweedFS(tmp_path_factory.mktemp("s3"))
+    try:
+        yield server.up()
+    finally:
+        server.down()
