@@ -55,6 +55,7 @@ from finetune_trainer.models import align_pad_token, load_config, load_model, lo
 from finetune_trainer.ownership import claim_checkpoints
 from finetune_trainer.preflight import Checked, preflight
 from finetune_trainer.reporting import JsonLines, PrometheusMetrics, StatusReporter, heartbeats, load_kube_api
+from finetune_trainer.s3 import CheckpointMirror, is_s3, publish, upload_file
 from finetune_trainer.spec import CLASSIFICATION_METRICS, CLASSIFICATION_TASKS, TrainingSpec
 from finetune_trainer.speed import (
     Device,
@@ -199,12 +200,14 @@ def _save_final(ctx: RunContext, trainer: FineTuneTrainer, processor: Any) -> st
     model: Any = trainer.model
     if hasattr(model, "merge_and_unload"):  # LoRA: ship a plain model with the adapters merged in
         model = model.float().merge_and_unload()  # in fp32: a bf16 base would round the adapters' update away
+    uri = location_uri(target, ctx.spec.output.location, ctx.pvc_root)
     if ctx.is_main:
         # Whole or absent: a kill mid-save leaves the previous model (or none), never half of one.
         with atomic_directory(target) as partial:
             model.save_pretrained(str(partial))
             processor.save_pretrained(str(partial))
-    return location_uri(target, ctx.spec.output.location, ctx.pvc_root)
+        uri = publish(target, uri, ctx.spec.output.s3 or ctx.spec.storage.s3)  # manifest last (uploaded for s3://)
+    return uri
 
 
 def _start_reporter(env: RuntimeEnv, log: JsonLines) -> StatusReporter | None:
@@ -399,6 +402,8 @@ def _context(
     ctx.reporter = reporter
     if where.is_main:
         ctx.metrics = PrometheusMetrics(env.metrics_port, log, env.metrics_address)
+        if is_s3(spec.output.location):
+            ctx.mirror = CheckpointMirror(spec.output.location, spec.output.s3 or spec.storage.s3, log.emit)
     return ctx
 
 
@@ -506,6 +511,8 @@ def _finish(
     """Terminated: report the checkpoint. Otherwise restore the best, save the model, write ``result.json``."""
     spec, log, is_main, output_dir = ctx.spec, ctx.log, ctx.is_main, ctx.output_dir
     final_step = trainer.state.global_step
+    if ctx.mirror is not None:
+        ctx.mirror.drain()  # the last checkpoint (a stop's included) is published before the run ends
     if ctx.stopped_by == "Terminated":
         _close(ctx)
         log.emit(
@@ -550,6 +557,10 @@ def _finish(
         written = output_dir / ".result.json.tmp"
         written.write_text(json.dumps(body, indent=2) + "\n")
         os.replace(written, output_dir / "result.json")
+        if ctx.mirror is not None:
+            upload_file(
+                output_dir / "result.json", f"{spec.output.location.rstrip('/')}/result.json", ctx.mirror.settings
+            )
         log.emit("result", **body)
     _report_finalizing(ctx, False)
     _close(ctx)
@@ -564,7 +575,7 @@ def _check_same_checkpoint(resume: Path | None, rank: int, device: torch.device)
     if not same_on_every_rank(step, device):
         raise ConfigError(
             f"output.location: the ranks see different checkpoints (rank {rank} would resume from step {step}): "
-            "a multi-node job needs an output location that every node shares (a ReadWriteMany pvc://)"
+            "a multi-node job needs an output location that every node shares (a ReadWriteMany pvc://, or s3://)"
         )
 
 
@@ -587,5 +598,7 @@ def _best(ctx: RunContext) -> dict[str, Any] | None:
 
 
 def _close(ctx: RunContext) -> None:
+    if ctx.mirror is not None:
+        ctx.mirror.close()
     if ctx.reporter is not None:
         ctx.reporter.close()
