@@ -115,6 +115,14 @@ controlplane: venv ## build (or reuse the cached) control-plane binaries
 cluster-up: venv ## start the local control plane + NODES nodes (default 1); kubeconfig path is printed
 	$(PY) -m finetune_localcluster up --nodes $(NODES)
 
+.PHONY: s3-up
+s3-up: venv ## start the S3 server (SeaweedFS, built once from the Go module proxy; auth on); prints S3_ENDPOINT and keys
+	@$(PY) -m finetune_localcluster s3-up
+
+.PHONY: s3-down
+s3-down: venv ## stop the S3 server started by make s3-up
+	@$(PY) -m finetune_localcluster s3-down
+
 .PHONY: cluster-down
 cluster-down: venv ## stop the local control plane
 	$(PY) -m finetune_localcluster down

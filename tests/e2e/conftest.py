@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import obstore
 import pytest
 import yaml
 from kubernetes import client
@@ -22,8 +23,13 @@ from finetune_localcluster import procs
 from finetune_localcluster.cluster import free_port
 from finetune_localcluster.kubeconfig import service_account_kubeconfig
 from finetune_localcluster.pytest_plugin import LocalCluster
+from finetune_localcluster.seaweedfs import S3Endpoint
 from finetune_operator.api import GROUP, PLURAL, VERSION
 from finetune_operator.rbac import cluster_role
+from finetune_trainer import s3
+from finetune_trainer.contract import s3_env_prefix
+from finetune_trainer.manifest import MANIFEST_NAME
+from finetune_trainer.spec import LocalSecretRef, S3Storage
 from tests.trainer import tiny
 
 FAKE_TRAINER = Path(__file__).with_name("fake_trainer.py")
@@ -348,3 +354,45 @@ def real_namespace(local_cluster: LocalCluster, operator: Operator) -> Iterator[
     with local_cluster.api_client() as api:
         yield RealNamespace(Jobs(api, namespace, operator), tiny_volumes(local_cluster, api, namespace))
         client.CoreV1Api(api).delete_namespace(namespace)
+
+
+def s3_secret(
+    api: client.ApiClient, namespace: str, server: S3Endpoint, name: str, secret_key: str | None = None
+) -> None:
+    """A credentials Secret for the project's S3 server (``secret_key``: a wrong one, for the fault's test)."""
+    client.CoreV1Api(api).create_namespaced_secret(
+        namespace,
+        client.V1Secret(
+            metadata=client.V1ObjectMeta(name=name),
+            string_data={
+                "AWS_ACCESS_KEY_ID": server.access_key,
+                "AWS_SECRET_ACCESS_KEY": secret_key or server.secret_key,
+            },
+        ),
+    )
+
+
+def s3_test_env(env: pytest.MonkeyPatch, server: S3Endpoint) -> S3Storage:
+    """Settings (naming the Secret ``s3-credentials``) and the test process's env to read the bucket as pods do."""
+    for role in ("model", "dataset", "output"):
+        env.setenv(s3_env_prefix(role) + "AWS_ACCESS_KEY_ID", server.access_key)
+        env.setenv(s3_env_prefix(role) + "AWS_SECRET_ACCESS_KEY", server.secret_key)
+    return S3Storage(endpoint=server.endpoint, credentials_secret_ref=LocalSecretRef(name="s3-credentials"))
+
+
+def s3_published(settings: S3Storage, prefix: str, timeout: float = 300) -> str:
+    """Wait until a checkpoint under ``prefix`` (s3://bucket/.../checkpoints) is published; its name."""
+    root = s3.S3Location.parse(prefix, settings, "output")
+    store = root.store()
+    deadline = time.monotonic() + timeout
+    while True:
+        names = [
+            str(meta["path"]).split("/")[-2]
+            for chunk in obstore.list(store, f"{root.prefix}/")
+            for meta in chunk
+            if str(meta["path"]).endswith(f"/{MANIFEST_NAME}")
+        ]
+        if names:
+            return sorted(names)[0]
+        assert time.monotonic() < deadline, f"no checkpoint was published under {prefix}"
+        time.sleep(0.2)

@@ -1,6 +1,7 @@
 """Multi-node training really run: two local nodes with one GPU each, a FineTuneJob with
 ``nodes: 2``, torchrun with gloo on CPU, the real trainer, to Complete; rank 1's process is killed
-after the first checkpoint, and the whole Job retries and resumes from it.
+after the first checkpoint, and the whole Job retries and resumes from it. Its output is ``s3://``
+(the project's S3 server): no volume shared for checkpoints, every pod restores them from the bucket.
 
 A control plane of its own: the shared one has one node with 4 GPUs, where both pods would fit.
 """
@@ -11,20 +12,32 @@ import json
 import os
 import signal
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import obstore
 import pytest
 from kubernetes import client
 
 from finetune_localcluster import procs
 from finetune_localcluster.kubeconfig import install_objects
 from finetune_localcluster.pytest_plugin import LocalCluster, own_cluster
+from finetune_localcluster.seaweedfs import S3Endpoint
 from finetune_operator.crd import chart_api_objects
-from finetune_trainer import exitcodes
+from finetune_trainer import exitcodes, s3
 from finetune_trainer.launch import GRACE_MARGIN_SECONDS
-from tests.e2e.conftest import Jobs, Operator, container_pid, real_job, running_operator
+from tests.e2e.conftest import (
+    Jobs,
+    Operator,
+    container_pid,
+    real_job,
+    running_operator,
+    s3_published,
+    s3_secret,
+    s3_test_env,
+)
 from tests.trainer import tiny
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -101,8 +114,12 @@ def _ddp_job(name: str, **spec: Any) -> dict[str, Any]:
     )
 
 
-def test_two_nodes_train_one_job_with_torchrun(two_nodes: tuple[LocalCluster, Operator]) -> None:
+def test_two_nodes_train_one_job_with_torchrun(
+    two_nodes: tuple[LocalCluster, Operator], s3_server: S3Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cluster, operator = two_nodes
+    settings = s3_test_env(monkeypatch, s3_server)
+    out = f"s3://ddp-{uuid.uuid4().hex[:10]}/ddp"
     nodes = client.CoreV1Api(cluster.api_client()).list_node().items
     assert sorted((n.metadata.name, n.status.allocatable["nvidia.com/gpu"]) for n in nodes) == [
         ("local-node", "1"),
@@ -111,15 +128,14 @@ def test_two_nodes_train_one_job_with_torchrun(two_nodes: tuple[LocalCluster, Op
     namespace = cluster.create_namespace("multinode")
     with cluster.api_client() as api:
         core = client.CoreV1Api(api)
-        volumes = _shared_volumes(cluster, core, namespace)
+        _shared_volumes(cluster, core, namespace)
+        s3_secret(api, namespace, s3_server, "s3-credentials")
+        store = s3.S3Location.parse(out, settings, "output").store()
+        obstore.put(store, "README", b"the bucket exists: SeaweedFS creates it on the first upload\n")
         jobs = Jobs(api, namespace, operator)
-        jobs.create(_ddp_job("ddp"))
-        # Rank 1 dies once rank 0 has written the first checkpoint (step 4 of 16) and while they train on.
-        first = volumes / "outputs" / "ddp" / "checkpoints" / "checkpoint-4" / "finetune-complete"
-        deadline = time.monotonic() + 300
-        while not first.exists():
-            assert time.monotonic() < deadline, f"no first checkpoint:\n{operator.tail()}"
-            time.sleep(0.2)
+        jobs.create(_ddp_job("ddp", output={"location": out}, storage={"s3": settings.to_wire()}))
+        # Rank 1 dies once rank 0 has published the first checkpoint (step 4 of 16) and while they train on.
+        assert s3_published(settings, f"{out}/checkpoints") == "checkpoint-4"
         killed = _kill_rank(cluster, core, namespace, index="1")
         done = jobs.wait_condition("ddp", "Complete", "Succeeded", timeout=400)
         pods = core.list_namespaced_pod(namespace, label_selector="batch.kubernetes.io/job-name=ddp-trainer").items
@@ -131,10 +147,10 @@ def test_two_nodes_train_one_job_with_torchrun(two_nodes: tuple[LocalCluster, Op
     assert status["progress"]["step"] == status["progress"]["totalSteps"] == steps
     assert [e["step"] for e in status["evaluations"]] == [4, 8, 12, 16], "no evaluation lost or repeated"
     assert status["restarts"] >= 1
-    output = volumes / "outputs" / "ddp"
-    result = json.loads((output / "result.json").read_text())
+    result = json.loads(bytes(obstore.get(store, "ddp/result.json").bytes()))
     assert result["reason"] == "Succeeded" and result["finalStep"] == steps
-    assert (output / "model" / "config.json").exists()
+    model = s3.published(f"{out}/model", settings)
+    assert model is not None and "config.json" in {entry.path for entry in model.files}
     logs = {
         p.metadata.annotations["batch.kubernetes.io/job-completion-index"]: cluster.kubectl(
             "logs", "-n", namespace, p.metadata.name

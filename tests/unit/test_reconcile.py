@@ -169,6 +169,32 @@ def test_a_claim_only_read_is_mounted_read_only(
     assert mounts == read_only
 
 
+def test_s3_credentials_come_from_each_roles_secret_and_the_cache_claim_is_mounted() -> None:
+    manifest = baseline("s3")
+    manifest["spec"]["model"]["source"] = "s3://models/bert"
+    manifest["spec"]["dataset"].update({"source": "s3://data/rt", "s3": {"credentialsSecretRef": {"name": "data"}}})
+    manifest["spec"]["output"]["location"] = "s3://runs/out"
+    manifest["spec"]["storage"] = {
+        "s3": {"endpoint": "http://minio:9000", "credentialsSecretRef": {"name": "s3"}},
+        "cache": {"location": "pvc://shared-cache/s3"},
+    }
+    pod = batch_job(FineTuneJob.model_validate(manifest), SETTINGS)["spec"]["template"]["spec"]
+    claims = sorted(v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v)
+    assert claims == ["shared-cache"], "an s3:// output needs no volume; the shared cache is a claim"
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in pod["containers"][0]["env"] if "AWS_" in e["name"]}
+    assert env["FINETUNE_S3_MODEL_AWS_ACCESS_KEY_ID"] == {"name": "s3", "key": "AWS_ACCESS_KEY_ID"}
+    assert env["FINETUNE_S3_DATASET_AWS_SECRET_ACCESS_KEY"] == {"name": "data", "key": "AWS_SECRET_ACCESS_KEY"}
+    assert env["FINETUNE_S3_OUTPUT_AWS_SESSION_TOKEN"] == {"name": "s3", "key": "AWS_SESSION_TOKEN", "optional": True}
+    assert len(env) == 9
+
+
+def test_s3_without_a_secret_uses_the_pods_identity() -> None:
+    manifest = baseline("irsa")
+    manifest["spec"]["output"]["location"] = "s3://runs/out"
+    pod = batch_job(FineTuneJob.model_validate(manifest), SETTINGS)["spec"]["template"]["spec"]
+    assert not [e for e in pod["containers"][0]["env"] if "AWS_" in e["name"]]
+
+
 def test_multi_node_is_an_indexed_job_with_a_headless_service() -> None:
     multi = job(resources={"nodes": 3, "gpusPerNode": 8})
     children = desired_children(multi, SETTINGS)

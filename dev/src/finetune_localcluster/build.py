@@ -237,3 +237,17 @@ def go_build_into_cache(
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         tmp.rename(final)
+
+
+def go_module_dir(module: str, version: str, cwd: Path) -> Path:
+    """The (read-only) module cache directory of ``module@version``, downloaded through the Go module proxy."""
+    go = shutil.which("go")
+    if not go:
+        raise BuildError(f"cannot fetch {module}: the Go toolchain ('go') is not on PATH (install Go >= 1.24)")
+    cwd.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [go, "mod", "download", "-json", f"{module}@{version}"], cwd=cwd, capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise BuildError(f"could not download {module}@{version} (is the Go module proxy reachable?): {proc.stderr}")
+    return Path(json.loads(proc.stdout)["Dir"])

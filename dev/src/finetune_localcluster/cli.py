@@ -1,4 +1,4 @@
-"""``finetune-localcluster up|down|status|logs|kubeconfig|build|helm|images``.
+"""``finetune-localcluster up|down|status|logs|kubeconfig|build|helm|images|s3-up|s3-down``.
 
 The state dir is ``$FINETUNE_CLUSTER_DIR`` or ``~/.cache/finetune-operator/cluster``;
 the admin kubeconfig is always ``<state dir>/kubeconfig``.
@@ -16,6 +16,7 @@ from .cluster import Cluster, ClusterError, default_state_dir
 from .helm import ensure_helm
 from .kueue import Kueue
 from .procs import tail
+from .seaweedfs import SeaweedFS
 
 
 def _logs(state: Path, ns: str, pod: str, container: str | None) -> int:
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("kueue-down", help="stop Kueue's manager (its CRDs and queues stay)")
     sub.add_parser("mlflow-up", help="start an MLflow tracking server (SQLite) in STATE/mlflow; print its URI last")
     sub.add_parser("mlflow-down", help="stop the MLflow tracking server of mlflow-up (its data stays)")
+    sub.add_parser("s3-up", help="start the S3 server (SeaweedFS, authentication on); prints S3_ENDPOINT and keys")
+    sub.add_parser("s3-down", help="stop the S3 server (its data stays in <state dir>/s3)")
     im = sub.add_parser(
         "images", help="build (or find) the operator and trainer images with podman; print refs and sizes"
     )
@@ -121,6 +124,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"MLFLOW_TRACKING_URI={mlflow_server.up(state / 'mlflow')}")
         elif a.cmd == "mlflow-down":
             mlflow_server.down(state / "mlflow")
+        elif a.cmd == "s3-up":
+            server = SeaweedFS(state / "s3")
+            endpoint = server.up()
+            print(f"# SeaweedFS S3 running; log: {server.log}; stop with make s3-down", file=sys.stderr)
+            print(endpoint.shell(), end="")
+        elif a.cmd == "s3-down":
+            print("s3 stopped" if SeaweedFS(state / "s3").down() else "s3 was not running")
         elif a.cmd == "images":
             images.main(tuple(a.targets) or ("operator", "trainer"))
     except (ClusterError, build.BuildError, mlflow_server.MlflowServerError) as e:

@@ -24,7 +24,6 @@ How it runs here, and why:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -37,7 +36,7 @@ from pathlib import Path
 import yaml
 
 from . import build, mountns, pki, procs
-from .build import BuildError, cache_root, go_build_into_cache
+from .build import cache_root, go_build_into_cache, go_module_dir
 from .cluster import ClusterError, free_port
 
 KUEUE_VERSION = "v0.17.0"
@@ -53,19 +52,7 @@ def kueue_dir(version: str = KUEUE_VERSION) -> Path:
 
 def _copy_crds(version: str, into: Path) -> None:
     """Kueue's CRDs from the module source the Go module proxy serves (the same one ``go install`` builds)."""
-    go = shutil.which("go")
-    if not go:
-        raise BuildError("cannot fetch Kueue's CRDs: the Go toolchain ('go') is not on PATH (install Go >= 1.24)")
-    proc = subprocess.run(
-        [go, "mod", "download", "-json", f"{MODULE}@{version}"],
-        cwd=into.parent,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise BuildError(f"could not download {MODULE}@{version} (is the Go module proxy reachable?): {proc.stderr}")
-    bases = Path(json.loads(proc.stdout)["Dir"]) / "config" / "components" / "crd" / "bases"
+    bases = go_module_dir(MODULE, version, into.parent) / "config" / "components" / "crd" / "bases"
     into.mkdir(parents=True)
     for crd in sorted(bases.glob("*.yaml")):
         shutil.copyfile(crd, into / crd.name)

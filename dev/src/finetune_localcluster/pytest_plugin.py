@@ -27,6 +27,7 @@ from . import build, kubeconfig
 from .cluster import Cluster, default_state_dir
 from .kueue import Kueue
 from .mlflow_server import MlflowServer
+from .seaweedfs import S3Endpoint, SeaweedFS
 
 
 class KubectlError(subprocess.CalledProcessError):
@@ -147,3 +148,13 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
+    """The project's S3 server (SeaweedFS, authentication on) for the session, built once per machine."""
+    server = SeaweedFS(tmp_path_factory.mktemp("s3"))
+    try:
+        yield server.up()
+    finally:
+        server.down()

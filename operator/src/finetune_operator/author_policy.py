@@ -45,7 +45,7 @@ class Check(enum.Enum):
     POD_IDENTITY = "pod identity"
     """Any value (a ServiceAccount the pod runs as) needs ``create pods``."""
     SECRET = "secret"
-    """A reference ``{name, key}`` to a Secret of the namespace needs ``get`` on that Secret."""
+    """A reference ``{name}`` (and ``key``) to a Secret of the namespace needs ``get`` on that Secret."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,10 @@ GUARDED: Final = (
     Guard("model.tokenSecretRef", Check.SECRET),
     Guard("dataset.tokenSecretRef", Check.SECRET),
     Guard("tracking.credentialsSecretRef", Check.SECRET),
+    Guard("storage.s3.credentialsSecretRef", Check.SECRET),
+    Guard("model.s3.credentialsSecretRef", Check.SECRET),
+    Guard("dataset.s3.credentialsSecretRef", Check.SECRET),
+    Guard("output.s3.credentialsSecretRef", Check.SECRET),
 )
 """Every spec field that hands the trainer's pod something a pod's author needs rights for."""
 

@@ -30,6 +30,7 @@ from finetune_trainer.distributed import barrier, from_main, max_across_ranks
 from finetune_trainer.early_stopping import EarlyStoppingState, Evaluated, explain, improves, observe
 from finetune_trainer.freeze import count_parameters
 from finetune_trainer.loss_watch import LossWatch
+from finetune_trainer.ownership import OWNER_FILE
 from finetune_trainer.reporting import JsonLines, PrometheusMetrics, StatusReporter, utc_now
 from finetune_trainer.spec import EarlyStopping, TrainingSpec
 
@@ -79,6 +80,8 @@ class RunContext:
     """Classification: accuracy of always predicting the most frequent validation label (for the diagnosis)."""
     chance_loss: float | None = None
     """The loss of a uniform prediction (see ``loss_watch.chance_loss``): a divergence reference."""
+    mirror: Any = None
+    """An s3:// output's ``finetune_trainer.s3.CheckpointMirror`` (rank 0): uploads each checkpoint."""
     best_rule: EarlyStopping = field(init=False)
 
     def __post_init__(self) -> None:
@@ -277,6 +280,8 @@ class Checkpointer:
         self.ctx.log.emit(
             "checkpoint", step=step, epoch=state.epoch, checkpoint=self.ctx.checkpoint_uri(step), kind=kind
         )
+        if self.ctx.mirror is not None:  # uploaded in the background, manifest last: training goes on
+            self.ctx.mirror.submit(self.ctx.checkpoint_dir(step), records=self.ctx.checkpoints_dir / OWNER_FILE)
         self.rotate()
 
     def rotate(self) -> None:
@@ -288,6 +293,8 @@ class Checkpointer:
         for step, path in stale:
             if step != best_step:
                 shutil.rmtree(path, ignore_errors=True)
+        if self.ctx.mirror is not None:
+            self.ctx.mirror.prune({path.name for _, path in complete_checkpoints(self.ctx.checkpoints_dir, None)})
 
 
 class StopCallback(TrainerCallback):

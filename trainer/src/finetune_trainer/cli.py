@@ -27,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
         prog="finetune-trainer", description="Fine-tune a pretrained model from a TrainingSpec."
     )
     p.add_argument("--config", required=True, help="YAML/JSON TrainingSpec, or a whole FineTuneJob manifest")
-    p.add_argument("--output", help="override output.location (pvc://claim/path, file:///path or /path)")
+    p.add_argument("--output", help="override output.location (pvc://claim/path, s3://bucket/prefix, file:///path)")
     p.add_argument(
         "--plan",
         action="store_true",
@@ -107,6 +107,10 @@ def _main(argv: Sequence[str] | None) -> int:
             code = print_plan(spec, env, sys.stdout)
             print_memory_plan(spec, env, resources_of(args.config), sys.stdout)
             return code
+        if "s3://" in spec.model.source + spec.dataset.source + spec.output.location:
+            from finetune_trainer.s3 import prepare  # noqa: PLC0415 (obstore loads only for s3:// jobs)
+
+            spec = prepare(spec, env, log.emit)  # download once (cached), restore checkpoints: before torch
         checked = preflight(spec, env)  # data and run-level config errors, before the training stack loads
         from finetune_trainer.run import run  # noqa: PLC0415
 

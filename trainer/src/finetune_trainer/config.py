@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +155,10 @@ def load_spec(path: str | Path, output_override: str | None = None) -> TrainingS
 
 
 def local_path(location: str, pvc_root: Path) -> Path:
-    """``file:///x`` and ``/x`` are local; ``pvc://claim/sub`` is ``<pvc_root>/claim/sub``."""
+    """``file:///x`` and ``/x`` are local; ``pvc://claim/sub`` is ``<pvc_root>/claim/sub``; an ``s3://``
+    output is written to the pod's scratch (``<tmp>/finetune-s3/bucket/prefix``) and uploaded from there."""
+    if location.startswith("s3://"):
+        return Path(tempfile.gettempdir()) / "finetune-s3" / location.removeprefix("s3://").strip("/")
     if location.startswith("file://"):
         return Path(location[len("file://") :])
     if location.startswith("pvc://"):

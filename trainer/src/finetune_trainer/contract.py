@@ -48,6 +48,7 @@ __all__ = [
     "PRUNED",
     "PVC_ROOT_ENV",
     "REPORT_INTERVAL_ENV",
+    "S3_CREDENTIAL_KEYS",
     "SHARED_STATUS_KEYS",
     "SHORT_NAMES",
     "SINGULAR",
@@ -71,6 +72,7 @@ __all__ = [
     "StatusModel",
     "TrackingStatus",
     "TrainerStatus",
+    "s3_env_prefix",
     "wire_keys",
 ]
 
@@ -138,6 +140,18 @@ SWEEP_KIND: Final = "FineTuneSweep"
 PARAMETERS_ANNOTATION: Final = f"{GROUP}/parameters"
 """Annotation on every trial: its parameters as JSON (name to value, or preset label), from which
 the study is rebuilt."""
+S3_CREDENTIAL_KEYS: Final = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+"""The keys of an S3 credentials Secret (``credentialsSecretRef``), as AWS tools name them."""
+
+
+def s3_env_prefix(role: str) -> str:
+    """The env prefix of the credentials of ``role``'s (model, dataset, output) S3 Secret.
+
+    Each role may name its own Secret, so each gets its own variables (``FINETUNE_S3_MODEL_AWS_...``);
+    without any Secret the plain ``AWS_*`` variables (IRSA, workload identity) are read.
+    """
+    return f"FINETUNE_S3_{role.upper()}_"
+
 
 DEFAULT_METRICS_PORT: Final = 9400
 DEFAULT_REPORT_INTERVAL_SECONDS: Final = 10

@@ -80,6 +80,7 @@ from finetune_trainer.models import (
 from finetune_trainer.ownership import claim_checkpoints
 from finetune_trainer.preflight import Checked, preflight
 from finetune_trainer.reporting import JsonLines, PrometheusMetrics, StatusReporter, heartbeats, load_kube_api
+from finetune_trainer.s3 import CheckpointMirror, is_s3, publish, upload_file
 from finetune_trainer.spec import CLASSIFICATION_METRICS, CLASSIFICATION_TASKS, TrainingSpec, export_plan
 from finetune_trainer.speed import (
     Device,
@@ -250,18 +251,23 @@ def _save_final(ctx: RunContext, trainer: FineTuneTrainer, loaded: Loaded, preci
     base = BaseModelLineage(
         source=ctx.spec.model.source, revision=base_revision(loaded.source.name_or_path, loaded.commit)
     )
-    return [
-        Artifact(
-            uri=location_uri(item.path, ctx.spec.output.location, ctx.pvc_root),
-            kind=item.kind,
-            size_bytes=item.manifest.total_size,
-            sha256=item.manifest.sha256,
-            dtype=item.dtype,
-            base_model=base,
-            dataset_fingerprint=loaded.prepared.fingerprint,
+    artifacts = []
+    for item in published:
+        uri = location_uri(item.path, ctx.spec.output.location, ctx.pvc_root)
+        if is_s3(uri):  # every file uploaded, then the manifest: a cut upload leaves nothing that looks complete
+            uri = publish(item.path, uri, ctx.spec.output.s3 or ctx.spec.storage.s3)
+        artifacts.append(
+            Artifact(
+                uri=uri,
+                kind=item.kind,
+                size_bytes=item.manifest.total_size,
+                sha256=item.manifest.sha256,
+                dtype=item.dtype,
+                base_model=base,
+                dataset_fingerprint=loaded.prepared.fingerprint,
+            )
         )
-        for item in published
-    ]
+    return artifacts
 
 
 def _start_reporter(env: RuntimeEnv, log: JsonLines) -> StatusReporter | None:
@@ -515,6 +521,8 @@ def _context(
     ctx.reporter = reporter
     if where.is_main:
         ctx.metrics = PrometheusMetrics(env.metrics_port, log, env.metrics_address)
+        if is_s3(spec.output.location):
+            ctx.mirror = CheckpointMirror(spec.output.location, spec.output.s3 or spec.storage.s3, log.emit)
     return ctx
 
 
@@ -665,7 +673,9 @@ def _finish(
     """Terminated: report the checkpoint. Otherwise restore the best, save the model, write ``result.json``."""
     spec, log, is_main, output_dir = ctx.spec, ctx.log, ctx.is_main, ctx.output_dir
     final_step = trainer.state.global_step
-    if ctx.stopped_by == "Terminated":  # the run goes on when the trainer resumes
+    if ctx.mirror is not None:
+        ctx.mirror.drain()  # the last checkpoint (a stop's included) is published before the run ends
+    if ctx.stopped_by == "Terminated":
         tracking.finish(tracker, ctx.reporter, "Terminated", _best(ctx), None, {}, wait=TRACKING_FAILURE_WAIT)
         _close(ctx)
         log.emit(
@@ -712,6 +722,10 @@ def _finish(
             "message": ctx.stop_message or None,
         }
         atomic_file(output_dir / "result.json", (json.dumps(body, indent=2) + "\n").encode())
+        if ctx.mirror is not None:
+            upload_file(
+                output_dir / "result.json", f"{spec.output.location.rstrip('/')}/result.json", ctx.mirror.settings
+            )
         log.emit("result", **body)
     _report_finalizing(ctx, False)
     lineage = _lineage(spec, artifacts)
@@ -728,7 +742,7 @@ def _check_same_checkpoint(resume: Path | None, rank: int, device: torch.device)
     if not same_on_every_rank(step, device):
         raise ConfigError(
             f"output.location: the ranks see different checkpoints (rank {rank} would resume from step {step}): "
-            "a multi-node job needs an output location that every node shares (a ReadWriteMany pvc://)"
+            "a multi-node job needs an output location that every node shares (a ReadWriteMany pvc://, or s3://)"
         )
 
 
@@ -751,5 +765,7 @@ def _best(ctx: RunContext) -> dict[str, Any] | None:
 
 
 def _close(ctx: RunContext) -> None:
+    if ctx.mirror is not None:
+        ctx.mirror.close()
     if ctx.reporter is not None:
         ctx.reporter.close()

@@ -56,9 +56,16 @@ def quantity_value(value: int | str) -> Decimal:
     return Decimal(text[: len(text) - len(suffix)]) * _QUANTITY_FACTORS[suffix]
 
 
-MODEL_SOURCE_PATTERN = r"^(hf://[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|file:///.*|/.*)$"
-DATASET_SOURCE_PATTERN = r"^(hf://datasets/[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|file:///.*|/.*)$"
-OUTPUT_LOCATION_PATTERN = r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|file:///.*|/.*)$"
+S3_URI_PATTERN = r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^@]*)?"
+"""``s3://bucket/prefix``: a DNS-style bucket name, no user-info (``s3://key:secret@...`` does not match)."""
+_LOCAL = r"pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|file:///.*|/.*"
+MODEL_SOURCE_PATTERN = rf"^(hf://[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?|{S3_URI_PATTERN}|{_LOCAL})$"
+DATASET_SOURCE_PATTERN = (
+    rf"^(hf://datasets/[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?|{S3_URI_PATTERN}|{_LOCAL})$"
+)
+OUTPUT_LOCATION_PATTERN = rf"^({S3_URI_PATTERN}|{_LOCAL})$"
+
+CACHE_LOCATION_PATTERN = r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|file:///.*|/.*)$"
 
 Task = Literal["sequence-classification", "causal-lm", "image-classification"]
 CLASSIFICATION_TASKS: frozenset[str] = frozenset({"sequence-classification", "image-classification"})
@@ -148,6 +155,78 @@ class SecretKeyRef(SpecModel):
     key: ShortText = Field("token", description="Key inside the Secret.")
 
 
+class LocalSecretRef(SpecModel):
+    """A Secret of the job's namespace (all of its keys are read)."""
+
+    name: Name = Field(description="Name of the Secret in the FineTuneJob's namespace.")
+
+
+class S3Storage(SpecModel):
+    """How to reach an S3-compatible object store (AWS S3, GCS's S3 API, MinIO, Ceph RGW, SeaweedFS)."""
+
+    endpoint: Annotated[str, StringConstraints(max_length=2048, pattern=r"^https?://[^\s/@]+(/.*)?$")] | None = Field(
+        None, description="Endpoint URL, e.g. http://minio.storage:9000; unset: AWS S3 of the region."
+    )
+    region: ShortText | None = Field(None, description="Region (AWS_REGION when unset, else us-east-1).")
+    path_style: bool | None = Field(
+        None,
+        description="Path-style addressing (endpoint/bucket/key). Unset: on when an endpoint is set, else off.",
+    )
+    credentials_secret_ref: LocalSecretRef | None = Field(
+        None,
+        description=(
+            "Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and optionally AWS_SESSION_TOKEN. Unset: the "
+            "pod's own identity from its environment (IRSA / workload identity of spec.serviceAccountName)."
+        ),
+    )
+
+
+def _no_credentials_in_uri(field: str, attribute: str) -> Rule:
+    return Rule(
+        field,
+        "an s3:// URI must not carry credentials: use storage.s3.credentialsSecretRef",
+        f"!self.{field}.startsWith('s3://') || !self.{field}.contains('@')",
+        lambda m: not (getattr(m, attribute).startswith("s3://") and "@" in getattr(m, attribute)),
+    )
+
+
+def _s3_only_for_s3(field: str, attribute: str) -> Rule:
+    return Rule(
+        "s3",
+        f"s3 is only meaningful for an s3:// {field}",
+        f"!has(self.s3) || self.{field}.startsWith('s3://')",
+        lambda m: m.s3 is None or getattr(m, attribute).startswith("s3://"),
+    )
+
+
+S3_OVERRIDE_DESCRIPTION = "S3 settings for this s3:// location only; unset: spec.storage.s3."
+
+
+class CacheSpec(SpecModel):
+    """Where downloaded s3:// sources are kept, keyed by content (bucket, key, ETag)."""
+
+    location: Location = Field(
+        pattern=CACHE_LOCATION_PATTERN,
+        description=(
+            "pvc://claim/path (a claim shared by the namespace: retries, resumes and sweep trials download "
+            "once), or file:///path. Unset: the pod's scratch volume (a retry of the same pod reuses it)."
+        ),
+    )
+    max_size_gib: int = Field(
+        50,
+        ge=1,
+        le=1000000,
+        description="The cache is kept under this size: least recently used entries are removed first.",
+    )
+
+
+class StorageSpec(SpecModel):
+    """Job-wide storage settings."""
+
+    s3: S3Storage | None = Field(None, description="Default S3 settings for every s3:// URI of the job.")
+    cache: CacheSpec | None = Field(None, description="Download cache of s3:// sources; unset: the pod's scratch.")
+
+
 class ModelSpec(SpecModel):
     """The pretrained model to start from and the head to put on it."""
 
@@ -164,6 +243,8 @@ class ModelSpec(SpecModel):
             "!has(self.tokenSecretRef) || self.source.startsWith('hf://')",
             lambda m: m.token_secret_ref is None or m.source.startswith("hf://"),
         ),
+        _no_credentials_in_uri("source", "source"),
+        _s3_only_for_s3("source", "source"),
         Rule(
             "labelNames",
             "labelNames must have exactly numLabels entries",
@@ -176,10 +257,11 @@ class ModelSpec(SpecModel):
         pattern=MODEL_SOURCE_PATTERN,
         description=(
             "Where the pretrained weights are: hf://org/name (Hugging Face hub id), "
-            "pvc://claim/path (a directory on a PersistentVolumeClaim) or file:///path "
-            "(a directory inside the trainer container)."
+            "pvc://claim/path (a directory on a PersistentVolumeClaim), s3://bucket/prefix (downloaded once "
+            "into the cache) or file:///path (a directory inside the trainer container)."
         ),
     )
+    s3: S3Storage | None = Field(None, description=S3_OVERRIDE_DESCRIPTION)
     revision: ShortText | None = Field(None, description="Hub revision (branch, tag or commit) for hf:// sources.")
     token_secret_ref: SecretKeyRef | None = Field(
         None,
@@ -253,11 +335,13 @@ class DatasetSpec(SpecModel):
         _hub_only("subset", "subset"),
         _hub_only("revision", "revision"),
         _hub_only("tokenSecretRef", "token_secret_ref"),
+        _no_credentials_in_uri("source", "source"),
+        _s3_only_for_s3("source", "source"),
     )
 
     source: Location = Field(
         pattern=DATASET_SOURCE_PATTERN,
-        description="Base location: pvc://claim/dir, file:///dir, or hf://datasets/org/name.",
+        description="Base location: pvc://claim/dir, s3://bucket/prefix, file:///dir, or hf://datasets/org/name.",
     )
     subset: ShortText | None = Field(
         None,
@@ -271,6 +355,7 @@ class DatasetSpec(SpecModel):
         description="hf://datasets sources: Secret holding a Hub token for a private dataset (unset: the model's "
         "tokenSecretRef, if any); never copied into status or logs.",
     )
+    s3: S3Storage | None = Field(None, description=S3_OVERRIDE_DESCRIPTION)
     format: Literal["jsonl", "csv", "parquet"] | None = Field(
         None,
         description="File format; inferred from the file extension when unset. Ignored for hf://datasets sources.",
@@ -696,10 +781,17 @@ class Export(SpecModel):
 class Output(SpecModel):
     """Where checkpoints and the final model go."""
 
+    rules = (_no_credentials_in_uri("location", "location"), _s3_only_for_s3("location", "location"))
+
     location: Location = Field(
         pattern=OUTPUT_LOCATION_PATTERN,
-        description="pvc://claim/path or file:///path. Checkpoints go to checkpoints/, the final model to model/.",
+        description=(
+            "pvc://claim/path, s3://bucket/prefix or file:///path. Checkpoints go to checkpoints/, the final model "
+            "to model/. With s3:// they are written to the pod's scratch volume first and uploaded (no shared "
+            "volume needed, also for several nodes); each counts once its manifest, uploaded last, is there."
+        ),
     )
+    s3: S3Storage | None = Field(None, description=S3_OVERRIDE_DESCRIPTION)
     keep_checkpoints: int = Field(
         2,
         ge=1,
@@ -877,6 +969,9 @@ class TrainingSpec(SpecModel):
     output: Output = Field(description="Where checkpoints and the final model go.")
     tracking: TrackingSpec | None = Field(
         None, description="Log the run to MLflow (a sweep's trials become child runs) and register the final model."
+    )
+    storage: StorageSpec = Field(
+        default_factory=StorageSpec, description="Object storage (s3://) settings and the download cache."
     )
     distributed: Distributed = Field(
         default_factory=Distributed, description="How the ranks share the model (DDP or sharded FSDP)."

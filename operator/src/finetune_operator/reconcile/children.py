@@ -44,6 +44,7 @@ from finetune_operator.api import (
 )
 from finetune_operator.reconcile.kinds import BY_KIND
 from finetune_trainer import exitcodes
+from finetune_trainer.contract import S3_CREDENTIAL_KEYS, s3_env_prefix
 from finetune_trainer.memory_plan import job_gpus
 from finetune_trainer.spec import TrainingSpec, quantity_value
 
@@ -300,10 +301,43 @@ def _claim(uri: str) -> str | None:
 
 def _claims(job: FineTuneJob) -> list[tuple[str, bool]]:
     """PersistentVolumeClaims the spec reads or writes, in a stable order, each with whether it is
-    only read (a source and not the output: mounted read-only, so the trainer cannot alter it)."""
-    read = {_claim(job.spec.model.source), _claim(job.spec.dataset.source)} - {None}
-    written = _claim(job.spec.output.location)
-    return sorted((claim, claim != written) for claim in read | {written} if claim is not None)
+    only read (a source and not the output or the download cache: mounted read-only, so the trainer
+    cannot alter it)."""
+    read = {_claim(job.spec.model.source), _claim(job.spec.dataset.source)}
+    cache = job.spec.storage.cache
+    written = {_claim(job.spec.output.location), _claim(cache.location) if cache is not None else None}
+    claims = (read | written) - {None}
+    return sorted((claim, claim not in written) for claim in claims if claim is not None)
+
+
+def s3_secrets(job: FineTuneJob) -> dict[str, str]:
+    """The S3 credentials Secret of each role (model, dataset, output) whose URI is s3://: a source's own
+    ``s3`` block, else ``spec.storage.s3``. Roles without a Secret use the pod's identity (IRSA)."""
+    spec = job.spec
+    found: dict[str, str] = {}
+    for role, uri, own in (
+        ("model", spec.model.source, spec.model.s3),
+        ("dataset", spec.dataset.source, spec.dataset.s3),
+        ("output", spec.output.location, spec.output.s3),
+    ):
+        settings = own or spec.storage.s3
+        if uri.startswith("s3://") and settings is not None and settings.credentials_secret_ref is not None:
+            found[role] = settings.credentials_secret_ref.name
+    return found
+
+
+def _s3_credentials_env(job: FineTuneJob) -> list[Manifest]:
+    """Each role's keys from its Secret, under its own prefix (``finetune_trainer.contract.s3_env_prefix``)."""
+    return [
+        {
+            "name": s3_env_prefix(role) + key,
+            "valueFrom": {
+                "secretKeyRef": {"name": name, "key": key, **({"optional": True} if key == "AWS_SESSION_TOKEN" else {})}
+            },
+        }
+        for role, name in s3_secrets(job).items()
+        for key in S3_CREDENTIAL_KEYS
+    ]
 
 
 def _env(job: FineTuneJob, settings: Settings, names: Names) -> list[Manifest]:
@@ -346,6 +380,7 @@ def _env(job: FineTuneJob, settings: Settings, names: Names) -> list[Manifest]:
             {"name": key, "valueFrom": {"secretKeyRef": {"name": name, "key": key, "optional": True}}}
             for key in TRACKING_SECRET_KEYS
         ]
+    env += _s3_credentials_env(job)
     if job.spec.resources.nodes > 1:
         env += [
             {"name": "MASTER_ADDR", "value": f"{names.job}-0.{names.service}"},

@@ -1,0 +1,248 @@
+"""``s3://`` against the project's real S3 server (SeaweedFS, authentication on): staging cached by
+content, manifest-last publication (one writer and several), checkpoints restored from the bucket on
+a fresh scratch, and the faults (wrong credentials, missing bucket, endpoint gone)."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import obstore
+import pytest
+
+from finetune_localcluster.seaweedfs import S3Endpoint
+from finetune_trainer import exitcodes, s3
+from finetune_trainer.config import RuntimeEnv, local_path
+from finetune_trainer.contract import s3_env_prefix
+from finetune_trainer.manifest import MANIFEST_NAME, Manifest, build_manifest
+from finetune_trainer.reporting import JsonLines
+from finetune_trainer.run import run
+from finetune_trainer.spec import LocalSecretRef, S3Storage, TrainingSpec
+from tests.trainer import tiny
+from tests.trainer.helpers import of
+from tests.trainer.test_checkpoints import sigterm_at  # noqa: F401 (a fixture)
+
+
+@pytest.fixture
+def settings(s3_server: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> S3Storage:
+    """S3 settings naming a credentials Secret, its keys in the env the operator would inject."""
+    for role in ("model", "dataset", "output"):
+        monkeypatch.setenv(s3_env_prefix(role) + "AWS_ACCESS_KEY_ID", s3_server.access_key)
+        monkeypatch.setenv(s3_env_prefix(role) + "AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    return S3Storage(endpoint=s3_server.endpoint, credentials_secret_ref=LocalSecretRef(name="s3-credentials"))
+
+
+@pytest.fixture
+def bucket() -> str:
+    """A fresh bucket name (SeaweedFS creates a bucket on its first upload by an admin identity)."""
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+def upload(directory: Path, uri: str, settings: S3Storage) -> str:
+    return s3.publish(directory, uri, settings)
+
+
+def test_a_source_is_downloaded_once_and_keyed_by_content(
+    assets: dict[str, Path], tmp_path: Path, settings: S3Storage, bucket: str
+) -> None:
+    uri = upload(assets["sentiment"], f"s3://{bucket}/data/sentiment", settings)
+    cache = tmp_path / "cache"
+    first = s3.stage(uri, settings, "dataset", cache, 2**30)
+    again = s3.stage(uri, settings, "dataset", cache, 2**30)
+    assert not first.hit and first.bytes == sum(p.stat().st_size for p in first.path.iterdir() if p.name != ".complete")
+    assert again.hit and again.bytes == 0 and again.path == first.path
+    assert (first.path / "train.jsonl").read_bytes() == (assets["sentiment"] / "train.jsonl").read_bytes()
+    # new content under the same key is a new cache entry, never the stale one
+    store = s3.S3Location.parse(uri, settings, "dataset").store()
+    obstore.put(store, "data/sentiment/train.jsonl", b'{"text": "changed", "label": 1}\n')
+    changed = s3.stage(uri, settings, "dataset", cache, 2**30)
+    assert not changed.hit and changed.path != first.path
+    assert (changed.path / "train.jsonl").read_text().startswith('{"text": "changed"')
+
+
+def test_three_sweep_trials_sharing_the_cache_download_the_base_model_once(
+    assets: dict[str, Path], tmp_path: Path, settings: S3Storage, bucket: str
+) -> None:
+    """The trials of a sweep are jobs with the same sources and their own outputs; their cache is a claim."""
+    model = upload(assets["bert"], f"s3://{bucket}/models/bert", settings)
+    stream = io.StringIO()
+    log = JsonLines(stream)
+    for trial in range(3):
+        wire = tiny.spec(
+            Path("/unused"),
+            assets["sentiment"],
+            tmp_path / f"trial-{trial}",
+            model={"source": model, "task": "sequence-classification", "numLabels": 2},
+            storage={"s3": settings.to_wire(), "cache": {"location": str(tmp_path / "claim")}},
+        )
+        spec = s3.prepare(TrainingSpec.model_validate(wire), RuntimeEnv(), log.emit)
+        assert spec.model.source.startswith(f"file://{tmp_path / 'claim'}/")
+    downloads = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(d["cached"], d["bytes"] > 0) for d in downloads] == [(False, True), (True, False), (True, False)]
+
+
+def test_the_cache_evicts_the_least_recently_used_entry(
+    assets: dict[str, Path], tmp_path: Path, settings: S3Storage, bucket: str
+) -> None:
+    cache = tmp_path / "cache"
+    a = s3.stage(upload(assets["sentiment"], f"s3://{bucket}/a", settings), settings, "dataset", cache, 2**30)
+    size = a.bytes
+    b = s3.stage(upload(assets["noisy"], f"s3://{bucket}/b", settings), settings, "dataset", cache, size + 1)
+    assert not a.path.exists() and b.path.exists()
+
+
+def test_publication_counts_only_with_its_manifest_written_last(
+    tmp_path: Path, settings: S3Storage, bucket: str
+) -> None:
+    checkpoints = tmp_path / "local" / "checkpoints"
+    for step in (1, 2):
+        directory = checkpoints / f"checkpoint-{step}"
+        directory.mkdir(parents=True)
+        (directory / "weights.bin").write_bytes(bytes([step]) * 1000)
+    root = f"s3://{bucket}/out/checkpoints"
+    upload(checkpoints / "checkpoint-1", f"{root}/checkpoint-1", settings)
+    # checkpoint-2's files are there but its manifest never came: an interrupted upload
+    store = s3.S3Location.parse(root, settings, "output").store()
+    obstore.put(store, "out/checkpoints/checkpoint-2/weights.bin", b"\x02" * 1000)
+    assert s3.published(f"{root}/checkpoint-2", settings) is None
+    remote = s3.published(f"{root}/checkpoint-1", settings)
+    assert remote is not None and remote == build_manifest(checkpoints / "checkpoint-1")
+    fresh = tmp_path / "fresh" / "checkpoints"
+    mirror = s3.CheckpointMirror(f"s3://{bucket}/out", settings)
+    assert mirror.restore(fresh) == ["checkpoint-1"]
+    assert (fresh / "checkpoint-1" / "weights.bin").read_bytes() == b"\x01" * 1000
+    assert not (fresh / "checkpoint-2").exists()
+
+
+def test_several_writers_publish_parts_and_rank_0_writes_the_manifest_last(
+    tmp_path: Path, settings: S3Storage, bucket: str
+) -> None:
+    directory = tmp_path / "sharded"
+    directory.mkdir()
+    for rank in range(3):
+        (directory / f"shard-{rank}.bin").write_bytes(bytes([rank]) * 100)
+    uri = f"s3://{bucket}/sharded"
+    threads = [
+        threading.Thread(
+            target=s3.publish,
+            args=(directory, uri, settings),
+            kwargs={"rank": rank, "writers": 3, "only": lambda path, r=rank: path == f"shard-{r}.bin"},
+        )
+        for rank in (1, 2)
+    ]
+    for thread in threads:
+        thread.start()
+    s3.publish(directory, uri, settings, rank=0, writers=3, only=lambda path: path == "shard-0.bin")
+    for thread in threads:
+        thread.join()
+    manifest = s3.published(uri, settings)
+    assert manifest == build_manifest(directory)
+    store = s3.S3Location.parse(uri, settings, "output").store()
+    keys = sorted(str(m["path"]) for chunk in obstore.list(store, "sharded/") for m in chunk)
+    assert keys == [f"sharded/{MANIFEST_NAME}", "sharded/shard-0.bin", "sharded/shard-1.bin", "sharded/shard-2.bin"]
+
+
+def test_the_mirror_uploads_in_the_background_and_prunes_after_the_newer_upload(
+    tmp_path: Path, settings: S3Storage, bucket: str
+) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    mirror = s3.CheckpointMirror(f"s3://{bucket}/run", settings)
+    for step in (1, 2, 3):
+        directory = checkpoints / f"checkpoint-{step}"
+        directory.mkdir(parents=True)
+        (directory / "state.bin").write_bytes(bytes([step]) * 10)
+        mirror.submit(directory)
+        mirror.prune({f"checkpoint-{step}", f"checkpoint-{max(step - 1, 1)}"})
+    mirror.drain()
+    mirror.close()
+    fresh = tmp_path / "fresh"
+    assert mirror.uploaded == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert s3.CheckpointMirror(f"s3://{bucket}/run", settings).restore(fresh) == ["checkpoint-2", "checkpoint-3"]
+
+
+@pytest.mark.parametrize(
+    ("role", "code"),
+    [("model", exitcodes.MODEL_ERROR), ("dataset", exitcodes.DATA_ERROR), ("output", exitcodes.INVALID_CONFIG)],
+)
+def test_wrong_credentials_name_the_field_and_the_uri(
+    role: str, code: exitcodes.ExitCode, settings: S3Storage, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(s3_env_prefix(role) + "AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(s3.StorageError) as error:
+        if role == "output":
+            s3.CheckpointMirror("s3://models/out", settings).restore(tmp_path)
+        else:
+            s3.stage("s3://models/x", settings, role, tmp_path, 2**30)
+    field = {"model": "model.source", "dataset": "dataset.source", "output": "output.location"}[role]
+    assert error.value.exit_code == code.code and str(error.value).startswith(f"{field}: s3://models/")
+    assert "\n" not in str(error.value)
+
+
+def test_a_missing_bucket_is_a_data_error(settings: S3Storage, tmp_path: Path) -> None:
+    with pytest.raises(s3.StorageError) as error:
+        s3.stage("s3://no-such-bucket-here/data", settings, "dataset", tmp_path, 2**30)
+    assert error.value.exit_code == exitcodes.DATA_ERROR.code
+    assert "dataset.source: s3://no-such-bucket-here/data" in str(error.value)
+
+
+def test_an_endpoint_that_does_not_answer_is_a_crash_after_retries(settings: S3Storage, tmp_path: Path) -> None:
+    from finetune_localcluster.cluster import free_port
+
+    gone = settings.model_copy(update={"endpoint": f"http://127.0.0.1:{free_port()}"})
+    with pytest.raises(s3.TransientStorageError, match=r"dataset\.source: s3://bucket/data"):
+        s3.stage("s3://bucket/data", gone, "dataset", tmp_path, 2**30)
+
+
+def _run(wire: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
+    """The CLI's order: the storage stage (download, restore), then training."""
+    stream = io.StringIO()
+    log = JsonLines(stream)
+    env = RuntimeEnv(metrics_port=0, log_every_steps=1)
+    spec = s3.prepare(TrainingSpec.model_validate(wire), env, log.emit)
+    result = run(spec, env, log)
+    return result.exit_code, [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_a_job_reads_and_writes_s3_and_resumes_from_the_bucket_on_a_fresh_scratch(
+    assets: dict[str, Path],
+    settings: S3Storage,
+    bucket: str,
+    tmp_path: Path,
+    sigterm_at: list[int],  # noqa: F811 (the fixture imported above)
+) -> None:
+    model = upload(assets["bert"], f"s3://{bucket}/models/bert", settings)
+    data = upload(assets["sentiment"], f"s3://{bucket}/data/sentiment", settings)
+    out = f"s3://{bucket}/runs/one"
+    wire = tiny.spec(
+        Path("/unused"),
+        Path("/unused"),
+        Path("/unused"),
+        model={"source": model, "task": "sequence-classification", "numLabels": 2},
+        dataset={"source": data, "train": "train.jsonl", "validation": "validation.jsonl", "maxSeqLength": 32},
+        output={"location": out},
+        storage={"s3": settings.to_wire(), "cache": {"location": str(tmp_path / "cache")}},
+    )
+    sigterm_at.append(7)  # killed mid-epoch 1 (12 steps an epoch): the stop's checkpoint is uploaded first
+    code, events = _run(wire)
+    assert code == exitcodes.TERMINATED.code
+    assert [e["cached"] for e in of(events, "s3_download")] == [False, False]
+    assert of(events, "checkpoint_uploaded")[-1]["checkpoint"] == f"{out}/checkpoints/checkpoint-7"
+    shutil.rmtree(local_path(out, Path("/")))  # a fresh pod: nothing of the run's scratch is left
+    sigterm_at.clear()
+    code, events = _run(wire)
+    assert code == exitcodes.OK.code
+    assert [e["cached"] for e in of(events, "s3_download")] == [True, True]  # the cache is a shared claim here
+    assert of(events, "s3_restore")[0]["checkpoints"] == ["checkpoint-7"]
+    assert of(events, "resume")[0]["step"] == 7
+    result = of(events, "result")[0]
+    assert result["model"] == f"{out}/model"
+    manifest = s3.published(f"{out}/model", settings)
+    assert isinstance(manifest, Manifest) and any(f.path == "config.json" for f in manifest.files)
+    store = s3.S3Location.parse(out, settings, "output").store()
+    remote = bytes(obstore.get(store, f"runs/one/model/{MANIFEST_NAME}").bytes())
+    assert Manifest.model_validate_json(remote).sha256 == manifest.sha256
