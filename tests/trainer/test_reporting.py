@@ -214,6 +214,26 @@ def test_prometheus_metrics_endpoint_and_busy_port() -> None:
     assert 7 in exitcodes.PERMANENT, "a retry on the same port cannot help"
 
 
+def test_a_long_s3_download_sends_heartbeats(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 26: the s3:// staging (download once, restore checkpoints) runs before torch and before the run's own
+    reporter; a download longer than stallTimeoutSeconds is work, not a stall: heartbeats go out meanwhile."""
+    from finetune_trainer import cli, s3
+
+    api = FakeApi()
+    beats_during_download: list[int] = []
+
+    def slow_prepare(spec: Any, env: Any, emit: Any) -> Any:
+        time.sleep(1.0)  # five report intervals
+        beats_during_download.append(sum("lastHeartbeatTime" in p["status"].get("progress", {}) for p in api.patches))
+        return spec
+
+    monkeypatch.setattr(s3, "prepare", slow_prepare)
+    monkeypatch.setattr(cli, "start_reporter", lambda env, log: reporter(api, 0.2))
+    staged = object()
+    assert cli._staged(staged, None, JsonLines(enabled=False)) is staged  # type: ignore[arg-type]
+    assert beats_during_download and beats_during_download[0] >= 3, "no heartbeat while the model downloaded"
+
+
 def test_a_long_model_load_sends_heartbeats(
     assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

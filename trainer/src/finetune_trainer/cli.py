@@ -19,7 +19,8 @@ from finetune_trainer.errors import TrainerError
 from finetune_trainer.launch import record_exit_code
 from finetune_trainer.memory_plan import print_memory_plan
 from finetune_trainer.preflight import preflight
-from finetune_trainer.reporting import JsonLines, stop_background
+from finetune_trainer.reporting import JsonLines, heartbeats, start_reporter, stop_background
+from finetune_trainer.spec import TrainingSpec
 
 
 def parser() -> argparse.ArgumentParser:
@@ -93,6 +94,23 @@ def entry() -> NoReturn:
     os._exit(code)
 
 
+def _staged(spec: TrainingSpec, env: RuntimeEnv, log: JsonLines) -> TrainingSpec:
+    """Download the s3:// sources once (cached) and restore the output's checkpoints, before torch loads.
+
+    Heartbeats go out meanwhile (rank 0): a long download is work, and the operator would otherwise call
+    the job Stalled after ``stallTimeoutSeconds``.
+    """
+    from finetune_trainer.s3 import prepare  # noqa: PLC0415 (obstore loads only for s3:// jobs)
+
+    reporter = start_reporter(env, log) if os.environ.get("RANK", "0") == "0" else None
+    try:
+        with heartbeats(reporter):
+            return prepare(spec, env, log.emit)
+    finally:
+        if reporter is not None:
+            reporter.close()
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = parser().parse_args(argv)
     log = JsonLines()
@@ -108,9 +126,7 @@ def _main(argv: Sequence[str] | None) -> int:
             print_memory_plan(spec, env, resources_of(args.config), sys.stdout)
             return code
         if "s3://" in spec.model.source + spec.dataset.source + spec.output.location:
-            from finetune_trainer.s3 import prepare  # noqa: PLC0415 (obstore loads only for s3:// jobs)
-
-            spec = prepare(spec, env, log.emit)  # download once (cached), restore checkpoints: before torch
+            spec = _staged(spec, env, log)
         checked = preflight(spec, env)  # data and run-level config errors, before the training stack loads
         from finetune_trainer.run import run  # noqa: PLC0415
 

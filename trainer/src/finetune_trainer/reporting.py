@@ -9,12 +9,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from finetune_trainer.contract import GROUP, PLURAL, STOP_ANNOTATION, VERSION, Progress, TrainerStatus
 from finetune_trainer.errors import MetricsUnavailableError
+
+if TYPE_CHECKING:
+    from finetune_trainer.config import RuntimeEnv
 
 RETRYABLE_STATUS = frozenset({409, 429, 500, 502, 503, 504})
 
@@ -128,6 +131,17 @@ def load_kube_api() -> Any:
     except config.ConfigException:
         config.load_kube_config()
     return client.CustomObjectsApi()
+
+
+def start_reporter(env: RuntimeEnv, log: JsonLines, api: Callable[[], Any] = load_kube_api) -> StatusReporter | None:
+    """The status reporter of an in-cluster run (best effort: a run without one still trains)."""
+    if not env.in_cluster_reporting:
+        return None
+    try:
+        return StatusReporter(api(), str(env.job_name), str(env.job_namespace), env.report_interval_seconds, log)
+    except Exception as exc:
+        log.emit("warning", message=f"status reporting disabled: {type(exc).__name__}: {exc}")
+        return None
 
 
 def _retryable(exc: Exception) -> bool:

@@ -79,7 +79,14 @@ from finetune_trainer.models import (
 )
 from finetune_trainer.ownership import claim_checkpoints
 from finetune_trainer.preflight import Checked, preflight
-from finetune_trainer.reporting import JsonLines, PrometheusMetrics, StatusReporter, heartbeats, load_kube_api
+from finetune_trainer.reporting import (
+    JsonLines,
+    PrometheusMetrics,
+    StatusReporter,
+    heartbeats,
+    load_kube_api,
+    start_reporter,
+)
 from finetune_trainer.s3 import CheckpointMirror, is_s3, publish, upload_file
 from finetune_trainer.spec import CLASSIFICATION_METRICS, CLASSIFICATION_TASKS, TrainingSpec, export_plan
 from finetune_trainer.speed import (
@@ -271,16 +278,7 @@ def _save_final(ctx: RunContext, trainer: FineTuneTrainer, loaded: Loaded, preci
 
 
 def _start_reporter(env: RuntimeEnv, log: JsonLines) -> StatusReporter | None:
-    """The status reporter of an in-cluster run (best effort: a run without one still trains)."""
-    if not env.in_cluster_reporting:
-        return None
-    try:
-        return StatusReporter(
-            load_kube_api(), str(env.job_name), str(env.job_namespace), env.report_interval_seconds, log
-        )
-    except Exception as exc:
-        log.emit("warning", message=f"status reporting disabled: {type(exc).__name__}: {exc}")
-        return None
+    return start_reporter(env, log, load_kube_api)  # this module's name: tests replace it
 
 
 @dataclass(frozen=True)
