@@ -39,6 +39,12 @@ def _spec(**changes: object) -> Callable[[Manifest], None]:
     return edit
 
 
+def _null_early_stopping(manifest: Manifest) -> None:
+    """``earlyStopping: null`` on a long run: absent, as pydantic reads it (found by the manifest fuzzing)."""
+    _spec(hyperparameters__epochs=10)(manifest)
+    manifest["spec"]["earlyStopping"] = None
+
+
 def _minimal(manifest: Manifest) -> None:
     """Only the required fields: every optional object is absent (CEL must not trip over a missing key)."""
     spec = manifest["spec"]
@@ -62,6 +68,7 @@ CASES: list[Case] = [
         "many-epochs-max-steps", _spec(earlyStopping=None, hyperparameters__epochs=10, hyperparameters__maxSteps=50), ""
     ),
     Case("three-epochs-no-early-stopping", _spec(earlyStopping=None, hyperparameters__epochs=3), ""),
+    Case("many-epochs-explicit-null-early-stopping", _null_early_stopping, "NoEarlyStopping"),
     Case("no-restore-best", _spec(earlyStopping__restoreBest=False, hyperparameters__epochs=5), "NoRestoreBest"),
     Case("image-without-augmentation", _spec(model__task="image-classification"), "NoAugmentation"),
     Case(

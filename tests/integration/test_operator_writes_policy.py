@@ -70,10 +70,20 @@ def test_the_operator_writes_only_children_of_our_kinds(
             GROUP, VERSION, namespace, PLURAL, trial
         )
     )
-    # Its real children pass, in order; so does deleting its own Job.
-    core.create_namespaced_config_map(namespace, config)
-    core.create_namespaced_service_account(namespace, children["ServiceAccount"])
-    rbac.create_namespaced_role(namespace, children["Role"])
-    rbac.create_namespaced_role_binding(namespace, binding)
-    batch.create_namespaced_job(namespace, children["Job"])
-    batch.delete_namespaced_job(children["Job"]["metadata"]["name"], namespace)
+    # Its real children pass, in order; so does deleting its own Job. Renamed: in a whole test session the
+    # session's operator may already have made the job's own children (the policy reads no names).
+    real = {kind: _renamed(child) for kind, child in children.items()}
+    core.create_namespaced_config_map(namespace, real["ConfigMap"])
+    core.create_namespaced_service_account(namespace, real["ServiceAccount"])
+    rbac.create_namespaced_role(namespace, real["Role"])
+    rbac.create_namespaced_role_binding(namespace, real["RoleBinding"])
+    batch.create_namespaced_job(namespace, real["Job"])
+    batch.delete_namespaced_job(real["Job"]["metadata"]["name"], namespace)
+
+
+def _renamed(child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` under a name of its own (a RoleBinding's role renamed alike)."""
+    renamed = {**child, "metadata": {**child["metadata"], "name": f"{child['metadata']['name']}-by-test"}}
+    if child["kind"] == "RoleBinding":
+        renamed["roleRef"] = {**child["roleRef"], "name": f"{child['roleRef']['name']}-by-test"}
+    return renamed

@@ -173,9 +173,11 @@ def test_in_pod_run_reports_and_honours_a_stop_request(
         assert set(patch) == {"status"} and set(patch["status"]) <= set(TRAINER_STATUS_KEYS)
         merge(stored, copy.deepcopy(patch["status"]))
         FineTuneJobStatus.model_validate(stored)  # what the trainer writes, the operator reads
-    finalizing = [p["status"]["progress"]["finalizing"] for p in api.patches if "finalizing" in p["status"]["progress"]]
+    finalizing = [
+        p["status"]["progress"]["finalizing"] for p in api.patches if "finalizing" in p["status"].get("progress", {})
+    ]
     assert finalizing == [True, None], "the final save is announced, then the flag is cleared (merge-patch null)"
-    last = [p["status"] for p in api.patches if "step" in p["status"]["progress"]][-1]
+    last = [p["status"] for p in api.patches if "step" in p["status"].get("progress", {})][-1]
     assert last["progress"]["step"] == body["finalStep"] and RFC3339_Z.match(last["progress"]["lastHeartbeatTime"])
     assert set(last["progress"]) - {"finalizing"} == {
         "step",

@@ -101,7 +101,7 @@ RULES: Final[tuple[Rule, ...]] = (
         "earlyStopping",
         f"earlyStopping is not set with more than {MAX_EPOCHS_WITHOUT_EARLY_STOPPING} epochs: "
         "stop when the validation metric stalls instead of training into overfitting",
-        f"has(self.earlyStopping) || !({_LONG_RUN})",
+        f"{_has('earlyStopping')} || !({_LONG_RUN})",
         lambda t: t.early_stopping is not None or not _long_run(t),
         reason="NoEarlyStopping",
     ),
@@ -109,7 +109,7 @@ RULES: Final[tuple[Rule, ...]] = (
         "earlyStopping.restoreBest",
         f"earlyStopping.restoreBest is false with more than {MAX_EPOCHS_WITHOUT_EARLY_STOPPING} epochs: "
         "the saved model is the last one, not the best one the run found",
-        f"!has(self.earlyStopping) || {_get('earlyStopping.restoreBest', _default(EarlyStopping, 'restore_best'))}"
+        f"!{_has('earlyStopping')} || {_get('earlyStopping.restoreBest', _default(EarlyStopping, 'restore_best'))}"
         f" || !({_LONG_RUN})",
         lambda t: t.early_stopping is None or t.early_stopping.restore_best or not _long_run(t),
         reason="NoRestoreBest",
@@ -151,7 +151,7 @@ RULES: Final[tuple[Rule, ...]] = (
         "earlyStopping.metric",
         "earlyStopping.metric is loss with labelSmoothing: the smoothed loss rewards under-confident "
         "predictions; stop on accuracy or f1",
-        "!has(self.earlyStopping) || "
+        f"!{_has('earlyStopping')} || "
         f"{_get('earlyStopping.metric', _default(EarlyStopping, 'metric'))} != 'loss' || "
         f"{_num('hyperparameters.labelSmoothing', _default(Hyperparameters, 'label_smoothing'))} == 0.0 || "
         f"!(self.model.task in {sorted(CLASSIFICATION_TASKS)!r})",
