@@ -262,7 +262,7 @@ def _save_final(ctx: RunContext, trainer: FineTuneTrainer, loaded: Loaded, preci
     for item in published:
         uri = location_uri(item.path, ctx.spec.output.location, ctx.pvc_root)
         if is_s3(uri):  # every file uploaded, then the manifest: a cut upload leaves nothing that looks complete
-            uri = publish(item.path, uri, ctx.spec.output.s3 or ctx.spec.storage.s3)
+            uri = publish(item.path, uri, ctx.spec.output.s3 or ctx.spec.storage.s3, manifest=item.manifest)
         artifacts.append(
             Artifact(
                 uri=uri,

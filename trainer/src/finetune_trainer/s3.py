@@ -292,13 +292,15 @@ def publish(
     writers: int = 1,
     only: Callable[[str], bool] | None = None,
     timeout: float = 600.0,
+    manifest: Manifest | None = None,
 ) -> str:
     """Publish ``local_dir`` at ``location`` (its URI back); its manifest is written last.
 
     Local locations (pvc://, file://): the manifest is written into the directory itself. ``s3://``:
     every file is uploaded, then the manifest object. With several ``writers`` each rank uploads the
     files ``only`` accepts and a part manifest; rank 0 waits for every part, merges them and writes
-    the manifest.
+    the manifest. ``manifest``: the directory's, when the caller just built it (its files are not hashed
+    again).
     """
     if not is_s3(location):
         write_manifest(local_dir)
@@ -306,7 +308,7 @@ def publish(
     target = S3Location.parse(location, settings, "output")
     try:
         store = target.store()
-        part = build_manifest(local_dir, only)
+        part = manifest if manifest is not None else build_manifest(local_dir, only)  # hashed once, not twice
         for entry in part.files:
             _upload(store, target, local_dir, entry.path)
         if writers == 1:
