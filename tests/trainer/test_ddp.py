@@ -37,7 +37,7 @@ def run_ranks(tmp_path: Path, wire: dict[str, Any], **env: str) -> tuple[int, st
         [*command, str(spec)], env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
     try:
-        output, _ = process.communicate(timeout=240)
+        output, _ = process.communicate(timeout=600)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
