@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -15,6 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from tests.trainer import tiny
+
+if TYPE_CHECKING:
+    from tests.trainer.two_ranks import Runs
 
 
 @pytest.fixture(autouse=True)
@@ -46,3 +50,11 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "chat": tiny.write_text(root / "chat", chat=True),
         "images": tiny.write_images(root / "images"),
     }
+
+
+@pytest.fixture(scope="session")
+def two_ranks(assets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    """The 2-rank runs ``test_ddp.py`` and ``test_fsdp.py`` check: two torchrun starts for all of them."""
+    from tests.trainer.two_ranks import run_all
+
+    return run_all(assets, tmp_path_factory.mktemp("two-ranks"))
