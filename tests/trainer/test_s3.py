@@ -241,6 +241,18 @@ def test_a_job_reads_and_writes_s3_and_resumes_from_the_bucket_on_a_fresh_scratc
     assert of(events, "resume")[0]["step"] == 7
     result = of(events, "result")[0]
     assert result["model"] == f"{out}/model"
+    # status names a checkpoint only once its manifest is in the bucket (the evaluation comes before the save)
+    published = {f"{out}/checkpoints/{name}" for name in of(events, "s3_restore")[0]["checkpoints"]}
+    for event in events:
+        published |= {event["checkpoint"]} if event["event"] == "checkpoint_uploaded" else set()
+        named = (event.get("best") or {}).get("checkpoint") or (
+            event["event"] == "best_checkpoint" and event["checkpoint"]
+        )
+        assert not named or named in published, event
+    assert s3.published(result["best"]["checkpoint"], settings) is not None
+    # the lineage names the base as written (not the cache directory it was staged into) and what was read
+    (artifact,) = result["artifacts"]
+    assert artifact["baseModel"]["source"] == model and artifact["baseModel"]["revision"].startswith("sha256:")
     manifest = s3.published(f"{out}/model", settings)
     assert isinstance(manifest, Manifest) and any(f.path == "config.json" for f in manifest.files)
     store = s3.S3Location.parse(out, settings, "output").store()

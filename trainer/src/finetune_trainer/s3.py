@@ -373,13 +373,14 @@ class CheckpointMirror:
     _error: BaseException | None = None
     _thread: threading.Thread | None = None
     uploaded: list[str] = field(default_factory=list)
+    """Checkpoints whose manifest is in the bucket (uploaded here, or found there by ``published_names``)."""
 
     @property
     def root(self) -> S3Location:
         return S3Location.parse(f"{self.location.rstrip('/')}/{CHECKPOINTS}", self.settings, "output")
 
-    def restore(self, checkpoints_dir: Path) -> list[str]:
-        """Download every complete remote checkpoint (and the owner record) missing locally; their names."""
+    def _objects(self) -> tuple[S3Store, list[dict[str, Any]], list[str]]:
+        """The store, every object under the checkpoints prefix, and the names of the complete checkpoints."""
         root = self.root
         try:
             store = root.store()
@@ -390,6 +391,17 @@ class CheckpointMirror:
         names = sorted(
             {str(m["path"])[len(base) :].split("/")[0] for m in objects if str(m["path"]).endswith(MANIFEST_NAME)}
         )
+        return store, objects, names
+
+    def published_names(self) -> list[str]:
+        """The checkpoints whose manifest is in the bucket."""
+        return self._objects()[2]
+
+    def restore(self, checkpoints_dir: Path) -> list[str]:
+        """Download every complete remote checkpoint (and the owner record) missing locally; their names."""
+        root = self.root
+        base = f"{root.prefix}/"
+        store, objects, names = self._objects()
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
         restored = []
         for meta in objects:
@@ -513,7 +525,7 @@ def prepare(spec: TrainingSpec, env: RuntimeEnv, log: Callable[..., None]) -> Tr
             seconds=round(stats.seconds, 3),
             path=str(stats.path),
         )
-        update[role] = source.model_copy(update={"source": f"file://{stats.path}", "s3": None})
+        update[role] = source.staged(str(stats.path))
     if is_s3(spec.output.location):
         mirror = CheckpointMirror(spec.output.location, spec.output.s3 or storage.s3)
         checkpoints = local_path(spec.output.location, env.pvc_root) / CHECKPOINTS
