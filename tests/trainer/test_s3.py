@@ -68,22 +68,31 @@ def test_a_source_is_downloaded_once_and_keyed_by_content(
 def test_three_sweep_trials_sharing_the_cache_download_the_base_model_once(
     assets: dict[str, Path], tmp_path: Path, settings: S3Storage, bucket: str
 ) -> None:
-    """The trials of a sweep are jobs with the same sources and their own outputs; their cache is a claim."""
+    """The trials of a sweep are jobs with the same sources and their own outputs; their cache is a claim.
+    They start together: one downloads, the others wait for its entry (the e2e sweep shows it across pods)."""
     model = upload(assets["bert"], f"s3://{bucket}/models/bert", settings)
     stream = io.StringIO()
     log = JsonLines(stream)
-    for trial in range(3):
+    staged: list[str] = []
+
+    def trial(number: int) -> None:
         wire = tiny.spec(
             Path("/unused"),
             assets["sentiment"],
-            tmp_path / f"trial-{trial}",
+            tmp_path / f"trial-{number}",
             model={"source": model, "task": "sequence-classification", "numLabels": 2},
             storage={"s3": settings.to_wire(), "cache": {"location": str(tmp_path / "claim")}},
         )
-        spec = s3.prepare(TrainingSpec.model_validate(wire), RuntimeEnv(), log.emit)
-        assert spec.model.source.startswith(f"file://{tmp_path / 'claim'}/")
+        staged.append(s3.prepare(TrainingSpec.model_validate(wire), RuntimeEnv(), log.emit).model.source)
+
+    threads = [threading.Thread(target=trial, args=(number,)) for number in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(staged)) == 1 and staged[0].startswith(f"file://{tmp_path / 'claim'}/")
     downloads = [json.loads(line) for line in stream.getvalue().splitlines()]
-    assert [(d["cached"], d["bytes"] > 0) for d in downloads] == [(False, True), (True, False), (True, False)]
+    assert sorted((d["cached"], d["bytes"] > 0) for d in downloads) == [(False, True), (True, False), (True, False)]
 
 
 def test_the_cache_evicts_the_least_recently_used_entry(
