@@ -64,7 +64,7 @@ def test_a_job_killed_mid_run_resumes_from_the_bucket_on_a_fresh_pod(
             backoffLimit=2,
             model={"source": f"s3://{name}/models/tiny-bert"},
             dataset={"source": f"s3://{name}/datasets/sentiment"},
-            hyperparameters={"epochs": 10},
+            hyperparameters={"epochs": 6},  # 48 steps: the kill after the first checkpoint (20) lands mid-run
             evaluation={"strategy": "steps", "interval": 20},
             output={"location": out},
             storage={"s3": settings.to_wire()},
@@ -79,7 +79,7 @@ def test_a_job_killed_mid_run_resumes_from_the_bucket_on_a_fresh_pod(
     # cluster's own state (under pytest's /tmp): remove what the first pod left there, as a new node has none.
     shutil.rmtree(local_path(out, Path("/")).parent, ignore_errors=True)
     shutil.rmtree(Path(tempfile.gettempdir()) / s3.DEFAULT_CACHE, ignore_errors=True)
-    jobs.wait_condition("s3-resumed", "Complete", "Succeeded", timeout=400)
+    status = jobs.wait_condition("s3-resumed", "Complete", "Succeeded", timeout=400)["status"]
     pods = core.list_namespaced_pod(jobs.namespace, label_selector=selector).items
     assert len(pods) == 2, "one crash, one retry"
     second = next(p for p in pods if p.metadata.name != first.metadata.name)
@@ -95,6 +95,9 @@ def test_a_job_killed_mid_run_resumes_from_the_bucket_on_a_fresh_pod(
     store = s3.S3Location.parse(out, settings, "output").store()
     remote = bytes(obstore.get(store, f"runs/resumed/model/{MANIFEST_NAME}").bytes())
     assert Manifest.model_validate_json(remote).sha256 == manifest.sha256
+    # status names what is in the bucket: the best's checkpoint is published, the base model is the URI as written
+    assert s3.published(status["best"]["checkpoint"], settings) is not None, status["best"]
+    assert status["artifacts"][0]["baseModel"]["source"] == f"s3://{name}/models/tiny-bert", status["artifacts"]
 
 
 def test_wrong_credentials_fail_the_job_at_once_naming_the_field(
