@@ -45,6 +45,11 @@ def bucket(s3_server: S3Endpoint, real_namespace: RealNamespace) -> Iterator[tup
         api, namespace = real_namespace.jobs.api, real_namespace.jobs.namespace
         s3_secret(api, namespace, s3_server, "s3-credentials")
         s3_secret(api, namespace, s3_server, "s3-wrong", secret_key="not-the-key")
+        # created now, checked by its test: it fails at once (before torch loads), beside the resumed job
+        wrong = {**settings.to_wire(), "credentialsSecretRef": {"name": "s3-wrong"}}
+        real_namespace.jobs.create(
+            real_job("s3-wrong", backoffLimit=2, model={"source": f"s3://{name}/models/tiny-bert", "s3": wrong})
+        )
         yield name, settings
 
 
@@ -103,10 +108,8 @@ def test_a_job_killed_mid_run_resumes_from_the_bucket_on_a_fresh_pod(
 def test_wrong_credentials_fail_the_job_at_once_naming_the_field(
     real_namespace: RealNamespace, bucket: tuple[str, S3Storage]
 ) -> None:
-    name, settings = bucket
-    jobs = real_namespace.jobs
-    wrong = {**settings.to_wire(), "credentialsSecretRef": {"name": "s3-wrong"}}
-    jobs.create(real_job("s3-wrong", backoffLimit=2, model={"source": f"s3://{name}/models/tiny-bert", "s3": wrong}))
+    name, _ = bucket
+    jobs = real_namespace.jobs  # the job was created with the bucket
     status = jobs.wait_condition("s3-wrong", "Failed", exitcodes.MODEL_ERROR.reason, timeout=300)["status"]
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert f"model.source: s3://{name}/models/tiny-bert" in failed["message"], failed
