@@ -45,6 +45,11 @@ def bucket(s3_server: S3Endpoint, real_namespace: RealNamespace) -> Iterator[tup
         api, namespace = real_namespace.jobs.api, real_namespace.jobs.namespace
         s3_secret(api, namespace, s3_server, "s3-credentials")
         s3_secret(api, namespace, s3_server, "s3-wrong", secret_key="not-the-key")
+        # created now, checked by its test: it fails at once (before torch loads), beside the resumed job
+        wrong = {**settings.to_wire(), "credentialsSecretRef": {"name": "s3-wrong"}}
+        real_namespace.jobs.create(
+            real_job("s3-wrong", backoffLimit=2, model={"source": f"s3://{name}/models/tiny-bert", "s3": wrong})
+        )
         yield name, settings
 
 
@@ -64,7 +69,7 @@ def test_a_job_killed_mid_run_resumes_from_the_bucket_on_a_fresh_pod(
             backoffLimit=2,
             model={"source": f"s3://{name}/models/tiny-bert"},
             dataset={"source": f"s3://{name}/datasets/sentiment"},
-            hyperparameters={"epochs": 10},
+            hyperparameters={"epochs": 6},  # 48 steps: the kill after the first checkpoint (20) lands mid-run
             evaluation={"strategy": "steps", "interval": 20},
             output={"location": out},
             storage={"s3": settings.to_wire()},
@@ -79,7 +84,7 @@ def test_a_job_killed_mid_run_resumes_from_the_bucket_on_a_fresh_pod(
     # cluster's own state (under pytest's /tmp): remove what the first pod left there, as a new node has none.
     shutil.rmtree(local_path(out, Path("/")).parent, ignore_errors=True)
     shutil.rmtree(Path(tempfile.gettempdir()) / s3.DEFAULT_CACHE, ignore_errors=True)
-    jobs.wait_condition("s3-resumed", "Complete", "Succeeded", timeout=400)
+    status = jobs.wait_condition("s3-resumed", "Complete", "Succeeded", timeout=400)["status"]
     pods = core.list_namespaced_pod(jobs.namespace, label_selector=selector).items
     assert len(pods) == 2, "one crash, one retry"
     second = next(p for p in pods if p.metadata.name != first.metadata.name)
@@ -95,15 +100,16 @@ def test_a_job_killed_mid_run_resumes_from_the_bucket_on_a_fresh_pod(
     store = s3.S3Location.parse(out, settings, "output").store()
     remote = bytes(obstore.get(store, f"runs/resumed/model/{MANIFEST_NAME}").bytes())
     assert Manifest.model_validate_json(remote).sha256 == manifest.sha256
+    # status names what is in the bucket: the best's checkpoint is published, the base model is the URI as written
+    assert s3.published(status["best"]["checkpoint"], settings) is not None, status["best"]
+    assert status["artifacts"][0]["baseModel"]["source"] == f"s3://{name}/models/tiny-bert", status["artifacts"]
 
 
 def test_wrong_credentials_fail_the_job_at_once_naming_the_field(
     real_namespace: RealNamespace, bucket: tuple[str, S3Storage]
 ) -> None:
-    name, settings = bucket
-    jobs = real_namespace.jobs
-    wrong = {**settings.to_wire(), "credentialsSecretRef": {"name": "s3-wrong"}}
-    jobs.create(real_job("s3-wrong", backoffLimit=2, model={"source": f"s3://{name}/models/tiny-bert", "s3": wrong}))
+    name, _ = bucket
+    jobs = real_namespace.jobs  # the job was created with the bucket
     status = jobs.wait_condition("s3-wrong", "Failed", exitcodes.MODEL_ERROR.reason, timeout=300)["status"]
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert f"model.source: s3://{name}/models/tiny-bert" in failed["message"], failed

@@ -68,22 +68,31 @@ def test_a_source_is_downloaded_once_and_keyed_by_content(
 def test_three_sweep_trials_sharing_the_cache_download_the_base_model_once(
     assets: dict[str, Path], tmp_path: Path, settings: S3Storage, bucket: str
 ) -> None:
-    """The trials of a sweep are jobs with the same sources and their own outputs; their cache is a claim."""
+    """The trials of a sweep are jobs with the same sources and their own outputs; their cache is a claim.
+    They start together: one downloads, the others wait for its entry (the e2e sweep shows it across pods)."""
     model = upload(assets["bert"], f"s3://{bucket}/models/bert", settings)
     stream = io.StringIO()
     log = JsonLines(stream)
-    for trial in range(3):
+    staged: list[str] = []
+
+    def trial(number: int) -> None:
         wire = tiny.spec(
             Path("/unused"),
             assets["sentiment"],
-            tmp_path / f"trial-{trial}",
+            tmp_path / f"trial-{number}",
             model={"source": model, "task": "sequence-classification", "numLabels": 2},
             storage={"s3": settings.to_wire(), "cache": {"location": str(tmp_path / "claim")}},
         )
-        spec = s3.prepare(TrainingSpec.model_validate(wire), RuntimeEnv(), log.emit)
-        assert spec.model.source.startswith(f"file://{tmp_path / 'claim'}/")
+        staged.append(s3.prepare(TrainingSpec.model_validate(wire), RuntimeEnv(), log.emit).model.source)
+
+    threads = [threading.Thread(target=trial, args=(number,)) for number in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(staged)) == 1 and staged[0].startswith(f"file://{tmp_path / 'claim'}/")
     downloads = [json.loads(line) for line in stream.getvalue().splitlines()]
-    assert [(d["cached"], d["bytes"] > 0) for d in downloads] == [(False, True), (True, False), (True, False)]
+    assert sorted((d["cached"], d["bytes"] > 0) for d in downloads) == [(False, True), (True, False), (True, False)]
 
 
 def test_the_cache_evicts_the_least_recently_used_entry(
@@ -241,6 +250,18 @@ def test_a_job_reads_and_writes_s3_and_resumes_from_the_bucket_on_a_fresh_scratc
     assert of(events, "resume")[0]["step"] == 7
     result = of(events, "result")[0]
     assert result["model"] == f"{out}/model"
+    # status names a checkpoint only once its manifest is in the bucket (the evaluation comes before the save)
+    published = {f"{out}/checkpoints/{name}" for name in of(events, "s3_restore")[0]["checkpoints"]}
+    for event in events:
+        published |= {event["checkpoint"]} if event["event"] == "checkpoint_uploaded" else set()
+        named = (event.get("best") or {}).get("checkpoint") or (
+            event["event"] == "best_checkpoint" and event["checkpoint"]
+        )
+        assert not named or named in published, event
+    assert s3.published(result["best"]["checkpoint"], settings) is not None
+    # the lineage names the base as written (not the cache directory it was staged into) and what was read
+    (artifact,) = result["artifacts"]
+    assert artifact["baseModel"]["source"] == model and artifact["baseModel"]["revision"].startswith("sha256:")
     manifest = s3.published(f"{out}/model", settings)
     assert isinstance(manifest, Manifest) and any(f.path == "config.json" for f in manifest.files)
     store = s3.S3Location.parse(out, settings, "output").store()

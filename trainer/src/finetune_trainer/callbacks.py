@@ -94,6 +94,24 @@ class RunContext:
     def checkpoint_uri(self, step: int) -> str:
         return location_uri(self.checkpoint_dir(step), self.spec.output.location, self.pvc_root)
 
+    def best_checkpoint(self, step: int) -> str | None:
+        """The checkpoint of ``step`` as status may name it: with an s3:// output only once its manifest is in
+        the bucket (a reader, or a resume on a fresh pod, must never be pointed at a partial upload)."""
+        if self.mirror is not None and self.checkpoint_dir(step).name not in self.mirror.uploaded:
+            return None
+        return self.checkpoint_uri(step)
+
+
+def report_published_best(ctx: RunContext) -> None:
+    """Name the best's checkpoint (in the run state, the log and status) once the mirror has published it."""
+    best = ctx.state.best
+    if best is None or best.checkpoint is not None or (checkpoint := ctx.best_checkpoint(best.step)) is None:
+        return
+    ctx.state.best = best.model_copy(update={"checkpoint": checkpoint})
+    ctx.log.emit("best_checkpoint", step=best.step, checkpoint=checkpoint)
+    if ctx.reporter is not None:
+        ctx.reporter.update(TrainerStatus(best=ctx.state.best), urgent=True)
+
 
 def history_status(ctx: RunContext) -> TrainerStatus:
     """The status keys holding the run's evaluation history: the latest evaluations and the best result."""
@@ -187,7 +205,7 @@ class EarlyStoppingCallback(TrainerCallback):
                 value=value,
                 step=step,
                 epoch=epoch,
-                checkpoint=self.ctx.checkpoint_uri(step),
+                checkpoint=self.ctx.best_checkpoint(step),
                 majority_baseline=self.ctx.majority_baseline,
             )
 
@@ -406,6 +424,10 @@ class ProgressCallback(TrainerCallback):
             status.progress = progress
             self.ctx.reporter.update(status, urgent=urgent)
         return progress
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.ctx.is_main:
+            report_published_best(self.ctx)
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         logs = kwargs.get("logs") or {}

@@ -40,6 +40,7 @@ from finetune_trainer.callbacks import (
     history_status,
     load_run_state,
     partial_checkpoints,
+    report_published_best,
 )
 from finetune_trainer.checkpointing import enable_activation_checkpointing
 from finetune_trainer.config import RuntimeEnv, local_path, location_uri
@@ -256,7 +257,7 @@ def _save_final(ctx: RunContext, trainer: FineTuneTrainer, loaded: Loaded, preci
         kind: ArtifactKind = "merged" if lora else "model"
         published.append(save_model(plain, loaded.processor, ctx.output_dir / MODEL_DIR, kind, dtype))
     base = BaseModelLineage(
-        source=ctx.spec.model.source, revision=base_revision(loaded.source.name_or_path, loaded.commit)
+        source=ctx.spec.model.written_source, revision=base_revision(loaded.source.name_or_path, loaded.commit)
     )
     artifacts = []
     for item in published:
@@ -361,7 +362,7 @@ def _lineage(spec: TrainingSpec, artifacts: list[Artifact]) -> dict[str, str]:
     if spec.tracking is None or spec.tracking.register_as is None or not artifacts:
         return {}
     first = artifacts[0]
-    lineage = {"base.model": spec.model.source, "dataset.source": spec.dataset.source}
+    lineage = {"base.model": spec.model.written_source, "dataset.source": spec.dataset.written_source}
     if first.base_model is not None and first.base_model.revision is not None:
         lineage["base.revision"] = first.base_model.revision
     if first.dataset_fingerprint is not None:
@@ -521,6 +522,7 @@ def _context(
         ctx.metrics = PrometheusMetrics(env.metrics_port, log, env.metrics_address)
         if is_s3(spec.output.location):
             ctx.mirror = CheckpointMirror(spec.output.location, spec.output.s3 or spec.storage.s3, log.emit)
+            ctx.mirror.uploaded.extend(ctx.mirror.published_names())  # a resumed best may name one of these
     return ctx
 
 
@@ -673,6 +675,7 @@ def _finish(
     final_step = trainer.state.global_step
     if ctx.mirror is not None:
         ctx.mirror.drain()  # the last checkpoint (a stop's included) is published before the run ends
+        report_published_best(ctx)
     if ctx.stopped_by == "Terminated":
         tracking.finish(tracker, ctx.reporter, "Terminated", _best(ctx), None, {}, wait=TRACKING_FAILURE_WAIT)
         _close(ctx)

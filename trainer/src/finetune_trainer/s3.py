@@ -10,7 +10,8 @@ identity token included), and no Python dependencies. boto3 was the first choice
 
 - **Download once.** A source is a prefix; its listing (key, size, ETag) is hashed into the cache
   key, so a retry, a resume and the trials of a sweep that share the cache (a claim) find the same
-  entry and fetch nothing (one LIST request). Each file's size is checked, and its MD5 when the
+  entry and fetch nothing (one LIST request); pods staging the same content at once hold a lock on
+  the entry, so one downloads and the others wait for it. Each file's size is checked, and its MD5 when the
   ETag is one (single-part uploads). The cache stays under ``storage.cache.maxSizeGib``: least
   recently used entries go first (their ``.complete`` marker's mtime is touched on every use).
 - **Publish manifest-last.** ``publish`` uploads every file of a directory, then its manifest
@@ -23,6 +24,8 @@ identity token included), and no Python dependencies. boto3 was the first choice
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -213,9 +216,32 @@ def stage(uri: str, settings: S3Storage | None, role: str, cache_dir: Path, max_
     endpoint = (settings.endpoint if settings else None) or "aws"
     digest = hashlib.sha256(json.dumps([endpoint, location.bucket, entries]).encode()).hexdigest()[:32]
     entry = cache_dir / digest
-    if (entry / COMPLETE).exists():
-        os.utime(entry / COMPLETE)
-        return CacheStats(uri, entry, True, len(entries), 0, time.monotonic() - start)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _entry_lock(cache_dir, digest):  # pods staging the same content at once: one downloads, the others wait
+        if (entry / COMPLETE).exists():
+            os.utime(entry / COMPLETE)
+            return CacheStats(uri, entry, True, len(entries), 0, time.monotonic() - start)
+        return _fill(store, location, entries, entry, max_bytes, start)
+
+
+@contextlib.contextmanager
+def _entry_lock(cache_dir: Path, digest: str) -> Iterator[None]:
+    """An exclusive lock on one cache entry, across the pods that share the cache (flock: released when the
+    holder exits, even killed, so a dead download never blocks the next pod)."""
+    with (cache_dir / f".{digest}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _fill(
+    store: S3Store, location: S3Location, entries: list[tuple[str, int, str]], entry: Path, max_bytes: int, start: float
+) -> CacheStats:
+    """Download every object into a temporary directory renamed into ``entry`` once complete."""
+    cache_dir, digest, uri = entry.parent, entry.name, location.uri
+    base = f"{location.prefix}/" if location.prefix else ""
     size = sum(item[1] for item in entries)
     _evict(cache_dir, max_bytes - size)
     partial = cache_dir / f".{digest}.tmp-{os.getpid()}-{threading.get_ident()}"
@@ -226,7 +252,7 @@ def stage(uri: str, settings: S3Storage | None, role: str, cache_dir: Path, max_
         (partial / COMPLETE).write_text(json.dumps({"uri": uri, "bytes": size}) + "\n")
         try:
             partial.rename(entry)
-        except OSError:  # another pod staged the same content first: keep theirs
+        except OSError:  # staged by a pod whose storage ignored the lock: keep theirs
             shutil.rmtree(partial, ignore_errors=True)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -373,13 +399,14 @@ class CheckpointMirror:
     _error: BaseException | None = None
     _thread: threading.Thread | None = None
     uploaded: list[str] = field(default_factory=list)
+    """Checkpoints whose manifest is in the bucket (uploaded here, or found there by ``published_names``)."""
 
     @property
     def root(self) -> S3Location:
         return S3Location.parse(f"{self.location.rstrip('/')}/{CHECKPOINTS}", self.settings, "output")
 
-    def restore(self, checkpoints_dir: Path) -> list[str]:
-        """Download every complete remote checkpoint (and the owner record) missing locally; their names."""
+    def _objects(self) -> tuple[S3Store, list[dict[str, Any]], list[str]]:
+        """The store, every object under the checkpoints prefix, and the names of the complete checkpoints."""
         root = self.root
         try:
             store = root.store()
@@ -390,6 +417,17 @@ class CheckpointMirror:
         names = sorted(
             {str(m["path"])[len(base) :].split("/")[0] for m in objects if str(m["path"]).endswith(MANIFEST_NAME)}
         )
+        return store, objects, names
+
+    def published_names(self) -> list[str]:
+        """The checkpoints whose manifest is in the bucket."""
+        return self._objects()[2]
+
+    def restore(self, checkpoints_dir: Path) -> list[str]:
+        """Download every complete remote checkpoint (and the owner record) missing locally; their names."""
+        root = self.root
+        base = f"{root.prefix}/"
+        store, objects, names = self._objects()
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
         restored = []
         for meta in objects:
@@ -513,7 +551,7 @@ def prepare(spec: TrainingSpec, env: RuntimeEnv, log: Callable[..., None]) -> Tr
             seconds=round(stats.seconds, 3),
             path=str(stats.path),
         )
-        update[role] = source.model_copy(update={"source": f"file://{stats.path}", "s3": None})
+        update[role] = source.staged(str(stats.path))
     if is_s3(spec.output.location):
         mirror = CheckpointMirror(spec.output.location, spec.output.s3 or storage.s3)
         checkpoints = local_path(spec.output.location, env.pvc_root) / CHECKPOINTS

@@ -13,9 +13,18 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Annotated, Any, ClassVar, Literal, Self, get_args
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Self, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 # Bounded scalar types. Every string and list carries a maximum so that the API server
@@ -227,7 +236,29 @@ class StorageSpec(SpecModel):
     cache: CacheSpec | None = Field(None, description="Download cache of s3:// sources; unset: the pod's scratch.")
 
 
-class ModelSpec(SpecModel):
+class StageableSource(SpecModel):
+    """A source the storage stage may replace by a local copy (``s3://``): the URI as written stays known,
+    for the lineage in ``status.artifacts`` and the tracking tags (not the cache directory it was read from)."""
+
+    if TYPE_CHECKING:
+        source: str
+        s3: S3Storage | None
+
+    _written: str | None = PrivateAttr(None)
+
+    @property
+    def written_source(self) -> str:
+        """The source as the user wrote it."""
+        return self._written or self.source
+
+    def staged(self, directory: str) -> Self:
+        """This source read from ``directory`` (a local copy), remembering the URI it was copied from."""
+        copy = self.model_copy(update={"source": f"file://{directory}", "s3": None})
+        copy._written = self.written_source
+        return copy
+
+
+class ModelSpec(StageableSource):
     """The pretrained model to start from and the head to put on it."""
 
     rules = (
@@ -322,7 +353,7 @@ def _hub_only(field: str, name: str) -> Rule:
     )
 
 
-class DatasetSpec(SpecModel):
+class DatasetSpec(StageableSource):
     """Training and validation data."""
 
     rules = (
