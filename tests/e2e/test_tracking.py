@@ -178,11 +178,6 @@ def test_a_job_is_logged_once_with_its_spec_and_evaluations_and_registered_once(
     assert "TrackingBehind" in jobs.events("tracked")
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known race (issue 28, open): trials that create the sweep's parent run at once adopt the oldest, but a "
-    "trial can log its child run under the newer parent before that one is deleted; seen once in three CI runs",
-)
 def test_a_sweep_is_a_parent_run_with_a_child_run_per_trial(tracked: Tracked) -> None:
     sweeps, rest = tracked.sweeps, tracked.rest
     sweep = sweeps.get("lr")
