@@ -143,7 +143,7 @@ class Tracker:
         max_points: int = MAX_QUEUED_POINTS,
         flush_seconds: float | None = None,
         backoff: float = 1.0,
-        max_backoff: float = 15.0,
+        max_backoff: float = 5.0,
         client_factory: Callable[[str], Any] | None = None,
     ) -> None:
         self.spec, self.identity, self.report, self.log = spec, identity, report, log
