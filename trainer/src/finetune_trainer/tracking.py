@@ -7,8 +7,15 @@ retrying with backoff while it is down, and reports ``status.tracking`` (``behin
 Idempotent by the job's uid, so a retried or resumed trainer (or a worker that retries a request whose
 answer was lost) logs nothing twice: the run is found by its ``finetune.dev/job-uid`` tag, each metric is
 logged only past the last step the server holds for it (re-read on every reconnection), params only when
-absent, and the model version is found by the same tag before one is made. A sweep's run is found (or
-made) by its ``finetune.dev/sweep-uid`` tag; trials that race to make it all adopt the oldest.
+absent, and the model version is found by the same tag before one is made.
+
+A sweep's run is found (or made) by its ``finetune.dev/sweep-uid`` tag. Trials start at once and may each make
+one, so its runs are ordered strictly (start time, then run id) and every trial adopts the least it sees; a
+trial deletes only a run it made and that lost. Start times come from the trials' clocks, so a trial can see
+a run that a smaller one, made at the same time but written later, then displaces: at the run's end (and on a
+resume) the trial looks again and moves its run under the least parent if it changed (``mlflow.parentRunId``
+and ``status.tracking.parentRunId``), deleting its own parent if that lost. Only a parent whose making takes
+longer than a whole trial could still be missed.
 
 transformers' ``MLflowCallback`` is not used: its setup calls the server synchronously (a server that is
 down stalls or fails the start), a resumed trainer re-logs the steps it trains again, and it logs
@@ -136,7 +143,7 @@ class Tracker:
         max_points: int = MAX_QUEUED_POINTS,
         flush_seconds: float | None = None,
         backoff: float = 1.0,
-        max_backoff: float = 15.0,
+        max_backoff: float = 5.0,
         client_factory: Callable[[str], Any] | None = None,
     ) -> None:
         self.spec, self.identity, self.report, self.log = spec, identity, report, log
@@ -156,6 +163,9 @@ class Tracker:
         self._attached = False
         self._last_step: dict[str, int] = {}
         self._params: dict[str, str] = {}
+        self._experiment_id: str | None = None
+        self._made_parent: str | None = None
+        """The sweep's run this trial made (None: none, or it lost and is deleted)."""
         self._thread = threading.Thread(target=self._loop, name="mlflow-tracking", daemon=True)
         self._thread.start()
 
@@ -288,6 +298,7 @@ class Tracker:
         elif kind == "register":
             self._register(*value)
         elif kind == "end":
+            self._reparent()
             if self.dropped:
                 client.set_tag(run_id, "finetune.dev/dropped-metric-points", str(self.dropped))
             client.set_terminated(run_id, value)
@@ -305,13 +316,15 @@ class Tracker:
 
                 self._client = MlflowClient(tracking_uri=self.spec.uri, registry_uri=self.spec.uri)
         client, who = self._client, self.identity
-        experiment_id = self._experiment_id()
+        experiment_id = self._experiment_id = self._find_experiment()
         parent = self._sweep_run(experiment_id) if who.sweep_uid else None
         runs = self._runs(experiment_id, JOB_UID_TAG, who.uid)
         if runs:
             run = runs[0]
             if run.info.status != "RUNNING":
                 client.update_run(run.info.run_id, status="RUNNING")  # a retried or resumed trainer goes on
+            if parent is not None and run.data.tags.get(PARENT_TAG) != parent:
+                client.set_tag(run.info.run_id, PARENT_TAG, parent)  # the sweep's run moved meanwhile
         else:
             tags = {JOB_UID_TAG: who.uid, "finetune.dev/job": f"{who.namespace}/{who.name}"}
             if parent is not None:
@@ -325,11 +338,11 @@ class Tracker:
         }
         self._attached = True
         url = f"{self.spec.uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-        if self.status.run_id != run_id:
+        if self.status.run_id != run_id or self.status.parent_run_id != parent:
             self.log.emit("tracking", runId=run_id, url=url, parentRunId=parent)
             self._update(run_id=run_id, url=url, experiment_id=experiment_id, parent_run_id=parent)
 
-    def _experiment_id(self) -> str:
+    def _find_experiment(self) -> str:
         client = self._client
         found = client.get_experiment_by_name(self.experiment)
         if found is not None:
@@ -348,27 +361,41 @@ class Tracker:
                 [experiment_id],
                 filter_string=f"tags.`{tag}` = '{value}'",
                 order_by=["attributes.start_time ASC"],
-                max_results=10,
+                max_results=100,
             )
         )
 
     def _sweep_run(self, experiment_id: str) -> str:
-        """The sweep's parent run: found by its uid tag, else made; when trials raced and made two, the oldest
-        one counts (the others are deleted by whoever made them)."""
+        """The sweep's parent run: the least of its runs (made if there is none); ours is deleted if it lost."""
         who = self.identity
         assert who.sweep_uid is not None
-        runs = self._runs(experiment_id, SWEEP_UID_TAG, who.sweep_uid)
-        if runs:
-            return str(runs[0].info.run_id)
-        mine = self._client.create_run(
-            experiment_id,
-            run_name=who.sweep_name,
-            tags={SWEEP_UID_TAG: who.sweep_uid, "finetune.dev/sweep": f"{who.namespace}/{who.sweep_name}"},
-        )
-        oldest = str(self._runs(experiment_id, SWEEP_UID_TAG, who.sweep_uid)[0].info.run_id)
-        if oldest != mine.info.run_id:
-            self._client.delete_run(mine.info.run_id)
-        return oldest
+        parents = self._runs(experiment_id, SWEEP_UID_TAG, who.sweep_uid)
+        if not parents and self._made_parent is None:
+            mine = self._client.create_run(
+                experiment_id,
+                run_name=who.sweep_name,
+                tags={SWEEP_UID_TAG: who.sweep_uid, "finetune.dev/sweep": f"{who.namespace}/{who.sweep_name}"},
+            )
+            self._made_parent = str(mine.info.run_id)
+            parents = self._runs(experiment_id, SWEEP_UID_TAG, who.sweep_uid)
+        if not parents:  # ours, not yet listed
+            assert self._made_parent is not None
+            return self._made_parent
+        least = str(min(parents, key=_order).info.run_id)
+        if self._made_parent is not None and self._made_parent != least:
+            self._client.delete_run(self._made_parent)  # idempotent: a retry after a lost answer deletes again
+            self._made_parent = None
+        return least
+
+    def _reparent(self) -> None:
+        """A trial's last look at its sweep's runs: its run goes under the least one if that changed."""
+        if self.identity.sweep_uid is None or self._experiment_id is None or self.status.run_id is None:
+            return
+        parent = self._sweep_run(self._experiment_id)
+        if parent != self.status.parent_run_id:
+            self._client.set_tag(self.status.run_id, PARENT_TAG, parent)
+            self.log.emit("tracking", runId=self.status.run_id, parentRunId=parent, moved=True)
+            self._update(parent_run_id=parent)
 
     def _register(self, source: str, tags: dict[str, str]) -> None:
         client, name, uid = self._client, self.spec.register_as, self.identity.uid
@@ -387,6 +414,11 @@ class Tracker:
         if self.status.registered_version != str(version.version):
             self.log.emit("registered", model=name, version=str(version.version), source=source)
             self._update(registered_version=str(version.version))
+
+
+def _order(run: Any) -> tuple[int, str]:
+    """The strict total order on a sweep's runs that every trial agrees on."""
+    return (int(run.info.start_time or 0), str(run.info.run_id))
 
 
 def _param(key: str, value: str) -> Any:
