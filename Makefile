@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 # minute, where pip took minutes (pip's cache stays empty against this machine's package index). Bytecode is
 # compiled at install, as pip does: else every first import in the tests pays for it.
 UV_VERSION := 0.13.9
-VENV_INPUTS := operator/pyproject.toml trainer/pyproject.toml dev/pyproject.toml cli/pyproject.toml requirements-dev.txt constraints.txt
+VENV_INPUTS := operator/pyproject.toml trainer/pyproject.toml dev/assets/pyproject.toml dev/localcluster/pyproject.toml dev/devtools/pyproject.toml dev/testsupport/pyproject.toml dev/demo/pyproject.toml cli/pyproject.toml requirements-dev.txt constraints.txt
 VENV_STAMP := $(VENV)/.installed-$(shell { echo $(UV_VERSION); cat $(VENV_INPUTS); } 2>/dev/null | sha256sum | cut -c1-16)
 PYTEST_ARGS ?=
 NODES ?= 1
@@ -27,7 +27,7 @@ $(VENV_STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "uv==$(UV_VERSION)"
 	UV_CACHE_DIR="$(CACHE_HOME)/uv" $(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) \
-		-c constraints.txt -r requirements-dev.txt -e "./trainer[train]" -e ./operator -e ./dev -e ./cli
+		-c constraints.txt -r requirements-dev.txt -e "./trainer[train]" -e ./operator -e ./dev/assets -e ./dev/localcluster -e ./dev/devtools -e ./dev/testsupport -e ./dev/demo -e ./cli
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -51,14 +51,14 @@ lint-ruff:
 	RUFF_CACHE_DIR=$(LINT_CACHE)/ruff $(VENV)/bin/ruff format --check .
 
 lint-mypy:
-	$(VENV)/bin/mypy --cache-dir $(LINT_CACHE)/mypy operator/src trainer/src dev/src cli/src
+	$(VENV)/bin/mypy --cache-dir $(LINT_CACHE)/mypy operator/src trainer/src dev/assets/src dev/localcluster/src dev/devtools/src dev/testsupport/src dev/demo/src cli/src
 
 lint-imports:
 	$(VENV)/bin/lint-imports --cache-dir $(LINT_CACHE)/import-linter
 
 lint-drift:
-	$(PY) -m finetune_operator.crd --check
-	$(PY) -m finetune_operator.metrics --check
+	$(PY) -m finetune_operator.generators.crd --check
+	$(PY) -m finetune_operator.controller.metrics --check
 
 lint-alerts:
 	promtool check rules charts/finetune-operator/files/alerts.yaml
@@ -66,16 +66,16 @@ lint-alerts:
 
 .PHONY: helm
 helm: venv ## build (or reuse the cached) helm from the Go module proxy; prints its path
-	@$(PY) -m finetune_localcluster helm
+	@$(PY) -m finetune_devtools helm
 
 .PHONY: images
 IMAGES ?= operator trainer
 images: venv container-deps ## the operator and trainer images (podman; IMAGES=operator for one), tagged by a hash of their inputs
-	@$(PY) -m finetune_localcluster images $(IMAGES)
+	@$(PY) -m finetune_devtools images $(IMAGES)
 
 .PHONY: chart-lint
 chart-lint: venv ## helm lint --strict + helm template over the chart's values matrix ($(CHART)/ci/)
-	@helm="$$($(PY) -m finetune_localcluster helm)" || exit 1; \
+	@helm="$$($(PY) -m finetune_devtools helm)" || exit 1; \
 	for values in $(CHART)/ci/*-values.yaml; do \
 	  out="$$("$$helm" lint --strict $(CHART) -f "$$values" 2>&1 && \
 	         "$$helm" template lint-check $(CHART) -n finetune-system -f "$$values" 2>&1 >/dev/null)" || \
@@ -85,11 +85,11 @@ chart-lint: venv ## helm lint --strict + helm template over the chart's values m
 
 .PHONY: crds
 crds: venv ## regenerate crds/ from the API models
-	$(PY) -m finetune_operator.crd
+	$(PY) -m finetune_operator.generators.crd
 
 .PHONY: docs
 docs: venv ## regenerate the metrics reference in docs/monitoring.md
-	$(PY) -m finetune_operator.metrics
+	$(PY) -m finetune_operator.controller.metrics
 
 .PHONY: system-deps
 system-deps: ## Debian packages (Prometheus and promtool for the demo, the alert tests and the dashboard test)
@@ -109,31 +109,31 @@ unit: venv ## only the fast tests (no control plane, no real weights)
 
 .PHONY: controlplane
 controlplane: venv ## build (or reuse the cached) control-plane binaries
-	$(PY) -m finetune_localcluster build
+	$(PY) -m finetune_devtools build
 
 .PHONY: cluster-up
 cluster-up: venv ## start the local control plane + NODES nodes (default 1); kubeconfig path is printed
-	$(PY) -m finetune_localcluster up --nodes $(NODES)
+	$(PY) -m finetune_devtools up --nodes $(NODES)
 
 .PHONY: s3-up
 s3-up: venv ## start the S3 server (SeaweedFS, built once from the Go module proxy; auth on); prints S3_ENDPOINT and keys
-	@$(PY) -m finetune_localcluster s3-up
+	@$(PY) -m finetune_devtools s3-up
 
 .PHONY: s3-down
 s3-down: venv ## stop the S3 server started by make s3-up
-	@$(PY) -m finetune_localcluster s3-down
+	@$(PY) -m finetune_devtools s3-down
 
 .PHONY: cluster-down
 cluster-down: venv ## stop the local control plane
-	$(PY) -m finetune_localcluster down
+	$(PY) -m finetune_devtools down
 
 .PHONY: kueue-up
 kueue-up: venv ## Kueue (built from the Go module proxy once) against the running local cluster: CRDs + manager
-	$(PY) -m finetune_localcluster kueue-up
+	$(PY) -m finetune_devtools kueue-up
 
 .PHONY: kueue-down
 kueue-down: venv ## stop Kueue's manager (its CRDs and queues stay)
-	$(PY) -m finetune_localcluster kueue-down
+	$(PY) -m finetune_devtools kueue-down
 
 .PHONY: demo
 demo: venv controlplane system-deps ## the main job: fine-tune MiniLM-L6 end to end on the local control plane (~5 min)
@@ -158,7 +158,7 @@ clean: ## remove the venv and caches inside the checkout (not ~/.cache/finetune-
 
 .PHONY: mlflow-up mlflow-down
 mlflow-up: venv ## an MLflow tracking server (SQLite, artifacts proxied) on 127.0.0.1:15500; prints MLFLOW_TRACKING_URI=... last
-	@$(PY) -m finetune_localcluster mlflow-up
+	@$(PY) -m finetune_devtools mlflow-up
 
 mlflow-down: venv ## stop the server of `make mlflow-up` (its runs stay in the state dir)
-	@$(PY) -m finetune_localcluster mlflow-down
+	@$(PY) -m finetune_devtools mlflow-down

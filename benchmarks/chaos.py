@@ -40,9 +40,9 @@ from kubernetes import client, watch
 
 from finetune_localcluster.cluster import Cluster, free_port
 from finetune_localcluster.kubeconfig import api_client, install_crd, service_account_kubeconfig
-from finetune_operator.api import GROUP, PLURAL, VERSION
-from finetune_operator.crd import build_crd
-from finetune_operator.rbac import cluster_role
+from finetune_operator.api.job import GROUP, PLURAL, VERSION
+from finetune_operator.generators.crd import build_crd
+from finetune_operator.generators.rbac import cluster_role
 
 FAKE_TRAINER = Path(__file__).resolve().parents[1] / "tests" / "e2e" / "fake_trainer.py"
 NAMESPACE = "chaos"
@@ -86,7 +86,7 @@ class _Operator:
                 [
                     sys.executable,
                     "-m",
-                    "finetune_operator.cli",
+                    "finetune_operator.controller.cli",
                     "run",
                     "--metrics-port",
                     "0",

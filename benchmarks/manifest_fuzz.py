@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from finetune_localcluster.cluster import Cluster  # noqa: E402
 from finetune_localcluster.kubeconfig import api_client, install_crd  # noqa: E402
-from finetune_operator.crd import build_crd  # noqa: E402
+from finetune_operator.generators.crd import build_crd  # noqa: E402
 from tests.fuzz_manifests import Verdicts, judge, spec_strategy  # noqa: E402
 
 

@@ -53,10 +53,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from finetune_localcluster.cluster import Cluster, free_port
 from finetune_localcluster.kubeconfig import api_client, install_objects, service_account_kubeconfig
-from finetune_operator.api import GROUP, PLURAL, VERSION
-from finetune_operator.clients import ApiError, Kube
-from finetune_operator.crd import chart_api_objects
-from finetune_operator.rbac import cluster_role
+from finetune_operator.api.job import GROUP, PLURAL, VERSION
+from finetune_operator.controller.clients import ApiError, Kube
+from finetune_operator.generators.crd import chart_api_objects
+from finetune_operator.generators.rbac import cluster_role
 from finetune_operator.reconcile.children import Names, Settings
 
 
@@ -222,9 +222,12 @@ class CpuMeter:
 
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("logging", ("/logging/", "pythonjsonlogger", "kopf/_core/engines/posting", "kopf/_cogs/helpers/loggers")),
-    ("metrics", ("prometheus_client/", "finetune_operator/metrics.py")),
+    ("metrics", ("prometheus_client/", "finetune_operator/controller/metrics.py")),
     ("serialise", ("/json/", "yaml/", "model_dump", "_serializ")),
-    ("api calls", ("aiohttp/", "yarl/", "multidict/", "ssl.py", "finetune_operator/clients.py", "asyncio/sslproto")),
+    (
+        "api calls",
+        ("aiohttp/", "yarl/", "multidict/", "ssl.py", "finetune_operator/controller/clients.py", "asyncio/sslproto"),
+    ),
     (
         "decide",
         (
@@ -235,7 +238,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
             "finetune_operator/reconcile/diagnosis.py",
         ),
     ),
-    ("observe", ("finetune_operator/reconcile/observe.py", "finetune_operator/api.py", "pydantic")),
+    ("observe", ("finetune_operator/reconcile/observe.py", "finetune_operator/api/job.py", "pydantic")),
     ("operator shell", ("finetune_operator/",)),
     ("kopf", ("kopf/",)),
     ("event loop", ("asyncio/", "selectors.py")),
@@ -369,7 +372,7 @@ def run(args: argparse.Namespace, policies: bool) -> None:
                 [
                     sys.executable,
                     "-m",
-                    "finetune_operator.cli",
+                    "finetune_operator.controller.cli",
                     "run",
                     "--metrics-port",
                     str(metrics_port),

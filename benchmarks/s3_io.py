@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from finetune_localcluster.seaweedfs import SeaweedFS
+from finetune_devtools.seaweedfs import SeaweedFS
 from finetune_trainer import s3
 from finetune_trainer.contract import s3_env_prefix
 from finetune_trainer.spec import LocalSecretRef, S3Storage

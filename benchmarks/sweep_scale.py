@@ -33,11 +33,11 @@ from typing import Any
 
 import yaml
 
+from finetune_operator.api.sweep import FineTuneSweep
 from finetune_operator.reconcile.status import PRUNED
 from finetune_operator.reconcile.sweep import decide_sweep
 from finetune_operator.reconcile.sweep_engine import build_study, suggest, to_prune
 from finetune_operator.reconcile.trials import observe_trial
-from finetune_operator.sweep_api import FineTuneSweep
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "minilm-sweep-tpe.yaml"
 T0 = "2026-01-01T00:00:00Z"

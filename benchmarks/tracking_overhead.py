@@ -74,7 +74,7 @@ def main() -> None:
 
     import torch
 
-    from finetune_localcluster.mlflow_server import MlflowServer
+    from finetune_devtools.mlflow_server import MlflowServer
     from tests.trainer import tiny
 
     torch.set_num_threads(1)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from finetune_localcluster.pytest_plugin import LocalCluster
+from finetune_testsupport.pytest_plugin import LocalCluster
 from tests.manifests import Manifest, baseline
 
 

@@ -10,12 +10,12 @@ import pytest
 from kubernetes import client
 
 from finetune_localcluster.kubeconfig import install_objects
-from finetune_operator.crd import build_crd, build_sweep_crd, chart_api_objects
+from finetune_operator.generators.crd import build_crd, build_sweep_crd, chart_api_objects
 
-pytest_plugins = ["finetune_localcluster.pytest_plugin"]
+pytest_plugins = ["finetune_testsupport.pytest_plugin"]
 
 if TYPE_CHECKING:
-    from finetune_localcluster.pytest_plugin import LocalCluster
+    from finetune_testsupport.pytest_plugin import LocalCluster
 
 
 @pytest.fixture(scope="session")

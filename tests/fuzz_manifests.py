@@ -23,8 +23,8 @@ from hypothesis_jsonschema import from_schema
 from kubernetes import client
 from pydantic import ValidationError
 
-from finetune_operator.api import GROUP, PLURAL, VERSION, FineTuneJob, FineTuneJobSpec
-from finetune_operator.crd import _COPIED_KEYWORDS, build_crd
+from finetune_operator.api.job import GROUP, PLURAL, VERSION, FineTuneJob, FineTuneJobSpec
+from finetune_operator.generators.crd import _COPIED_KEYWORDS, build_crd
 from finetune_operator.reconcile import Observed, ObservedJob, Settings, decide, desired_children
 from finetune_trainer.advice import RULES, advise
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from finetune_operator.sweep_api import FineTuneSweepSpec, choices
+from finetune_operator.api.sweep import FineTuneSweepSpec, choices
 from finetune_trainer.contract import (
     MAX_ARTIFACTS,
     MAX_CHECKPOINT_URI_LENGTH,

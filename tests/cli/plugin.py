@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from finetune_localcluster import build
-from finetune_localcluster.pytest_plugin import LocalCluster
+from finetune_testsupport.pytest_plugin import LocalCluster
 
 
 def kubectl_finetune(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:

@@ -7,7 +7,7 @@ import copy
 import json
 from typing import Any
 
-from finetune_operator.sweep_api import PARAMETERS_ANNOTATION, SWEEP_LABEL, TRIAL_INDEX_LABEL
+from finetune_operator.api.sweep import PARAMETERS_ANNOTATION, SWEEP_LABEL, TRIAL_INDEX_LABEL
 from tests.cli.jobs import T0, condition, job
 
 Manifest = dict[str, Any]

@@ -19,8 +19,8 @@ from kubernetes import client
 
 from finetune_cli import kube as kube_module
 from finetune_cli.main import main
-from finetune_localcluster.pytest_plugin import LocalCluster
-from finetune_operator.api import GROUP, PLURAL, STOP_ANNOTATION, VERSION
+from finetune_operator.api.job import GROUP, PLURAL, STOP_ANNOTATION, VERSION
+from finetune_testsupport.pytest_plugin import LocalCluster
 from tests.cli.jobs import condition, early_stopped_status, failed_status, job, running_status
 from tests.cli.plugin import kubectl_finetune
 
@@ -242,7 +242,7 @@ def test_kubectl_finds_the_plugin_on_path(
 @pytest.fixture(scope="session")
 def inferenceservice_crd(local_cluster: LocalCluster) -> None:
     """KServe's InferenceService CRD (from the Go module proxy, cached): the API server then validates exports."""
-    from finetune_localcluster.kserve import ensure_inferenceservice_crd
+    from finetune_devtools.kserve import ensure_inferenceservice_crd
     from finetune_localcluster.kubeconfig import install_crd
 
     with local_cluster.api_client() as api:

@@ -16,9 +16,9 @@ from kubernetes import client
 
 from finetune_cli import dashboard
 from finetune_cli.main import main
-from finetune_localcluster.pytest_plugin import LocalCluster
-from finetune_operator.api import GROUP, PLURAL, VERSION
-from finetune_operator.sweep_api import SWEEP_PLURAL
+from finetune_operator.api.job import GROUP, PLURAL, VERSION
+from finetune_operator.api.sweep import SWEEP_PLURAL
+from finetune_testsupport.pytest_plugin import LocalCluster
 from tests.cli.sweeps import sweep, sweep_status, trial_jobs
 
 pytestmark = pytest.mark.integration

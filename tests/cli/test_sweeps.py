@@ -11,7 +11,7 @@ from matplotlib.collections import PathCollection
 
 from finetune_cli.plot import BEST_GID, PRUNED_GID, NothingToPlotError, save_png, sweep_figure
 from finetune_cli.sweeps import describe, list_table, parse_sweep, state, trials
-from finetune_operator.sweep_api import PARAMETERS_ANNOTATION
+from finetune_operator.api.sweep import PARAMETERS_ANNOTATION
 from tests.cli.jobs import condition
 from tests.cli.sweeps import sweep, sweep_status, trial_jobs
 
@@ -158,8 +158,8 @@ def test_plot_without_scored_trials_says_so() -> None:
 def test_the_plugin_reads_each_trial_as_the_operator_does() -> None:
     """``sweep describe`` and the operator share one reader: a pruned trial that overran its grace period
     (Complete/StopEnforced) is Pruned, a trial stopped by its finished sweep is Stopped (not Failed)."""
+    from finetune_operator.api.sweep import FineTuneSweep
     from finetune_operator.reconcile.trials import observe_trial
-    from finetune_operator.sweep_api import FineTuneSweep
 
     jobs = trial_jobs()
     enforced, stopped = jobs[2], jobs[3]

@@ -19,13 +19,13 @@ import pytest
 import yaml
 from kubernetes import client
 
+from finetune_devtools.seaweedfs import S3Endpoint
 from finetune_localcluster import procs
 from finetune_localcluster.cluster import free_port
 from finetune_localcluster.kubeconfig import service_account_kubeconfig
-from finetune_localcluster.pytest_plugin import LocalCluster
-from finetune_localcluster.seaweedfs import S3Endpoint
-from finetune_operator.api import GROUP, PLURAL, VERSION
-from finetune_operator.rbac import cluster_role
+from finetune_operator.api.job import GROUP, PLURAL, VERSION
+from finetune_operator.generators.rbac import cluster_role
+from finetune_testsupport.pytest_plugin import LocalCluster
 from finetune_trainer import s3
 from finetune_trainer.contract import s3_env_prefix
 from finetune_trainer.manifest import MANIFEST_NAME
@@ -92,7 +92,7 @@ class Operator:
         command = [
             sys.executable,
             "-m",
-            "finetune_operator.cli",
+            "finetune_operator.controller.cli",
             "run",
             "--metrics-port",
             str(self.metrics_port),

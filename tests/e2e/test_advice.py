@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from finetune_localcluster.pytest_plugin import LocalCluster
+from finetune_testsupport.pytest_plugin import LocalCluster
 from tests.cli.plugin import kubectl_finetune
 from tests.e2e.conftest import Jobs, RealNamespace, fake_job, real_job
 

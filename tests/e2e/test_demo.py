@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from finetune_localcluster.cluster import Cluster, free_port
-from finetune_localcluster.pytest_plugin import LocalCluster
+from finetune_testsupport.pytest_plugin import LocalCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from finetune_localcluster import images, mountns
-from finetune_localcluster.pytest_plugin import LocalCluster
+from finetune_devtools import images
+from finetune_localcluster import mountns
+from finetune_testsupport.pytest_plugin import LocalCluster
 from finetune_trainer import exitcodes
 from finetune_trainer.exitcodes import ExitCode
 from tests.e2e.conftest import Jobs, RealNamespace, container_pid, real_job

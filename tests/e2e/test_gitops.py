@@ -32,9 +32,9 @@ import pytest
 import yaml
 from kubernetes import client
 
-from finetune_localcluster import gitops_harness
 from finetune_localcluster.cluster import free_port
-from finetune_localcluster.pytest_plugin import LocalCluster
+from finetune_testsupport import gitops_harness
+from finetune_testsupport.pytest_plugin import LocalCluster
 from tests.e2e.conftest import Jobs, Operator, fake_job
 from tests.e2e.test_sweeps import Sweeps, fake_sweep, finished
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from finetune_operator.api import GROUP, PLURAL, VERSION
+from finetune_operator.api.job import GROUP, PLURAL, VERSION
 from finetune_operator.reconcile.children import CONFIG_HASH_ANNOTATION, JOB_LABEL, job_label_value
 from tests.e2e.conftest import Jobs, Operator, fake_job
 

@@ -28,11 +28,12 @@ import yaml
 from kubernetes import client
 
 from finetune_assets import minilm_dir, rotten_tomatoes
-from finetune_localcluster import containers, images, mountns
+from finetune_devtools import images
+from finetune_devtools.helm import ensure_helm
+from finetune_localcluster import containers, mountns
 from finetune_localcluster.cluster import NODE_NAME, free_port
-from finetune_localcluster.helm import ensure_helm
-from finetune_localcluster.pytest_plugin import LocalCluster, own_cluster
-from finetune_operator.api import GROUP, PLURAL, VERSION
+from finetune_operator.api.job import GROUP, PLURAL, VERSION
+from finetune_testsupport.pytest_plugin import LocalCluster, own_cluster
 
 from .conftest import Jobs, Operator, claims, fake_job
 

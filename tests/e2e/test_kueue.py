@@ -26,9 +26,9 @@ import pytest
 from kubernetes import client
 
 from finetune_localcluster.kubeconfig import install_objects
-from finetune_localcluster.pytest_plugin import LocalCluster
-from finetune_operator.crd import chart_api_objects
+from finetune_operator.generators.crd import chart_api_objects
 from finetune_operator.reconcile.children import Names
+from finetune_testsupport.pytest_plugin import LocalCluster
 from tests.e2e.conftest import Jobs, Operator, fake_job, running_operator
 
 KUEUE = ("kueue.x-k8s.io", "v1beta2")

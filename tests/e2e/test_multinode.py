@@ -26,11 +26,11 @@ import obstore
 import pytest
 from kubernetes import client
 
+from finetune_devtools.seaweedfs import S3Endpoint
 from finetune_localcluster import procs
 from finetune_localcluster.kubeconfig import install_objects
-from finetune_localcluster.pytest_plugin import LocalCluster, own_cluster
-from finetune_localcluster.seaweedfs import S3Endpoint
-from finetune_operator.crd import chart_api_objects
+from finetune_operator.generators.crd import chart_api_objects
+from finetune_testsupport.pytest_plugin import LocalCluster, own_cluster
 from finetune_trainer import exitcodes, s3
 from finetune_trainer.launch import GRACE_MARGIN_SECONDS
 from tests.e2e.conftest import (

@@ -20,9 +20,9 @@ from kubernetes import client
 
 from finetune_localcluster.cluster import free_port
 from finetune_localcluster.kubeconfig import install_objects, service_account_kubeconfig
-from finetune_localcluster.pytest_plugin import LocalCluster, own_cluster
-from finetune_operator.crd import chart_api_objects
-from finetune_operator.rbac import OPERATOR_ACCOUNT, cluster_role, split_by_scope
+from finetune_operator.generators.crd import chart_api_objects
+from finetune_operator.generators.rbac import OPERATOR_ACCOUNT, cluster_role, split_by_scope
+from finetune_testsupport.pytest_plugin import LocalCluster, own_cluster
 
 from .conftest import Jobs, Operator, fake_job
 

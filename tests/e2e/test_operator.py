@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from finetune_localcluster.pytest_plugin import LocalCluster
+from finetune_testsupport.pytest_plugin import LocalCluster
 from tests.e2e.conftest import Jobs, Operator, fake_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -22,8 +22,8 @@ import obstore
 import pytest
 from kubernetes import client
 
-from finetune_localcluster.pytest_plugin import LocalCluster
-from finetune_localcluster.seaweedfs import S3Endpoint
+from finetune_devtools.seaweedfs import S3Endpoint
+from finetune_testsupport.pytest_plugin import LocalCluster
 from finetune_trainer import exitcodes, s3
 from finetune_trainer.config import local_path
 from finetune_trainer.manifest import MANIFEST_NAME, Manifest

@@ -16,9 +16,9 @@ import pytest
 from kubernetes import client
 
 from finetune_cli.main import main
-from finetune_localcluster.pytest_plugin import LocalCluster
-from finetune_localcluster.seaweedfs import S3Endpoint
-from finetune_operator.api import GROUP, VERSION
+from finetune_devtools.seaweedfs import S3Endpoint
+from finetune_operator.api.job import GROUP, VERSION
+from finetune_testsupport.pytest_plugin import LocalCluster
 from finetune_trainer import s3
 from tests.e2e.conftest import Jobs, real_job, s3_secret, s3_test_env
 from tests.e2e.test_sweeps import Sweeps, condition, finished

@@ -16,9 +16,9 @@ import pytest
 import yaml
 from kubernetes import client
 
-from finetune_localcluster.pytest_plugin import LocalCluster
-from finetune_operator.api import GROUP, PLURAL, VERSION
-from finetune_operator.sweep_api import RUNGS_ANNOTATION, SWEEP_LABEL, SWEEP_PLURAL, TRIAL_INDEX_LABEL
+from finetune_operator.api.job import GROUP, PLURAL, VERSION
+from finetune_operator.api.sweep import RUNGS_ANNOTATION, SWEEP_LABEL, SWEEP_PLURAL, TRIAL_INDEX_LABEL
+from finetune_testsupport.pytest_plugin import LocalCluster
 from tests.e2e.conftest import Jobs, Operator, fake_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

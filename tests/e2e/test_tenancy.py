@@ -20,13 +20,13 @@ import pytest
 from kubernetes import client
 
 from finetune_localcluster.kubeconfig import install_objects
-from finetune_localcluster.pytest_plugin import LocalCluster, own_cluster
-from finetune_operator import admission, author_policy
-from finetune_operator.api import GROUP, PLURAL, VERSION
-from finetune_operator.crd import USER_ROLES_FILE, chart_api_objects
-from finetune_operator.rbac import AUTHOR_ROLE
+from finetune_operator.api.job import GROUP, PLURAL, VERSION
+from finetune_operator.api.sweep import SWEEP_PLURAL
+from finetune_operator.generators import admission, author_policy
+from finetune_operator.generators.crd import USER_ROLES_FILE, chart_api_objects
+from finetune_operator.generators.rbac import AUTHOR_ROLE
 from finetune_operator.reconcile.children import Names
-from finetune_operator.sweep_api import SWEEP_PLURAL
+from finetune_testsupport.pytest_plugin import LocalCluster, own_cluster
 from tests.e2e.conftest import Operator, fake_job, running_operator
 from tests.e2e.test_sweeps import fake_sweep
 from tests.integration.test_trainer_status_policy import token_client

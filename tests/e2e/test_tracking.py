@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from finetune_localcluster.mlflow_server import MlflowServer
-from finetune_localcluster.pytest_plugin import LocalCluster
-from finetune_operator.api import GROUP, VERSION
+from finetune_devtools.mlflow_server import MlflowServer
+from finetune_operator.api.job import GROUP, VERSION
+from finetune_testsupport.pytest_plugin import LocalCluster
 from finetune_trainer.tracking import JOB_UID_TAG, PARENT_TAG, SWEEP_UID_TAG
 from tests.e2e.conftest import Jobs, Operator, real_job, tiny_volumes
 from tests.e2e.test_sweeps import Sweeps, condition, finished

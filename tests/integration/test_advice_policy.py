@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from finetune_localcluster.pytest_plugin import LocalCluster
-from finetune_operator.advice_policy import POLICY_NAME
+from finetune_operator.generators.advice_policy import POLICY_NAME
+from finetune_testsupport.pytest_plugin import LocalCluster
 from finetune_trainer.advice import RULES
 from tests.advice_cases import CASES, Case, advice_in_force, apply_dry_run, manifest, warning_lines
 from tests.manifests import EXAMPLES, example

@@ -10,9 +10,9 @@ import pytest
 from kubernetes import client
 from kubernetes.utils import create_from_dict
 
-from finetune_localcluster.pytest_plugin import LocalCluster
 from finetune_operator.reconcile import Settings, desired_children
 from finetune_operator.reconcile.children import content_hash
+from finetune_testsupport.pytest_plugin import LocalCluster
 from tests.integration.test_child_names import _job, _unowned
 
 pytestmark = pytest.mark.integration

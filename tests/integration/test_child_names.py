@@ -11,10 +11,10 @@ import pytest
 from kubernetes import client
 from kubernetes.utils import create_from_dict
 
-from finetune_localcluster.pytest_plugin import LocalCluster
-from finetune_operator.api import MAX_NODES, FineTuneJob
+from finetune_operator.api.job import MAX_NODES, FineTuneJob
 from finetune_operator.reconcile import Settings, desired_children
 from finetune_operator.reconcile.children import Names
+from finetune_testsupport.pytest_plugin import LocalCluster
 from tests.manifests import baseline
 
 pytestmark = pytest.mark.integration

@@ -13,11 +13,11 @@ import kopf
 import pytest
 
 from finetune_localcluster.kubeconfig import service_account_kubeconfig
-from finetune_operator.api import API_VERSION, KIND
-from finetune_operator.clients import ApiError, ConflictError, Kube, login
+from finetune_operator.api.job import API_VERSION, KIND
+from finetune_operator.controller.clients import ApiError, ConflictError, Kube, login
 
 if TYPE_CHECKING:
-    from finetune_localcluster.pytest_plugin import LocalCluster
+    from finetune_testsupport.pytest_plugin import LocalCluster
 
 pytestmark = pytest.mark.usefixtures("crd")
 

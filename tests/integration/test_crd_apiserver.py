@@ -9,8 +9,8 @@ import pytest
 import yaml
 from kubernetes import client
 
-from finetune_localcluster.pytest_plugin import LocalCluster
-from finetune_operator.api import GROUP, PLURAL, VERSION
+from finetune_operator.api.job import GROUP, PLURAL, VERSION
+from finetune_testsupport.pytest_plugin import LocalCluster
 from tests.manifests import INVALID, Invalid, baseline, invalid_manifest
 
 pytestmark = pytest.mark.integration

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
-from finetune_localcluster.pytest_plugin import LocalCluster
-from finetune_operator.api import FineTuneJob, FineTuneJobSpec
-from finetune_operator.sweep_api import FineTuneSweep, trial_spec
+from finetune_operator.api.job import FineTuneJob, FineTuneJobSpec
+from finetune_operator.api.sweep import FineTuneSweep, trial_spec
+from finetune_testsupport.pytest_plugin import LocalCluster
 from tests.manifests import EXAMPLES, SWEEP_EXAMPLES, example, sweep_trial_values
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from finetune_localcluster.pytest_plugin import LocalCluster
+from finetune_testsupport.pytest_plugin import LocalCluster
 from tests.advice_cases import advice_in_force
 from tests.fuzz_manifests import Verdicts, judge, spec_strategy
 

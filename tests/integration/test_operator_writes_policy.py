@@ -1,6 +1,6 @@
 """The operator's own writes on a real API server, with its real token (``service_account_kubeconfig``:
 the chart's ServiceAccount bound to the chart's ClusterRole): RBAC lets it create Jobs, ConfigMaps,
-RoleBindings... anywhere; ``finetune_operator.operator_policy`` (installed by the ``crd`` fixture) lets
+RoleBindings... anywhere; ``finetune_operator.generators.operator_policy`` (installed by the ``crd`` fixture) lets
 through only the children of a FineTuneJob (a trial of a FineTuneSweep), labelled as ours."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import pytest
 from kubernetes import client
 
 from finetune_localcluster.kubeconfig import api_client, service_account_kubeconfig
-from finetune_localcluster.pytest_plugin import LocalCluster
-from finetune_operator.api import GROUP, PLURAL, VERSION, FineTuneJob, read_stored
-from finetune_operator.rbac import OPERATOR_ACCOUNT, cluster_role
+from finetune_operator.api.job import GROUP, PLURAL, VERSION, FineTuneJob, read_stored
+from finetune_operator.generators.rbac import OPERATOR_ACCOUNT, cluster_role
 from finetune_operator.reconcile import Settings, desired_children
+from finetune_testsupport.pytest_plugin import LocalCluster
 from tests.manifests import baseline
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("crd")]

@@ -10,10 +10,10 @@ import pytest
 from kubernetes import client
 
 from finetune_localcluster.kubeconfig import api_client, service_account_kubeconfig
-from finetune_localcluster.pytest_plugin import LocalCluster
-from finetune_operator.api import GROUP, PLURAL, VERSION, FineTuneJob
-from finetune_operator.rbac import OPERATOR_RULES, cluster_role
+from finetune_operator.api.job import GROUP, PLURAL, VERSION, FineTuneJob
+from finetune_operator.generators.rbac import OPERATOR_RULES, cluster_role
 from finetune_operator.reconcile.children import config_map
+from finetune_testsupport.pytest_plugin import LocalCluster
 from tests.manifests import baseline
 
 pytestmark = pytest.mark.integration

@@ -16,16 +16,16 @@ from kubernetes import client
 from prometheus_client import generate_latest
 
 from finetune_localcluster.kubeconfig import service_account_kubeconfig
-from finetune_operator.api import GROUP, PLURAL, VERSION, FineTuneJobStatus, Progress
-from finetune_operator.clients import Kube, login
-from finetune_operator.handlers import Reconciler
-from finetune_operator.metrics import OperatorMetrics
-from finetune_operator.rbac import cluster_role, split_by_scope
+from finetune_operator.api.job import GROUP, PLURAL, VERSION, FineTuneJobStatus, Progress
+from finetune_operator.controller.clients import Kube, login
+from finetune_operator.controller.handlers import Reconciler
+from finetune_operator.controller.metrics import OperatorMetrics
+from finetune_operator.generators.rbac import cluster_role, split_by_scope
 from finetune_operator.reconcile import Settings
 from tests.manifests import baseline
 
 if TYPE_CHECKING:
-    from finetune_localcluster.pytest_plugin import LocalCluster
+    from finetune_testsupport.pytest_plugin import LocalCluster
 
 pytestmark = pytest.mark.usefixtures("crd")
 

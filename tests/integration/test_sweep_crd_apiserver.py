@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from finetune_localcluster.pytest_plugin import LocalCluster
-from finetune_operator.api import GROUP, VERSION
-from finetune_operator.sweep_api import SWEEP_PLURAL
+from finetune_operator.api.job import GROUP, VERSION
+from finetune_operator.api.sweep import SWEEP_PLURAL
+from finetune_testsupport.pytest_plugin import LocalCluster
 from tests.manifests import Manifest, sweep_baseline
 
 pytestmark = pytest.mark.integration

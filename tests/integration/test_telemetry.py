@@ -14,15 +14,15 @@ import pytest
 import yaml
 from kubernetes import client
 
+from finetune_devtools.helm import ensure_helm
 from finetune_localcluster.cluster import free_port
-from finetune_localcluster.helm import ensure_helm
 from finetune_localcluster.kubeconfig import service_account_kubeconfig
-from finetune_localcluster.pytest_plugin import LocalCluster
-from finetune_operator.api import FineTuneJobStatus, Progress
-from finetune_operator.clients import login
-from finetune_operator.metrics import OperatorMetrics
-from finetune_operator.metrics_auth import KubernetesAuth
-from finetune_operator.rbac import cluster_role
+from finetune_operator.api.job import FineTuneJobStatus, Progress
+from finetune_operator.controller.clients import login
+from finetune_operator.controller.metrics import OperatorMetrics
+from finetune_operator.controller.metrics_auth import KubernetesAuth
+from finetune_operator.generators.rbac import cluster_role
+from finetune_testsupport.pytest_plugin import LocalCluster
 
 pytestmark = pytest.mark.integration
 CHART = Path(__file__).resolve().parents[2] / "charts" / "finetune-operator"

@@ -1,5 +1,5 @@
 """The trainer's real token on a real API server: it may report progress, evaluations and its best
-result, and nothing else (finetune_operator.admission, installed with the CRD by the ``crd`` fixture)."""
+result, and nothing else (finetune_operator.generators.admission, installed with the CRD by the ``crd`` fixture)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 import yaml
 from kubernetes import client
 
-from finetune_localcluster.pytest_plugin import LocalCluster
-from finetune_operator import admission
-from finetune_operator.api import GROUP, MAX_EVALUATIONS, PLURAL, VERSION, FineTuneJob
+from finetune_operator.api.job import GROUP, MAX_EVALUATIONS, PLURAL, VERSION, FineTuneJob
+from finetune_operator.generators import admission
 from finetune_operator.reconcile.children import Names, Settings, desired_children
+from finetune_testsupport.pytest_plugin import LocalCluster
 from tests.manifests import baseline, trainer_status_at_the_bounds
 
 pytestmark = pytest.mark.integration

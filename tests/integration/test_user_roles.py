@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from finetune_localcluster.pytest_plugin import LocalCluster
-from finetune_operator.crd import USER_ROLES_FILE
-from finetune_operator.rbac import AUTHOR_ROLE
-from finetune_operator.sweep_api import SWEEP_PLURAL
+from finetune_operator.api.sweep import SWEEP_PLURAL
+from finetune_operator.generators.crd import USER_ROLES_FILE
+from finetune_operator.generators.rbac import AUTHOR_ROLE
+from finetune_testsupport.pytest_plugin import LocalCluster
 from tests.manifests import Manifest, baseline, sweep_baseline
 
 pytestmark = pytest.mark.integration

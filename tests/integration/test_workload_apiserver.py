@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from finetune_localcluster.pytest_plugin import LocalCluster
-from finetune_operator.api import FineTuneJob
+from finetune_operator.api.job import FineTuneJob
 from finetune_operator.reconcile import Settings
 from finetune_operator.reconcile.children import batch_job
+from finetune_testsupport.pytest_plugin import LocalCluster
 from tests.manifests import baseline
 
 pytestmark = pytest.mark.integration

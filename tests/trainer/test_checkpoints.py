@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from finetune_operator.api import FineTuneJobStatus
+from finetune_operator.api.job import FineTuneJobStatus
 from finetune_trainer import callbacks, exitcodes
 from finetune_trainer.callbacks import (
     COMPLETE_MARKER,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finetune_operator.api import FineTuneJob, FineTuneJobStatus
+from finetune_operator.api.job import FineTuneJob, FineTuneJobStatus
 from finetune_operator.reconcile.diagnosis import diagnose
 from tests.manifests import baseline
 from tests.trainer import tiny

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from finetune_operator.api import FineTuneJobStatus
+from finetune_operator.api.job import FineTuneJobStatus
 from finetune_trainer import exitcodes
 from finetune_trainer import run as run_mod
 from finetune_trainer.contract import MAX_EVALUATIONS, TRAINER_STATUS_KEYS, EvaluationRecord, Progress, TrainerStatus

@@ -15,7 +15,7 @@ from typing import Any
 import obstore
 import pytest
 
-from finetune_localcluster.seaweedfs import S3Endpoint
+from finetune_devtools.seaweedfs import S3Endpoint
 from finetune_trainer import exitcodes, s3
 from finetune_trainer.config import RuntimeEnv, local_path
 from finetune_trainer.contract import s3_env_prefix

@@ -19,7 +19,7 @@ from typing import Any
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from finetune_localcluster.mlflow_server import MlflowServer
+from finetune_devtools.mlflow_server import MlflowServer
 from finetune_trainer.contract import TrackingStatus
 from finetune_trainer.reporting import JsonLines
 from finetune_trainer.spec import TrackingSpec

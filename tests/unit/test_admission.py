@@ -8,9 +8,9 @@ from typing import Any, get_args
 
 import yaml
 
-from finetune_operator import author_policy
-from finetune_operator.api import OPERATOR_STATUS_KEYS, TRAINER_STATUS_KEYS, FineTuneJobSpec, FineTuneJobStatus
-from finetune_operator.crd import POLICY_FILES, render_policy
+from finetune_operator.api.job import OPERATOR_STATUS_KEYS, TRAINER_STATUS_KEYS, FineTuneJobSpec, FineTuneJobStatus
+from finetune_operator.generators import author_policy
+from finetune_operator.generators.crd import POLICY_FILES, render_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 

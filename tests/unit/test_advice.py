@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from finetune_cli.main import cmd_advise, main
-from finetune_operator.advice_policy import CHART_POLICY_FILE, POLICY_FILE, build_policy, render_policy
-from finetune_operator.api import FineTuneJob
+from finetune_operator.api.job import FineTuneJob
+from finetune_operator.generators.advice_policy import CHART_POLICY_FILE, POLICY_FILE, build_policy, render_policy
 from finetune_operator.reconcile import diagnosis
 from finetune_trainer.advice import RULES, admission_expression, advise
 from tests.advice_cases import CASES, Case, manifest

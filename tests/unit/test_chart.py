@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 import yaml
 
-from finetune_localcluster.helm import ensure_helm
-from finetune_operator import admission, operator_policy
-from finetune_operator.api import FineTuneJob
-from finetune_operator.crd import build_crd, build_sweep_crd, chart_api_objects
-from finetune_operator.metrics import OperatorMetrics
-from finetune_operator.rbac import CLUSTER_SCOPED_RESOURCES, split_by_scope, user_cluster_roles
+from finetune_devtools.helm import ensure_helm
+from finetune_operator.api.job import FineTuneJob
+from finetune_operator.controller.metrics import OperatorMetrics
+from finetune_operator.generators import admission, operator_policy
+from finetune_operator.generators.crd import build_crd, build_sweep_crd, chart_api_objects
+from finetune_operator.generators.rbac import CLUSTER_SCOPED_RESOURCES, split_by_scope, user_cluster_roles
 from finetune_operator.reconcile.children import Settings, batch_job
 
 ROOT = Path(__file__).resolve().parents[2]

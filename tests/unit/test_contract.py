@@ -13,8 +13,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from finetune_operator.api import OPERATOR_STATUS_KEYS, FineTuneJob, FineTuneJobStatus
-from finetune_operator.crd import build_crd, render_policy
+from finetune_operator.api.job import OPERATOR_STATUS_KEYS, FineTuneJob, FineTuneJobStatus
+from finetune_operator.generators.crd import build_crd, render_policy
 from finetune_operator.reconcile import Settings
 from finetune_operator.reconcile.children import TERMINATION_GRACE_SECONDS, batch_job
 from finetune_operator.reconcile.observe import OPERATOR_WRITES, status_patch

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from finetune_operator.crd import (
+from finetune_operator.generators.crd import (
     CHART_CRD_DIR,
     CHART_RULES_FILE,
     CHART_USER_ROLES_FILE,

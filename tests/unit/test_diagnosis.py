@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from finetune_cli.render import describe, parse_job
-from finetune_operator.api import (
+from finetune_operator.api.job import (
     BestResult,
     EarlyStoppingStatus,
     EvaluationRecord,
@@ -15,7 +15,7 @@ from finetune_operator.api import (
     FineTuneJobStatus,
     Progress,
 )
-from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.controller.metrics import OperatorMetrics
 from finetune_operator.reconcile import Observed, ObservedJob, decide
 from finetune_operator.reconcile.diagnosis import diagnose
 from finetune_operator.reconcile.observe import status_patch

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
-from finetune_operator.api import FineTuneJob
+from finetune_operator.api.job import FineTuneJob
 from finetune_operator.reconcile import Observed, ObservedJob, ObservedPod, Settings, decide, desired_children
 from finetune_operator.reconcile.observe import observe_pod
 from finetune_trainer import exitcodes

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from finetune_operator import metrics
+from finetune_operator.controller import metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 GITOPS = (ROOT / "docs" / "gitops.md").read_text()

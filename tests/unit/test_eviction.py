@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from finetune_operator.api import quantity_value
+from finetune_operator.api.job import quantity_value
 from finetune_operator.reconcile import Observed, ObservedJob, Settings, decide
 from finetune_operator.reconcile.children import batch_job
 from finetune_operator.reconcile.observe import observe_pod

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune_localcluster import gitops_harness
-from finetune_operator.api import FineTuneJobStatus, Progress
+from finetune_operator.api.job import FineTuneJobStatus, Progress
 from finetune_operator.reconcile import Observed, ObservedJob, decide
 from finetune_operator.reconcile.health import derive_health
 from finetune_operator.reconcile.status import set_condition
+from finetune_testsupport import gitops_harness
 from tests.e2e.test_gitops import EXPECTED
 from tests.unit.test_reconcile import NOW, job
 

@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import pytest
 
-from finetune_operator.api import REASONS, Condition, FineTuneJob, FineTuneJobStatus, Progress
+from finetune_operator.api.job import REASONS, Condition, FineTuneJob, FineTuneJobStatus, Progress
 from finetune_operator.reconcile import Observed, ObservedJob, ObservedPod, decide, invalid_spec
 from finetune_operator.reconcile.health import derive_health
 from finetune_operator.reconcile.status import Decision, set_condition

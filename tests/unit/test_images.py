@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune_localcluster import images
+from finetune_devtools import images
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from finetune_operator.api import KUEUE_HOLDS, REASONS, FineTuneJob
+from finetune_operator.api.job import KUEUE_HOLDS, REASONS, FineTuneJob
 from finetune_operator.reconcile import Observed, ObservedJob, decide
 from finetune_operator.reconcile.children import batch_job
 from finetune_operator.reconcile.observe import observe_admission

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from finetune_operator.api import FineTuneJob
+from finetune_operator.api.job import FineTuneJob
 from finetune_operator.reconcile import Settings
 from finetune_operator.reconcile.children import batch_job
 from finetune_trainer.contract import GPU_MEMORY_ENV

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from finetune_operator.api import FineTuneJobStatus
-from finetune_operator.metrics import EVALUATION_METRICS, OperatorMetrics
-from finetune_operator.sweep_api import BestTrial, FineTuneSweepStatus, TrialCounts
+from finetune_operator.api.job import FineTuneJobStatus
+from finetune_operator.api.sweep import BestTrial, FineTuneSweepStatus, TrialCounts
+from finetune_operator.controller.metrics import EVALUATION_METRICS, OperatorMetrics
 
 
 def _count(metrics: OperatorMetrics) -> float:

@@ -8,11 +8,11 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from finetune_operator.api import MAX_NODES, FineTuneJob
+from finetune_operator.api.job import MAX_NODES, FineTuneJob
+from finetune_operator.api.sweep import MAX_TRIALS
 from finetune_operator.reconcile import Settings, desired_children
 from finetune_operator.reconcile.children import Names, job_label_value
 from finetune_operator.reconcile.sweep import trial_name
-from finetune_operator.sweep_api import MAX_TRIALS
 from tests.manifests import baseline
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # RFC 1123 label, at most 63

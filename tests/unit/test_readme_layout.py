@@ -7,7 +7,16 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SRC_DIRS = ("operator/src", "trainer/src", "dev/src", "cli/src")
+SRC_DIRS = (
+    "operator/src",
+    "trainer/src",
+    "dev/assets/src",
+    "dev/localcluster/src",
+    "dev/devtools/src",
+    "dev/testsupport/src",
+    "dev/demo/src",
+    "cli/src",
+)
 
 
 def _layout() -> dict[str, str]:

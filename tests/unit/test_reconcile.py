@@ -9,7 +9,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from finetune_operator.api import EvaluationRecord, FineTuneJob, Progress, read_stored
+from finetune_operator.api.job import EvaluationRecord, FineTuneJob, Progress, read_stored
 from finetune_operator.reconcile import Observed, ObservedJob, ObservedPod, Settings, decide, desired_children
 from finetune_operator.reconcile.children import (
     JOB_LABEL,

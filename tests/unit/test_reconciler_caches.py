@@ -1,5 +1,5 @@
 """What the FineTuneJob reconciler keeps per job, and when an event is worth a reconcile
-(``finetune_operator.handlers.Reconciler``, without an API server: nothing here talks to one)."""
+(``finetune_operator.controller.handlers.Reconciler``, without an API server: nothing here talks to one)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Any, cast
 
 import pytest
 
-from finetune_operator import handlers
-from finetune_operator.clients import Kube
-from finetune_operator.handlers import Reconciler
-from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.controller import handlers
+from finetune_operator.controller.clients import Kube
+from finetune_operator.controller.handlers import Reconciler
+from finetune_operator.controller.metrics import OperatorMetrics
 from finetune_operator.reconcile import Settings
 
 KEY = ("ml", "a")

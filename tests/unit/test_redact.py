@@ -1,5 +1,5 @@
 """Trainer-written text is made safe before it reaches status, Events and terminals
-(finetune_operator.redact; docs/security.md says what is and is not redacted)."""
+(finetune_operator.reconcile.redact; docs/security.md says what is and is not redacted)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from finetune_operator.api import FineTuneJob
+from finetune_operator.api.job import FineTuneJob
 from finetune_operator.reconcile import Observed, ObservedJob, decide
 from finetune_operator.reconcile.observe import observe_pod
-from finetune_operator.redact import REDACTED, printable, redact
+from finetune_operator.reconcile.redact import REDACTED, printable, redact
 from tests.manifests import baseline
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)

@@ -1,4 +1,4 @@
-"""The reconciler shell both kinds share (``finetune_operator.shell``): locks, conflict retries, timing,
+"""The reconciler shell both kinds share (``finetune_operator.controller.shell``): locks, conflict retries, timing,
 the status write with its events, and the resync round, with a fake API client.
 
 The same behaviour is proven on the real API server by tests/integration/test_resync.py and the e2e
@@ -15,10 +15,10 @@ from typing import Any, cast
 
 import pytest
 
-from finetune_operator.clients import CONFLICT_RETRIES, ApiError, ConflictError, Kube
-from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.controller.clients import CONFLICT_RETRIES, ApiError, ConflictError, Kube
+from finetune_operator.controller.metrics import OperatorMetrics
+from finetune_operator.controller.shell import Key, ObjectLoop
 from finetune_operator.reconcile.status import Event
-from finetune_operator.shell import Key, ObjectLoop
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 BODY: dict[str, Any] = {"metadata": {"namespace": "ml", "name": "a", "resourceVersion": "7"}}

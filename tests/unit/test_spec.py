@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from finetune_operator.api import FineTuneJob, FineTuneJobSpec
+from finetune_operator.api.job import FineTuneJob, FineTuneJobSpec
 from finetune_trainer.spec import TrainingSpec
 from tests.manifests import EXAMPLES, INVALID, Invalid, baseline, example, invalid_manifest
 

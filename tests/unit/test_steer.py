@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import timedelta
 
-from finetune_operator.api import REASONS, FineTuneJob, FineTuneJobStatus, WorkloadRefs
+from finetune_operator.api.job import REASONS, FineTuneJob, FineTuneJobStatus, WorkloadRefs
+from finetune_operator.api.sweep import FineTuneSweepStatus
 from finetune_operator.reconcile import KueueWorkload, Observed, ObservedJob, ObservedPod, decide
 from finetune_operator.reconcile.children import (
     batch_job,
@@ -30,7 +31,6 @@ from finetune_operator.reconcile.steer import (
     unreadable_spec,
 )
 from finetune_operator.reconcile.sweep import refused_sweep
-from finetune_operator.sweep_api import FineTuneSweepStatus
 from tests.unit.test_reconcile import NOW, SETTINGS, conditions, job
 
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from finetune_operator.crd import build_sweep_crd
-from finetune_operator.sweep_api import SWEEPABLE_PATHS, FineTuneSweep, FineTuneSweepSpec, trial_spec
+from finetune_operator.api.sweep import SWEEPABLE_PATHS, FineTuneSweep, FineTuneSweepSpec, trial_spec
+from finetune_operator.generators.crd import build_sweep_crd
 from tests.manifests import sweep_baseline
 
 

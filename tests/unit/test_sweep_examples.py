@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune_operator.api import FineTuneJobSpec
-from finetune_operator.sweep_api import FineTuneSweep, trial_spec
+from finetune_operator.api.job import FineTuneJobSpec
+from finetune_operator.api.sweep import FineTuneSweep, trial_spec
 from finetune_trainer.advice import advise
 from tests.manifests import SWEEP_EXAMPLES, example, sweep_trial_values
 

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from optuna.trial import TrialState
 
-from finetune_operator.api import REASONS
+from finetune_operator.api.job import REASONS
+from finetune_operator.api.sweep import PARAMETERS_ANNOTATION, SWEEP_LABEL, TRIAL_INDEX_LABEL, FineTuneSweep
 from finetune_operator.reconcile.sweep import FINISHED_ANNOTATIONS, decide_sweep
 from finetune_operator.reconcile.sweep_engine import build_study, grid, suggest, to_prune
 from finetune_operator.reconcile.trials import ObservedTrial, observe_trial
-from finetune_operator.sweep_api import PARAMETERS_ANNOTATION, SWEEP_LABEL, TRIAL_INDEX_LABEL, FineTuneSweep
 from tests.manifests import sweep_baseline
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)

@@ -12,7 +12,7 @@ import time
 import kopf
 from aiohttp import web
 
-from finetune_operator.clients import Kube
+from finetune_operator.controller.clients import Kube
 
 
 async def _throttled_then_served(answers: list[int]) -> tuple[float, dict[str, object] | None]:

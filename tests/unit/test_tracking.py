@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from finetune_operator.api import FineTuneJob, TrackingStatus
+from finetune_operator.api.job import FineTuneJob, TrackingStatus
+from finetune_operator.api.sweep import NOT_SWEEPABLE, SWEEPABLE_PATHS
 from finetune_operator.reconcile import Observed, ObservedJob, Settings, decide
 from finetune_operator.reconcile.children import batch_job
-from finetune_operator.sweep_api import NOT_SWEEPABLE, SWEEPABLE_PATHS
 from finetune_trainer.contract import TRACKING_SECRET_KEYS
 from finetune_trainer.tracking import JobIdentity, flatten
 from tests.manifests import baseline

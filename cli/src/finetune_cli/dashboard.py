@@ -16,9 +16,9 @@ from typing import Any
 import optuna
 from optuna.storages import InMemoryStorage
 
+from finetune_operator.api.sweep import FineTuneSweep
 from finetune_operator.reconcile.sweep_engine import build_study
 from finetune_operator.reconcile.trials import observe_trial
-from finetune_operator.sweep_api import FineTuneSweep
 
 Manifest = dict[str, Any]
 

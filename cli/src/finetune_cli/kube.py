@@ -17,9 +17,9 @@ from typing import IO, Any, cast
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from finetune_operator.api import GROUP, PLURAL, VERSION
+from finetune_operator.api.job import GROUP, PLURAL, VERSION
+from finetune_operator.api.sweep import SWEEP_LABEL, SWEEP_PLURAL
 from finetune_operator.reconcile.children import JOB_LABEL, job_label_value
-from finetune_operator.sweep_api import SWEEP_LABEL, SWEEP_PLURAL
 
 Manifest = dict[str, Any]
 TRAINER_CONTAINER = "trainer"

@@ -29,9 +29,9 @@ from finetune_cli import kube as k
 from finetune_cli import sweeps
 from finetune_cli.render import describe, final_line, list_table, outcome, parse_job, progress_line
 from finetune_cli.serving import ExportError, serving
-from finetune_operator.api import ARTIFACT_KINDS, STOP_ANNOTATION
-from finetune_operator.redact import printable
-from finetune_operator.sweep_api import SWEEP_KIND
+from finetune_operator.api.job import ARTIFACT_KINDS, STOP_ANNOTATION
+from finetune_operator.api.sweep import SWEEP_KIND
+from finetune_operator.reconcile.redact import printable
 from finetune_trainer.advice import advise
 from finetune_trainer.config import RuntimeEnv, load_spec, local_path, resources_of
 from finetune_trainer.errors import TrainerError

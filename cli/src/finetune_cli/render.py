@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from finetune_operator.api import (
+from finetune_operator.api.job import (
     Artifact,
     Condition,
     ConditionType,

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from finetune_operator.api import DEFAULT_PVC_ROOT, GROUP, Artifact, FineTuneJobSpec
+from finetune_operator.api.job import DEFAULT_PVC_ROOT, GROUP, Artifact, FineTuneJobSpec
 from finetune_trainer.contract import ArtifactKind
 
 __all__ = ["ExportError", "Serving", "serving"]

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import pytest
 from kubernetes import client
 
-from finetune_localcluster.pytest_plugin import LocalCluster
+from finetune_testsupport.pytest_plugin import LocalCluster
 
 T = TypeVar("T")
 Obj = dict[str, Any]

@@ -7,7 +7,8 @@ import textwrap
 
 import pytest
 
-from finetune_localcluster import images, mountns
+from finetune_devtools import images
+from finetune_localcluster import mountns
 
 from .conftest import Kube, pod, wait_for
 

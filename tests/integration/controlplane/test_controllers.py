@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from finetune_localcluster.pytest_plugin import LocalCluster
+from finetune_testsupport.pytest_plugin import LocalCluster
 
 from .conftest import Kube, pod, pvc, wait_for
 

@@ -3,7 +3,7 @@
 Torch-free (pydantic only), so the operator imports it: the API's names, the annotations and
 labels, the environment the operator gives a trainer pod, the status the trainer writes (its wire
 models, the keys it owns and their bounds) and the reasons a stop request may carry. The operator's
-``finetune_operator.api`` embeds these; the trainer produces them. The training spec lives in
+``finetune_operator.api.job`` embeds these; the trainer produces them. The training spec lives in
 ``spec``, the exit codes in ``exitcodes``.
 """
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from finetune_operator.api import (
+from finetune_operator.api.job import (
     API_VERSION,
     CPU_REQUEST_ENV,
     DATASET_HF_TOKEN_ENV,

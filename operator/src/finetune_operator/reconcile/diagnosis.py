@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from finetune_operator.api import Diagnosis, EvaluationRecord, FineTuneJob, FineTuneJobStatus
+from finetune_operator.api.job import Diagnosis, EvaluationRecord, FineTuneJob, FineTuneJobStatus
 
 OVERFIT_EVALUATIONS: Final = 3
 """The last this many evaluations all clearly above the lowest validation loss (reached before them) mean

@@ -18,7 +18,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Protocol
 
-from finetune_operator.api import KUEUE_HOLDS, Condition, ConditionType, FineTuneJob, FineTuneJobStatus
+from finetune_operator.api.job import KUEUE_HOLDS, Condition, ConditionType, FineTuneJob, FineTuneJobStatus
 from finetune_operator.reconcile import status as core
 from finetune_operator.reconcile.status import Decision, Observed, set_condition
 

@@ -6,7 +6,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from finetune_operator.api import (
+from finetune_operator.api.job import (
     EVICTED,
     KUEUE_QUEUE_LABEL,
     OPERATOR_STATUS_KEYS,
@@ -14,8 +14,8 @@ from finetune_operator.api import (
     FineTuneJobStatus,
 )
 from finetune_operator.reconcile.children import SPEC_HASH_ANNOTATION, TRAINER_CONTAINER
+from finetune_operator.reconcile.redact import redact, redacted_tail
 from finetune_operator.reconcile.status import KueueWorkload, ObservedAdmission, ObservedJob, ObservedPod
-from finetune_operator.redact import redact, redacted_tail
 
 MESSAGE_TAIL = 2000
 """Characters of a pod's termination message kept for status and Events."""
@@ -129,7 +129,7 @@ def trainer_error(termination_message: str) -> str:
     ``terminationMessagePolicy: FallbackToLogsOnError`` hands over the last lines of the log: progress
     JSON, the error line on stderr, the ``{"event": "error", "message": ...}`` JSON line the trainer
     emits before exiting. Status shows that message alone; anything else (a crash without one, a
-    runtime's own words) keeps its last 2000 characters. Either is redacted (``finetune_operator.redact``):
+    runtime's own words) keeps its last 2000 characters. Either is redacted (``finetune_operator.reconcile.redact``):
     it goes to status and Events, which more people read than the pod's log."""
     for line in reversed(termination_message.splitlines()):
         if not line.startswith("{"):

@@ -15,7 +15,7 @@ from typing import Literal, Protocol
 
 from pydantic import ValidationError
 
-from finetune_operator.api import (
+from finetune_operator.api.job import (
     CREATE_FAILED,
     EARLY_STOPPED,
     EVICTED,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from finetune_operator.api import KIND, KUEUE_QUEUE_LABEL, OPERATOR_NAMESPACE, FineTuneJob, FineTuneJobStatus
+from finetune_operator.api.job import KIND, KUEUE_QUEUE_LABEL, OPERATOR_NAMESPACE, FineTuneJob, FineTuneJobStatus
 from finetune_operator.reconcile import health
 from finetune_operator.reconcile.children import content_hash, controller_of, owned_by
 from finetune_operator.reconcile.kinds import BY_KIND

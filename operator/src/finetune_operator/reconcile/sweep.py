@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from finetune_operator.api import (
+from finetune_operator.api.job import (
     API_VERSION,
     KIND,
     OPERATOR_NAMESPACE,
@@ -26,12 +26,7 @@ from finetune_operator.api import (
     Condition,
     ConditionType,
 )
-from finetune_operator.reconcile.children import MANAGED_BY, MANAGED_BY_LABEL, bounded_name, job_label_value
-from finetune_operator.reconcile.health import derive_health
-from finetune_operator.reconcile.status import Event, operator_namespace_refusal, set_condition
-from finetune_operator.reconcile.sweep_engine import estimated_max_resource, grid, judge, rebuild_study, suggest
-from finetune_operator.reconcile.trials import ObservedTrial
-from finetune_operator.sweep_api import (
+from finetune_operator.api.sweep import (
     MAX_TRIALS,
     PARAMETERS_ANNOTATION,
     SWEEP_KIND,
@@ -44,6 +39,11 @@ from finetune_operator.sweep_api import (
     TrialSummary,
     trial_spec,
 )
+from finetune_operator.reconcile.children import MANAGED_BY, MANAGED_BY_LABEL, bounded_name, job_label_value
+from finetune_operator.reconcile.health import derive_health
+from finetune_operator.reconcile.status import Event, operator_namespace_refusal, set_condition
+from finetune_operator.reconcile.sweep_engine import estimated_max_resource, grid, judge, rebuild_study, suggest
+from finetune_operator.reconcile.trials import ObservedTrial
 
 Manifest = dict[str, Any]
 

@@ -20,8 +20,8 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from finetune_operator.api.sweep import FineTuneSweep, FineTuneSweepSpec, Parameter, TrialPhase, choices
 from finetune_operator.reconcile.trials import ObservedTrial
-from finetune_operator.sweep_api import FineTuneSweep, FineTuneSweepSpec, Parameter, TrialPhase, choices
 
 TPE_STARTUP_TRIALS = 10
 """Random trials before TPE models the history (Optuna's long-standing default, pinned)."""

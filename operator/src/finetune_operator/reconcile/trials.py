@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from finetune_operator.api import PRUNED, STOP_ANNOTATION, STOP_REASON_ANNOTATION, SWEEP_FINISHED, FineTuneJobSpec
-from finetune_operator.sweep_api import (
+from finetune_operator.api.job import PRUNED, STOP_ANNOTATION, STOP_REASON_ANNOTATION, SWEEP_FINISHED, FineTuneJobSpec
+from finetune_operator.api.sweep import (
     PARAMETERS_ANNOTATION,
     RUNGS_ANNOTATION,
     TRIAL_INDEX_LABEL,

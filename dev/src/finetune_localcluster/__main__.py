@@ -1,5 +1,0 @@
-"""``python -m finetune_localcluster`` runs the CLI."""
-
-from .cli import main
-
-main()

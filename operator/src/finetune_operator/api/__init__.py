@@ -1,0 +1,1 @@
+"""The API: the FineTuneJob and FineTuneSweep resources (pydantic models the CRDs are generated from)."""

@@ -1,0 +1,1 @@
+"""The controller process: kopf handlers over one reconciler shell, Kubernetes clients, metrics."""
