@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import shutil
 import textwrap
+from datetime import timedelta
 
+import obstore
 import pytest
+from obstore.store import S3Store
 
 from finetune_devtools import images
+from finetune_devtools.mlflow_server import MlflowServer
+from finetune_devtools.seaweedfs import S3Endpoint
 from finetune_localcluster import mountns
 
 from .conftest import Kube, pod, wait_for
@@ -119,3 +124,46 @@ def test_delete_sends_sigterm_into_the_container(kube: Kube, image: str) -> None
     kube.cluster.kubectl("-n", kube.ns, "delete", "pod", "victim", "--wait=false")
     kube.gone("victim")
     assert "got TERM" in log.read_text()
+
+
+REACH = textwrap.dedent(
+    """
+    import json, sys, urllib.request
+    mlflow, signed = sys.argv[1:]
+    answer = urllib.request.urlopen(mlflow + "/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
+    print("mlflow", answer.status, "experiments" in json.load(answer))
+    print("s3", urllib.request.urlopen(signed, timeout=10).read().decode())
+    """
+)
+
+
+def test_a_container_reaches_the_s3_and_mlflow_servers_at_the_uris_they_print(
+    kube: Kube, image: str, s3_server: S3Endpoint, mlflow_server: MlflowServer
+) -> None:
+    """The loopback URIs ``make s3-up`` and ``make mlflow-up`` print serve pods of the podman runtime too (host
+    network), not only host processes: the MLflow REST API, and an S3 GET signed with the printed keys."""
+    printed = dict(line.split("=", 1) for line in s3_server.shell().splitlines())
+    store = S3Store(
+        kube.ns,  # SeaweedFS creates the bucket on an admin's first upload
+        endpoint=printed["S3_ENDPOINT"],
+        access_key_id=printed["AWS_ACCESS_KEY_ID"],
+        secret_access_key=printed["AWS_SECRET_ACCESS_KEY"],
+        region=s3_server.region,
+        virtual_hosted_style_request=False,
+        client_options={"allow_http": True},
+    )
+    obstore.put(store, "probe", b"reached")
+    signed = obstore.sign(store, "GET", "probe", timedelta(minutes=5))
+    kube.apply(
+        pod(
+            "reach",
+            ["python3", "-c", REACH, mlflow_server.uri, signed],
+            securityContext={"runAsNonRoot": True, "runAsUser": 65532},
+            container={"image": image, "securityContext": {"capabilities": {"drop": ["ALL"]}}},
+        )
+    )
+    p = kube.pod_phase("reach", "Succeeded", "Failed", timeout=120)
+    out = kube.logs("reach")
+    assert p["status"]["phase"] == "Succeeded", out
+    assert "mlflow 200 True" in out
+    assert "s3 reached" in out

@@ -2,8 +2,9 @@
 
 ``--serve-artifacts`` proxies artifacts through the server, so trainer pods need no shared filesystem; it
 listens on 127.0.0.1, which pods reach in both runtimes (processes share the node's network, and the podman
-runtime runs containers with ``--network=host``). :meth:`MlflowServer.stop` and :meth:`start` keep the port
-and the database, so a test can take the server away mid-run and bring it back.
+runtime runs containers with ``--network=host``; tests/integration/controlplane/test_containers.py checks a
+container). :meth:`MlflowServer.stop` and :meth:`start` keep the port and the database, so a test can take
+the server away mid-run and bring it back.
 """
 
 from __future__ import annotations

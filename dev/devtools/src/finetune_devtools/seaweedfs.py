@@ -9,7 +9,8 @@ copy (minutes on 2 cores, once per machine and version) into
 
 ``weed server -s3`` runs master, volume server, filer and the S3 gateway in one process. Every
 port is chosen free on 127.0.0.1: pods of the local node run on the host network (process and
-podman modes alike), so they reach the endpoint on loopback too.
+podman modes alike), so they reach the endpoint on loopback too (a container's signed GET is tested in
+tests/integration/controlplane/test_containers.py).
 """
 
 from __future__ import annotations
