@@ -19,7 +19,7 @@ from finetune_devtools.seaweedfs import S3Endpoint
 from finetune_trainer import exitcodes, s3, sharding
 from finetune_trainer.config import RuntimeEnv, local_path
 from finetune_trainer.contract import s3_env_prefix
-from finetune_trainer.manifest import MANIFEST_NAME, Manifest, build_manifest
+from finetune_trainer.manifest import MANIFEST_NAME, Manifest, build_manifest, merge
 from finetune_trainer.reporting import JsonLines
 from finetune_trainer.run import run
 from finetune_trainer.spec import LocalSecretRef, S3Storage, TrainingSpec
@@ -194,6 +194,14 @@ def test_every_node_publishes_its_own_shards_and_rank_0_completes_the_checkpoint
         for relative, data in contents.items():
             (directory / relative).parent.mkdir(parents=True, exist_ok=True)
             (directory / relative).write_bytes(data)
+    store = s3.S3Location.parse(out, settings, "output").store()
+    earlier = tmp_path / "earlier"  # rank 1's part of an earlier save of checkpoint-6, whose rank 0 was killed
+    (earlier / "sharded").mkdir(parents=True)
+    (earlier / "sharded" / "__1_0.distcp").write_bytes(b"old")
+    s3.publish(
+        earlier, f"{out}/checkpoints/checkpoint-6", settings, rank=1, writers=2, only=sharding.files_of(1), part="old"
+    )
+    expected = merge([build_manifest(node0), build_manifest(node1)])
     ranks = [s3.CheckpointMirror(out, settings, rank=rank, writers=2) for rank in (0, 1)]
     ranks[0].submit(node0, only=sharding.files_of(0), part=token)
     assert s3.published(f"{out}/checkpoints/checkpoint-6", settings) is None, "rank 1's shards are not in yet"
@@ -203,11 +211,12 @@ def test_every_node_publishes_its_own_shards_and_rank_0_completes_the_checkpoint
         mirror.close()
     assert (ranks[0].uploaded, ranks[1].uploaded) == (["checkpoint-6"], []), "only rank 0 publishes the manifest"
     manifest = s3.published(f"{out}/checkpoints/checkpoint-6", settings)
-    assert manifest is not None
+    assert manifest == expected, "every file of both nodes, as written now (never the earlier part's)"
     assert {e.path for e in manifest.files} == {r for contents in files.values() for r in contents}
     assert not node1.exists(), "node 1's uploaded shards leave its scratch"
-    store = s3.S3Location.parse(out, settings, "output").store()
-    assert not [m for chunk in obstore.list(store, "fsdp/") for m in chunk if s3.PART_PREFIX in str(m["path"])]
+    keys = [str(m["path"]) for chunk in obstore.list(store, "fsdp/") for m in chunk]
+    parts = [key for key in keys if s3.PART_PREFIX in key]
+    assert parts == ["fsdp/checkpoints/checkpoint-6/.part-1.old.json"], "only the earlier one"
     fresh = tmp_path / "fresh"
     assert s3.CheckpointMirror(out, settings).restore(fresh) == ["checkpoint-6"]
     for contents in files.values():

@@ -342,7 +342,7 @@ def publish(
         if writers == 1:
             obstore.put(store, target.key(MANIFEST_NAME), own.serialise())
             return target.uri
-        suffix = f".{part}" if part else ""
+        suffix = f".{part.lstrip('.')}" if part else ""
         obstore.put(store, target.key(f"{PART_PREFIX}{rank}{suffix}.json"), own.serialise())
         if rank != 0:
             return target.uri
