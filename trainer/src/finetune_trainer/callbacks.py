@@ -82,7 +82,8 @@ class RunContext:
     chance_loss: float | None = None
     """The loss of a uniform prediction (see ``loss_watch.chance_loss``): a divergence reference."""
     mirror: Any = None
-    """An s3:// output's ``finetune_trainer.s3.CheckpointMirror`` (rank 0): uploads each checkpoint."""
+    """An s3:// output's ``finetune_trainer.s3.CheckpointMirror``: uploads each checkpoint (rank 0; under FSDP every
+    rank, its own files)."""
     best_rule: EarlyStopping = field(init=False)
 
     def __post_init__(self) -> None:
