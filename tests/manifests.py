@@ -137,15 +137,6 @@ INVALID: list[Invalid] = [
     Invalid("s3-credentials-in-model-source", _set("model.source", "s3://AKIA:secret@bucket/model"), "model.source"),
     Invalid("s3-credentials-in-dataset", _set("dataset.source", "s3://key:secret@bucket/data"), "dataset.source"),
     Invalid("s3-credentials-in-output", _set("output.location", "s3://k:s@bucket/out"), "output.location"),
-    Invalid(
-        "fsdp-multinode-s3-output",
-        _all(
-            _set("distributed.strategy", "fsdp"),
-            _set("resources.nodes", 2),
-            _set("output.location", "s3://bucket/out"),
-        ),
-        "distributed.strategy",
-    ),
     Invalid("s3-block-without-s3-uri", _set("output.s3", {"endpoint": "http://minio:9000"}), "output.s3"),
     Invalid("s3-endpoint-not-a-url", _set("storage.s3", {"endpoint": "minio:9000"}), "storage.s3.endpoint"),
     Invalid("unknown-task", _set("model.task", "translation"), "model.task"),

@@ -1,21 +1,25 @@
 """Multi-node training really run: two local nodes with one GPU each, FineTuneJobs with ``nodes: 2``, torchrun
 with gloo on CPU, the real trainer. Two jobs, one per promise about the processes:
 
-- ``strategy: fsdp``: rank 1's process is SIGKILLed after the first (sharded) checkpoint; the whole Job retries,
-  every rank resumes from its shards, the job completes, and the one consolidated model loads and predicts.
-- ``strategy: ddp`` with an ``s3://`` output (the project's S3 server: no volume shared for checkpoints): a drain
-  (SIGTERM) ends both pods with 75, the Job makes new pods, and they resume from the checkpoint the stop published
-  to the bucket. (fsdp on several nodes with an s3:// output is refused by the API: each node's shards stay on its
-  own scratch.)
+- ``strategy: fsdp`` with an ``s3://`` output (the project's S3 server: no volume shared for checkpoints, each
+  pod's scratch its own): rank 1's process is SIGKILLed once the first sharded checkpoint is published (both nodes'
+  shards in the bucket); the whole Job retries, both new pods restore it from the bucket and resume from its
+  shards, the job completes, and the one consolidated model (from the bucket) loads and predicts.
+- ``strategy: ddp``: a drain (SIGTERM) ends both pods with 75 and the Job makes new pods; torchrun's shutdown
+  follows the pod's grace period.
 
-A control plane of its own: the shared one has one node with 4 GPUs, where both pods would fit.
+A control plane of its own: the shared one has one node with 4 GPUs, where both pods would fit. Its state lives
+outside /tmp, so that every pod's /tmp is an emptyDir of its own (the local node does not bind one over the host's
+/tmp when that would hide the cluster's state): each node has its own scratch, as on a real cluster.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -49,11 +53,15 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalCluster, Operator]]:
-    with own_cluster(tmp_path_factory.mktemp("two-nodes"), nodes=2, gpus=1) as cluster:
-        with cluster.api_client() as api:
-            install_objects(api, chart_api_objects())
-        with running_operator(cluster, tmp_path_factory.mktemp("two-nodes-operator")) as operator:
-            yield cluster, operator
+    state = Path(tempfile.mkdtemp(prefix="two-nodes-", dir="/var/tmp"))  # not under /tmp: see the module's doc
+    try:
+        with own_cluster(state, nodes=2, gpus=1) as cluster:
+            with cluster.api_client() as api:
+                install_objects(api, chart_api_objects())
+            with running_operator(cluster, tmp_path_factory.mktemp("two-nodes-operator")) as operator:
+                yield cluster, operator
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def _kill_rank(cluster: LocalCluster, core: client.CoreV1Api, namespace: str, index: str, job: str = "ddp") -> str:
@@ -118,26 +126,17 @@ def _ddp_job(name: str, **spec: Any) -> dict[str, Any]:
     )
 
 
-def test_a_drained_node_exits_terminated_on_every_node_index_and_both_resume_from_the_bucket(
-    two_nodes: tuple[LocalCluster, Operator], s3_server: S3Endpoint, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_drained_node_exits_terminated_on_every_node_index(two_nodes: tuple[LocalCluster, Operator]) -> None:
     """SIGTERM to node index 1's pod (a drain, a preemption: kubelet signals the container's process, the
     launcher) ends both pods with 75, which the podFailurePolicy ignores: with backoffLimit 0 the Job goes on
-    with new pods. torchrun gives its workers the pod's grace period to save, not its default 30 s. The output is
-    s3:// (no volume shared for checkpoints): the stop's checkpoint is published to the bucket before the pods end,
-    and the new pods on both nodes restore it from there and resume from it."""
+    with new pods. torchrun gives its workers the pod's grace period to save, not its default 30 s."""
     cluster, operator = two_nodes
-    settings = s3_test_env(monkeypatch, s3_server)
-    out = f"s3://ddp-{uuid.uuid4().hex[:10]}/ddp"
     namespace = cluster.create_namespace("drain")
     with cluster.api_client() as api:
         core = client.CoreV1Api(api)
         _shared_volumes(cluster, core, namespace)
-        s3_secret(api, namespace, s3_server, "s3-credentials")
-        store = s3.S3Location.parse(out, settings, "output").store()
-        obstore.put(store, "README", b"the bucket exists: SeaweedFS creates it on the first upload\n")
         jobs = Jobs(api, namespace, operator)
-        jobs.create(_ddp_job("drained", backoffLimit=0, output={"location": out}, storage={"s3": settings.to_wire()}))
+        jobs.create(_ddp_job("drained", backoffLimit=0))
         jobs.wait(
             "drained", "training", lambda j: ((j.get("status") or {}).get("progress") or {}).get("step", 0) >= 1, 300
         )
@@ -166,32 +165,12 @@ def test_a_drained_node_exits_terminated_on_every_node_index_and_both_resume_fro
             assert time.monotonic() < deadline, f"pods still running: {exit_codes()}\n{operator.tail()}"
             time.sleep(0.5)
         assert exit_codes() == {"0": exitcodes.TERMINATED.code, "1": exitcodes.TERMINATED.code}
-        stopped = [e for e in _events(cluster, namespace, first["0"]) if e["event"] == "checkpoint"][-1]["step"]
-        assert s3.published(f"{out}/checkpoints/checkpoint-{stopped}", settings) is not None, "the stop's checkpoint"
-        olds = {p.metadata.name for p in first.values()}
-
-        def resumed() -> list[int]:
-            """The resume events of the new pod of node index 0 (rank 0), once it runs."""
-            new = [
-                p
-                for p in core.list_namespaced_pod(namespace, label_selector=selector).items
-                if p.metadata.name not in olds
-                and p.metadata.annotations["batch.kubernetes.io/job-completion-index"] == "0"
-            ]
-            return [e["step"] for p in new for e in _events(cluster, namespace, p) if e["event"] == "resume"]
-
-        deadline = time.monotonic() + 300
-        while not (steps := resumed()):
-            assert time.monotonic() < deadline, f"the new pods did not resume:\n{operator.tail()}"
-            time.sleep(1)
-        assert steps == [stopped], "the new pods resumed from the stop's checkpoint in the bucket"
-        # Both ranks restored it from the bucket: ranks that saw different checkpoints would refuse to train.
-        jobs.wait(
-            "drained",
-            "a step after the resume",
-            lambda j: ((j.get("status") or {}).get("progress") or {}).get("step", 0) > stopped,
-            120,
-        )
+        deadline = time.monotonic() + 120
+        while not {p.metadata.name for p in core.list_namespaced_pod(namespace, label_selector=selector).items} - {
+            p.metadata.name for p in first.values()
+        }:
+            assert time.monotonic() < deadline, "the Job made no new pods"
+            time.sleep(0.5)
         conditions = (jobs.get("drained").get("status") or {}).get("conditions", [])
         assert not [c for c in conditions if c["type"] == "Failed" and c["status"] == "True"], conditions
         jobs.delete("drained")
@@ -203,16 +182,21 @@ def _events(cluster: LocalCluster, namespace: str, pod: client.V1Pod) -> list[di
     return [json.loads(line) for line in log.splitlines() if line.startswith("{")]
 
 
-def test_fsdp_on_two_nodes_survives_a_killed_rank_resumes_from_its_shards_and_saves_one_model(
-    two_nodes: tuple[LocalCluster, Operator],
+def test_fsdp_on_two_nodes_with_an_s3_output_survives_a_killed_rank_resumes_from_its_shards_and_saves_one_model(
+    two_nodes: tuple[LocalCluster, Operator], s3_server: S3Endpoint, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """``distributed.strategy: fsdp`` with ``nodes: 2``: a tiny Llama sharded across the two pods by torchrun, rank 1
-    killed once the first (sharded) checkpoint is complete; the whole Job retries, resumes from both ranks' shards,
-    completes, and the consolidated model loads with ``from_pretrained`` (no torch.distributed) and predicts."""
+    """``distributed.strategy: fsdp`` with ``nodes: 2`` and an ``s3://`` output: a tiny Llama sharded across the two
+    pods by torchrun, each node's shards on its own scratch and published to the bucket by their rank; rank 1 killed
+    once the first checkpoint's manifest (rank 0's, written once both nodes' parts are in) is in the bucket. The
+    whole Job retries, both new pods restore that checkpoint from the bucket (their scratch is new) and resume from
+    its shards, the job completes, status names a published checkpoint, and the consolidated model loads with
+    ``from_pretrained`` (no torch.distributed) and predicts."""
     import torch
     import transformers as tf
 
     cluster, operator = two_nodes
+    settings = s3_test_env(monkeypatch, s3_server)
+    out = f"s3://fsdp-{uuid.uuid4().hex[:10]}/fsdp"
     nodes = client.CoreV1Api(cluster.api_client()).list_node().items
     assert sorted((n.metadata.name, n.status.allocatable["nvidia.com/gpu"]) for n in nodes) == [
         ("local-node", "1"),
@@ -230,6 +214,8 @@ def test_fsdp_on_two_nodes_survives_a_killed_rank_resumes_from_its_shards_and_sa
             evaluation={"strategy": "epoch", "metrics": ["loss"]},
             resources={"nodes": 2, "gpusPerNode": 1},
             distributed={"strategy": "fsdp"},
+            output={"location": out},
+            storage={"s3": settings.to_wire()},
         )
         body["spec"]["model"] = {"source": "pvc://models/tiny-llama", "task": "causal-lm"}
         body["spec"]["dataset"] = {
@@ -237,15 +223,19 @@ def test_fsdp_on_two_nodes_survives_a_killed_rank_resumes_from_its_shards_and_sa
             "validation": "validation.jsonl",
             "maxSeqLength": 32,
         }
+        s3_secret(api, namespace, s3_server, "s3-credentials")
+        store = s3.S3Location.parse(out, settings, "output").store()
+        obstore.put(store, "README", b"the bucket exists: SeaweedFS creates it on the first upload\n")
         jobs = Jobs(api, namespace, operator)
         jobs.create(body)
         steps_per_epoch = 48 // (4 * 2)
-        first = volumes / "outputs" / "fsdp" / "checkpoints" / f"checkpoint-{steps_per_epoch}"
+        first = f"{out}/checkpoints/checkpoint-{steps_per_epoch}"
         deadline = time.monotonic() + 300
-        while not (first / "finetune-complete").exists():
+        while (published := s3.published(first, settings)) is None:
             assert time.monotonic() < deadline, f"no first checkpoint:\n{operator.tail()}"
             time.sleep(0.2)
-        assert sorted(p.name for p in (first / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+        shards = sorted(e.path for e in published.files if e.path.endswith(".distcp"))
+        assert shards == ["sharded/__0_0.distcp", "sharded/__1_0.distcp"], "both nodes' shards are in the bucket"
         killed = _kill_rank(cluster, core, namespace, index="1", job="fsdp")
         done = jobs.wait_condition("fsdp", "Complete", "Succeeded", timeout=400)
         pods = core.list_namespaced_pod(namespace, label_selector="batch.kubernetes.io/job-name=fsdp-trainer").items
@@ -257,18 +247,23 @@ def test_fsdp_on_two_nodes_survives_a_killed_rank_resumes_from_its_shards_and_sa
     assert status["progress"]["step"] == status["progress"]["totalSteps"] == steps
     assert [e["step"] for e in status["evaluations"]] == [steps_per_epoch, steps], "no evaluation lost or repeated"
     assert status["restarts"] >= 1
-    result = json.loads((volumes / "outputs" / "fsdp" / "result.json").read_text())
+    best = status["best"]["checkpoint"]
+    assert best.startswith(f"{out}/checkpoints/") and s3.published(best, settings) is not None, "named once published"
+    result = json.loads(bytes(obstore.get(store, "fsdp/result.json").bytes()))
     assert result["reason"] == "Succeeded" and result["finalStep"] == steps
     events = {
         p.metadata.annotations["batch.kubernetes.io/job-completion-index"]: _events(cluster, namespace, p) for p in pods
     }
     assert {e["event"] for e in events["0"]} >= {"log", "evaluation", "checkpoint", "result"}
     assert [e["step"] for e in events["0"] if e["event"] == "resume"] == [steps_per_epoch], "resumed from the shards"
+    for index in ("0", "1"):  # each new pod's scratch is new: both nodes' shards came from the bucket
+        restored = [c for e in events[index] if e["event"] == "s3_restore" for c in e["checkpoints"]]
+        assert f"checkpoint-{steps_per_epoch}" in restored, (index, events[index][:6])
     assert [e["ranks"] for e in events["0"] if e["event"] == "sharding"] == [2]
     assert not {"log", "evaluation", "checkpoint", "result"} & {e["event"] for e in events["1"]}, (
         "rank 1 reports nothing"
     )
-    model_dir = volumes / "outputs" / "fsdp" / "model"
+    model_dir = s3.stage(f"{out}/model", settings, "output", tmp_path / "cache", 2**30).path
     assert not list(model_dir.glob("*.distcp")) and len(list(model_dir.glob("model*.safetensors"))) == 1
     model = tf.AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
     tokenizer = tf.AutoTokenizer.from_pretrained(str(model_dir))

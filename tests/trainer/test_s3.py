@@ -16,10 +16,10 @@ import obstore
 import pytest
 
 from finetune_devtools.seaweedfs import S3Endpoint
-from finetune_trainer import exitcodes, s3
+from finetune_trainer import exitcodes, s3, sharding
 from finetune_trainer.config import RuntimeEnv, local_path
 from finetune_trainer.contract import s3_env_prefix
-from finetune_trainer.manifest import MANIFEST_NAME, Manifest, build_manifest
+from finetune_trainer.manifest import MANIFEST_NAME, Manifest, build_manifest, merge
 from finetune_trainer.reporting import JsonLines
 from finetune_trainer.run import run
 from finetune_trainer.spec import LocalSecretRef, S3Storage, TrainingSpec
@@ -172,6 +172,70 @@ def test_the_mirror_uploads_in_the_background_and_prunes_after_the_newer_upload(
     fresh = tmp_path / "fresh"
     assert mirror.uploaded == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     assert s3.CheckpointMirror(f"s3://{bucket}/run", settings).restore(fresh) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_every_node_publishes_its_own_shards_and_rank_0_completes_the_checkpoint(
+    tmp_path: Path, settings: S3Storage, bucket: str
+) -> None:
+    """FSDP on two nodes, no shared volume: node 0's scratch holds the finished checkpoint with rank 0's files, node
+    1's only rank 1's shards and RNG state, in the temporary directory rank 0 named (never renamed there). Each rank
+    publishes its own files as a part; the checkpoint counts (manifest, ``uploaded``) only once both parts are in,
+    and a fresh scratch restores it whole. (Before, only rank 0 uploaded: rank 1's shards never reached the bucket.)"""
+    out = f"s3://{bucket}/fsdp"
+    token = ".tmp-checkpoint-6-0123abcd"
+    node0 = tmp_path / "node0" / "checkpoints" / "checkpoint-6"
+    node1 = tmp_path / "node1" / "checkpoints" / token
+    files = {
+        node0: {"sharded/.metadata": b"m", "sharded/__0_0.distcp": b"\x00" * 300, "rng_state_0.pth": b"r0"},
+        node1: {"sharded/__1_0.distcp": b"\x01" * 200, "rng_state_1.pth": b"r1"},
+    }
+    files[node0] |= {"run_state.json": b"{}", "finetune-complete": b"6 full\n"}
+    for directory, contents in files.items():
+        for relative, data in contents.items():
+            (directory / relative).parent.mkdir(parents=True, exist_ok=True)
+            (directory / relative).write_bytes(data)
+    store = s3.S3Location.parse(out, settings, "output").store()
+    earlier = tmp_path / "earlier"  # rank 1's part of an earlier save of checkpoint-6, whose rank 0 was killed
+    (earlier / "sharded").mkdir(parents=True)
+    (earlier / "sharded" / "__1_0.distcp").write_bytes(b"old")
+    s3.publish(
+        earlier, f"{out}/checkpoints/checkpoint-6", settings, rank=1, writers=2, only=sharding.files_of(1), part="old"
+    )
+    expected = merge([build_manifest(node0), build_manifest(node1)])
+    ranks = [s3.CheckpointMirror(out, settings, rank=rank, writers=2) for rank in (0, 1)]
+    ranks[0].submit(node0, only=sharding.files_of(0), part=token)
+    assert s3.published(f"{out}/checkpoints/checkpoint-6", settings) is None, "rank 1's shards are not in yet"
+    ranks[1].submit(node1, name="checkpoint-6", only=sharding.files_of(1), part=token, discard=True)
+    for mirror in ranks:
+        mirror.drain()
+        mirror.close()
+    assert (ranks[0].uploaded, ranks[1].uploaded) == (["checkpoint-6"], []), "only rank 0 publishes the manifest"
+    manifest = s3.published(f"{out}/checkpoints/checkpoint-6", settings)
+    assert manifest == expected, "every file of both nodes, as written now (never the earlier part's)"
+    assert {e.path for e in manifest.files} == {r for contents in files.values() for r in contents}
+    assert not node1.exists(), "node 1's uploaded shards leave its scratch"
+    keys = [str(m["path"]) for chunk in obstore.list(store, "fsdp/") for m in chunk]
+    parts = [key for key in keys if s3.PART_PREFIX in key]
+    assert parts == ["fsdp/checkpoints/checkpoint-6/.part-1.old.json"], "only the earlier one"
+    fresh = tmp_path / "fresh"
+    assert s3.CheckpointMirror(out, settings).restore(fresh) == ["checkpoint-6"]
+    for contents in files.values():
+        for relative, data in contents.items():
+            assert (fresh / "checkpoint-6" / relative).read_bytes() == data
+
+
+def test_a_sharded_checkpoints_files_belong_to_the_rank_that_wrote_them() -> None:
+    owners = {
+        "sharded/__0_0.distcp": 0,
+        "sharded/__1_0.distcp": 1,
+        "sharded/__12_0.distcp": 12,
+        "rng_state_3.pth": 3,
+        "sharded/.metadata": 0,
+        "scheduler.pt": 0,
+        "rng_state.pth": 0,
+        "finetune-complete": 0,
+    }
+    assert {path: sharding.writer(path) for path in owners} == owners
 
 
 @pytest.mark.parametrize(

@@ -102,3 +102,14 @@ def test_integers_beyond_int64_are_rejected_like_the_api_server_does() -> None:
     spec["dataset"]["maxTrainSamples"] = 70058408621656319223506258802889295250
     with pytest.raises(ValidationError, match=r"dataset\.maxTrainSamples"):
         FineTuneJobSpec.model_validate(spec)
+
+
+def test_fsdp_on_several_nodes_with_an_s3_output_is_accepted() -> None:
+    """Every rank publishes its own shards to the bucket and rank 0's manifest completes the checkpoint: no
+    shared volume needed (it was refused while only rank 0 uploaded)."""
+    manifest = baseline()
+    manifest["spec"]["distributed"] = {"strategy": "fsdp"}
+    manifest["spec"]["resources"] = {**manifest["spec"].get("resources", {}), "nodes": 2}
+    manifest["spec"]["output"] = {**manifest["spec"]["output"], "location": "s3://bucket/out"}
+    spec = FineTuneJob.model_validate(manifest).spec
+    assert (spec.distributed.strategy, spec.resources.nodes, spec.output.location) == ("fsdp", 2, "s3://bucket/out")

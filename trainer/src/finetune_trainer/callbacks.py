@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from finetune_trainer import sharding
 from finetune_trainer.atomic import atomic_directory
 from finetune_trainer.config import location_uri
 from finetune_trainer.contract import (
@@ -81,7 +82,8 @@ class RunContext:
     chance_loss: float | None = None
     """The loss of a uniform prediction (see ``loss_watch.chance_loss``): a divergence reference."""
     mirror: Any = None
-    """An s3:// output's ``finetune_trainer.s3.CheckpointMirror`` (rank 0): uploads each checkpoint."""
+    """An s3:// output's ``finetune_trainer.s3.CheckpointMirror``: uploads each checkpoint (rank 0; under FSDP every
+    rank, its own files)."""
     best_rule: EarlyStopping = field(init=False)
 
     def __post_init__(self) -> None:
@@ -252,7 +254,9 @@ class Checkpointer:
     writes the weights of a new best (or nothing: its record rides in the next checkpoint).
     Under DDP only the main process writes (the others' RNG state is not kept; resume warns and goes on).
     Sharded (FSDP), every rank writes its shards into the directory rank 0 chose; rank 0 waits for them all
-    before it marks the checkpoint complete: the output location must be storage that every node shares.
+    before it marks the checkpoint complete. On storage every node shares that is the whole checkpoint; with an
+    ``s3://`` output each node's scratch holds its own ranks' shards, and every rank publishes its own files to
+    the bucket, where rank 0's manifest completes the checkpoint (``finetune_trainer.s3.CheckpointMirror``).
     """
 
     def __init__(self, ctx: RunContext, write: Callable[[Path, bool], None], every_rank: bool = False) -> None:
@@ -279,11 +283,15 @@ class Checkpointer:
             return  # a stop saved this step, then the epoch ended on it: never write it twice
         self.saved_step = step
         if not self.ctx.is_main:  # a shard of a checkpoint rank 0 writes
-            self.write(Path(from_main(None)), kind == FULL)
+            directory = Path(from_main(None))
+            self.write(directory, kind == FULL)
             barrier()
+            barrier()  # rank 0 has finished the checkpoint: renamed into place where storage is shared
+            self.publish_shards(directory, step)
             return
         run = self.ctx.state
         with atomic_directory(self.ctx.checkpoint_dir(step)) as directory:
+            token = directory.name
             if self.every_rank:
                 from_main(str(directory))
             self.write(directory, kind == FULL)
@@ -295,12 +303,35 @@ class Checkpointer:
                 )
             (directory / RUN_STATE_FILE).write_text(json.dumps(run.to_wire()))
             (directory / COMPLETE_MARKER).write_text(f"{step} {kind}\n")
+        if self.every_rank:
+            barrier()
         self.ctx.log.emit(
             "checkpoint", step=step, epoch=state.epoch, checkpoint=self.ctx.checkpoint_uri(step), kind=kind
         )
-        if self.ctx.mirror is not None:  # uploaded in the background, manifest last: training goes on
-            self.ctx.mirror.submit(self.ctx.checkpoint_dir(step), records=self.ctx.checkpoints_dir / OWNER_FILE)
+        mirror = self.ctx.mirror
+        if mirror is not None:  # uploaded in the background, manifest last: training goes on
+            only = sharding.files_of(0) if mirror.writers > 1 else None
+            mirror.submit(
+                self.ctx.checkpoint_dir(step), records=self.ctx.checkpoints_dir / OWNER_FILE, only=only, part=token
+            )
         self.rotate()
+
+    def publish_shards(self, written: Path, step: int) -> None:
+        """A rank other than 0 (s3:// output): upload its own files of the checkpoint as its part. Where rank 0's
+        directory is not on this node (``written``, its temporary name, never renamed here), from there, removed
+        once uploaded; on shared storage from the finished checkpoint."""
+        mirror = self.ctx.mirror
+        if mirror is None:
+            return
+        final = self.ctx.checkpoint_dir(step)
+        shared = final.exists()
+        mirror.submit(
+            final if shared else written,
+            name=final.name,
+            only=sharding.files_of(mirror.rank),
+            part=written.name,
+            discard=not shared,
+        )
 
     def rotate(self) -> None:
         """Keep the newest ``keepCheckpoints`` full checkpoints and the best one; weights of a former best go."""

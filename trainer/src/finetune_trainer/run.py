@@ -593,6 +593,8 @@ def _trainer(
     _check_same_checkpoint(resume, where.rank, trainer.args.device)
     if trainer.checkpointer is not None:
         trainer.checkpointer.every_rank = strategy == "fsdp"  # sharded: each rank writes its shards
+        if strategy == "fsdp" and is_s3(spec.output.location):  # ... and publishes them to the bucket
+            _mirror_shards(ctx, where)
     trainer.remove_callback(PrinterCallback)  # our JSON lines replace its prints
     for callback in (
         DivergenceCallback(ctx, trainer.take_step_loss),  # first: stops before anything is published or saved
@@ -613,6 +615,17 @@ def _trainer(
             thawedUnits=ctx.state.thawed_units,
         )
     return trainer
+
+
+def _mirror_shards(ctx: RunContext, where: Placement) -> None:
+    """Sharded checkpoints to an s3:// output: every rank uploads its own files (each node's scratch holds only
+    its ranks' shards) and rank 0 merges their parts into the manifest. Every rank rather than one per node: a rank
+    knows its own files by name, wherever the others run, and uploads them in parallel with the others."""
+    if ctx.mirror is None:
+        spec = ctx.spec
+        ctx.mirror = CheckpointMirror(spec.output.location, spec.output.s3 or spec.storage.s3, ctx.log.emit)
+    ctx.mirror.rank = where.rank
+    ctx.mirror.writers = where.ranks
 
 
 def _shard(ctx: RunContext, model: Any, where: Placement, strategy: sharding.Strategy) -> sharding.Strategy:

@@ -319,6 +319,7 @@ def publish(
     only: Callable[[str], bool] | None = None,
     timeout: float = 600.0,
     manifest: Manifest | None = None,
+    part: str = "",
 ) -> str:
     """Publish ``local_dir`` at ``location`` (its URI back); its manifest is written last.
 
@@ -326,7 +327,8 @@ def publish(
     every file is uploaded, then the manifest object. With several ``writers`` each rank uploads the
     files ``only`` accepts and a part manifest; rank 0 waits for every part, merges them and writes
     the manifest. ``manifest``: the directory's, when the caller just built it (its files are not hashed
-    again).
+    again). ``part``: a token naming this publication, the same on every writer (a part left in the bucket
+    by an earlier, interrupted publication of the same directory is never merged into this one).
     """
     if not is_s3(location):
         write_manifest(local_dir)
@@ -334,25 +336,26 @@ def publish(
     target = S3Location.parse(location, settings, "output")
     try:
         store = target.store()
-        part = manifest if manifest is not None else build_manifest(local_dir, only)  # hashed once, not twice
-        for entry in part.files:
+        own = manifest if manifest is not None else build_manifest(local_dir, only)  # hashed once, not twice
+        for entry in own.files:
             _upload(store, target, local_dir, entry.path)
         if writers == 1:
-            obstore.put(store, target.key(MANIFEST_NAME), part.serialise())
+            obstore.put(store, target.key(MANIFEST_NAME), own.serialise())
             return target.uri
-        obstore.put(store, target.key(f"{PART_PREFIX}{rank}.json"), part.serialise())
+        suffix = f".{part.lstrip('.')}" if part else ""
+        obstore.put(store, target.key(f"{PART_PREFIX}{rank}{suffix}.json"), own.serialise())
         if rank != 0:
             return target.uri
-        parts = [part]
+        parts = [own]
         deadline = time.monotonic() + timeout
         for other in range(1, writers):
-            while (found := _read_remote_manifest(store, target.key(f"{PART_PREFIX}{other}.json"))) is None:
+            while (found := _read_remote_manifest(store, target.key(f"{PART_PREFIX}{other}{suffix}.json"))) is None:
                 if time.monotonic() > deadline:
                     raise TransientStorageError(f"output.location: {location}: rank {other} published no part")
                 time.sleep(0.5)
             parts.append(found)
         obstore.put(store, target.key(MANIFEST_NAME), merge(parts).serialise())
-        obstore.delete(store, [target.key(f"{PART_PREFIX}{r}.json") for r in range(writers)])
+        obstore.delete(store, [target.key(f"{PART_PREFIX}{r}{suffix}.json") for r in range(writers)])
     except _ERRORS as error:
         raise _fault(target, error) from error
     return target.uri
@@ -382,6 +385,17 @@ def _walk(local_dir: Path) -> Iterator[str]:
             yield path.relative_to(local_dir).as_posix()
 
 
+def _discard(directory: Path, only: Callable[[str], bool] | None) -> None:
+    """Remove the files ``only`` accepts under ``directory``, then the directories left empty (other ranks of
+    the node may still be uploading theirs from it)."""
+    for relative in list(_walk(directory)):
+        if only is None or only(relative):
+            (directory / relative).unlink(missing_ok=True)
+    for path in [*sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)), directory]:
+        with contextlib.suppress(OSError):
+            path.rmdir()
+
+
 @dataclass
 class CheckpointMirror:
     """Checkpoints of an ``s3://`` output: restored from the bucket at start, uploaded in the background.
@@ -390,6 +404,11 @@ class CheckpointMirror:
     remote checkpoints no longer kept (after every upload queued before it, so the newest published
     checkpoint is never removed before its successor is complete). An upload that fails after the
     client's retries is raised on the training thread at the next ``submit`` or ``drain``.
+
+    Sharded checkpoints have several ``writers`` (every rank, each with a mirror of its own): each rank
+    uploads its own files as a part, wherever they lie (on several nodes, each node's scratch holds only its
+    ranks' shards); rank 0 uploads the rest and writes the merged manifest once every part is in. So a
+    checkpoint counts only when every node's shards are in the bucket. Pruning stays with rank 0.
     """
 
     location: str
@@ -400,6 +419,10 @@ class CheckpointMirror:
     _thread: threading.Thread | None = None
     uploaded: list[str] = field(default_factory=list)
     """Checkpoints whose manifest is in the bucket (uploaded here, or found there by ``published_names``)."""
+    rank: int = 0
+    """This process's rank among the ``writers``; only rank 0 writes manifests (and fills ``uploaded``)."""
+    writers: int = 1
+    """How many ranks write each checkpoint's files: 1, or every rank (sharded checkpoints)."""
 
     @property
     def root(self) -> S3Location:
@@ -445,7 +468,11 @@ class CheckpointMirror:
             for entry in manifest.files:
                 _download(store, root, root.key(f"{name}/{entry.path}"), partial / entry.path, entry.size, "")
             write_manifest(partial, manifest)
-            partial.rename(checkpoints_dir / name)
+            try:
+                partial.rename(checkpoints_dir / name)
+            except OSError:  # another rank of this node restored it meanwhile (same content: keep theirs)
+                shutil.rmtree(partial, ignore_errors=True)
+                continue
             restored.append(name)
         return restored
 
@@ -470,11 +497,25 @@ class CheckpointMirror:
             error, self._error = self._error, None
             raise error
 
-    def submit(self, directory: Path, *, records: Path | None = None) -> None:
-        """Upload ``directory`` (a finished checkpoint) in the background, its manifest last."""
+    def submit(
+        self,
+        directory: Path,
+        *,
+        records: Path | None = None,
+        name: str | None = None,
+        only: Callable[[str], bool] | None = None,
+        part: str = "",
+        discard: bool = False,
+    ) -> None:
+        """Upload ``directory`` (a finished checkpoint) in the background, its manifest last.
+
+        Several writers: this rank's files of checkpoint ``name`` (those ``only`` accepts) as a part of the
+        publication ``part`` names; ``discard`` removes them locally once uploaded (a node that holds only its own
+        shards, in an unfinished directory no reader looks at: the bucket has them now, and a resume restores the
+        whole checkpoint from there)."""
         self._raise()
         self._start()
-        name = directory.name
+        name = name or directory.name
         destination = f"{self.root.uri}/{name}"
 
         def upload() -> None:
@@ -482,9 +523,12 @@ class CheckpointMirror:
             if records is not None and records.is_file():
                 store = self.root.store()
                 _upload(store, self.root, records.parent, records.name)
-            publish(directory, destination, self.settings)
-            self.uploaded.append(name)
-            self.log("checkpoint_uploaded", checkpoint=destination, seconds=round(time.monotonic() - start, 3))
+            publish(directory, destination, self.settings, rank=self.rank, writers=self.writers, only=only, part=part)
+            if discard:
+                _discard(directory, only)
+            if self.rank == 0:
+                self.uploaded.append(name)
+                self.log("checkpoint_uploaded", checkpoint=destination, seconds=round(time.monotonic() - start, 3))
 
         self._queue.put(upload)
 

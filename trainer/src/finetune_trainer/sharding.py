@@ -12,7 +12,8 @@ on rank 0.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +40,20 @@ SHARDED_DIR = "sharded"
 """A checkpoint's torch distributed checkpoint: one ``__<rank>_0.distcp`` per rank and ``.metadata``."""
 SHARDING_FILE = "sharding.json"
 """Which strategy and how many ranks wrote a checkpoint (absent: DDP, written by rank 0 alone)."""
+_RANK_FILE = re.compile(rf"^(?:{SHARDED_DIR}/__(\d+)_\d+\.distcp|rng_state_(\d+)\.pth)$")
+"""The files one rank writes into a sharded checkpoint: its shards and its RNG state (the Trainer's name)."""
+
+
+def writer(relative: str) -> int:
+    """The rank that wrote a sharded checkpoint's file (its path in the checkpoint): its own shards and RNG state;
+    everything else (``.metadata``, the scheduler, the run state, the complete marker) is rank 0's."""
+    match = _RANK_FILE.match(relative)
+    return int(match.group(1) or match.group(2)) if match else 0
+
+
+def files_of(rank: int) -> Callable[[str], bool]:
+    """Which of a sharded checkpoint's files ``rank`` publishes (see ``writer``)."""
+    return lambda relative: writer(relative) == rank
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -92,6 +107,7 @@ def save(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | N
     else:
         model_state, optimizer_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
+    (directory / SHARDED_DIR).mkdir(parents=True, exist_ok=True)  # on every node: not only where rank 0 writes
     dcp_save(state, checkpoint_id=str(directory / SHARDED_DIR))
     if dist.get_rank() == 0:
         (directory / SHARDING_FILE).write_text(json.dumps({"strategy": "fsdp", "worldSize": dist.get_world_size()}))

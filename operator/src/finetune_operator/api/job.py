@@ -221,16 +221,6 @@ class FineTuneJobSpec(TrainingSpec):
 
 FineTuneJobSpec.rules = (
     *TRAINING_RULES,
-    Rule(
-        "distributed.strategy",
-        "fsdp on several nodes cannot write checkpoints to an s3:// output yet: each node's ranks write their "
-        "shards to their own scratch and only rank 0 uploads; use a shared (ReadWriteMany) pvc:// output or ddp",
-        "!has(self.distributed) || self.distributed.strategy != 'fsdp' || !has(self.resources) "
-        "|| self.resources.nodes == 1 || !self.output.location.startsWith('s3://')",
-        lambda s: (
-            s.distributed.strategy != "fsdp" or s.resources.nodes == 1 or not s.output.location.startswith("s3://")
-        ),
-    ),
     *(
         _immutable(to_camel(name), optional=not field.is_required() and field.default is None)
         for name, field in FineTuneJobSpec.model_fields.items()
