@@ -59,7 +59,8 @@ def census() -> dict[str, Any]:
     objects = gc.get_objects()
     holders: dict[str, dict[str, int]] = {}
     for loop in (o for o in objects if isinstance(o, ObjectLoop)):
-        for name, value in vars(loop).items():
+        for name, held in vars(loop).items():
+            value = getattr(held, "packed", held)  # handlers.PackedCache
             if isinstance(value, dict | set):
                 holders[f"{type(loop).__name__}.{name}"] = {"len": len(value), "bytes": deep_size(value)}
     for metrics in (o for o in objects if isinstance(o, OperatorMetrics)):
