@@ -67,8 +67,8 @@ def census() -> dict[str, Any]:
         for name, value in vars(metrics).items():
             if isinstance(value, dict):
                 holders[f"OperatorMetrics.{name}"] = {"len": len(value), "bytes": deep_size(value)}
-        series = sum(len(getattr(m, "_metrics", {})) for m in metrics.metrics())
-        holders["prometheus series"] = {"len": series, "bytes": 0}
+        per_job = [m for m in metrics.metrics() if "name" in m._labelnames]  # a job's or sweep's own series
+        holders["prometheus per-job series"] = {"len": sum(len(m._metrics) for m in per_job), "bytes": 0}
     for memories in (o for o in objects if isinstance(o, ResourceMemories)):
         items = memories._items
         holders["kopf ResourceMemories"] = {"len": len(items), "bytes": deep_size(items)}
