@@ -1,7 +1,7 @@
 """Operator scale benchmark on the local control plane (prints figures; asserts nothing).
 
     .venv/bin/python benchmarks/operator_scale.py [--jobs 1000] [--in-flight 500] [--sequential 20]
-        [--policies chart|none|both] [--profile]
+        [--policies chart|none|both] [--profile] [--tracemalloc]
 
 With the operator (kopf), the control plane and this load generator sharing the machine:
 1. create -> Job created latency (p50/p99), one FineTuneJob at a time;
@@ -19,6 +19,10 @@ the trainer-status policy checks each progress report, the advice policy each cr
 ``--policies none`` runs without them, ``--policies both`` runs twice (fresh control planes) and
 prints both. ``--profile`` samples the running operator with py-spy through phases 2 and 3 and
 prints where its CPU went by stage (observe, decide, serialise, API calls, metrics, logging, kopf).
+``--tracemalloc`` runs the operator under tracemalloc (``traced_operator.py``: slower, so its
+latencies are not the operator's) and prints what it holds per job, by holder (our caches, kopf's
+per-object memories, metric series), by file and by allocating call, with every job there and
+after every job is deleted (the ghost check: what a deleted job left behind).
 As deployed, the operator runs with the Helm chart's ClusterRole and a ServiceAccount token, and
 each simulated trainer with its job's own ServiceAccount token (the API server's fairness and
 authorisation then treat them as in a cluster, not as one administrator).
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import statistics
@@ -39,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -345,6 +351,95 @@ def _api_requests(metrics_port: int) -> dict[tuple[str, str], float]:
     return counts
 
 
+def _wait_ready(health_port: int) -> None:
+    """Until the operator answers its liveness probe (kopf has started)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=2).read()
+            return
+        except OSError:
+            time.sleep(0.2)
+
+
+class MemoryTrace:
+    """Snapshots of the operator run by ``traced_operator.py``: each ``take`` signals it and waits."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.pid = 0
+        self._taken = 0
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(Path(__file__).with_name("traced_operator.py")), str(self.directory)]
+
+    def take(self) -> int:
+        """A snapshot once the operator has worked off what it was sent (its backlog is not what it holds)."""
+        deadline, used = time.monotonic() + 300, _cpu_seconds(self.pid)
+        while time.monotonic() < deadline:
+            time.sleep(2)
+            used, before = _cpu_seconds(self.pid), used
+            if used - before < 0.1:
+                break
+        done = self.directory / f"{self._taken}.done"
+        os.kill(self.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 300
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self._taken += 1
+        return self._taken - 1
+
+    def census(self, n: int) -> dict[str, Any]:
+        return dict(json.loads((self.directory / f"{n}.json").read_text()))
+
+    def snapshot(self, n: int) -> tracemalloc.Snapshot:
+        return tracemalloc.Snapshot.load(str(self.directory / f"{n}.snapshot"))
+
+
+def _short(frame: str) -> str:
+    for mark in ("site-packages/", "/src/", "/lib/python3"):
+        if mark in frame:
+            return frame.split(mark, 1)[1]
+    return frame
+
+
+def _print_memory(trace: MemoryTrace, idle: int, full: int, after: int, jobs: int) -> None:
+    """What the operator holds per job (``full`` against ``idle``) and what deleted jobs left (``after``)."""
+    before, now, gone = trace.census(idle), trace.census(full), trace.census(after)
+    traced = (now["traced"][0] - before["traced"][0]) / jobs
+    print(
+        f"   tracemalloc: {traced / 1024:.1f} KB per job traced ({now['traced'][0] / 2**20:.1f} MB with {jobs} jobs,"
+        f" {before['traced'][0] / 2**20:.1f} MB with none; peak {now['traced'][1] / 2**20:.1f} MB);"
+        f" after every job is deleted {(gone['traced'][0] - before['traced'][0]) / jobs:.0f} B per job"
+    )
+    print("   holder                                     entries   KB per job   entries after deletion")
+    for holder in sorted(set(now["holders"]) | set(gone["holders"])):
+        with_jobs = now["holders"].get(holder, {"len": 0, "bytes": 0})
+        idle_bytes = before["holders"].get(holder, {"bytes": 0})["bytes"]
+        left = gone["holders"].get(holder, {"len": 0})["len"]
+        print(
+            f"     {holder:40} {with_jobs['len']:8} {(with_jobs['bytes'] - idle_bytes) / jobs / 1024:10.2f}"
+            f"   {left:8}{'  <- left behind' if left > before['holders'].get(holder, {'len': 0})['len'] else ''}"
+        )
+    types = {t: (n - before["types"].get(t, 0)) / jobs for t, n in now["types"].items()}
+    print(
+        "   live objects per job, by type: "
+        + ", ".join(f"{t.rsplit('.', 1)[-1]} {n:.1f}" for t, n in sorted(types.items(), key=lambda i: -i[1])[:12])
+    )
+    snapshot_idle, snapshot_full, snapshot_gone = trace.snapshot(idle), trace.snapshot(full), trace.snapshot(after)
+    print("   bytes per job by file (every job there; after deletion):")
+    left_by_file = {
+        str(s.traceback[0].filename): s.size_diff for s in snapshot_gone.compare_to(snapshot_idle, "filename")
+    }
+    for stat in snapshot_full.compare_to(snapshot_idle, "filename")[:14]:
+        name = str(stat.traceback[0].filename)
+        print(f"     {stat.size_diff / jobs:9.0f} B  {left_by_file.get(name, 0) / jobs:7.0f} B  {_short(name)}")
+    print("   bytes per job by allocating call (innermost frames):")
+    for stat in snapshot_full.compare_to(snapshot_idle, "traceback")[:12]:
+        frames = " <- ".join(f"{_short(f.filename)}:{f.lineno}" for f in reversed(list(stat.traceback)[-4:]))
+        print(f"     {stat.size_diff / jobs:9.0f} B  {frames}")
+
+
 def run(args: argparse.Namespace, policies: bool) -> None:
     """One whole benchmark on a fresh control plane, with or without the chart's admission policies."""
     state = Path(tempfile.mkdtemp(prefix="ftj-bench-"))
@@ -367,17 +462,20 @@ def run(args: argparse.Namespace, policies: bool) -> None:
             operator_kubeconfig = service_account_kubeconfig(
                 cluster.kubeconfig, cluster_role(), "finetune-system", state / "operator-kubeconfig.yaml"
             )
-            metrics_port = free_port()
+            metrics_port, health_port = free_port(), free_port()
+            trace = None
+            if args.tracemalloc:
+                trace = MemoryTrace(state / "tracemalloc")
+                trace.directory.mkdir()
+            launcher = trace.command() if trace else [sys.executable, "-m", "finetune_operator.controller.cli"]
             operator = subprocess.Popen(
                 [
-                    sys.executable,
-                    "-m",
-                    "finetune_operator.controller.cli",
+                    *launcher,
                     "run",
                     "--metrics-port",
                     str(metrics_port),
                     "--health-port",
-                    str(free_port()),
+                    str(health_port),
                     "--bind-address",
                     "127.0.0.1",
                     "--resync-seconds",
@@ -388,8 +486,12 @@ def run(args: argparse.Namespace, policies: bool) -> None:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+            _wait_ready(health_port)
             time.sleep(3)
             idle_rss = _rss_mb(operator.pid)
+            if trace is not None:
+                trace.pid = operator.pid
+                idle_trace = trace.take()
             pids = cluster.pids()
             cpu = CpuMeter(
                 {"operator": operator.pid, "apiserver": pids.get("kube-apiserver"), "etcd": pids.get("etcd")}
@@ -465,6 +567,7 @@ def run(args: argparse.Namespace, policies: bool) -> None:
             total = args.sequential + args.jobs + args.arrivals
             all_names = [f"seq-{i}" for i in range(args.sequential)] + names + arrivals
             print(f"4. operator RSS with {total} jobs: {_rss_mb(operator.pid):.0f} MB ({idle_rss:.0f} MB with none)")
+            full_trace = trace.take() if trace is not None else 0
             requests = _api_requests(metrics_port)
             print(f"   operator API requests per job: {sum(requests.values()) / total:.1f}")
             for (verb, kind), value in sorted(requests.items()):
@@ -485,6 +588,8 @@ def run(args: argparse.Namespace, policies: bool) -> None:
                 f"5. every job deleted: {_job_series(metrics_port, namespace)} of {series} per-job metric series left"
                 f" after {time.monotonic() - deleted:.0f} s; operator RSS {_rss_mb(operator.pid):.0f} MB"
             )
+            if trace is not None:
+                _print_memory(trace, idle_trace, full_trace, trace.take(), total)
             watcher.stop()
     finally:
         if operator is not None:
@@ -513,6 +618,9 @@ def main() -> int:
         help="admission policies installed: the chart's (as deployed), none, or one run of each",
     )
     parser.add_argument("--profile", action="store_true", help="sample the operator with py-spy in phases 2-3")
+    parser.add_argument(
+        "--tracemalloc", action="store_true", help="what the operator holds per job, and what deleted jobs leave"
+    )
     args = parser.parse_args()
     for policies in {"chart": (True,), "none": (False,), "both": (True, False)}[args.policies]:
         run(args, policies)

@@ -192,6 +192,7 @@ def test_diagnosis_gauge_follows_the_status_and_goes_with_the_job() -> None:
     status.diagnosis = []
     metrics.observe_job("ml", "diag", status)
     assert value() is None
+    assert metrics._diagnosis_codes == {}, "a job with no finding holds no codes"
     status.diagnosis = diagnose(job(), status_of(history([0.6, 0.5, 0.55, 0.6, 0.7, 0.8], FALLING_TRAIN)))
     metrics.observe_job("ml", "diag", status)
     metrics.forget_job("ml", "diag")

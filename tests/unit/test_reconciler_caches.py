@@ -67,6 +67,7 @@ def test_a_forgotten_job_leaves_nothing_in_the_reconcilers_caches() -> None:
     body = _body()
     reconciler.saw(body)
     reconciler.saw_trainer_job(KEY, _trainer_job())
+    assert reconciler._bodies.packed and reconciler._trainer_jobs.packed, "the caches this test checks"
     parsed = reconciler._parse(KEY, body)
     assert reconciler._parse(KEY, {**body, "status": {"progress": {"step": 3}}}) is parsed, "status alone changed"
     assert reconciler._parse(KEY, {**body, "metadata": {**body["metadata"], "generation": 2}}) is not parsed
@@ -77,7 +78,21 @@ def test_a_forgotten_job_leaves_nothing_in_the_reconcilers_caches() -> None:
     asyncio.run(drop())
     held = {
         name: value
-        for name, value in vars(reconciler).items()
-        if isinstance(value, dict | set) and name != "namespaces" and value
+        for name, cache in vars(reconciler).items()
+        if isinstance(value := getattr(cache, "packed", cache), dict | set) and name != "namespaces" and value
     }
     assert held == {}, "a deleted job leaves nothing behind"
+
+
+def test_kopf_keeps_no_memory_of_the_objects_it_passes_to_our_handlers() -> None:
+    """kopf's default memories keep one record per object seen until its DELETED event (six per job);
+    ours are on.event handlers only, which need none between events."""
+    memories = handlers.NoMemories()
+
+    async def recall() -> None:
+        for uid in ("u1", "u2", "u1"):
+            memory = await memories.recall(cast(Any, {"metadata": {"uid": uid, "name": "a", "namespace": "ml"}}))
+            assert memory.memo is not None, "each event still gets a memory of its own"
+
+    asyncio.run(recall())
+    assert list(memories.iter_all_memories()) == []

@@ -18,7 +18,7 @@ import kopf
 
 from finetune_operator.api.job import DEFAULT_METRICS_PORT, DEFAULT_REPORT_INTERVAL_SECONDS, DEFAULT_TRAINER_IMAGE
 from finetune_operator.controller.clients import Kube, login
-from finetune_operator.controller.handlers import Reconciler, register
+from finetune_operator.controller.handlers import NoMemories, Reconciler, register
 from finetune_operator.controller.metrics import OperatorMetrics
 from finetune_operator.controller.metrics_auth import KubernetesAuth
 from finetune_operator.controller.sweep_handlers import SweepReconciler
@@ -125,6 +125,7 @@ async def _operate(args: argparse.Namespace, settings: Settings, metrics: Operat
             clusterwide=not args.namespace,
             namespaces=args.namespace,
             liveness_endpoint=liveness,
+            memories=NoMemories(),
         )
     finally:
         await kube.close()

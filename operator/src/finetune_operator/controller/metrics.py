@@ -152,7 +152,10 @@ class OperatorMetrics:
             _remove(self.diagnosis, (namespace, name, gone))
         for code in codes:
             self.diagnosis.labels(namespace, name, code).set(1)
-        self._diagnosis_codes[key] = codes
+        if codes:
+            self._diagnosis_codes[key] = codes
+        else:  # an empty set per job is ~0.4 KB
+            self._diagnosis_codes.pop(key, None)
 
     def forget_job(self, namespace: str, name: str) -> None:
         """Drop every series of a deleted job, so dashboards do not show ghosts."""
