@@ -521,7 +521,7 @@ def _context(
     if where.is_main:
         ctx.metrics = PrometheusMetrics(env.metrics_port, log, env.metrics_address)
         if is_s3(spec.output.location):
-            ctx.mirror = CheckpointMirror(spec.output.location, spec.output.s3 or spec.storage.s3, log.emit)
+            ctx.mirror = _checkpoint_mirror(spec, log)
             ctx.mirror.uploaded.extend(ctx.mirror.published_names())  # a resumed best may name one of these
     return ctx
 
@@ -617,13 +617,17 @@ def _trainer(
     return trainer
 
 
+def _checkpoint_mirror(spec: TrainingSpec, log: JsonLines) -> CheckpointMirror:
+    """The uploader of an s3:// output's checkpoints, with the output's own storage settings or the job's."""
+    return CheckpointMirror(spec.output.location, spec.output.s3 or spec.storage.s3, log.emit)
+
+
 def _mirror_shards(ctx: RunContext, where: Placement) -> None:
     """Sharded checkpoints to an s3:// output: every rank uploads its own files (each node's scratch holds only
     its ranks' shards) and rank 0 merges their parts into the manifest. Every rank rather than one per node: a rank
     knows its own files by name, wherever the others run, and uploads them in parallel with the others."""
     if ctx.mirror is None:
-        spec = ctx.spec
-        ctx.mirror = CheckpointMirror(spec.output.location, spec.output.s3 or spec.storage.s3, ctx.log.emit)
+        ctx.mirror = _checkpoint_mirror(ctx.spec, ctx.log)
     ctx.mirror.rank = where.rank
     ctx.mirror.writers = where.ranks
 
