@@ -182,11 +182,6 @@ def _events(cluster: LocalCluster, namespace: str, pod: client.V1Pod) -> list[di
     return [json.loads(line) for line in log.splitlines() if line.startswith("{")]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issues 26/27, open: on a quiet machine in the whole suite (CI7, CI8; it passes alone and under load) rank "
-    "0's pod of the retried Job resumed at the first checkpoint without an s3_restore of it; not yet explained",
-)
 def test_fsdp_on_two_nodes_with_an_s3_output_survives_a_killed_rank_resumes_from_its_shards_and_saves_one_model(
     two_nodes: tuple[LocalCluster, Operator], s3_server: S3Endpoint, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
