@@ -23,7 +23,9 @@ prints where its CPU went by stage (observe, decide, serialise, API calls, metri
 latencies are not the operator's) and prints what it holds per job, by holder (our caches, kopf's
 per-object memories, metric series), by file and by allocating call, with every job there and
 after every job is deleted (the ghost check: what a deleted job left behind).
-As deployed, the operator runs with the Helm chart's ClusterRole and a ServiceAccount token, and
+As deployed, the operator runs with only the packages its image installs (``deployed_operator.py`` hides the
+rest of the dev venv: kopf would import the tests' kubernetes client, 46 MB), with the Helm chart's ClusterRole
+and a ServiceAccount token, and
 each simulated trainer with its job's own ServiceAccount token (the API server's fairness and
 authorisation then treat them as in a cluster, not as one administrator).
 Jobs are created suspended so that no trainer pods start (the node would run 1000 processes);
@@ -54,6 +56,7 @@ from typing import Any
 
 import kopf
 import yaml
+from deployed_operator import modules_the_image_lacks
 from kubernetes import client, watch
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -370,8 +373,9 @@ class MemoryTrace:
         self.pid = 0
         self._taken = 0
 
-    def command(self) -> list[str]:
-        return [sys.executable, str(Path(__file__).with_name("traced_operator.py")), str(self.directory)]
+    def command(self, hidden: list[str]) -> list[str]:
+        launcher = str(Path(__file__).with_name("traced_operator.py"))
+        return [sys.executable, launcher, str(self.directory), ",".join(hidden)]
 
     def take(self) -> int:
         """A snapshot once the operator has worked off what it was sent (its backlog is not what it holds)."""
@@ -467,7 +471,10 @@ def run(args: argparse.Namespace, policies: bool) -> None:
             if args.tracemalloc:
                 trace = MemoryTrace(state / "tracemalloc")
                 trace.directory.mkdir()
-            launcher = trace.command() if trace else [sys.executable, "-m", "finetune_operator.controller.cli"]
+            # As deployed: without the dev venv's extra distributions (kopf would import the kubernetes client).
+            hidden = modules_the_image_lacks()
+            deployed = [sys.executable, str(Path(__file__).with_name("deployed_operator.py")), ",".join(hidden)]
+            launcher = trace.command(hidden) if trace else deployed
             operator = subprocess.Popen(
                 [
                     *launcher,

@@ -1,7 +1,9 @@
 """The operator under tracemalloc, for ``operator_scale.py --tracemalloc`` (the benchmark only; the
 operator itself knows nothing of it).
 
-    python benchmarks/traced_operator.py OUT_DIR [finetune-operator arguments ...]
+    python benchmarks/traced_operator.py OUT_DIR MODULE,MODULE,... [finetune-operator arguments ...]
+
+The modules the operator image lacks are hidden first, as in ``deployed_operator.py``.
 
 Each SIGUSR1 writes ``OUT_DIR/N.snapshot`` (a tracemalloc snapshot, after a full garbage collection)
 and ``OUT_DIR/N.json``, a census of what holds memory per object: each of the reconcilers' own
@@ -21,6 +23,8 @@ from collections import Counter
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from deployed_operator import hide
 
 FRAMES = 8
 """Frames kept per allocation: enough to see which of our calls a library allocated for."""
@@ -89,12 +93,13 @@ def main() -> None:
         (out / f"{taken}.done").touch()
         taken += 1
 
+    hide([m for m in sys.argv[2].split(",") if m])
     import kopf._core.reactor.inventory  # noqa: F401 (census's imports, done before a signal can interrupt one)
 
     from finetune_operator.controller.cli import main as operator
 
     signal.signal(signal.SIGUSR1, dump)
-    sys.exit(operator(sys.argv[2:]))
+    sys.exit(operator(sys.argv[3:]))
 
 
 if __name__ == "__main__":

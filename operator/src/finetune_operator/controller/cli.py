@@ -17,6 +17,7 @@ from typing import Any
 import kopf
 
 from finetune_operator.api.job import DEFAULT_METRICS_PORT, DEFAULT_REPORT_INTERVAL_SECONDS, DEFAULT_TRAINER_IMAGE
+from finetune_operator.controller.allocator import release_free_memory_periodically
 from finetune_operator.controller.clients import Kube, login
 from finetune_operator.controller.handlers import NoMemories, Reconciler, register
 from finetune_operator.controller.metrics import OperatorMetrics
@@ -118,6 +119,7 @@ async def _operate(args: argparse.Namespace, settings: Settings, metrics: Operat
         settings.queueing.worker_limit = None
 
     liveness = f"http://{args.bind_address}:{args.health_port}/healthz" if args.health_port else None
+    trimmer = asyncio.create_task(release_free_memory_periodically(), name="malloc-trim")
     try:
         await kopf.operator(
             registry=registry,
@@ -128,6 +130,7 @@ async def _operate(args: argparse.Namespace, settings: Settings, metrics: Operat
             memories=NoMemories(),
         )
     finally:
+        trimmer.cancel()
         await kube.close()
 
 
