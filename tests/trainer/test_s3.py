@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -172,6 +174,46 @@ def test_the_mirror_uploads_in_the_background_and_prunes_after_the_newer_upload(
     fresh = tmp_path / "fresh"
     assert mirror.uploaded == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     assert s3.CheckpointMirror(f"s3://{bucket}/run", settings).restore(fresh) == ["checkpoint-2", "checkpoint-3"]
+
+
+_RANK = """
+import json, sys, time
+from pathlib import Path
+from finetune_trainer import s3
+from finetune_trainer.spec import S3Storage
+
+settings, location, fresh, log = S3Storage.model_validate_json(sys.argv[1]), *sys.argv[2:]
+real_download = s3._download
+
+def slow_download(store, root, key, *args):
+    with open(log, "a") as out:
+        out.write(key + "\\n")
+    time.sleep(0.2)  # long enough that every rank is in restore before the first is done
+    real_download(store, root, key, *args)
+
+s3._download = slow_download
+print(json.dumps(s3.CheckpointMirror(location, settings).restore(Path(fresh))))
+"""
+
+
+def test_the_ranks_of_one_node_restore_a_checkpoint_once(tmp_path: Path, settings: S3Storage, bucket: str) -> None:
+    """Every rank runs the storage stage, and the ranks of a node share its scratch: with 8 GPUs a node would
+    download each checkpoint 8 times. One rank (a process of its own, as under torchrun) downloads; the others
+    wait and find it restored."""
+    local = tmp_path / "checkpoints" / "checkpoint-4"
+    local.mkdir(parents=True)
+    for part in ("a", "b", "c"):
+        (local / f"{part}.bin").write_bytes(part.encode() * 1000)
+    upload(local, f"s3://{bucket}/run/checkpoints/checkpoint-4", settings)
+    fresh, log = tmp_path / "node" / "checkpoints", tmp_path / "downloads.log"
+    argv = [sys.executable, "-c", _RANK, settings.model_dump_json(), f"s3://{bucket}/run", str(fresh), str(log)]
+    ranks = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0] * 4, [err for _, err in outputs]
+    assert sorted(json.loads(out) for out, _ in outputs) == [[], [], [], ["checkpoint-4"]]
+    downloaded = sorted(line.rsplit("/", 1)[1] for line in log.read_text().split())
+    assert downloaded == ["a.bin", "b.bin", "c.bin"], "one download of each file on the node"
+    assert (fresh / "checkpoint-4" / "b.bin").read_bytes() == b"b" * 1000
 
 
 def test_every_node_publishes_its_own_shards_and_rank_0_completes_the_checkpoint(

@@ -447,11 +447,18 @@ class CheckpointMirror:
         return self._objects()[2]
 
     def restore(self, checkpoints_dir: Path) -> list[str]:
-        """Download every complete remote checkpoint (and the owner record) missing locally; their names."""
+        """Download every complete remote checkpoint (and the owner record) missing locally; their names.
+
+        The ranks of one node share its scratch: the first to take the lock downloads, the others then find
+        every checkpoint there (one download per node, not one per GPU)."""
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        with _entry_lock(checkpoints_dir, "restore"):
+            return self._restore(checkpoints_dir)
+
+    def _restore(self, checkpoints_dir: Path) -> list[str]:
         root = self.root
         base = f"{root.prefix}/"
         store, objects, names = self._objects()
-        checkpoints_dir.mkdir(parents=True, exist_ok=True)
         restored = []
         for meta in objects:
             relative = str(meta["path"])[len(base) :]
@@ -468,11 +475,7 @@ class CheckpointMirror:
             for entry in manifest.files:
                 _download(store, root, root.key(f"{name}/{entry.path}"), partial / entry.path, entry.size, "")
             write_manifest(partial, manifest)
-            try:
-                partial.rename(checkpoints_dir / name)
-            except OSError:  # another rank of this node restored it meanwhile (same content: keep theirs)
-                shutil.rmtree(partial, ignore_errors=True)
-                continue
+            partial.rename(checkpoints_dir / name)
             restored.append(name)
         return restored
 
