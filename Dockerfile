@@ -51,7 +51,7 @@ ARG PIP_FIND_LINKS
 RUN --mount=type=bind,target=/mnt/context \
     mkdir /tmp/src && cp -r /mnt/context/constraints.txt /mnt/context/trainer /tmp/src/ \
  && python3 -m venv /opt/venv \
- && pip install -c /tmp/src/constraints.txt "/tmp/src/trainer[train]" \
+ && pip install -c /tmp/src/constraints.txt "/tmp/src/trainer[train,qlora]" \
  && pip uninstall --yes finetune-trainer && rm -rf /tmp/src \
  && find /opt/venv/lib -depth -type d -name tests -path '*/site-packages/*/tests' -exec rm -rf {} +
 

@@ -27,7 +27,7 @@ $(VENV_STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "uv==$(UV_VERSION)"
 	UV_CACHE_DIR="$(CACHE_HOME)/uv" $(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) \
-		-c constraints.txt -r requirements-dev.txt -e "./trainer[train]" -e ./operator -e ./dev/assets -e ./dev/localcluster -e ./dev/devtools -e ./dev/testsupport -e ./dev/demo -e ./cli
+		-c constraints.txt -r requirements-dev.txt -e "./trainer[train,qlora]" -e ./operator -e ./dev/assets -e ./dev/localcluster -e ./dev/devtools -e ./dev/testsupport -e ./dev/demo -e ./cli
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from kubernetes import client
 
 from finetune_devtools import images
 from finetune_localcluster import mountns
+from finetune_localcluster.containers import podman_env
 from finetune_testsupport.pytest_plugin import LocalCluster
 from finetune_trainer import exitcodes
 from finetune_trainer.exitcodes import ExitCode
@@ -161,3 +163,20 @@ def test_the_exit_code_survives_the_container_runtime(started: RealNamespace, tr
     started.jobs.create(real_job("in-image", backoffLimit=2, model=missing, resources={"image": trainer_image}))
     pod = _one_failed_pod(started.jobs, "in-image", exitcodes.MODEL_ERROR)
     assert pod.status.container_statuses[0].image == trainer_image
+
+
+def test_the_trainer_image_carries_bitsandbytes_for_qlora(trainer_image: str | None) -> None:
+    """``freeze.lora.quantization: 4bit`` on a GPU node needs bitsandbytes in the image the chart ships, not only in
+    the trainer's optional extra: without it every QLoRA job would fail its preflight on the cluster."""
+    if trainer_image is None:
+        pytest.skip("the local node runs containers only with mount namespaces (root, unshare)")
+    probe = "import importlib.metadata as m; print(m.version('bitsandbytes'))"
+    done = subprocess.run(
+        [images.podman(), "run", "--rm", "--network=none", "--entrypoint", "python3", trainer_image, "-c", probe],
+        env=podman_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0 and done.stdout.strip(), done.stderr

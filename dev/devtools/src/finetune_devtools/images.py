@@ -42,7 +42,7 @@ INPUTS = {
     "trainer": ("trainer/pyproject.toml", "trainer/src"),
 }
 """What each image is built from besides its Dockerfile stages and pins: a change in any of these makes a new tag."""
-INSTALLS = {"operator": ("trainer", "operator"), "trainer-deps": ("trainer[train]",), "trainer": ()}
+INSTALLS = {"operator": ("trainer", "operator"), "trainer-deps": ("trainer[train,qlora]",), "trainer": ()}
 """The project packages (directory[extras]) whose dependencies each image pip-installs from the wheelhouse. Only
 the constraints.txt pins of their dependency closure key the image and fill its wheelhouse: a pin for a dev
 tool (optuna-dashboard, a linter) must not rebuild the 6.6 GB trainer-deps layer."""
@@ -169,7 +169,7 @@ def _closure(requirements: list[Requirement]) -> set[str] | None:
 
 
 def pins(projects: tuple[str, ...]) -> str:
-    """The constraints.txt lines that installing ``projects`` (``trainer[train]``...) uses, sorted."""
+    """The constraints.txt lines that installing ``projects`` (``trainer[train,qlora]``...) uses, sorted."""
     lines = [line.strip() for line in (REPO / "constraints.txt").read_text().splitlines()]
     pinned: dict[str, str] = {
         canonicalize_name(Requirement(line).name): line for line in lines if line and not line.startswith("#")
