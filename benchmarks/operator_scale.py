@@ -11,9 +11,10 @@ With the operator (kopf), the control plane and this load generator sharing the 
    as trainers do, while new jobs arrive at ``--arrival-rate`` per second; their create -> Job
    latency (p50/p99) is the operator's latency under that load;
 4. the operator's resident memory (RSS), and the API requests it made per job.
-Beside the wall-clock figures, each phase prints the CPU seconds the operator (and the API server
-and etcd) spent in it, per job or per progress report: those do not inflate when other work shares
-the machine, so they compare runs on a loaded machine where the latencies do not.
+Beside the wall-clock figures, each phase prints the CPU seconds the operator (and the API server,
+etcd and this load generator) spent in it, per job or per progress report: those do not inflate when
+other work shares the machine, so they compare runs on a loaded machine where the latencies do not;
+and how busy the whole machine was (near 100%, a latency is mostly queueing for a core).
 As deployed, the API server runs every admission policy the chart ships (``chart_api_objects``:
 the trainer-status policy checks each progress report, the advice policy each create);
 ``--policies none`` runs without them, ``--policies both`` runs twice (fresh control planes) and
@@ -210,23 +211,33 @@ def _cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of every CPU since boot, from /proc/stat."""
+    fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
 class CpuMeter:
-    """CPU seconds of the operator, the API server and etcd between two calls of ``lap``."""
+    """CPU seconds of the operator, the API server, etcd and this load generator between two calls of ``lap``,
+    and how busy the whole machine was meanwhile (near 100%: the latencies are queueing for a core)."""
 
     def __init__(self, pids: dict[str, int | None]) -> None:
         self._pids = pids
         self._last = self._now()
+        self._machine = _machine_busy()
 
     def _now(self) -> dict[str, float]:
         return {name: _cpu_seconds(pid) for name, pid in self._pids.items()}
 
     def lap(self, per: int, unit: str) -> str:
-        now = self._now()
+        now, machine = self._now(), _machine_busy()
         used = {name: now[name] - self._last[name] for name in now}
-        self._last = now
+        busy = (machine[0] - self._machine[0]) / max(machine[1] - self._machine[1], 1.0)
+        self._last, self._machine = now, machine
         each = ", ".join(f"{name} {used[name]:.1f} s" for name in used)
         per_unit = ", ".join(f"{name} {used[name] / max(per, 1) * 1000:.1f}" for name in used)
-        return f"      CPU: {each}; ms per {unit}: {per_unit}"
+        return f"      CPU: {each} (machine {busy:.0%} busy); ms per {unit}: {per_unit}"
 
 
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -501,7 +512,12 @@ def run(args: argparse.Namespace, policies: bool) -> None:
                 idle_trace = trace.take()
             pids = cluster.pids()
             cpu = CpuMeter(
-                {"operator": operator.pid, "apiserver": pids.get("kube-apiserver"), "etcd": pids.get("etcd")}
+                {
+                    "operator": operator.pid,
+                    "apiserver": pids.get("kube-apiserver"),
+                    "etcd": pids.get("etcd"),
+                    "load generator": os.getpid(),
+                }
             )
             watcher = JobWatcher(api, namespace)
 
