@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from datetime import UTC, datetime
 from typing import Any
 
@@ -481,3 +483,17 @@ def test_an_invalid_spec_verdict_is_not_kept_once_the_spec_reads() -> None:
     sweep = _sweep()
     sweep.status = invalid_sweep(sweep.status, "an older operator could not read it", 1, NOW).status
     assert decide_sweep(sweep, [], NOW).status.phase == "Running"
+
+
+def test_the_operator_starts_without_optuna_and_loads_it_with_the_first_sweep() -> None:
+    """Optuna and numpy are about 33 MB of the operator's memory: an operator that runs only FineTuneJobs never
+    loads them (the operator_scale benchmark's RSS counts on it); a sweep's first decision does."""
+    probe = (
+        "import sys, finetune_operator.controller.cli\n"
+        "print(sorted(m for m in ('optuna', 'numpy') if m in sys.modules))\n"
+        "from finetune_operator.reconcile import sweep_engine\n"
+        "print(sorted(m for m in ('optuna', 'numpy') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["[]", "['numpy', 'optuna']"]

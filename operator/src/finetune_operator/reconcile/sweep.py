@@ -42,7 +42,6 @@ from finetune_operator.api.sweep import (
 from finetune_operator.reconcile.children import MANAGED_BY, MANAGED_BY_LABEL, bounded_name, job_label_value
 from finetune_operator.reconcile.health import derive_health
 from finetune_operator.reconcile.status import Event, operator_namespace_refusal, set_condition
-from finetune_operator.reconcile.sweep_engine import estimated_max_resource, grid, judge, rebuild_study, suggest
 from finetune_operator.reconcile.trials import ObservedTrial
 
 Manifest = dict[str, Any]
@@ -154,6 +153,10 @@ def _ended(status: FineTuneSweepStatus, generation: int | None) -> Condition | N
 
 def decide_sweep(sweep: FineTuneSweep, trials: Sequence[ObservedTrial], now: datetime) -> SweepDecision:
     """The sweep's next step: which trials to create and prune, and its status."""
+    # Optuna (with numpy, about 33 MB of the operator's memory) loads with the first sweep: an operator that
+    # runs only FineTuneJobs never needs it.
+    from finetune_operator.reconcile import sweep_engine as engine  # noqa: PLC0415
+
     spec = sweep.spec
     generation = sweep.metadata.generation
     status = sweep.status.model_copy(deep=True)
@@ -171,7 +174,7 @@ def decide_sweep(sweep: FineTuneSweep, trials: Sequence[ObservedTrial], now: dat
         else None
     )
     decision = SweepDecision(status=status)
-    space = len(grid(spec)) if spec.algorithm.name == "grid" else None
+    space = len(engine.grid(spec)) if spec.algorithm.name == "grid" else None
     next_index = max((t.index for t in ordered), default=-1) + 1
 
     def finish(type_: ConditionType, reason: str, message: str) -> SweepDecision:
@@ -214,14 +217,14 @@ def decide_sweep(sweep: FineTuneSweep, trials: Sequence[ObservedTrial], now: dat
     wanted = 0 if spec.suspend else max(0, min(spec.parallelism - counts.running, budget))
     indices = list(range(next_index, next_index + wanted))
     needs_study = spec.pruning.name != "none" or (indices and spec.algorithm.name != "grid")
-    study = rebuild_study(sweep, ordered) if needs_study else None  # once per reconcile: it is the cost
-    judgement = judge(sweep, ordered, study)
+    study = engine.rebuild_study(sweep, ordered) if needs_study else None  # once per reconcile: it is the cost
+    judgement = engine.judge(sweep, ordered, study)
     decision.prune, decision.rungs = judgement.prune, judgement.rungs
     if spec.pruning.name == "hyperband" and status.hyperband_max_resource is None:
-        status.hyperband_max_resource = estimated_max_resource(sweep, ordered)
+        status.hyperband_max_resource = engine.estimated_max_resource(sweep, ordered)
     decision.create = [
         trial_manifest(sweep, index, parameters)
-        for index, parameters in zip(indices, suggest(sweep, ordered, indices, study), strict=True)
+        for index, parameters in zip(indices, engine.suggest(sweep, ordered, indices, study), strict=True)
     ]
     running = counts.running + len(decision.create)
     set_condition(status, "Complete", False, TRIALS_RUNNING, "", now, generation)
