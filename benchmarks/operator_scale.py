@@ -24,7 +24,8 @@ prints where its CPU went by stage (observe, decide, serialise, API calls, metri
 latencies are not the operator's) and prints what it holds per job, by holder (our caches, kopf's
 per-object memories, metric series), by file and by allocating call, with every job there and
 after every job is deleted (the ghost check: what a deleted job left behind).
-As deployed, the operator runs with only the packages its image installs (``deployed_operator.py`` hides the
+As deployed, the operator runs with the chart's log format (json) and resync period (30 s), with only the
+packages its image installs (``deployed_operator.py`` hides the
 rest of the dev venv: kopf would import the tests' kubernetes client, 46 MB), with the Helm chart's ClusterRole
 and a ServiceAccount token, and
 each simulated trainer with its job's own ServiceAccount token (the API server's fairness and
@@ -455,6 +456,12 @@ def _print_memory(trace: MemoryTrace, idle: int, full: int, after: int, jobs: in
         print(f"     {stat.size_diff / jobs:9.0f} B  {frames}")
 
 
+CHART_VALUES: dict[str, Any] = yaml.safe_load(
+    (Path(__file__).resolve().parents[1] / "charts" / "finetune-operator" / "values.yaml").read_text()
+)
+"""The operator's settings as the chart deploys it."""
+
+
 def run(args: argparse.Namespace, policies: bool) -> None:
     """One whole benchmark on a fresh control plane, with or without the chart's admission policies."""
     state = Path(tempfile.mkdtemp(prefix="ftj-bench-"))
@@ -496,8 +503,10 @@ def run(args: argparse.Namespace, policies: bool) -> None:
                     str(health_port),
                     "--bind-address",
                     "127.0.0.1",
-                    "--resync-seconds",
-                    "600",
+                    # The chart's own defaults: its log format (json) and resync period (every job's children
+                    # checked against the API server every 30 s, on the same event loop as the reconciles).
+                    f"--log-format={CHART_VALUES['logFormat']}",
+                    f"--resync-seconds={args.resync_seconds or CHART_VALUES['resyncSeconds']}",
                 ],
                 env={**os.environ, "KUBECONFIG": str(operator_kubeconfig)},
                 stdout=log,
@@ -583,6 +592,10 @@ def run(args: argparse.Namespace, policies: bool) -> None:
                 f"{args.arrival_rate:g} new jobs/s)",
                 [watcher.seen[n] - arrival_starts[n] for n in arrivals if n in watcher.seen],
             )
+            slowest = sorted(
+                ((watcher.seen[n] - arrival_starts[n], n) for n in arrivals if n in watcher.seen), reverse=True
+            )[:3]
+            print("   slowest: " + ", ".join(f"{name} {latency * 1000:.0f} ms" for latency, name in slowest))
             print(cpu.lap(reports + args.arrivals, "report or new job") + f" ({reports} reports)")
             if profiler is not None:
                 _print_profile("phase 3", profiler.stop(), reports + args.arrivals, "report or new job")
@@ -639,6 +652,9 @@ def main() -> int:
         choices=("chart", "none", "both"),
         default="chart",
         help="admission policies installed: the chart's (as deployed), none, or one run of each",
+    )
+    parser.add_argument(
+        "--resync-seconds", type=int, default=0, help="the operator's resync period (default: the chart's)"
     )
     parser.add_argument("--profile", action="store_true", help="sample the operator with py-spy in phases 2-3")
     parser.add_argument(
