@@ -366,6 +366,26 @@ def _api_requests(metrics_port: int) -> dict[tuple[str, str], float]:
     return counts
 
 
+def _apiserver_latency(api: client.ApiClient) -> dict[tuple[str, str], tuple[float, float, float]]:
+    """The API server's own request latency (``apiserver_request_duration_seconds``) by (verb, resource):
+    (requests, mean seconds, share slower than 1 s). Cumulative since it started."""
+    response = api.call_api("GET", f"{api.configuration.host}/metrics")
+    sums: dict[tuple[str, str], list[float]] = {}
+    for family in text_string_to_metric_families(response.read().decode()):
+        if family.name != "apiserver_request_duration_seconds":
+            continue
+        for sample in family.samples:
+            key = (sample.labels.get("verb", ""), sample.labels.get("resource", ""))
+            entry = sums.setdefault(key, [0.0, 0.0, 0.0])
+            if sample.name.endswith("_count"):
+                entry[0] += sample.value
+            elif sample.name.endswith("_sum"):
+                entry[1] += sample.value
+            elif sample.name.endswith("_bucket") and float(sample.labels.get("le", "nan")) == 1.0:
+                entry[2] += sample.value
+    return {k: (n, total / n, 1 - within / n) for k, (n, total, within) in sums.items() if n}
+
+
 def _wait_ready(health_port: int) -> None:
     """Until the operator answers its liveness probe (kopf has started)."""
     deadline = time.monotonic() + 120
@@ -608,6 +628,11 @@ def run(args: argparse.Namespace, policies: bool) -> None:
             print(f"   operator API requests per job: {sum(requests.values()) / total:.1f}")
             for (verb, kind), value in sorted(requests.items()):
                 print(f"     {verb:6} {kind:15} {value:8.0f}")
+            print("   API server latency by request (cumulative; the operator's writes and the trainers' reports):")
+            for (verb, resource), (n, mean, slow) in sorted(_apiserver_latency(api).items()):
+                kinds = {"configmaps", "serviceaccounts", "roles", "rolebindings", "jobs", "finetunejobs"}
+                if resource in kinds and verb in {"POST", "PATCH", "PUT"}:
+                    print(f"     {verb:6} {resource:15} {n:8.0f}  mean {mean * 1000:6.1f} ms  > 1 s: {slow:.1%}")
             series = _job_series(metrics_port, namespace)
             deleted = time.monotonic()  # one by one: a deletecollection of a thousand times out at the API server
             with ThreadPoolExecutor(max_workers=16) as pool:
