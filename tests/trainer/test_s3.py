@@ -138,6 +138,10 @@ def test_several_writers_publish_parts_and_rank_0_writes_the_manifest_last(
     for rank in range(3):
         (directory / f"shard-{rank}.bin").write_bytes(bytes([rank]) * 100)
     uri = f"s3://{bucket}/sharded"
+    store = s3.S3Location.parse(uri, settings, "output").store()
+    # The bucket exists before the writers start, as a real output bucket does: SeaweedFS creates one on its first
+    # upload, and three first uploads at once race its creation (one PUT came back NoSuchBucket in CI).
+    obstore.put(store, "README", b"the bucket\n")
     threads = [
         threading.Thread(
             target=s3.publish,
@@ -153,7 +157,6 @@ def test_several_writers_publish_parts_and_rank_0_writes_the_manifest_last(
         thread.join()
     manifest = s3.published(uri, settings)
     assert manifest == build_manifest(directory)
-    store = s3.S3Location.parse(uri, settings, "output").store()
     keys = sorted(str(m["path"]) for chunk in obstore.list(store, "sharded/") for m in chunk)
     assert keys == [f"sharded/{MANIFEST_NAME}", "sharded/shard-0.bin", "sharded/shard-1.bin", "sharded/shard-2.bin"]
 
