@@ -102,12 +102,13 @@ def main(args: list[str]) -> None:
     # Opened before any mount: a bind over /tmp must not hide a later bind's source or what it reveals.
     sources = {p: os.open(p, os.O_PATH) for p in {h for h, _, _ in spec["binds"]} | set(spec.get("reveal", []))}
     for host, target, read_only in spec["binds"]:
-        if Path(host).is_file():  # a single file (the pod's /etc/hosts): onto an existing file only
+        source = f"/proc/self/fd/{sources[host]}"  # the host path itself may be hidden by an earlier bind
+        if Path(source).is_file():  # a single file (the pod's /etc/hosts): onto an existing file only
             if not Path(target).is_file():
                 raise SystemExit(f"mountns: {host} is a file and {target} is not one")
         else:
             Path(target).mkdir(parents=True, exist_ok=True)
-        _mount(f"/proc/self/fd/{sources[host]}", target, _MS_BIND)
+        _mount(source, target, _MS_BIND)
         for hidden in [p for p in spec.get("reveal", []) if Path(target) in Path(p).parents]:
             Path(hidden).mkdir(parents=True, exist_ok=True)  # a mount point inside the new mount
             _mount(f"/proc/self/fd/{sources[hidden]}", hidden, _MS_BIND | _MS_REC)
