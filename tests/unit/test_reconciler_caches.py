@@ -96,3 +96,71 @@ def test_kopf_keeps_no_memory_of_the_objects_it_passes_to_our_handlers() -> None
 
     asyncio.run(recall())
     assert list(memories.iter_all_memories()) == []
+
+
+class StoreKube:
+    """An API server's store in a dict: creates (409 when it exists), reads, lists and status patches, each
+    POST counted by kind."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        key = ("FineTuneJob", "ml", body["metadata"]["name"])
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {key: body}
+        self.posts: list[str] = []
+        self.version = 100
+
+    def _stamped(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        self.version += 1
+        metadata = {"uid": f"u{self.version}", **manifest["metadata"], "resourceVersion": str(self.version)}
+        return {**manifest, "metadata": metadata}
+
+    async def create(self, manifest: dict[str, Any]) -> dict[str, Any] | None:
+        self.posts.append(manifest["kind"])
+        key = (manifest["kind"], manifest["metadata"]["namespace"], manifest["metadata"]["name"])
+        if key in self.objects:
+            return None
+        self.objects[key] = self._stamped(manifest)
+        return self.objects[key]
+
+    async def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.objects.get((kind, namespace, name))
+
+    async def list_watched(self, kind: str, *_: Any, **__: Any) -> list[dict[str, Any]]:
+        return [manifest for (listed, _namespace, _name), manifest in self.objects.items() if listed == kind]
+
+    async def patch_status(
+        self, namespace: str, name: str, patch: dict[str, Any], version: str | None, kind: str
+    ) -> dict[str, Any] | None:
+        stored = self.objects[(kind, namespace, name)]
+        self.objects[(kind, namespace, name)] = self._stamped({**stored, "status": patch})
+        return self.objects[(kind, namespace, name)]
+
+    async def post_event(self, *_: Any) -> None:
+        return None
+
+
+def test_a_resync_flag_on_children_ensured_since_its_lists_posts_nothing_again() -> None:
+    """A burst's jobs still queued for their first reconcile have no children in a resync round's lists: each
+    was flagged, and ensured a second time (every child POSTed again, to come back AlreadyExists). A child really
+    missing when the round lists is still made again."""
+    kube = StoreKube(_body())
+    reconciler = Reconciler(cast(Kube, kube), Settings(), OperatorMetrics())
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        reconciler.saw(_body())
+        flagged = await reconciler.verify_caches()
+        assert flagged == {KEY}, "no children yet when the round lists"
+        await reconciler.reconcile(*KEY)  # the job's first reconcile, queued before the round
+        first = list(kube.posts)
+        await reconciler.reconcile_key(KEY, KEY in flagged)
+        assert kube.posts == first, "the round's flag came before the children did"
+        reconciler.after_resync()
+        gone = next(key for key in kube.objects if key[0] == "ServiceAccount")
+        del kube.objects[gone]  # deleted with its event missed (a watch relist)
+        kube.posts.clear()
+        await reconciler.resync_round()
+        return first, kube.posts
+
+    first, again = asyncio.run(scenario())
+    assert {"Job", "ServiceAccount", "Role", "RoleBinding"} <= set(first)
+    assert "ServiceAccount" in again, "a child missing from the round's lists is still made again"
+    assert reconciler._ensured_since_check is None, "nothing kept between rounds"

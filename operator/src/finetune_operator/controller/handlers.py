@@ -181,6 +181,11 @@ class Reconciler(ObjectLoop):
         spec asks for, rendered once per generation: a child's event is checked against it."""
         self._held_contents: dict[Key, dict[tuple[str, str], str]] = {}
         """Content hash by (kind, name) of each child as its last watch event showed it."""
+        self._ensured_since_check: set[Key] | None = None
+        """Jobs whose children were all ensured after the running resync round began listing them (None
+        between rounds): that round's flag on such a job is stale. A burst's jobs still queued for their first
+        reconcile have no children in the round's lists, and flagged they were ensured twice: every child
+        POSTed again to come back AlreadyExists, the Role and RoleBinding paying the API server's RBAC check."""
 
     def saw(self, body: Manifest) -> bool:
         """Cache a FineTuneJob from its watch event; False when it is our own write coming back."""
@@ -223,6 +228,8 @@ class Reconciler(ObjectLoop):
         caches = (self._bodies, self._trainer_jobs, self._written, self._desired_hashes, self._parsed)
         for cache in (*caches, self._desired_contents, self._held_contents):
             cache.pop(key, None)
+        if self._ensured_since_check is not None:
+            self._ensured_since_check.discard(key)
         self.metrics.forget_job(*key)
 
     def saw_child(self, key: Key, body: Manifest, deleted: bool = False) -> bool:
@@ -259,8 +266,11 @@ class Reconciler(ObjectLoop):
     async def before_resync(self) -> set[Key]:
         return await self.verify_caches()
 
+    def after_resync(self) -> None:
+        self._ensured_since_check = None
+
     async def reconcile_key(self, key: Key, flagged: bool) -> None:
-        await self.reconcile(*key, ensure_children=flagged)
+        await self.reconcile(*key, ensure_children=flagged, unless_ensured_since_check=True)
 
     async def verify_caches(self) -> set[Key]:
         """Check the watches' caches against the API server; return the jobs missing a child.
@@ -272,6 +282,7 @@ class Reconciler(ObjectLoop):
         whatever the number of jobs (metadata only, except for the trainer Jobs' status), in each watched
         namespace when there is a list of them: namespaced RBAC allows no cluster-wide LIST."""
         known_before = set(self.known)  # one seen while the list was under way is not a ghost
+        self._ensured_since_check = set()
         listed = await self.kube.list_watched(KIND, self.namespaces, metadata_only=True)
         present = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in listed}
         for namespace, name in sorted(known_before - present):
@@ -309,8 +320,14 @@ class Reconciler(ObjectLoop):
                 missing.add(key)  # edited while we were not looking (e.g. before its job's first event)
         return missing
 
-    async def reconcile(self, namespace: str, name: str, *, ensure_children: bool = False) -> None:
-        """Bring one FineTuneJob and its children in line with the world as it is now."""
+    async def reconcile(
+        self, namespace: str, name: str, *, ensure_children: bool = False, unless_ensured_since_check: bool = False
+    ) -> None:
+        """Bring one FineTuneJob and its children in line with the world as it is now.
+
+        ``unless_ensured_since_check``: ``ensure_children`` comes from a resync round's lists, and a reconcile
+        that ensured them since those lists began (under this lock) saw them newer. A child deleted between that
+        ensure and its list sends a DELETED event, which ensures them again; only a missed one waits a round."""
         key = (namespace, name)
 
         async def attempt() -> None:
@@ -322,7 +339,9 @@ class Reconciler(ObjectLoop):
                 self.forget(namespace, name)
                 return
             self._bodies[key] = body
-            await self._reconcile(body, ensure_children)
+            ensured = self._ensured_since_check
+            stale_flag = unless_ensured_since_check and ensured is not None and key in ensured
+            await self._reconcile(body, ensure_children and not stale_flag)
 
         def stale() -> None:
             self._bodies.pop(key, None)  # decided on a stale copy: read it afresh
@@ -473,6 +492,8 @@ class Reconciler(ObjectLoop):
                 errors += [error] if error else []
             if conflicts or errors:
                 break
+        if not conflicts and not errors and self._ensured_since_check is not None:
+            self._ensured_since_check.add((job.metadata.namespace, job.metadata.name))
         return created, conflicts, errors
 
     async def _ensure(self, child: Manifest, job: FineTuneJob) -> tuple[Manifest | None, str | None, str | None]:

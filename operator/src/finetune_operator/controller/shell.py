@@ -75,6 +75,9 @@ class ObjectLoop:
         """Checks made once per resync round; returns the objects that need more than a plain reconcile."""
         return set()
 
+    def after_resync(self) -> None:
+        """Called when a resync round's reconciles are all done (or it failed)."""
+
     def forget_key(self, key: Key) -> None:
         """Drop a kind's own caches and metric series of an object that is gone."""
 
@@ -203,7 +206,10 @@ class ObjectLoop:
                 except Exception:
                     self.log.exception("resync of %s %s/%s failed; retrying next round", self.kind, *key)
 
-        await asyncio.gather(*(one(key) for key in sorted(self.known)))
+        try:
+            await asyncio.gather(*(one(key) for key in sorted(self.known)))
+        finally:
+            self.after_resync()
 
     async def resync_forever(self, interval: float) -> None:
         """A resync round every ``interval`` seconds, until cancelled."""
