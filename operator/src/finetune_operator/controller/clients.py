@@ -25,6 +25,7 @@ import kopf
 
 from finetune_operator.api.job import GROUP, KIND, KUEUE_GROUP, KUEUE_VERSION, KUEUE_WORKLOADS, PLURAL, VERSION
 from finetune_operator.api.sweep import SWEEP_KIND, SWEEP_PLURAL
+from finetune_operator.controller.allocator import decode_json
 from finetune_operator.reconcile.kinds import CHILD_KINDS
 
 Manifest = dict[str, Any]
@@ -148,7 +149,7 @@ class Kube:
         if response.status >= 400:
             error = ConflictError if response.status == 409 else ApiError
             raise error(response.status, response.reason or "", data.decode("utf-8", "replace"))
-        return cast(Manifest, json.loads(data))
+        return cast(Manifest, decode_json(data))
 
     async def _unless_gone(self, method: str, kind: str, namespace: str, name: str, **kwargs: Any) -> Manifest | None:
         try:
