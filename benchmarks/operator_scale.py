@@ -1,7 +1,7 @@
 """Operator scale benchmark on the local control plane (prints figures; asserts nothing).
 
     .venv/bin/python benchmarks/operator_scale.py [--jobs 1000] [--in-flight 500] [--sequential 20]
-        [--policies chart|none|both] [--profile] [--tracemalloc]
+        [--policies chart|none|both] [--profile] [--tracemalloc] [--without-escalation-checks]
 
 With the operator (kopf), the control plane and this load generator sharing the machine:
 1. create -> Job created latency (p50/p99), one FineTuneJob at a time;
@@ -20,6 +20,12 @@ the trainer-status policy checks each progress report, the advice policy each cr
 ``--policies none`` runs without them, ``--policies both`` runs twice (fresh control planes) and
 prints both. ``--profile`` samples the running operator with py-spy through phases 2 and 3 and
 prints where its CPU went by stage (observe, decide, serialise, API calls, metrics, logging, kopf).
+``--without-escalation-checks`` (an experiment, never a deployment) also grants the operator ``escalate``
+and ``bind`` on Roles, which the API server's RBAC then trusts instead of checking that the operator holds
+every right a per-job Role or RoleBinding grants: that check reads the ClusterRoleBindings with a consistent
+LIST from the watch cache, which waits for etcd's next progress notification (requested every 100 ms), so
+each of the two creates costs at least 100 ms, in sequence, on every job's way to its Job. With ``escalate``
+and ``bind`` the operator could grant itself anything, so the figures show the bound, not a setting to ship.
 ``--tracemalloc`` runs the operator under tracemalloc (``traced_operator.py``: slower, so its
 latencies are not the operator's) and prints what it holds per job, by holder (our caches, kopf's
 per-object memories, metric series), by file and by allocating call, with every job there and
@@ -501,8 +507,19 @@ def run(args: argparse.Namespace, policies: bool) -> None:
             core.create_namespace({"metadata": {"name": namespace}})
             log = (state / "operator.log").open("wb")
             # As deployed: the chart's ClusterRole, a ServiceAccount token (not admin certificates).
+            role = cluster_role()
+            if args.without_escalation_checks:
+                trusted = {
+                    "apiGroups": ["rbac.authorization.k8s.io"],
+                    "resources": ["roles"],
+                    "verbs": ["escalate", "bind"],
+                }
+                role = {**role, "rules": [*role["rules"], trusted]}
+                print(
+                    "== experiment: the operator may escalate and bind Roles (no RBAC escalation checks; never shipped)"
+                )
             operator_kubeconfig = service_account_kubeconfig(
-                cluster.kubeconfig, cluster_role(), "finetune-system", state / "operator-kubeconfig.yaml"
+                cluster.kubeconfig, role, "finetune-system", state / "operator-kubeconfig.yaml"
             )
             metrics_port, health_port = free_port(), free_port()
             trace = None
@@ -680,6 +697,11 @@ def main() -> int:
     )
     parser.add_argument(
         "--resync-seconds", type=int, default=0, help="the operator's resync period (default: the chart's)"
+    )
+    parser.add_argument(
+        "--without-escalation-checks",
+        action="store_true",
+        help="experiment: grant the operator escalate and bind on Roles, to measure the RBAC checks' cost",
     )
     parser.add_argument("--profile", action="store_true", help="sample the operator with py-spy in phases 2-3")
     parser.add_argument(
