@@ -106,6 +106,7 @@ class StoreKube:
         key = ("FineTuneJob", "ml", body["metadata"]["name"])
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {key: body}
         self.posts: list[str] = []
+        self.lists: list[tuple[str, bool]] = []
         self.version = 100
 
     def _stamped(self, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -124,8 +125,13 @@ class StoreKube:
     async def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         return self.objects.get((kind, namespace, name))
 
-    async def list_watched(self, kind: str, *_: Any, **__: Any) -> list[dict[str, Any]]:
-        return [manifest for (listed, _namespace, _name), manifest in self.objects.items() if listed == kind]
+    async def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.objects.get(("Job", namespace, name))
+
+    async def list_watched(self, kind: str, *_: Any, metadata_only: bool = False) -> list[dict[str, Any]]:
+        listed = [manifest for (stored, _namespace, _name), manifest in self.objects.items() if stored == kind]
+        self.lists.append((kind, metadata_only))
+        return [{"metadata": m["metadata"]} for m in listed] if metadata_only else listed
 
     async def patch_status(
         self, namespace: str, name: str, patch: dict[str, Any], version: str | None, kind: str
@@ -164,3 +170,24 @@ def test_a_resync_flag_on_children_ensured_since_its_lists_posts_nothing_again()
     assert {"Job", "ServiceAccount", "Role", "RoleBinding"} <= set(first)
     assert "ServiceAccount" in again, "a child missing from the round's lists is still made again"
     assert reconciler._ensured_since_check is None, "nothing kept between rounds"
+
+
+def test_the_resync_lists_metadata_only_and_reads_a_trainer_job_the_watch_missed() -> None:
+    """A resync round listed every trainer Job in full (8 MB at a thousand jobs, every 30 s, serialised by the
+    API server while new jobs waited on it); it lists their metadata and reads in full only a Job the watch
+    has not delivered."""
+    kube = StoreKube(_body())
+    reconciler = Reconciler(cast(Kube, kube), Settings(), OperatorMetrics())
+
+    async def scenario() -> None:
+        reconciler.saw(_body())
+        await reconciler.reconcile(*KEY)  # creates the children and caches its Job
+        trainer = next(key for key in kube.objects if key[0] == "Job")
+        kube.objects[trainer] = {**kube.objects[trainer], "status": {"active": 1}}
+        reconciler._trainer_jobs.pop(KEY)  # its watch event not delivered yet
+        await reconciler.verify_caches()
+
+    asyncio.run(scenario())
+    assert kube.lists and all(metadata_only for _kind, metadata_only in kube.lists), kube.lists
+    cached = reconciler._trainer_jobs.get(KEY)
+    assert cached is not None and cached["status"]["active"] == 1, "the missed Job, read in full"

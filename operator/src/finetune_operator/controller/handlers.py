@@ -279,8 +279,9 @@ class Reconciler(ObjectLoop):
         children deleted while the operator was down send nothing at all: FineTuneJobs no longer
         there are dropped (with their metrics series), Jobs no longer there leave the cache, and a
         job missing any child is reconciled with its children ensured. Seven LISTs per round,
-        whatever the number of jobs (metadata only, except for the trainer Jobs' status), in each watched
-        namespace when there is a list of them: namespaced RBAC allows no cluster-wide LIST."""
+        whatever the number of jobs, each of metadata only (a thousand trainer Jobs in full were 8 MB every
+        round, which the API server serialised while new jobs waited on it), in each watched namespace when
+        there is a list of them: namespaced RBAC allows no cluster-wide LIST."""
         known_before = set(self.known)  # one seen while the list was under way is not a ghost
         self._ensured_since_check = set()
         listed = await self.kube.list_watched(KIND, self.namespaces, metadata_only=True)
@@ -291,15 +292,19 @@ class Reconciler(ObjectLoop):
         self.known |= present
         for gone in set(self._held_contents) - self.known:
             del self._held_contents[gone]  # children of a job already gone (their events outlive it)
-        jobs: dict[Key, Manifest] = {}
-        for trainer in await self.kube.list_watched(TRAINER_JOB.kind, self.namespaces, OWNED_SELECTOR):
+        jobs: dict[Key, str] = {}
+        for trainer in await self.kube.list_watched(
+            TRAINER_JOB.kind, self.namespaces, OWNED_SELECTOR, metadata_only=True
+        ):
             key = _key_of_child(trainer)
             if key is not None:
-                jobs[key] = trainer
+                jobs[key] = trainer["metadata"]["name"]
         for key in present:
             cached = self._trainer_jobs.get(key)
             if key in jobs and cached is None:
-                self.saw_trainer_job(key, jobs[key])
+                read = await self.kube.read_job(key[0], jobs[key])  # created during the gap: rare
+                if read is not None:
+                    self.saw_trainer_job(key, read)
             elif key not in jobs and cached is not None and not cached.get(DELETED_MARK):
                 self._trainer_jobs.pop(key, None)  # deleted during the gap
         children: set[tuple[str, str, str]] = set()
