@@ -9,7 +9,8 @@ With the operator (kopf), the control plane and this load generator sharing the 
    their Job, and the create -> Job latency across the burst (a queue forms: the worst case);
 3. in flight: ``--in-flight`` of those jobs report progress every ``--report-interval`` seconds,
    as trainers do, while new jobs arrive at ``--arrival-rate`` per second; their create -> Job
-   latency (p50/p99) is the operator's latency under that load;
+   latency (p50/p99) is the operator's latency under that load; the three slowest, each with its
+   timeline (the create answered, each child created as the operator's log says, the Job seen);
 4. the operator's resident memory (RSS), and the API requests it made per job.
 Beside the wall-clock figures, each phase prints the CPU seconds the operator (and the API server,
 etcd and this load generator) spent in it, per job or per progress report: those do not inflate when
@@ -46,7 +47,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
+import queue
 import signal
 import statistics
 import subprocess
@@ -91,36 +94,57 @@ def _manifest(name: str) -> dict[str, Any]:
     }
 
 
-class JobWatcher:
-    """Records when each trainer Job first appears (a watch, so polling does not skew the figures)."""
-
-    def __init__(self, api: client.ApiClient, namespace: str) -> None:
-        self.seen: dict[str, float] = {}
-        self._api, self._namespace = api, namespace
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        batch = client.BatchV1Api(self._api)
-        while not self._stop.is_set():
+def _watch_jobs(kubeconfig: str, namespace: str, seen: multiprocessing.Queue[tuple[str, float]]) -> None:
+    """Put (job, monotonic time) on ``seen`` for every trainer Job event, until killed."""
+    with api_client(Path(kubeconfig)) as api:
+        batch = client.BatchV1Api(api)
+        batch.list_namespaced_job(namespace, limit=1)
+        seen.put(("", time.monotonic()))  # ready: imported and connected
+        while True:
             stream = watch.Watch().stream(
-                batch.list_namespaced_job, self._namespace, label_selector="finetune.dev/job", timeout_seconds=5
+                batch.list_namespaced_job, namespace, label_selector="finetune.dev/job", timeout_seconds=5
             )
             for event in stream:
-                name = event["object"].metadata.labels["finetune.dev/job"]
-                self.seen.setdefault(name, time.monotonic())
+                seen.put((event["object"].metadata.labels["finetune.dev/job"], time.monotonic()))
+
+
+class JobWatcher:
+    """Records when each trainer Job first appears: a watch, so polling does not skew the figures, in a process
+    of its own. In this one it shared the interpreter lock with the simulated trainers and the creates, and saw
+    a Job up to 1.2 s after the operator had created it (CLOCK_MONOTONIC is the same in both processes)."""
+
+    def __init__(self, kubeconfig: Path, namespace: str) -> None:
+        self._seen: dict[str, float] = {}
+        context = multiprocessing.get_context("spawn")
+        self._queue: multiprocessing.Queue[tuple[str, float]] = context.Queue()
+        self._process = context.Process(target=_watch_jobs, args=(str(kubeconfig), namespace, self._queue))
+        self._process.start()
+        self.pid = self._process.pid
+        if not self.wait([""], 120):
+            raise RuntimeError("the Job watcher did not start")
+
+    @property
+    def seen(self) -> dict[str, float]:
+        """When each Job was first seen, by job."""
+        while True:
+            try:
+                name, at = self._queue.get_nowait()
+            except queue.Empty:
+                return self._seen
+            self._seen.setdefault(name, at)
 
     def wait(self, names: list[str], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if all(n in self.seen for n in names):
+            seen = self.seen
+            if all(n in seen for n in names):
                 return True
             time.sleep(0.01)
         return False
 
     def stop(self) -> None:
-        self._stop.set()
+        self._process.kill()
+        self._process.join()
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -133,6 +157,28 @@ def _latency(label: str, values: list[float]) -> None:
         f"{label}: p50 {statistics.median(values) * 1000:.0f} ms, p99 {_percentile(values, 0.99) * 1000:.0f} ms"
         f" (n={len(values)})"
     )
+
+
+def _operator_steps(log: Path, namespace: str, names: list[str]) -> dict[str, list[tuple[float, str]]]:
+    """(monotonic time, what) of each child the operator logged creating for each job (its json log)."""
+    offset = time.time() - time.monotonic()
+    steps: dict[str, list[tuple[float, str]]] = {name: [] for name in names}
+    for line in log.read_text(errors="replace").splitlines():
+        if not line.startswith("{") or '"created ' not in line:
+            continue
+        record = json.loads(line)
+        kind, _, child = record["message"].removeprefix("created ").partition(f" {namespace}/")
+        owner = next((name for name in names if child.startswith(f"{name}-")), None)
+        if owner is not None:
+            stamp = datetime.fromisoformat(record["timestamp"]).timestamp() - offset
+            steps[owner].append((stamp, kind))
+    return steps
+
+
+def _timeline(started: float, answered: float, steps: list[tuple[float, str]], seen: float) -> str:
+    """When the create was answered, each child created, and the Job seen, in ms after the create began."""
+    points = [(answered, "create answered"), *sorted(steps), (seen, "Job seen")]
+    return ", ".join(f"{what} {(at - started) * 1000:.0f}" for at, what in points)
 
 
 def _rss_mb(pid: int) -> float:
@@ -229,13 +275,13 @@ class CpuMeter:
     """CPU seconds of the operator, the API server, etcd and this load generator between two calls of ``lap``,
     and how busy the whole machine was meanwhile (near 100%: the latencies are queueing for a core)."""
 
-    def __init__(self, pids: dict[str, int | None]) -> None:
+    def __init__(self, pids: dict[str, tuple[int | None, ...]]) -> None:
         self._pids = pids
         self._last = self._now()
         self._machine = _machine_busy()
 
     def _now(self) -> dict[str, float]:
-        return {name: _cpu_seconds(pid) for name, pid in self._pids.items()}
+        return {name: sum(_cpu_seconds(pid) for pid in pids) for name, pids in self._pids.items()}
 
     def lap(self, per: int, unit: str) -> str:
         now, machine = self._now(), _machine_busy()
@@ -557,19 +603,22 @@ def run(args: argparse.Namespace, policies: bool) -> None:
                 trace.pid = operator.pid
                 idle_trace = trace.take()
             pids = cluster.pids()
+            watcher = JobWatcher(cluster.kubeconfig, namespace)
             cpu = CpuMeter(
                 {
-                    "operator": operator.pid,
-                    "apiserver": pids.get("kube-apiserver"),
-                    "etcd": pids.get("etcd"),
-                    "load generator": os.getpid(),
+                    "operator": (operator.pid,),
+                    "apiserver": (pids.get("kube-apiserver"),),
+                    "etcd": (pids.get("etcd"),),
+                    "load generator": (os.getpid(), watcher.pid),
                 }
             )
-            watcher = JobWatcher(api, namespace)
+
+            answered: dict[str, float] = {}
 
             def create(name: str) -> float:
                 started = time.monotonic()
                 custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, _manifest(name))
+                answered[name] = time.monotonic()
                 return started
 
             sequential = []
@@ -633,6 +682,11 @@ def run(args: argparse.Namespace, policies: bool) -> None:
                 ((watcher.seen[n] - arrival_starts[n], n) for n in arrivals if n in watcher.seen), reverse=True
             )[:3]
             print("   slowest: " + ", ".join(f"{name} {latency * 1000:.0f} ms" for latency, name in slowest))
+            steps = _operator_steps(state / "operator.log", namespace, [name for _, name in slowest])
+            for _, name in slowest:
+                print(
+                    f"     {name}: " + _timeline(arrival_starts[name], answered[name], steps[name], watcher.seen[name])
+                )
             print(cpu.lap(reports + args.arrivals, "report or new job") + f" ({reports} reports)")
             if profiler is not None:
                 _print_profile("phase 3", profiler.stop(), reports + args.arrivals, "report or new job")
