@@ -117,7 +117,7 @@ class JobWatcher:
         self._seen: dict[str, float] = {}
         context = multiprocessing.get_context("spawn")
         self._queue: multiprocessing.Queue[tuple[str, float]] = context.Queue()
-        self._process = context.Process(target=_watch_jobs, args=(str(kubeconfig), namespace, self._queue))
+        self._process = context.Process(target=_watch_jobs, args=(str(kubeconfig), namespace, self._queue), daemon=True)
         self._process.start()
         self.pid = self._process.pid
         if not self.wait([""], 120):
