@@ -700,8 +700,8 @@ def run(args: argparse.Namespace, policies: bool) -> None:
             for (verb, kind), value in sorted(requests.items()):
                 print(f"     {verb:6} {kind:15} {value:8.0f}")
             print("   API server latency by request (cumulative; the operator's writes and the trainers' reports):")
+            kinds = {"configmaps", "serviceaccounts", "roles", "rolebindings", "jobs", "finetunejobs"}
             for (verb, resource), (n, mean, slow) in sorted(_apiserver_latency(api).items()):
-                kinds = {"configmaps", "serviceaccounts", "roles", "rolebindings", "jobs", "finetunejobs"}
                 if resource in kinds and verb in {"POST", "PATCH", "PUT"}:
                     print(f"     {verb:6} {resource:15} {n:8.0f}  mean {mean * 1000:6.1f} ms  > 1 s: {slow:.1%}")
             series = _job_series(metrics_port, namespace)

@@ -28,12 +28,12 @@ TRIM_INTERVAL_SECONDS: Final = 10.0
 def decode_json(data: bytes | str) -> Any:
     """``json.loads`` with the cyclic collector paused: JSON makes no reference cycles, so collecting while it
     builds the objects finds nothing, yet a large answer used to trigger full collections midway."""
-    paused = gc.isenabled()
+    was_enabled = gc.isenabled()
     gc.disable()
     try:
         return json.loads(data)
     finally:
-        if paused:
+        if was_enabled:
             gc.enable()
 
 
