@@ -77,6 +77,20 @@ def report(step: int, total: int, evaluations: list[dict[str, Any]]) -> None:
     _request("PATCH", _job_path() + "/status", {"status": {"progress": progress, "evaluations": evaluations[-50:]}})
 
 
+def wait_for_rights(timeout: float = 60) -> None:
+    """As the real trainer does: the operator creates the Job without waiting for its Role and RoleBinding
+    (``finetune_trainer.reporting.StatusReporter``), so the first read may be refused for a moment."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _request("GET", _job_path())
+            return
+        except urllib.error.HTTPError as error:
+            if error.code != 403 or time.monotonic() > deadline:
+                return
+            time.sleep(0.2)
+
+
 def stop_requested() -> bool:
     return bool((_request("GET", _job_path()).get("status") or {}).get("stopRequest"))
 
@@ -295,6 +309,8 @@ def main(argv: list[str]) -> int:
     mode = argv[1]
     config = argv[argv.index("--config") + 1] if "--config" in argv else ""
     print(json.dumps({"event": "start", "mode": mode, "config": config}), flush=True)
+    if mode != "exit" and "KUBERNETES_SERVICE_HOST" in os.environ:
+        wait_for_rights()
     if mode == "stubborn":
         location = yaml.safe_load(Path(config).read_text())["output"]["location"] if config else ""
         signal.signal(signal.SIGTERM, lambda *_: slow_save(Path(location.removeprefix("file://"))))

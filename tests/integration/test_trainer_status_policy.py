@@ -3,6 +3,7 @@ result, and nothing else (finetune_operator.generators.admission, installed with
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Iterator
@@ -17,6 +18,8 @@ from finetune_operator.api.job import GROUP, MAX_EVALUATIONS, PLURAL, VERSION, F
 from finetune_operator.generators import admission
 from finetune_operator.reconcile.children import Names, Settings, desired_children
 from finetune_testsupport.pytest_plugin import LocalCluster
+from finetune_trainer.contract import Progress, TrainerStatus
+from finetune_trainer.reporting import JsonLines, StatusReporter
 from tests.manifests import baseline, trainer_status_at_the_bounds
 
 pytestmark = pytest.mark.integration
@@ -65,35 +68,42 @@ def token_client(local_cluster: LocalCluster, namespace: str, account: str) -> c
     return client.ApiClient(config)
 
 
+def _job_with_identity(api: client.ApiClient, namespace: str, name: str, kinds: set[str]) -> None:
+    """FineTuneJob ``name`` (suspended: no trainer pod) with the operator's status, and the children of
+    ``kinds`` among the ServiceAccount, Role and RoleBinding the operator renders for it."""
+    manifest = baseline(name)
+    manifest["spec"]["output"]["location"] = OUTPUT
+    manifest["spec"]["suspend"] = True
+    custom = client.CustomObjectsApi(api)
+    created = custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, {**manifest, "metadata": {"name": name, "namespace": namespace}}
+    )
+    workload = {"serviceAccount": Names.of(name).service_account}
+    custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, PLURAL, name, {"status": {**OPERATOR_STATUS, "workload": workload}}
+    )
+    job = FineTuneJob.model_validate(created)
+    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    create = {
+        "ServiceAccount": lambda m: core.create_namespaced_service_account(namespace, m),
+        "Role": lambda m: rbac.create_namespaced_role(namespace, m),
+        "RoleBinding": lambda m: rbac.create_namespaced_role_binding(namespace, m),
+    }
+    for child in desired_children(job, Settings()):
+        if child["kind"] in kinds:
+            try:
+                create[child["kind"]](child)
+            except client.ApiException as error:  # an operator running in this session made it first
+                if error.status != 409:
+                    raise
+
+
 @pytest.fixture
 def trainer(local_cluster: LocalCluster, crd: Any, namespace: str) -> Iterator[client.CustomObjectsApi]:
     """A FineTuneJob with the operator's status and the per-job ServiceAccount, Role and RoleBinding
     the operator renders; yields the CustomObjectsApi of that ServiceAccount."""
-    manifest = baseline(NAME)
-    manifest["spec"]["output"]["location"] = OUTPUT
-    manifest["spec"]["suspend"] = True  # no trainer pod: only the status and the trainer's identity matter here
     with local_cluster.api_client() as api:
-        custom = client.CustomObjectsApi(api)
-        created = custom.create_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, {**manifest, "metadata": {"name": NAME, "namespace": namespace}}
-        )
-        custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, NAME, {"status": OPERATOR_STATUS}
-        )
-        job = FineTuneJob.model_validate(created)
-        core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
-        create = {
-            "ServiceAccount": lambda m: core.create_namespaced_service_account(namespace, m),
-            "Role": lambda m: rbac.create_namespaced_role(namespace, m),
-            "RoleBinding": lambda m: rbac.create_namespaced_role_binding(namespace, m),
-        }
-        for child in desired_children(job, Settings()):
-            if child["kind"] in create:
-                try:
-                    create[child["kind"]](child)
-                except client.ApiException as error:  # an operator running in this session made it first
-                    if error.status != 409:
-                        raise
+        _job_with_identity(api, namespace, NAME, {"ServiceAccount", "Role", "RoleBinding"})
     with token_client(local_cluster, namespace, Names.of(NAME).service_account) as api:
         yield client.CustomObjectsApi(api)
 
@@ -249,3 +259,33 @@ def test_the_operator_and_users_are_not_held_to_the_trainers_rules(
         status = _patch(client.CustomObjectsApi(api), namespace, {"phase": "Succeeded", "stopRequest": None})["status"]
     assert status["phase"] == "Succeeded"
     assert "stopRequest" not in status
+
+
+def test_a_report_sent_before_the_trainers_rights_exist_lands_once_they_do(
+    local_cluster: LocalCluster, crd: Any, namespace: str
+) -> None:
+    """The operator creates the trainer Job without waiting for its Role and RoleBinding, so a pod may report
+    before they exist: that report was refused (403, not retried) and lost."""
+    name = "late"
+    account = Names.of(name).service_account
+    with local_cluster.api_client() as api:
+        client.CoreV1Api(api).create_namespaced_service_account(namespace, {"metadata": {"name": account}})
+        lines = io.StringIO()
+        with token_client(local_cluster, namespace, account) as trainer_api:
+            reporter = StatusReporter(
+                client.CustomObjectsApi(trainer_api), name, namespace, 0, JsonLines(lines), backoff=0.1
+            )
+            reporter.update(TrainerStatus(progress=Progress(step=3, total_steps=10)), urgent=True)
+            deadline = time.monotonic() + 30
+            while "waiting for the rights to report" not in lines.getvalue() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert "waiting for the rights to report" in lines.getvalue(), "refused: no job, Role or RoleBinding yet"
+            _job_with_identity(api, namespace, name, {"Role", "RoleBinding"})
+            assert reporter.wait_for_access(), lines.getvalue()
+            reporter.close()
+        progress = (
+            client.CustomObjectsApi(api)
+            .get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)["status"]
+            .get("progress", {})
+        )
+    assert progress.get("step") == 3, lines.getvalue()

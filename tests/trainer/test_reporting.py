@@ -34,9 +34,13 @@ class ApiError(Exception):
 class FakeApi:
     """The two CustomObjectsApi calls the trainer makes, recorded; failures scripted."""
 
-    def __init__(self, obj: dict[str, Any] | None = None, failures: list[int] | None = None) -> None:
+    def __init__(
+        self, obj: dict[str, Any] | None = None, failures: list[int] | None = None, denied_until: float = 0.0
+    ) -> None:
         self.obj = obj or {"metadata": {"name": "job"}, "status": {}}
         self.failures = list(failures or [])
+        self.denied_until = denied_until
+        """Every call answers 403 until this time.monotonic(): the trainer's RoleBinding does not exist yet."""
         self.patches: list[dict[str, Any]] = []
         self.calls = 0
         self.reads = 0
@@ -49,6 +53,7 @@ class FakeApi:
         assert kwargs["_content_type"] == "application/merge-patch+json"
         with self.lock:
             self.calls += 1
+            self._deny()
             if self.failures:
                 raise ApiError(self.failures.pop(0))
             self.patches.append(body)
@@ -59,7 +64,12 @@ class FakeApi:
     ) -> dict[str, Any]:
         with self.lock:
             self.reads += 1
+            self._deny()
         return self.obj
+
+    def _deny(self) -> None:
+        if time.monotonic() < self.denied_until:
+            raise ApiError(403)
 
 
 def reporter(api: FakeApi, interval: float) -> StatusReporter:
@@ -99,6 +109,23 @@ def test_retries_transient_errors_and_gives_up_quietly() -> None:
     r.update(progress(step=1), urgent=True)
     r.close()
     assert api.calls == 1 and api.patches == []  # not retried, and nothing raised
+
+
+def test_what_a_trainer_reports_before_its_rights_exist_is_sent_once_they_do() -> None:
+    """The operator creates the trainer Job without waiting for its Role and RoleBinding. A report sent before
+    they existed was refused (403, not retried) and lost: the first progress, the tracking run's id."""
+    api = FakeApi(denied_until=time.monotonic() + 0.3)
+    r = reporter(api, interval=0)
+    r.update(TrainerStatus(progress=Progress(step=1, total_steps=10)), urgent=True)
+    time.sleep(0.5)  # training goes on meanwhile
+    r.close()
+    assert api.patches == [{"status": {"progress": {"step": 1, "totalSteps": 10}}}], api.patches
+    assert api.reads >= 2 and r.wait_for_access(), "read again after the 403, until it answered"
+
+    api = FakeApi(denied_until=time.monotonic() + 60)
+    r = StatusReporter(api, "job", "ns", 0, JsonLines(enabled=False), backoff=0.01, access_timeout=0.2)
+    assert not r.wait_for_access(), "rights that never come: it stops waiting"
+    r.close()
 
 
 def test_a_reporting_trainer_sees_stop_requests_in_patch_answers_without_extra_reads() -> None:

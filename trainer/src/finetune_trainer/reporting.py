@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from finetune_trainer.config import RuntimeEnv
 
 RETRYABLE_STATUS = frozenset({409, 429, 500, 502, 503, 504})
+ACCESS_TIMEOUT = 60.0
+"""How long the first read waits for the trainer's rights: its RoleBinding comes seconds after its pod at most."""
+ACCESS_RETRY_CAP = 2.0
 
 _running: set[StatusReporter | PrometheusMetrics] = set()
 """Reporters and /metrics servers whose threads still run: ``stop_background`` stops them."""
@@ -174,6 +177,10 @@ class StatusReporter:
     It also watches for a stop request: in the object each patch returns, and by reading the
     object when no patch went out for an interval (one request per interval, not two: at
     hundreds of jobs the trainers' requests are most of the API server's load).
+
+    Its first read waits for the trainer's rights (``access_timeout`` at most): the operator creates
+    the trainer Job without waiting for its Role and RoleBinding, so a pod may start before them.
+    Updates queued meanwhile are kept and sent once the read answers.
     """
 
     def __init__(
@@ -186,6 +193,7 @@ class StatusReporter:
         *,
         retries: int = 4,
         backoff: float = 0.5,
+        access_timeout: float = ACCESS_TIMEOUT,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.api, self.name, self.namespace = api, name, namespace
@@ -199,6 +207,9 @@ class StatusReporter:
         self._closing = False
         self._last_sent = 0.0
         self._last_poll = 0.0
+        self._access_deadline = time.monotonic() + access_timeout
+        self._accessed = threading.Event()
+        self._access_granted = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="status-reporter", daemon=True)
         self._thread.start()
@@ -224,7 +235,53 @@ class StatusReporter:
     def _due(self, now: float) -> bool:
         return bool(self._pending) and (self._urgent or self._closing or now - self._last_sent >= self.interval)
 
+    def wait_for_access(self) -> bool:
+        """Block until the first read of the FineTuneJob answered or gave up; True when it answered."""
+        self._accessed.wait(max(0.0, self._access_deadline - time.monotonic()) + 1.0)
+        return self._access_granted
+
+    def _await_access(self) -> None:
+        """Read the FineTuneJob until it answers: a 403 until the trainer's RoleBinding exists, or trouble
+        reaching the API server, is retried until the deadline or the end of the run. The answer counts as
+        the first stop-request poll."""
+        delay, waiting = self.backoff, False
+        while True:
+            try:
+                obj = self.api.get_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, PLURAL, self.name, _request_timeout=10
+                )
+            except Exception as exc:
+                status = getattr(exc, "status", None)
+                if (status == 403 or _retryable(exc)) and time.monotonic() + delay < self._access_deadline:
+                    if status == 403 and not waiting:
+                        self.log.emit("info", message=f"waiting for the rights to report: {_api_message(exc)}")
+                        waiting = True
+                    if self._pause(delay):
+                        delay = min(delay * 2, ACCESS_RETRY_CAP)
+                        continue
+                self.log.emit(
+                    "warning", message=f"reading the FineTuneJob failed (status {status}): {_api_message(exc)}"
+                )
+                break
+            self._access_granted = True
+            self._note_stop_request(obj)
+            if waiting:
+                self.log.emit("info", message="the rights to report are granted")
+            break
+        with self._cond:
+            self._last_poll = time.monotonic()
+        self._accessed.set()
+
+    def _pause(self, seconds: float) -> bool:
+        """Sleep ``seconds`` (updates queued meanwhile do not wake it); False when the run ends first."""
+        until = time.monotonic() + seconds
+        with self._cond:
+            while not self._closing and (left := until - time.monotonic()) > 0:
+                self._cond.wait(timeout=left)
+            return not self._closing
+
     def _loop(self) -> None:
+        self._await_access()
         poll_interval = max(self.interval, 1.0)
         while True:
             with self._cond:

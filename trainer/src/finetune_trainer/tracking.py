@@ -472,8 +472,9 @@ RUN_STATUS: Final = {"Succeeded": "FINISHED", "EarlyStopped": "FINISHED"}
 
 
 def read_job(reporter: StatusReporter | None) -> dict[str, Any] | None:
-    """The trainer's own FineTuneJob (its Role may read it), or None outside a cluster or when unreadable."""
-    if reporter is None:
+    """The trainer's own FineTuneJob (its Role may read it, once it exists), or None outside a cluster or
+    when unreadable."""
+    if reporter is None or not reporter.wait_for_access():
         return None
     try:
         found = reporter.api.get_namespaced_custom_object(

@@ -76,6 +76,9 @@ from finetune_operator.reconcile.steer import (
 )
 
 log = logging.getLogger("finetune_operator")
+
+Ensured = tuple[Manifest | None, str | None, str | None]
+"""One child ensured: (the object as stored, kept for the trainer Job; a conflict; the API server's refusal)."""
 OWNED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY},{JOB_LABEL}"
 
 
@@ -477,32 +480,41 @@ class Reconciler(ObjectLoop):
             )
 
     async def _create_children(self, job: FineTuneJob) -> tuple[Manifest | None, list[str], list[str]]:
-        """Create whatever children are missing, in waves, and bring drifted ones back to the spec.
-        A wave with a conflict or a refusal stops the next ones (``kinds.ChildKind.wave`` says why).
+        """Create whatever children are missing, each as soon as those it comes after are ours
+        (``kinds.ChildKind.after``), and bring drifted ones back to the spec. A conflict or a refusal keeps
+        the children after it uncreated.
 
         Returns (the trainer Job as stored, ownership conflicts, refusals)."""
         children = desired_children(job, self.settings)
         self._desired_hash(job, next(c for c in children if c["kind"] == TRAINER_JOB.kind))
         version = (job.metadata.uid, job.metadata.generation)
         self._desired_contents[(job.metadata.namespace, job.metadata.name)] = (version, content_hashes(children))
-        created: Manifest | None = None
-        conflicts: list[str] = []
-        errors: list[str] = []
-        for wave in sorted({k.wave for k in CHILD_KINDS}):
-            batch = [c for c in children if BY_KIND[c["kind"]].wave == wave]
-            results = await asyncio.gather(*(self._ensure(c, job) for c in batch))
-            for child, (stored, conflicted, error) in zip(batch, results, strict=True):
-                created = stored if child["kind"] == TRAINER_JOB.kind and stored is not None else created
-                conflicts += [conflicted] if conflicted else []
-                errors += [error] if error else []
-            if conflicts or errors:
-                break
+        ensured: dict[str, asyncio.Task[Ensured | None]] = {}
+
+        async def ensure(child: Manifest) -> Ensured | None:
+            # Runs once every task below exists: it finds each child it comes after among them.
+            before = [ensured[kind] for kind in BY_KIND[child["kind"]].after if kind in ensured]
+            for outcome in await asyncio.gather(*before):
+                if outcome is None or outcome[1] or outcome[2]:
+                    return None  # not made: what it comes after is not ours (that outcome says why)
+            return await self._ensure(child, job)
+
+        for child in children:
+            ensured[child["kind"]] = asyncio.ensure_future(ensure(child))
+        outcomes = await asyncio.gather(*ensured.values(), return_exceptions=True)
+        failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
+        if failure is not None:
+            raise failure  # only once every create has settled, as ``_ensure`` answers API refusals
+        settled = [o for o in outcomes if isinstance(o, tuple)]
+        created = ensured[TRAINER_JOB.kind].result()
+        conflicts = [conflicted for _, conflicted, _ in settled if conflicted]
+        errors = [error for _, _, error in settled if error]
         if not conflicts and not errors and self._ensured_since_check is not None:
             self._ensured_since_check.add((job.metadata.namespace, job.metadata.name))
-        return created, conflicts, errors
+        return (created[0] if created is not None else None), conflicts, errors
 
-    async def _ensure(self, child: Manifest, job: FineTuneJob) -> tuple[Manifest | None, str | None, str | None]:
-        """One child: (the object as stored, for the Job; a conflict; the API server's refusal)."""
+    async def _ensure(self, child: Manifest, job: FineTuneJob) -> Ensured:
+        """One child, created or checked against what exists."""
         kind, namespace, name = child["kind"], child["metadata"]["namespace"], child["metadata"]["name"]
         try:
             stored = await self.kube.create(child)

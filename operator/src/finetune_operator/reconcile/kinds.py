@@ -12,8 +12,9 @@ class ChildKind:
     group: str
     version: str
     plural: str
-    wave: int = 0
-    """Children are created in waves, all of one wave at once, lowest first."""
+    after: tuple[str, ...] = ()
+    """The kinds this one is created after (those a job has: a Service only with several nodes), each
+    found ours: a conflict or a refusal on one keeps this one uncreated. The rest are created at once."""
     content_free: bool = False
     """Nothing to drift: never rewritten (the operator may not update it)."""
     content: tuple[str, ...] = ()
@@ -43,10 +44,13 @@ CHILD_KINDS = (
         ),
     ),
     ChildKind("Role", RBAC, "v1", "roles", content=("rules",)),
-    # The API server checks that a binder without ``bind`` holds what the Role grants: the Role must exist.
-    ChildKind("RoleBinding", RBAC, "v1", "rolebindings", wave=1, content=("roleRef", "subjects")),
-    # The trainer Job is last: its pods need the rest.
-    ChildKind("Job", "batch", "v1", "jobs", wave=2),
+    # The API server checks that a binder without ``bind`` holds what the Role grants: the Role must exist,
+    # and ours (a RoleBinding to someone else's Role would hand the trainer its rules).
+    ChildKind("RoleBinding", RBAC, "v1", "rolebindings", after=("Role",), content=("roleRef", "subjects")),
+    # Its pods mount the config, run as the account and meet at the Service. The Role and RoleBinding only
+    # let the trainer report, and it waits for them (``finetune_trainer.reporting``): waiting here cost each
+    # job two escalation checks, >= 100 ms each (a consistent LIST of ClusterRoleBindings per create).
+    ChildKind("Job", "batch", "v1", "jobs", after=("ConfigMap", "ServiceAccount", "Service")),
 )
 """Everything a FineTuneJob owns. The trainer Job (batch/v1) is watched for its status; the others
 only for their deletion."""
