@@ -217,6 +217,25 @@ def test_a_resync_round_reaches_every_object_despite_a_failure() -> None:
     assert sorted(loop.resynced) == [(("ml", "a"), False), (("ml", "broken"), False), (("ml", "c"), True)]
 
 
+def test_a_resync_round_lets_other_work_run_between_its_reconciles() -> None:
+    """Reconciles with nothing to fetch (every job steady, its state cached) never yield: a thousand of them
+    ran in one pass of the event loop, and a new job's create waited 1-1.5 s behind the round."""
+    loop = Loop(resync_concurrency=4)
+    loop.known |= {("ml", f"job-{i}") for i in range(100)}
+    ticks: list[int] = []  # reconciles done, each time the other work ran
+
+    async def scenario() -> None:
+        round_ = asyncio.ensure_future(loop.resync_round())
+        while not round_.done():
+            ticks.append(len(loop.resynced))
+            await asyncio.sleep(0)
+        await round_
+
+    run(scenario())
+    runs_between = [later - earlier for earlier, later in zip(ticks, [*ticks[1:], 100], strict=True)]
+    assert len(loop.resynced) == 100 and max(runs_between) <= 4, runs_between
+
+
 def test_a_failed_cache_check_still_resyncs_every_object() -> None:
     class Failing(Loop):
         async def before_resync(self) -> set[Key]:
