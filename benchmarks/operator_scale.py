@@ -95,23 +95,37 @@ def _manifest(name: str) -> dict[str, Any]:
 
 
 def _watch_jobs(kubeconfig: str, namespace: str, seen: multiprocessing.Queue[tuple[str, float]]) -> None:
-    """Put (job, monotonic time) on ``seen`` for every trainer Job event, until killed."""
+    """Put (job, monotonic time) on ``seen`` for every trainer Job event, until killed. Each watch resumes where
+    the last one ended: one begun afresh (every 5 s, as it was) first sent every Job there is again, a thousand
+    decoded into models while the new Jobs' events waited behind them (they were seen up to 1.2 s late)."""
     with api_client(Path(kubeconfig)) as api:
         batch = client.BatchV1Api(api)
-        batch.list_namespaced_job(namespace, limit=1)
+        version: str | None = batch.list_namespaced_job(namespace, limit=1).metadata.resource_version
         seen.put(("", time.monotonic()))  # ready: imported and connected
         while True:
             stream = watch.Watch().stream(
-                batch.list_namespaced_job, namespace, label_selector="finetune.dev/job", timeout_seconds=5
+                batch.list_namespaced_job,
+                namespace,
+                label_selector="finetune.dev/job",
+                resource_version=version,
+                allow_watch_bookmarks=True,
+                timeout_seconds=60,
+                deserialize=False,
             )
             for event in stream:
-                seen.put((event["object"].metadata.labels["finetune.dev/job"], time.monotonic()))
+                if event["type"] == "ERROR":  # 410: too far behind to resume; every Job is sent again
+                    version = None
+                    break
+                metadata = event["object"]["metadata"]
+                version = metadata["resourceVersion"]
+                if event["type"] != "BOOKMARK":
+                    seen.put((metadata["labels"]["finetune.dev/job"], time.monotonic()))
 
 
 class JobWatcher:
     """Records when each trainer Job first appears: a watch, so polling does not skew the figures, in a process
-    of its own. In this one it shared the interpreter lock with the simulated trainers and the creates, and saw
-    a Job up to 1.2 s after the operator had created it (CLOCK_MONOTONIC is the same in both processes)."""
+    of its own: in this one it shared the interpreter lock with the simulated trainers and the creates
+    (CLOCK_MONOTONIC is the same in both processes)."""
 
     def __init__(self, kubeconfig: Path, namespace: str) -> None:
         self._seen: dict[str, float] = {}
@@ -418,16 +432,18 @@ def _api_requests(metrics_port: int) -> dict[tuple[str, str], float]:
     return counts
 
 
-def _apiserver_latency(api: client.ApiClient) -> dict[tuple[str, str], tuple[float, float, float]]:
-    """The API server's own request latency (``apiserver_request_duration_seconds``) by (verb, resource):
-    (requests, mean seconds, share slower than 1 s). Cumulative since it started."""
+def _apiserver_histogram(
+    api: client.ApiClient, family_name: str, labels: tuple[str, str]
+) -> dict[tuple[str, str], tuple[float, float, float]]:
+    """One of the API server's own histograms by two of its labels: (observations, mean seconds, share over
+    1 s). Cumulative since it started."""
     response = api.call_api("GET", f"{api.configuration.host}/metrics")
     sums: dict[tuple[str, str], list[float]] = {}
     for family in text_string_to_metric_families(response.read().decode()):
-        if family.name != "apiserver_request_duration_seconds":
+        if family.name != family_name:
             continue
         for sample in family.samples:
-            key = (sample.labels.get("verb", ""), sample.labels.get("resource", ""))
+            key = (sample.labels.get(labels[0], ""), sample.labels.get(labels[1], ""))
             entry = sums.setdefault(key, [0.0, 0.0, 0.0])
             if sample.name.endswith("_count"):
                 entry[0] += sample.value
@@ -701,9 +717,16 @@ def run(args: argparse.Namespace, policies: bool) -> None:
                 print(f"     {verb:6} {kind:15} {value:8.0f}")
             print("   API server latency by request (cumulative; the operator's writes and the trainers' reports):")
             kinds = {"configmaps", "serviceaccounts", "roles", "rolebindings", "jobs", "finetunejobs"}
-            for (verb, resource), (n, mean, slow) in sorted(_apiserver_latency(api).items()):
+            latency = _apiserver_histogram(api, "apiserver_request_duration_seconds", ("verb", "resource"))
+            for (verb, resource), (n, mean, slow) in sorted(latency.items()):
                 if resource in kinds and verb in {"POST", "PATCH", "PUT"}:
                     print(f"     {verb:6} {resource:15} {n:8.0f}  mean {mean * 1000:6.1f} ms  > 1 s: {slow:.1%}")
+            # How far the API server's watch cache was behind etcd: what a consistent read (the RBAC escalation
+            # check's LIST of ClusterRoleBindings) waited for, and about what a watcher's events are late by.
+            print("   API server watch cache behind etcd (a consistent read's wait, cumulative):")
+            waits = _apiserver_histogram(api, "apiserver_watch_cache_read_wait_seconds", ("group", "resource"))
+            for (_group, resource), (n, mean, slow) in sorted(waits.items()):
+                print(f"     {resource:22} {n:8.0f}  mean {mean * 1000:6.1f} ms  > 1 s: {slow:.1%}")
             series = _job_series(metrics_port, namespace)
             deleted = time.monotonic()  # one by one: a deletecollection of a thousand times out at the API server
             with ThreadPoolExecutor(max_workers=16) as pool:
