@@ -339,14 +339,15 @@ class Reconciler(ObjectLoop):
         key = (namespace, name)
 
         async def attempt() -> None:
-            body = self._bodies.get(key)
+            body = cached = self._bodies.get(key)
             if body is None:
                 read = await self.kube.read_finetunejob(namespace, name)
                 body = None if read is None else finetunejob_essentials(read)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 self.forget(namespace, name)
                 return
-            self._bodies[key] = body
+            if cached is None:
+                self._bodies[key] = body  # one read afresh (packing one from the cache again costs a dump)
             ensured = self._ensured_since_check
             stale_flag = unless_ensured_since_check and ensured is not None and key in ensured
             await self._reconcile(body, ensure_children and not stale_flag)
