@@ -128,6 +128,16 @@ def test_what_a_trainer_reports_before_its_rights_exist_is_sent_once_they_do() -
     r.close()
 
 
+def test_a_run_that_ends_before_its_rights_exist_still_sends_its_last_report() -> None:
+    """A short run can end before its RoleBinding exists: ``close`` stopped the wait, and the last report (how it
+    ended, its best checkpoint) was refused and lost. It now waits a little longer for the rights."""
+    api = FakeApi(denied_until=time.monotonic() + 0.3)
+    r = reporter(api, interval=0)
+    r.update(TrainerStatus(progress=Progress(step=10, total_steps=10)), urgent=True)
+    r.close()
+    assert api.patches == [{"status": {"progress": {"step": 10, "totalSteps": 10}}}], api.patches
+
+
 def test_a_reporting_trainer_sees_stop_requests_in_patch_answers_without_extra_reads() -> None:
     api = FakeApi()
     r = reporter(api, interval=0.1)

@@ -23,6 +23,9 @@ RETRYABLE_STATUS = frozenset({409, 429, 500, 502, 503, 504})
 ACCESS_TIMEOUT = 60.0
 """How long the first read waits for the trainer's rights: its RoleBinding comes seconds after its pod at most."""
 ACCESS_RETRY_CAP = 2.0
+CLOSING_ACCESS_WAIT = 8.0
+"""How long a run that ends before its rights exist still waits for them, within ``close``'s 15 s: its last
+report (how it ended, its best checkpoint) would otherwise be refused and lost."""
 
 _running: set[StatusReporter | PrometheusMetrics] = set()
 """Reporters and /metrics servers whose threads still run: ``stop_background`` stops them."""
@@ -229,6 +232,7 @@ class StatusReporter:
         with self._cond:
             self._urgent = True
             self._closing = True
+            self._access_deadline = min(self._access_deadline, time.monotonic() + CLOSING_ACCESS_WAIT)
             self._cond.notify_all()
         self._thread.join(timeout)
 
@@ -242,8 +246,8 @@ class StatusReporter:
 
     def _await_access(self) -> None:
         """Read the FineTuneJob until it answers: a 403 until the trainer's RoleBinding exists, or trouble
-        reaching the API server, is retried until the deadline or the end of the run. The answer counts as
-        the first stop-request poll."""
+        reaching the API server, is retried until the deadline (at most ``CLOSING_ACCESS_WAIT`` after the
+        run ends). The answer counts as the first stop-request poll."""
         delay, waiting = self.backoff, False
         while True:
             try:
@@ -252,7 +256,7 @@ class StatusReporter:
                 )
             except Exception as exc:
                 status = getattr(exc, "status", None)
-                if (status == 403 or _retryable(exc)) and time.monotonic() + delay < self._access_deadline:
+                if (status == 403 or _retryable(exc)) and time.monotonic() < self._access_deadline:
                     if status == 403 and not waiting:
                         self.log.emit("info", message=f"waiting for the rights to report: {_api_message(exc)}")
                         waiting = True
@@ -273,12 +277,13 @@ class StatusReporter:
         self._accessed.set()
 
     def _pause(self, seconds: float) -> bool:
-        """Sleep ``seconds`` (updates queued meanwhile do not wake it); False when the run ends first."""
+        """Sleep ``seconds`` (updates queued meanwhile do not wake it); False when the deadline for access
+        comes first (``close`` brings it nearer)."""
         until = time.monotonic() + seconds
         with self._cond:
-            while not self._closing and (left := until - time.monotonic()) > 0:
+            while (left := min(until, self._access_deadline) - time.monotonic()) > 0:
                 self._cond.wait(timeout=left)
-            return not self._closing
+            return time.monotonic() < self._access_deadline
 
     def _loop(self) -> None:
         self._await_access()
