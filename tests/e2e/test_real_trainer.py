@@ -13,6 +13,7 @@ import time
 import pytest
 from kubernetes import client
 
+from finetune_operator.reconcile.children import Names
 from finetune_trainer.manifest import verify
 from tests.e2e.conftest import Jobs, RealNamespace, real_job
 
@@ -39,11 +40,38 @@ OVERFIT = real_job(
 )
 
 
+def _wait_for_log(jobs: Jobs, name: str, text: str, timeout: float) -> None:
+    """Until the log of job ``name``'s trainer pod holds ``text``."""
+    core = client.CoreV1Api(jobs.api)
+    selector = f"batch.kubernetes.io/job-name={Names.of(name).job}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pod in core.list_namespaced_pod(jobs.namespace, label_selector=selector).items:
+            try:
+                if text in core.read_namespaced_pod_log(pod.metadata.name, jobs.namespace):
+                    return
+            except client.ApiException:
+                pass  # not started yet
+        time.sleep(0.5)
+    raise AssertionError(f"the trainer of {name} never logged {text!r}")
+
+
 @pytest.fixture(scope="module")
 def started(real_namespace: RealNamespace) -> RealNamespace:
-    """Both jobs of this module, created at once (see ``real_namespace``)."""
-    real_namespace.jobs.create(real_job("tiny"))
-    real_namespace.jobs.create(OVERFIT)
+    """Both jobs of this module, created at once (see ``real_namespace``).
+
+    ``overfit`` meets someone else's Role under its trainer Role's name. Its Job starts anyway (its pods need
+    no RBAC) and its real trainer, in its pod, waits for the rights to report; once that Role is gone, the
+    operator's resync makes the job's own Role and RoleBinding, and ``overfit``'s test shows that every
+    report (evaluations, early stopping, best checkpoint) still arrived."""
+    jobs = real_namespace.jobs
+    rbac = client.RbacAuthorizationV1Api(jobs.api)
+    foreign = Names.of("overfit").role
+    rbac.create_namespaced_role(jobs.namespace, {"metadata": {"name": foreign}, "rules": []})
+    jobs.create(real_job("tiny"))
+    jobs.create(OVERFIT)
+    _wait_for_log(jobs, "overfit", "waiting for the rights to report", timeout=180)
+    rbac.delete_namespaced_role(foreign, jobs.namespace)
     return real_namespace
 
 
