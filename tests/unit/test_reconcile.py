@@ -9,7 +9,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from finetune_operator.api.job import EvaluationRecord, FineTuneJob, Progress, read_stored
+from finetune_operator.api.job import EvaluationRecord, FineTuneJob, FineTuneJobStatus, Progress, read_stored
 from finetune_operator.reconcile import Observed, ObservedJob, ObservedPod, Settings, decide, desired_children
 from finetune_operator.reconcile.children import (
     JOB_LABEL,
@@ -30,12 +30,12 @@ from finetune_operator.reconcile.observe import (
     status_patch,
     trainer_job_essentials,
 )
-from finetune_operator.reconcile.status import not_understood
+from finetune_operator.reconcile.status import copy_status, not_understood, set_condition
 from finetune_trainer.contract import TERMINATION_GRACE_ENV
 from finetune_trainer.launch import GRACE_MARGIN_SECONDS, shutdown_timeout
 from finetune_trainer.reporting import stop_request_of
 from finetune_trainer.spec import TrainingSpec
-from tests.manifests import baseline
+from tests.manifests import baseline, trainer_status_at_the_bounds
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 SETTINGS = Settings()
@@ -633,3 +633,19 @@ def test_the_trainer_learns_its_cpu_request_for_data_loader_workers() -> None:
     cpu = env({"cpu": "7500m"})["FINETUNE_CPU_REQUEST"]
     assert cpu["valueFrom"] == {"resourceFieldRef": {"resource": "requests.cpu", "divisor": "1"}}  # rounds up: 8
     assert "FINETUNE_CPU_REQUEST" not in env({})  # no request: the trainer counts the CPUs it may use
+
+
+def test_a_status_copy_is_equal_and_shares_nothing() -> None:
+    """``copy_status`` (a dump validated afresh: ~5x faster than ``model_copy(deep=True)``) is a faithful copy,
+    conditions filled in place on a fresh status included (they never count as set)."""
+    status = FineTuneJobStatus.model_validate(trainer_status_at_the_bounds("pvc://runs/job").to_wire())
+    status.phase = "Running"
+    set_condition(status, "Running", True, "Started", "training", NOW, 3)
+    before = status.to_wire()
+    copy = copy_status(status)
+    assert copy == status and copy.to_wire() == before and copy.conditions
+    copy.conditions[0].status = "False"
+    copy.evaluations.pop()
+    assert copy.best is not None and copy.progress is not None
+    copy.best.value, copy.progress.step = 0.0, 0
+    assert status.to_wire() == before, "the original is untouched"

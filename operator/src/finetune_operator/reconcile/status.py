@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from finetune_operator.api.job import (
     CREATE_FAILED,
@@ -203,6 +203,17 @@ class Decision:
     started by Kueue (stopped while queued): a finished job's Job never runs again."""
 
 
+StatusT = TypeVar("StatusT", bound=BaseModel)
+
+
+def copy_status(status: StatusT) -> StatusT:
+    """A copy of ``status`` to decide on, sharing nothing with it, made by validating its dump afresh:
+    ``model_copy(deep=True)`` goes through ``copy.deepcopy`` object by object (73 us for a suspended job's
+    status against 15 us), and every reconcile copies one. Which fields count as set is not kept (a list
+    filled in place never counted): the operator writes a status's ``to_wire``, which does not read it."""
+    return status.model_validate(status.model_dump(by_alias=True))
+
+
 def is_finished(status: FineTuneJobStatus) -> bool:
     return any(c.type in ("Complete", "Failed") and c.status == "True" for c in status.conditions)
 
@@ -261,7 +272,7 @@ def invalid_spec(
 ) -> Decision:
     """A spec the API server accepted but the models reject (e.g. an older CRD), or one the operator refuses
     (``reason``): fail, create nothing."""
-    status = job_status.model_copy(deep=True)
+    status = copy_status(job_status)
     status.observed_generation = generation
     status.phase = "Failed"
     status.message = message
@@ -286,7 +297,7 @@ def operator_namespace_refusal(namespace: str, operator_namespace: str | None, k
 def not_understood(job_status: FineTuneJobStatus, problem: str, now: datetime) -> Decision:
     """A started job whose stored spec this operator version cannot read (operator/CRD version
     skew): its workload and status are left as they are, never failed; said once, as a warning."""
-    status = job_status.model_copy(deep=True)
+    status = copy_status(job_status)
     message = f"this operator version cannot read the spec; the workload is left running: {problem}"
     events = [] if status.message == message else [Event("Warning", VERSION_SKEW, message)]
     status.message = message
@@ -439,7 +450,7 @@ def _tracking(status: FineTuneJobStatus, now: datetime, generation: int | None) 
 def decide(job: FineTuneJob, observed: Observed, now: datetime) -> Decision:
     """The next status of ``job`` given what exists, and what to do about it."""
     generation = job.metadata.generation
-    status = job.status.model_copy(deep=True)
+    status = copy_status(job.status)
     status.observed_generation = generation
     names = Names.for_job(job)
     status.workload = WorkloadRefs(

@@ -41,7 +41,7 @@ from finetune_operator.api.sweep import (
 )
 from finetune_operator.reconcile.children import MANAGED_BY, MANAGED_BY_LABEL, bounded_name, job_label_value
 from finetune_operator.reconcile.health import derive_health
-from finetune_operator.reconcile.status import Event, operator_namespace_refusal, set_condition
+from finetune_operator.reconcile.status import Event, copy_status, operator_namespace_refusal, set_condition
 from finetune_operator.reconcile.trials import ObservedTrial
 
 Manifest = dict[str, Any]
@@ -159,7 +159,7 @@ def decide_sweep(sweep: FineTuneSweep, trials: Sequence[ObservedTrial], now: dat
 
     spec = sweep.spec
     generation = sweep.metadata.generation
-    status = sweep.status.model_copy(deep=True)
+    status = copy_status(sweep.status)
     status.observed_generation = generation
     ordered = sorted(trials, key=lambda t: t.index)
     counts = _counts(ordered)
@@ -265,7 +265,7 @@ def invalid_sweep(
 ) -> SweepDecision:
     """A sweep the API server accepted but the models reject, or one the operator refuses (``reason``):
     fail, create nothing."""
-    status = sweep_status.model_copy(deep=True)
+    status = copy_status(sweep_status)
     status.observed_generation = generation
     status.phase = "Failed"
     status.message = message
