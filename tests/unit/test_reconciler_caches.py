@@ -58,7 +58,7 @@ def test_parsed_specs_are_kept_for_the_jobs_seen_last_only(monkeypatch: pytest.M
     monkeypatch.setattr(handlers, "PARSED_JOBS", 2)
     reconciler = _reconciler()
     for name in ("a", "b", "a", "c"):
-        reconciler._parse(("ml", name), _body(name))
+        reconciler._parse(("ml", name), _body(name), keep=True)
     assert list(reconciler._parsed) == [("ml", "a"), ("ml", "c")]
 
 
@@ -68,9 +68,11 @@ def test_a_forgotten_job_leaves_nothing_in_the_reconcilers_caches() -> None:
     reconciler.saw(body)
     reconciler.saw_trainer_job(KEY, _trainer_job())
     assert reconciler._bodies.packed and reconciler._trainer_jobs.packed, "the caches this test checks"
-    parsed = reconciler._parse(KEY, body)
-    assert reconciler._parse(KEY, {**body, "status": {"progress": {"step": 3}}}) is parsed, "status alone changed"
-    assert reconciler._parse(KEY, {**body, "metadata": {**body["metadata"], "generation": 2}}) is not parsed
+    parsed = reconciler._parse(KEY, body, keep=True)
+    assert reconciler._parse(KEY, {**body, "status": {"progress": {"step": 3}}}, keep=True) is parsed, (
+        "status alone changed"
+    )
+    assert reconciler._parse(KEY, {**body, "metadata": {**body["metadata"], "generation": 2}}, keep=True) is not parsed
 
     async def drop() -> None:
         await reconciler.drop(*KEY)
@@ -191,3 +193,32 @@ def test_the_resync_lists_metadata_only_and_reads_a_trainer_job_the_watch_missed
     assert kube.lists and all(metadata_only for _kind, metadata_only in kube.lists), kube.lists
     cached = reconciler._trainer_jobs.get(KEY)
     assert cached is not None and cached["status"]["active"] == 1, "the missed Job, read in full"
+
+
+def test_a_resync_round_keeps_the_specs_parsed_before_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With more jobs than ``PARSED_JOBS``, a round in name order evicted every kept spec before it came to it (and
+    the running jobs', whose reports come back every few seconds): every spec was parsed again each round, and
+    again on each job's next report."""
+    monkeypatch.setattr(handlers, "PARSED_JOBS", 3)
+    names = [f"j{i}" for i in range(6)]
+    kube = StoreKube(_body(names[0]))
+    kube.objects |= {("FineTuneJob", "ml", name): _body(name) for name in names[1:]}
+    reconciler = Reconciler(cast(Kube, kube), Settings(), OperatorMetrics())
+    parsed: list[str] = []
+    parse = handlers.read_stored
+
+    def counted(body: dict[str, Any]) -> Any:
+        parsed.append(body["metadata"]["name"])
+        return parse(body)
+
+    monkeypatch.setattr(handlers, "read_stored", counted)
+
+    async def scenario() -> None:
+        for name in names:
+            reconciler.saw(_body(name))
+            await reconciler.reconcile("ml", name)
+        await reconciler.resync_round()
+
+    asyncio.run(scenario())
+    assert [key[1] for key in reconciler._parsed] == ["j3", "j4", "j5"], "the jobs seen last, as before the round"
+    assert parsed == [*names, "j0", "j1", "j2"], "the round parsed only those it did not keep"

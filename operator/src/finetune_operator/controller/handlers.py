@@ -273,7 +273,7 @@ class Reconciler(ObjectLoop):
         self._ensured_since_check = None
 
     async def reconcile_key(self, key: Key, flagged: bool) -> None:
-        await self.reconcile(*key, ensure_children=flagged, unless_ensured_since_check=True)
+        await self.reconcile(*key, ensure_children=flagged, resync=True)
 
     async def verify_caches(self) -> set[Key]:
         """Check the watches' caches against the API server; return the jobs missing a child.
@@ -329,13 +329,14 @@ class Reconciler(ObjectLoop):
         return missing
 
     async def reconcile(
-        self, namespace: str, name: str, *, ensure_children: bool = False, unless_ensured_since_check: bool = False
+        self, namespace: str, name: str, *, ensure_children: bool = False, resync: bool = False
     ) -> None:
         """Bring one FineTuneJob and its children in line with the world as it is now.
 
-        ``unless_ensured_since_check``: ``ensure_children`` comes from a resync round's lists, and a reconcile
-        that ensured them since those lists began (under this lock) saw them newer. A child deleted between that
-        ensure and its list sends a DELETED event, which ensures them again; only a missed one waits a round."""
+        ``resync``: a resync round's reconcile. Its ``ensure_children`` comes from the round's lists, and a
+        reconcile that ensured them since those lists began (under this lock) saw them newer. A child deleted
+        between that ensure and its list sends a DELETED event, which ensures them again; only a missed one waits
+        a round. And a spec it parses is not kept (``_parse``)."""
         key = (namespace, name)
 
         async def attempt() -> None:
@@ -349,15 +350,15 @@ class Reconciler(ObjectLoop):
             if cached is None:
                 self._bodies[key] = body  # one read afresh (packing one from the cache again costs a dump)
             ensured = self._ensured_since_check
-            stale_flag = unless_ensured_since_check and ensured is not None and key in ensured
-            await self._reconcile(body, ensure_children and not stale_flag)
+            stale_flag = resync and ensured is not None and key in ensured
+            await self._reconcile(body, ensure_children and not stale_flag, not resync)
 
         def stale() -> None:
             self._bodies.pop(key, None)  # decided on a stale copy: read it afresh
 
         await self.serially(key, attempt, stale)
 
-    async def _reconcile(self, body: Manifest, ensure_children: bool) -> None:
+    async def _reconcile(self, body: Manifest, ensure_children: bool, keep_parsed: bool) -> None:
         """Gather one observation, call the pure core once, carry out its ``Decision``."""
         now = datetime.now(UTC)
         metadata = body["metadata"]
@@ -365,7 +366,7 @@ class Reconciler(ObjectLoop):
         key = (namespace, name)
         current = FineTuneJobStatus.model_validate(body.get("status") or {})
         try:
-            job = self._parse(key, body).model_copy(update={"status": current})  # decide() works on a copy
+            job = self._parse(key, body, keep_parsed).model_copy(update={"status": current})  # decide() works on a copy
         except ValidationError as error:
             unreadable = unreadable_spec(current, describe_validation(error), metadata.get("generation"), now)
             if unreadable is not None:
@@ -425,16 +426,24 @@ class Reconciler(ObjectLoop):
             # nothing new (a failed reconcile leaves it uncached, so that event still reconciles again).
             self.saw_trainer_job(key, stored)
 
-    def _parse(self, key: Key, body: Manifest) -> FineTuneJob:
+    def _parse(self, key: Key, body: Manifest, keep: bool) -> FineTuneJob:
         """The FineTuneJob (status aside: the caller parses it) read from ``body``, parsed again only when
-        what ``read_stored`` reads of it changed. Raises ``ValidationError`` for a spec that is wrong."""
+        what ``read_stored`` reads of it changed. Raises ``ValidationError`` for a spec that is wrong.
+
+        ``keep``: keep a spec parsed afresh, as the most recently used. A resync round's are not kept: its walk over
+        every job evicted the ones it had still to come to, and the running jobs whose reports come back every
+        few seconds; with more jobs than ``PARSED_JOBS`` every round parsed every spec again, 120 us each."""
         metadata = body["metadata"]
         source = (body.get("apiVersion"), body.get("kind"), body.get("spec"), *map(metadata.get, _PARSED_METADATA))
         cached = self._parsed.pop(key, None)
-        job = cached[1] if cached is not None and cached[0] == source else read_stored({**body, "status": {}})
-        self._parsed[key] = (source, job)
-        if len(self._parsed) > PARSED_JOBS:
-            del self._parsed[next(iter(self._parsed))]
+        if cached is not None and cached[0] == source:
+            self._parsed[key] = cached
+            return cached[1]
+        job = read_stored({**body, "status": {}})
+        if keep:
+            self._parsed[key] = (source, job)
+            if len(self._parsed) > PARSED_JOBS:
+                del self._parsed[next(iter(self._parsed))]
         return job
 
     async def _execute(
