@@ -1,7 +1,7 @@
 """Operator scale benchmark on the local control plane (prints figures; asserts nothing).
 
     .venv/bin/python benchmarks/operator_scale.py [--jobs 1000] [--in-flight 500] [--sequential 20]
-        [--policies chart|none|both] [--profile] [--tracemalloc] [--without-escalation-checks]
+        [--policies chart|none|both] [--profile] [--tracemalloc] [--without-escalation-checks] [--api-floor]
 
 With the operator (kopf), the control plane and this load generator sharing the machine:
 1. create -> Job created latency (p50/p99), one FineTuneJob at a time;
@@ -27,6 +27,9 @@ every right a per-job Role or RoleBinding grants: that check reads the ClusterRo
 LIST from the watch cache, which waits for etcd's next progress notification (requested every 100 ms), so
 each of the two creates costs at least 100 ms, in sequence, on every job's way to its Job. With ``escalate``
 and ``bind`` the operator could grant itself anything, so the figures show the bound, not a setting to ship.
+``--api-floor`` runs only phase 2's burst, on a control plane of its own with no operator: the writes the operator
+makes for each job (its children as it renders them, its first status, its Event) made directly, with its client and
+its token. What that takes, and the API server's CPU for it, no operator can beat on this machine.
 ``--tracemalloc`` runs the operator under tracemalloc (``traced_operator.py``: slower, so its
 latencies are not the operator's) and prints what it holds per job, by holder (our caches, kopf's
 per-object memories, metric series), by file and by allocating call, with every job there and
@@ -73,11 +76,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from finetune_localcluster.cluster import Cluster, free_port
 from finetune_localcluster.kubeconfig import api_client, install_objects, service_account_kubeconfig
-from finetune_operator.api.job import GROUP, PLURAL, VERSION
+from finetune_operator.api.job import GROUP, PLURAL, VERSION, FineTuneJobStatus, read_stored
 from finetune_operator.controller.clients import ApiError, Kube
 from finetune_operator.generators.crd import chart_api_objects
 from finetune_operator.generators.rbac import cluster_role
+from finetune_operator.reconcile import Observed, decide, desired_children
 from finetune_operator.reconcile.children import Names, Settings
+from finetune_operator.reconcile.observe import observe_job, status_patch
 
 
 def _manifest(name: str) -> dict[str, Any]:
@@ -755,6 +760,101 @@ def run(args: argparse.Namespace, policies: bool) -> None:
         cluster.stop()
 
 
+def _connection(kubeconfig: Path) -> kopf.ConnectionInfo:
+    """The identity a kubeconfig holds (a token or a client certificate), for our own API client."""
+    config = yaml.safe_load(kubeconfig.read_text())
+    cluster, user = config["clusters"][0]["cluster"], config["users"][0]["user"]
+    return kopf.ConnectionInfo(
+        server=cluster["server"],
+        ca_path=cluster["certificate-authority"],
+        token=user.get("token"),
+        certificate_path=user.get("client-certificate"),
+        private_key_path=user.get("client-key"),
+    )
+
+
+async def _write_as_the_operator_would(admin: Kube, operator: Kube, namespace: str, names: list[str]) -> None:
+    """Each FineTuneJob created (16 at a time, as phase 2's creates), then what the operator writes for it (its
+    children as it renders them, its first status, its Event) made directly, 64 jobs at a time (its reconcile
+    limit); the decisions come from the operator's pure core, in this process."""
+    created: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    creating = asyncio.Semaphore(16)
+
+    async def create(name: str) -> None:
+        manifest = _manifest(name)
+        manifest["metadata"]["namespace"] = namespace
+        async with creating:
+            await created.put(await admin.create(manifest))
+
+    async def write() -> None:
+        while (stored := await created.get()) is not None:
+            job, trainer_job = read_stored(stored), None
+            for child in desired_children(job, Settings()):
+                made = await operator.create(child)
+                trainer_job = made if child["kind"] == "Job" else trainer_job
+            now = datetime.now(UTC)
+            decision = decide(job, Observed(job=observe_job(trainer_job) if trainer_job else None), now)
+            patch = status_patch(FineTuneJobStatus(), decision.status)
+            await operator.patch_status(namespace, job.metadata.name, patch, stored["metadata"]["resourceVersion"])
+            for event in decision.events:
+                await operator.post_event(stored, event.type, event.reason, event.message, now)
+
+    writers = [asyncio.create_task(write()) for _ in range(64)]
+    await asyncio.gather(*(create(name) for name in names))
+    for _ in writers:
+        await created.put(None)
+    await asyncio.gather(*writers)
+
+
+def api_floor(args: argparse.Namespace) -> None:
+    """Phase 2's burst with no operator logic: what the operator writes for each job, made directly with its own
+    client, token and renderings, on a fresh control plane with the chart's policies and no operator running. The
+    time until every job has its Job, and the API server's CPU for it, bound any operator's burst on this machine."""
+    state = Path(tempfile.mkdtemp(prefix="ftj-bench-"))
+    cluster = Cluster(state)
+    cluster.start(reuse=False)
+    try:
+        with api_client(cluster.kubeconfig) as api:
+            install_objects(api, chart_api_objects())
+            namespace = "bench"
+            client.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})
+        operator_kubeconfig = service_account_kubeconfig(
+            cluster.kubeconfig, cluster_role(), "finetune-system", state / "operator-kubeconfig.yaml"
+        )
+        watcher = JobWatcher(cluster.kubeconfig, namespace)
+        pids = cluster.pids()
+        cpu = CpuMeter(
+            {
+                "apiserver": (pids.get("kube-apiserver"),),
+                "etcd": (pids.get("etcd"),),
+                "load generator": (os.getpid(), watcher.pid),
+            }
+        )
+        names = [f"burst-{i}" for i in range(args.jobs)]
+
+        async def burst() -> None:
+            admin = Kube(_constant(_connection(cluster.kubeconfig)), pool_size=16)
+            operator = Kube(_constant(_connection(operator_kubeconfig)), pool_size=32)
+            try:
+                await _write_as_the_operator_would(admin, operator, namespace, names)
+            finally:
+                await asyncio.gather(admin.close(), operator.close())
+
+        begin = time.monotonic()
+        asyncio.run(burst())
+        complete = watcher.wait(names, 600)
+        all_done = max(watcher.seen.get(n, float("nan")) for n in names) - begin
+        print(
+            f"2. with no operator: {args.jobs} FineTuneJobs and the operator's writes for each made directly;"
+            f" all have their Job after {all_done:.1f} s" + ("" if complete else " (INCOMPLETE)")
+        )
+        time.sleep(2)  # the Job controller's status writes for the burst's Jobs
+        print(cpu.lap(args.jobs, "job"))
+        watcher.stop()
+    finally:
+        cluster.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=1000, help="FineTuneJobs in the burst")
@@ -786,7 +886,15 @@ def main() -> int:
     parser.add_argument(
         "--tracemalloc", action="store_true", help="what the operator holds per job, and what deleted jobs leave"
     )
+    parser.add_argument(
+        "--api-floor",
+        action="store_true",
+        help="only phase 2's burst with no operator: its writes made directly (the API server's bound)",
+    )
     args = parser.parse_args()
+    if args.api_floor:
+        api_floor(args)
+        return 0
     for policies in {"chart": (True,), "none": (False,), "both": (True, False)}[args.policies]:
         run(args, policies)
     return 0
