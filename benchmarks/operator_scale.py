@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -207,10 +208,23 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def _connection(kubeconfig: Path) -> kopf.ConnectionInfo:
+    """The identity a kubeconfig holds (a token or a client certificate), for our own API client."""
+    config = yaml.safe_load(kubeconfig.read_text())
+    cluster, user = config["clusters"][0]["cluster"], config["users"][0]["user"]
+    return kopf.ConnectionInfo(
+        server=cluster["server"],
+        ca_path=cluster["certificate-authority"],
+        token=user.get("token"),
+        certificate_path=user.get("client-certificate"),
+        private_key_path=user.get("client-key"),
+    )
+
+
 def _trainer_credentials(kubeconfig: Path, namespace: str, names: list[str]) -> dict[str, kopf.ConnectionInfo]:
     """What each job's trainer pod authenticates with: a token of the job's own ServiceAccount,
     whose Role allows only reading its FineTuneJob and patching its status."""
-    cluster = yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]
+    admin = _connection(kubeconfig)
     with api_client(kubeconfig) as api, ThreadPoolExecutor(max_workers=16) as pool:
         core = client.CoreV1Api(api)
 
@@ -220,7 +234,7 @@ def _trainer_credentials(kubeconfig: Path, namespace: str, names: list[str]) -> 
 
         tokens = pool.map(token, names)
         return {
-            name: kopf.ConnectionInfo(server=cluster["server"], ca_path=cluster["certificate-authority"], token=t)
+            name: dataclasses.replace(admin, token=t, certificate_path=None, private_key_path=None)
             for name, t in zip(names, tokens, strict=True)
         }
 
@@ -758,19 +772,6 @@ def run(args: argparse.Namespace, policies: bool) -> None:
             os.killpg(operator.pid, signal.SIGTERM)
             operator.wait(timeout=30)
         cluster.stop()
-
-
-def _connection(kubeconfig: Path) -> kopf.ConnectionInfo:
-    """The identity a kubeconfig holds (a token or a client certificate), for our own API client."""
-    config = yaml.safe_load(kubeconfig.read_text())
-    cluster, user = config["clusters"][0]["cluster"], config["users"][0]["user"]
-    return kopf.ConnectionInfo(
-        server=cluster["server"],
-        ca_path=cluster["certificate-authority"],
-        token=user.get("token"),
-        certificate_path=user.get("client-certificate"),
-        private_key_path=user.get("client-key"),
-    )
 
 
 async def _write_as_the_operator_would(admin: Kube, operator: Kube, namespace: str, names: list[str]) -> None:
