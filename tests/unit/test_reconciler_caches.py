@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any, cast
 
 import pytest
@@ -12,7 +13,9 @@ from finetune_operator.controller import handlers
 from finetune_operator.controller.clients import Kube
 from finetune_operator.controller.handlers import Reconciler
 from finetune_operator.controller.metrics import OperatorMetrics
-from finetune_operator.reconcile import Settings
+from finetune_operator.reconcile import KueueWorkload, Observed, Settings, decide
+from tests.unit.test_reconcile import NOW, job
+from tests.unit.test_steer import trainer_of
 
 KEY = ("ml", "a")
 
@@ -222,3 +225,40 @@ def test_a_resync_round_keeps_the_specs_parsed_before_it(monkeypatch: pytest.Mon
     asyncio.run(scenario())
     assert [key[1] for key in reconciler._parsed] == ["j3", "j4", "j5"], "the jobs seen last, as before the round"
     assert parsed == [*names, "j0", "j1", "j2"], "the round parsed only those it did not keep"
+
+
+class KueueKube(StoreKube):
+    """The store, with the trainer Job's patches and the Workloads' switches recorded in the order they came."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        super().__init__(body)
+        self.calls: list[tuple[str, Any]] = []
+
+    async def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        self.calls.append(("Job", patch))
+
+    async def set_kueue_workload_active(self, namespace: str, name: str, active: bool) -> None:
+        self.calls.append(("Workload", active))
+
+
+def test_a_queued_jobs_workload_is_switched_off_before_its_job_is_suspended_and_on_after_it_is_handed_back() -> None:
+    """Kueue unsuspends any Job whose Workload it admitted while that Workload is active. With the Job suspended
+    first, Kueue undid the user's suspend before the Workload went off (``tests/e2e/test_kueue.py`` read the Job
+    running again after the job said Suspended)."""
+    workload = KueueWorkload("ml", "w")
+    running = replace(trainer_of(job(queueName="q"), active=1, ready=1), suspended=False)
+    inactive = replace(workload, active=False)
+    held = trainer_of(job(queueName="q"))
+    suspended = [("Workload", False), ("Job", {"spec": {"suspend": True}})]
+    handed_back = [("Workload", True)]  # Kueue unsuspends the Job when it admits it
+    for ftj, observed, expected in (
+        (job(queueName="q", suspend=True), Observed(job=running, kueue_workloads=(workload,)), suspended),
+        (job(queueName="q"), Observed(job=held, kueue_workloads=(inactive,)), handed_back),
+    ):
+        body = ftj.model_dump(mode="json", by_alias=True, exclude_none=True)
+        body["metadata"]["resourceVersion"] = "7"
+        kube = KueueKube(body)
+        reconciler = Reconciler(cast(Kube, kube), Settings(), OperatorMetrics())
+        decision = decide(ftj, observed, NOW)
+        asyncio.run(reconciler._execute(ftj, body, ftj.status, decision, NOW, "uid-1"))
+        assert kube.calls == expected

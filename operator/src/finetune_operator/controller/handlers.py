@@ -464,12 +464,13 @@ class Reconciler(ObjectLoop):
             # Its DELETED event brings us back to create it again from the spec.
             log.info("spec changed while suspended: replacing Job %s/%s", namespace, trainer)
             await self.kube.delete_job(namespace, trainer, trainer_uid)
+        # Kueue unsuspends any Job whose Workload it admitted while that Workload is active: switched off only after
+        # the Job's suspend, Kueue undid the user's suspend in between (the e2e test read the Job unsuspended again).
+        await self._switch_workloads(decision, active=False)
         patch = trainer_job_patch(decision)
         if patch is not None:
             await self.kube.patch_job(namespace, trainer, patch)
-        for workload, active in decision.kueue_active:
-            log.info("Kueue Workload %s/%s: active=%s", workload.namespace, workload.name, active)
-            await self.kube.set_kueue_workload_active(workload.namespace, workload.name, active)
+        await self._switch_workloads(decision, active=True)
         await self._write(body, current, decision, now)
         # Only now that the result is recorded may the trainer Job go.
         if decision.ttl_seconds_after_finished is not None:
@@ -488,6 +489,13 @@ class Reconciler(ObjectLoop):
             self.saw_trainer_job(
                 (namespace, job.metadata.name), {"metadata": {"name": trainer, "namespace": namespace}}, deleted=True
             )
+
+    async def _switch_workloads(self, decision: Decision, active: bool) -> None:
+        """Switch ``spec.active`` to ``active`` on the Workloads the decision switches so."""
+        for workload, wanted in decision.kueue_active:
+            if wanted is active:
+                log.info("Kueue Workload %s/%s: active=%s", workload.namespace, workload.name, active)
+                await self.kube.set_kueue_workload_active(workload.namespace, workload.name, active)
 
     async def _create_children(self, job: FineTuneJob) -> tuple[Manifest | None, list[str], list[str]]:
         """Create whatever children are missing, each as soon as those it comes after are ours

@@ -174,9 +174,9 @@ class Event:
 @dataclass
 class Decision:
     """The job's next status and every action the shell carries out, in this order: force-delete
-    ``stuck_pods``; replace the trainer Job, or patch its ``suspend`` and queue label; switch Kueue's
-    Workloads; write the status and post the events; then (the result recorded) set the TTL or delete
-    the trainer Job."""
+    ``stuck_pods``; switch Kueue's Workloads off; replace the trainer Job, or patch its ``suspend`` and queue
+    label; switch Kueue's Workloads on; write the status and post the events; then (the result recorded) set
+    the TTL or delete the trainer Job."""
 
     status: FineTuneJobStatus
     events: list[Event] = field(default_factory=list)
