@@ -174,11 +174,10 @@ def _kill_after_first_checkpoint(work: Path, wire: dict[str, Any]) -> None:
     assert process.stdout is not None
     hanging: list[int] = []
     try:
-        for line in process.stdout:
-            if line.startswith('{"event": "hanging"'):
-                hanging.append(json.loads(line)["pid"])
-                if len(hanging) == 2:
-                    break
+        for line in process.stdout:  # the two ranks share the pipe: a line may hold one of each
+            hanging += [event["pid"] for event in _objects(line) if event.get("event") == "hanging"]
+            if len(hanging) == 2:
+                break
         else:
             raise AssertionError("the run ended without its first checkpoint")
     finally:
