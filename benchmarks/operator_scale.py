@@ -569,6 +569,27 @@ CHART_VALUES: dict[str, Any] = yaml.safe_load(
 """The operator's settings as the chart deploys it."""
 
 
+def _install(api: client.ApiClient, policies: bool) -> None:
+    """The CRDs, and with ``policies`` every admission policy the chart ships (as deployed)."""
+    installed = [o for o in chart_api_objects() if policies or o["kind"] == "CustomResourceDefinition"]
+    install_objects(api, installed)
+    print(
+        f"== admission policies: {'as the chart ships them' if policies else 'none'}"
+        f" ({', '.join(o['metadata']['name'] for o in installed if o['kind'] == 'ValidatingAdmissionPolicy')})"
+    )
+
+
+def _operator_kubeconfig(args: argparse.Namespace, cluster: Cluster, state: Path) -> Path:
+    """As deployed: the chart's ClusterRole, a ServiceAccount token (not admin certificates); with
+    ``--without-escalation-checks`` also ``escalate`` and ``bind`` on Roles."""
+    role = cluster_role()
+    if args.without_escalation_checks:
+        trusted = {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles"], "verbs": ["escalate", "bind"]}
+        role = {**role, "rules": [*role["rules"], trusted]}
+        print("== experiment: the operator may escalate and bind Roles (no RBAC escalation checks; never shipped)")
+    return service_account_kubeconfig(cluster.kubeconfig, role, "finetune-system", state / "operator-kubeconfig.yaml")
+
+
 def run(args: argparse.Namespace, policies: bool) -> None:
     """One whole benchmark on a fresh control plane, with or without the chart's admission policies."""
     state = Path(tempfile.mkdtemp(prefix="ftj-bench-"))
@@ -577,31 +598,12 @@ def run(args: argparse.Namespace, policies: bool) -> None:
     operator: subprocess.Popen[bytes] | None = None
     try:
         with api_client(cluster.kubeconfig) as api:
-            installed = [o for o in chart_api_objects() if policies or o["kind"] == "CustomResourceDefinition"]
-            install_objects(api, installed)
-            print(
-                f"== admission policies: {'as the chart ships them' if policies else 'none'}"
-                f" ({', '.join(o['metadata']['name'] for o in installed if o['kind'] == 'ValidatingAdmissionPolicy')})"
-            )
+            _install(api, policies)
             core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
             namespace = "bench"
             core.create_namespace({"metadata": {"name": namespace}})
             log = (state / "operator.log").open("wb")
-            # As deployed: the chart's ClusterRole, a ServiceAccount token (not admin certificates).
-            role = cluster_role()
-            if args.without_escalation_checks:
-                trusted = {
-                    "apiGroups": ["rbac.authorization.k8s.io"],
-                    "resources": ["roles"],
-                    "verbs": ["escalate", "bind"],
-                }
-                role = {**role, "rules": [*role["rules"], trusted]}
-                print(
-                    "== experiment: the operator may escalate and bind Roles (no RBAC escalation checks; never shipped)"
-                )
-            operator_kubeconfig = service_account_kubeconfig(
-                cluster.kubeconfig, role, "finetune-system", state / "operator-kubeconfig.yaml"
-            )
+            operator_kubeconfig = _operator_kubeconfig(args, cluster, state)
             metrics_port, health_port = free_port(), free_port()
             trace = None
             if args.tracemalloc:
@@ -807,21 +809,19 @@ async def _write_as_the_operator_would(admin: Kube, operator: Kube, namespace: s
     await asyncio.gather(*writers)
 
 
-def api_floor(args: argparse.Namespace) -> None:
+def api_floor(args: argparse.Namespace, policies: bool) -> None:
     """Phase 2's burst with no operator logic: what the operator writes for each job, made directly with its own
-    client, token and renderings, on a fresh control plane with the chart's policies and no operator running. The
+    client, token and renderings, on a fresh control plane (``policies`` as ``run``) and no operator running. The
     time until every job has its Job, and the API server's CPU for it, bound any operator's burst on this machine."""
     state = Path(tempfile.mkdtemp(prefix="ftj-bench-"))
     cluster = Cluster(state)
     cluster.start(reuse=False)
     try:
         with api_client(cluster.kubeconfig) as api:
-            install_objects(api, chart_api_objects())
+            _install(api, policies)
             namespace = "bench"
             client.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})
-        operator_kubeconfig = service_account_kubeconfig(
-            cluster.kubeconfig, cluster_role(), "finetune-system", state / "operator-kubeconfig.yaml"
-        )
+        operator_kubeconfig = _operator_kubeconfig(args, cluster, state)
         watcher = JobWatcher(cluster.kubeconfig, namespace)
         pids = cluster.pids()
         cpu = CpuMeter(
@@ -893,11 +893,8 @@ def main() -> int:
         help="only phase 2's burst with no operator: its writes made directly (the API server's bound)",
     )
     args = parser.parse_args()
-    if args.api_floor:
-        api_floor(args)
-        return 0
     for policies in {"chart": (True,), "none": (False,), "both": (True, False)}[args.policies]:
-        run(args, policies)
+        (api_floor if args.api_floor else run)(args, policies)
     return 0
 
 

@@ -351,7 +351,7 @@ class Reconciler(ObjectLoop):
                 self._bodies[key] = body  # one read afresh (packing one from the cache again costs a dump)
             ensured = self._ensured_since_check
             stale_flag = resync and ensured is not None and key in ensured
-            await self._reconcile(body, ensure_children and not stale_flag, not resync)
+            await self._reconcile(body, ensure_children and not stale_flag, keep_parsed=not resync)
 
         def stale() -> None:
             self._bodies.pop(key, None)  # decided on a stale copy: read it afresh
